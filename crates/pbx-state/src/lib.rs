@@ -1,1 +1,492 @@
+//! The replicated state machine: users, the location service (bindings) and cluster
+//! settings change only by [`Command`]s applied in log order by [`State::apply`].
+//!
+//! `apply` is deterministic: no clock and no randomness inside. Time comes in the command
+//! (stamped by the node that proposes it, the leader once Raft sits in front), and so does
+//! the cluster secret.
 
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot encode or decode state: {0}")]
+    Codec(#[from] bincode::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// The user name, which is also the extension.
+    pub name: String,
+    /// Digest HA1 = H(user:realm:password) for MD5 and SHA-256, lower-case hex.
+    pub ha1_md5: String,
+    pub ha1_sha256: String,
+    /// The realm the HA1s were computed for.
+    pub realm: String,
+    /// Dialplan context the user's calls run in.
+    pub context: String,
+    pub caller_id_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+            Transport::Tls => "TLS",
+        }
+    }
+    /// Bound to a connection held by one node.
+    pub fn is_connection_bound(&self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+}
+
+/// One registered contact of an address-of-record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// The Contact URI exactly as sent (inside the brackets, if any).
+    pub uri: String,
+    /// Comparison key of the URI (RFC 3261 §19.1.4, simplified).
+    pub uri_key: String,
+    /// Contact header parameters as sent, without `expires` (e.g. `;q=0.5;+sip.instance=…`).
+    pub params: String,
+    /// q-value in thousandths (1000 = 1.0); None when absent.
+    pub q: Option<u16>,
+    /// Absolute expiry, Unix milliseconds, stamped by the proposer.
+    pub expires_at_ms: u64,
+    pub call_id: String,
+    pub cseq: u32,
+    /// RFC 5626 `+sip.instance` and `reg-id`.
+    pub instance: Option<String>,
+    pub reg_id: Option<u32>,
+    /// Path header values (RFC 3327), in order.
+    pub path: Vec<String>,
+    /// Where the REGISTER came from (after rport/received) and over what.
+    pub source: String,
+    pub transport: Transport,
+    /// The node that received the REGISTER and, for TCP/TLS, holds the connection.
+    pub node_id: u64,
+    pub user_agent: Option<String>,
+    pub registered_at_ms: u64,
+}
+
+impl Binding {
+    pub fn remaining_secs(&self, now_ms: u64) -> u64 {
+        self.expires_at_ms.saturating_sub(now_ms).div_ceil(1000)
+    }
+}
+
+/// A contact to add, refresh or remove (expires == 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactUpdate {
+    pub binding: Binding,
+    pub expires_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RegisterOp {
+    /// `Contact: *` with `Expires: 0`.
+    RemoveAll,
+    Update(Vec<ContactUpdate>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    pub domain: String,
+    pub realm: String,
+    /// Key for stateless digest nonces that every node can verify.
+    pub nonce_secret: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// First command of a cluster; ignored once settings exist.
+    Initialize(ClusterSettings),
+    UpsertUser(User),
+    /// Adds users that do not exist yet; existing ones are left alone (seeding from the
+    /// initial users file must not overwrite changes made since).
+    SeedUsers(Vec<User>),
+    RemoveUser {
+        name: String,
+    },
+    Register {
+        aor: String,
+        now_ms: u64,
+        call_id: String,
+        cseq: u32,
+        op: RegisterOp,
+        max_contacts: u32,
+    },
+    /// Purges bindings expired at `now_ms`.
+    SweepExpired {
+        now_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Done,
+    /// The AOR's current bindings after a REGISTER.
+    Bindings(Vec<Binding>),
+    /// RFC 3261 §10.3 steps 6/7: same Call-ID with a CSeq not higher than stored.
+    OutOfOrder,
+    /// More new contacts in one request than the per-AOR limit.
+    TooManyContacts,
+    NoSuchUser,
+    Swept(usize),
+}
+
+/// Everything the cluster agrees on.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct State {
+    pub settings: Option<ClusterSettings>,
+    pub users: BTreeMap<String, User>,
+    pub bindings: HashMap<String, Vec<Binding>>,
+}
+
+impl State {
+    pub fn apply(&mut self, cmd: Command) -> Response {
+        match cmd {
+            Command::Initialize(s) => {
+                if self.settings.is_none() {
+                    self.settings = Some(s);
+                }
+                Response::Done
+            }
+            Command::UpsertUser(u) => {
+                self.users.insert(u.name.clone(), u);
+                Response::Done
+            }
+            Command::SeedUsers(users) => {
+                for u in users {
+                    self.users.entry(u.name.clone()).or_insert(u);
+                }
+                Response::Done
+            }
+            Command::RemoveUser { name } => {
+                if self.users.remove(&name).is_none() {
+                    return Response::NoSuchUser;
+                }
+                self.bindings.remove(&name);
+                Response::Done
+            }
+            Command::Register {
+                aor,
+                now_ms,
+                call_id,
+                cseq,
+                op,
+                max_contacts,
+            } => self.register(aor, now_ms, &call_id, cseq, op, max_contacts),
+            Command::SweepExpired { now_ms } => {
+                let mut n = 0;
+                self.bindings.retain(|_, list| {
+                    let before = list.len();
+                    list.retain(|b| b.expires_at_ms > now_ms);
+                    n += before - list.len();
+                    !list.is_empty()
+                });
+                Response::Swept(n)
+            }
+        }
+    }
+
+    /// RFC 3261 §10.3 steps 6–8 as one atomic update.
+    fn register(
+        &mut self,
+        aor: String,
+        now_ms: u64,
+        call_id: &str,
+        cseq: u32,
+        op: RegisterOp,
+        max_contacts: u32,
+    ) -> Response {
+        let current: Vec<Binding> = self
+            .bindings
+            .get(&aor)
+            .map(|l| {
+                l.iter()
+                    .filter(|b| b.expires_at_ms > now_ms)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let stale = |b: &Binding| b.call_id == call_id && cseq <= b.cseq;
+        let mut next = match op {
+            RegisterOp::RemoveAll => {
+                if current.iter().any(stale) {
+                    return Response::OutOfOrder;
+                }
+                Vec::new()
+            }
+            RegisterOp::Update(updates) => {
+                let mut next = current;
+                let mut added = 0usize;
+                for u in updates {
+                    let pos = next.iter().position(|b| same_binding(b, &u.binding));
+                    match pos {
+                        Some(i) => {
+                            if stale(&next[i]) {
+                                return Response::OutOfOrder;
+                            }
+                            if u.expires_secs == 0 {
+                                next.remove(i);
+                            } else {
+                                next[i] = u.binding;
+                            }
+                        }
+                        None if u.expires_secs > 0 => {
+                            next.push(u.binding);
+                            added += 1;
+                        }
+                        None => {}
+                    }
+                }
+                if added > max_contacts as usize {
+                    return Response::TooManyContacts;
+                }
+                // Over the limit: the bindings closest to expiry make room (a phone that
+                // changed address is not locked out by its own old binding).
+                while next.len() > max_contacts as usize {
+                    let oldest = next
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, b)| (b.expires_at_ms, b.registered_at_ms))
+                        .map(|(i, _)| i)
+                        .unwrap_or(0);
+                    next.remove(oldest);
+                }
+                next
+            }
+        };
+        // Highest q first, then most recent.
+        next.sort_by(|a, b| {
+            b.q.unwrap_or(1000)
+                .cmp(&a.q.unwrap_or(1000))
+                .then(b.registered_at_ms.cmp(&a.registered_at_ms))
+        });
+        if next.is_empty() {
+            self.bindings.remove(&aor);
+        } else {
+            self.bindings.insert(aor, next.clone());
+        }
+        Response::Bindings(next)
+    }
+
+    /// The AOR's bindings that are live at `now_ms` (expired ones are invisible at once).
+    pub fn bindings_of(&self, aor: &str, now_ms: u64) -> Vec<Binding> {
+        self.bindings
+            .get(aor)
+            .map(|l| {
+                l.iter()
+                    .filter(|b| b.expires_at_ms > now_ms)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn binding_count(&self) -> usize {
+        self.bindings.values().map(Vec::len).sum()
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, StateError> {
+        Ok(bincode::serialize(self)?)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<State, StateError> {
+        Ok(bincode::deserialize(bytes)?)
+    }
+}
+
+/// RFC 5626: the same instance and reg-id is the same flow whatever its URI; otherwise
+/// bindings are the same when their URIs compare equal.
+fn same_binding(a: &Binding, b: &Binding) -> bool {
+    match (&a.instance, &b.instance) {
+        (Some(ia), Some(ib)) if a.reg_id.is_some() || b.reg_id.is_some() => {
+            ia == ib && a.reg_id == b.reg_id
+        }
+        _ => a.uri_key == b.uri_key,
+    }
+}
+
+impl Command {
+    pub fn encode(&self) -> Result<Vec<u8>, StateError> {
+        Ok(bincode::serialize(self)?)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Command, StateError> {
+        Ok(bincode::deserialize(bytes)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(uri: &str, call_id: &str, cseq: u32, now: u64, expires: u32) -> ContactUpdate {
+        ContactUpdate {
+            binding: Binding {
+                uri: uri.into(),
+                uri_key: uri.into(),
+                params: String::new(),
+                q: None,
+                expires_at_ms: now + expires as u64 * 1000,
+                call_id: call_id.into(),
+                cseq,
+                instance: None,
+                reg_id: None,
+                path: vec![],
+                source: "127.0.0.1:5060".into(),
+                transport: Transport::Udp,
+                node_id: 1,
+                user_agent: None,
+                registered_at_ms: now,
+            },
+            expires_secs: expires,
+        }
+    }
+
+    fn reg(st: &mut State, now: u64, call_id: &str, cseq: u32, ups: Vec<ContactUpdate>) -> Response {
+        st.apply(Command::Register {
+            aor: "alice".into(),
+            now_ms: now,
+            call_id: call_id.into(),
+            cseq,
+            op: RegisterOp::Update(ups),
+            max_contacts: 3,
+        })
+    }
+
+    #[test]
+    fn add_refresh_and_remove() {
+        let mut st = State::default();
+        let r = reg(&mut st, 0, "c1", 1, vec![binding("sip:a@1", "c1", 1, 0, 60)]);
+        assert!(matches!(r, Response::Bindings(ref b) if b.len() == 1));
+        let r = reg(&mut st, 1000, "c2", 1, vec![binding("sip:a@2", "c2", 1, 1000, 60)]);
+        assert!(matches!(r, Response::Bindings(ref b) if b.len() == 2));
+        // Refresh with higher CSeq updates in place.
+        reg(&mut st, 2000, "c1", 2, vec![binding("sip:a@1", "c1", 2, 2000, 120)]);
+        let b = st.bindings_of("alice", 2000);
+        assert_eq!(b.len(), 2);
+        assert!(b.iter().any(|b| b.uri == "sip:a@1" && b.expires_at_ms == 122_000));
+        // expires=0 removes.
+        reg(&mut st, 3000, "c1", 3, vec![binding("sip:a@1", "c1", 3, 3000, 0)]);
+        assert_eq!(st.bindings_of("alice", 3000).len(), 1);
+    }
+
+    #[test]
+    fn stale_cseq_is_refused_and_changes_nothing() {
+        let mut st = State::default();
+        reg(&mut st, 0, "c1", 5, vec![binding("sip:a@1", "c1", 5, 0, 60)]);
+        let before = st.clone();
+        assert_eq!(
+            reg(&mut st, 10, "c1", 5, vec![binding("sip:a@1", "c1", 5, 10, 60)]),
+            Response::OutOfOrder
+        );
+        assert_eq!(
+            st.apply(Command::Register {
+                aor: "alice".into(),
+                now_ms: 10,
+                call_id: "c1".into(),
+                cseq: 4,
+                op: RegisterOp::RemoveAll,
+                max_contacts: 3
+            }),
+            Response::OutOfOrder
+        );
+        assert_eq!(st, before);
+        // A different Call-ID may update whatever its CSeq.
+        assert!(matches!(
+            reg(&mut st, 10, "c9", 1, vec![binding("sip:a@1", "c9", 1, 10, 60)]),
+            Response::Bindings(_)
+        ));
+    }
+
+    #[test]
+    fn expired_bindings_are_invisible_and_swept() {
+        let mut st = State::default();
+        reg(&mut st, 0, "c1", 1, vec![binding("sip:a@1", "c1", 1, 0, 10)]);
+        assert_eq!(st.bindings_of("alice", 9_999).len(), 1);
+        assert!(st.bindings_of("alice", 10_000).is_empty());
+        assert_eq!(st.apply(Command::SweepExpired { now_ms: 10_000 }), Response::Swept(1));
+        assert!(st.bindings.is_empty());
+    }
+
+    #[test]
+    fn contact_limit_evicts_oldest_but_refuses_a_flood() {
+        let mut st = State::default();
+        for i in 0..3u64 {
+            let uri = format!("sip:a@{i}");
+            reg(&mut st, i, &format!("c{i}"), 1, vec![binding(&uri, &format!("c{i}"), 1, i, 60)]);
+        }
+        reg(&mut st, 10, "c9", 1, vec![binding("sip:a@9", "c9", 1, 10, 60)]);
+        let uris: Vec<String> = st.bindings_of("alice", 10).into_iter().map(|b| b.uri).collect();
+        assert_eq!(uris.len(), 3);
+        assert!(!uris.contains(&"sip:a@0".to_string()), "oldest evicted: {uris:?}");
+        let flood = (0..4)
+            .map(|i| binding(&format!("sip:f@{i}"), "cf", 1, 20, 60))
+            .collect();
+        assert_eq!(reg(&mut st, 20, "cf", 1, flood), Response::TooManyContacts);
+    }
+
+    #[test]
+    fn outbound_instance_replaces_its_flow() {
+        let mut st = State::default();
+        let mut a = binding("sip:a@1", "c1", 1, 0, 60);
+        a.binding.instance = Some("<urn:uuid:1>".into());
+        a.binding.reg_id = Some(1);
+        reg(&mut st, 0, "c1", 1, vec![a]);
+        let mut b = binding("sip:a@2", "c1", 2, 5, 60);
+        b.binding.instance = Some("<urn:uuid:1>".into());
+        b.binding.reg_id = Some(1);
+        reg(&mut st, 5, "c1", 2, vec![b]);
+        let now = st.bindings_of("alice", 5);
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].uri, "sip:a@2");
+    }
+
+    #[test]
+    fn apply_is_deterministic_and_snapshots_round_trip() {
+        let cmds = vec![
+            Command::Initialize(ClusterSettings {
+                domain: "pbx.test".into(),
+                realm: "pbx.test".into(),
+                nonce_secret: vec![1; 32],
+            }),
+            Command::SeedUsers(vec![User {
+                name: "alice".into(),
+                ha1_md5: "x".into(),
+                ha1_sha256: "y".into(),
+                realm: "pbx.test".into(),
+                context: "default".into(),
+                caller_id_name: None,
+            }]),
+            Command::Register {
+                aor: "alice".into(),
+                now_ms: 5,
+                call_id: "c".into(),
+                cseq: 1,
+                op: RegisterOp::Update(vec![binding("sip:a@1", "c", 1, 5, 60)]),
+                max_contacts: 3,
+            },
+        ];
+        let (mut a, mut b) = (State::default(), State::default());
+        for c in &cmds {
+            let bytes = c.encode().unwrap();
+            assert_eq!(a.apply(c.clone()), b.apply(Command::decode(&bytes).unwrap()));
+        }
+        assert_eq!(a, b);
+        assert_eq!(State::decode(&a.encode().unwrap()).unwrap(), a);
+    }
+}
