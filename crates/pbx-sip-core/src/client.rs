@@ -328,8 +328,16 @@ mod tests {
         assert!(matches!(tx.handle_timeout(t), TimerOutcome::Retransmit(_)));
         assert_eq!(tx.poll_timeout(), Some(t + Duration::from_secs(4)));
         assert_eq!(tx.on_response(t, 200), ResponseAction::Deliver);
-        assert_eq!(tx.on_response(t, 200), ResponseAction::Absorb, "retransmission");
-        assert_eq!(tx.poll_timeout(), Some(t + Duration::from_secs(5)), "Timer K = T4");
+        assert_eq!(
+            tx.on_response(t, 200),
+            ResponseAction::Absorb,
+            "retransmission"
+        );
+        assert_eq!(
+            tx.poll_timeout(),
+            Some(t + Duration::from_secs(5)),
+            "Timer K = T4"
+        );
         assert_eq!(
             tx.handle_timeout(t + Duration::from_secs(5)),
             TimerOutcome::Terminated
@@ -348,8 +356,8 @@ mod tests {
     #[test]
     fn invite_timer_a_doubles_and_b_fires_in_calling() {
         let t0 = Instant::now();
-        let mut tx = ClientInvite::new(t0, Bytes::from_static(INVITE), false, Timers::default())
-            .unwrap();
+        let mut tx =
+            ClientInvite::new(t0, Bytes::from_static(INVITE), false, Timers::default()).unwrap();
         let mut retransmits = Vec::new();
         let outcome = loop {
             let t = tx.poll_timeout().unwrap();
@@ -366,11 +374,15 @@ mod tests {
     #[test]
     fn invite_non_2xx_is_acked_and_retransmissions_reacked() {
         let t0 = Instant::now();
-        let mut tx = ClientInvite::new(t0, Bytes::from_static(INVITE), false, Timers::default())
-            .unwrap();
-        assert_eq!(tx.on_response(t0, 180, "<sip:bob@pbx.test>;tag=b"), ResponseAction::Deliver);
+        let mut tx =
+            ClientInvite::new(t0, Bytes::from_static(INVITE), false, Timers::default()).unwrap();
+        assert_eq!(
+            tx.on_response(t0, 180, "<sip:bob@pbx.test>;tag=b"),
+            ResponseAction::Deliver
+        );
         assert_eq!(tx.poll_timeout(), None, "no Timer B once Proceeding");
-        let ResponseAction::DeliverAndAck(ack) = tx.on_response(t0, 486, "<sip:bob@pbx.test>;tag=b")
+        let ResponseAction::DeliverAndAck(ack) =
+            tx.on_response(t0, 486, "<sip:bob@pbx.test>;tag=b")
         else {
             panic!("expected ACK")
         };
@@ -378,7 +390,10 @@ mod tests {
         assert_eq!(ack.method(), Some(&Method::Ack));
         assert_eq!(ack.request_uri(), Some("sip:bob@10.0.0.2"));
         assert_eq!(ack.header(&HeaderName::CSeq), Some("7 ACK"));
-        assert_eq!(ack.header(&HeaderName::To), Some("<sip:bob@pbx.test>;tag=b"));
+        assert_eq!(
+            ack.header(&HeaderName::To),
+            Some("<sip:bob@pbx.test>;tag=b")
+        );
         assert_eq!(ack.header(&HeaderName::Route), Some("<sip:proxy;lr>"));
         assert_eq!(
             ack.header(&HeaderName::Via),
@@ -388,7 +403,11 @@ mod tests {
             tx.on_response(t0, 486, "<sip:bob@pbx.test>;tag=b"),
             ResponseAction::ResendAck(_)
         ));
-        assert_eq!(tx.poll_timeout(), Some(t0 + Duration::from_secs(32)), "Timer D");
+        assert_eq!(
+            tx.poll_timeout(),
+            Some(t0 + Duration::from_secs(32)),
+            "Timer D"
+        );
         assert_eq!(
             tx.handle_timeout(t0 + Duration::from_secs(32)),
             TimerOutcome::Terminated
@@ -398,11 +417,19 @@ mod tests {
     #[test]
     fn invite_2xx_goes_to_accepted_and_passes_every_2xx() {
         let t0 = Instant::now();
-        let mut tx = ClientInvite::new(t0, Bytes::from_static(INVITE), true, Timers::default())
-            .unwrap();
+        let mut tx =
+            ClientInvite::new(t0, Bytes::from_static(INVITE), true, Timers::default()).unwrap();
         assert_eq!(tx.on_response(t0, 200, "x"), ResponseAction::Deliver);
         assert_eq!(tx.state(), ClientState::Accepted);
-        assert_eq!(tx.on_response(t0, 200, "x"), ResponseAction::Deliver, "RFC 6026");
-        assert_eq!(tx.poll_timeout(), Some(t0 + Duration::from_secs(32)), "Timer M");
+        assert_eq!(
+            tx.on_response(t0, 200, "x"),
+            ResponseAction::Deliver,
+            "RFC 6026"
+        );
+        assert_eq!(
+            tx.poll_timeout(),
+            Some(t0 + Duration::from_secs(32)),
+            "Timer M"
+        );
     }
 }

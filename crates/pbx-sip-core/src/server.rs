@@ -261,7 +261,11 @@ mod tests {
         let t0 = Instant::now();
         let timers = Timers::default();
         let mut tx = ServerNonInvite::new(false, timers);
-        assert_eq!(tx.on_retransmission(), None, "Trying discards retransmissions");
+        assert_eq!(
+            tx.on_retransmission(),
+            None,
+            "Trying discards retransmissions"
+        );
         tx.send_response(t0, 100, b("100")).unwrap();
         assert_eq!(tx.on_retransmission(), Some(b("100")));
         tx.send_response(t0, 200, b("200")).unwrap();
@@ -269,7 +273,10 @@ mod tests {
         assert_eq!(tx.on_retransmission(), Some(b("200")));
         assert!(tx.send_response(t0, 200, b("again")).is_err());
         assert_eq!(tx.poll_timeout(), Some(t0 + Duration::from_secs(32)));
-        assert_eq!(tx.handle_timeout(t0 + Duration::from_secs(31)), TimerOutcome::Idle);
+        assert_eq!(
+            tx.handle_timeout(t0 + Duration::from_secs(31)),
+            TimerOutcome::Idle
+        );
         assert_eq!(
             tx.handle_timeout(t0 + Duration::from_secs(32)),
             TimerOutcome::Terminated
@@ -310,7 +317,11 @@ mod tests {
         assert_eq!(fired, vec![500, 1500, 3500, 7500, 11500]);
         assert_eq!(tx.on_ack(now), AckOutcome::Confirmed);
         assert_eq!(tx.on_ack(now), AckOutcome::Absorbed);
-        assert_eq!(tx.poll_timeout(), Some(now + Duration::from_secs(5)), "Timer I = T4");
+        assert_eq!(
+            tx.poll_timeout(),
+            Some(now + Duration::from_secs(5)),
+            "Timer I = T4"
+        );
         assert_eq!(
             tx.handle_timeout(now + Duration::from_secs(5)),
             TimerOutcome::Terminated
@@ -339,11 +350,19 @@ mod tests {
         let mut tx = ServerInvite::new(false, Timers::default());
         tx.send_response(t0, 200, b("200")).unwrap();
         assert_eq!(tx.state(), InviteState::Accepted);
-        assert_eq!(tx.on_retransmission(), None, "INVITE retransmissions absorbed");
+        assert_eq!(
+            tx.on_retransmission(),
+            None,
+            "INVITE retransmissions absorbed"
+        );
         // The TU may retransmit its 2xx through the transaction.
         assert!(tx.send_response(t0, 200, b("200")).is_ok());
         assert_eq!(tx.on_ack(t0), AckOutcome::PassToUser);
-        assert_eq!(tx.poll_timeout(), Some(t0 + Duration::from_secs(32)), "Timer L");
+        assert_eq!(
+            tx.poll_timeout(),
+            Some(t0 + Duration::from_secs(32)),
+            "Timer L"
+        );
         assert_eq!(
             tx.handle_timeout(t0 + Duration::from_secs(32)),
             TimerOutcome::Terminated

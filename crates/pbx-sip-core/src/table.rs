@@ -100,7 +100,9 @@ impl<D: Clone> ServerTable<D> {
                 }
             }
             (ServerTx::Invite(t), _) => RequestDisposition::Retransmission(t.on_retransmission()),
-            (ServerTx::NonInvite(t), _) => RequestDisposition::Retransmission(t.on_retransmission()),
+            (ServerTx::NonInvite(t), _) => {
+                RequestDisposition::Retransmission(t.on_retransmission())
+            }
         }
     }
 
@@ -204,7 +206,10 @@ mod tests {
         let t0 = Instant::now();
         let mut table: ServerTable<u8> = ServerTable::new(Timers::default());
         let k = key("1");
-        assert_eq!(table.on_request(t0, &k, &Method::Options), RequestDisposition::New);
+        assert_eq!(
+            table.on_request(t0, &k, &Method::Options),
+            RequestDisposition::New
+        );
         table.create(k.clone(), &Method::Options, false, 7);
         assert_eq!(
             table.on_request(t0, &k, &Method::Options),
@@ -224,7 +229,10 @@ mod tests {
         table.handle_timeout(table.poll_timeout().unwrap(), &mut ev);
         assert!(table.is_empty());
         assert!(ev.is_empty());
-        assert_eq!(table.on_request(t0, &k, &Method::Options), RequestDisposition::New);
+        assert_eq!(
+            table.on_request(t0, &k, &Method::Options),
+            RequestDisposition::New
+        );
     }
 
     #[test]
@@ -240,7 +248,10 @@ mod tests {
         table.handle_timeout(t0 + Duration::from_millis(500), &mut ev);
         assert_eq!(
             ev,
-            vec![TableEvent::Retransmit("10.0.0.1:5060", Bytes::from_static(b"486"))]
+            vec![TableEvent::Retransmit(
+                "10.0.0.1:5060",
+                Bytes::from_static(b"486")
+            )]
         );
         assert_eq!(
             table.on_request(t0, &k, &Method::Ack),

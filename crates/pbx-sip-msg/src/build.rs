@@ -124,6 +124,9 @@ mod tests {
         let mut w = MessageWriter::response(200);
         w.header("Call-ID", "x");
         let out = w.finish(b"");
-        assert_eq!(out, b"SIP/2.0 200 OK\r\nCall-ID: x\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            out,
+            b"SIP/2.0 200 OK\r\nCall-ID: x\r\nContent-Length: 0\r\n\r\n"
+        );
     }
 }

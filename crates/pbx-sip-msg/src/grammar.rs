@@ -26,7 +26,10 @@ pub fn parse_u32(s: &str) -> Option<u32> {
     if digits.is_empty() {
         return Some(0);
     }
-    digits.parse::<u64>().ok().and_then(|n| u32::try_from(n).ok())
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
 }
 
 /// A delta-seconds value that saturates instead of wrapping (RFC 4475 §3.1.2.4: an
@@ -562,12 +565,18 @@ mod tests {
             "SIP/2.0/UDP 10.0.0.1:5060;rport=4000;branch=z9hG4bKx;received=192.0.2.9"
         );
         let v = &Via::parse_list("SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKx").unwrap()[0];
-        assert_eq!(v.stamped("10.0.0.1", 5060), "SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKx");
+        assert_eq!(
+            v.stamped("10.0.0.1", 5060),
+            "SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKx"
+        );
     }
 
     #[test]
     fn name_addr_forms() {
-        let n = NameAddr::parse_single(r#""J Rosenberg \\\""       <sip:jdrosen@example.com> ; tag = 98asjd8"#).unwrap();
+        let n = NameAddr::parse_single(
+            r#""J Rosenberg \\\""       <sip:jdrosen@example.com> ; tag = 98asjd8"#,
+        )
+        .unwrap();
         assert_eq!(n.display.as_deref(), Some("J Rosenberg \\\""));
         assert_eq!(n.tag(), Some("98asjd8"));
         let n = NameAddr::parse_single("sip:watson@example.com ;   tag    = 1918181833n").unwrap();
@@ -583,20 +592,28 @@ mod tests {
     #[test]
     fn contact_params_stay_apart_from_uri_params() {
         let ContactList::Contacts(c) =
-            ContactList::parse(["sip:+19725552222@gw1.example.net;unknownparam"].into_iter()).unwrap()
+            ContactList::parse(["sip:+19725552222@gw1.example.net;unknownparam"].into_iter())
+                .unwrap()
         else {
             panic!("expected contacts")
         };
         assert_eq!(c[0].uri_raw, "sip:+19725552222@gw1.example.net");
         assert_eq!(c[0].params[0].name, "unknownparam");
         let ContactList::Contacts(c) =
-            ContactList::parse(["<sip:+19725552222@gw1.example.net;unknownparam>"].into_iter()).unwrap()
+            ContactList::parse(["<sip:+19725552222@gw1.example.net;unknownparam>"].into_iter())
+                .unwrap()
         else {
             panic!("expected contacts")
         };
-        assert_eq!(c[0].uri_raw, "sip:+19725552222@gw1.example.net;unknownparam");
+        assert_eq!(
+            c[0].uri_raw,
+            "sip:+19725552222@gw1.example.net;unknownparam"
+        );
         assert!(c[0].params.is_empty());
-        assert!(ContactList::parse(["sip:user@example.com?Route=%3Csip:sip.example.com%3E"].into_iter()).is_err());
+        assert!(ContactList::parse(
+            ["sip:user@example.com?Route=%3Csip:sip.example.com%3E"].into_iter()
+        )
+        .is_err());
         assert_eq!(ContactList::parse(["*"].into_iter()), Ok(ContactList::Star));
         assert!(ContactList::parse(["*", "<sip:a@b>"].into_iter()).is_err());
     }
@@ -607,7 +624,10 @@ mod tests {
         assert!(CSeq::parse("36893488147419103232 REGISTER").is_err());
         assert_eq!(parse_u32("4294967295"), Some(u32::MAX));
         assert_eq!(parse_u32("4294967296"), None);
-        assert_eq!(parse_delta_seconds("99999999999999999999999"), Some(u64::MAX));
+        assert_eq!(
+            parse_delta_seconds("99999999999999999999999"),
+            Some(u64::MAX)
+        );
     }
 
     #[test]

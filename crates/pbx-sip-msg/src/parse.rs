@@ -116,7 +116,9 @@ fn content_length_of(head: &[u8]) -> Result<Option<usize>, SipError> {
             .ok_or_else(|| SipError::Framing("invalid Content-Length".into()))?;
         match found {
             Some(prev) if prev != n => {
-                return Err(SipError::Framing("conflicting Content-Length values".into()))
+                return Err(SipError::Framing(
+                    "conflicting Content-Length values".into(),
+                ))
             }
             _ => found = Some(n),
         }
@@ -275,7 +277,10 @@ fn lexical(buf: &[u8], limits: &Limits, datagram: bool) -> Result<SipMessage, Si
             continue;
         };
         if !is_token(name) {
-            error.get_or_insert((400, format!("invalid header name '{}'", name.escape_debug())));
+            error.get_or_insert((
+                400,
+                format!("invalid header name '{}'", name.escape_debug()),
+            ));
             continue;
         }
         let Ok(value) = unfold(&line[colon + 1..]) else {
@@ -288,7 +293,10 @@ fn lexical(buf: &[u8], limits: &Limits, datagram: bool) -> Result<SipMessage, Si
         });
     }
     if error.is_none() && !complete {
-        error = Some((400, "header section is not terminated by an empty line".into()));
+        error = Some((
+            400,
+            "header section is not terminated by an empty line".into(),
+        ));
     }
 
     let body = if error.is_none() {
@@ -335,7 +343,10 @@ fn lexical(buf: &[u8], limits: &Limits, datagram: bool) -> Result<SipMessage, Si
 
 fn body_of(rest: &[u8], headers: &[Header], datagram: bool) -> Result<Bytes, String> {
     let mut cl: Option<usize> = None;
-    for h in headers.iter().filter(|h| h.name == HeaderName::ContentLength) {
+    for h in headers
+        .iter()
+        .filter(|h| h.name == HeaderName::ContentLength)
+    {
         let v = h.value.as_str();
         let n = (!v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()))
             .then(|| v.parse::<usize>().ok())
@@ -375,7 +386,9 @@ fn parse_start_line(line: &[u8]) -> StartResult {
         if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
             return bad("invalid status code");
         }
-        let code: u16 = code.parse().map_err(|_| (400, "invalid status code".into()))?;
+        let code: u16 = code
+            .parse()
+            .map_err(|_| (400, "invalid status code".into()))?;
         if !(100..=699).contains(&code) {
             return bad("status code out of range");
         }

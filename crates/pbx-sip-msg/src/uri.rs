@@ -27,8 +27,7 @@ fn check_escapes(s: &str, extra: &[u8]) -> Result<(), String> {
     while i < b.len() {
         let c = b[i];
         if c == b'%' {
-            if i + 2 >= b.len() || !b[i + 1].is_ascii_hexdigit() || !b[i + 2].is_ascii_hexdigit()
-            {
+            if i + 2 >= b.len() || !b[i + 1].is_ascii_hexdigit() || !b[i + 2].is_ascii_hexdigit() {
                 return Err("invalid %-escape".into());
             }
             i += 3;
@@ -66,7 +65,10 @@ pub(crate) fn parse_host_port(s: &str) -> Result<(String, Option<u16>), String> 
     let (host, rest) = if let Some(r) = s.strip_prefix('[') {
         let end = r.find(']').ok_or("unterminated IPv6 reference")?;
         let v6 = &r[..end];
-        if v6.is_empty() || !v6.bytes().all(|c| c.is_ascii_hexdigit() || c == b':' || c == b'.')
+        if v6.is_empty()
+            || !v6
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() || c == b':' || c == b'.')
         {
             return Err("invalid IPv6 reference".into());
         }
@@ -103,7 +105,9 @@ impl Uri {
         if s.is_empty() {
             return Err("empty URI".into());
         }
-        if s.bytes().any(|c| !c.is_ascii_graphic() || c == b'<' || c == b'>' || c == b'"') {
+        if s.bytes()
+            .any(|c| !c.is_ascii_graphic() || c == b'<' || c == b'>' || c == b'"')
+        {
             return Err("URI contains whitespace or a forbidden character".into());
         }
         let colon = s.find(':').ok_or("URI without scheme")?;

@@ -43,8 +43,13 @@ fn parse_stage(bytes: &[u8]) -> Result<(), Option<u16>> {
     let request = msg.is_request();
     CoreHeaders::extract(&msg).map_err(|e| if request { e.status() } else { None })?;
     // Contact is parsed by every request handler that uses it (REGISTER, INVITE).
-    ContactList::parse(msg.header_values(&HeaderName::Contact))
-        .map_err(|_| if request { Some(400) } else { None })?;
+    ContactList::parse(msg.header_values(&HeaderName::Contact)).map_err(|_| {
+        if request {
+            Some(400)
+        } else {
+            None
+        }
+    })?;
     Ok(())
 }
 
@@ -79,7 +84,11 @@ fn every_torture_message_gets_its_parser_verdict() {
             failures.push(format!("{file}: expected {verdict}, got {full:?}"));
         }
     }
-    assert!(failures.is_empty(), "verdicts not met:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "verdicts not met:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -105,10 +114,9 @@ fn esc02_unknown_header_is_not_a_contact() {
     let Some(dir) = corpus_dir() else { return };
     let bytes = std::fs::read(dir.join("esc02.dat")).unwrap();
     let msg = parse_datagram(&bytes, &Limits::default()).unwrap();
-    let contacts = pbx_sip_msg::ContactList::parse(
-        msg.header_values(&pbx_sip_msg::HeaderName::Contact),
-    )
-    .unwrap();
+    let contacts =
+        pbx_sip_msg::ContactList::parse(msg.header_values(&pbx_sip_msg::HeaderName::Contact))
+            .unwrap();
     let pbx_sip_msg::ContactList::Contacts(c) = contacts else {
         panic!("expected contacts")
     };

@@ -357,7 +357,13 @@ mod tests {
         }
     }
 
-    fn reg(st: &mut State, now: u64, call_id: &str, cseq: u32, ups: Vec<ContactUpdate>) -> Response {
+    fn reg(
+        st: &mut State,
+        now: u64,
+        call_id: &str,
+        cseq: u32,
+        ups: Vec<ContactUpdate>,
+    ) -> Response {
         st.apply(Command::Register {
             aor: "alice".into(),
             now_ms: now,
@@ -371,27 +377,65 @@ mod tests {
     #[test]
     fn add_refresh_and_remove() {
         let mut st = State::default();
-        let r = reg(&mut st, 0, "c1", 1, vec![binding("sip:a@1", "c1", 1, 0, 60)]);
+        let r = reg(
+            &mut st,
+            0,
+            "c1",
+            1,
+            vec![binding("sip:a@1", "c1", 1, 0, 60)],
+        );
         assert!(matches!(r, Response::Bindings(ref b) if b.len() == 1));
-        let r = reg(&mut st, 1000, "c2", 1, vec![binding("sip:a@2", "c2", 1, 1000, 60)]);
+        let r = reg(
+            &mut st,
+            1000,
+            "c2",
+            1,
+            vec![binding("sip:a@2", "c2", 1, 1000, 60)],
+        );
         assert!(matches!(r, Response::Bindings(ref b) if b.len() == 2));
         // Refresh with higher CSeq updates in place.
-        reg(&mut st, 2000, "c1", 2, vec![binding("sip:a@1", "c1", 2, 2000, 120)]);
+        reg(
+            &mut st,
+            2000,
+            "c1",
+            2,
+            vec![binding("sip:a@1", "c1", 2, 2000, 120)],
+        );
         let b = st.bindings_of("alice", 2000);
         assert_eq!(b.len(), 2);
-        assert!(b.iter().any(|b| b.uri == "sip:a@1" && b.expires_at_ms == 122_000));
+        assert!(b
+            .iter()
+            .any(|b| b.uri == "sip:a@1" && b.expires_at_ms == 122_000));
         // expires=0 removes.
-        reg(&mut st, 3000, "c1", 3, vec![binding("sip:a@1", "c1", 3, 3000, 0)]);
+        reg(
+            &mut st,
+            3000,
+            "c1",
+            3,
+            vec![binding("sip:a@1", "c1", 3, 3000, 0)],
+        );
         assert_eq!(st.bindings_of("alice", 3000).len(), 1);
     }
 
     #[test]
     fn stale_cseq_is_refused_and_changes_nothing() {
         let mut st = State::default();
-        reg(&mut st, 0, "c1", 5, vec![binding("sip:a@1", "c1", 5, 0, 60)]);
+        reg(
+            &mut st,
+            0,
+            "c1",
+            5,
+            vec![binding("sip:a@1", "c1", 5, 0, 60)],
+        );
         let before = st.clone();
         assert_eq!(
-            reg(&mut st, 10, "c1", 5, vec![binding("sip:a@1", "c1", 5, 10, 60)]),
+            reg(
+                &mut st,
+                10,
+                "c1",
+                5,
+                vec![binding("sip:a@1", "c1", 5, 10, 60)]
+            ),
             Response::OutOfOrder
         );
         assert_eq!(
@@ -408,7 +452,13 @@ mod tests {
         assert_eq!(st, before);
         // A different Call-ID may update whatever its CSeq.
         assert!(matches!(
-            reg(&mut st, 10, "c9", 1, vec![binding("sip:a@1", "c9", 1, 10, 60)]),
+            reg(
+                &mut st,
+                10,
+                "c9",
+                1,
+                vec![binding("sip:a@1", "c9", 1, 10, 60)]
+            ),
             Response::Bindings(_)
         ));
     }
@@ -416,10 +466,19 @@ mod tests {
     #[test]
     fn expired_bindings_are_invisible_and_swept() {
         let mut st = State::default();
-        reg(&mut st, 0, "c1", 1, vec![binding("sip:a@1", "c1", 1, 0, 10)]);
+        reg(
+            &mut st,
+            0,
+            "c1",
+            1,
+            vec![binding("sip:a@1", "c1", 1, 0, 10)],
+        );
         assert_eq!(st.bindings_of("alice", 9_999).len(), 1);
         assert!(st.bindings_of("alice", 10_000).is_empty());
-        assert_eq!(st.apply(Command::SweepExpired { now_ms: 10_000 }), Response::Swept(1));
+        assert_eq!(
+            st.apply(Command::SweepExpired { now_ms: 10_000 }),
+            Response::Swept(1)
+        );
         assert!(st.bindings.is_empty());
     }
 
@@ -428,12 +487,31 @@ mod tests {
         let mut st = State::default();
         for i in 0..3u64 {
             let uri = format!("sip:a@{i}");
-            reg(&mut st, i, &format!("c{i}"), 1, vec![binding(&uri, &format!("c{i}"), 1, i, 60)]);
+            reg(
+                &mut st,
+                i,
+                &format!("c{i}"),
+                1,
+                vec![binding(&uri, &format!("c{i}"), 1, i, 60)],
+            );
         }
-        reg(&mut st, 10, "c9", 1, vec![binding("sip:a@9", "c9", 1, 10, 60)]);
-        let uris: Vec<String> = st.bindings_of("alice", 10).into_iter().map(|b| b.uri).collect();
+        reg(
+            &mut st,
+            10,
+            "c9",
+            1,
+            vec![binding("sip:a@9", "c9", 1, 10, 60)],
+        );
+        let uris: Vec<String> = st
+            .bindings_of("alice", 10)
+            .into_iter()
+            .map(|b| b.uri)
+            .collect();
         assert_eq!(uris.len(), 3);
-        assert!(!uris.contains(&"sip:a@0".to_string()), "oldest evicted: {uris:?}");
+        assert!(
+            !uris.contains(&"sip:a@0".to_string()),
+            "oldest evicted: {uris:?}"
+        );
         let flood = (0..4)
             .map(|i| binding(&format!("sip:f@{i}"), "cf", 1, 20, 60))
             .collect();
@@ -484,7 +562,10 @@ mod tests {
         let (mut a, mut b) = (State::default(), State::default());
         for c in &cmds {
             let bytes = c.encode().unwrap();
-            assert_eq!(a.apply(c.clone()), b.apply(Command::decode(&bytes).unwrap()));
+            assert_eq!(
+                a.apply(c.clone()),
+                b.apply(Command::decode(&bytes).unwrap())
+            );
         }
         assert_eq!(a, b);
         assert_eq!(State::decode(&a.encode().unwrap()).unwrap(), a);

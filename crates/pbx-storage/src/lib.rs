@@ -206,8 +206,14 @@ mod tests {
     fn entries_are_ordered_numerically() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path(), 8 << 20).unwrap();
-        s.append(&[(256, vec![2]), (1, vec![1]), (65536, vec![3])]).unwrap();
-        let idx: Vec<u64> = s.entries_from(0).unwrap().into_iter().map(|e| e.0).collect();
+        s.append(&[(256, vec![2]), (1, vec![1]), (65536, vec![3])])
+            .unwrap();
+        let idx: Vec<u64> = s
+            .entries_from(0)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
         assert_eq!(idx, vec![1, 256, 65536]);
     }
 }
