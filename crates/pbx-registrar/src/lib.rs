@@ -563,6 +563,15 @@ impl RequestHandler {
         }
     }
 
+    /// The answer when the command could not be committed: 503 with Retry-After, never a
+    /// 200 the cluster cannot keep.
+    pub fn unavailable(&self, pending: PendingRegister, retry_after_secs: u32) -> (u16, Vec<u8>) {
+        let mut w = MessageWriter::response(503);
+        pending.head.write(&mut w, 503);
+        w.header_fmt("Retry-After", format_args!("{retry_after_secs}"));
+        (503, w.finish(b""))
+    }
+
     /// The response to a committed REGISTER.
     pub fn finish_register(&self, pending: PendingRegister, response: Response) -> (u16, Vec<u8>) {
         let reply = |status: u16, reason: &str| {

@@ -1,1 +1,288 @@
-fn main() {}
+//! pbxctl: administration CLI. Until the gRPC AdminService exists it speaks SIP to a node:
+//! health probes and registration checks, the way monitoring does.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use pbx_registrar::digest::{ha1, Algorithm, ClientAuth};
+use pbx_sip_core::{ClientNonInvite, ResponseAction, TimerOutcome, Timers};
+use pbx_sip_msg::{
+    parse_datagram, AuthHeader, HeaderName, Limits, MessageWriter, Method, SipMessage,
+};
+use rand::Rng;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pbxctl",
+    version,
+    about = "Administer and probe the PBX cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Send OPTIONS to a node (SIP over UDP) and print status and round-trip time.
+    /// Exits 0 when the node answers 200.
+    Options {
+        /// Node address, e.g. 127.0.0.11:5060.
+        target: SocketAddr,
+        /// Give up after this many seconds (retransmitting per RFC 3261 Timer E).
+        #[arg(long, default_value_t = 4.0)]
+        timeout: f64,
+    },
+    /// Register a user (digest auth) and print the bindings the registrar returns.
+    /// With --expires 0 the contact is removed; with --query nothing changes.
+    Register {
+        target: SocketAddr,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long, default_value = "pbx.test")]
+        domain: String,
+        /// Contact URI to register; default: this socket's address.
+        #[arg(long)]
+        contact: Option<String>,
+        #[arg(long, default_value_t = 3600)]
+        expires: u32,
+        /// Only fetch the current bindings (REGISTER without Contact).
+        #[arg(long)]
+        query: bool,
+    },
+    /// Print the HA1 hashes of a credential (what the cluster stores instead of it).
+    Ha1 {
+        user: String,
+        realm: String,
+        password: String,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pbxctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::Options { target, timeout } => {
+            let mut ua = Ua::new(target)?;
+            let started = Instant::now();
+            let req = ua.request(
+                Method::Options,
+                &format!("sip:{target}"),
+                "ping",
+                "pbx.test",
+                &[],
+            );
+            let resp = ua.transact(req, Duration::from_secs_f64(timeout))?;
+            let status = resp.status().unwrap_or(0);
+            println!(
+                "{target}: {status} in {:.1} ms",
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            Ok(if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Register {
+            target,
+            user,
+            password,
+            domain,
+            contact,
+            expires,
+            query,
+        } => {
+            let mut ua = Ua::new(target)?;
+            let contact = contact.unwrap_or_else(|| format!("sip:{user}@{}", ua.local));
+            let mut extra: Vec<(String, String)> = Vec::new();
+            if !query {
+                extra.push(("Contact".into(), format!("<{contact}>")));
+                extra.push(("Expires".into(), expires.to_string()));
+            }
+            let ruri = format!("sip:{domain}");
+            let first = ua.request(Method::Register, &ruri, &user, &domain, &extra);
+            let resp = ua.transact(first, Duration::from_secs(4))?;
+            let resp = if resp.status() == Some(401) {
+                let challenge = resp
+                    .header_values(&HeaderName::WwwAuthenticate)
+                    .filter_map(|v| AuthHeader::parse(v).ok())
+                    .find(|h| Algorithm::parse(h.get("algorithm")).is_some())
+                    .ok_or_else(|| anyhow!("no usable digest challenge"))?;
+                let auth = ClientAuth {
+                    algorithm: Algorithm::parse(challenge.get("algorithm"))
+                        .unwrap_or(Algorithm::Md5),
+                    user: &user,
+                    password: &password,
+                    realm: challenge.get("realm").unwrap_or(&domain),
+                    nonce: challenge.get("nonce").unwrap_or_default(),
+                    method: "REGISTER",
+                    uri: &ruri,
+                    nc: 1,
+                    cnonce: &format!("{:08x}", rand::thread_rng().gen::<u32>()),
+                }
+                .header_value();
+                extra.push(("Authorization".into(), auth));
+                let second = ua.request(Method::Register, &ruri, &user, &domain, &extra);
+                ua.transact(second, Duration::from_secs(4))?
+            } else {
+                resp
+            };
+            let status = resp.status().unwrap_or(0);
+            println!("{status}");
+            for c in resp.header_values(&HeaderName::Contact) {
+                println!("Contact: {c}");
+            }
+            Ok(if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Ha1 {
+            user,
+            realm,
+            password,
+        } => {
+            println!("MD5     {}", ha1(Algorithm::Md5, &user, &realm, &password));
+            println!(
+                "SHA-256 {}",
+                ha1(Algorithm::Sha256, &user, &realm, &password)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A minimal UDP user agent driving the sans-IO client transaction.
+struct Ua {
+    sock: UdpSocket,
+    target: SocketAddr,
+    local: SocketAddr,
+    call_id: String,
+    cseq: u32,
+}
+
+impl Ua {
+    fn new(target: SocketAddr) -> anyhow::Result<Ua> {
+        let bind: SocketAddr = if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()?;
+        let sock = UdpSocket::bind(bind).context("bind UDP")?;
+        sock.connect(target).context("connect UDP")?;
+        let local = sock.local_addr()?;
+        Ok(Ua {
+            sock,
+            target,
+            local,
+            call_id: format!("{:016x}@pbxctl", rand::thread_rng().gen::<u64>()),
+            cseq: 0,
+        })
+    }
+
+    fn request(
+        &mut self,
+        method: Method,
+        ruri: &str,
+        user: &str,
+        domain: &str,
+        extra: &[(String, String)],
+    ) -> Bytes {
+        self.cseq += 1;
+        let branch: u64 = rand::thread_rng().gen();
+        let mut w = MessageWriter::request(&method, ruri);
+        w.header_fmt(
+            "Via",
+            format_args!("SIP/2.0/UDP {};rport;branch=z9hG4bK{branch:x}", self.local),
+        )
+        .header("Max-Forwards", "70")
+        .header_fmt(
+            "From",
+            format_args!("<sip:{user}@{domain}>;tag={:x}", self.cseq as u64 ^ branch),
+        )
+        .header_fmt("To", format_args!("<sip:{user}@{domain}>"))
+        .header("Call-ID", &self.call_id)
+        .header_fmt("CSeq", format_args!("{} {}", self.cseq, method))
+        .header("User-Agent", concat!("pbxctl/", env!("CARGO_PKG_VERSION")));
+        for (n, v) in extra {
+            w.header(n, v);
+        }
+        Bytes::from(w.finish(b""))
+    }
+
+    /// Sends a request and waits for its final response, retransmitting per Timer E.
+    fn transact(&mut self, req: Bytes, timeout: Duration) -> anyhow::Result<SipMessage> {
+        let start = Instant::now();
+        let mut tx = ClientNonInvite::new(start, req.clone(), false, Timers::default());
+        self.sock.send(&req)?;
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let now = Instant::now();
+            if now >= start + timeout {
+                bail!(
+                    "{}: no answer within {:.1} s",
+                    self.target,
+                    timeout.as_secs_f64()
+                );
+            }
+            let wait = tx
+                .poll_timeout()
+                .unwrap_or(now + timeout)
+                .min(start + timeout);
+            self.sock.set_read_timeout(Some(
+                wait.saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+            ))?;
+            match self.sock.recv(&mut buf) {
+                Ok(n) => {
+                    let Ok(msg) = parse_datagram(&buf[..n], &Limits::default()) else {
+                        continue;
+                    };
+                    let Some(status) = msg.status() else { continue };
+                    if msg.header(&HeaderName::CallId) != Some(self.call_id.as_str()) {
+                        continue;
+                    }
+                    if let ResponseAction::Deliver = tx.on_response(Instant::now(), status) {
+                        if status >= 200 {
+                            return Ok(msg);
+                        }
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    match tx.handle_timeout(Instant::now()) {
+                        TimerOutcome::Retransmit(b) => {
+                            self.sock.send(&b)?;
+                        }
+                        TimerOutcome::TimedOut => {
+                            bail!("{}: request timed out (Timer F)", self.target)
+                        }
+                        _ => {}
+                    }
+                }
+                Err(e) => bail!("{}: {e}", self.target),
+            }
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! Node configuration: one TOML file per node, validated at start. Unknown keys and bad
+//! values are refused with the key and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use pbx_registrar::digest::Algorithm;
+use pbx_registrar::throttle::BanPolicy;
+use pbx_registrar::HandlerConfig;
+use serde::Deserialize;
+
+use crate::NodeError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub registrar: RegistrarSection,
+    #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub transport: TransportSection,
+    #[serde(default)]
+    pub storage: StorageSection,
+    #[serde(default)]
+    pub log: LogSection,
+    /// Directory relative paths are resolved against (the config file's directory).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Unique, never reused, > 0.
+    pub id: u64,
+    pub data_dir: PathBuf,
+    /// Address SIP listens on, UDP and TCP (port 0: pick a free port, for tests).
+    pub sip_addr: SocketAddr,
+    /// Other names or addresses phones may use for this node in a Request-URI.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    pub domain: String,
+    /// Digest realm; the domain when absent.
+    pub realm: Option<String>,
+    /// `user,password` CSV seeded into the replicated state at start (existing users
+    /// are left alone).
+    pub users_file: Option<PathBuf>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            domain: "pbx.test".into(),
+            realm: None,
+            users_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrarSection {
+    pub min_expires: u32,
+    pub default_expires: u32,
+    pub max_expires: u32,
+    pub max_contacts: u32,
+    /// Seconds between sweeps of expired bindings.
+    pub sweep_interval: u64,
+}
+
+impl Default for RegistrarSection {
+    fn default() -> Self {
+        let h = HandlerConfig::default();
+        RegistrarSection {
+            min_expires: h.min_expires,
+            default_expires: h.default_expires,
+            max_expires: h.max_expires,
+            max_contacts: h.max_contacts,
+            sweep_interval: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Seconds a nonce stays valid; older ones get `stale=true`.
+    pub nonce_ttl: u64,
+    /// Offered in this order: "SHA-256", "MD5".
+    pub challenge_algorithms: Vec<String>,
+    /// Failed authentications from one address within `ban_window` seconds that ban it
+    /// for `ban_duration` seconds; 0 disables.
+    pub ban_after_failures: u32,
+    pub ban_window: u64,
+    pub ban_duration: u64,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        let b = BanPolicy::default();
+        AuthSection {
+            nonce_ttl: 60,
+            challenge_algorithms: vec!["SHA-256".into(), "MD5".into()],
+            ban_after_failures: b.max_failures,
+            ban_window: b.window_secs,
+            ban_duration: b.ban_secs,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportSection {
+    /// Seconds a TCP connection may stay silent before it is closed.
+    pub tcp_idle_timeout: u64,
+    pub max_message_size: usize,
+    pub max_tcp_connections: usize,
+    /// Socket buffer sizes for the UDP socket, bytes.
+    pub udp_buffer_bytes: usize,
+    /// Tasks receiving on the UDP socket.
+    pub udp_workers: usize,
+}
+
+impl Default for TransportSection {
+    fn default() -> Self {
+        TransportSection {
+            tcp_idle_timeout: 600,
+            max_message_size: 65_535,
+            max_tcp_connections: 10_000,
+            udp_buffer_bytes: 8 << 20,
+            udp_workers: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    pub cache_mb: u64,
+    /// Log entries between snapshots.
+    pub snapshot_every: u64,
+    /// Most commands committed with one fsync.
+    pub max_batch: usize,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection {
+            cache_mb: 64,
+            snapshot_every: 100_000,
+            max_batch: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// A tracing filter, e.g. "info" or "pbx_node=debug".
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, NodeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| NodeError::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Config::parse(&text, path, base)
+    }
+
+    pub fn parse(text: &str, path: &Path, base_dir: PathBuf) -> Result<Config, NodeError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            // toml reports the key and the reason; add the line for editors.
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            NodeError::Config {
+                path: path.to_path_buf(),
+                reason: match line {
+                    Some(l) => format!("line {l}: {}", e.message()),
+                    None => e.message().to_string(),
+                },
+            }
+        })?;
+        cfg.base_dir = base_dir;
+        cfg.validate().map_err(|reason| NodeError::Config {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.node.id == 0 {
+            return Err("node.id: must be greater than 0".into());
+        }
+        let d = &self.cluster.domain;
+        if d.is_empty()
+            || !d
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(format!("cluster.domain: '{d}' is not a host name"));
+        }
+        if self
+            .cluster
+            .realm
+            .as_deref()
+            .is_some_and(|r| r.is_empty() || r.contains('"'))
+        {
+            return Err("cluster.realm: must be non-empty and contain no quote".into());
+        }
+        self.algorithms()?;
+        self.handler_config(Vec::new()).validate().map_err(|e| {
+            e.to_string()
+                .replace("invalid registrar configuration: ", "registrar.")
+        })?;
+        if self.registrar.sweep_interval == 0 {
+            return Err("registrar.sweep_interval: must be > 0".into());
+        }
+        if self.transport.max_message_size < 1024 || self.transport.max_message_size > 1 << 20 {
+            return Err("transport.max_message_size: must be between 1024 and 1048576".into());
+        }
+        if self.transport.udp_workers == 0 || self.transport.udp_workers > 64 {
+            return Err("transport.udp_workers: must be between 1 and 64".into());
+        }
+        if self.transport.tcp_idle_timeout == 0 {
+            return Err("transport.tcp_idle_timeout: must be > 0".into());
+        }
+        if self.storage.max_batch == 0 {
+            return Err("storage.max_batch: must be > 0".into());
+        }
+        if self.storage.snapshot_every < 100 {
+            return Err("storage.snapshot_every: must be at least 100".into());
+        }
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            return Err(format!(
+                "log.level: '{}' is not a valid filter",
+                self.log.level
+            ));
+        }
+        Ok(())
+    }
+
+    fn algorithms(&self) -> Result<Vec<Algorithm>, String> {
+        self.auth
+            .challenge_algorithms
+            .iter()
+            .map(|a| {
+                Algorithm::parse(Some(a)).ok_or_else(|| {
+                    format!("auth.challenge_algorithms: unknown algorithm '{a}' (SHA-256, MD5)")
+                })
+            })
+            .collect()
+    }
+
+    pub fn realm(&self) -> String {
+        self.cluster
+            .realm
+            .clone()
+            .unwrap_or_else(|| self.cluster.domain.clone())
+    }
+
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn handler_config(&self, local_hosts: Vec<String>) -> HandlerConfig {
+        HandlerConfig {
+            node_id: self.node.id,
+            local_hosts,
+            min_expires: self.registrar.min_expires,
+            default_expires: self.registrar.default_expires,
+            max_expires: self.registrar.max_expires,
+            max_contacts: self.registrar.max_contacts,
+            nonce_ttl_secs: self.auth.nonce_ttl,
+            challenge_algorithms: self.algorithms().unwrap_or_default(),
+            ban: BanPolicy {
+                max_failures: self.auth.ban_after_failures,
+                window_secs: self.auth.ban_window,
+                ban_secs: self.auth.ban_duration,
+            },
+            ..HandlerConfig::default()
+        }
+    }
+}
+
+/// One line of the users file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserEntry {
+    pub name: String,
+    pub password: String,
+}
+
+/// Reads a `user,password` CSV. `#` comments and blank lines are skipped; a header line
+/// `user,password` is allowed. Errors carry file:line and the reason.
+pub fn load_users(path: &Path) -> Result<Vec<UserEntry>, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| NodeError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    parse_users(&text).map_err(|(line, reason)| NodeError::Config {
+        path: path.to_path_buf(),
+        reason: format!("line {line}: {reason}"),
+    })
+}
+
+pub fn parse_users(text: &str) -> Result<Vec<UserEntry>, (usize, String)> {
+    let mut out: Vec<UserEntry> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((user, password)) = line.split_once(',') else {
+            return Err((n, "expected 'user,password'".into()));
+        };
+        let (user, password) = (user.trim(), password.trim());
+        if n == 1 && user.eq_ignore_ascii_case("user") && password.eq_ignore_ascii_case("password")
+        {
+            continue;
+        }
+        if user.is_empty()
+            || !user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.!~*'()+".contains(&b))
+        {
+            return Err((n, format!("'{user}' is not a valid user name")));
+        }
+        if password.is_empty() {
+            return Err((n, format!("user '{user}' has an empty password")));
+        }
+        if out.iter().any(|u| u.name == user) {
+            return Err((n, format!("user '{user}' is listed twice")));
+        }
+        out.push(UserEntry {
+            name: user.to_string(),
+            password: password.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[node]\nid = 1\ndata_dir = \"d\"\nsip_addr = \"127.0.0.1:5060\"\n";
+
+    fn parse(t: &str) -> Result<Config, String> {
+        Config::parse(t, Path::new("n.toml"), PathBuf::from(".")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.cluster.domain, "pbx.test");
+        assert_eq!(c.realm(), "pbx.test");
+        assert_eq!(c.registrar.max_expires, 7200);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = parse(&format!("{MIN}[registrar]\nmax_expire = 5\n")).unwrap_err();
+        assert!(e.contains("max_expire") && e.contains("line 6"), "{e}");
+        let e = parse(&format!("{MIN}[registrar]\nmin_expires = 0\n")).unwrap_err();
+        assert!(e.contains("min_expires"), "{e}");
+        let e = parse(&format!(
+            "{MIN}[auth]\nchallenge_algorithms = [\"SHA-1\"]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("auth.challenge_algorithms") && e.contains("SHA-1"),
+            "{e}"
+        );
+        let e = parse(&MIN.replace("id = 1", "id = 0")).unwrap_err();
+        assert!(e.contains("node.id"), "{e}");
+        let e = parse(&MIN.replace("127.0.0.1:5060", "nowhere")).unwrap_err();
+        assert!(e.contains("sip_addr") || e.contains("line 4"), "{e}");
+        let e = parse(&format!("{MIN}[cluster]\ndomain = \"bad domain\"\n")).unwrap_err();
+        assert!(e.contains("cluster.domain"), "{e}");
+    }
+
+    #[test]
+    fn users_file_errors_carry_the_line() {
+        let ok = parse_users("user,password\n# demo\nalice,secret\n\n1001 , pw\n").unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[1].name, "1001");
+        assert_eq!(parse_users("alice,x\nbob\n").unwrap_err().0, 2);
+        assert_eq!(parse_users("alice,x\nalice,y\n").unwrap_err().0, 2);
+        assert_eq!(parse_users("al ice,x\n").unwrap_err().0, 1);
+        assert_eq!(parse_users("alice,\n").unwrap_err().0, 1);
+    }
+}

@@ -1,0 +1,448 @@
+//! SIP over UDP and TCP: sockets, connections, the server transaction table and its
+//! timers. Everything protocol-shaped is delegated to the sans-IO crates; this module
+//! only moves bytes and owns time.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pbx_registrar::{reply_to_unparseable, response_target, Inbound, Outcome, RequestHandler};
+use pbx_sip_core::{RequestDisposition, ServerTable, TableEvent, Timers, TransactionKey};
+use pbx_sip_msg::{
+    frame_stream, parse_datagram, parse_stream_message, CoreHeaders, Limits, Method, SipError,
+    SipMessage, StreamFrame,
+};
+use pbx_state::Transport;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Notify};
+use tracing::Instrument;
+
+use crate::config::{Config, TransportSection};
+use crate::{unix_ms, NodeError, StateHandle};
+
+/// Where a transaction's responses go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Dest {
+    Udp(SocketAddr),
+    /// A connection by id, and the peer address to reconnect to if it is gone.
+    Tcp(u64, SocketAddr),
+}
+
+struct Shared {
+    node_id: u64,
+    handler: Arc<RequestHandler>,
+    state: StateHandle,
+    udp: Arc<UdpSocket>,
+    table: Mutex<ServerTable<Dest>>,
+    timer_wake: Notify,
+    conns: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
+    conn_by_peer: Mutex<HashMap<SocketAddr, u64>>,
+    open_conns: AtomicUsize,
+    next_conn: AtomicU64,
+    limits: Limits,
+    tcp_idle: Duration,
+    max_conns: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Binds UDP and TCP on the same address. Port 0 picks a port free for both.
+pub(crate) fn bind(
+    addr: SocketAddr,
+    cfg: &TransportSection,
+) -> Result<(UdpSocket, TcpListener), NodeError> {
+    let err = |source| NodeError::Bind { addr, source };
+    for _ in 0..20 {
+        let udp = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(err)?;
+        udp.set_reuse_address(true).map_err(err)?;
+        // Bigger buffers absorb bursts; the kernel caps them at rmem_max/wmem_max.
+        let _ = udp.set_recv_buffer_size(cfg.udp_buffer_bytes);
+        let _ = udp.set_send_buffer_size(cfg.udp_buffer_bytes);
+        udp.set_nonblocking(true).map_err(err)?;
+        udp.bind(&addr.into()).map_err(err)?;
+        let bound = udp.local_addr().map_err(err)?.as_socket().unwrap_or(addr);
+        let tcp = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(err)?;
+        tcp.set_reuse_address(true).map_err(err)?;
+        tcp.set_nonblocking(true).map_err(err)?;
+        match tcp.bind(&bound.into()) {
+            Ok(()) => {}
+            Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(err(e)),
+        }
+        tcp.listen(1024).map_err(err)?;
+        let udp = UdpSocket::from_std(udp.into()).map_err(err)?;
+        let tcp = TcpListener::from_std(tcp.into()).map_err(err)?;
+        return Ok((udp, tcp));
+    }
+    Err(err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no port free for both UDP and TCP",
+    )))
+}
+
+pub(crate) fn serve(
+    udp: UdpSocket,
+    tcp: TcpListener,
+    handler: Arc<RequestHandler>,
+    state: StateHandle,
+    config: &Config,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let shared = Arc::new(Shared {
+        node_id: config.node.id,
+        handler,
+        state,
+        udp: Arc::new(udp),
+        table: Mutex::new(ServerTable::new(Timers::default())),
+        timer_wake: Notify::new(),
+        conns: Mutex::new(HashMap::new()),
+        conn_by_peer: Mutex::new(HashMap::new()),
+        open_conns: AtomicUsize::new(0),
+        next_conn: AtomicU64::new(1),
+        limits: Limits {
+            max_message_len: config.transport.max_message_size,
+            ..Limits::default()
+        },
+        tcp_idle: Duration::from_secs(config.transport.tcp_idle_timeout),
+        max_conns: config.transport.max_tcp_connections,
+    });
+    let mut tasks = Vec::new();
+    for _ in 0..config.transport.udp_workers {
+        tasks.push(tokio::spawn(udp_worker(shared.clone())));
+    }
+    tasks.push(tokio::spawn(tcp_acceptor(shared.clone(), tcp)));
+    tasks.push(tokio::spawn(timer_task(shared)));
+    tasks
+}
+
+async fn udp_worker(shared: Arc<Shared>) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        match shared.udp.recv_from(&mut buf).await {
+            Ok((n, src)) => on_bytes(&shared, &buf[..n], src, None),
+            // ICMP port unreachable from an earlier send shows up here on Linux: ignore.
+            Err(e) => tracing::trace!(error = %e, "udp recv"),
+        }
+    }
+}
+
+/// Sends bytes toward a destination without blocking the caller.
+fn send(shared: &Arc<Shared>, dest: Dest, bytes: Bytes) {
+    match dest {
+        Dest::Udp(addr) => match shared.udp.try_send_to(&bytes, addr) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let udp = shared.udp.clone();
+                tokio::spawn(async move {
+                    let _ = udp.send_to(&bytes, addr).await;
+                });
+            }
+            Err(e) => tracing::debug!(%addr, error = %e, "udp send failed"),
+        },
+        Dest::Tcp(id, peer) => {
+            let tx = lock(&shared.conns).get(&id).cloned().or_else(|| {
+                let id = lock(&shared.conn_by_peer).get(&peer).copied()?;
+                lock(&shared.conns).get(&id).cloned()
+            });
+            match tx {
+                Some(tx) => {
+                    if tx.try_send(bytes).is_err() {
+                        tracing::debug!(%peer, "tcp connection backlog full or closed: dropped");
+                    }
+                }
+                // §18.2.2: the connection is gone; open a new one to the peer.
+                None => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer))
+                            .await
+                        {
+                            Ok(Ok(stream)) => {
+                                let tx = start_connection(&shared, stream, peer);
+                                let _ = tx.try_send(bytes);
+                            }
+                            _ => tracing::debug!(%peer, "cannot reconnect to send a response"),
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn reply_destination(source: SocketAddr, conn: Option<u64>) -> Dest {
+    match conn {
+        Some(id) => Dest::Tcp(id, source),
+        None => Dest::Udp(source),
+    }
+}
+
+/// Handles one message: a whole datagram, or one framed message of a stream.
+fn on_bytes(shared: &Arc<Shared>, data: &[u8], source: SocketAddr, conn: Option<u64>) {
+    if conn.is_none() && data.iter().all(|b| b.is_ascii_whitespace()) {
+        return; // UDP keep-alive (CRLF), nothing to answer
+    }
+    let parsed = if conn.is_some() {
+        parse_stream_message(data, &shared.limits)
+    } else {
+        parse_datagram(data, &shared.limits)
+    };
+    let msg = match parsed {
+        Ok(m) => m,
+        Err(e) => return answer_unparseable(shared, &e, source, conn),
+    };
+    if !msg.is_request() {
+        // No client transactions on a registrar node yet: stray responses are dropped.
+        tracing::trace!(%source, status = ?msg.status(), "response without transaction dropped");
+        return;
+    }
+    let core = match CoreHeaders::extract(&msg) {
+        Ok(c) => c,
+        Err(e) => {
+            let status = e.status().unwrap_or(400);
+            if let Some(b) = reply_to_unparseable(&msg.headers, status, e.reason(), source, "pbxd")
+            {
+                send(shared, reply_destination(source, conn), Bytes::from(b));
+            }
+            return;
+        }
+    };
+    let span = tracing::debug_span!("sip", node = shared.node_id, call_id = %core.call_id);
+    let _g = span.enter();
+    on_request(shared, msg, core, source, conn);
+}
+
+fn answer_unparseable(shared: &Arc<Shared>, e: &SipError, source: SocketAddr, conn: Option<u64>) {
+    tracing::debug!(%source, error = %e, "unparseable message");
+    let (
+        Some(status),
+        SipError::Malformed {
+            partial, reason, ..
+        },
+    ) = (e.status(), e)
+    else {
+        return;
+    };
+    let headers = partial
+        .as_ref()
+        .map(|p| p.headers.as_slice())
+        .unwrap_or(&[]);
+    if let Some(b) = reply_to_unparseable(headers, status, reason, source, "pbxd") {
+        send(shared, reply_destination(source, conn), Bytes::from(b));
+    }
+}
+
+fn on_request(
+    shared: &Arc<Shared>,
+    msg: SipMessage,
+    core: CoreHeaders,
+    source: SocketAddr,
+    conn: Option<u64>,
+) {
+    let reliable = conn.is_some();
+    let method = msg.method().cloned().unwrap_or(Method::Ack);
+    let dest = match conn {
+        Some(id) => Dest::Tcp(id, source),
+        None => Dest::Udp(response_target(&core.vias[0], source, false)),
+    };
+    let key = TransactionKey::for_request(&method, msg.request_uri().unwrap_or(""), &core);
+    let now = Instant::now();
+    match lock(&shared.table).on_request(now, &key, &method) {
+        RequestDisposition::New => {}
+        RequestDisposition::Retransmission(Some(b)) => return send(shared, dest, b),
+        RequestDisposition::Retransmission(None) | RequestDisposition::AckAbsorbed => return,
+    }
+    let transport = if reliable {
+        Transport::Tcp
+    } else {
+        Transport::Udp
+    };
+    let now_ms = unix_ms();
+    let outcome = {
+        let state = shared.state.read();
+        shared.handler.handle(
+            Inbound {
+                msg: &msg,
+                core: &core,
+                source,
+                transport,
+            },
+            &state,
+            now_ms,
+        )
+    };
+    match outcome {
+        Outcome::Drop => {}
+        Outcome::Reply {
+            bytes,
+            stateful: false,
+            ..
+        } => send(shared, dest, Bytes::from(bytes)),
+        Outcome::Reply {
+            status,
+            bytes,
+            stateful: true,
+        } => {
+            let out = {
+                let mut table = lock(&shared.table);
+                table.create(key.clone(), &method, reliable, dest);
+                table.respond(now, &key, status, Bytes::from(bytes))
+            };
+            if let Ok(b) = out {
+                send(shared, dest, b);
+            }
+            shared.timer_wake.notify_one();
+        }
+        Outcome::Commit { command, pending } => {
+            // The transaction absorbs retransmissions while the command commits.
+            lock(&shared.table).create(key.clone(), &method, reliable, dest);
+            let shared = shared.clone();
+            let span = tracing::Span::current();
+            tokio::spawn(
+                async move {
+                    let (status, bytes) = match shared.state.propose(command).await {
+                        Ok(resp) => shared.handler.finish_register(pending, resp),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "commit failed: 503");
+                            shared.handler.unavailable(pending, 5)
+                        }
+                    };
+                    let out = lock(&shared.table).respond(
+                        Instant::now(),
+                        &key,
+                        status,
+                        Bytes::from(bytes),
+                    );
+                    if let Ok(b) = out {
+                        send(&shared, dest, b);
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+async fn timer_task(shared: Arc<Shared>) {
+    let mut events = Vec::new();
+    loop {
+        let now = Instant::now();
+        // J/L timers are long; a one-second cap keeps the table tidy without being woken
+        // by every response. INVITE responses wake us for Timer G.
+        let deadline = lock(&shared.table)
+            .poll_timeout()
+            .unwrap_or(now + Duration::from_secs(1))
+            .min(now + Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = shared.timer_wake.notified() => continue,
+        }
+        lock(&shared.table).handle_timeout(Instant::now(), &mut events);
+        for e in events.drain(..) {
+            match e {
+                TableEvent::Retransmit(dest, b) => send(&shared, dest, b),
+                TableEvent::TimedOut(key) => {
+                    tracing::debug!(key = key.as_str(), "no ACK for final response (Timer H)")
+                }
+            }
+        }
+    }
+}
+
+async fn tcp_acceptor(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if shared.open_conns.load(Ordering::Relaxed) >= shared.max_conns {
+                    tracing::warn!(%peer, "too many TCP connections: refused");
+                    drop(stream);
+                    continue;
+                }
+                start_connection(&shared, stream, peer);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Registers a connection and starts its reader and writer; returns its send queue.
+fn start_connection(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> mpsc::Sender<Bytes> {
+    let _ = stream.set_nodelay(true);
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
+    lock(&shared.conns).insert(id, tx.clone());
+    lock(&shared.conn_by_peer).insert(peer, id);
+    shared.open_conns.fetch_add(1, Ordering::Relaxed);
+    let (mut rd, mut wr) = stream.into_split();
+    tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let shared = shared.clone();
+    let pong_tx = tx.clone();
+    tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(8192);
+        'conn: loop {
+            let read = tokio::time::timeout(shared.tcp_idle, rd.read_buf(&mut buf)).await;
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::debug!(%peer, "tcp idle timeout");
+                    break;
+                }
+                Ok(Ok(_)) => {}
+            }
+            loop {
+                match frame_stream(&buf, &shared.limits) {
+                    Ok(StreamFrame::Incomplete) => break,
+                    Ok(StreamFrame::Ping(n)) => {
+                        let _ = buf.split_to(n);
+                        // RFC 5626 §4.4.1: CRLFCRLF ping, CRLF pong.
+                        let _ = pong_tx.try_send(Bytes::from_static(b"\r\n"));
+                    }
+                    Ok(StreamFrame::Skip(n)) => {
+                        let _ = buf.split_to(n);
+                    }
+                    Ok(StreamFrame::Message(n)) => {
+                        let msg = buf.split_to(n);
+                        on_bytes(&shared, &msg, peer, Some(id));
+                    }
+                    Err(e) => {
+                        // Content-Length cannot be trusted: the stream cannot be
+                        // resynchronised (RFC 4475 ncl/mcl01). Close it.
+                        tracing::debug!(%peer, error = %e, "tcp framing error: closing");
+                        break 'conn;
+                    }
+                }
+            }
+        }
+        lock(&shared.conns).remove(&id);
+        {
+            let mut by_peer = lock(&shared.conn_by_peer);
+            if by_peer.get(&peer) == Some(&id) {
+                by_peer.remove(&peer);
+            }
+        }
+        shared.open_conns.fetch_sub(1, Ordering::Relaxed);
+    });
+    tx
+}
