@@ -1,1 +1,286 @@
+//! Test support for real-process tests: a [`LocalCluster`] driven through the launcher
+//! (`deploy/local/cluster`), SIPp runs with parsed results, and small helpers to wait on
+//! state instead of sleeping.
+//!
+//! Every test takes its own loopback /24 (`127.0.<slot>.0`) and run directory, so tests
+//! run side by side without sharing addresses or ports.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the repo")
+        .to_path_buf()
+}
+
+/// The build profile the launcher uses for tests (the benchmarks share it).
+pub fn profile() -> String {
+    std::env::var("PBX_PROFILE").unwrap_or_else(|_| "release".into())
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target"));
+    target.join(profile()).join(name)
+}
+
+/// Fails loudly when a real tool the tests need is missing.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is not installed: apt-get install -y {package} (the CI script does this)"
+    );
+}
+
+/// Polls `f` until it returns Some or the timeout passes.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Demo-style users u000001…, password pw000001…
+pub struct Users {
+    pub count: usize,
+}
+
+impl Users {
+    pub fn name(i: usize) -> String {
+        format!("u{i:06}")
+    }
+    pub fn password(i: usize) -> String {
+        format!("pw{i:06}")
+    }
+    /// The node's users file (`user,password`).
+    pub fn write_users_file(&self, path: &Path) -> anyhow::Result<()> {
+        let mut s = String::from("user,password\n");
+        for i in 1..=self.count {
+            s.push_str(&format!("{},{}\n", Self::name(i), Self::password(i)));
+        }
+        std::fs::write(path, s)?;
+        Ok(())
+    }
+    /// SIPp injection file: user;domain;password;contact_hostport;expires
+    pub fn write_sipp_csv(
+        &self,
+        path: &Path,
+        domain: &str,
+        contact: &str,
+        expires: u32,
+    ) -> anyhow::Result<()> {
+        let mut s = String::from("SEQUENTIAL\n");
+        for i in 1..=self.count {
+            s.push_str(&format!(
+                "{};{domain};{};{contact};{expires}\n",
+                Self::name(i),
+                Self::password(i)
+            ));
+        }
+        std::fs::write(path, s)?;
+        Ok(())
+    }
+}
+
+/// A cluster started through `deploy/local/cluster` in its own run directory and /24.
+pub struct LocalCluster {
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+    pub port: u16,
+    pub nodes: usize,
+    extra_config: String,
+}
+
+impl LocalCluster {
+    /// `slot` (1..=250) picks the loopback /24 `127.0.<slot>.0`; give every test its own.
+    pub fn up(
+        slot: u8,
+        nodes: usize,
+        users: &Users,
+        extra_config: &str,
+    ) -> anyhow::Result<LocalCluster> {
+        let dir = tempfile::Builder::new().prefix("pbx-test-").tempdir()?;
+        users.write_users_file(&dir.path().join("users.csv"))?;
+        let c = LocalCluster {
+            prefix: format!("127.0.{slot}"),
+            port: 5060,
+            nodes,
+            extra_config: extra_config.to_string(),
+            dir,
+        };
+        let users_file = c.dir.path().join("users.csv");
+        c.launcher(&[
+            "up",
+            "--nodes",
+            &nodes.to_string(),
+            "--users",
+            users_file.to_str().unwrap_or_default(),
+        ])?;
+        Ok(c)
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn node_addr(&self, n: usize) -> SocketAddr {
+        format!("{}.{}:{}", self.prefix, 10 + n, self.port)
+            .parse()
+            .expect("valid address")
+    }
+
+    /// An address in this test's /24 for clients (SIPp, raw sockets).
+    pub fn client_ip(&self, host: u8) -> String {
+        format!("{}.{host}", self.prefix)
+    }
+
+    pub fn log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.run_dir().join(format!("node{n}.log"))).unwrap_or_default()
+    }
+
+    pub fn launcher(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let out = Command::new(repo_root().join("deploy/local/cluster"))
+            .args(args)
+            .env("PBX_RUN_DIR", self.run_dir())
+            .env("PBX_IP_PREFIX", &self.prefix)
+            .env("PBX_FIRST_HOST", "11")
+            .env("PBX_SIP_PORT", self.port.to_string())
+            .env("PBX_PROFILE", profile())
+            .env("PBX_EXTRA_CONFIG", &self.extra_config)
+            .output()
+            .with_context(|| format!("running the launcher {args:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "launcher {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn kill(&self, n: usize) -> anyhow::Result<()> {
+        self.launcher(&["kill", &n.to_string()]).map(|_| ())
+    }
+
+    pub fn start(&self, n: usize) -> anyhow::Result<()> {
+        self.launcher(&["start", &n.to_string()]).map(|_| ())
+    }
+
+    /// True while node n's process is alive.
+    pub fn is_running(&self, n: usize) -> bool {
+        let Ok(pid) = std::fs::read_to_string(self.run_dir().join(format!("node{n}.pid"))) else {
+            return false;
+        };
+        Path::new(&format!("/proc/{}", pid.trim())).exists()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = self.launcher(&["down"]);
+    }
+}
+
+/// The outcome of one SIPp run.
+#[derive(Debug)]
+pub struct SippRun {
+    pub successful: u64,
+    pub failed: u64,
+    pub exit_ok: bool,
+    pub output: String,
+}
+
+pub struct Sipp<'a> {
+    pub scenario: &'a str,
+    pub target: SocketAddr,
+    pub local_ip: String,
+    pub inf: &'a Path,
+    pub calls: usize,
+    pub rate: usize,
+    /// "u1" (UDP) or "t1" (one TCP connection).
+    pub transport: &'a str,
+}
+
+impl Sipp<'_> {
+    pub fn run(&self) -> anyhow::Result<SippRun> {
+        let scenario = repo_root().join("tests/sipp").join(self.scenario);
+        let out = Command::new("sipp")
+            .arg(self.target.to_string())
+            .arg("-sf")
+            .arg(&scenario)
+            .arg("-inf")
+            .arg(self.inf)
+            .args(["-m", &self.calls.to_string()])
+            .args(["-r", &self.rate.to_string()])
+            .args(["-l", "100000"])
+            .args(["-i", &self.local_ip, "-p", "0"])
+            .args(["-t", self.transport])
+            .args(["-timeout", "120s", "-timeout_error"])
+            .args(["-buff_size", "4194304"])
+            .args(["-default_behaviors", "all,-abortunexp"])
+            .arg("-nostdin")
+            .current_dir(self.inf.parent().unwrap_or(Path::new(".")))
+            .output()
+            .context("running sipp")?;
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let count = |label: &str| -> u64 {
+            output
+                .lines()
+                .filter(|l| l.trim_start().starts_with(label))
+                .last()
+                .and_then(|l| l.split('|').nth(2))
+                .and_then(|v| v.trim().split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(SippRun {
+            successful: count("Successful call"),
+            failed: count("Failed call"),
+            exit_ok: out.status.success(),
+            output,
+        })
+    }
+}
+
+/// Runs pbxctl and returns (exit success, stdout).
+pub fn pbxctl(args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let out = Command::new(bin("pbxctl"))
+        .args(args)
+        .output()
+        .context("running pbxctl")?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}

@@ -127,7 +127,9 @@ async fn udp_worker(shared: Arc<Shared>) {
     let mut buf = vec![0u8; 65_536];
     loop {
         match shared.udp.recv_from(&mut buf).await {
-            Ok((n, src)) => on_bytes(&shared, &buf[..n], src, None),
+            Ok((n, src)) => {
+                on_bytes(&shared, &buf[..n], src, None);
+            }
             // ICMP port unreachable from an earlier send shows up here on Linux: ignore.
             Err(e) => tracing::trace!(error = %e, "udp recv"),
         }
@@ -185,10 +187,12 @@ fn reply_destination(source: SocketAddr, conn: Option<u64>) -> Dest {
     }
 }
 
-/// Handles one message: a whole datagram, or one framed message of a stream.
-fn on_bytes(shared: &Arc<Shared>, data: &[u8], source: SocketAddr, conn: Option<u64>) {
+/// Handles one message: a whole datagram, or one framed message of a stream. Returns
+/// false when a stream delivered something so broken it cannot be answered: the stream is
+/// out of step and the connection should be closed.
+fn on_bytes(shared: &Arc<Shared>, data: &[u8], source: SocketAddr, conn: Option<u64>) -> bool {
     if conn.is_none() && data.iter().all(|b| b.is_ascii_whitespace()) {
-        return; // UDP keep-alive (CRLF), nothing to answer
+        return true; // UDP keep-alive (CRLF), nothing to answer
     }
     let parsed = if conn.is_some() {
         parse_stream_message(data, &shared.limits)
@@ -202,7 +206,7 @@ fn on_bytes(shared: &Arc<Shared>, data: &[u8], source: SocketAddr, conn: Option<
     if !msg.is_request() {
         // No client transactions on a registrar node yet: stray responses are dropped.
         tracing::trace!(%source, status = ?msg.status(), "response without transaction dropped");
-        return;
+        return true;
     }
     let core = match CoreHeaders::extract(&msg) {
         Ok(c) => c,
@@ -212,15 +216,22 @@ fn on_bytes(shared: &Arc<Shared>, data: &[u8], source: SocketAddr, conn: Option<
             {
                 send(shared, reply_destination(source, conn), Bytes::from(b));
             }
-            return;
+            return true;
         }
     };
     let span = tracing::debug_span!("sip", node = shared.node_id, call_id = %core.call_id);
     let _g = span.enter();
     on_request(shared, msg, core, source, conn);
+    true
 }
 
-fn answer_unparseable(shared: &Arc<Shared>, e: &SipError, source: SocketAddr, conn: Option<u64>) {
+/// Answers what can be answered; false when nothing could be (no Via to reply to).
+fn answer_unparseable(
+    shared: &Arc<Shared>,
+    e: &SipError,
+    source: SocketAddr,
+    conn: Option<u64>,
+) -> bool {
     tracing::debug!(%source, error = %e, "unparseable message");
     let (
         Some(status),
@@ -229,14 +240,18 @@ fn answer_unparseable(shared: &Arc<Shared>, e: &SipError, source: SocketAddr, co
         },
     ) = (e.status(), e)
     else {
-        return;
+        return false;
     };
     let headers = partial
         .as_ref()
         .map(|p| p.headers.as_slice())
         .unwrap_or(&[]);
-    if let Some(b) = reply_to_unparseable(headers, status, reason, source, "pbxd") {
-        send(shared, reply_destination(source, conn), Bytes::from(b));
+    match reply_to_unparseable(headers, status, reason, source, "pbxd") {
+        Some(b) => {
+            send(shared, reply_destination(source, conn), Bytes::from(b));
+            true
+        }
+        None => false,
     }
 }
 
@@ -424,7 +439,10 @@ fn start_connection(
                     }
                     Ok(StreamFrame::Message(n)) => {
                         let msg = buf.split_to(n);
-                        on_bytes(&shared, &msg, peer, Some(id));
+                        if !on_bytes(&shared, &msg, peer, Some(id)) {
+                            tracing::debug!(%peer, "unanswerable message on a stream: closing");
+                            break 'conn;
+                        }
                     }
                     Err(e) => {
                         // Content-Length cannot be trusted: the stream cannot be
