@@ -254,10 +254,9 @@ impl Sipp<'_> {
         let count = |label: &str| -> u64 {
             output
                 .lines()
-                .filter(|l| l.trim_start().starts_with(label))
-                .last()
+                .rfind(|l| l.trim_start().starts_with(label))
                 .and_then(|l| l.split('|').nth(2))
-                .and_then(|v| v.trim().split_whitespace().next()?.parse().ok())
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
                 .unwrap_or(0)
         };
         Ok(SippRun {

@@ -195,7 +195,7 @@ impl Config {
             // toml reports the key and the reason; add the line for editors.
             let line = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             NodeError::Config {
                 path: path.to_path_buf(),
                 reason: match line {

@@ -323,7 +323,7 @@ fn on_request(
             let span = tracing::Span::current();
             tokio::spawn(
                 async move {
-                    let (status, bytes) = match shared.state.propose(command).await {
+                    let (status, bytes) = match shared.state.propose(*command).await {
                         Ok(resp) => shared.handler.finish_register(pending, resp),
                         Err(e) => {
                             tracing::warn!(error = %e, "commit failed: 503");

@@ -98,7 +98,7 @@ impl NonceKey {
             return NonceCheck::Invalid;
         };
         let expected = self.mac(issued, salt, realm);
-        if !constant_time_eq(expected.as_bytes(), nonce[32..].as_bytes()) {
+        if !constant_time_eq(expected.as_bytes(), &nonce.as_bytes()[32..]) {
             return NonceCheck::Invalid;
         }
         // A little clock skew between nodes is tolerated; a nonce from the future is not.

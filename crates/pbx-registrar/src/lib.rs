@@ -114,7 +114,7 @@ pub enum Outcome {
     },
     /// Commit this command, then call [`RequestHandler::finish_register`].
     Commit {
-        command: Command,
+        command: Box<Command>,
         pending: PendingRegister,
     },
 }
@@ -546,14 +546,14 @@ impl RequestHandler {
             }
         };
         Outcome::Commit {
-            command: Command::Register {
+            command: Box::new(Command::Register {
                 aor,
                 now_ms,
                 call_id: req.core.call_id.clone(),
                 cseq: req.core.cseq.seq,
                 op: cmd_op,
                 max_contacts: self.config.max_contacts,
-            },
+            }),
             pending: PendingRegister {
                 head,
                 now_ms,

@@ -118,7 +118,7 @@ impl Harness {
             Outcome::Drop => Answer::Dropped,
             Outcome::Reply { status, bytes, .. } => Answer::Status(status, Box::new(parse(&bytes))),
             Outcome::Commit { command, pending } => {
-                let resp = self.state.apply(command);
+                let resp = self.state.apply(*command);
                 let (status, bytes) = self.handler.finish_register(pending, resp);
                 Answer::Status(status, Box::new(parse(&bytes)))
             }
@@ -456,8 +456,10 @@ fn registrar_rules() {
 
 #[test]
 fn contact_limit_per_aor() {
-    let mut cfg = HandlerConfig::default();
-    cfg.max_contacts = 2;
+    let cfg = HandlerConfig {
+        max_contacts: 2,
+        ..HandlerConfig::default()
+    };
     let mut h = Harness::new("pbx.test", cfg);
     h.add_user("bob", "pw");
     let r = register(

@@ -26,7 +26,7 @@ fn corpus_dir() -> Option<PathBuf> {
 }
 
 /// (file, verdict) rows of INDEX.tsv.
-fn index(dir: &PathBuf) -> Vec<(String, String)> {
+fn index(dir: &std::path::Path) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(dir.join("INDEX.tsv")).unwrap();
     text.lines()
         .skip(1)
