@@ -414,6 +414,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/pbxd.example.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.cluster.domain, "pbx.example.com");
+        assert_eq!(c.node.aliases, vec!["pbx1.example.com".to_string()]);
+    }
+
+    #[test]
     fn users_file_errors_carry_the_line() {
         let ok = parse_users("user,password\n# demo\nalice,secret\n\n1001 , pw\n").unwrap();
         assert_eq!(ok.len(), 2);
