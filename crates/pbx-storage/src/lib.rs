@@ -63,6 +63,9 @@ impl SledStore {
             .path(dir)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
+            // We flush (and fsync) exactly when something must be durable; sled's own
+            // periodic flusher would only compete with those flushes and stall them.
+            .flush_every_ms(None)
             .open()?;
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
