@@ -338,6 +338,7 @@ pub fn load_users(path: &Path) -> Result<Vec<UserEntry>, NodeError> {
 
 pub fn parse_users(text: &str) -> Result<Vec<UserEntry>, (usize, String)> {
     let mut out: Vec<UserEntry> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
         let line = raw.trim();
@@ -362,7 +363,7 @@ pub fn parse_users(text: &str) -> Result<Vec<UserEntry>, (usize, String)> {
         if password.is_empty() {
             return Err((n, format!("user '{user}' has an empty password")));
         }
-        if out.iter().any(|u| u.name == user) {
+        if !seen.insert(user.to_string()) {
             return Err((n, format!("user '{user}' is listed twice")));
         }
         out.push(UserEntry {

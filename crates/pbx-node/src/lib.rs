@@ -115,6 +115,17 @@ async fn bootstrap(config: &Config, state: &StateHandle) -> Result<(), NodeError
     }
     if let Some(path) = &config.cluster.users_file {
         let entries = config::load_users(&config.resolve(path))?;
+        // Only users the cluster does not know yet: a restart proposes nothing.
+        let entries: Vec<_> = {
+            let st = state.read();
+            entries
+                .into_iter()
+                .filter(|u| !st.users.contains_key(&u.name))
+                .collect()
+        };
+        if entries.is_empty() {
+            return Ok(());
+        }
         let users: Vec<User> = entries
             .iter()
             .map(|u| User {

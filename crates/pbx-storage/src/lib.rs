@@ -40,10 +40,32 @@ pub trait LogStore: Send + Sync {
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
 }
 
+/// Log entries per sled tree. The log is a chain of trees ("segments") so purging
+/// behind a snapshot drops whole trees instead of writing a tombstone per entry.
+const SEGMENT_ENTRIES: u64 = 16_384;
+
+/// One tree of the log: the index of its first entry, the tree, how many entries it got.
+struct Segment {
+    first: u64,
+    tree: sled::Tree,
+    count: u64,
+}
+
+fn segment_name(first: u64) -> String {
+    format!("log-{first:020}")
+}
+
+fn index_of(key: &[u8]) -> Result<u64, StorageError> {
+    let k: [u8; 8] = key
+        .try_into()
+        .map_err(|_| StorageError::Corrupt("log key is not 8 bytes".into()))?;
+    Ok(u64::from_be_bytes(k))
+}
+
 /// [`LogStore`] on sled.
 pub struct SledStore {
     db: sled::Db,
-    log: sled::Tree,
+    segments: Mutex<Vec<Segment>>,
     meta: sled::Tree,
     /// The database file, for fsync: sled's flush ends in sync_file_range, which does
     /// not make the data durable on its own (sled issue 1452).
@@ -67,7 +89,20 @@ impl SledStore {
             // periodic flusher would only compete with those flushes and stall them.
             .flush_every_ms(None)
             .open()?;
-        let log = db.open_tree("log")?;
+        let mut segments = Vec::new();
+        for name in db.tree_names() {
+            let Some(first) = std::str::from_utf8(&name)
+                .ok()
+                .and_then(|n| n.strip_prefix("log-"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let tree = db.open_tree(&name)?;
+            let count = tree.len() as u64;
+            segments.push(Segment { first, tree, count });
+        }
+        segments.sort_by_key(|s| s.first);
         let meta = db.open_tree("meta")?;
         let db_path = dir.join("db");
         let db_file = File::open(&db_path).map_err(|source| StorageError::Io {
@@ -76,7 +111,7 @@ impl SledStore {
         })?;
         Ok(SledStore {
             db,
-            log,
+            segments: Mutex::new(segments),
             meta,
             db_file: Mutex::new(db_file),
             db_path,
@@ -98,41 +133,61 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    fn segments(&self) -> std::sync::MutexGuard<'_, Vec<Segment>> {
+        self.segments.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl LogStore for SledStore {
     fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for (i, bytes) in entries {
-            batch.insert(&i.to_be_bytes(), bytes.as_slice());
+        let Some((first, _)) = entries.first() else {
+            return Ok(());
+        };
+        {
+            let mut segs = self.segments();
+            if segs.last().is_none_or(|s| s.count >= SEGMENT_ENTRIES) {
+                let tree = self.db.open_tree(segment_name(*first))?;
+                segs.push(Segment {
+                    first: *first,
+                    tree,
+                    count: 0,
+                });
+            }
+            let seg = segs.last_mut().expect("a segment was just ensured");
+            let mut batch = sled::Batch::default();
+            for (i, bytes) in entries {
+                batch.insert(&i.to_be_bytes(), bytes.as_slice());
+            }
+            seg.tree.apply_batch(batch)?;
+            seg.count += entries.len() as u64;
         }
-        self.log.apply_batch(batch)?;
         self.sync()
     }
 
     fn entries_from(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
-        self.log
-            .range(from.to_be_bytes()..)
-            .map(|r| {
+        let segs = self.segments();
+        let mut out = Vec::new();
+        for (i, seg) in segs.iter().enumerate() {
+            // Skip segments that end before `from`.
+            if segs.get(i + 1).is_some_and(|next| next.first <= from) {
+                continue;
+            }
+            for r in seg.tree.range(from.to_be_bytes()..) {
                 let (k, v) = r?;
-                let k: [u8; 8] = k
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| StorageError::Corrupt("log key is not 8 bytes".into()))?;
-                Ok((u64::from_be_bytes(k), v.to_vec()))
-            })
-            .collect()
+                out.push((index_of(&k)?, v.to_vec()));
+            }
+        }
+        Ok(out)
     }
 
     fn last_index(&self) -> Result<Option<u64>, StorageError> {
-        match self.log.last()? {
-            None => Ok(None),
-            Some((k, _)) => {
-                let k: [u8; 8] = k
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| StorageError::Corrupt("log key is not 8 bytes".into()))?;
-                Ok(Some(u64::from_be_bytes(k)))
+        for seg in self.segments().iter().rev() {
+            if let Some((k, _)) = seg.tree.last()? {
+                return Ok(Some(index_of(&k)?));
             }
         }
+        Ok(None)
     }
 
     fn save_snapshot(&self, index: u64, data: &[u8]) -> Result<(), StorageError> {
@@ -156,16 +211,29 @@ impl LogStore for SledStore {
     }
 
     fn purge_through(&self, index: u64) -> Result<(), StorageError> {
-        let keys: Vec<sled::IVec> = self
-            .log
-            .range(..=index.to_be_bytes())
-            .keys()
-            .collect::<Result<_, _>>()?;
-        let mut batch = sled::Batch::default();
-        for k in keys {
-            batch.remove(k);
+        let mut segs = self.segments();
+        // Whole segments covered by the snapshot (the next one starts at or before
+        // index + 1) are dropped; the segment being appended to is always kept.
+        while segs.len() > 1 && segs[1].first <= index + 1 {
+            let seg = segs.remove(0);
+            self.db.drop_tree(segment_name(seg.first))?;
         }
-        self.log.apply_batch(batch)?;
+        // The rest of a partly covered segment is removed key by key (at most one
+        // segment's worth).
+        if let Some(seg) = segs.first() {
+            if seg.first <= index {
+                let keys: Vec<sled::IVec> = seg
+                    .tree
+                    .range(..=index.to_be_bytes())
+                    .keys()
+                    .collect::<Result<_, _>>()?;
+                let mut batch = sled::Batch::default();
+                for k in keys {
+                    batch.remove(k);
+                }
+                seg.tree.apply_batch(batch)?;
+            }
+        }
         // Purging is not an acknowledgement: no fsync needed, the next append makes it
         // durable along with its own entries.
         Ok(())
@@ -203,6 +271,37 @@ mod tests {
         assert_eq!(s.load_snapshot().unwrap(), Some((2, b"state@2".to_vec())));
         assert_eq!(s.get_meta("node").unwrap(), Some(b"1".to_vec()));
         assert_eq!(s.get_meta("none").unwrap(), None);
+    }
+
+    #[test]
+    fn segments_roll_over_and_purge_drops_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = SEGMENT_ENTRIES * 3 + 10;
+        let purge = SEGMENT_ENTRIES * 2 + 500;
+        {
+            let s = SledStore::open(dir.path(), 8 << 20).unwrap();
+            let mut i = 1;
+            while i <= n {
+                let batch: Vec<(u64, Vec<u8>)> = (i..(i + 1000).min(n + 1))
+                    .map(|k| (k, k.to_be_bytes().to_vec()))
+                    .collect();
+                i += batch.len() as u64;
+                s.append(&batch).unwrap();
+            }
+            assert!(s.segments().len() >= 3);
+            assert_eq!(s.last_index().unwrap(), Some(n));
+            s.purge_through(purge).unwrap();
+            let left = s.entries_from(0).unwrap();
+            assert_eq!(left.first().map(|e| e.0), Some(purge + 1));
+            assert_eq!(left.len() as u64, n - purge);
+            assert_eq!(s.entries_from(n - 5).unwrap().len(), 6);
+        }
+        // Reopened: the same log, and appends continue.
+        let s = SledStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(s.last_index().unwrap(), Some(n));
+        assert_eq!(s.entries_from(0).unwrap().len() as u64, n - purge);
+        s.append(&[(n + 1, vec![1])]).unwrap();
+        assert_eq!(s.last_index().unwrap(), Some(n + 1));
     }
 
     #[test]
