@@ -253,6 +253,22 @@ impl LogStore for SledStore {
 mod tests {
     use super::*;
 
+    /// Reopens a store in the same process: sled's I/O threads release the file lock a
+    /// moment after the last handle is dropped, so wait for it (bounded).
+    fn reopen(dir: &Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(dir, 8 << 20) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("store still locked: {e}"),
+            }
+        }
+    }
+
     #[test]
     fn log_snapshot_purge_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -266,7 +282,7 @@ mod tests {
             s.purge_through(2).unwrap();
             s.put_meta("node", b"1").unwrap();
         }
-        let s = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.entries_from(0).unwrap(), vec![(3, b"c".to_vec())]);
         assert_eq!(s.load_snapshot().unwrap(), Some((2, b"state@2".to_vec())));
         assert_eq!(s.get_meta("node").unwrap(), Some(b"1".to_vec()));
@@ -297,7 +313,7 @@ mod tests {
             assert_eq!(s.entries_from(n - 5).unwrap().len(), 6);
         }
         // Reopened: the same log, and appends continue.
-        let s = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.last_index().unwrap(), Some(n));
         assert_eq!(s.entries_from(0).unwrap().len() as u64, n - purge);
         s.append(&[(n + 1, vec![1])]).unwrap();
