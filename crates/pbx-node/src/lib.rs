@@ -82,6 +82,7 @@ impl Node {
             state.clone(),
             config.registrar.sweep_interval,
         )));
+        tasks.push(tokio::spawn(commit_reporter(state.clone())));
         tracing::info!(node = config.node.id, %sip_addr, domain = %config.cluster.domain, "serving SIP on UDP and TCP");
         Ok(Node {
             sip_addr,
@@ -163,6 +164,27 @@ async fn sweeper(state: StateHandle, every_secs: u64) {
                 Ok(r) => tracing::debug!(?r, "swept expired bindings"),
                 Err(e) => tracing::warn!(error = %e, "sweep failed"),
             }
+        }
+    }
+}
+
+/// Logs what the commit path did every 10 s (batches, commands, durable latency), when it
+/// did anything: the figures the benchmarks and operators need.
+async fn commit_reporter(state: StateHandle) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let r = state.stats.take();
+        if r.batches > 0 {
+            tracing::info!(
+                batches = r.batches,
+                commands = r.commands,
+                avg_batch = r.commands / r.batches,
+                durable_p50_us = r.durable_p50_us,
+                durable_p99_us = r.durable_p99_us,
+                "commits in the last 10 s"
+            );
         }
     }
 }

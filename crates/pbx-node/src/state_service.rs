@@ -18,11 +18,60 @@ struct Proposal {
     reply: oneshot::Sender<Result<Response, NodeError>>,
 }
 
-/// Counters for logs and benchmarks.
+/// Counters for logs and benchmarks: batches, commands, and how long making a batch
+/// durable (append + flush + fsync) took, as a log2 histogram in microseconds.
 #[derive(Debug, Default)]
 pub struct CommitStats {
-    pub batches: std::sync::atomic::AtomicU64,
-    pub commands: std::sync::atomic::AtomicU64,
+    pub batches: AtomicU64,
+    pub commands: AtomicU64,
+    durable_us: [AtomicU64; 32],
+}
+
+/// One reporting interval of [`CommitStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitReport {
+    pub batches: u64,
+    pub commands: u64,
+    /// Upper bounds (µs) of the buckets holding the 50th and 99th percentile batch.
+    pub durable_p50_us: u64,
+    pub durable_p99_us: u64,
+}
+
+impl CommitStats {
+    fn record(&self, commands: u64, durable: std::time::Duration) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.commands.fetch_add(commands, Ordering::Relaxed);
+        let us = durable.as_micros().max(1) as u64;
+        let bucket = (63 - us.leading_zeros() as usize).min(31);
+        self.durable_us[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes the counts since the last call.
+    pub fn take(&self) -> CommitReport {
+        let counts: Vec<u64> = self
+            .durable_us
+            .iter()
+            .map(|b| b.swap(0, Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let quantile = |q: f64| -> u64 {
+            let want = (total as f64 * q).ceil() as u64;
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= want.max(1) {
+                    return 1u64 << (i + 1);
+                }
+            }
+            0
+        };
+        CommitReport {
+            batches: self.batches.swap(0, Ordering::Relaxed),
+            commands: self.commands.swap(0, Ordering::Relaxed),
+            durable_p50_us: quantile(0.5),
+            durable_p99_us: quantile(0.99),
+        }
+    }
 }
 
 /// Handle to propose commands and read the applied state.
@@ -146,6 +195,7 @@ impl Writer {
             e.0 = first_index + i as u64;
         }
         let store = self.store.clone();
+        let started = Instant::now();
         let appended =
             tokio::task::spawn_blocking(move || store.append(&entries).map(|_| entries.len()))
                 .await
@@ -164,12 +214,7 @@ impl Writer {
             }
         };
         self.next_index += n as u64;
-        self.stats
-            .batches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.stats
-            .commands
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.stats.record(n as u64, started.elapsed());
         {
             let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
             for p in ok {
@@ -320,5 +365,29 @@ mod tests {
         let h = StateHandle::open(store, 64, 100).unwrap();
         assert_eq!(h.read().binding_count(), 260);
         assert_eq!(*h.read(), expected);
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn commit_histogram_quantiles() {
+        let s = CommitStats::default();
+        for _ in 0..98 {
+            s.record(10, Duration::from_micros(50));
+        }
+        s.record(10, Duration::from_millis(3));
+        s.record(10, Duration::from_millis(3));
+        let r = s.take();
+        assert_eq!((r.batches, r.commands), (100, 1000));
+        assert_eq!(r.durable_p50_us, 64, "50 µs falls in the 32..64 bucket");
+        assert_eq!(
+            r.durable_p99_us, 4096,
+            "3 ms falls in the 2048..4096 bucket"
+        );
+        assert_eq!(s.take().batches, 0, "take resets");
     }
 }
