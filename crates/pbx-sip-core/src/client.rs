@@ -83,11 +83,7 @@ impl ClientNonInvite {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.timer_e, self.timer_end) {
-            (Some((e, _)), Some(f)) => Some(e.min(f)),
-            (Some((e, _)), None) => Some(e),
-            (None, f) => f,
-        }
+        crate::earliest(self.timer_e, self.timer_end)
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> TimerOutcome {
@@ -257,11 +253,7 @@ impl ClientInvite {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.timer_a, self.timer_end) {
-            (Some((a, _)), Some(b)) => Some(a.min(b)),
-            (Some((a, _)), None) => Some(a),
-            (None, b) => b,
-        }
+        crate::earliest(self.timer_a, self.timer_end)
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> TimerOutcome {

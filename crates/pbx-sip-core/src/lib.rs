@@ -45,6 +45,18 @@ impl Timers {
     }
 }
 
+/// The next deadline of a transaction: its retransmission timer (deadline, interval)
+/// or the timer that ends it, whichever comes first.
+pub(crate) fn earliest(
+    retransmit: Option<(std::time::Instant, Duration)>,
+    end: Option<std::time::Instant>,
+) -> Option<std::time::Instant> {
+    match (retransmit.map(|(at, _)| at), end) {
+        (Some(r), Some(e)) => Some(r.min(e)),
+        (r, e) => r.or(e),
+    }
+}
+
 /// What happened when a timer fired.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TimerOutcome {

@@ -212,11 +212,7 @@ impl ServerInvite {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.timer_g, self.timer_end) {
-            (Some((g, _)), Some(e)) => Some(g.min(e)),
-            (Some((g, _)), None) => Some(g),
-            (None, e) => e,
-        }
+        crate::earliest(self.timer_g, self.timer_end)
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> TimerOutcome {
