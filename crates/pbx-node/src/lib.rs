@@ -139,7 +139,11 @@ async fn bootstrap(config: &Config, state: &StateHandle) -> Result<(), NodeError
             })
             .collect();
         let n = users.len();
-        state.propose(Command::SeedUsers(users)).await?;
+        // Small commands: a log entry per 500 users rather than one of tens of MB (large
+        // entries are costly for the store and, with Raft, for replication).
+        for chunk in users.chunks(500) {
+            state.propose(Command::SeedUsers(chunk.to_vec())).await?;
+        }
         tracing::info!(users = n, "users file seeded");
     }
     Ok(())
