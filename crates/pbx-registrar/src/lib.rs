@@ -14,7 +14,9 @@ use std::sync::Mutex;
 use pbx_sip_msg::{
     AuthHeader, ContactList, CoreHeaders, HeaderName, MessageWriter, Method, SipMessage, Uri,
 };
-use pbx_state::{Binding, ClusterSettings, Command, ContactUpdate, RegisterOp, Response, State};
+use pbx_state::{
+    Binding, ClusterSettings, Command, ContactUpdate, ContactView, RegisterOp, Response, State,
+};
 
 pub use pbx_state::Transport;
 pub use reply::{reply_to_unparseable, response_target, ReplyHead};
@@ -472,7 +474,11 @@ impl RequestHandler {
         let (cmd_op, outbound) = match contacts {
             ContactList::Contacts(list) if list.is_empty() => {
                 // A query (§10.3 step 6 with no Contact): the current bindings.
-                let bindings = state.bindings_of(&aor, now_ms);
+                let bindings: Vec<ContactView> = state
+                    .bindings_of(&aor, now_ms)
+                    .iter()
+                    .map(ContactView::from)
+                    .collect();
                 let (status, bytes) = ok_with_bindings(&head, &bindings, now_ms, &path, false);
                 return Outcome::Reply {
                     status,
@@ -602,7 +608,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// 200 OK listing every current binding with its remaining time (§10.3 step 8).
 fn ok_with_bindings(
     head: &ReplyHead,
-    bindings: &[Binding],
+    bindings: &[ContactView],
     now_ms: u64,
     path: &[String],
     outbound: bool,

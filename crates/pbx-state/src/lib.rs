@@ -86,6 +86,30 @@ impl Binding {
     }
 }
 
+/// What a 200 OK to a REGISTER lists of a binding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactView {
+    pub uri: String,
+    pub params: String,
+    pub expires_at_ms: u64,
+}
+
+impl ContactView {
+    pub fn remaining_secs(&self, now_ms: u64) -> u64 {
+        self.expires_at_ms.saturating_sub(now_ms).div_ceil(1000)
+    }
+}
+
+impl From<&Binding> for ContactView {
+    fn from(b: &Binding) -> Self {
+        ContactView {
+            uri: b.uri.clone(),
+            params: b.params.clone(),
+            expires_at_ms: b.expires_at_ms,
+        }
+    }
+}
+
 /// A contact to add, refresh or remove (expires == 0).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContactUpdate {
@@ -136,8 +160,8 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Done,
-    /// The AOR's current bindings after a REGISTER.
-    Bindings(Vec<Binding>),
+    /// The AOR's current bindings after a REGISTER, as the 200 OK lists them.
+    Bindings(Vec<ContactView>),
     /// RFC 3261 §10.3 steps 6/7: same Call-ID with a CSeq not higher than stored.
     OutOfOrder,
     /// More new contacts in one request than the per-AOR limit.
@@ -201,7 +225,8 @@ impl State {
         }
     }
 
-    /// RFC 3261 §10.3 steps 6–8 as one atomic update.
+    /// RFC 3261 §10.3 steps 6–8 as one atomic update. The request is checked against the
+    /// stored bindings first and refused as a whole, or applied as a whole.
     fn register(
         &mut self,
         aor: String,
@@ -211,76 +236,77 @@ impl State {
         op: RegisterOp,
         max_contacts: u32,
     ) -> Response {
-        let current: Vec<Binding> = self
-            .bindings
-            .get(&aor)
-            .map(|l| {
-                l.iter()
-                    .filter(|b| b.expires_at_ms > now_ms)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+        // Edited in place: expired bindings are gone for good (they were invisible).
+        let mut list = self.bindings.remove(&aor).unwrap_or_default();
+        list.retain(|b| b.expires_at_ms > now_ms);
         let stale = |b: &Binding| b.call_id == call_id && cseq <= b.cseq;
-        let mut next = match op {
-            RegisterOp::RemoveAll => {
-                if current.iter().any(stale) {
-                    return Response::OutOfOrder;
-                }
-                Vec::new()
-            }
+        let refusal = match &op {
+            RegisterOp::RemoveAll => list.iter().any(stale).then_some(Response::OutOfOrder),
             RegisterOp::Update(updates) => {
-                let mut next = current;
-                let mut added = 0usize;
+                if updates
+                    .iter()
+                    .any(|u| list.iter().any(|b| same_binding(b, &u.binding) && stale(b)))
+                {
+                    Some(Response::OutOfOrder)
+                } else {
+                    let added = updates
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, u)| {
+                            u.expires_secs > 0
+                                && !list.iter().any(|b| same_binding(b, &u.binding))
+                                && !updates[..*i]
+                                    .iter()
+                                    .any(|p| same_binding(&p.binding, &u.binding))
+                        })
+                        .count();
+                    (added > max_contacts as usize).then_some(Response::TooManyContacts)
+                }
+            }
+        };
+        if let Some(refusal) = refusal {
+            if !list.is_empty() {
+                self.bindings.insert(aor, list);
+            }
+            return refusal;
+        }
+        match op {
+            RegisterOp::RemoveAll => list.clear(),
+            RegisterOp::Update(updates) => {
                 for u in updates {
-                    let pos = next.iter().position(|b| same_binding(b, &u.binding));
-                    match pos {
-                        Some(i) => {
-                            if stale(&next[i]) {
-                                return Response::OutOfOrder;
-                            }
-                            if u.expires_secs == 0 {
-                                next.remove(i);
-                            } else {
-                                next[i] = u.binding;
-                            }
+                    match list.iter().position(|b| same_binding(b, &u.binding)) {
+                        Some(i) if u.expires_secs == 0 => {
+                            list.remove(i);
                         }
-                        None if u.expires_secs > 0 => {
-                            next.push(u.binding);
-                            added += 1;
-                        }
+                        Some(i) => list[i] = u.binding,
+                        None if u.expires_secs > 0 => list.push(u.binding),
                         None => {}
                     }
                 }
-                if added > max_contacts as usize {
-                    return Response::TooManyContacts;
-                }
                 // Over the limit: the bindings closest to expiry make room (a phone that
                 // changed address is not locked out by its own old binding).
-                while next.len() > max_contacts as usize {
-                    let oldest = next
+                while list.len() > max_contacts as usize {
+                    let oldest = list
                         .iter()
                         .enumerate()
                         .min_by_key(|(_, b)| (b.expires_at_ms, b.registered_at_ms))
                         .map(|(i, _)| i)
                         .unwrap_or(0);
-                    next.remove(oldest);
+                    list.remove(oldest);
                 }
-                next
             }
-        };
+        }
         // Highest q first, then most recent.
-        next.sort_by(|a, b| {
+        list.sort_by(|a, b| {
             b.q.unwrap_or(1000)
                 .cmp(&a.q.unwrap_or(1000))
                 .then(b.registered_at_ms.cmp(&a.registered_at_ms))
         });
-        if next.is_empty() {
-            self.bindings.remove(&aor);
-        } else {
-            self.bindings.insert(aor, next.clone());
+        let views = list.iter().map(ContactView::from).collect();
+        if !list.is_empty() {
+            self.bindings.insert(aor, list);
         }
-        Response::Bindings(next)
+        Response::Bindings(views)
     }
 
     /// The AOR's bindings that are live at `now_ms` (expired ones are invisible at once).
@@ -461,6 +487,26 @@ mod tests {
             ),
             Response::Bindings(_)
         ));
+    }
+
+    #[test]
+    fn the_same_contact_twice_in_one_request_is_one_binding() {
+        let mut st = State::default();
+        let r = reg(
+            &mut st,
+            0,
+            "c1",
+            1,
+            vec![
+                binding("sip:a@1", "c1", 1, 0, 60),
+                binding("sip:a@1", "c1", 1, 0, 120),
+            ],
+        );
+        assert!(
+            matches!(r, Response::Bindings(ref b) if b.len() == 1),
+            "{r:?}"
+        );
+        assert_eq!(st.bindings_of("alice", 0)[0].expires_at_ms, 120_000);
     }
 
     #[test]
