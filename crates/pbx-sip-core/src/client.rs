@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pbx_sip_msg::{parse_datagram, HeaderName, Limits, MessageWriter, Method};
 
-use crate::{CoreError, TimerOutcome, Timers};
+use crate::{CoreError, TimerOutcome, Timers, TxTimers};
 
 /// What the transaction user should do with a response the transaction received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,22 +37,24 @@ pub struct ClientNonInvite {
     reliable: bool,
     timers: Timers,
     request: Bytes,
-    /// Timer E and its current interval.
-    timer_e: Option<(Instant, Duration)>,
-    /// Timer F or K.
-    timer_end: Option<Instant>,
+    /// Timer E; Timer F or K.
+    tx_timers: TxTimers,
 }
 
 impl ClientNonInvite {
     /// Starts the transaction; the caller transmits `request` once now.
     pub fn new(now: Instant, request: Bytes, reliable: bool, timers: Timers) -> Self {
+        let mut tx_timers = TxTimers::default();
+        if !reliable {
+            tx_timers.retransmit_after(now, timers.t1);
+        }
+        tx_timers.end_at(now + timers.t1x64());
         ClientNonInvite {
             state: ClientState::Trying,
             reliable,
             timers,
             request,
-            timer_e: (!reliable).then_some((now + timers.t1, timers.t1)),
-            timer_end: Some(now + timers.t1x64()),
+            tx_timers,
         }
     }
 
@@ -68,14 +70,14 @@ impl ClientNonInvite {
             }
             (ClientState::Trying | ClientState::Proceeding, _) => {
                 self.state = ClientState::Completed;
-                self.timer_e = None;
+                self.tx_timers.stop_retransmit();
                 // Timer K: T4 on unreliable transports to absorb response retransmissions.
                 let k = if self.reliable {
                     Duration::ZERO
                 } else {
                     self.timers.t4
                 };
-                self.timer_end = Some(now + k);
+                self.tx_timers.end_at(now + k);
                 ResponseAction::Deliver
             }
             _ => ResponseAction::Absorb,
@@ -83,33 +85,26 @@ impl ClientNonInvite {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        crate::earliest(self.timer_e, self.timer_end)
+        self.tx_timers.next()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> TimerOutcome {
-        if let Some(end) = self.timer_end {
-            if now >= end {
-                let was = self.state;
-                self.state = ClientState::Terminated;
-                self.timer_end = None;
-                self.timer_e = None;
-                return if was == ClientState::Completed {
-                    TimerOutcome::Terminated
-                } else {
-                    TimerOutcome::TimedOut // Timer F
-                };
-            }
+        if self.tx_timers.end_due(now) {
+            let was = std::mem::replace(&mut self.state, ClientState::Terminated);
+            return if was == ClientState::Completed {
+                TimerOutcome::Terminated
+            } else {
+                TimerOutcome::TimedOut // Timer F
+            };
         }
-        if let Some((e, interval)) = self.timer_e {
-            if now >= e {
-                // Trying doubles up to T2; Proceeding retransmits every T2.
-                let next = match self.state {
-                    ClientState::Proceeding => self.timers.t2,
-                    _ => (interval * 2).min(self.timers.t2),
-                };
-                self.timer_e = Some((now + next, next));
-                return TimerOutcome::Retransmit(self.request.clone());
-            }
+        // Trying doubles up to T2; Proceeding retransmits every T2.
+        let (state, t2) = (self.state, self.timers.t2);
+        let due = self.tx_timers.retransmit_due(now, |interval| match state {
+            ClientState::Proceeding => t2,
+            _ => (interval * 2).min(t2),
+        });
+        if due {
+            return TimerOutcome::Retransmit(self.request.clone());
         }
         TimerOutcome::Idle
     }
@@ -117,8 +112,7 @@ impl ClientNonInvite {
     /// The transport reported an error (§17.1.4): the transaction fails at once.
     pub fn on_transport_error(&mut self) -> TimerOutcome {
         self.state = ClientState::Terminated;
-        self.timer_e = None;
-        self.timer_end = None;
+        self.tx_timers.stop_all();
         TimerOutcome::TimedOut
     }
 }
@@ -143,10 +137,8 @@ pub struct ClientInvite {
     request: Bytes,
     template: AckTemplate,
     ack: Option<Bytes>,
-    /// Timer A and its current interval.
-    timer_a: Option<(Instant, Duration)>,
-    /// Timer B, D or M.
-    timer_end: Option<Instant>,
+    /// Timer A; Timer B, D or M.
+    tx_timers: TxTimers,
 }
 
 impl ClientInvite {
@@ -181,6 +173,11 @@ impl ClientInvite {
                 .map(str::to_string)
                 .collect(),
         };
+        let mut tx_timers = TxTimers::default();
+        if !reliable {
+            tx_timers.retransmit_after(now, timers.t1);
+        }
+        tx_timers.end_at(now + timers.t1x64());
         Ok(ClientInvite {
             state: ClientState::Calling,
             reliable,
@@ -188,8 +185,7 @@ impl ClientInvite {
             request,
             template,
             ack: None,
-            timer_a: (!reliable).then_some((now + timers.t1, timers.t1)),
-            timer_end: Some(now + timers.t1x64()),
+            tx_timers,
         })
     }
 
@@ -219,27 +215,26 @@ impl ClientInvite {
         match (self.state, status) {
             (ClientState::Calling | ClientState::Proceeding, 100..=199) => {
                 self.state = ClientState::Proceeding;
-                self.timer_a = None;
                 // Timer B only guards the Calling state.
-                self.timer_end = None;
+                self.tx_timers.stop_all();
                 ResponseAction::Deliver
             }
             (ClientState::Calling | ClientState::Proceeding, 200..=299) => {
                 self.state = ClientState::Accepted;
-                self.timer_a = None;
-                self.timer_end = Some(now + self.timers.t1x64()); // Timer M
+                self.tx_timers.stop_retransmit();
+                self.tx_timers.end_at(now + self.timers.t1x64()); // Timer M
                 ResponseAction::Deliver
             }
             (ClientState::Accepted, 200..=299) => ResponseAction::Deliver,
             (ClientState::Calling | ClientState::Proceeding, _) => {
                 self.state = ClientState::Completed;
-                self.timer_a = None;
+                self.tx_timers.stop_retransmit();
                 let d = if self.reliable {
                     Duration::ZERO
                 } else {
                     Duration::from_secs(32).max(self.timers.t1x64())
                 };
-                self.timer_end = Some(now + d); // Timer D
+                self.tx_timers.end_at(now + d); // Timer D
                 let ack = self.build_ack(response_to);
                 self.ack = Some(ack.clone());
                 ResponseAction::DeliverAndAck(ack)
@@ -253,30 +248,21 @@ impl ClientInvite {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        crate::earliest(self.timer_a, self.timer_end)
+        self.tx_timers.next()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> TimerOutcome {
-        if let Some(end) = self.timer_end {
-            if now >= end {
-                let was = self.state;
-                self.state = ClientState::Terminated;
-                self.timer_end = None;
-                self.timer_a = None;
-                return if was == ClientState::Calling {
-                    TimerOutcome::TimedOut // Timer B
-                } else {
-                    TimerOutcome::Terminated // Timer D or M
-                };
-            }
+        if self.tx_timers.end_due(now) {
+            let was = std::mem::replace(&mut self.state, ClientState::Terminated);
+            return if was == ClientState::Calling {
+                TimerOutcome::TimedOut // Timer B
+            } else {
+                TimerOutcome::Terminated // Timer D or M
+            };
         }
-        if let Some((a, interval)) = self.timer_a {
-            if now >= a {
-                // Timer A doubles without a cap (§17.1.1.2).
-                let next = interval * 2;
-                self.timer_a = Some((now + next, next));
-                return TimerOutcome::Retransmit(self.request.clone());
-            }
+        // Timer A doubles without a cap (§17.1.1.2).
+        if self.tx_timers.retransmit_due(now, |interval| interval * 2) {
+            return TimerOutcome::Retransmit(self.request.clone());
         }
         TimerOutcome::Idle
     }

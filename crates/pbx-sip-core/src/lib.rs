@@ -15,7 +15,7 @@ pub use key::TransactionKey;
 pub use server::{ServerInvite, ServerNonInvite};
 pub use table::{RequestDisposition, ServerTable, TableEvent};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// RFC 3261 timer values (§17.1.1.1, table 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,15 +45,61 @@ impl Timers {
     }
 }
 
-/// The next deadline of a transaction: its retransmission timer (deadline, interval)
-/// or the timer that ends it, whichever comes first.
-pub(crate) fn earliest(
-    retransmit: Option<(std::time::Instant, Duration)>,
-    end: Option<std::time::Instant>,
-) -> Option<std::time::Instant> {
-    match (retransmit.map(|(at, _)| at), end) {
-        (Some(r), Some(e)) => Some(r.min(e)),
-        (r, e) => r.or(e),
+/// A transaction's two timers: the one that retransmits (A, E or G; deadline and current
+/// interval) and the one that ends the transaction (B, D, F, H, I, J, K, L or M). What
+/// firing means is each state machine's business; the bookkeeping is shared.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TxTimers {
+    retransmit: Option<(Instant, Duration)>,
+    end: Option<Instant>,
+}
+
+impl TxTimers {
+    pub(crate) fn next(&self) -> Option<Instant> {
+        match (self.retransmit.map(|(at, _)| at), self.end) {
+            (Some(r), Some(e)) => Some(r.min(e)),
+            (r, e) => r.or(e),
+        }
+    }
+
+    pub(crate) fn retransmit_after(&mut self, now: Instant, interval: Duration) {
+        self.retransmit = Some((now + interval, interval));
+    }
+
+    pub(crate) fn stop_retransmit(&mut self) {
+        self.retransmit = None;
+    }
+
+    pub(crate) fn end_at(&mut self, at: Instant) {
+        self.end = Some(at);
+    }
+
+    pub(crate) fn stop_all(&mut self) {
+        *self = TxTimers::default();
+    }
+
+    /// True when the end timer is due; both timers are then stopped.
+    pub(crate) fn end_due(&mut self, now: Instant) -> bool {
+        if self.end.is_some_and(|e| now >= e) {
+            self.stop_all();
+            return true;
+        }
+        false
+    }
+
+    /// True when the retransmission timer is due; it is re-armed with `next(interval)`.
+    pub(crate) fn retransmit_due(
+        &mut self,
+        now: Instant,
+        next: impl FnOnce(Duration) -> Duration,
+    ) -> bool {
+        match self.retransmit {
+            Some((at, interval)) if now >= at => {
+                self.retransmit_after(now, next(interval));
+                true
+            }
+            _ => false,
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::{CoreError, TimerOutcome, Timers};
+use crate::{CoreError, TimerOutcome, Timers, TxTimers};
 
 /// Non-INVITE server transaction (§17.2.2, figure 8).
 #[derive(Debug, Clone)]
@@ -13,7 +13,8 @@ pub struct ServerNonInvite {
     reliable: bool,
     timers: Timers,
     last_response: Option<Bytes>,
-    timer_j: Option<Instant>,
+    /// Timer J.
+    tx_timers: TxTimers,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +32,7 @@ impl ServerNonInvite {
             reliable,
             timers,
             last_response: None,
-            timer_j: None,
+            tx_timers: TxTimers::default(),
         }
     }
 
@@ -71,31 +72,28 @@ impl ServerNonInvite {
             } else {
                 self.timers.t1x64()
             };
-            self.timer_j = Some(now + j);
+            self.tx_timers.end_at(now + j);
         }
         Ok(bytes)
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timer_j
+        self.tx_timers.next()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> TimerOutcome {
-        match self.timer_j {
-            Some(j) if now >= j => {
-                self.timer_j = None;
-                self.state = NonInviteState::Terminated;
-                self.last_response = None;
-                TimerOutcome::Terminated
-            }
-            _ => TimerOutcome::Idle,
+        if self.tx_timers.end_due(now) {
+            self.state = NonInviteState::Terminated;
+            self.last_response = None;
+            return TimerOutcome::Terminated;
         }
+        TimerOutcome::Idle
     }
 
     /// The transport failed (§17.2.4): the transaction ends at once.
     pub fn on_transport_error(&mut self) {
         self.state = NonInviteState::Terminated;
-        self.timer_j = None;
+        self.tx_timers.stop_all();
     }
 }
 
@@ -106,10 +104,8 @@ pub struct ServerInvite {
     reliable: bool,
     timers: Timers,
     last_response: Option<Bytes>,
-    /// Timer G (retransmit final) and its current interval.
-    timer_g: Option<(Instant, Duration)>,
-    /// Timer H, I or L depending on state.
-    timer_end: Option<Instant>,
+    /// Timer G (retransmit the final response); Timer H, I or L depending on state.
+    tx_timers: TxTimers,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,8 +135,7 @@ impl ServerInvite {
             reliable,
             timers,
             last_response: None,
-            timer_g: None,
-            timer_end: None,
+            tx_timers: TxTimers::default(),
         }
     }
 
@@ -171,7 +166,7 @@ impl ServerInvite {
                 // RFC 6026: wait in Accepted for 64*T1 so retransmitted INVITEs are
                 // absorbed instead of starting a new transaction.
                 if self.state == InviteState::Proceeding {
-                    self.timer_end = Some(now + self.timers.t1x64());
+                    self.tx_timers.end_at(now + self.timers.t1x64());
                 }
                 self.state = InviteState::Accepted;
                 self.last_response = None;
@@ -180,9 +175,9 @@ impl ServerInvite {
                 self.state = InviteState::Completed;
                 self.last_response = Some(bytes.clone());
                 if !self.reliable {
-                    self.timer_g = Some((now + self.timers.t1, self.timers.t1));
+                    self.tx_timers.retransmit_after(now, self.timers.t1);
                 }
-                self.timer_end = Some(now + self.timers.t1x64()); // Timer H
+                self.tx_timers.end_at(now + self.timers.t1x64()); // Timer H
             }
             (InviteState::Accepted, _) => return Err(CoreError::WrongState("Accepted")),
             (InviteState::Completed, _) => return Err(CoreError::WrongState("Completed")),
@@ -196,14 +191,14 @@ impl ServerInvite {
         match self.state {
             InviteState::Completed => {
                 self.state = InviteState::Confirmed;
-                self.timer_g = None;
+                self.tx_timers.stop_retransmit();
                 // Timer I: T4 on unreliable transports to absorb ACK retransmissions.
                 let i = if self.reliable {
                     Duration::ZERO
                 } else {
                     self.timers.t4
                 };
-                self.timer_end = Some(now + i);
+                self.tx_timers.end_at(now + i);
                 AckOutcome::Confirmed
             }
             InviteState::Accepted => AckOutcome::PassToUser,
@@ -212,32 +207,27 @@ impl ServerInvite {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        crate::earliest(self.timer_g, self.timer_end)
+        self.tx_timers.next()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> TimerOutcome {
-        if let Some(end) = self.timer_end {
-            if now >= end {
-                self.timer_end = None;
-                self.timer_g = None;
-                let was = self.state;
-                self.state = InviteState::Terminated;
-                self.last_response = None;
-                // Timer H firing means the ACK never came.
-                return if was == InviteState::Completed {
-                    TimerOutcome::TimedOut
-                } else {
-                    TimerOutcome::Terminated
-                };
-            }
+        if self.tx_timers.end_due(now) {
+            let was = std::mem::replace(&mut self.state, InviteState::Terminated);
+            self.last_response = None;
+            // Timer H firing means the ACK never came.
+            return if was == InviteState::Completed {
+                TimerOutcome::TimedOut
+            } else {
+                TimerOutcome::Terminated
+            };
         }
-        if let Some((g, interval)) = self.timer_g {
-            if now >= g {
-                let next = (interval * 2).min(self.timers.t2);
-                self.timer_g = Some((now + next, next));
-                if let Some(b) = &self.last_response {
-                    return TimerOutcome::Retransmit(b.clone());
-                }
+        let t2 = self.timers.t2;
+        if self
+            .tx_timers
+            .retransmit_due(now, |interval| (interval * 2).min(t2))
+        {
+            if let Some(b) = &self.last_response {
+                return TimerOutcome::Retransmit(b.clone());
             }
         }
         TimerOutcome::Idle
