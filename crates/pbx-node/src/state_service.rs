@@ -118,7 +118,6 @@ impl StateHandle {
             state: state.clone(),
             rx,
             next_index: last + 1,
-            last_snapshot: snap_index,
             max_batch,
             snapshot_every,
             stats: stats.clone(),
@@ -150,7 +149,6 @@ struct Writer {
     state: Arc<RwLock<State>>,
     rx: mpsc::Receiver<Proposal>,
     next_index: u64,
-    last_snapshot: u64,
     max_batch: usize,
     snapshot_every: u64,
     stats: Arc<CommitStats>,
@@ -232,8 +230,7 @@ impl Writer {
         if self.snapshot_busy.load(Ordering::Acquire) {
             return;
         }
-        self.last_snapshot = self.snapshot_done.load(Ordering::Acquire);
-        if last - self.last_snapshot < self.snapshot_every {
+        if last - self.snapshot_done.load(Ordering::Acquire) < self.snapshot_every {
             return;
         }
         let started = Instant::now();

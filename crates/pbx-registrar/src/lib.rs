@@ -202,7 +202,7 @@ impl RequestHandler {
         Outcome::Reply {
             status,
             bytes: w.finish(b""),
-            stateful: *req.msg.method().unwrap_or(&Method::Ack) == Method::Invite,
+            stateful: is_invite(req),
         }
     }
 
@@ -355,7 +355,7 @@ impl RequestHandler {
         Outcome::Reply {
             status,
             bytes: w.finish(b""),
-            stateful: *req.msg.method().unwrap_or(&Method::Ack) == Method::Invite,
+            stateful: is_invite(req),
         }
     }
 
@@ -599,6 +599,11 @@ impl RequestHandler {
             _ => reply(500, "Server Internal Error"),
         }
     }
+}
+
+/// INVITE answers go through a server transaction: finals are retransmitted until ACKed.
+fn is_invite(req: &Inbound<'_>) -> bool {
+    req.msg.method() == Some(&Method::Invite)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -272,17 +272,13 @@ impl ClientInvite {
 mod tests {
     use super::*;
 
-    fn drive(tx_poll: impl Fn() -> Option<Instant>) -> Option<Instant> {
-        tx_poll()
-    }
-
     #[test]
     fn non_invite_timer_e_doubles_to_t2_then_f_fires_at_32s() {
         let t0 = Instant::now();
         let mut tx = ClientNonInvite::new(t0, Bytes::from_static(b"REQ"), false, Timers::default());
         let mut retransmits = Vec::new();
         let outcome = loop {
-            let t = drive(|| tx.poll_timeout()).unwrap();
+            let t = tx.poll_timeout().unwrap();
             match tx.handle_timeout(t) {
                 TimerOutcome::Retransmit(_) => retransmits.push((t - t0).as_millis()),
                 TimerOutcome::Idle => {}

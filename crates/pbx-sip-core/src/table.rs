@@ -55,7 +55,7 @@ pub enum TableEvent<D> {
 #[derive(Debug)]
 pub struct ServerTable<D> {
     timers: Timers,
-    txs: HashMap<TransactionKey, (ServerTx, D, bool)>,
+    txs: HashMap<TransactionKey, (ServerTx, D)>,
     heap: BinaryHeap<Reverse<(Instant, TransactionKey)>>,
 }
 
@@ -83,7 +83,7 @@ impl<D: Clone> ServerTable<D> {
         key: &TransactionKey,
         method: &Method,
     ) -> RequestDisposition {
-        let Some((tx, _, _)) = self.txs.get_mut(key) else {
+        let Some((tx, _)) = self.txs.get_mut(key) else {
             return RequestDisposition::New;
         };
         match (tx, method) {
@@ -113,7 +113,7 @@ impl<D: Clone> ServerTable<D> {
         } else {
             ServerTx::NonInvite(ServerNonInvite::new(reliable, self.timers))
         };
-        self.txs.insert(key, (tx, dest, reliable));
+        self.txs.insert(key, (tx, dest));
     }
 
     /// The transaction user answers; returns the bytes to send to the transaction's
@@ -125,7 +125,7 @@ impl<D: Clone> ServerTable<D> {
         status: u16,
         bytes: Bytes,
     ) -> Result<Bytes, CoreError> {
-        let (tx, _, _) = self
+        let (tx, _) = self
             .txs
             .get_mut(key)
             .ok_or(CoreError::WrongState("no such transaction"))?;
@@ -157,7 +157,7 @@ impl<D: Clone> ServerTable<D> {
             let Some(Reverse((_, key))) = self.heap.pop() else {
                 break;
             };
-            let Some((tx, dest, _)) = self.txs.get_mut(&key) else {
+            let Some((tx, dest)) = self.txs.get_mut(&key) else {
                 continue; // stale heap entry
             };
             // A stale entry for a transaction whose deadline moved later.
@@ -177,7 +177,7 @@ impl<D: Clone> ServerTable<D> {
                     continue;
                 }
             }
-            if let Some((tx, _, _)) = self.txs.get(&key) {
+            if let Some((tx, _)) = self.txs.get(&key) {
                 if let Some(next) = tx.poll_timeout() {
                     self.heap.push(Reverse((next, key)));
                 }
