@@ -40,6 +40,9 @@ pub struct NodeSection {
     pub data_dir: PathBuf,
     /// Address SIP listens on, UDP and TCP (port 0: pick a free port, for tests).
     pub sip_addr: SocketAddr,
+    /// Address the peer link (gRPC: Raft, forwarded writes) listens on; default: the
+    /// SIP address's IP, port 7001 (port 0 when the SIP port is 0).
+    pub peer_addr: Option<SocketAddr>,
     /// Other names or addresses phones may use for this node in a Request-URI.
     #[serde(default)]
     pub aliases: Vec<String>,
@@ -48,6 +51,26 @@ pub struct NodeSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
+    /// Shared by every member; peers with another id are refused.
+    #[serde(default = "default_cluster_id")]
+    pub id: String,
+    /// The members a brand-new cluster starts with (this node alone when empty). Only
+    /// read when a node has no Raft state yet; later changes go through membership
+    /// commands.
+    #[serde(default)]
+    pub members: Vec<MemberEntry>,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    #[serde(default = "default_election_timeout_min_ms")]
+    pub election_timeout_min_ms: u64,
+    #[serde(default = "default_election_timeout_max_ms")]
+    pub election_timeout_max_ms: u64,
+    /// How long a REGISTER may wait for a leader and a majority before it gets 503.
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Retry-After (seconds) on a 503 for a write that could not be committed.
+    #[serde(default = "default_retry_after")]
+    pub retry_after: u32,
     pub domain: String,
     /// Digest realm; the domain when absent.
     pub realm: Option<String>,
@@ -56,9 +79,46 @@ pub struct ClusterSection {
     pub users_file: Option<PathBuf>,
 }
 
+/// One initial member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberEntry {
+    pub id: u64,
+    /// Its peer-link address.
+    pub peer: SocketAddr,
+    /// Its SIP address.
+    pub sip: SocketAddr,
+}
+
+fn default_cluster_id() -> String {
+    "pbx".into()
+}
+fn default_heartbeat_ms() -> u64 {
+    200
+}
+fn default_election_timeout_min_ms() -> u64 {
+    1000
+}
+fn default_election_timeout_max_ms() -> u64 {
+    2000
+}
+fn default_write_timeout_ms() -> u64 {
+    3000
+}
+fn default_retry_after() -> u32 {
+    5
+}
+
 impl Default for ClusterSection {
     fn default() -> Self {
         ClusterSection {
+            id: default_cluster_id(),
+            members: Vec::new(),
+            heartbeat_ms: default_heartbeat_ms(),
+            election_timeout_min_ms: default_election_timeout_min_ms(),
+            election_timeout_max_ms: default_election_timeout_max_ms(),
+            write_timeout_ms: default_write_timeout_ms(),
+            retry_after: default_retry_after(),
             domain: "pbx.test".into(),
             realm: None,
             users_file: None,
@@ -146,18 +206,21 @@ impl Default for TransportSection {
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSection {
     pub cache_mb: u64,
-    /// Log entries between snapshots.
+    /// Raft log entries between snapshots (the log is purged behind them).
     pub snapshot_every: u64,
-    /// Most commands committed with one fsync.
+    /// Most commands in one Raft log entry (group commit).
     pub max_batch: usize,
+    /// Batches one node has in flight at once.
+    pub max_inflight: usize,
 }
 
 impl Default for StorageSection {
     fn default() -> Self {
         StorageSection {
             cache_mb: 64,
-            snapshot_every: 100_000,
-            max_batch: 4096,
+            snapshot_every: 10_000,
+            max_batch: 1024,
+            max_inflight: 8,
         }
     }
 }
@@ -249,9 +312,13 @@ impl Config {
         if self.transport.tcp_idle_timeout == 0 {
             return Err("transport.tcp_idle_timeout: must be > 0".into());
         }
-        if self.storage.max_batch == 0 {
-            return Err("storage.max_batch: must be > 0".into());
+        if self.storage.max_batch == 0 || self.storage.max_batch > 16_384 {
+            return Err("storage.max_batch: must be between 1 and 16384".into());
         }
+        if self.storage.max_inflight == 0 {
+            return Err("storage.max_inflight: must be > 0".into());
+        }
+        self.validate_cluster()?;
         if self.storage.snapshot_every < 100 {
             return Err("storage.snapshot_every: must be at least 100".into());
         }
@@ -267,6 +334,96 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    fn validate_cluster(&self) -> Result<(), String> {
+        let c = &self.cluster;
+        if c.id.is_empty() || !c.id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!("cluster.id: '{}' must be printable ASCII without spaces", c.id));
+        }
+        if c.heartbeat_ms == 0 {
+            return Err("cluster.heartbeat_ms: must be > 0".into());
+        }
+        if c.election_timeout_min_ms <= c.heartbeat_ms * 2 {
+            return Err(
+                "cluster.election_timeout_min_ms: must be more than twice heartbeat_ms".into(),
+            );
+        }
+        if c.election_timeout_max_ms <= c.election_timeout_min_ms {
+            return Err(
+                "cluster.election_timeout_max_ms: must be greater than election_timeout_min_ms"
+                    .into(),
+            );
+        }
+        if c.write_timeout_ms < 100 {
+            return Err("cluster.write_timeout_ms: must be at least 100".into());
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        let mut peers = std::collections::BTreeSet::new();
+        for m in &c.members {
+            if m.id == 0 {
+                return Err("cluster.members: ids must be greater than 0".into());
+            }
+            if !ids.insert(m.id) {
+                return Err(format!("cluster.members: id {} is listed twice", m.id));
+            }
+            if !peers.insert(m.peer) {
+                return Err(format!("cluster.members: peer address {} is listed twice", m.peer));
+            }
+        }
+        if let Some(me) = c.members.iter().find(|m| m.id == self.node.id) {
+            if me.peer != self.peer_addr() {
+                return Err(format!(
+                    "cluster.members: node {} is listed with peer {} but node.peer_addr is {}",
+                    me.id,
+                    me.peer,
+                    self.peer_addr()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the peer link listens.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.node.peer_addr.unwrap_or_else(|| {
+            let port = if self.node.sip_addr.port() == 0 { 0 } else { 7001 };
+            SocketAddr::new(self.node.sip_addr.ip(), port)
+        })
+    }
+
+    /// The Raft side of this configuration.
+    pub fn cluster_config(&self, sip_addr: SocketAddr) -> pbx_raft::ClusterConfig {
+        use std::time::Duration;
+        let c = &self.cluster;
+        let member = |peer: SocketAddr, sip: SocketAddr| pbx_raft::Member {
+            peer_addr: peer.to_string(),
+            sip_addr: sip.to_string(),
+        };
+        let listen = self.peer_addr();
+        let mut initial: std::collections::BTreeMap<u64, pbx_raft::Member> = c
+            .members
+            .iter()
+            .map(|m| (m.id, member(m.peer, m.sip)))
+            .collect();
+        if initial.is_empty() {
+            initial.insert(self.node.id, member(listen, sip_addr));
+        }
+        pbx_raft::ClusterConfig {
+            node_id: self.node.id,
+            cluster_id: c.id.clone(),
+            member: member(listen, sip_addr),
+            listen,
+            initial_members: initial,
+            heartbeat: Duration::from_millis(c.heartbeat_ms),
+            election_timeout_min: Duration::from_millis(c.election_timeout_min_ms),
+            election_timeout_max: Duration::from_millis(c.election_timeout_max_ms),
+            snapshot_every: self.storage.snapshot_every,
+            max_batch: self.storage.max_batch,
+            max_inflight: self.storage.max_inflight,
+            write_timeout: Duration::from_millis(c.write_timeout_ms),
+            connect_timeout: Duration::from_millis(c.heartbeat_ms.max(500)),
+        }
     }
 
     fn algorithms(&self) -> Result<Vec<Algorithm>, String> {

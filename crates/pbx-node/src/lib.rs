@@ -1,15 +1,16 @@
-//! Composition root of a PBX node: configuration, storage, the state service, the SIP
-//! transports and the request handler, wired together by [`Node::start`].
+//! Composition root of a PBX node: configuration, storage, the replicated state
+//! (Raft), the SIP transports and the request handler, wired together by
+//! [`Node::start`].
 
 pub mod config;
-pub mod state_service;
 mod transport;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use pbx_raft::Cluster;
 use pbx_registrar::digest::{ha1, Algorithm};
 use pbx_registrar::RequestHandler;
 use pbx_state::{ClusterSettings, Command, User};
@@ -17,7 +18,7 @@ use pbx_storage::SledStore;
 use rand::RngCore;
 
 pub use config::Config;
-pub use state_service::StateHandle;
+pub use pbx_raft::unix_ms;
 
 /// Errors of a node. Converted to SIP answers (503) at the transport boundary.
 #[derive(Debug, thiserror::Error)]
@@ -30,83 +31,98 @@ pub enum NodeError {
     State(#[from] pbx_state::StateError),
     #[error("{0}")]
     Registrar(#[from] pbx_registrar::RegistrarError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] pbx_raft::RaftError),
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("unavailable: {0}")]
-    Unavailable(String),
-}
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A running node.
 pub struct Node {
     pub sip_addr: SocketAddr,
-    pub state: StateHandle,
+    pub peer_addr: SocketAddr,
+    pub cluster: Cluster,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
-    /// Opens storage, recovers state, seeds settings and users, binds the listeners and
-    /// starts serving. Returns once SIP is being served.
+    /// Opens storage, starts Raft and the peer link, binds the SIP listeners and starts
+    /// serving. Settings and users are committed in the background once the cluster has
+    /// a leader; [`Cluster::is_ready`] tells when that is done.
     pub async fn start(config: Config) -> Result<Node, NodeError> {
         let data_dir = config.resolve(&config.node.data_dir);
         let store = Arc::new(SledStore::open(
             &data_dir.join("state"),
             config.storage.cache_mb << 20,
         )?);
-        let state = StateHandle::open(
-            store,
-            config.storage.max_batch,
-            config.storage.snapshot_every,
-        )?;
-        bootstrap(&config, &state).await?;
-
         let (udp, tcp) = transport::bind(config.node.sip_addr, &config.transport)?;
         let sip_addr = udp.local_addr().map_err(|source| NodeError::Bind {
             addr: config.node.sip_addr,
             source,
         })?;
+        let cluster = Cluster::start(config.cluster_config(sip_addr), store).await?;
+        let peer_addr = cluster.peer_addr;
+
         let mut local_hosts = vec![sip_addr.ip().to_string(), sip_addr.to_string()];
         local_hosts.extend(config.node.aliases.iter().cloned());
         let handler = Arc::new(RequestHandler::new(config.handler_config(local_hosts))?);
-        let mut tasks = transport::serve(udp, tcp, handler, state.clone(), &config);
+        let mut tasks = transport::serve(udp, tcp, handler, cluster.clone(), &config);
+        tasks.push(tokio::spawn(bootstrap(config.clone(), cluster.clone())));
         tasks.push(tokio::spawn(sweeper(
-            state.clone(),
+            cluster.clone(),
             config.registrar.sweep_interval,
         )));
-        tasks.push(tokio::spawn(commit_reporter(state.clone())));
-        tracing::info!(node = config.node.id, %sip_addr, domain = %config.cluster.domain, "serving SIP on UDP and TCP");
+        tasks.push(tokio::spawn(commit_reporter(cluster.clone())));
+        tracing::info!(node = config.node.id, %sip_addr, %peer_addr, domain = %config.cluster.domain, "serving SIP on UDP and TCP");
         Ok(Node {
             sip_addr,
-            state,
+            peer_addr,
+            cluster,
             tasks,
         })
     }
 
     /// Stops every task of the node.
-    pub fn stop(self) {
+    pub async fn stop(self) {
         for t in self.tasks {
             t.abort();
+        }
+        self.cluster.shutdown().await;
+    }
+}
+
+/// Commits the cluster settings (first start of a cluster: a fresh nonce secret; a
+/// command the state machine ignores once settings exist) and the users of the users
+/// file that the cluster does not know yet. Retried until the cluster takes writes.
+async fn bootstrap(config: Config, cluster: Cluster) {
+    let mut attempt = 0u32;
+    loop {
+        match bootstrap_once(&config, &cluster).await {
+            Ok(()) => {
+                cluster.set_ready();
+                tracing::info!("node ready: settings and users committed");
+                return;
+            }
+            Err(e) => {
+                if attempt % 20 == 0 {
+                    tracing::info!(error = %e, "bootstrap waiting for the cluster");
+                }
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         }
     }
 }
 
-/// First start of a cluster: settings with a fresh nonce secret. Every start: users from
-/// the users file that do not exist yet.
-async fn bootstrap(config: &Config, state: &StateHandle) -> Result<(), NodeError> {
+async fn bootstrap_once(config: &Config, cluster: &Cluster) -> Result<(), NodeError> {
     let realm = config.realm();
-    if state.read().settings.is_none() {
+    if cluster.read().settings.is_none() {
         let mut secret = vec![0u8; 32];
         rand::thread_rng().fill_bytes(&mut secret);
-        state
+        cluster
             .propose(Command::Initialize(ClusterSettings {
                 domain: config.cluster.domain.clone(),
                 realm: realm.clone(),
@@ -118,7 +134,7 @@ async fn bootstrap(config: &Config, state: &StateHandle) -> Result<(), NodeError
         let entries = config::load_users(&config.resolve(path))?;
         // Only users the cluster does not know yet: a restart proposes nothing.
         let entries: Vec<_> = {
-            let st = state.read();
+            let st = cluster.read();
             entries
                 .into_iter()
                 .filter(|u| !st.users.contains_key(&u.name))
@@ -140,31 +156,35 @@ async fn bootstrap(config: &Config, state: &StateHandle) -> Result<(), NodeError
             .collect();
         let n = users.len();
         // Small commands: a log entry per 500 users rather than one of tens of MB (large
-        // entries are costly for the store and, with Raft, for replication).
+        // entries are costly for the store and for replication).
         for chunk in users.chunks(500) {
-            state.propose(Command::SeedUsers(chunk.to_vec())).await?;
+            cluster.propose(Command::SeedUsers(chunk.to_vec())).await?;
         }
         tracing::info!(users = n, "users file seeded");
     }
     Ok(())
 }
 
-/// Purges expired bindings now and then (they are already invisible on read).
-async fn sweeper(state: StateHandle, every_secs: u64) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(every_secs));
+/// Purges expired bindings now and then (they are already invisible on read). A
+/// leader-only job: followers skip their turn.
+async fn sweeper(cluster: Cluster, every_secs: u64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(every_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !cluster.is_leader() {
+            continue;
+        }
         let now_ms = unix_ms();
         let due = {
-            let st = state.read();
+            let st = cluster.read();
             st.bindings
                 .values()
                 .flatten()
                 .any(|b| b.expires_at_ms <= now_ms)
         };
         if due {
-            match state.propose(Command::SweepExpired { now_ms }).await {
+            match cluster.propose(Command::SweepExpired { now_ms }).await {
                 Ok(r) => tracing::debug!(?r, "swept expired bindings"),
                 Err(e) => tracing::warn!(error = %e, "sweep failed"),
             }
@@ -172,21 +192,21 @@ async fn sweeper(state: StateHandle, every_secs: u64) {
     }
 }
 
-/// Logs what the commit path did every 10 s (batches, commands, durable latency), when it
+/// Logs what the commit path did every 10 s (batches, commands, commit latency), when it
 /// did anything: the figures the benchmarks and operators need.
-async fn commit_reporter(state: StateHandle) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+async fn commit_reporter(cluster: Cluster) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
     tick.tick().await;
     loop {
         tick.tick().await;
-        let r = state.stats.take();
+        let r = cluster.stats().take();
         if r.batches > 0 {
             tracing::info!(
                 batches = r.batches,
                 commands = r.commands,
                 avg_batch = r.commands / r.batches,
-                durable_p50_us = r.durable_p50_us,
-                durable_p99_us = r.durable_p99_us,
+                commit_p50_us = r.commit_p50_us,
+                commit_p99_us = r.commit_p99_us,
                 "commits in the last 10 s"
             );
         }
@@ -195,8 +215,16 @@ async fn commit_reporter(state: StateHandle) {
 
 /// Installs the tracing subscriber for a binary.
 pub fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PBX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    // openraft logs routine events (elections, unreachable peers) at INFO..ERROR; our
+    // own log lines say what matters (role changes, serving writes or not).
+    let filter = std::env::var("PBX_LOG").unwrap_or_else(|_| filter.to_string());
+    let filter = if filter.contains("openraft") {
+        filter
+    } else {
+        format!("{filter},openraft=off")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -212,6 +240,6 @@ pub async fn run(
     let node = Node::start(config).await?;
     shutdown.await;
     tracing::info!("shutting down");
-    node.stop();
+    node.stop().await;
     Ok(())
 }

@@ -23,7 +23,8 @@ use tokio::sync::{mpsc, Notify};
 use tracing::Instrument;
 
 use crate::config::{Config, TransportSection};
-use crate::{unix_ms, NodeError, StateHandle};
+use crate::{unix_ms, NodeError};
+use pbx_raft::Cluster;
 
 /// Where a transaction's responses go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,7 +37,7 @@ enum Dest {
 struct Shared {
     node_id: u64,
     handler: Arc<RequestHandler>,
-    state: StateHandle,
+    state: Cluster,
     udp: Arc<UdpSocket>,
     table: Mutex<ServerTable<Dest>>,
     timer_wake: Notify,
@@ -47,6 +48,8 @@ struct Shared {
     limits: Limits,
     tcp_idle: Duration,
     max_conns: usize,
+    /// Retry-After on a 503 for a write that could not be committed.
+    retry_after: u32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -93,7 +96,7 @@ pub(crate) fn serve(
     udp: UdpSocket,
     tcp: TcpListener,
     handler: Arc<RequestHandler>,
-    state: StateHandle,
+    state: Cluster,
     config: &Config,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let shared = Arc::new(Shared {
@@ -113,6 +116,7 @@ pub(crate) fn serve(
         },
         tcp_idle: Duration::from_secs(config.transport.tcp_idle_timeout),
         max_conns: config.transport.max_tcp_connections,
+        retry_after: config.cluster.retry_after,
     });
     let mut tasks = Vec::new();
     for _ in 0..config.transport.udp_workers {
@@ -324,10 +328,10 @@ fn on_request(
             tokio::spawn(
                 async move {
                     let (status, bytes) = match shared.state.propose(*command).await {
-                        Ok(resp) => shared.handler.finish_register(pending, resp),
+                        Ok(resp) => shared.handler.finish_register(pending, resp, unix_ms()),
                         Err(e) => {
-                            tracing::warn!(error = %e, "commit failed: 503");
-                            shared.handler.unavailable(pending, 5)
+                            tracing::warn!(error = %e, "not committed: 503");
+                            shared.handler.unavailable(pending, shared.retry_after)
                         }
                     };
                     let out = lock(&shared.table).respond(

@@ -578,8 +578,15 @@ impl RequestHandler {
         (503, w.finish(b""))
     }
 
-    /// The response to a committed REGISTER.
-    pub fn finish_register(&self, pending: PendingRegister, response: Response) -> (u16, Vec<u8>) {
+    /// The response to a committed REGISTER. `now_ms` is the time of answering: expiry
+    /// was stamped by the leader when it committed, so the remaining time is counted
+    /// from now, not from when the request arrived.
+    pub fn finish_register(
+        &self,
+        pending: PendingRegister,
+        response: Response,
+        now_ms: u64,
+    ) -> (u16, Vec<u8>) {
         let reply = |status: u16, reason: &str| {
             let mut w = MessageWriter::response_with_reason(status, reason);
             pending.head.write(&mut w, status);
@@ -589,7 +596,7 @@ impl RequestHandler {
             Response::Bindings(b) => ok_with_bindings(
                 &pending.head,
                 &b,
-                pending.now_ms,
+                now_ms.max(pending.now_ms),
                 &pending.path,
                 pending.outbound,
             ),

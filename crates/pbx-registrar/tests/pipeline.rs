@@ -119,7 +119,7 @@ impl Harness {
             Outcome::Reply { status, bytes, .. } => Answer::Status(status, Box::new(parse(&bytes))),
             Outcome::Commit { command, pending } => {
                 let resp = self.state.apply(*command);
-                let (status, bytes) = self.handler.finish_register(pending, resp);
+                let (status, bytes) = self.handler.finish_register(pending, resp, self.now_ms);
                 Answer::Status(status, Box::new(parse(&bytes)))
             }
         }

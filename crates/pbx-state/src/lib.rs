@@ -155,6 +155,62 @@ pub enum Command {
     SweepExpired {
         now_ms: u64,
     },
+    /// Replaces the dialplan (validated by the proposer; the calls layer owns its syntax).
+    SetDialplan {
+        source: String,
+        now_ms: u64,
+    },
+    /// Several commands committed as one log entry (group commit); applied in order,
+    /// answered one response each.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// Stamps the proposing node's clock into the command: the leader calls this just
+    /// before proposing, so absolute expiries come from one clock, not from whichever
+    /// node happened to receive the REGISTER.
+    pub fn stamp(&mut self, now_ms: u64) {
+        match self {
+            Command::Register {
+                now_ms: at, op, ..
+            } => {
+                *at = now_ms;
+                if let RegisterOp::Update(updates) = op {
+                    for u in updates {
+                        u.binding.registered_at_ms = now_ms;
+                        u.binding.expires_at_ms = now_ms + u64::from(u.expires_secs) * 1000;
+                    }
+                }
+            }
+            Command::SetDialplan { now_ms: at, .. } => *at = now_ms,
+            Command::Batch(list) => list.iter_mut().for_each(|c| c.stamp(now_ms)),
+            Command::Initialize(_)
+            | Command::UpsertUser(_)
+            | Command::SeedUsers(_)
+            | Command::RemoveUser { .. }
+            | Command::SweepExpired { .. } => {}
+        }
+    }
+
+    /// Number of client commands inside (a batch counts its members).
+    pub fn len(&self) -> usize {
+        match self {
+            Command::Batch(list) => list.len(),
+            _ => 1,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Command::Batch(list) if list.is_empty())
+    }
+}
+
+/// The dialplan as committed: its source text and version (1, 2, … in commit order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredDialplan {
+    pub version: u64,
+    pub source: String,
+    pub committed_at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +224,9 @@ pub enum Response {
     TooManyContacts,
     NoSuchUser,
     Swept(usize),
+    /// The new dialplan's version.
+    DialplanVersion(u64),
+    Batch(Vec<Response>),
 }
 
 /// Everything the cluster agrees on.
@@ -176,6 +235,7 @@ pub struct State {
     pub settings: Option<ClusterSettings>,
     pub users: BTreeMap<String, User>,
     pub bindings: HashMap<String, Vec<Binding>>,
+    pub dialplan: Option<StoredDialplan>,
 }
 
 impl State {
@@ -221,6 +281,18 @@ impl State {
                     !list.is_empty()
                 });
                 Response::Swept(n)
+            }
+            Command::SetDialplan { source, now_ms } => {
+                let version = self.dialplan.as_ref().map_or(1, |d| d.version + 1);
+                self.dialplan = Some(StoredDialplan {
+                    version,
+                    source,
+                    committed_at_ms: now_ms,
+                });
+                Response::DialplanVersion(version)
+            }
+            Command::Batch(list) => {
+                Response::Batch(list.into_iter().map(|c| self.apply(c)).collect())
             }
         }
     }

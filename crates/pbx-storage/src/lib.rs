@@ -27,8 +27,15 @@ pub enum StorageError {
 pub trait LogStore: Send + Sync {
     /// Appends entries (index, bytes). Durable on return.
     fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError>;
+    /// Entries with `from <= index < to`, in order.
+    fn entries_range(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
     /// Entries with index >= `from`, in order.
-    fn entries_from(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
+    fn entries_from(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        self.entries_range(from, u64::MAX)
+    }
+    /// Removes entries with index >= `from` (a new leader overwrote them). Durable on
+    /// return.
+    fn truncate_from(&self, from: u64) -> Result<(), StorageError>;
     /// Highest stored index, if any.
     fn last_index(&self) -> Result<Option<u64>, StorageError>;
     /// Stores a snapshot covering entries up to `index`. Durable on return.
@@ -36,7 +43,9 @@ pub trait LogStore: Send + Sync {
     fn load_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError>;
     /// Removes entries with index <= `index` (they are covered by a snapshot).
     fn purge_through(&self, index: u64) -> Result<(), StorageError>;
-    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError>;
+    /// Stores a small value; durable on return when `durable` (a vote), otherwise with
+    /// the next durable write (a commit index hint that may lag after a crash).
+    fn put_meta(&self, key: &str, value: &[u8], durable: bool) -> Result<(), StorageError>;
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
 }
 
@@ -179,20 +188,49 @@ impl LogStore for SledStore {
         self.sync()
     }
 
-    fn entries_from(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    fn entries_range(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let segs = self.segments();
         let mut out = Vec::new();
+        if from >= to {
+            return Ok(out);
+        }
         for (i, seg) in segs.iter().enumerate() {
-            // Skip segments that end before `from`.
+            // Skip segments that end before `from` or start at or after `to`.
             if segs.get(i + 1).is_some_and(|next| next.first <= from) {
                 continue;
             }
-            for r in seg.tree.range(from.to_be_bytes()..) {
+            if seg.first >= to {
+                break;
+            }
+            for r in seg.tree.range(from.to_be_bytes()..to.to_be_bytes()) {
                 let (k, v) = r?;
                 out.push((index_of(&k)?, v.to_vec()));
             }
         }
         Ok(out)
+    }
+
+    fn truncate_from(&self, from: u64) -> Result<(), StorageError> {
+        {
+            let mut segs = self.segments();
+            while segs.last().is_some_and(|s| s.first >= from) {
+                let seg = segs.pop().expect("checked non-empty");
+                self.db.drop_tree(segment_name(seg.first))?;
+            }
+            if let Some(seg) = segs.last_mut() {
+                let keys: Vec<sled::IVec> = seg
+                    .tree
+                    .range(from.to_be_bytes()..)
+                    .keys()
+                    .collect::<Result<_, _>>()?;
+                let mut batch = sled::Batch::default();
+                for k in keys {
+                    batch.remove(k);
+                }
+                seg.tree.apply_batch(batch)?;
+            }
+        }
+        self.sync()
     }
 
     fn last_index(&self) -> Result<Option<u64>, StorageError> {
@@ -253,9 +291,12 @@ impl LogStore for SledStore {
         Ok(())
     }
 
-    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+    fn put_meta(&self, key: &str, value: &[u8], durable: bool) -> Result<(), StorageError> {
         self.meta.insert(key.as_bytes(), value)?;
-        self.sync()
+        if durable {
+            self.sync()?;
+        }
+        Ok(())
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
@@ -294,7 +335,7 @@ mod tests {
             assert_eq!(s.last_index().unwrap(), Some(3));
             s.save_snapshot(2, b"state@2").unwrap();
             s.purge_through(2).unwrap();
-            s.put_meta("node", b"1").unwrap();
+            s.put_meta("node", b"1", true).unwrap();
         }
         let s = reopen(dir.path());
         assert_eq!(s.entries_from(0).unwrap(), vec![(3, b"c".to_vec())]);
@@ -359,6 +400,29 @@ mod tests {
             .map(|e| e.0)
             .collect();
         assert_eq!(idx, vec![4, 5]);
+    }
+
+    #[test]
+    fn truncate_and_ranges_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 8 << 20).unwrap();
+        s.append(&[(1, vec![1]), (2, vec![2])]).unwrap();
+        s.append(&[(3, vec![0; LARGE_ENTRY])]).unwrap();
+        s.append(&[(4, vec![4]), (5, vec![5]), (6, vec![6])])
+            .unwrap();
+        let idx = |v: Vec<(u64, Vec<u8>)>| v.into_iter().map(|e| e.0).collect::<Vec<_>>();
+        assert_eq!(idx(s.entries_range(2, 5).unwrap()), vec![2, 3, 4]);
+        assert_eq!(idx(s.entries_range(5, 5).unwrap()), Vec::<u64>::new());
+        s.truncate_from(5).unwrap();
+        assert_eq!(s.last_index().unwrap(), Some(4));
+        s.truncate_from(3).unwrap();
+        assert_eq!(idx(s.entries_from(0).unwrap()), vec![1, 2]);
+        // Appending after a truncation continues the log, overwriting nothing stale.
+        s.append(&[(3, vec![33])]).unwrap();
+        assert_eq!(s.entries_range(3, 4).unwrap(), vec![(3, vec![33])]);
+        drop(s);
+        let s = reopen(dir.path());
+        assert_eq!(idx(s.entries_from(0).unwrap()), vec![1, 2, 3]);
     }
 
     #[test]

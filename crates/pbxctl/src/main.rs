@@ -56,6 +56,17 @@ enum Cmd {
         #[arg(long)]
         query: bool,
     },
+    /// Ask nodes (their peer-link address, e.g. 127.0.0.11:7001) for their Raft role
+    /// and progress: one `key=value` line per node. Exits 1 if a node does not answer
+    /// (or, with --wait-ready, is not ready in time).
+    Status {
+        #[arg(required = true)]
+        peers: Vec<String>,
+        /// Wait up to this many seconds for each node to be ready (start-up writes
+        /// committed, serving writes).
+        #[arg(long)]
+        wait_ready: Option<f64>,
+    },
     /// Print the HA1 hashes of a credential (what the cluster stores instead of it).
     Ha1 {
         user: String,
@@ -76,6 +87,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Cmd::Status { peers, wait_ready } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(status(peers, wait_ready))
+        }
         Cmd::Options { target, timeout } => {
             let mut ua = Ua::new(target)?;
             let started = Instant::now();
@@ -285,4 +302,73 @@ impl Ua {
             }
         }
     }
+}
+
+async fn status(peers: Vec<String>, wait_ready: Option<f64>) -> anyhow::Result<ExitCode> {
+    use pbx_raft::proto::peer_link_client::PeerLinkClient;
+    let mut code = ExitCode::SUCCESS;
+    for peer in peers {
+        let deadline = Instant::now() + Duration::from_secs_f64(wait_ready.unwrap_or(0.0));
+        let last = loop {
+            let reply = async {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{peer}"))?
+                    .connect_timeout(Duration::from_secs(1))
+                    .timeout(Duration::from_secs(2))
+                    .connect()
+                    .await?;
+                let r = PeerLinkClient::new(channel)
+                    .status(pbx_raft::proto::StatusRequest {})
+                    .await?;
+                anyhow::Ok(r.into_inner())
+            }
+            .await;
+            let done = match &reply {
+                Ok(r) => wait_ready.is_none() || r.ready,
+                Err(_) => wait_ready.is_none(),
+            };
+            if done || Instant::now() >= deadline {
+                break reply;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        match last {
+            Ok(r) => {
+                let members: Vec<String> = r
+                    .members
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{}@{}{}",
+                            m.id,
+                            m.peer_addr,
+                            if m.voter { "" } else { "(learner)" }
+                        )
+                    })
+                    .collect();
+                println!(
+                    "peer={peer} node={} role={} leader={} term={} last_log={} applied={} snapshot={} serving_writes={} ready={} users={} bindings={} members={}",
+                    r.node_id,
+                    r.role,
+                    r.leader_id,
+                    r.term,
+                    r.last_log_index,
+                    r.applied_index,
+                    r.snapshot_index,
+                    r.serving_writes,
+                    r.ready,
+                    r.users,
+                    r.bindings,
+                    members.join(",")
+                );
+                if wait_ready.is_some() && !r.ready {
+                    code = ExitCode::from(1);
+                }
+            }
+            Err(e) => {
+                println!("peer={peer} unreachable error={:?}", format!("{e:#}"));
+                code = ExitCode::from(1);
+            }
+        }
+    }
+    Ok(code)
 }

@@ -1,0 +1,666 @@
+//! The handle a node uses for replicated state: propose commands (group commit through
+//! Raft, forwarded to the leader from followers), read the applied state locally, form
+//! the cluster, change membership, report status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError as OpenraftError};
+use openraft::{RaftMetrics, ServerState, SnapshotPolicy};
+use pbx_state::{Command, Response, State};
+use pbx_storage::SledStore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::network::{Identity, PeerPool};
+use crate::proto::forward_reply::Result as ForwardResult;
+use crate::service::PeerService;
+use crate::stats::CommitStats;
+use crate::store::{Applied, LogStorage, StateMachineStore};
+use crate::{unix_ms, Member, NodeId, Raft, RaftError};
+
+/// How a node takes part in the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub node_id: NodeId,
+    /// Shared by all members; a peer with another id is refused.
+    pub cluster_id: String,
+    /// This node's addresses as other members reach them.
+    pub member: Member,
+    /// Where the peer link listens (port 0: pick one, for tests).
+    pub listen: SocketAddr,
+    /// The members of a brand-new cluster. The lowest id among them initialises it, once
+    /// it has seen that a majority of them are reachable and none has Raft state.
+    pub initial_members: BTreeMap<NodeId, Member>,
+    pub heartbeat: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Log entries between snapshots.
+    pub snapshot_every: u64,
+    /// Most commands in one log entry (group commit).
+    pub max_batch: usize,
+    /// Batches a node has in flight at once.
+    pub max_inflight: usize,
+    /// How long a write may wait for a leader and a majority before it is refused.
+    pub write_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl ClusterConfig {
+    /// A single-member cluster, for tests and the one-node launcher.
+    pub fn single(node_id: NodeId, listen: SocketAddr, sip_addr: &str) -> ClusterConfig {
+        let member = Member {
+            peer_addr: listen.to_string(),
+            sip_addr: sip_addr.to_string(),
+        };
+        ClusterConfig {
+            node_id,
+            cluster_id: "pbx".into(),
+            member: member.clone(),
+            listen,
+            initial_members: BTreeMap::from([(node_id, member)]),
+            heartbeat: Duration::from_millis(200),
+            election_timeout_min: Duration::from_millis(1000),
+            election_timeout_max: Duration::from_millis(2000),
+            snapshot_every: 10_000,
+            max_batch: 1024,
+            max_inflight: 8,
+            write_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// One node's Raft role and progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub node_id: NodeId,
+    pub role: &'static str,
+    pub leader_id: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub serving_writes: bool,
+    /// (id, member, voter)
+    pub members: Vec<(NodeId, Member, bool)>,
+    pub users: u64,
+    pub bindings: u64,
+    /// The node finished its start-up writes and serves writes.
+    pub ready: bool,
+}
+
+impl From<NodeStatus> for crate::proto::StatusReply {
+    fn from(s: NodeStatus) -> Self {
+        crate::proto::StatusReply {
+            node_id: s.node_id,
+            role: s.role.into(),
+            leader_id: s.leader_id.unwrap_or(0),
+            term: s.term,
+            last_log_index: s.last_log_index,
+            applied_index: s.applied_index,
+            snapshot_index: s.snapshot_index,
+            serving_writes: s.serving_writes,
+            members: s
+                .members
+                .into_iter()
+                .map(|(id, m, voter)| crate::proto::Member {
+                    id,
+                    peer_addr: m.peer_addr,
+                    sip_addr: m.sip_addr,
+                    voter,
+                })
+                .collect(),
+            users: s.users,
+            bindings: s.bindings,
+            ready: s.ready,
+        }
+    }
+}
+
+pub(crate) enum LeaderCommitError {
+    NotLeader(Option<NodeId>),
+    Unavailable(String),
+}
+
+/// State shared by the handle, the proposer and the peer service.
+pub(crate) struct Shared {
+    pub(crate) config: ClusterConfig,
+    pub(crate) raft: Raft,
+    applied: Arc<RwLock<Applied>>,
+    pool: PeerPool,
+    store: Arc<SledStore>,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last accepted append from a leader (+1; 0 =
+    /// never).
+    leader_contact: AtomicU64,
+    /// Milliseconds since `epoch` when this node stopped serving writes (+1; 0 = it is
+    /// serving).
+    not_serving_since: AtomicU64,
+    stats: Arc<CommitStats>,
+    /// Set by the node once its own start-up writes (settings, users) are committed.
+    ready: AtomicBool,
+}
+
+fn role(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    pub(crate) fn heard_from_leader(&self) {
+        self.leader_contact.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    pub(crate) async fn has_raft_state(&self) -> bool {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || LogStorage::has_raft_state(&store))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(true)
+    }
+
+    fn metrics(&self) -> RaftMetrics<NodeId, Member> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// The leader lease: how long after the last sign of a majority a node still counts
+    /// itself as able to commit.
+    fn lease_ms(&self) -> u64 {
+        self.config.election_timeout_max.as_millis() as u64
+    }
+
+    fn serving_writes_in(&self, m: &RaftMetrics<NodeId, Member>) -> bool {
+        match m.state {
+            ServerState::Leader => m
+                .millis_since_quorum_ack
+                .is_some_and(|ms| ms <= self.lease_ms()),
+            ServerState::Follower | ServerState::Learner => {
+                let last = self.leader_contact.load(Ordering::Relaxed);
+                m.current_leader.is_some()
+                    && last > 0
+                    && self.now_ms().saturating_sub(last) <= self.lease_ms()
+            }
+            ServerState::Candidate | ServerState::Shutdown => false,
+        }
+    }
+
+    pub(crate) fn status(&self) -> NodeStatus {
+        let m = self.metrics();
+        let (users, bindings) = {
+            let a = self.applied.read().unwrap_or_else(|e| e.into_inner());
+            (a.state.users.len() as u64, a.state.binding_count() as u64)
+        };
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let serving_writes = self.serving_writes_in(&m);
+        NodeStatus {
+            node_id: self.config.node_id,
+            role: role(m.state),
+            leader_id: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            serving_writes,
+            ready: serving_writes && self.ready.load(Ordering::Relaxed),
+            members: membership
+                .nodes()
+                .map(|(id, n)| (*id, n.clone(), voters.contains(id)))
+                .collect(),
+            users,
+            bindings,
+        }
+    }
+
+    /// Commits a command on this node as leader, stamping the leader's clock into it.
+    pub(crate) async fn commit_as_leader(
+        &self,
+        mut command: Command,
+    ) -> Result<Response, LeaderCommitError> {
+        let m = self.metrics();
+        if m.current_leader != Some(self.config.node_id) {
+            return Err(LeaderCommitError::NotLeader(m.current_leader));
+        }
+        command.stamp(unix_ms());
+        match tokio::time::timeout(self.config.write_timeout, self.raft.client_write(command))
+            .await
+        {
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(OpenraftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(LeaderCommitError::NotLeader(f.leader_id))
+            }
+            Ok(Err(e)) => Err(LeaderCommitError::Unavailable(e.to_string())),
+            Err(_) => Err(LeaderCommitError::Unavailable(format!(
+                "not committed within {} ms: no majority reachable",
+                self.config.write_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Commits a command wherever the leader is: here, or forwarded over the peer link.
+    /// Retries only where the command certainly was not applied (no leader yet, "not
+    /// the leader", leader unreachable), until the write timeout.
+    async fn commit(&self, command: Command) -> Result<Response, String> {
+        let deadline = Instant::now() + self.config.write_timeout;
+        // A node that has known for a while that it cannot commit answers at once.
+        let since = self.not_serving_since.load(Ordering::Relaxed);
+        if since > 0 && self.now_ms().saturating_sub(since) > 2 * self.lease_ms() {
+            return Err("this node is cut off from the cluster majority".into());
+        }
+        let mut metrics = self.raft.metrics();
+        let mut encoded: Option<Vec<u8>> = None;
+        let mut last_error = String::from("no leader elected");
+        loop {
+            let m = metrics.borrow_and_update().clone();
+            match m.current_leader {
+                Some(id) if id == self.config.node_id => {
+                    match self.commit_as_leader(command.clone()).await {
+                        Ok(r) => return Ok(r),
+                        Err(LeaderCommitError::Unavailable(e)) => return Err(e),
+                        Err(LeaderCommitError::NotLeader(_)) => {
+                            last_error = "leadership moved".into();
+                        }
+                    }
+                }
+                Some(id) => {
+                    let Some(leader) = m.membership_config.membership().get_node(&id).cloned()
+                    else {
+                        return Err(format!("leader {id} is not in the membership"));
+                    };
+                    let bytes = match &encoded {
+                        Some(b) => b.clone(),
+                        None => {
+                            let b = bincode::serialize(&command).map_err(|e| e.to_string())?;
+                            encoded = Some(b.clone());
+                            b
+                        }
+                    };
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match self
+                        .pool
+                        .forward(id, &leader.peer_addr, bytes, remaining.max(Duration::from_millis(1)))
+                        .await
+                    {
+                        Ok(reply) => match reply.result {
+                            Some(ForwardResult::Response(b)) => {
+                                return bincode::deserialize(&b).map_err(|e| e.to_string());
+                            }
+                            Some(ForwardResult::Unavailable(e)) => return Err(e),
+                            Some(ForwardResult::NotLeader(_)) | None => {
+                                last_error = format!("node {id} is no longer the leader");
+                            }
+                        },
+                        Err(RaftError::Unavailable(e)) if e.contains("transport error") => {
+                            // Could not connect: nothing was sent.
+                            last_error = e;
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                None => {}
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(last_error);
+            }
+            // Wait for the leader to change (or poll again shortly).
+            let _ = tokio::time::timeout(
+                remaining.min(Duration::from_millis(100)),
+                metrics.changed(),
+            )
+            .await;
+        }
+    }
+}
+
+struct Proposal {
+    command: Command,
+    reply: oneshot::Sender<Result<Response, RaftError>>,
+}
+
+/// Replicated state of one node: propose, read, status, membership.
+#[derive(Clone)]
+pub struct Cluster {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Proposal>,
+    /// The peer link's bound address.
+    pub peer_addr: SocketAddr,
+}
+
+/// Read access to the applied state.
+pub struct StateGuard<'a>(RwLockReadGuard<'a, Applied>);
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0.state
+    }
+}
+
+impl Cluster {
+    /// Opens the stores, starts Raft and the peer link, and forms the cluster if this
+    /// node is the one to initialise it.
+    pub async fn start(config: ClusterConfig, store: Arc<SledStore>) -> Result<Cluster, RaftError> {
+        let started = Instant::now();
+        let sm = StateMachineStore::open(store.clone())?;
+        let applied = sm.applied();
+        let log = LogStorage::new(store.clone());
+        let raft_config = openraft::Config {
+            cluster_name: config.cluster_id.clone(),
+            heartbeat_interval: config.heartbeat.as_millis() as u64,
+            election_timeout_min: config.election_timeout_min.as_millis() as u64,
+            election_timeout_max: config.election_timeout_max.as_millis() as u64,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            snapshot_max_chunk_size: 4 << 20,
+            max_in_snapshot_log_to_keep: 1000,
+            // Entries are batches of up to max_batch commands: keep messages bounded.
+            max_payload_entries: 32,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| RaftError::Config(e.to_string()))?;
+        let pool = PeerPool::new(
+            Identity {
+                cluster_id: config.cluster_id.clone(),
+                node_id: config.node_id,
+            },
+            config.connect_timeout,
+            config.write_timeout,
+        )?;
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), pool.clone(), log, sm)
+            .await
+            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| RaftError::Transport(format!("peer link on {}: {e}", config.listen)))?;
+        let peer_addr = listener
+            .local_addr()
+            .map_err(|e| RaftError::Transport(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            config,
+            raft,
+            applied,
+            pool,
+            store,
+            epoch: Instant::now(),
+            leader_contact: AtomicU64::new(0),
+            not_serving_since: AtomicU64::new(1),
+            stats: Arc::new(CommitStats::default()),
+            ready: AtomicBool::new(false),
+        });
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(PeerService::server(shared.clone()));
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tokio::spawn(async move {
+            if let Err(e) = server.serve_with_incoming(incoming).await {
+                tracing::error!(error = %e, "peer link server stopped");
+            }
+        });
+        {
+            let a = shared.applied.read().unwrap_or_else(|e| e.into_inner());
+            tracing::info!(
+                node = shared.config.node_id,
+                %peer_addr,
+                applied_index = a.last_applied.map_or(0, |l| l.index),
+                users = a.state.users.len(),
+                bindings = a.state.binding_count(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "raft started"
+            );
+        }
+        tokio::spawn(form(shared.clone()));
+        tokio::spawn(watch_serving(shared.clone()));
+        let (tx, rx) = mpsc::channel(65_536);
+        tokio::spawn(batcher(shared.clone(), rx));
+        Ok(Cluster {
+            shared,
+            tx,
+            peer_addr,
+        })
+    }
+
+    /// Commits a command through Raft; the response comes once it is committed on a
+    /// majority and applied here. `Unavailable` means it could not be committed now
+    /// (answer 503): it was not acknowledged, though it may still commit.
+    pub async fn propose(&self, command: Command) -> Result<Response, RaftError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Proposal { command, reply })
+            .await
+            .map_err(|_| RaftError::Unavailable("proposer stopped".into()))?;
+        rx.await
+            .map_err(|_| RaftError::Unavailable("proposer stopped".into()))?
+    }
+
+    /// The applied state (local read: every node answers for every user).
+    pub fn read(&self) -> StateGuard<'_> {
+        StateGuard(self.shared.applied.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn stats(&self) -> &Arc<CommitStats> {
+        &self.shared.stats
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.shared.config.node_id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.shared.metrics().current_leader == Some(self.shared.config.node_id)
+    }
+
+    /// Whether a write sent here now would be committed (leader with a recent majority,
+    /// or follower in recent contact with one).
+    pub fn serving_writes(&self) -> bool {
+        let m = self.shared.metrics();
+        self.shared.serving_writes_in(&m)
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        self.shared.status()
+    }
+
+    /// Marks the node's start-up writes as done (see [`NodeStatus::ready`]).
+    pub fn set_ready(&self) {
+        self.shared.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.shared.raft
+    }
+
+    /// Adds a node as a learner (it catches up from the log or a snapshot); call on the
+    /// leader. Returns once the learner has caught up when `wait` is set.
+    pub async fn add_learner(&self, id: NodeId, member: Member, wait: bool) -> Result<(), RaftError> {
+        self.shared
+            .raft
+            .add_learner(id, member, wait)
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
+    /// Sets the voters (joint consensus inside openraft); call on the leader.
+    pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), RaftError> {
+        self.shared
+            .raft
+            .change_membership(voters, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.shared.raft.shutdown().await;
+    }
+}
+
+/// Collects proposals into batches, one log entry each: while a batch is being
+/// committed the next one fills up (group commit, so throughput follows load).
+async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
+    let inflight = Arc::new(Semaphore::new(shared.config.max_inflight.max(1)));
+    loop {
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < shared.config.max_batch {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            submit(&shared, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn submit(shared: &Shared, batch: Vec<Proposal>) {
+    let n = batch.len();
+    let (mut commands, replies): (Vec<Command>, Vec<_>) =
+        batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+    let command = if n == 1 {
+        commands.pop().expect("one command")
+    } else {
+        Command::Batch(commands)
+    };
+    let started = Instant::now();
+    match shared.commit(command).await {
+        Ok(resp) => {
+            shared.stats.record(n as u64, started.elapsed());
+            match resp {
+                Response::Batch(list) if n > 1 && list.len() == n => {
+                    for (r, reply) in list.into_iter().zip(replies) {
+                        let _ = reply.send(Ok(r));
+                    }
+                }
+                r if n == 1 => {
+                    for reply in replies {
+                        let _ = reply.send(Ok(r.clone()));
+                    }
+                }
+                other => {
+                    tracing::error!(?other, n, "batch answered with a mismatched response");
+                    for reply in replies {
+                        let _ = reply.send(Err(RaftError::Raft("mismatched batch response".into())));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, n, "batch not committed");
+            for reply in replies {
+                let _ = reply.send(Err(RaftError::Unavailable(e.clone())));
+            }
+        }
+    }
+}
+
+/// Forms a brand-new cluster: only the lowest-id initial member initialises it, and only
+/// after a majority of the initial members answered the handshake and none of them (nor
+/// itself) has Raft state. A restarted or wiped node never initialises a formed cluster:
+/// its peers report state, and the leader brings it up to date.
+async fn form(shared: Arc<Shared>) {
+    let cfg = &shared.config;
+    let members = &cfg.initial_members;
+    if members.keys().next() != Some(&cfg.node_id) {
+        return;
+    }
+    let majority = members.len() / 2 + 1;
+    let mut logged = false;
+    loop {
+        if shared.has_raft_state().await {
+            return;
+        }
+        let mut fresh = 1; // this node
+        let mut formed = false;
+        for (id, m) in members.iter().filter(|(id, _)| **id != cfg.node_id) {
+            match shared.pool.handshake(*id, &m.peer_addr).await {
+                Ok(reply) if reply.initialized => formed = true,
+                Ok(_) => fresh += 1,
+                Err(e) => {
+                    if !logged {
+                        tracing::info!(peer = id, error = %e, "waiting for initial members");
+                    }
+                }
+            }
+        }
+        logged = true;
+        if formed {
+            tracing::info!("a member already has cluster state: joining, not initialising");
+            return;
+        }
+        if fresh >= majority {
+            match shared.raft.initialize(members.clone()).await {
+                Ok(()) => tracing::info!(
+                    members = ?members.keys().collect::<Vec<_>>(),
+                    "cluster initialised"
+                ),
+                Err(e) => tracing::info!(error = %e, "cluster already initialised"),
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Watches whether this node can commit writes and logs each change, so an operator sees
+/// "not serving writes" the moment a node loses the majority.
+async fn watch_serving(shared: Arc<Shared>) {
+    let mut metrics = shared.raft.metrics();
+    let mut was: Option<bool> = None;
+    let mut last_role = "";
+    loop {
+        let m = metrics.borrow_and_update().clone();
+        if matches!(m.state, ServerState::Shutdown) {
+            return;
+        }
+        let serving = shared.serving_writes_in(&m);
+        if was != Some(serving) {
+            if serving {
+                shared.not_serving_since.store(0, Ordering::Relaxed);
+                tracing::info!(leader = ?m.current_leader, term = m.current_term, "serving writes");
+            } else {
+                shared
+                    .not_serving_since
+                    .store(shared.now_ms(), Ordering::Relaxed);
+                if was.is_some() {
+                    tracing::warn!(
+                        leader = ?m.current_leader,
+                        term = m.current_term,
+                        role = role(m.state),
+                        "not serving writes: no contact with a majority; REGISTER gets 503"
+                    );
+                }
+            }
+            was = Some(serving);
+        }
+        let r = role(m.state);
+        if r != last_role {
+            tracing::info!(role = r, term = m.current_term, leader = ?m.current_leader, "raft role");
+            last_role = r;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), metrics.changed()).await;
+    }
+}

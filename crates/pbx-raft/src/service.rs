@@ -1,0 +1,171 @@
+//! The peer link, server side: Raft RPCs into openraft, forwarded writes into the
+//! leader's commit path, status. Every request must carry our cluster id and protocol
+//! version; others are refused with `FAILED_PRECONDITION` and a log line.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pbx_state::Command;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::{LeaderCommitError, Shared};
+use crate::network::{MD_CLUSTER, MD_NODE, MD_PROTOCOL};
+use crate::proto::forward_reply::Result as ForwardResult;
+use crate::proto::peer_link_server::{PeerLink, PeerLinkServer};
+use crate::proto::{
+    ForwardReply, ForwardRequest, HandshakeReply, HandshakeRequest, NotLeader, RaftPayload,
+    StatusReply, StatusRequest,
+};
+use crate::PROTOCOL_VERSION;
+
+/// Refuses requests from another cluster or protocol version. Logged at most every
+/// few seconds so a misconfigured neighbour cannot flood the log.
+#[derive(Clone)]
+pub struct IdentityCheck {
+    cluster_id: Arc<str>,
+    last_log: Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl IdentityCheck {
+    pub fn new(cluster_id: &str) -> Self {
+        IdentityCheck {
+            cluster_id: cluster_id.into(),
+            last_log: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    fn refuse(&self, reason: String) -> Status {
+        let mut last = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+            *last = Some(Instant::now());
+            tracing::error!(%reason, "refused a peer-link request");
+        }
+        Status::failed_precondition(reason)
+    }
+
+    /// Checks the identity a peer claims.
+    pub fn check(&self, cluster: &str, protocol: u32, node: &str) -> Result<(), Status> {
+        if cluster != &*self.cluster_id {
+            return Err(self.refuse(format!(
+                "node {node} belongs to cluster {cluster:?}, this node to {:?}",
+                &*self.cluster_id
+            )));
+        }
+        if protocol != PROTOCOL_VERSION {
+            return Err(self.refuse(format!(
+                "node {node} speaks peer protocol {protocol}, this node {PROTOCOL_VERSION}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl IdentityCheck {
+    /// Checks the identity in a request's metadata.
+    fn request<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let md = req.metadata();
+        let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let protocol = get(MD_PROTOCOL).parse::<u32>().unwrap_or(0);
+        self.check(get(MD_CLUSTER), protocol, get(MD_NODE))
+    }
+}
+
+/// The PeerLink service of one node.
+pub struct PeerService {
+    shared: Arc<Shared>,
+    check: IdentityCheck,
+}
+
+impl PeerService {
+    pub(crate) fn server(shared: Arc<Shared>) -> PeerLinkServer<PeerService> {
+        let check = IdentityCheck::new(&shared.config.cluster_id);
+        PeerLinkServer::new(PeerService { shared, check })
+            .max_decoding_message_size(crate::network::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::network::MAX_MESSAGE_BYTES)
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
+    bincode::deserialize(bytes).map_err(|e| Status::invalid_argument(format!("payload: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    bincode::serialize(v)
+        .map(|payload| Response::new(RaftPayload { payload }))
+        .map_err(|e| Status::internal(format!("encode: {e}")))
+}
+
+#[tonic::async_trait]
+impl PeerLink for PeerService {
+    async fn handshake(
+        &self,
+        request: Request<HandshakeRequest>,
+    ) -> Result<Response<HandshakeReply>, Status> {
+        let r = request.into_inner();
+        self.check
+            .check(&r.cluster_id, r.protocol_version, &r.node_id.to_string())?;
+        tracing::debug!(peer = r.node_id, "handshake");
+        Ok(Response::new(HandshakeReply {
+            cluster_id: self.shared.config.cluster_id.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            node_id: self.shared.config.node_id,
+            initialized: self.shared.has_raft_state().await,
+        }))
+    }
+
+    async fn append_entries(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        self.check.request(&request)?;
+        let rpc = decode(&request.into_inner().payload)?;
+        let res = self.shared.raft.append_entries(rpc).await;
+        if res.is_ok() {
+            self.shared.heard_from_leader();
+        }
+        encode(&res)
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check.request(&request)?;
+        let rpc = decode(&request.into_inner().payload)?;
+        encode(&self.shared.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        self.check.request(&request)?;
+        let rpc = decode(&request.into_inner().payload)?;
+        let res = self.shared.raft.install_snapshot(rpc).await;
+        if res.is_ok() {
+            self.shared.heard_from_leader();
+        }
+        encode(&res)
+    }
+
+    async fn forward(
+        &self,
+        request: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardReply>, Status> {
+        self.check.request(&request)?;
+        let command: Command = decode(&request.into_inner().command)?;
+        let result = match self.shared.commit_as_leader(command).await {
+            Ok(resp) => ForwardResult::Response(
+                bincode::serialize(&resp).map_err(|e| Status::internal(format!("encode: {e}")))?,
+            ),
+            Err(LeaderCommitError::NotLeader(leader)) => ForwardResult::NotLeader(NotLeader {
+                leader_id: leader.unwrap_or(0),
+            }),
+            Err(LeaderCommitError::Unavailable(reason)) => ForwardResult::Unavailable(reason),
+        };
+        Ok(Response::new(ForwardReply {
+            result: Some(result),
+        }))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        Ok(Response::new(self.shared.status().into()))
+    }
+}

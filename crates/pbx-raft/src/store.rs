@@ -1,0 +1,452 @@
+//! openraft's log store and state-machine store on [`pbx_storage`].
+//!
+//! Both share one [`SledStore`]. The log store answers openraft only after the write is
+//! flushed *and* fsynced (the storage crate's `append`, `truncate_from` and durable
+//! `put_meta` do both), so an acknowledged vote or append survives a power cut.
+//!
+//! The state machine lives in memory ([`Applied`]: the `pbx-state` [`State`] plus the
+//! Raft position it reflects) behind one lock, so a snapshot always pairs a state with
+//! exactly the log id it covers. At start it is rebuilt from the last snapshot; openraft
+//! re-applies the committed log after it.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, LogState, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+    Vote,
+};
+use pbx_state::{Response, State};
+use pbx_storage::{LogStore, SledStore};
+use serde::{Deserialize, Serialize};
+
+use crate::{Member, NodeId, TypeConfig};
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+const META_VOTE: &str = "raft-vote";
+const META_COMMITTED: &str = "raft-committed";
+const META_PURGED: &str = "raft-last-purged";
+
+/// Runs blocking storage work off the async threads.
+async fn blocking<T, F>(f: F) -> Result<T, AnyError>
+where
+    F: FnOnce() -> Result<T, pbx_storage::StorageError> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| AnyError::new(&e)),
+        Err(e) => Err(AnyError::new(&e)),
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, AnyError> {
+    bincode::deserialize(bytes).map_err(|e| AnyError::new(&*e))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, AnyError> {
+    bincode::serialize(v).map_err(|e| AnyError::new(&*e))
+}
+
+/// The Raft log on a [`SledStore`].
+#[derive(Clone)]
+pub struct LogStorage {
+    store: Arc<SledStore>,
+}
+
+impl LogStorage {
+    pub fn new(store: Arc<SledStore>) -> Self {
+        LogStorage { store }
+    }
+
+    async fn meta<T: for<'de> Deserialize<'de> + Send + 'static>(
+        &self,
+        key: &'static str,
+    ) -> Result<Option<T>, AnyError> {
+        let store = self.store.clone();
+        match blocking(move || store.get_meta(key)).await? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_meta<T: Serialize>(
+        &self,
+        key: &'static str,
+        value: &T,
+        durable: bool,
+    ) -> Result<(), AnyError> {
+        let bytes = encode(value)?;
+        let store = self.store.clone();
+        blocking(move || store.put_meta(key, &bytes, durable)).await
+    }
+
+    /// Whether this node has any Raft state (a vote or a log): it has been part of a
+    /// cluster and must never initialise a new one.
+    pub fn has_raft_state(store: &SledStore) -> Result<bool, pbx_storage::StorageError> {
+        Ok(store.get_meta(META_VOTE)?.is_some()
+            || store.get_meta(META_PURGED)?.is_some()
+            || store.last_index()?.is_some())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStorage {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let from = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => x.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let to = match range.end_bound() {
+            Bound::Included(x) => x.saturating_add(1),
+            Bound::Excluded(x) => *x,
+            Bound::Unbounded => u64::MAX,
+        };
+        let store = self.store.clone();
+        let raw = blocking(move || store.entries_range(from, to))
+            .await
+            .map_err(StorageIOError::read_logs)?;
+        raw.iter()
+            .map(|(_, bytes)| decode(bytes))
+            .collect::<Result<_, _>>()
+            .map_err(|e| StorageIOError::read_logs(e).into())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStorage {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let purged: Option<LogId<NodeId>> = self
+            .meta(META_PURGED)
+            .await
+            .map_err(StorageIOError::read_logs)?;
+        let store = self.store.clone();
+        let last = blocking(move || match store.last_index()? {
+            Some(i) => store.entries_range(i, i + 1),
+            None => Ok(Vec::new()),
+        })
+        .await
+        .map_err(StorageIOError::read_logs)?;
+        let last = match last.first() {
+            Some((_, bytes)) => {
+                let e: Entry<TypeConfig> = decode(bytes).map_err(StorageIOError::read_logs)?;
+                Some(e.log_id)
+            }
+            None => purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta(META_VOTE, vote, true)
+            .await
+            .map_err(|e| StorageIOError::write_vote(e).into())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.meta(META_VOTE)
+            .await
+            .map_err(|e| StorageIOError::read_vote(e).into())
+    }
+
+    /// The commit index is a hint for faster recovery (re-apply up to it at start); it
+    /// need not be durable on its own: it rides on the next fsync.
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        self.put_meta(META_COMMITTED, &committed, false)
+            .await
+            .map_err(|e| StorageIOError::write(e).into())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        let c: Option<Option<LogId<NodeId>>> = self
+            .meta(META_COMMITTED)
+            .await
+            .map_err(StorageIOError::read)?;
+        Ok(c.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut raw = Vec::new();
+        for e in entries {
+            raw.push((e.log_id.index, encode(&e).map_err(StorageIOError::write_logs)?));
+        }
+        let store = self.store.clone();
+        // `append` returns only after flush + fsync: the callback is the acknowledgement.
+        let res = blocking(move || store.append(&raw)).await;
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(StorageIOError::write_logs(e).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let store = self.store.clone();
+        blocking(move || store.truncate_from(log_id.index))
+            .await
+            .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Record the purge point first: a crash in between leaves extra entries behind
+        // it, which is harmless; the other order could lose the last log id.
+        self.put_meta(META_PURGED, &log_id, true)
+            .await
+            .map_err(StorageIOError::write_logs)?;
+        let store = self.store.clone();
+        blocking(move || store.purge_through(log_id.index))
+            .await
+            .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+}
+
+/// The applied state and the Raft position it reflects, under one lock.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub state: State,
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, Member>,
+}
+
+/// What is stored for a snapshot: openraft's meta and the encoded [`State`].
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, Member>,
+    state: Vec<u8>,
+}
+
+/// The state machine: applies committed entries to the shared [`Applied`].
+#[derive(Clone)]
+pub struct StateMachineStore {
+    store: Arc<SledStore>,
+    applied: Arc<RwLock<Applied>>,
+}
+
+impl StateMachineStore {
+    /// Rebuilds the applied state from the stored snapshot, if any.
+    pub fn open(store: Arc<SledStore>) -> Result<StateMachineStore, crate::RaftError> {
+        let mut applied = Applied::default();
+        if let Some((_, bytes)) = store.load_snapshot()? {
+            let snap: StoredSnapshot = bincode::deserialize(&bytes)?;
+            applied.state = State::decode(&snap.state)?;
+            applied.last_applied = snap.meta.last_log_id;
+            applied.membership = snap.meta.last_membership;
+        }
+        Ok(StateMachineStore {
+            store,
+            applied: Arc::new(RwLock::new(applied)),
+        })
+    }
+
+    /// The applied state, shared with readers.
+    pub fn applied(&self) -> Arc<RwLock<Applied>> {
+        self.applied.clone()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
+        self.applied.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
+        self.applied.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn stored_snapshot(&self) -> Result<Option<StoredSnapshot>, AnyError> {
+        let store = self.store.clone();
+        match blocking(move || store.load_snapshot()).await? {
+            Some((_, bytes)) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn save(&self, snap: &StoredSnapshot) -> Result<(), AnyError> {
+        let index = snap.meta.last_log_id.map_or(0, |l| l.index);
+        let bytes = encode(snap)?;
+        let store = self.store.clone();
+        blocking(move || store.save_snapshot(index, &bytes)).await
+    }
+}
+
+/// Builds a snapshot of the state as of the moment it is created.
+pub struct SnapshotBuilder {
+    sm: StateMachineStore,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let started = std::time::Instant::now();
+        // State and position are read under one lock: the snapshot covers exactly
+        // `last_applied`, even while later entries are being applied.
+        let (state, meta) = {
+            let a = self.sm.read();
+            let state = a
+                .state
+                .encode()
+                .map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)))?;
+            let last = a.last_applied;
+            let id = match last {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, crate::unix_ms()),
+                None => format!("empty-{}", crate::unix_ms()),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: last,
+                last_membership: a.membership.clone(),
+                snapshot_id: id,
+            };
+            (state, meta)
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            state,
+        };
+        self.sm
+            .save(&stored)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
+        tracing::info!(
+            index = meta.last_log_id.map_or(0, |l| l.index),
+            bytes = stored.state.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot built"
+        );
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(stored.state)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Member>)> {
+        let a = self.read();
+        Ok((a.last_applied, a.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut out = Vec::new();
+        let mut a = self.write();
+        for e in entries {
+            a.last_applied = Some(e.log_id);
+            out.push(match e.payload {
+                EntryPayload::Blank => Response::Done,
+                EntryPayload::Normal(cmd) => a.state.apply(cmd),
+                EntryPayload::Membership(m) => {
+                    a.membership = StoredMembership::new(Some(e.log_id), m);
+                    Response::Done
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { sm: self.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let bytes = snapshot.into_inner();
+        let state = State::decode(&bytes).map_err(|e| {
+            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            state: bytes,
+        };
+        // Durable first, then visible: a crash right after still restarts from it.
+        self.save(&stored)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
+        let mut a = self.write();
+        a.state = state;
+        a.last_applied = meta.last_log_id;
+        a.membership = meta.last_membership.clone();
+        tracing::info!(
+            index = meta.last_log_id.map_or(0, |l| l.index),
+            users = a.state.users.len(),
+            bindings = a.state.binding_count(),
+            "snapshot installed"
+        );
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let snap = self
+            .stored_snapshot()
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(None, e))?;
+        Ok(snap.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.state)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStorage, StateMachineStore, tempfile::TempDir> for Builder {
+        async fn build(
+            &self,
+        ) -> StorageResult<(tempfile::TempDir, LogStorage, StateMachineStore)> {
+            let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+            let store = Arc::new(
+                SledStore::open(dir.path(), 8 << 20)
+                    .map_err(|e| StorageIOError::write(AnyError::new(&e)))?,
+            );
+            let sm = StateMachineStore::open(store.clone())
+                .map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+            Ok((dir, LogStorage::new(store), sm))
+        }
+    }
+
+    /// openraft's storage conformance suite against the sled-backed stores.
+    #[test]
+    fn openraft_storage_suite() {
+        // The suite runs each case on a runtime of its own.
+        Suite::test_all(Builder).unwrap();
+    }
+}
