@@ -92,8 +92,19 @@ impl Users {
         contact: &str,
         expires: u32,
     ) -> anyhow::Result<()> {
+        Self::write_sipp_csv_for(path, domain, contact, expires, 1..=self.count)
+    }
+
+    /// SIPp injection file for the given user numbers.
+    pub fn write_sipp_csv_for(
+        path: &Path,
+        domain: &str,
+        contact: &str,
+        expires: u32,
+        users: impl IntoIterator<Item = usize>,
+    ) -> anyhow::Result<()> {
         let mut s = String::from("SEQUENTIAL\n");
-        for i in 1..=self.count {
+        for i in users {
             s.push_str(&format!(
                 "{};{domain};{};{contact};{expires}\n",
                 Self::name(i),
@@ -182,6 +193,68 @@ impl LocalCluster {
         Ok(out)
     }
 
+    /// Node n's peer-link address.
+    pub fn peer_addr(&self, n: usize) -> String {
+        format!("{}.{}:7001", self.prefix, 10 + n)
+    }
+
+    /// Node n's Raft status as `pbxctl status` prints it (key=value), or None when it
+    /// does not answer.
+    pub fn status(&self, n: usize) -> Option<std::collections::HashMap<String, String>> {
+        let (ok, out) = pbxctl(&["status", &self.peer_addr(n)]).ok()?;
+        if !ok {
+            return None;
+        }
+        Some(
+            out.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    /// The node among `nodes` that leads them: all of them name it, it says it is the
+    /// leader, and all serve writes (None until then).
+    pub fn leader_among(&self, nodes: &[usize]) -> Option<usize> {
+        let mut leader = None;
+        for &n in nodes {
+            let s = self.status(n)?;
+            if s.get("serving_writes").map(String::as_str) != Some("true") {
+                return None;
+            }
+            let l: usize = s.get("leader")?.parse().ok()?;
+            if l == 0 || leader.is_some_and(|x| x != l) || !nodes.contains(&l) {
+                return None;
+            }
+            if l == n && s.get("role").map(String::as_str) != Some("leader") {
+                return None;
+            }
+            leader = Some(l);
+        }
+        leader
+    }
+
+    /// Stops every node (SIGTERM) and starts them all again with their data, waiting
+    /// until each is ready.
+    pub fn restart_all(&self) -> anyhow::Result<()> {
+        self.launcher(&["down"])?;
+        let users_file = self.dir.path().join("users.csv");
+        self.launcher(&[
+            "up",
+            "--nodes",
+            &self.nodes.to_string(),
+            "--users",
+            users_file.to_str().unwrap_or_default(),
+        ])
+        .map(|_| ())
+    }
+
+    /// Deletes node n's data (it must be stopped).
+    pub fn wipe(&self, n: usize) -> anyhow::Result<()> {
+        let dir = self.run_dir().join(format!("node{n}"));
+        std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))
+    }
+
     pub fn kill(&self, n: usize) -> anyhow::Result<()> {
         self.launcher(&["kill", &n.to_string()]).map(|_| ())
     }
@@ -225,27 +298,8 @@ pub struct Sipp<'a> {
     pub transport: &'a str,
 }
 
-impl Sipp<'_> {
-    pub fn run(&self) -> anyhow::Result<SippRun> {
-        let scenario = repo_root().join("tests/sipp").join(self.scenario);
-        let out = Command::new("sipp")
-            .arg(self.target.to_string())
-            .arg("-sf")
-            .arg(&scenario)
-            .arg("-inf")
-            .arg(self.inf)
-            .args(["-m", &self.calls.to_string()])
-            .args(["-r", &self.rate.to_string()])
-            .args(["-l", "100000"])
-            .args(["-i", &self.local_ip, "-p", "0"])
-            .args(["-t", self.transport])
-            .args(["-timeout", "120s", "-timeout_error"])
-            .args(["-buff_size", "4194304"])
-            .args(["-default_behaviors", "all,-abortunexp"])
-            .arg("-nostdin")
-            .current_dir(self.inf.parent().unwrap_or(Path::new(".")))
-            .output()
-            .context("running sipp")?;
+impl SippRun {
+    fn from_output(out: std::process::Output) -> SippRun {
         let output = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -259,12 +313,70 @@ impl Sipp<'_> {
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
                 .unwrap_or(0)
         };
-        Ok(SippRun {
+        SippRun {
             successful: count("Successful call"),
             failed: count("Failed call"),
             exit_ok: out.status.success(),
             output,
-        })
+        }
+    }
+
+    /// The last lines of SIPp's output, for assertion messages.
+    pub fn tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.output.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Sipp<'_> {
+    pub fn run(&self) -> anyhow::Result<SippRun> {
+        let out = self.command(&[]).output().context("running sipp")?;
+        Ok(SippRun::from_output(out))
+    }
+
+    /// Starts SIPp in the background with extra arguments (e.g. `-trace_logs`).
+    pub fn spawn(&self, extra: &[&str]) -> anyhow::Result<RunningSipp> {
+        let child = self
+            .command(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting sipp")?;
+        Ok(RunningSipp { child })
+    }
+
+    fn command(&self, extra: &[&str]) -> Command {
+        let scenario = repo_root().join("tests/sipp").join(self.scenario);
+        let mut cmd = Command::new("sipp");
+        cmd.arg(self.target.to_string())
+            .arg("-sf")
+            .arg(&scenario)
+            .arg("-inf")
+            .arg(self.inf)
+            .args(["-m", &self.calls.to_string()])
+            .args(["-r", &self.rate.to_string()])
+            .args(["-l", "100000"])
+            .args(["-i", &self.local_ip, "-p", "0"])
+            .args(["-t", self.transport])
+            .args(["-timeout", "120s", "-timeout_error"])
+            .args(["-buff_size", "4194304"])
+            .args(["-default_behaviors", "all,-abortunexp"])
+            .arg("-nostdin")
+            .args(extra)
+            .current_dir(self.inf.parent().unwrap_or(Path::new(".")));
+        cmd
+    }
+}
+
+/// A SIPp run in the background.
+pub struct RunningSipp {
+    child: std::process::Child,
+}
+
+impl RunningSipp {
+    pub fn wait(self) -> anyhow::Result<SippRun> {
+        let out = self.child.wait_with_output().context("waiting for sipp")?;
+        Ok(SippRun::from_output(out))
     }
 }
 

@@ -212,6 +212,9 @@ pub struct StorageSection {
     pub max_batch: usize,
     /// Batches one node has in flight at once.
     pub max_inflight: usize,
+    /// Log entries kept behind a snapshot, so a briefly absent node catches up from the
+    /// log instead of a whole snapshot.
+    pub log_kept_after_snapshot: u64,
 }
 
 impl Default for StorageSection {
@@ -221,6 +224,7 @@ impl Default for StorageSection {
             snapshot_every: 10_000,
             max_batch: 1024,
             max_inflight: 8,
+            log_kept_after_snapshot: 1000,
         }
     }
 }
@@ -339,7 +343,10 @@ impl Config {
     fn validate_cluster(&self) -> Result<(), String> {
         let c = &self.cluster;
         if c.id.is_empty() || !c.id.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(format!("cluster.id: '{}' must be printable ASCII without spaces", c.id));
+            return Err(format!(
+                "cluster.id: '{}' must be printable ASCII without spaces",
+                c.id
+            ));
         }
         if c.heartbeat_ms == 0 {
             return Err("cluster.heartbeat_ms: must be > 0".into());
@@ -368,7 +375,10 @@ impl Config {
                 return Err(format!("cluster.members: id {} is listed twice", m.id));
             }
             if !peers.insert(m.peer) {
-                return Err(format!("cluster.members: peer address {} is listed twice", m.peer));
+                return Err(format!(
+                    "cluster.members: peer address {} is listed twice",
+                    m.peer
+                ));
             }
         }
         if let Some(me) = c.members.iter().find(|m| m.id == self.node.id) {
@@ -387,7 +397,11 @@ impl Config {
     /// Where the peer link listens.
     pub fn peer_addr(&self) -> SocketAddr {
         self.node.peer_addr.unwrap_or_else(|| {
-            let port = if self.node.sip_addr.port() == 0 { 0 } else { 7001 };
+            let port = if self.node.sip_addr.port() == 0 {
+                0
+            } else {
+                7001
+            };
             SocketAddr::new(self.node.sip_addr.ip(), port)
         })
     }
@@ -421,6 +435,7 @@ impl Config {
             snapshot_every: self.storage.snapshot_every,
             max_batch: self.storage.max_batch,
             max_inflight: self.storage.max_inflight,
+            log_kept_after_snapshot: self.storage.log_kept_after_snapshot,
             write_timeout: Duration::from_millis(c.write_timeout_ms),
             connect_timeout: Duration::from_millis(c.heartbeat_ms.max(500)),
         }

@@ -43,6 +43,8 @@ pub struct ClusterConfig {
     pub max_batch: usize,
     /// Batches a node has in flight at once.
     pub max_inflight: usize,
+    /// Log entries kept behind a snapshot.
+    pub log_kept_after_snapshot: u64,
     /// How long a write may wait for a leader and a majority before it is refused.
     pub write_timeout: Duration,
     pub connect_timeout: Duration,
@@ -67,6 +69,7 @@ impl ClusterConfig {
             snapshot_every: 10_000,
             max_batch: 1024,
             max_inflight: 8,
+            log_kept_after_snapshot: 1000,
             write_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_millis(500),
         }
@@ -235,8 +238,7 @@ impl Shared {
             return Err(LeaderCommitError::NotLeader(m.current_leader));
         }
         command.stamp(unix_ms());
-        match tokio::time::timeout(self.config.write_timeout, self.raft.client_write(command))
-            .await
+        match tokio::time::timeout(self.config.write_timeout, self.raft.client_write(command)).await
         {
             Ok(Ok(resp)) => Ok(resp.data),
             Ok(Err(OpenraftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
@@ -291,7 +293,12 @@ impl Shared {
                     let remaining = deadline.saturating_duration_since(Instant::now());
                     match self
                         .pool
-                        .forward(id, &leader.peer_addr, bytes, remaining.max(Duration::from_millis(1)))
+                        .forward(
+                            id,
+                            &leader.peer_addr,
+                            bytes,
+                            remaining.max(Duration::from_millis(1)),
+                        )
                         .await
                     {
                         Ok(reply) => match reply.result {
@@ -303,11 +310,13 @@ impl Shared {
                                 last_error = format!("node {id} is no longer the leader");
                             }
                         },
-                        Err(RaftError::Unavailable(e)) if e.contains("transport error") => {
-                            // Could not connect: nothing was sent.
-                            last_error = e;
+                        Err(s) if s.code() == tonic::Code::Unavailable => {
+                            // The leader is gone or unreachable; nothing was delivered.
+                            last_error = format!("leader {id} unreachable: {}", s.message());
                         }
-                        Err(e) => return Err(e.to_string()),
+                        Err(s) => {
+                            return Err(format!("leader {id}: {}: {}", s.code(), s.message()))
+                        }
                     }
                 }
                 None => {}
@@ -317,11 +326,9 @@ impl Shared {
                 return Err(last_error);
             }
             // Wait for the leader to change (or poll again shortly).
-            let _ = tokio::time::timeout(
-                remaining.min(Duration::from_millis(100)),
-                metrics.changed(),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(remaining.min(Duration::from_millis(100)), metrics.changed())
+                    .await;
         }
     }
 }
@@ -366,7 +373,7 @@ impl Cluster {
             install_snapshot_timeout: 10_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             snapshot_max_chunk_size: 4 << 20,
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: config.log_kept_after_snapshot,
             // Entries are batches of up to max_batch commands: keep messages bounded.
             max_payload_entries: 32,
             ..Default::default()
@@ -378,6 +385,7 @@ impl Cluster {
                 cluster_id: config.cluster_id.clone(),
                 node_id: config.node_id,
             },
+            (!config.listen.ip().is_unspecified()).then_some(config.listen.ip()),
             config.connect_timeout,
             config.write_timeout,
         )?;
@@ -405,7 +413,8 @@ impl Cluster {
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(PeerService::server(shared.clone()));
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tokio::spawn(async move {
             if let Err(e) = server.serve_with_incoming(incoming).await {
                 tracing::error!(error = %e, "peer link server stopped");
@@ -449,7 +458,12 @@ impl Cluster {
 
     /// The applied state (local read: every node answers for every user).
     pub fn read(&self) -> StateGuard<'_> {
-        StateGuard(self.shared.applied.read().unwrap_or_else(|e| e.into_inner()))
+        StateGuard(
+            self.shared
+                .applied
+                .read()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
     pub fn stats(&self) -> &Arc<CommitStats> {
@@ -486,7 +500,12 @@ impl Cluster {
 
     /// Adds a node as a learner (it catches up from the log or a snapshot); call on the
     /// leader. Returns once the learner has caught up when `wait` is set.
-    pub async fn add_learner(&self, id: NodeId, member: Member, wait: bool) -> Result<(), RaftError> {
+    pub async fn add_learner(
+        &self,
+        id: NodeId,
+        member: Member,
+        wait: bool,
+    ) -> Result<(), RaftError> {
         self.shared
             .raft
             .add_learner(id, member, wait)
@@ -563,7 +582,8 @@ async fn submit(shared: &Shared, batch: Vec<Proposal>) {
                 other => {
                     tracing::error!(?other, n, "batch answered with a mismatched response");
                     for reply in replies {
-                        let _ = reply.send(Err(RaftError::Raft("mismatched batch response".into())));
+                        let _ =
+                            reply.send(Err(RaftError::Raft("mismatched batch response".into())));
                     }
                 }
             }

@@ -62,6 +62,9 @@ pub type PeerClient = PeerLinkClient<InterceptedService<Channel, IdentityInterce
 #[derive(Clone)]
 pub struct PeerPool {
     identity: Identity,
+    /// Source address of outgoing peer connections: the node's own peer IP, so peers
+    /// (and firewalls) see where a connection really comes from.
+    local_ip: Option<std::net::IpAddr>,
     interceptor: IdentityInterceptor,
     connect_timeout: Duration,
     request_timeout: Duration,
@@ -71,6 +74,7 @@ pub struct PeerPool {
 impl PeerPool {
     pub fn new(
         identity: Identity,
+        local_ip: Option<std::net::IpAddr>,
         connect_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<PeerPool, RaftError> {
@@ -84,6 +88,7 @@ impl PeerPool {
         };
         Ok(PeerPool {
             identity,
+            local_ip,
             interceptor,
             connect_timeout,
             request_timeout,
@@ -111,6 +116,7 @@ impl PeerPool {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| RaftError::Config(format!("peer address {addr:?}: {e}")))?
             .connect_timeout(self.connect_timeout)
+            .local_address(self.local_ip)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
@@ -135,7 +141,12 @@ impl PeerPool {
         let reply = client
             .handshake(req)
             .await
-            .map_err(|s| RaftError::Transport(format!("handshake with node {id} at {addr}: {}", s.message())))?
+            .map_err(|s| {
+                RaftError::Transport(format!(
+                    "handshake with node {id} at {addr}: {}",
+                    s.message()
+                ))
+            })?
             .into_inner();
         if reply.cluster_id != self.identity.cluster_id {
             return Err(RaftError::Transport(format!(
@@ -158,22 +169,22 @@ impl PeerPool {
         Ok(reply)
     }
 
-    /// Hands an encoded command to the leader.
+    /// Hands an encoded command to the leader. A `tonic::Status` with code
+    /// `UNAVAILABLE` means the request never reached it (connection refused or lost
+    /// before sending); any other failure leaves the outcome unknown.
     pub async fn forward(
         &self,
         id: NodeId,
         addr: &str,
         command: Vec<u8>,
         timeout: Duration,
-    ) -> Result<ForwardReply, RaftError> {
-        let mut client = self.client(id, addr)?;
+    ) -> Result<ForwardReply, tonic::Status> {
+        let mut client = self
+            .client(id, addr)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let mut req = tonic::Request::new(ForwardRequest { command });
         req.set_timeout(timeout);
-        client
-            .forward(req)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| RaftError::Unavailable(format!("leader {id} at {addr}: {}", s.message())))
+        client.forward(req).await.map(|r| r.into_inner())
     }
 }
 
@@ -198,7 +209,12 @@ type RpcResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<NodeId, Member, OpenraftError<NodeId, E>>>;
 
 impl PeerConnection {
-    async fn call<Req, Resp, E>(&mut self, kind: RpcKind, rpc: &Req, option: &RPCOption) -> RpcResult<Resp, E>
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: RpcKind,
+        rpc: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -208,7 +224,8 @@ impl PeerConnection {
             Ok(c) => c,
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Msg(e.to_string())))),
         };
-        let payload = bincode::serialize(rpc).map_err(|e| RPCError::Network(NetworkError::new(&*e)))?;
+        let payload =
+            bincode::serialize(rpc).map_err(|e| RPCError::Network(NetworkError::new(&*e)))?;
         let mut req = tonic::Request::new(RaftPayload { payload });
         req.set_timeout(option.hard_ttl());
         let reply = match kind {
@@ -252,7 +269,11 @@ fn status_to_rpc_error<E: std::error::Error>(
     match s.code() {
         tonic::Code::Unavailable | tonic::Code::FailedPrecondition => {
             if s.code() == tonic::Code::FailedPrecondition {
-                tracing::error!(target_node = target, reason = s.message(), "peer refused us");
+                tracing::error!(
+                    target_node = target,
+                    reason = s.message(),
+                    "peer refused us"
+                );
             }
             RPCError::Unreachable(Unreachable::new(&msg))
         }

@@ -74,10 +74,7 @@ mod tests {
         let r = s.take();
         assert_eq!((r.batches, r.commands), (100, 1000));
         assert_eq!(r.commit_p50_us, 64, "50 µs falls in the 32..64 bucket");
-        assert_eq!(
-            r.commit_p99_us, 4096,
-            "3 ms falls in the 2048..4096 bucket"
-        );
+        assert_eq!(r.commit_p99_us, 4096, "3 ms falls in the 2048..4096 bucket");
         assert_eq!(s.take().batches, 0, "take resets");
     }
 }

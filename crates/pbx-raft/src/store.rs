@@ -187,7 +187,10 @@ impl RaftLogStorage<TypeConfig> for LogStorage {
     {
         let mut raw = Vec::new();
         for e in entries {
-            raw.push((e.log_id.index, encode(&e).map_err(StorageIOError::write_logs)?));
+            raw.push((
+                e.log_id.index,
+                encode(&e).map_err(StorageIOError::write_logs)?,
+            ));
         }
         let store = self.store.clone();
         // `append` returns only after flush + fsync: the callback is the acknowledgement.
@@ -429,9 +432,7 @@ mod tests {
     struct Builder;
 
     impl StoreBuilder<TypeConfig, LogStorage, StateMachineStore, tempfile::TempDir> for Builder {
-        async fn build(
-            &self,
-        ) -> StorageResult<(tempfile::TempDir, LogStorage, StateMachineStore)> {
+        async fn build(&self) -> StorageResult<(tempfile::TempDir, LogStorage, StateMachineStore)> {
             let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
             let store = Arc::new(
                 SledStore::open(dir.path(), 8 << 20)

@@ -171,9 +171,7 @@ impl Command {
     /// node happened to receive the REGISTER.
     pub fn stamp(&mut self, now_ms: u64) {
         match self {
-            Command::Register {
-                now_ms: at, op, ..
-            } => {
+            Command::Register { now_ms: at, op, .. } => {
                 *at = now_ms;
                 if let RegisterOp::Update(updates) = op {
                     for u in updates {

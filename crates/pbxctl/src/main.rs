@@ -164,6 +164,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for c in resp.header_values(&HeaderName::Contact) {
                 println!("Contact: {c}");
             }
+            if let Some(r) = resp.header(&HeaderName::RetryAfter) {
+                println!("Retry-After: {r}");
+            }
             Ok(if status == 200 {
                 ExitCode::SUCCESS
             } else {

@@ -1,0 +1,449 @@
+//! The Raft-replicated cluster with real processes: three pbxd nodes started by the
+//! launcher on their own 127.0.x.0/24, driven by SIPp, faults by SIGKILL, wiping a
+//! node's data, nftables partitions and a full restart.
+//!
+//! The invariant every test checks: a REGISTER that got a 200 is on every surviving
+//! node (SIPp's REGISTER and query scenarios against each node).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pbx_tests::{require_tool, wait_for, LocalCluster, Sipp, SippRun, Users};
+
+const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]\n";
+
+fn sipp<'a>(
+    c: &LocalCluster,
+    scenario: &'a str,
+    inf: &'a Path,
+    node: usize,
+    calls: usize,
+    rate: usize,
+    client: u8,
+) -> Sipp<'a> {
+    Sipp {
+        scenario,
+        target: c.node_addr(node),
+        local_ip: c.client_ip(client),
+        inf,
+        calls,
+        rate,
+        transport: "u1",
+    }
+}
+
+fn csv(c: &LocalCluster, name: &str, users: impl IntoIterator<Item = usize>) -> PathBuf {
+    let dir = c.dir.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("users.csv");
+    Users::write_sipp_csv_for(
+        &p,
+        "pbx.test",
+        &format!("{}:5099", c.client_ip(99)),
+        3600,
+        users,
+    )
+    .unwrap();
+    p
+}
+
+fn assert_all_ok(run: &SippRun, n: usize, what: &str) {
+    assert!(
+        run.exit_ok && run.successful == n as u64 && run.failed == 0,
+        "{what}: {} ok, {} failed of {n}\n{}",
+        run.successful,
+        run.failed,
+        run.tail(40)
+    );
+}
+
+/// Every user in `users` has a binding when queried through `node` (SIPp's query
+/// scenario fails a call whose 200 lists no Contact).
+fn assert_bound_on(c: &LocalCluster, node: usize, users: &BTreeSet<usize>, tag: &str) {
+    if users.is_empty() {
+        return;
+    }
+    let inf = csv(c, &format!("query-{tag}-n{node}"), users.iter().copied());
+    let run = sipp(
+        c,
+        "query_auth.xml",
+        &inf,
+        node,
+        users.len(),
+        1000,
+        150 + node as u8,
+    )
+    .run()
+    .unwrap();
+    assert_all_ok(
+        &run,
+        users.len(),
+        &format!("query of {} users through node {node}", users.len()),
+    );
+}
+
+/// Users SIPp logged as registered (`-trace_logs` files in `dir`).
+fn acknowledged(dir: &Path) -> BTreeSet<usize> {
+    let mut out = BTreeSet::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.ends_with("_logs.log") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        for w in text.split_whitespace() {
+            if let Some(n) = w.strip_prefix('u').and_then(|d| d.parse::<usize>().ok()) {
+                out.insert(n);
+            }
+        }
+    }
+    out
+}
+
+/// Waits until the given nodes have applied the same index and hold the same bindings.
+fn wait_converged(c: &LocalCluster, nodes: &[usize], timeout: Duration) {
+    wait_for(&format!("nodes {nodes:?} to converge"), timeout, || {
+        let st: Vec<_> = nodes.iter().map(|&n| c.status(n)).collect::<Option<_>>()?;
+        let applied: BTreeSet<&String> = st.iter().filter_map(|s| s.get("applied")).collect();
+        let bindings: BTreeSet<&String> = st.iter().filter_map(|s| s.get("bindings")).collect();
+        (applied.len() == 1 && bindings.len() == 1).then_some(())
+    })
+    .unwrap();
+}
+
+fn bindings_on(c: &LocalCluster, node: usize) -> usize {
+    c.status(node)
+        .and_then(|s| s.get("bindings")?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn registered_through_node_1_found_through_node_3() {
+    require_tool("sipp", "sip-tester");
+    let users = Users { count: 1000 };
+    let c = LocalCluster::up(31, 3, &users, MD5_ONLY).unwrap();
+    let inf = csv(&c, "reg", 1..=1000);
+    let run = sipp(&c, "reg_auth.xml", &inf, 1, 1000, 1000, 201)
+        .run()
+        .unwrap();
+    assert_all_ok(&run, 1000, "REGISTER through node 1");
+    let all: BTreeSet<usize> = (1..=1000).collect();
+    // Lookups are local reads: node 3 answers from its own applied state, right away.
+    assert_bound_on(&c, 3, &all, "all");
+    assert_bound_on(&c, 2, &all, "all");
+    wait_converged(&c, &[1, 2, 3], Duration::from_secs(10));
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Victim {
+    Leader,
+    Follower,
+}
+
+/// The failover harness: a steady authenticated REGISTER load spread over the three
+/// nodes (each user registers once, so "bound" proves "kept"), the victim SIGKILLed
+/// mid-run, then: every REGISTER that got a 200 is on both survivors, a leader serves
+/// again, survivors' failures stay within the election window, the victim restarts and
+/// catches up. Rounds: PBX_FAILOVER_ROUNDS (default 1).
+fn kill_under_load(slot: u8, victim: Victim) {
+    require_tool("sipp", "sip-tester");
+    let rounds: usize = std::env::var("PBX_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let per_node = 2500;
+    let rate = 250;
+    let users = Users {
+        count: per_node * 3 * rounds,
+    };
+    let c = LocalCluster::up(slot, 3, &users, MD5_ONLY).unwrap();
+    for round in 0..rounds {
+        let base = round * per_node * 3;
+        let leader = wait_for("a leader", Duration::from_secs(30), || {
+            c.leader_among(&[1, 2, 3])
+        })
+        .unwrap();
+        let killed = match victim {
+            Victim::Leader => leader,
+            Victim::Follower => (1..=3).find(|&n| n != leader).unwrap(),
+        };
+        let survivors: Vec<usize> = (1..=3).filter(|&n| n != killed).collect();
+        let before = bindings_on(&c, leader);
+
+        let mut running = Vec::new();
+        let mut dirs = Vec::new();
+        for node in 1..=3usize {
+            let first = base + (node - 1) * per_node + 1;
+            let inf = csv(
+                &c,
+                &format!("load-r{round}-n{node}"),
+                first..first + per_node,
+            );
+            dirs.push(inf.parent().unwrap().to_path_buf());
+            let s = sipp(
+                &c,
+                "reg_auth.xml",
+                &inf,
+                node,
+                per_node,
+                rate,
+                200 + node as u8,
+            );
+            running.push((node, s.spawn(&["-trace_logs"]).unwrap()));
+        }
+        // Kill once the load is well under way (state, not time: ~20% registered).
+        wait_for("load under way", Duration::from_secs(60), || {
+            (bindings_on(&c, leader) >= before + per_node * 3 / 5).then_some(())
+        })
+        .unwrap();
+        let killed_at = Instant::now();
+        c.kill(killed).unwrap();
+        let new_leader = wait_for(
+            "a leader among the survivors",
+            Duration::from_secs(30),
+            || c.leader_among(&survivors),
+        )
+        .unwrap();
+        let election = killed_at.elapsed();
+
+        let mut failed_on_survivors = 0;
+        for (node, r) in running {
+            let run = r.wait().unwrap();
+            eprintln!(
+                "round {round} node {node}{}: {} ok, {} failed",
+                if node == killed { " (killed)" } else { "" },
+                run.successful,
+                run.failed
+            );
+            if node != killed {
+                failed_on_survivors += run.failed;
+            }
+        }
+        let acked: BTreeSet<usize> = dirs.iter().flat_map(|d| acknowledged(d)).collect();
+        eprintln!(
+            "round {round}: {victim:?} node {killed} killed; node {new_leader} leads {} ms later; {} REGISTERs acknowledged; {failed_on_survivors} failed on survivors",
+            election.as_millis(),
+            acked.len()
+        );
+        assert!(
+            acked.len() > per_node,
+            "too few registrations acknowledged: {}",
+            acked.len()
+        );
+        // The promise: nothing acknowledged is lost.
+        for &n in &survivors {
+            assert_bound_on(&c, n, &acked, &format!("r{round}"));
+        }
+        // Failures only in the election window: at most what the survivors' load sent
+        // while there was no leader (plus the write timeout of requests caught in it).
+        let window = election + Duration::from_secs(4);
+        let bound = (window.as_secs_f64() * rate as f64 * 2.0) as u64;
+        match victim {
+            Victim::Follower => assert_eq!(failed_on_survivors, 0, "a follower's death must not fail writes elsewhere"),
+            Victim::Leader => assert!(
+                failed_on_survivors <= bound,
+                "{failed_on_survivors} failures on survivors, more than the election window explains ({bound})"
+            ),
+        }
+        // The killed node restarts with its data and catches up.
+        c.start(killed).unwrap();
+        wait_converged(&c, &[1, 2, 3], Duration::from_secs(30));
+        assert_bound_on(&c, killed, &acked, &format!("r{round}-restarted"));
+    }
+}
+
+#[test]
+fn leader_killed_under_load_loses_no_acknowledged_registration() {
+    kill_under_load(32, Victim::Leader);
+}
+
+#[test]
+fn follower_killed_under_load_loses_no_acknowledged_registration() {
+    kill_under_load(33, Victim::Follower);
+}
+
+#[test]
+fn wiped_node_catches_up_by_snapshot() {
+    require_tool("sipp", "sip-tester");
+    let users = Users { count: 2000 };
+    // Small snapshot interval so the log behind the wiped node is purged.
+    let extra = format!(
+        "{MD5_ONLY}[storage]\nsnapshot_every = 100\nmax_batch = 4\nlog_kept_after_snapshot = 0\n"
+    );
+    let c = LocalCluster::up(34, 3, &users, &extra).unwrap();
+    let inf = csv(&c, "reg1", 1..=1000);
+    let run = sipp(&c, "reg_auth.xml", &inf, 1, 1000, 500, 201)
+        .run()
+        .unwrap();
+    assert_all_ok(&run, 1000, "REGISTER before the wipe");
+    c.kill(3).unwrap();
+    c.wipe(3).unwrap();
+    let inf = csv(&c, "reg2", 1001..=2000);
+    let run = sipp(&c, "reg_auth.xml", &inf, 2, 1000, 500, 202)
+        .run()
+        .unwrap();
+    assert_all_ok(&run, 1000, "REGISTER while node 3 is away");
+    // The leader has snapshotted and purged the log the wiped node would need.
+    let leader = c.leader_among(&[1, 2]).unwrap();
+    wait_for("a snapshot on the leader", Duration::from_secs(30), || {
+        let s = c.status(leader)?;
+        (s.get("snapshot")?.parse::<u64>().ok()? > 0).then_some(())
+    })
+    .unwrap();
+    c.start(3).unwrap();
+    wait_converged(&c, &[1, 2, 3], Duration::from_secs(30));
+    assert!(
+        c.log(3).contains("snapshot installed"),
+        "node 3 should have caught up by snapshot:\n{}",
+        c.log(3)
+    );
+    let all: BTreeSet<usize> = (1..=2000).collect();
+    assert_bound_on(&c, 3, &all, "after-wipe");
+}
+
+/// Drops all traffic between node `n` and the other nodes (both directions) with an
+/// nftables table of this test's own; removed on drop.
+struct Partition {
+    table: String,
+}
+
+impl Partition {
+    fn isolate(c: &LocalCluster, slot: u8, n: usize) -> Partition {
+        let table = format!("pbx_test_{slot}");
+        let me = format!("{}.{}", c.prefix, 10 + n);
+        let others: Vec<String> = (1..=c.nodes)
+            .filter(|&m| m != n)
+            .map(|m| format!("{}.{}", c.prefix, 10 + m))
+            .collect();
+        let set = others.join(", ");
+        let rules = format!(
+            "table inet {table} {{\n chain output {{\n  type filter hook output priority 0; policy accept;\n  ip saddr {me} ip daddr {{ {set} }} drop\n  ip saddr {{ {set} }} ip daddr {me} drop\n }}\n}}\n"
+        );
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(
+            child.wait().unwrap().success(),
+            "nft refused the partition rules"
+        );
+        Partition { table }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
+    }
+}
+
+#[test]
+fn partitioned_node_answers_503_and_catches_up_after_healing() {
+    require_tool("sipp", "sip-tester");
+    require_tool("nft", "nftables");
+    let users = Users { count: 1500 };
+    let c = LocalCluster::up(35, 3, &users, MD5_ONLY).unwrap();
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        c.leader_among(&[1, 2, 3])
+    })
+    .unwrap();
+    // Cut off the leader: the hardest case (it must notice it lost the majority).
+    let cut = leader;
+    let majority: Vec<usize> = (1..=3).filter(|&n| n != cut).collect();
+    let partition = Partition::isolate(&c, 35, cut);
+    wait_for(
+        "the majority to elect a leader",
+        Duration::from_secs(30),
+        || c.leader_among(&majority),
+    )
+    .unwrap();
+    wait_for(
+        "the cut-off node to stop serving writes",
+        Duration::from_secs(30),
+        || (c.status(cut)?.get("serving_writes")? == "false").then_some(()),
+    )
+    .unwrap();
+    // The isolated node refuses writes with 503 + Retry-After, never a 200.
+    let (ok, out) = pbx_tests::pbxctl(&[
+        "register",
+        &c.node_addr(cut).to_string(),
+        "--user",
+        &Users::name(1),
+        "--password",
+        &Users::password(1),
+    ])
+    .unwrap();
+    assert!(
+        !ok && out.contains("503"),
+        "cut-off node must answer 503: {out}"
+    );
+    assert!(
+        out.contains("Retry-After"),
+        "503 must carry Retry-After: {out}"
+    );
+    // The majority keeps accepting registrations.
+    let inf = csv(&c, "during", 1..=1000);
+    let m1 = majority[0];
+    let run = sipp(&c, "reg_auth.xml", &inf, m1, 1000, 500, 201)
+        .run()
+        .unwrap();
+    assert_all_ok(&run, 1000, "REGISTER on the majority side");
+    // The cut-off node still answers lookups from its last applied state (none of
+    // these users were bound before the partition, so its answer is an empty 200).
+    let (_, out) = pbx_tests::pbxctl(&[
+        "register",
+        &c.node_addr(cut).to_string(),
+        "--user",
+        &Users::name(1),
+        "--password",
+        &Users::password(1),
+        "--query",
+    ])
+    .unwrap();
+    assert!(
+        out.starts_with("200"),
+        "lookups keep working when cut off: {out}"
+    );
+    drop(partition);
+    wait_converged(&c, &[1, 2, 3], Duration::from_secs(30));
+    let all: BTreeSet<usize> = (1..=1000).collect();
+    assert_bound_on(&c, cut, &all, "healed");
+    // And it takes writes again.
+    let inf = csv(&c, "after", 1001..=1500);
+    let run = sipp(&c, "reg_auth.xml", &inf, cut, 500, 500, 203)
+        .run()
+        .unwrap();
+    assert_all_ok(&run, 500, "REGISTER on the healed node");
+}
+
+#[test]
+fn full_restart_keeps_everything_committed() {
+    require_tool("sipp", "sip-tester");
+    let users = Users { count: 900 };
+    let c = LocalCluster::up(36, 3, &users, MD5_ONLY).unwrap();
+    for node in 1..=3usize {
+        let first = (node - 1) * 300 + 1;
+        let inf = csv(&c, &format!("reg-n{node}"), first..first + 300);
+        let run = sipp(&c, "reg_auth.xml", &inf, node, 300, 500, 200 + node as u8)
+            .run()
+            .unwrap();
+        assert_all_ok(&run, 300, &format!("REGISTER through node {node}"));
+    }
+    c.restart_all().unwrap();
+    let all: BTreeSet<usize> = (1..=900).collect();
+    for node in 1..=3 {
+        assert_bound_on(&c, node, &all, "restarted");
+    }
+}
