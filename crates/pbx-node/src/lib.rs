@@ -107,7 +107,7 @@ async fn bootstrap(config: Config, cluster: Cluster) {
                 return;
             }
             Err(e) => {
-                if attempt % 20 == 0 {
+                if attempt.is_multiple_of(20) {
                     tracing::info!(error = %e, "bootstrap waiting for the cluster");
                 }
                 attempt += 1;
