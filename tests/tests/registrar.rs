@@ -165,7 +165,11 @@ fn restart_keeps_every_acknowledged_binding() {
     c.kill(1).unwrap();
     assert!(!c.is_running(1));
     c.start(1).unwrap();
-    assert!(c.log(1).contains("state recovered"));
+    assert_eq!(
+        c.log(1).matches("raft started").count(),
+        2,
+        "the node started twice, the second time from its own data"
+    );
     assert_all_ok(
         &run_sipp(&c, "query_auth.xml", &inf, 1000, "u1"),
         1000,

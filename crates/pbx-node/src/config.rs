@@ -592,6 +592,49 @@ mod tests {
         let c = Config::load(&path).unwrap();
         assert_eq!(c.cluster.domain, "pbx.example.com");
         assert_eq!(c.node.aliases, vec!["pbx1.example.com".to_string()]);
+        let raft = c.cluster_config(c.node.sip_addr);
+        assert_eq!(raft.initial_members.len(), 3);
+        assert_eq!(raft.listen, "192.0.2.11:7001".parse().unwrap());
+        assert_eq!(raft.cluster_id, "pbx-example");
+    }
+
+    #[test]
+    fn cluster_members_are_checked() {
+        let m = |id: u64, host: u8| {
+            format!(
+                "{{ id = {id}, peer = \"127.0.0.{host}:7001\", sip = \"127.0.0.{host}:5060\" }}"
+            )
+        };
+        let cfg = |members: Vec<String>| {
+            format!(
+                "{MIN}[cluster]\ndomain = \"pbx.test\"\nmembers = [{}]\n",
+                members.join(", ")
+            )
+        };
+        // This node (id 1, SIP on 127.0.0.1) listed with its default peer address.
+        let c = parse(&cfg(vec![m(1, 1), m(2, 2), m(3, 3)])).unwrap();
+        assert_eq!(c.peer_addr(), "127.0.0.1:7001".parse().unwrap());
+        assert_eq!(c.cluster_config(c.node.sip_addr).initial_members.len(), 3);
+        let e = parse(&cfg(vec![m(1, 1), m(1, 2)])).unwrap_err();
+        assert!(e.contains("id 1 is listed twice"), "{e}");
+        let e = parse(&cfg(vec![m(1, 1), m(2, 1)])).unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = parse(&cfg(vec![m(1, 9), m(2, 2)])).unwrap_err();
+        assert!(e.contains("node.peer_addr"), "{e}");
+        let e = parse(&format!(
+            "{MIN}[cluster]\ndomain = \"d\"\nelection_timeout_min_ms = 300\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("cluster.election_timeout_min_ms"), "{e}");
+        let e = parse(&format!("{MIN}[cluster]\ndomain = \"d\"\nid = \"a b\"\n")).unwrap_err();
+        assert!(e.contains("cluster.id"), "{e}");
+        // Alone: the node is its own initial member.
+        let c = parse(MIN).unwrap();
+        let raft = c.cluster_config(c.node.sip_addr);
+        assert_eq!(
+            raft.initial_members.keys().copied().collect::<Vec<_>>(),
+            vec![1]
+        );
     }
 
     #[test]
