@@ -222,8 +222,8 @@ impl Default for StorageSection {
         StorageSection {
             cache_mb: 64,
             snapshot_every: 10_000,
-            max_batch: 1024,
-            max_inflight: 8,
+            max_batch: 512,
+            max_inflight: 4,
             log_kept_after_snapshot: 1000,
         }
     }

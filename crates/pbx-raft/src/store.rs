@@ -56,11 +56,46 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, AnyError> {
 #[derive(Clone)]
 pub struct LogStorage {
     store: Arc<SledStore>,
+    /// Appends waiting for an fsync (see [`flusher`]).
+    flusher: tokio::sync::mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
+}
+
+/// Makes appends durable in groups: every append written while one fsync runs shares
+/// the next, and openraft hears "flushed" only after it. Meanwhile openraft goes on
+/// replicating, so the leader's fsync overlaps the followers' (Raft allows this: an entry
+/// counts for the leader's vote only once flushed).
+async fn flusher(
+    store: Arc<SledStore>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut waiting = vec![first];
+        while let Ok(cb) = rx.try_recv() {
+            waiting.push(cb);
+        }
+        let s = store.clone();
+        let res = match tokio::task::spawn_blocking(move || s.sync()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "log fsync failed");
+        }
+        for cb in waiting {
+            cb.log_io_completed(res.clone().map_err(std::io::Error::other));
+        }
+    }
 }
 
 impl LogStorage {
+    /// Must be called inside a tokio runtime (it starts the flusher task).
     pub fn new(store: Arc<SledStore>) -> Self {
-        LogStorage { store }
+        let (flusher_tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(flusher(store.clone(), rx));
+        LogStorage {
+            store,
+            flusher: flusher_tx,
+        }
     }
 
     async fn meta<T: for<'de> Deserialize<'de> + Send + 'static>(
@@ -192,19 +227,15 @@ impl RaftLogStorage<TypeConfig> for LogStorage {
                 encode(&e).map_err(StorageIOError::write_logs)?,
             ));
         }
-        let store = self.store.clone();
-        // `append` returns only after flush + fsync: the callback is the acknowledgement.
-        let res = blocking(move || store.append(&raw)).await;
-        match res {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(StorageIOError::write_logs(e).into())
-            }
+        // Written now (readable at once), acknowledged by the flusher after the fsync
+        // that covers it.
+        self.store
+            .append_buffered(&raw)
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        if let Err(e) = self.flusher.send(callback) {
+            e.0.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
         }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {

@@ -26,7 +26,16 @@ pub enum StorageError {
 /// An append-only log of opaque entries with a snapshot and small metadata values.
 pub trait LogStore: Send + Sync {
     /// Appends entries (index, bytes). Durable on return.
-    fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError>;
+    fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
+        self.append_buffered(entries)?;
+        self.sync()
+    }
+    /// Appends entries without waiting for the disk: visible to reads at once, durable
+    /// after the next [`LogStore::sync`] (one sync covers every write before it, which
+    /// is how appends share an fsync).
+    fn append_buffered(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError>;
+    /// Makes every write so far durable (flush + fsync).
+    fn sync(&self) -> Result<(), StorageError>;
     /// Entries with `from <= index < to`, in order.
     fn entries_range(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
     /// Entries with index >= `from`, in order.
@@ -56,7 +65,7 @@ const SEGMENT_ENTRIES: u64 = 16_384;
 /// An entry this large gets a segment of its own. sled rewrites a whole leaf on every
 /// change to it, so a large value sharing a leaf with the log's tail would be copied
 /// again by every later append (measured: a 20 MB entry made the next appends 100 ms).
-const LARGE_ENTRY: usize = 32 * 1024;
+const LARGE_ENTRY: usize = 256 * 1024;
 
 /// One tree of the log: the index of its first entry, the tree, how many entries it got.
 struct Segment {
@@ -67,6 +76,19 @@ struct Segment {
 
 fn segment_name(first: u64) -> String {
     format!("log-{first:020}")
+}
+
+/// Removes the keys of `tree` in `range` in one batch.
+fn remove_range(
+    tree: &sled::Tree,
+    range: impl std::ops::RangeBounds<[u8; 8]>,
+) -> Result<(), StorageError> {
+    let keys: Vec<sled::IVec> = tree.range(range).keys().collect::<Result<_, _>>()?;
+    let mut batch = sled::Batch::default();
+    for k in keys {
+        batch.remove(k);
+    }
+    Ok(tree.apply_batch(batch)?)
 }
 
 fn index_of(key: &[u8]) -> Result<u64, StorageError> {
@@ -136,15 +158,6 @@ impl SledStore {
         })
     }
 
-    fn sync(&self) -> Result<(), StorageError> {
-        self.db.flush()?;
-        let f = self.db_file.lock().unwrap_or_else(|e| e.into_inner());
-        f.sync_data().map_err(|source| StorageError::Io {
-            path: self.db_path.clone(),
-            source,
-        })
-    }
-
     /// Bytes sled reports on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
@@ -158,7 +171,16 @@ impl SledStore {
 }
 
 impl LogStore for SledStore {
-    fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
+    fn sync(&self) -> Result<(), StorageError> {
+        self.db.flush()?;
+        let f = self.db_file.lock().unwrap_or_else(|e| e.into_inner());
+        f.sync_data().map_err(|source| StorageError::Io {
+            path: self.db_path.clone(),
+            source,
+        })
+    }
+
+    fn append_buffered(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
         let Some((first, _)) = entries.first() else {
             return Ok(());
         };
@@ -185,7 +207,7 @@ impl LogStore for SledStore {
                 seg.count = seg.count.max(SEGMENT_ENTRIES);
             }
         }
-        self.sync()
+        Ok(())
     }
 
     fn entries_range(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
@@ -218,16 +240,7 @@ impl LogStore for SledStore {
                 self.db.drop_tree(segment_name(seg.first))?;
             }
             if let Some(seg) = segs.last_mut() {
-                let keys: Vec<sled::IVec> = seg
-                    .tree
-                    .range(from.to_be_bytes()..)
-                    .keys()
-                    .collect::<Result<_, _>>()?;
-                let mut batch = sled::Batch::default();
-                for k in keys {
-                    batch.remove(k);
-                }
-                seg.tree.apply_batch(batch)?;
+                remove_range(&seg.tree, from.to_be_bytes()..)?;
             }
         }
         self.sync()
@@ -274,16 +287,7 @@ impl LogStore for SledStore {
         // segment's worth).
         if let Some(seg) = segs.first() {
             if seg.first <= index {
-                let keys: Vec<sled::IVec> = seg
-                    .tree
-                    .range(..=index.to_be_bytes())
-                    .keys()
-                    .collect::<Result<_, _>>()?;
-                let mut batch = sled::Batch::default();
-                for k in keys {
-                    batch.remove(k);
-                }
-                seg.tree.apply_batch(batch)?;
+                remove_range(&seg.tree, ..=index.to_be_bytes())?;
             }
         }
         // Purging is not an acknowledgement: no fsync needed, the next append makes it
