@@ -380,6 +380,17 @@ impl RunningSipp {
     }
 }
 
+/// Asserts SIPp exited cleanly with exactly `n` successful calls and no failed one.
+pub fn assert_all_ok(run: &SippRun, n: usize, what: &str) {
+    assert!(
+        run.exit_ok && run.successful == n as u64 && run.failed == 0,
+        "{what}: {} ok, {} failed of {n}\n{}",
+        run.successful,
+        run.failed,
+        run.tail(40)
+    );
+}
+
 /// Runs pbxctl and returns (exit success, stdout).
 pub fn pbxctl(args: &[&str]) -> anyhow::Result<(bool, String)> {
     let out = Command::new(bin("pbxctl"))

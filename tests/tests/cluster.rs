@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pbx_tests::{require_tool, wait_for, LocalCluster, Sipp, SippRun, Users};
+use pbx_tests::{assert_all_ok, require_tool, wait_for, LocalCluster, Sipp, Users};
 
 const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]\n";
 
@@ -47,16 +47,6 @@ fn csv(c: &LocalCluster, name: &str, users: impl IntoIterator<Item = usize>) -> 
     )
     .unwrap();
     p
-}
-
-fn assert_all_ok(run: &SippRun, n: usize, what: &str) {
-    assert!(
-        run.exit_ok && run.successful == n as u64 && run.failed == 0,
-        "{what}: {} ok, {} failed of {n}\n{}",
-        run.successful,
-        run.failed,
-        run.tail(40)
-    );
 }
 
 /// Every user in `users` has a binding when queried through `node` (SIPp's query
@@ -349,6 +339,22 @@ impl Drop for Partition {
     }
 }
 
+/// `pbxctl register` of user 1 through `node` (exit success, output).
+fn register_user_1(c: &LocalCluster, node: usize, extra: &[&str]) -> (bool, String) {
+    let target = c.node_addr(node).to_string();
+    let (name, password) = (Users::name(1), Users::password(1));
+    let mut args = vec![
+        "register",
+        &target,
+        "--user",
+        &name,
+        "--password",
+        &password,
+    ];
+    args.extend_from_slice(extra);
+    pbx_tests::pbxctl(&args).unwrap()
+}
+
 #[test]
 fn partitioned_node_answers_503_and_catches_up_after_healing() {
     require_tool("sipp", "sip-tester");
@@ -376,15 +382,7 @@ fn partitioned_node_answers_503_and_catches_up_after_healing() {
     )
     .unwrap();
     // The isolated node refuses writes with 503 + Retry-After, never a 200.
-    let (ok, out) = pbx_tests::pbxctl(&[
-        "register",
-        &c.node_addr(cut).to_string(),
-        "--user",
-        &Users::name(1),
-        "--password",
-        &Users::password(1),
-    ])
-    .unwrap();
+    let (ok, out) = register_user_1(&c, cut, &[]);
     assert!(
         !ok && out.contains("503"),
         "cut-off node must answer 503: {out}"
@@ -402,16 +400,7 @@ fn partitioned_node_answers_503_and_catches_up_after_healing() {
     assert_all_ok(&run, 1000, "REGISTER on the majority side");
     // The cut-off node still answers lookups from its last applied state (none of
     // these users were bound before the partition, so its answer is an empty 200).
-    let (_, out) = pbx_tests::pbxctl(&[
-        "register",
-        &c.node_addr(cut).to_string(),
-        "--user",
-        &Users::name(1),
-        "--password",
-        &Users::password(1),
-        "--query",
-    ])
-    .unwrap();
+    let (_, out) = register_user_1(&c, cut, &["--query"]);
     assert!(
         out.starts_with("200"),
         "lookups keep working when cut off: {out}"

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use pbx_tests::{pbxctl, require_tool, wait_for, LocalCluster, Sipp, Users};
+use pbx_tests::{assert_all_ok, pbxctl, require_tool, wait_for, LocalCluster, Sipp, Users};
 
 const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]\n";
 
@@ -41,21 +41,6 @@ fn run_sipp(
     }
     .run()
     .unwrap()
-}
-
-fn assert_all_ok(run: &pbx_tests::SippRun, n: u64, what: &str) {
-    assert!(
-        run.exit_ok && run.successful == n && run.failed == 0,
-        "{what}: {} ok, {} failed\n{}",
-        run.successful,
-        run.failed,
-        run.output
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
 }
 
 /// Register → refresh → query → unregister → query-empty, 1,000 users, one transport.

@@ -50,32 +50,6 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
 }
 
-impl ClusterConfig {
-    /// A single-member cluster, for tests and the one-node launcher.
-    pub fn single(node_id: NodeId, listen: SocketAddr, sip_addr: &str) -> ClusterConfig {
-        let member = Member {
-            peer_addr: listen.to_string(),
-            sip_addr: sip_addr.to_string(),
-        };
-        ClusterConfig {
-            node_id,
-            cluster_id: "pbx".into(),
-            member: member.clone(),
-            listen,
-            initial_members: BTreeMap::from([(node_id, member)]),
-            heartbeat: Duration::from_millis(200),
-            election_timeout_min: Duration::from_millis(1000),
-            election_timeout_max: Duration::from_millis(2000),
-            snapshot_every: 10_000,
-            max_batch: 512,
-            max_inflight: 4,
-            log_kept_after_snapshot: 1000,
-            write_timeout: Duration::from_secs(3),
-            connect_timeout: Duration::from_millis(500),
-        }
-    }
-}
-
 /// One node's Raft role and progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeStatus {
@@ -179,6 +153,10 @@ impl Shared {
         self.raft.metrics().borrow().clone()
     }
 
+    fn current_leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
     /// The leader lease: how long after the last sign of a majority a node still counts
     /// itself as able to commit.
     fn lease_ms(&self) -> u64 {
@@ -233,9 +211,9 @@ impl Shared {
         &self,
         mut command: Command,
     ) -> Result<Response, LeaderCommitError> {
-        let m = self.metrics();
-        if m.current_leader != Some(self.config.node_id) {
-            return Err(LeaderCommitError::NotLeader(m.current_leader));
+        let leader = self.current_leader();
+        if leader != Some(self.config.node_id) {
+            return Err(LeaderCommitError::NotLeader(leader));
         }
         command.stamp(unix_ms());
         match tokio::time::timeout(self.config.write_timeout, self.raft.client_write(command)).await
@@ -266,8 +244,18 @@ impl Shared {
         let mut encoded: Option<Vec<u8>> = None;
         let mut last_error = String::from("no leader elected");
         loop {
-            let m = metrics.borrow_and_update().clone();
-            match m.current_leader {
+            // Only the leader and its address, not a copy of all metrics per batch.
+            let (leader, leader_addr) = {
+                let m = metrics.borrow_and_update();
+                let addr = m.current_leader.and_then(|id| {
+                    m.membership_config
+                        .membership()
+                        .get_node(&id)
+                        .map(|n| n.peer_addr.clone())
+                });
+                (m.current_leader, addr)
+            };
+            match leader {
                 Some(id) if id == self.config.node_id => {
                     match self.commit_as_leader(command.clone()).await {
                         Ok(r) => return Ok(r),
@@ -278,8 +266,7 @@ impl Shared {
                     }
                 }
                 Some(id) => {
-                    let Some(leader) = m.membership_config.membership().get_node(&id).cloned()
-                    else {
+                    let Some(leader_addr) = leader_addr else {
                         return Err(format!("leader {id} is not in the membership"));
                     };
                     let bytes = match &encoded {
@@ -295,7 +282,7 @@ impl Shared {
                         .pool
                         .forward(
                             id,
-                            &leader.peer_addr,
+                            &leader_addr,
                             bytes,
                             remaining.max(Duration::from_millis(1)),
                         )
@@ -475,7 +462,7 @@ impl Cluster {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.shared.metrics().current_leader == Some(self.shared.config.node_id)
+        self.shared.current_leader() == Some(self.shared.config.node_id)
     }
 
     /// Whether a write sent here now would be committed (leader with a recent majority,
@@ -492,10 +479,6 @@ impl Cluster {
     /// Marks the node's start-up writes as done (see [`NodeStatus::ready`]).
     pub fn set_ready(&self) {
         self.shared.ready.store(true, Ordering::Relaxed);
-    }
-
-    pub fn raft(&self) -> &Raft {
-        &self.shared.raft
     }
 
     /// Adds a node as a learner (it catches up from the log or a snapshot); call on the
@@ -575,8 +558,8 @@ async fn submit(shared: &Shared, batch: Vec<Proposal>) {
                     }
                 }
                 r if n == 1 => {
-                    for reply in replies {
-                        let _ = reply.send(Ok(r.clone()));
+                    if let Some(reply) = replies.into_iter().next() {
+                        let _ = reply.send(Ok(r));
                     }
                 }
                 other => {

@@ -96,14 +96,6 @@ impl PeerPool {
         })
     }
 
-    pub fn identity(&self) -> &Identity {
-        &self.identity
-    }
-
-    pub fn request_timeout(&self) -> Duration {
-        self.request_timeout
-    }
-
     /// The client for a peer at `addr`; the channel is created on first use and kept
     /// (tonic reconnects it), replaced only when the peer's address changes.
     pub fn client(&self, id: NodeId, addr: &str) -> Result<PeerClient, RaftError> {
@@ -267,16 +259,15 @@ fn status_to_rpc_error<E: std::error::Error>(
 ) -> RPCError<NodeId, Member, OpenraftError<NodeId, E>> {
     let msg = Msg(format!("node {target}: {}: {}", s.code(), s.message()));
     match s.code() {
-        tonic::Code::Unavailable | tonic::Code::FailedPrecondition => {
-            if s.code() == tonic::Code::FailedPrecondition {
-                tracing::error!(
-                    target_node = target,
-                    reason = s.message(),
-                    "peer refused us"
-                );
-            }
+        tonic::Code::FailedPrecondition => {
+            tracing::error!(
+                target_node = target,
+                reason = s.message(),
+                "peer refused us"
+            );
             RPCError::Unreachable(Unreachable::new(&msg))
         }
+        tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&msg)),
         _ => RPCError::Network(NetworkError::new(&msg)),
     }
 }

@@ -189,18 +189,6 @@ impl Command {
             | Command::SweepExpired { .. } => {}
         }
     }
-
-    /// Number of client commands inside (a batch counts its members).
-    pub fn len(&self) -> usize {
-        match self {
-            Command::Batch(list) => list.len(),
-            _ => 1,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        matches!(self, Command::Batch(list) if list.is_empty())
-    }
 }
 
 /// The dialplan as committed: its source text and version (1, 2, … in commit order).

@@ -312,6 +312,11 @@ impl LogStore for SledStore {
 mod tests {
     use super::*;
 
+    /// The indexes of a list of entries.
+    fn idx(v: Vec<(u64, Vec<u8>)>) -> Vec<u64> {
+        v.into_iter().map(|e| e.0).collect()
+    }
+
     /// Reopens a store in the same process: sled's I/O threads release the file lock a
     /// moment after the last handle is dropped, so wait for it (bounded).
     fn reopen(dir: &Path) -> SledStore {
@@ -389,21 +394,9 @@ mod tests {
         s.append(&[(5, vec![5])]).unwrap();
         let firsts: Vec<u64> = s.segments().iter().map(|g| g.first).collect();
         assert_eq!(firsts, vec![1, 3, 4], "the large entry stands alone");
-        let idx: Vec<u64> = s
-            .entries_from(2)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
-        assert_eq!(idx, vec![2, 3, 4, 5]);
+        assert_eq!(idx(s.entries_from(2).unwrap()), vec![2, 3, 4, 5]);
         s.purge_through(3).unwrap();
-        let idx: Vec<u64> = s
-            .entries_from(0)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
-        assert_eq!(idx, vec![4, 5]);
+        assert_eq!(idx(s.entries_from(0).unwrap()), vec![4, 5]);
     }
 
     #[test]
@@ -414,7 +407,6 @@ mod tests {
         s.append(&[(3, vec![0; LARGE_ENTRY])]).unwrap();
         s.append(&[(4, vec![4]), (5, vec![5]), (6, vec![6])])
             .unwrap();
-        let idx = |v: Vec<(u64, Vec<u8>)>| v.into_iter().map(|e| e.0).collect::<Vec<_>>();
         assert_eq!(idx(s.entries_range(2, 5).unwrap()), vec![2, 3, 4]);
         assert_eq!(idx(s.entries_range(5, 5).unwrap()), Vec::<u64>::new());
         s.truncate_from(5).unwrap();
@@ -435,12 +427,6 @@ mod tests {
         let s = SledStore::open(dir.path(), 8 << 20).unwrap();
         s.append(&[(256, vec![2]), (1, vec![1]), (65536, vec![3])])
             .unwrap();
-        let idx: Vec<u64> = s
-            .entries_from(0)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
-        assert_eq!(idx, vec![1, 256, 65536]);
+        assert_eq!(idx(s.entries_from(0).unwrap()), vec![1, 256, 65536]);
     }
 }
