@@ -263,6 +263,12 @@ impl LocalCluster {
         self.launcher(&["start", &n.to_string()]).map(|_| ())
     }
 
+    /// Starts node `n` without waiting until it is ready (for when no majority is up).
+    pub fn start_no_wait(&self, n: usize) -> anyhow::Result<()> {
+        self.launcher(&["start", &n.to_string(), "--no-wait"])
+            .map(|_| ())
+    }
+
     /// True while node n's process is alive.
     pub fn is_running(&self, n: usize) -> bool {
         let Ok(pid) = std::fs::read_to_string(self.run_dir().join(format!("node{n}.pid"))) else {

@@ -291,6 +291,76 @@ fn wiped_node_catches_up_by_snapshot() {
     );
     let all: BTreeSet<usize> = (1..=2000).collect();
     assert_bound_on(&c, 3, &all, "after-wipe");
+
+    // Wiped again with nothing written meanwhile: the leader still believes node 3
+    // holds its whole log and must notice the reverted log (the case that once left
+    // the node shut down with entries but no snapshot).
+    let installs = c.log(3).matches("snapshot installed").count();
+    c.kill(3).unwrap();
+    c.wipe(3).unwrap();
+    c.start(3).unwrap();
+    wait_converged(&c, &[1, 2, 3], Duration::from_secs(30));
+    assert!(
+        c.log(3).matches("snapshot installed").count() > installs,
+        "node 3 should have caught up by snapshot again:\n{}",
+        c.log(3)
+    );
+    assert_bound_on(&c, 3, &all, "after-second-wipe");
+}
+
+/// A wiped node forgot its log and its vote: it must not help elect anyone until it has
+/// caught up, or a stale candidate could win and lose committed registrations. With the
+/// leader down and the third node wiped, no leader may be elected; when the old leader
+/// returns, everything committed is there.
+#[test]
+fn wiped_node_does_not_vote_until_caught_up() {
+    require_tool("sipp", "sip-tester");
+    let users = Users { count: 600 };
+    let c = LocalCluster::up(37, 3, &users, MD5_ONLY).unwrap();
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        c.leader_among(&[1, 2, 3])
+    })
+    .unwrap();
+    let others: Vec<usize> = (1..=3).filter(|&n| n != leader).collect();
+    let (survivor, wiped) = (others[0], others[1]);
+    let inf = csv(&c, "reg", 1..=500);
+    let run = sipp(&c, "reg_auth.xml", &inf, survivor, 500, 500, 201)
+        .run()
+        .unwrap();
+    assert_all_ok(&run, 500, "REGISTER before the faults");
+
+    c.kill(wiped).unwrap();
+    c.wipe(wiped).unwrap();
+    c.kill(leader).unwrap();
+    c.start_no_wait(wiped).unwrap();
+    // The survivor campaigns; the wiped node refuses its vote.
+    wait_for(
+        "the wiped node to refuse a vote",
+        Duration::from_secs(30),
+        || {
+            c.log(wiped)
+                .contains("not voting until caught up")
+                .then_some(())
+        },
+    )
+    .unwrap();
+    for n in [survivor, wiped] {
+        let s = c.status(n).expect("status");
+        assert_ne!(
+            s.get("role").map(String::as_str),
+            Some("leader"),
+            "node {n} must not lead without a majority that remembers: {s:?}"
+        );
+    }
+    let (ok, out) = register_user_1(&c, survivor, &[]);
+    assert!(!ok && out.contains("503"), "no leader, no 200: {out}");
+
+    c.start(leader).unwrap();
+    wait_converged(&c, &[1, 2, 3], Duration::from_secs(60));
+    let all: BTreeSet<usize> = (1..=500).collect();
+    for n in 1..=3 {
+        assert_bound_on(&c, n, &all, &format!("after-return-{n}"));
+    }
 }
 
 /// Drops all traffic between node `n` and the other nodes (both directions) with an

@@ -119,6 +119,10 @@ pub(crate) struct Shared {
     stats: Arc<CommitStats>,
     /// Set by the node once its own start-up writes (settings, users) are committed.
     ready: AtomicBool,
+    /// This node started with no Raft state and has not applied anything from a leader
+    /// yet: it may be a wiped member, so it grants no vote to a candidate of a formed
+    /// cluster (see [`Shared::may_vote`]).
+    started_empty: AtomicBool,
 }
 
 fn role(state: ServerState) -> &'static str {
@@ -134,6 +138,25 @@ fn role(state: ServerState) -> &'static str {
 impl Shared {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether this node may take part in the election of `candidate_last_log`.
+    ///
+    /// A node whose data was wiped forgot its log and its vote. Were it to vote, a stale
+    /// candidate could win with its help and lose entries the old majority committed
+    /// (or it could vote twice in a term). So a node that started empty abstains until
+    /// it has applied a snapshot or entries from a leader. A candidate whose log holds
+    /// only the initial membership (index 0) belongs to a cluster being formed, where
+    /// every member starts empty: that election needs our vote.
+    pub(crate) fn may_vote(&self, candidate_last_log: Option<u64>) -> bool {
+        if !self.started_empty.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.raft.metrics().borrow().last_applied.is_some() {
+            self.started_empty.store(false, Ordering::Relaxed);
+            return true;
+        }
+        candidate_last_log.unwrap_or(0) == 0
     }
 
     pub(crate) fn heard_from_leader(&self) {
@@ -349,6 +372,7 @@ impl Cluster {
     /// node is the one to initialise it.
     pub async fn start(config: ClusterConfig, store: Arc<SledStore>) -> Result<Cluster, RaftError> {
         let started = Instant::now();
+        let has_state = LogStorage::has_raft_state(&store)?;
         let sm = StateMachineStore::open(store.clone())?;
         let applied = sm.applied();
         let log = LogStorage::new(store.clone());
@@ -396,6 +420,7 @@ impl Cluster {
             not_serving_since: AtomicU64::new(1),
             stats: Arc::new(CommitStats::default()),
             ready: AtomicBool::new(false),
+            started_empty: AtomicBool::new(!has_state),
         });
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)

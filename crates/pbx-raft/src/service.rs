@@ -18,28 +18,40 @@ use crate::proto::{
 };
 use crate::PROTOCOL_VERSION;
 
-/// Refuses requests from another cluster or protocol version. Logged at most every
-/// few seconds so a misconfigured neighbour cannot flood the log.
+/// Logs at most once every few seconds, so a misbehaving peer cannot flood the log.
+#[derive(Clone, Default)]
+struct RateLimitedLog {
+    last: Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl RateLimitedLog {
+    fn log(&self, emit: impl FnOnce()) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+            *last = Some(Instant::now());
+            emit();
+        }
+    }
+}
+
+/// Refuses requests from another cluster or protocol version.
 #[derive(Clone)]
 pub struct IdentityCheck {
     cluster_id: Arc<str>,
-    last_log: Arc<std::sync::Mutex<Option<Instant>>>,
+    refused_log: RateLimitedLog,
 }
 
 impl IdentityCheck {
     pub fn new(cluster_id: &str) -> Self {
         IdentityCheck {
             cluster_id: cluster_id.into(),
-            last_log: Arc::new(std::sync::Mutex::new(None)),
+            refused_log: RateLimitedLog::default(),
         }
     }
 
     fn refuse(&self, reason: String) -> Status {
-        let mut last = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-            *last = Some(Instant::now());
-            tracing::error!(%reason, "refused a peer-link request");
-        }
+        self.refused_log
+            .log(|| tracing::error!(%reason, "refused a peer-link request"));
         Status::failed_precondition(reason)
     }
 
@@ -74,14 +86,19 @@ impl IdentityCheck {
 pub struct PeerService {
     shared: Arc<Shared>,
     check: IdentityCheck,
+    abstain_log: RateLimitedLog,
 }
 
 impl PeerService {
     pub(crate) fn server(shared: Arc<Shared>) -> PeerLinkServer<PeerService> {
         let check = IdentityCheck::new(&shared.config.cluster_id);
-        PeerLinkServer::new(PeerService { shared, check })
-            .max_decoding_message_size(crate::network::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(crate::network::MAX_MESSAGE_BYTES)
+        PeerLinkServer::new(PeerService {
+            shared,
+            check,
+            abstain_log: RateLimitedLog::default(),
+        })
+        .max_decoding_message_size(crate::network::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::network::MAX_MESSAGE_BYTES)
     }
 }
 
@@ -128,7 +145,23 @@ impl PeerLink for PeerService {
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.check.request(&request)?;
-        let rpc = decode(&request.into_inner().payload)?;
+        let rpc: openraft::raft::VoteRequest<crate::NodeId> =
+            decode(&request.into_inner().payload)?;
+        if !self.shared.may_vote(rpc.last_log_id.map(|l| l.index)) {
+            self.abstain_log.log(|| {
+                tracing::warn!(
+                    candidate = rpc.vote.leader_id.node_id,
+                    term = rpc.vote.leader_id.term,
+                    "started without data: not voting until caught up from the leader"
+                )
+            });
+            let vote = self.shared.raft.metrics().borrow().vote;
+            let refused: Result<
+                openraft::raft::VoteResponse<crate::NodeId>,
+                openraft::error::RaftError<crate::NodeId>,
+            > = Ok(openraft::raft::VoteResponse::new(vote, None, false));
+            return encode(&refused);
+        }
         encode(&self.shared.raft.vote(rpc).await)
     }
 
