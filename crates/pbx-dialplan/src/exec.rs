@@ -1,0 +1,768 @@
+//! The dialplan interpreter: a step function over one call's channel (context,
+//! extension, priority, variables). It runs the bookkeeping applications itself and
+//! returns, one at a time, the [`Action`]s that need the call; the B2BUA reports what
+//! came of them ([`Execution::dial_finished`]) and asks for the next.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::subst::{self, split_top, Lookup};
+use crate::{App, Dialplan, DialplanError};
+
+/// Who is calling.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallerId {
+    pub num: String,
+    pub name: String,
+}
+
+impl CallerId {
+    /// `"Name" <num>`, `Name <num>` or `num`.
+    pub fn parse(s: &str) -> CallerId {
+        let s = s.trim();
+        match (s.find('<'), s.rfind('>')) {
+            (Some(a), Some(b)) if a < b => CallerId {
+                num: s[a + 1..b].trim().to_string(),
+                name: s[..a].trim().trim_matches('"').trim().to_string(),
+            },
+            _ => CallerId {
+                num: s.to_string(),
+                name: String::new(),
+            },
+        }
+    }
+}
+
+/// Asterisk's `${DIALSTATUS}` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialStatus {
+    Answer,
+    Busy,
+    NoAnswer,
+    Cancel,
+    Congestion,
+    ChanUnavail,
+    InvalidArgs,
+}
+
+impl DialStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DialStatus::Answer => "ANSWER",
+            DialStatus::Busy => "BUSY",
+            DialStatus::NoAnswer => "NOANSWER",
+            DialStatus::Cancel => "CANCEL",
+            DialStatus::Congestion => "CONGESTION",
+            DialStatus::ChanUnavail => "CHANUNAVAIL",
+            DialStatus::InvalidArgs => "INVALIDARGS",
+        }
+    }
+
+    /// The status of a Dial whose targets all failed, from the best final response
+    /// (`None`: no target could be tried at all).
+    pub fn from_sip(status: Option<u16>) -> DialStatus {
+        match status {
+            None => DialStatus::ChanUnavail,
+            Some(486 | 600) => DialStatus::Busy,
+            Some(408 | 480 | 487) => DialStatus::NoAnswer,
+            Some(500..=599) => DialStatus::Congestion,
+            Some(_) => DialStatus::ChanUnavail,
+        }
+    }
+}
+
+/// Q.850 cause of a SIP final response (RFC 3398 §8.2.6.1), for `${HANGUPCAUSE}`.
+pub fn sip_to_cause(status: u16) -> u16 {
+    match status {
+        401 | 402 | 403 | 407 | 603 => 21,
+        404 | 485 | 604 => 1,
+        408 | 504 => 102,
+        410 => 22,
+        480 => 18,
+        483 | 482 => 25,
+        484 => 28,
+        486 | 600 => 17,
+        487 => 16,
+        502 => 38,
+        503 => 34,
+        405 | 406 | 415 | 501 => 79,
+        606 => 58,
+        400 | 481 | 500 => 41,
+        _ => 127,
+    }
+}
+
+/// The SIP status answering an unanswered call that ends with Q.850 `cause`
+/// (RFC 3398 §7.2.4.1, with Asterisk's choices).
+pub fn cause_to_sip(cause: u16) -> u16 {
+    match cause {
+        1 | 2 | 3 => 404,
+        16 | 18 | 19 | 20 | 31 => 480,
+        17 => 486,
+        21 => 603,
+        22 => 410,
+        27 | 38 => 502,
+        28 => 484,
+        29 | 79 => 501,
+        34 | 41 | 42 | 44 | 47 | 58 => 503,
+        65 | 88 => 488,
+        102 => 504,
+        _ => 500,
+    }
+}
+
+/// One target of a Dial: a user of this cluster, or a SIP URI elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DialTarget {
+    /// `SIP/bob`, `PJSIP/1001`: every current contact of the user.
+    User(String),
+    /// `SIP/1234@provider.example:5060`.
+    Uri { user: String, host: String },
+}
+
+/// What `Dial(targets,timeout,options)` asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DialRequest {
+    pub targets: Vec<DialTarget>,
+    /// No-answer timeout; `None` rings until the caller gives up.
+    pub timeout: Option<Duration>,
+    /// `r`: tell the caller it rings (180) ourselves, not only when a callee rings.
+    pub ringing: bool,
+    /// `f(x)` / `o(x)`: the caller id presented to the callees.
+    pub caller_id: Option<CallerId>,
+    /// `S(x)`: hang up x seconds after the answer.
+    pub max_duration: Option<Duration>,
+}
+
+/// Log levels of `Log()` and `Verbose()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warning,
+    Notice,
+    Verbose,
+    Debug,
+}
+
+/// What the call has to do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Answer,
+    /// 180 Ringing to the caller.
+    Ringing,
+    /// 183 Session Progress (early media).
+    Progress,
+    Dial(DialRequest),
+    /// Play these prompts (answering first unless `noanswer`).
+    Playback {
+        prompts: Vec<String>,
+        noanswer: bool,
+    },
+    /// Send back the caller's media until it hangs up.
+    Echo,
+    Wait(Duration),
+    /// 486 when unanswered; the call ends.
+    Busy,
+    /// 503 when unanswered; the call ends.
+    Congestion,
+    /// The call ends with this Q.850 cause ([`cause_to_sip`] when unanswered).
+    Hangup { cause: u16 },
+    Log { level: LogLevel, message: String },
+}
+
+/// `[[context,]exten,]priority`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct GotoTarget {
+    pub context: Option<String>,
+    pub exten: Option<String>,
+    pub priority: String,
+}
+
+pub(crate) fn parse_goto(s: &str) -> Result<GotoTarget, String> {
+    let parts: Vec<String> = split_top(s, ',')
+        .into_iter()
+        .map(|p| p.trim().to_string())
+        .collect();
+    let t = match parts.as_slice() {
+        [p] => GotoTarget {
+            context: None,
+            exten: None,
+            priority: p.clone(),
+        },
+        [e, p] => GotoTarget {
+            context: None,
+            exten: Some(e.clone()),
+            priority: p.clone(),
+        },
+        [c, e, p] => GotoTarget {
+            context: Some(c.clone()),
+            exten: Some(e.clone()),
+            priority: p.clone(),
+        },
+        _ => return Err("expected [[context,]extension,]priority".into()),
+    };
+    if t.priority.is_empty() || t.exten.as_deref() == Some("") || t.context.as_deref() == Some("")
+    {
+        return Err(format!("incomplete target {s:?}"));
+    }
+    Ok(t)
+}
+
+pub(crate) fn parse_dial_target(t: &str) -> Result<DialTarget, String> {
+    let Some((tech, resource)) = t.split_once('/') else {
+        return Err(format!("target {t:?} must be TECH/resource, e.g. SIP/bob"));
+    };
+    if !tech.eq_ignore_ascii_case("SIP") && !tech.eq_ignore_ascii_case("PJSIP") {
+        return Err(format!(
+            "technology {tech:?} is not supported: use SIP/ or PJSIP/"
+        ));
+    }
+    let resource = resource.trim();
+    if resource.is_empty() {
+        return Err(format!("target {t:?} names nobody"));
+    }
+    Ok(match resource.split_once('@') {
+        Some((user, host)) if !host.is_empty() => DialTarget::Uri {
+            user: user.to_string(),
+            host: host.to_string(),
+        },
+        Some(_) => return Err(format!("target {t:?} has an empty host")),
+        None => DialTarget::User(resource.to_string()),
+    })
+}
+
+/// Dial options: `r`, `f(x)`, `o(x)`, `S(x)`; `t T h H k K w W` are accepted and have no
+/// effect here (no feature codes).
+pub(crate) fn parse_dial_options(s: &str) -> Result<DialRequest, String> {
+    let mut d = DialRequest::default();
+    let chars: Vec<char> = s.trim().chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        i += 1;
+        let arg = if chars.get(i) == Some(&'(') {
+            let close = chars[i..]
+                .iter()
+                .position(|&c| c == ')')
+                .ok_or_else(|| format!("option {c}: '(' without ')'"))?;
+            let a: String = chars[i + 1..i + close].iter().collect();
+            i += close + 1;
+            Some(a)
+        } else {
+            None
+        };
+        match c {
+            'r' => d.ringing = true,
+            'f' | 'o' => d.caller_id = arg.filter(|a| !a.is_empty()).map(|a| CallerId::parse(&a)),
+            'S' => {
+                let secs: f64 = arg
+                    .as_deref()
+                    .and_then(|a| a.trim().parse().ok())
+                    .filter(|s: &f64| *s > 0.0)
+                    .ok_or("option S needs a number of seconds, e.g. S(3600)")?;
+                d.max_duration = Some(Duration::from_secs_f64(secs));
+            }
+            't' | 'T' | 'h' | 'H' | 'k' | 'K' | 'w' | 'W' => {}
+            other => return Err(format!("unsupported Dial option {other:?}")),
+        }
+    }
+    Ok(d)
+}
+
+fn seconds(s: &str) -> Option<Duration> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|f| *f > 0.0 && f.is_finite())
+        .map(Duration::from_secs_f64)
+}
+
+/// The variables and functions a channel offers to substitution.
+struct Channel<'a> {
+    vars: &'a HashMap<String, String>,
+    plan: &'a Dialplan,
+    caller: &'a CallerId,
+}
+
+impl Lookup for Channel<'_> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.vars
+            .get(name)
+            .or_else(|| self.plan.globals.get(name))
+            .cloned()
+    }
+
+    fn func(&self, name: &str, args: &str) -> Option<Result<String, String>> {
+        Some(match name {
+            "CALLERID" => match args.trim().to_ascii_lowercase().as_str() {
+                "num" | "number" => Ok(self.caller.num.clone()),
+                "name" => Ok(self.caller.name.clone()),
+                "all" => Ok(format!("\"{}\" <{}>", self.caller.name, self.caller.num)),
+                other => Err(format!("unknown CALLERID field {other:?}")),
+            },
+            "LEN" => Ok(args.chars().count().to_string()),
+            "ISNULL" => Ok(if args.is_empty() { "1" } else { "0" }.into()),
+            "IF" => {
+                let parts = split_top(args, '?');
+                let (cond, rest) = match parts.as_slice() {
+                    [c, r] => (c.trim(), r.as_str()),
+                    _ => return Some(Err("expected IF(condition?true:false)".into())),
+                };
+                let branches = split_top(rest, ':');
+                let truthy = !cond.is_empty() && cond.parse::<f64>().map_or(true, |f| f != 0.0);
+                let pick = if truthy { branches.first() } else { branches.get(1) };
+                Ok(pick.cloned().unwrap_or_default())
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// Steps allowed without yielding an action: a `Goto` loop ends the call, not the node.
+const MAX_SILENT_STEPS: u32 = 10_000;
+
+/// One call running through the dialplan.
+#[derive(Debug, Clone)]
+pub struct Execution {
+    plan: Arc<Dialplan>,
+    context: String,
+    exten: String,
+    priority: u32,
+    vars: HashMap<String, String>,
+    caller: CallerId,
+    finished: bool,
+    queued: std::collections::VecDeque<Action>,
+}
+
+impl Execution {
+    /// Starts a call dialling `exten` in `context`; fails when nothing matches (the
+    /// caller gets 404).
+    pub fn start(
+        plan: Arc<Dialplan>,
+        context: &str,
+        exten: &str,
+        caller: CallerId,
+    ) -> Result<Execution, DialplanError> {
+        if !plan.contexts.contains_key(context) {
+            return Err(DialplanError::NoSuchContext(context.to_string()));
+        }
+        if plan.find(context, exten).is_none() {
+            return Err(DialplanError::NoSuchExtension {
+                context: context.to_string(),
+                exten: exten.to_string(),
+            });
+        }
+        let mut vars = HashMap::new();
+        vars.insert("EXTEN".to_string(), exten.to_string());
+        vars.insert("CONTEXT".to_string(), context.to_string());
+        Ok(Execution {
+            plan,
+            context: context.to_string(),
+            exten: exten.to_string(),
+            priority: 1,
+            vars,
+            caller,
+            finished: false,
+            queued: Default::default(),
+        })
+    }
+
+    pub fn set_var(&mut self, name: &str, value: &str) {
+        self.vars.insert(name.to_string(), value.to_string());
+    }
+
+    pub fn var(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(String::as_str)
+    }
+
+    pub fn caller(&self) -> &CallerId {
+        &self.caller
+    }
+
+    /// Reports how a Dial ended: sets `${DIALSTATUS}` and `${HANGUPCAUSE}`.
+    pub fn dial_finished(&mut self, status: DialStatus, final_sip_status: Option<u16>) {
+        self.set_var("DIALSTATUS", status.as_str());
+        let cause = match (status, final_sip_status) {
+            (DialStatus::Answer, _) => 16,
+            (DialStatus::NoAnswer, None) => 19,
+            (_, Some(s)) => sip_to_cause(s),
+            (DialStatus::Busy, None) => 17,
+            (_, None) => 34,
+        };
+        self.set_var("HANGUPCAUSE", &cause.to_string());
+    }
+
+    /// The cause a call ends with when the dialplan runs out: what the last Dial said.
+    fn fallthrough_cause(&self) -> u16 {
+        match self.var("DIALSTATUS") {
+            Some("BUSY") => 17,
+            Some("CONGESTION") | Some("CHANUNAVAIL") => 34,
+            Some("NOANSWER") => 19,
+            _ => 16,
+        }
+    }
+
+    fn end(&mut self, cause: u16) -> Action {
+        self.finished = true;
+        self.set_var("HANGUPCAUSE", &cause.to_string());
+        Action::Hangup { cause }
+    }
+
+    fn jump(&mut self, target: &str) -> Result<(), String> {
+        let t = parse_goto(target)?;
+        if let Some(c) = t.context {
+            if !self.plan.contexts.contains_key(&c) {
+                return Err(format!("no context {c:?}"));
+            }
+            self.context = c;
+        }
+        if let Some(e) = t.exten {
+            self.exten = e;
+            self.vars.insert("EXTEN".into(), self.exten.clone());
+            self.vars.insert("CONTEXT".into(), self.context.clone());
+        }
+        let (_, ext) = self
+            .plan
+            .find(&self.context, &self.exten)
+            .ok_or_else(|| format!("no extension {:?} in [{}]", self.exten, self.context))?;
+        self.priority = match t.priority.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => *ext
+                .labels
+                .get(&t.priority)
+                .ok_or_else(|| format!("no label {:?}", t.priority))?,
+        };
+        Ok(())
+    }
+
+    /// Runs until the next action that needs the call.
+    pub fn next_action(&mut self) -> Action {
+        if let Some(a) = self.queued.pop_front() {
+            return a;
+        }
+        if self.finished {
+            let cause = self
+                .var("HANGUPCAUSE")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(16);
+            return Action::Hangup { cause };
+        }
+        for _ in 0..MAX_SILENT_STEPS {
+            let plan = self.plan.clone();
+            let Some((_, ext)) = plan.find(&self.context, &self.exten) else {
+                let cause = self.fallthrough_cause();
+                return self.end(cause);
+            };
+            let Some(p) = ext.priorities.get(&self.priority) else {
+                let cause = self.fallthrough_cause();
+                return self.end(cause);
+            };
+            self.vars
+                .insert("PRIORITY".into(), self.priority.to_string());
+            let mut warnings = Vec::new();
+            let args = {
+                let ch = Channel {
+                    vars: &self.vars,
+                    plan: &plan,
+                    caller: &self.caller,
+                };
+                subst::substitute(&p.args, &ch, &mut warnings)
+            };
+            for w in warnings {
+                self.queued.push_back(Action::Log {
+                    level: LogLevel::Warning,
+                    message: format!("line {}: {w}", p.line),
+                });
+            }
+            self.priority += 1;
+            let parts = split_top(&args, ',');
+            let arg = |i: usize| parts.get(i).map(|s| s.trim()).unwrap_or("");
+            let action = match p.app {
+                App::NoOp => None,
+                App::Set => {
+                    match args.split_once('=') {
+                        Some((name, value)) => self.assign(name.trim(), value),
+                        None => self.queued.push_back(Action::Log {
+                            level: LogLevel::Warning,
+                            message: format!("line {}: Set({args}) needs name=value", p.line),
+                        }),
+                    }
+                    None
+                }
+                App::Goto => {
+                    if let Err(e) = self.jump(&args) {
+                        let msg = format!("line {}: Goto({args}): {e}", p.line);
+                        self.queued.push_back(Action::Log {
+                            level: LogLevel::Warning,
+                            message: msg,
+                        });
+                        let a = self.end(16);
+                        self.queued.push_back(a);
+                    }
+                    None
+                }
+                App::GotoIf => {
+                    let halves = split_top(&args, '?');
+                    let cond = halves.first().map(|s| s.trim()).unwrap_or("");
+                    let truthy =
+                        !cond.is_empty() && cond.parse::<f64>().map_or(true, |f| f != 0.0);
+                    let branches = halves.get(1).map(|b| split_top(b, ':')).unwrap_or_default();
+                    let target = if truthy {
+                        branches.first()
+                    } else {
+                        branches.get(1)
+                    };
+                    if let Some(t) = target.map(|t| t.trim()).filter(|t| !t.is_empty()) {
+                        if let Err(e) = self.jump(t) {
+                            let msg = format!("line {}: GotoIf({args}): {e}", p.line);
+                            self.queued.push_back(Action::Log {
+                                level: LogLevel::Warning,
+                                message: msg,
+                            });
+                            let a = self.end(16);
+                            self.queued.push_back(a);
+                        }
+                    }
+                    None
+                }
+                App::Answer => Some(Action::Answer),
+                App::Ringing => Some(Action::Ringing),
+                App::Progress => Some(Action::Progress),
+                App::Echo => Some(Action::Echo),
+                App::Wait => Some(Action::Wait(seconds(arg(0)).unwrap_or(Duration::ZERO))),
+                App::Hangup => {
+                    let cause = arg(0).parse().unwrap_or(16);
+                    Some(self.end(cause))
+                }
+                App::Busy => {
+                    self.end(17);
+                    Some(Action::Busy)
+                }
+                App::Congestion => {
+                    self.end(34);
+                    Some(Action::Congestion)
+                }
+                App::Playback => Some(Action::Playback {
+                    prompts: arg(0).split('&').map(|s| s.trim().to_string()).collect(),
+                    noanswer: arg(1).contains("noanswer"),
+                }),
+                App::Log => {
+                    let level = match arg(0).to_ascii_uppercase().as_str() {
+                        "ERROR" => LogLevel::Error,
+                        "WARNING" => LogLevel::Warning,
+                        "NOTICE" => LogLevel::Notice,
+                        "DEBUG" => LogLevel::Debug,
+                        _ => LogLevel::Verbose,
+                    };
+                    let message = parts.get(1..).map(|m| m.join(",")).unwrap_or_default();
+                    Some(Action::Log { level, message })
+                }
+                App::Verbose => {
+                    // Verbose([level,]message)
+                    let message = if parts.len() > 1 && arg(0).parse::<u32>().is_ok() {
+                        parts[1..].join(",")
+                    } else {
+                        args.clone()
+                    };
+                    Some(Action::Log {
+                        level: LogLevel::Verbose,
+                        message,
+                    })
+                }
+                App::Dial => Some(self.dial(&parts, p.line)),
+            };
+            if let Some(a) = action {
+                self.queued.push_back(a);
+            }
+            if let Some(a) = self.queued.pop_front() {
+                return a;
+            }
+        }
+        self.queued.push_back(Action::Log {
+            level: LogLevel::Error,
+            message: format!(
+                "{MAX_SILENT_STEPS} steps without doing anything (a Goto loop?): hanging up"
+            ),
+        });
+        let a = self.end(34);
+        self.queued.push_back(a);
+        self.queued.pop_front().unwrap_or(Action::Hangup { cause: 34 })
+    }
+
+    fn assign(&mut self, name: &str, value: &str) {
+        // `_VAR`/`__VAR` mark inheritance in Asterisk; one channel here, so just VAR.
+        let name = name.trim_start_matches('_');
+        match name.to_ascii_uppercase().as_str() {
+            "CALLERID(NUM)" | "CALLERID(NUMBER)" => self.caller.num = value.to_string(),
+            "CALLERID(NAME)" => self.caller.name = value.to_string(),
+            "CALLERID(ALL)" => self.caller = CallerId::parse(value),
+            _ => {
+                self.vars.insert(name.to_string(), value.to_string());
+            }
+        }
+    }
+
+    fn dial(&mut self, parts: &[String], line: usize) -> Action {
+        let arg = |i: usize| parts.get(i).map(|s| s.trim()).unwrap_or("");
+        let targets: Result<Vec<DialTarget>, String> = arg(0)
+            .split('&')
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| parse_dial_target(t.trim()))
+            .collect();
+        let req = targets.and_then(|targets| {
+            if targets.is_empty() {
+                return Err("no targets".into());
+            }
+            let mut req = parse_dial_options(arg(2))?;
+            req.targets = targets;
+            req.timeout = seconds(arg(1));
+            Ok(req)
+        });
+        match req {
+            Ok(r) => Action::Dial(r),
+            Err(e) => {
+                self.set_var("DIALSTATUS", DialStatus::InvalidArgs.as_str());
+                Action::Log {
+                    level: LogLevel::Warning,
+                    message: format!("line {line}: Dial({}): {e}", parts.join(",")),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(src: &str, ctx: &str, exten: &str) -> Execution {
+        let plan = Arc::new(Dialplan::parse(src).unwrap());
+        Execution::start(
+            plan,
+            ctx,
+            exten,
+            CallerId {
+                num: "1001".into(),
+                name: "Alice".into(),
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn dial_then_branch_on_dialstatus() {
+        let mut e = run(
+            "[default]\n\
+             exten => _1XXX,1,Dial(SIP/${EXTEN}&PJSIP/alice@10.0.0.9:5070,20,rf(\"Front\" <555>))\n \
+             same => n,GotoIf($[\"${DIALSTATUS}\" = \"BUSY\"]?busy)\n \
+             same => n,Hangup(19)\n \
+             same => n(busy),Busy()\n",
+            "default",
+            "1002",
+        );
+        let Action::Dial(d) = e.next_action() else {
+            panic!()
+        };
+        assert_eq!(
+            d.targets,
+            [
+                DialTarget::User("1002".into()),
+                DialTarget::Uri {
+                    user: "alice".into(),
+                    host: "10.0.0.9:5070".into()
+                }
+            ]
+        );
+        assert_eq!(d.timeout, Some(Duration::from_secs(20)));
+        assert!(d.ringing);
+        assert_eq!(
+            d.caller_id,
+            Some(CallerId {
+                num: "555".into(),
+                name: "Front".into()
+            })
+        );
+        let mut busy = e.clone();
+        busy.dial_finished(DialStatus::Busy, Some(486));
+        assert_eq!(busy.next_action(), Action::Busy);
+        assert_eq!(busy.var("HANGUPCAUSE"), Some("17"));
+        e.dial_finished(DialStatus::NoAnswer, None);
+        assert_eq!(e.next_action(), Action::Hangup { cause: 19 });
+        assert_eq!(e.next_action(), Action::Hangup { cause: 19 }, "stays ended");
+    }
+
+    #[test]
+    fn variables_functions_and_set() {
+        let mut e = run(
+            "[globals]\nPREFIX=9\n[c]\n\
+             exten => _9NXX,1,Set(N=${EXTEN:${LEN(${PREFIX})}})\n \
+             same => n,Set(CALLERID(name)=Bob)\n \
+             same => n,Log(NOTICE,${N} ${CALLERID(name)} <${CALLERID(num)}> $[${N} + 1] ${IF($[${N} > 500]?big:small)})\n",
+            "c",
+            "9555",
+        );
+        assert_eq!(
+            e.next_action(),
+            Action::Log {
+                level: LogLevel::Notice,
+                message: "555 Bob <1001> 556 big".into()
+            }
+        );
+        assert_eq!(e.next_action(), Action::Hangup { cause: 16 }, "ran out");
+    }
+
+    #[test]
+    fn goto_labels_and_includes() {
+        let mut e = run(
+            "[a]\ninclude => b\n\
+             exten => 1,1,Goto(b,2,start)\n\
+             [b]\n\
+             exten => 2,1,Hangup(1)\n \
+             same => n(start),Answer()\n \
+             same => n,Playback(hello-world&beep,noanswer)\n \
+             same => n,Wait(1.5)\n \
+             same => n,Goto(s,1)\n\
+             exten => s,1,Echo()\n",
+            "a",
+            "1",
+        );
+        assert_eq!(e.next_action(), Action::Answer);
+        assert_eq!(
+            e.next_action(),
+            Action::Playback {
+                prompts: vec!["hello-world".into(), "beep".into()],
+                noanswer: true
+            }
+        );
+        assert_eq!(e.next_action(), Action::Wait(Duration::from_millis(1500)));
+        assert_eq!(e.next_action(), Action::Echo);
+        assert_eq!(e.var("EXTEN"), Some("s"));
+    }
+
+    #[test]
+    fn goto_loop_ends_the_call() {
+        let mut e = run("[a]\nexten => 1,1,NoOp()\n same => n,Goto(1)\n", "a", "1");
+        assert!(matches!(e.next_action(), Action::Log { level: LogLevel::Error, .. }));
+        assert_eq!(e.next_action(), Action::Hangup { cause: 34 });
+    }
+
+    #[test]
+    fn unknown_extension_is_refused() {
+        let plan = Arc::new(Dialplan::parse("[a]\nexten => 1,1,NoOp()\n").unwrap());
+        assert!(Execution::start(plan.clone(), "a", "2", CallerId::default()).is_err());
+        assert!(Execution::start(plan, "zz", "1", CallerId::default()).is_err());
+    }
+
+    #[test]
+    fn causes_map_to_sip() {
+        assert_eq!(cause_to_sip(17), 486);
+        assert_eq!(cause_to_sip(19), 480);
+        assert_eq!(cause_to_sip(34), 503);
+        assert_eq!(cause_to_sip(1), 404);
+        assert_eq!(DialStatus::from_sip(Some(486)), DialStatus::Busy);
+        assert_eq!(DialStatus::from_sip(Some(503)), DialStatus::Congestion);
+        assert_eq!(DialStatus::from_sip(None), DialStatus::ChanUnavail);
+        assert_eq!(sip_to_cause(404), 1);
+    }
+}
