@@ -167,8 +167,13 @@ pub enum Action {
     /// 503 when unanswered; the call ends.
     Congestion,
     /// The call ends with this Q.850 cause ([`cause_to_sip`] when unanswered).
-    Hangup { cause: u16 },
-    Log { level: LogLevel, message: String },
+    Hangup {
+        cause: u16,
+    },
+    Log {
+        level: LogLevel,
+        message: String,
+    },
 }
 
 /// `[[context,]exten,]priority`.
@@ -202,8 +207,7 @@ pub(crate) fn parse_goto(s: &str) -> Result<GotoTarget, String> {
         },
         _ => return Err("expected [[context,]extension,]priority".into()),
     };
-    if t.priority.is_empty() || t.exten.as_deref() == Some("") || t.context.as_deref() == Some("")
-    {
+    if t.priority.is_empty() || t.exten.as_deref() == Some("") || t.context.as_deref() == Some("") {
         return Err(format!("incomplete target {s:?}"));
     }
     Ok(t)
@@ -311,7 +315,11 @@ impl Lookup for Channel<'_> {
                 };
                 let branches = split_top(rest, ':');
                 let truthy = !cond.is_empty() && cond.parse::<f64>().map_or(true, |f| f != 0.0);
-                let pick = if truthy { branches.first() } else { branches.get(1) };
+                let pick = if truthy {
+                    branches.first()
+                } else {
+                    branches.get(1)
+                };
                 Ok(pick.cloned().unwrap_or_default())
             }
             _ => return None,
@@ -505,8 +513,7 @@ impl Execution {
                 App::GotoIf => {
                     let halves = split_top(&args, '?');
                     let cond = halves.first().map(|s| s.trim()).unwrap_or("");
-                    let truthy =
-                        !cond.is_empty() && cond.parse::<f64>().map_or(true, |f| f != 0.0);
+                    let truthy = !cond.is_empty() && cond.parse::<f64>().map_or(true, |f| f != 0.0);
                     let branches = halves.get(1).map(|b| split_top(b, ':')).unwrap_or_default();
                     let target = if truthy {
                         branches.first()
@@ -587,7 +594,9 @@ impl Execution {
         });
         let a = self.end(34);
         self.queued.push_back(a);
-        self.queued.pop_front().unwrap_or(Action::Hangup { cause: 34 })
+        self.queued
+            .pop_front()
+            .unwrap_or(Action::Hangup { cause: 34 })
     }
 
     fn assign(&mut self, name: &str, value: &str) {
@@ -743,7 +752,13 @@ mod tests {
     #[test]
     fn goto_loop_ends_the_call() {
         let mut e = run("[a]\nexten => 1,1,NoOp()\n same => n,Goto(1)\n", "a", "1");
-        assert!(matches!(e.next_action(), Action::Log { level: LogLevel::Error, .. }));
+        assert!(matches!(
+            e.next_action(),
+            Action::Log {
+                level: LogLevel::Error,
+                ..
+            }
+        ));
         assert_eq!(e.next_action(), Action::Hangup { cause: 34 });
     }
 

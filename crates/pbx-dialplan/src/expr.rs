@@ -270,7 +270,10 @@ pub fn evaluate(expr: &str) -> Result<String, String> {
     let mut p = Parser { toks, pos: 0 };
     let v = p.ternary()?;
     if p.pos != p.toks.len() {
-        return Err(format!("unexpected {:?} after the expression", p.toks[p.pos]));
+        return Err(format!(
+            "unexpected {:?} after the expression",
+            p.toks[p.pos]
+        ));
     }
     Ok(v)
 }

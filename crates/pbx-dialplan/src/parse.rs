@@ -68,7 +68,9 @@ pub(crate) fn parse(source: &str) -> Result<Dialplan, Vec<LineError>> {
         if line.starts_with('#') {
             r.err(
                 line_no,
-                format!("{line:?}: #include and #exec are not supported; put everything in one file"),
+                format!(
+                    "{line:?}: #include and #exec are not supported; put everything in one file"
+                ),
             );
             continue;
         }
@@ -137,7 +139,13 @@ pub(crate) fn parse(source: &str) -> Result<Dialplan, Vec<LineError>> {
                 let errors_before = r.errors.len();
                 match key.to_ascii_lowercase().as_str() {
                     "exten" | "same" => {
-                        exten_line(&mut r, &ctx, value, line_no, key.eq_ignore_ascii_case("same"));
+                        exten_line(
+                            &mut r,
+                            &ctx,
+                            value,
+                            line_no,
+                            key.eq_ignore_ascii_case("same"),
+                        );
                         // `same` lines after a broken one must not attach elsewhere.
                         if r.errors.len() > errors_before {
                             r.last = None;
@@ -236,7 +244,10 @@ fn exten_line(r: &mut Reader, ctx: &str, value: &str, line: usize, same: bool) {
         None => (prio_text, None),
     };
     if label.as_deref().is_some_and(|l| {
-        l.is_empty() || !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        l.is_empty()
+            || !l
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     }) {
         r.err(line, format!("invalid priority label in {prio_text:?}"));
         return;
@@ -281,7 +292,10 @@ fn exten_line(r: &mut Reader, ctx: &str, value: &str, line: usize, same: bool) {
                 None => {
                     r.err(
                         line,
-                        format!("priority 'n' of {} has no earlier priority to follow", pattern.text),
+                        format!(
+                            "priority 'n' of {} has no earlier priority to follow",
+                            pattern.text
+                        ),
                     );
                     r.last = None;
                     return;
@@ -539,15 +553,26 @@ mod tests {
         .unwrap();
         assert_eq!(d.globals["TRUNK"], "SIP/provider");
         let c = &d.contexts["internal"];
-        let e = c.extensions.iter().find(|e| e.pattern.text == "100").unwrap();
+        let e = c
+            .extensions
+            .iter()
+            .find(|e| e.pattern.text == "100")
+            .unwrap();
         assert_eq!(e.priorities.len(), 3);
         assert_eq!(e.labels["loop"], 2);
         assert_eq!(e.priorities[&3].app, App::Goto);
-        let e = c.extensions.iter().find(|e| e.pattern.text == "200").unwrap();
+        let e = c
+            .extensions
+            .iter()
+            .find(|e| e.pattern.text == "200")
+            .unwrap();
         assert_eq!(e.priorities[&1].args, "a;b");
         assert_eq!(c.includes, ["other"]);
         let (ctx, ext) = d.find("internal", "555").unwrap();
-        assert_eq!((ctx.name.as_str(), ext.pattern.text.as_str()), ("other", "_X."));
+        assert_eq!(
+            (ctx.name.as_str(), ext.pattern.text.as_str()),
+            ("other", "_X.")
+        );
     }
 
     #[test]

@@ -81,7 +81,11 @@ pub(crate) fn substitute(s: &str, vars: &dyn Lookup, warnings: &mut Vec<String>)
 /// `NAME`, `NAME:off[:len]`, `FUNC(args)`, `FUNC(args):off[:len]`.
 fn variable(inner: &str, vars: &dyn Lookup, warnings: &mut Vec<String>) -> String {
     let (value, rest) = match inner.find('(') {
-        Some(open) if inner[..open].chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+        Some(open)
+            if inner[..open]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
             let b: Vec<char> = inner.chars().collect();
             let open_c = inner[..open].chars().count();
             let Some(close) = closing(&b, open_c + 1, '(', ')') else {
@@ -129,7 +133,11 @@ fn substring(value: &str, spec: &str) -> String {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
     let len: Option<i64> = parts.next().and_then(|s| s.trim().parse().ok());
-    let start = if off < 0 { (n + off).max(0) } else { off.min(n) };
+    let start = if off < 0 {
+        (n + off).max(0)
+    } else {
+        off.min(n)
+    };
     let end = match len {
         None => n,
         Some(l) if l < 0 => (n + l).max(start),
@@ -279,7 +287,10 @@ mod tests {
         assert!(check("${EXTEN").is_err());
         assert!(check("$[1 + ]").is_err());
         assert!(check("${FOO(1)}").unwrap_err().contains("unknown function"));
-        assert!(check("$[${X} + ]").is_ok(), "depends on run time: not judged");
+        assert!(
+            check("$[${X} + ]").is_ok(),
+            "depends on run time: not judged"
+        );
         assert!(check("${CALLERID(num)} ${LEN(x)} $[1+2]").is_ok());
     }
 }

@@ -77,6 +77,10 @@ pub struct ClusterSection {
     /// `user,password` CSV seeded into the replicated state at start (existing users
     /// are left alone).
     pub users_file: Option<PathBuf>,
+    /// Asterisk `extensions.conf` committed when the cluster has no dialplan yet (the
+    /// built-in demo dialplan when absent). Later changes go through the cluster, not
+    /// this file.
+    pub dialplan_file: Option<PathBuf>,
 }
 
 /// One initial member of the cluster.
@@ -122,6 +126,7 @@ impl Default for ClusterSection {
             domain: "pbx.test".into(),
             realm: None,
             users_file: None,
+            dialplan_file: None,
         }
     }
 }
@@ -485,6 +490,29 @@ impl Config {
             },
             ..HandlerConfig::default()
         }
+    }
+}
+
+/// Reads and validates a dialplan file; every error as `path: line N: reason`.
+pub fn load_dialplan(path: &Path) -> Result<String, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| NodeError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    match pbx_dialplan::Dialplan::parse(&text) {
+        Ok(_) => Ok(text),
+        Err(pbx_dialplan::DialplanError::Invalid(errors)) => Err(NodeError::Config {
+            path: path.to_path_buf(),
+            reason: errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(&format!("\n{}: ", path.display())),
+        }),
+        Err(e) => Err(NodeError::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use pbx_raft::Cluster;
 use pbx_registrar::digest::{ha1, Algorithm};
 use pbx_registrar::RequestHandler;
-use pbx_state::{ClusterSettings, Command, User};
+use pbx_state::{ClusterSettings, Command, Response, User};
 use pbx_storage::SledStore;
 use rand::RngCore;
 
@@ -53,6 +53,10 @@ impl Node {
     /// serving. Settings and users are committed in the background once the cluster has
     /// a leader; [`Cluster::is_ready`] tells when that is done.
     pub async fn start(config: Config) -> Result<Node, NodeError> {
+        // A bad dialplan file stops the node here, with file:line, not later.
+        if let Some(path) = &config.cluster.dialplan_file {
+            config::load_dialplan(&config.resolve(path))?;
+        }
         let data_dir = config.resolve(&config.node.data_dir);
         let store = Arc::new(SledStore::open(
             &data_dir.join("state"),
@@ -129,6 +133,21 @@ async fn bootstrap_once(config: &Config, cluster: &Cluster) -> Result<(), NodeEr
                 nonce_secret: secret,
             }))
             .await?;
+    }
+    if cluster.read().dialplan.is_none() {
+        let source = match &config.cluster.dialplan_file {
+            Some(path) => config::load_dialplan(&config.resolve(path))?,
+            None => pbx_dialplan::DEMO_DIALPLAN.to_string(),
+        };
+        match cluster
+            .propose(Command::SetDialplan { source, now_ms: 0 })
+            .await?
+        {
+            Response::DialplanVersion(v) => {
+                tracing::info!(version = v, "initial dialplan committed")
+            }
+            other => tracing::error!(?other, "initial dialplan refused"),
+        }
     }
     if let Some(path) = &config.cluster.users_file {
         let entries = config::load_users(&config.resolve(path))?;

@@ -65,6 +65,7 @@ pub struct NodeStatus {
     pub members: Vec<(NodeId, Member, bool)>,
     pub users: u64,
     pub bindings: u64,
+    pub dialplan_version: u64,
     /// The node finished its start-up writes and serves writes.
     pub ready: bool,
 }
@@ -92,6 +93,7 @@ impl From<NodeStatus> for crate::proto::StatusReply {
                 .collect(),
             users: s.users,
             bindings: s.bindings,
+            dialplan_version: s.dialplan_version,
             ready: s.ready,
         }
     }
@@ -203,9 +205,13 @@ impl Shared {
 
     pub(crate) fn status(&self) -> NodeStatus {
         let m = self.metrics();
-        let (users, bindings) = {
+        let (users, bindings, dialplan_version) = {
             let a = self.applied.read().unwrap_or_else(|e| e.into_inner());
-            (a.state.users.len() as u64, a.state.binding_count() as u64)
+            (
+                a.state.users.len() as u64,
+                a.state.binding_count() as u64,
+                a.state.dialplan.as_ref().map_or(0, |d| d.version),
+            )
         };
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -226,6 +232,7 @@ impl Shared {
                 .collect(),
             users,
             bindings,
+            dialplan_version,
         }
     }
 

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 pub enum StateError {
     #[error("cannot encode or decode state: {0}")]
     Codec(#[from] bincode::Error),
+    #[error("state snapshot: {0}")]
+    Format(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,7 +157,8 @@ pub enum Command {
     SweepExpired {
         now_ms: u64,
     },
-    /// Replaces the dialplan (validated by the proposer; the calls layer owns its syntax).
+    /// Replaces the dialplan. Validated again here, so a bad dialplan never replaces a
+    /// good one whoever proposed it; the one replaced goes to the history.
     SetDialplan {
         source: String,
         now_ms: u64,
@@ -213,6 +216,8 @@ pub enum Response {
     /// The new dialplan's version.
     DialplanVersion(u64),
     Batch(Vec<Response>),
+    /// The dialplan was refused: each problem as `line N: reason`.
+    InvalidDialplan(Vec<String>),
 }
 
 /// Everything the cluster agrees on.
@@ -222,7 +227,12 @@ pub struct State {
     pub users: BTreeMap<String, User>,
     pub bindings: HashMap<String, Vec<Binding>>,
     pub dialplan: Option<StoredDialplan>,
+    /// Earlier dialplans, oldest first, at most [`DIALPLAN_HISTORY`].
+    pub dialplan_history: Vec<StoredDialplan>,
 }
+
+/// How many replaced dialplans are kept (for show, diff and rollback).
+pub const DIALPLAN_HISTORY: usize = 20;
 
 impl State {
     pub fn apply(&mut self, cmd: Command) -> Response {
@@ -269,12 +279,29 @@ impl State {
                 Response::Swept(n)
             }
             Command::SetDialplan { source, now_ms } => {
+                if let Err(e) = pbx_dialplan::Dialplan::parse(&source) {
+                    return Response::InvalidDialplan(match e {
+                        pbx_dialplan::DialplanError::Invalid(list) => {
+                            list.iter().map(|l| l.to_string()).collect()
+                        }
+                        other => vec![other.to_string()],
+                    });
+                }
+                if let Some(cur) = self.dialplan.as_ref().filter(|d| d.source == source) {
+                    // The same text again (two nodes seeding at once): no new version.
+                    return Response::DialplanVersion(cur.version);
+                }
                 let version = self.dialplan.as_ref().map_or(1, |d| d.version + 1);
-                self.dialplan = Some(StoredDialplan {
+                let new = StoredDialplan {
                     version,
                     source,
                     committed_at_ms: now_ms,
-                });
+                };
+                if let Some(old) = self.dialplan.replace(new) {
+                    self.dialplan_history.push(old);
+                    let excess = self.dialplan_history.len().saturating_sub(DIALPLAN_HISTORY);
+                    self.dialplan_history.drain(..excess);
+                }
                 Response::DialplanVersion(version)
             }
             Command::Batch(list) => {
@@ -384,14 +411,36 @@ impl State {
         self.bindings.values().map(Vec::len).sum()
     }
 
+    /// The snapshot format: a magic and format version, then the state. A node never
+    /// guesses at bytes written by another format: it refuses them by name.
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
-        Ok(bincode::serialize(self)?)
+        let mut out = Vec::with_capacity(1024);
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&SNAPSHOT_FORMAT.to_be_bytes());
+        bincode::serialize_into(&mut out, self)?;
+        Ok(out)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<State, StateError> {
-        Ok(bincode::deserialize(bytes)?)
+        let body = bytes
+            .strip_prefix(SNAPSHOT_MAGIC)
+            .ok_or(StateError::Format("not a pbxd state snapshot".into()))?;
+        if body.len() < 2 {
+            return Err(StateError::Format("truncated snapshot".into()));
+        }
+        let format = u16::from_be_bytes([body[0], body[1]]);
+        if format != SNAPSHOT_FORMAT {
+            return Err(StateError::Format(format!(
+                "snapshot format {format}, this pbxd reads format {SNAPSHOT_FORMAT}"
+            )));
+        }
+        Ok(bincode::deserialize(&body[2..])?)
     }
 }
+
+const SNAPSHOT_MAGIC: &[u8] = b"PBXS";
+/// Bumped whenever [`State`]'s encoding changes.
+const SNAPSHOT_FORMAT: u16 = 2;
 
 /// RFC 5626: the same instance and reg-id is the same flow whatever its URI; otherwise
 /// bindings are the same when their URIs compare equal.
@@ -417,6 +466,48 @@ impl Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dialplan_validated_versioned_and_kept_in_history() {
+        let mut st = State::default();
+        let good = "[default]\nexten => 1,1,Answer()\n";
+        let set = |source: &str, now_ms| Command::SetDialplan {
+            source: source.into(),
+            now_ms,
+        };
+        assert_eq!(st.apply(set(good, 1)), Response::DialplanVersion(1));
+        let Response::InvalidDialplan(errs) = st.apply(set("[default]\nexten => 1,1,Nope()\n", 2))
+        else {
+            panic!("a bad dialplan must be refused");
+        };
+        assert!(
+            errs[0].starts_with("line 2: unknown application"),
+            "{errs:?}"
+        );
+        assert_eq!(
+            st.dialplan.as_ref().unwrap().source,
+            good,
+            "the good one stays"
+        );
+        for i in 0..25 {
+            st.apply(set(&format!("{good};{i}\n"), 3 + i));
+        }
+        assert_eq!(st.dialplan.as_ref().unwrap().version, 26);
+        assert_eq!(st.dialplan_history.len(), DIALPLAN_HISTORY);
+        assert_eq!(st.dialplan_history.last().unwrap().version, 25);
+    }
+
+    #[test]
+    fn snapshots_carry_their_format() {
+        let st = State::default();
+        let bytes = st.encode().unwrap();
+        assert_eq!(State::decode(&bytes).unwrap(), st);
+        let mut other = bytes.clone();
+        other[5] = 99;
+        let e = State::decode(&other).unwrap_err().to_string();
+        assert!(e.contains("format"), "{e}");
+        assert!(State::decode(b"garbage").is_err());
+    }
 
     fn binding(uri: &str, call_id: &str, cseq: u32, now: u64, expires: u32) -> ContactUpdate {
         ContactUpdate {

@@ -67,12 +67,24 @@ enum Cmd {
         #[arg(long)]
         wait_ready: Option<f64>,
     },
+    /// Dialplan tools that need no cluster.
+    Dialplan {
+        #[command(subcommand)]
+        command: DialplanCmd,
+    },
     /// Print the HA1 hashes of a credential (what the cluster stores instead of it).
     Ha1 {
         user: String,
         realm: String,
         password: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum DialplanCmd {
+    /// Validate an extensions.conf the way the cluster will before committing it:
+    /// every error as FILE:LINE: reason. Exits 1 when it is invalid.
+    Check { file: std::path::PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -92,6 +104,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?;
             rt.block_on(status(peers, wait_ready))
+        }
+        Cmd::Dialplan {
+            command: DialplanCmd::Check { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            match pbx_dialplan::Dialplan::parse(&text) {
+                Ok(plan) => {
+                    let extensions: usize =
+                        plan.contexts.values().map(|c| c.extensions.len()).sum();
+                    println!(
+                        "{}: valid: {} contexts, {extensions} extensions",
+                        file.display(),
+                        plan.contexts.len()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(pbx_dialplan::DialplanError::Invalid(errors)) => {
+                    for e in errors {
+                        eprintln!("{}:{}: {}", file.display(), e.line, e.reason);
+                    }
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => bail!("{}: {e}", file.display()),
+            }
         }
         Cmd::Options { target, timeout } => {
             let mut ua = Ua::new(target)?;
@@ -349,7 +386,7 @@ async fn status(peers: Vec<String>, wait_ready: Option<f64>) -> anyhow::Result<E
                     })
                     .collect();
                 println!(
-                    "peer={peer} node={} role={} leader={} term={} last_log={} applied={} snapshot={} serving_writes={} ready={} users={} bindings={} members={}",
+                    "peer={peer} node={} role={} leader={} term={} last_log={} applied={} snapshot={} serving_writes={} ready={} users={} bindings={} dialplan={} members={}",
                     r.node_id,
                     r.role,
                     r.leader_id,
@@ -361,6 +398,7 @@ async fn status(peers: Vec<String>, wait_ready: Option<f64>) -> anyhow::Result<E
                     r.ready,
                     r.users,
                     r.bindings,
+                    r.dialplan_version,
                     members.join(",")
                 );
                 if wait_ready.is_some() && !r.ready {

@@ -20,7 +20,7 @@ struct Args {
     /// Node configuration file (TOML).
     #[arg(short, long)]
     config: PathBuf,
-    /// Check the configuration and the users file, then exit.
+    /// Check the configuration, the users file and the dialplan file, then exit.
     #[arg(long)]
     check: bool,
 }
@@ -32,6 +32,10 @@ fn main() -> anyhow::Result<()> {
         if let Some(users) = &config.cluster.users_file {
             let n = pbx_node::config::load_users(&config.resolve(users))?.len();
             println!("users file: {n} users");
+        }
+        if let Some(plan) = &config.cluster.dialplan_file {
+            pbx_node::config::load_dialplan(&config.resolve(plan))?;
+            println!("dialplan file: valid");
         }
         println!("{}: OK", args.config.display());
         return Ok(());
