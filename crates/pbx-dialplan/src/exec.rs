@@ -97,7 +97,7 @@ pub fn sip_to_cause(status: u16) -> u16 {
 /// (RFC 3398 §7.2.4.1, with Asterisk's choices).
 pub fn cause_to_sip(cause: u16) -> u16 {
     match cause {
-        1 | 2 | 3 => 404,
+        1..=3 => 404,
         16 | 18 | 19 | 20 | 31 => 480,
         17 => 486,
         21 => 603,
@@ -314,7 +314,7 @@ impl Lookup for Channel<'_> {
                     _ => return Some(Err("expected IF(condition?true:false)".into())),
                 };
                 let branches = split_top(rest, ':');
-                let truthy = !cond.is_empty() && cond.parse::<f64>().map_or(true, |f| f != 0.0);
+                let truthy = crate::expr::truthy(cond);
                 let pick = if truthy {
                     branches.first()
                 } else {
@@ -513,7 +513,7 @@ impl Execution {
                 App::GotoIf => {
                     let halves = split_top(&args, '?');
                     let cond = halves.first().map(|s| s.trim()).unwrap_or("");
-                    let truthy = !cond.is_empty() && cond.parse::<f64>().map_or(true, |f| f != 0.0);
+                    let truthy = crate::expr::truthy(cond);
                     let branches = halves.get(1).map(|b| split_top(b, ':')).unwrap_or_default();
                     let target = if truthy {
                         branches.first()

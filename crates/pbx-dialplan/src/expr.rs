@@ -96,7 +96,7 @@ fn format_number(f: f64) -> String {
     }
 }
 
-fn truthy(s: &str) -> bool {
+pub(crate) fn truthy(s: &str) -> bool {
     match number(s) {
         Some(f) => f != 0.0,
         None => !s.is_empty(),

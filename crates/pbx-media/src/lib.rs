@@ -1,0 +1,382 @@
+//! The RTP relay of a node: a pool of UDP port pairs (RTP on an even port, RTCP on the
+//! next) and, per relayed stream, one task that owns its sockets and a
+//! [`RelaySession`] pair (RTP and RTCP). The task is the only owner of the sessions,
+//! so forwarding a packet takes no lock and allocates nothing; counters are published
+//! once a second, and a stream with no packets for the configured time is reported so
+//! the call can be ended.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pbx_media_core::{Mode, RelaySession, Side, StreamStats};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("no free RTP port pair in {min}-{max} on {ip}")]
+    NoPorts { ip: IpAddr, min: u16, max: u16 },
+    #[error("invalid RTP port range {0}-{1}: need an even start and at least one pair")]
+    BadRange(u16, u16),
+}
+
+/// Relay settings (from the node config).
+#[derive(Debug, Clone)]
+pub struct MediaConfig {
+    /// The address phones send media to (the node's SIP address normally).
+    pub ip: IpAddr,
+    pub port_min: u16,
+    pub port_max: u16,
+    /// A stream with no packet for this long is reported as dead.
+    pub no_media_timeout: Duration,
+}
+
+/// What a stream task reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MediaEvent {
+    /// No packet for `no_media_timeout`.
+    NoMedia,
+}
+
+/// Counters of a stream, both directions, as last published.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StreamCounters {
+    /// What side A (caller) sent us.
+    pub from_a: StreamStats,
+    /// What side B (callee) sent us.
+    pub from_b: StreamStats,
+}
+
+enum Control {
+    Remote(Side, Option<SocketAddr>),
+    Mode(Mode),
+}
+
+/// A relayed stream: its ports and the means to steer it. Dropping it stops the task
+/// and returns the ports to the pool.
+pub struct Stream {
+    /// RTP port for side A (RTCP is the next one).
+    pub port_a: u16,
+    /// RTP port for side B.
+    pub port_b: u16,
+    pub ip: IpAddr,
+    ctl: mpsc::UnboundedSender<Control>,
+    counters: watch::Receiver<StreamCounters>,
+    events: Option<mpsc::UnboundedReceiver<MediaEvent>>,
+}
+
+impl Stream {
+    /// Where side `side` receives media (from its SDP); `None` holds it (no target).
+    pub fn set_remote(&self, side: Side, addr: Option<SocketAddr>) {
+        let _ = self.ctl.send(Control::Remote(side, addr));
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        let _ = self.ctl.send(Control::Mode(mode));
+    }
+
+    pub fn counters(&self) -> StreamCounters {
+        *self.counters.borrow()
+    }
+
+    /// Events of this stream (taken once, by the call that owns it).
+    pub fn take_events(&mut self) -> Option<mpsc::UnboundedReceiver<MediaEvent>> {
+        self.events.take()
+    }
+}
+
+// Dropping a Stream drops `ctl`: its task sees the channel closed, closes the sockets
+// and only then gives the ports back, so a port is never handed out while still bound.
+
+/// The node's relay: hands out streams.
+#[derive(Clone)]
+pub struct MediaRelay {
+    config: MediaConfig,
+    /// Free even ports, least recently used first (a port is not reused at once, so
+    /// late packets of an old call do not land in a new one).
+    free: Arc<Mutex<VecDeque<u16>>>,
+}
+
+impl MediaRelay {
+    pub fn new(config: MediaConfig) -> Result<MediaRelay, MediaError> {
+        let (min, max) = (config.port_min, config.port_max);
+        if min % 2 != 0 || max <= min {
+            return Err(MediaError::BadRange(min, max));
+        }
+        let free: VecDeque<u16> = (min..max).step_by(2).collect();
+        Ok(MediaRelay {
+            config,
+            free: Arc::new(Mutex::new(free)),
+        })
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.config.ip
+    }
+
+    /// Free port pairs left.
+    pub fn available(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).len() / 2
+    }
+
+    /// Binds an even port and the next one; ports another process holds are skipped.
+    fn bind_pair(&self) -> Result<(u16, std::net::UdpSocket, std::net::UdpSocket), MediaError> {
+        let attempts = self.free.lock().unwrap_or_else(|e| e.into_inner()).len();
+        for _ in 0..attempts {
+            let Some(port) = self
+                .free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            else {
+                break;
+            };
+            let rtp = std::net::UdpSocket::bind((self.config.ip, port));
+            let rtcp = std::net::UdpSocket::bind((self.config.ip, port + 1));
+            match (rtp, rtcp) {
+                (Ok(a), Ok(b)) => return Ok((port, a, b)),
+                _ => {
+                    // Taken by someone else: try it again later, after the others.
+                    self.free
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_back(port);
+                }
+            }
+        }
+        Err(MediaError::NoPorts {
+            ip: self.config.ip,
+            min: self.config.port_min,
+            max: self.config.port_max,
+        })
+    }
+
+    /// A new stream with a port pair for each side. Must run inside a tokio runtime.
+    pub fn open(&self, mode: Mode) -> Result<Stream, MediaError> {
+        let (port_a, a_rtp, a_rtcp) = self.bind_pair()?;
+        let (port_b, b_rtp, b_rtcp) = match self.bind_pair() {
+            Ok(x) => x,
+            Err(e) => {
+                self.free
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_back(port_a);
+                return Err(e);
+            }
+        };
+        let sockets = [a_rtp, a_rtcp, b_rtp, b_rtcp].map(|s| {
+            s.set_nonblocking(true).ok();
+            UdpSocket::from_std(s).expect("a bound UDP socket in a runtime")
+        });
+        let (ctl, ctl_rx) = mpsc::unbounded_channel();
+        let (counters_tx, counters) = watch::channel(StreamCounters::default());
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let free = self.free.clone();
+        let timeout = self.config.no_media_timeout;
+        tokio::spawn(async move {
+            run_stream(sockets, mode, ctl_rx, counters_tx, events_tx, timeout).await;
+            free.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend([port_a, port_b]);
+        });
+        Ok(Stream {
+            port_a,
+            port_b,
+            ip: self.config.ip,
+            ctl,
+            counters,
+            events: Some(events),
+        })
+    }
+}
+
+/// The stream task: sockets `[A rtp, A rtcp, B rtp, B rtcp]`.
+async fn run_stream(
+    sockets: [UdpSocket; 4],
+    mode: Mode,
+    mut ctl: mpsc::UnboundedReceiver<Control>,
+    counters: watch::Sender<StreamCounters>,
+    events: mpsc::UnboundedSender<MediaEvent>,
+    no_media_timeout: Duration,
+) {
+    let now = Instant::now();
+    let mut rtp = RelaySession::new(now, mode, true);
+    let mut rtcp = RelaySession::new(now, mode, false);
+    let mut bufs = [[0u8; 2048]; 4];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut reported_dead = false;
+    loop {
+        // Which socket is readable; the packet is handled below, outside the select.
+        let [b0, b1, b2, b3] = &mut bufs;
+        let (i, res) = tokio::select! {
+            r = sockets[0].recv_from(b0) => (0, r),
+            r = sockets[1].recv_from(b1) => (1, r),
+            r = sockets[2].recv_from(b2) => (2, r),
+            r = sockets[3].recv_from(b3) => (3, r),
+            c = ctl.recv() => {
+                match c {
+                    Some(Control::Remote(side, addr)) => {
+                        rtp.set_remote(side, addr);
+                        rtcp.set_remote(side, addr.map(|a| SocketAddr::new(a.ip(), a.port().wrapping_add(1))));
+                    }
+                    Some(Control::Mode(m)) => {
+                        rtp.set_mode(m);
+                        rtcp.set_mode(m);
+                    }
+                    None => return,
+                }
+                continue;
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                counters.send_replace(StreamCounters {
+                    from_a: *rtp.stats(Side::A),
+                    from_b: *rtp.stats(Side::B),
+                });
+                if !reported_dead && rtp.idle(now) >= no_media_timeout {
+                    reported_dead = true;
+                    let _ = events.send(MediaEvent::NoMedia);
+                }
+                continue;
+            }
+        };
+        let Ok((n, src)) = res else { continue };
+        let now = Instant::now();
+        let (side, is_rtcp) = match i {
+            0 => (Side::A, false),
+            1 => (Side::A, true),
+            2 => (Side::B, false),
+            _ => (Side::B, true),
+        };
+        let session = if is_rtcp { &mut rtcp } else { &mut rtp };
+        let Some(dest) = session.on_packet(now, side, src, &bufs[i][..n]) else {
+            continue;
+        };
+        if !is_rtcp {
+            reported_dead = false;
+        }
+        // Out through the socket of the side the packet goes to (echo: the same side),
+        // so the phone sees it come from the address its SDP names.
+        let out_side = if dest == src { side } else { side.other() };
+        let out = match (out_side, is_rtcp) {
+            (Side::A, false) => 0,
+            (Side::A, true) => 1,
+            (Side::B, false) => 2,
+            (Side::B, true) => 3,
+        };
+        let _ = sockets[out].try_send_to(&bufs[i][..n], dest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtp_rs::{RtpPacketBuilder, Seq};
+
+    fn rtp(seq: u16) -> Vec<u8> {
+        RtpPacketBuilder::new()
+            .payload_type(0)
+            .sequence(Seq::from(seq))
+            .timestamp(u32::from(seq) * 160)
+            .ssrc(0x1234)
+            .payload(&[0xd5; 160])
+            .build()
+            .unwrap()
+    }
+
+    fn relay(min: u16, timeout_ms: u64) -> MediaRelay {
+        MediaRelay::new(MediaConfig {
+            ip: "127.0.0.1".parse().unwrap(),
+            port_min: min,
+            port_max: min + 40,
+            no_media_timeout: Duration::from_millis(timeout_ms),
+        })
+        .unwrap()
+    }
+
+    async fn recv(sock: &tokio::net::UdpSocket) -> (Vec<u8>, SocketAddr) {
+        let mut buf = [0u8; 2048];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+            .await
+            .expect("a relayed packet")
+            .unwrap();
+        (buf[..n].to_vec(), from)
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_and_counts() {
+        let r = relay(41000, 60_000);
+        let s = r.open(Mode::Bridge).unwrap();
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.set_remote(Side::A, Some(a.local_addr().unwrap()));
+        s.set_remote(Side::B, Some(b.local_addr().unwrap()));
+        let to_a: SocketAddr = (r.ip(), s.port_a).into();
+        let to_b: SocketAddr = (r.ip(), s.port_b).into();
+        for seq in 1..=10 {
+            a.send_to(&rtp(seq), to_a).await.unwrap();
+            let (pkt, from) = recv(&b).await;
+            assert_eq!(pkt, rtp(seq));
+            assert_eq!(from, to_b, "B sees media from its own relay port");
+        }
+        b.send_to(&rtp(100), to_b).await.unwrap();
+        let (_, from) = recv(&a).await;
+        assert_eq!(from, to_a);
+        let mut c = s.counters.clone();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let v = *c.borrow_and_update();
+                if v.from_a.packets == 10 && v.from_b.packets == 1 {
+                    return;
+                }
+                c.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("counters published");
+    }
+
+    #[tokio::test]
+    async fn echo_and_no_media_timeout() {
+        let r = relay(41100, 300);
+        let mut s = r.open(Mode::Echo).unwrap();
+        let mut events = s.take_events().unwrap();
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        a.send_to(&rtp(1), (r.ip(), s.port_a)).await.unwrap();
+        let (pkt, _) = recv(&a).await;
+        assert_eq!(pkt, rtp(1));
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("no-media event");
+        assert_eq!(ev, Some(MediaEvent::NoMedia));
+    }
+
+    #[tokio::test]
+    async fn ports_return_to_the_pool() {
+        let r = relay(41200, 60_000);
+        let before = r.available();
+        let s = r.open(Mode::Bridge).unwrap();
+        assert_eq!(r.available(), before - 1);
+        drop(s);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while r.available() != before {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("ports given back once the stream's sockets are closed");
+        let mut held = Vec::new();
+        while let Ok(s) = r.open(Mode::Bridge) {
+            held.push(s);
+        }
+        // 20 pairs make at most 10 two-sided streams (fewer if another process holds
+        // some of these ports: they are skipped, not failed on).
+        assert!((1..=10).contains(&held.len()), "{}", held.len());
+        assert!(matches!(
+            r.open(Mode::Bridge),
+            Err(MediaError::NoPorts { .. })
+        ));
+    }
+}
