@@ -282,6 +282,19 @@ fn seconds(s: &str) -> Option<Duration> {
         .map(Duration::from_secs_f64)
 }
 
+/// `condition?when_true[:when_false]` (GotoIf, IF): the branch the condition picks.
+fn choose(args: &str) -> Option<String> {
+    let halves = split_top(args, '?');
+    let cond = halves.first().map(|s| s.trim()).unwrap_or("");
+    let branches = split_top(halves.get(1)?, ':');
+    let pick = if crate::expr::truthy(cond) {
+        branches.first()
+    } else {
+        branches.get(1)
+    };
+    pick.cloned()
+}
+
 /// The variables and functions a channel offers to substitution.
 struct Channel<'a> {
     vars: &'a HashMap<String, String>,
@@ -308,19 +321,10 @@ impl Lookup for Channel<'_> {
             "LEN" => Ok(args.chars().count().to_string()),
             "ISNULL" => Ok(if args.is_empty() { "1" } else { "0" }.into()),
             "IF" => {
-                let parts = split_top(args, '?');
-                let (cond, rest) = match parts.as_slice() {
-                    [c, r] => (c.trim(), r.as_str()),
-                    _ => return Some(Err("expected IF(condition?true:false)".into())),
-                };
-                let branches = split_top(rest, ':');
-                let truthy = crate::expr::truthy(cond);
-                let pick = if truthy {
-                    branches.first()
-                } else {
-                    branches.get(1)
-                };
-                Ok(pick.cloned().unwrap_or_default())
+                if split_top(args, '?').len() != 2 {
+                    return Some(Err("expected IF(condition?true:false)".into()));
+                }
+                Ok(choose(args).unwrap_or_default())
             }
             _ => return None,
         })
@@ -499,37 +503,12 @@ impl Execution {
                     None
                 }
                 App::Goto => {
-                    if let Err(e) = self.jump(&args) {
-                        let msg = format!("line {}: Goto({args}): {e}", p.line);
-                        self.queued.push_back(Action::Log {
-                            level: LogLevel::Warning,
-                            message: msg,
-                        });
-                        let a = self.end(16);
-                        self.queued.push_back(a);
-                    }
+                    self.jump_or_end(&args, "Goto", &args, p.line);
                     None
                 }
                 App::GotoIf => {
-                    let halves = split_top(&args, '?');
-                    let cond = halves.first().map(|s| s.trim()).unwrap_or("");
-                    let truthy = crate::expr::truthy(cond);
-                    let branches = halves.get(1).map(|b| split_top(b, ':')).unwrap_or_default();
-                    let target = if truthy {
-                        branches.first()
-                    } else {
-                        branches.get(1)
-                    };
-                    if let Some(t) = target.map(|t| t.trim()).filter(|t| !t.is_empty()) {
-                        if let Err(e) = self.jump(t) {
-                            let msg = format!("line {}: GotoIf({args}): {e}", p.line);
-                            self.queued.push_back(Action::Log {
-                                level: LogLevel::Warning,
-                                message: msg,
-                            });
-                            let a = self.end(16);
-                            self.queued.push_back(a);
-                        }
+                    if let Some(t) = choose(&args).filter(|t| !t.trim().is_empty()) {
+                        self.jump_or_end(t.trim(), "GotoIf", &args, p.line);
                     }
                     None
                 }
@@ -597,6 +576,18 @@ impl Execution {
         self.queued
             .pop_front()
             .unwrap_or(Action::Hangup { cause: 34 })
+    }
+
+    /// Jumps to `target`; a target that does not exist ends the call, as in Asterisk.
+    fn jump_or_end(&mut self, target: &str, app: &str, args: &str, line: usize) {
+        if let Err(e) = self.jump(target) {
+            self.queued.push_back(Action::Log {
+                level: LogLevel::Warning,
+                message: format!("line {line}: {app}({args}): {e}"),
+            });
+            let a = self.end(16);
+            self.queued.push_back(a);
+        }
     }
 
     fn assign(&mut self, name: &str, value: &str) {
