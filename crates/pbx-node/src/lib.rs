@@ -54,9 +54,10 @@ impl Node {
     /// a leader; [`Cluster::is_ready`] tells when that is done.
     pub async fn start(config: Config) -> Result<Node, NodeError> {
         // A bad dialplan file stops the node here, with file:line, not later.
-        if let Some(path) = &config.cluster.dialplan_file {
-            config::load_dialplan(&config.resolve(path))?;
-        }
+        let initial_dialplan = match &config.cluster.dialplan_file {
+            Some(path) => config::load_dialplan(&config.resolve(path))?,
+            None => pbx_dialplan::DEMO_DIALPLAN.to_string(),
+        };
         let data_dir = config.resolve(&config.node.data_dir);
         let store = Arc::new(SledStore::open(
             &data_dir.join("state"),
@@ -74,7 +75,11 @@ impl Node {
         local_hosts.extend(config.node.aliases.iter().cloned());
         let handler = Arc::new(RequestHandler::new(config.handler_config(local_hosts))?);
         let mut tasks = transport::serve(udp, tcp, handler, cluster.clone(), &config);
-        tasks.push(tokio::spawn(bootstrap(config.clone(), cluster.clone())));
+        tasks.push(tokio::spawn(bootstrap(
+            config.clone(),
+            initial_dialplan,
+            cluster.clone(),
+        )));
         tasks.push(tokio::spawn(sweeper(
             cluster.clone(),
             config.registrar.sweep_interval,
@@ -101,10 +106,10 @@ impl Node {
 /// Commits the cluster settings (first start of a cluster: a fresh nonce secret; a
 /// command the state machine ignores once settings exist) and the users of the users
 /// file that the cluster does not know yet. Retried until the cluster takes writes.
-async fn bootstrap(config: Config, cluster: Cluster) {
+async fn bootstrap(config: Config, initial_dialplan: String, cluster: Cluster) {
     let mut attempt = 0u32;
     loop {
-        match bootstrap_once(&config, &cluster).await {
+        match bootstrap_once(&config, &initial_dialplan, &cluster).await {
             Ok(()) => {
                 cluster.set_ready();
                 tracing::info!("node ready: settings and users committed");
@@ -121,7 +126,11 @@ async fn bootstrap(config: Config, cluster: Cluster) {
     }
 }
 
-async fn bootstrap_once(config: &Config, cluster: &Cluster) -> Result<(), NodeError> {
+async fn bootstrap_once(
+    config: &Config,
+    initial_dialplan: &str,
+    cluster: &Cluster,
+) -> Result<(), NodeError> {
     let realm = config.realm();
     if cluster.read().settings.is_none() {
         let mut secret = vec![0u8; 32];
@@ -135,10 +144,7 @@ async fn bootstrap_once(config: &Config, cluster: &Cluster) -> Result<(), NodeEr
             .await?;
     }
     if cluster.read().dialplan.is_none() {
-        let source = match &config.cluster.dialplan_file {
-            Some(path) => config::load_dialplan(&config.resolve(path))?,
-            None => pbx_dialplan::DEMO_DIALPLAN.to_string(),
-        };
+        let source = initial_dialplan.to_string();
         match cluster
             .propose(Command::SetDialplan { source, now_ms: 0 })
             .await?

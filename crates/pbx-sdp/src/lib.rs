@@ -123,6 +123,7 @@ impl Sdp {
             session_lines: Vec::new(),
             media: Vec::new(),
         };
+        let mut session_dir = Direction::SendRecv;
         let mut seen_v = false;
         let mut seen_o = false;
         for (i, raw) in text.lines().enumerate() {
@@ -185,7 +186,8 @@ impl Sdp {
                         proto: f[2].to_string(),
                         formats: f[3..].iter().map(|s| s.to_string()).collect(),
                         connection: None,
-                        direction: Direction::SendRecv,
+                        // Session-level attributes precede the first m= line.
+                        direction: session_dir,
                         lines: Vec::new(),
                     });
                 }
@@ -200,11 +202,9 @@ impl Sdp {
                     match (target, dir) {
                         (Some(m), Some(d)) => m.direction = d,
                         (Some(m), None) => m.lines.push(line.to_string()),
-                        (None, Some(d)) => {
-                            // A session-level direction applies to every stream that
-                            // does not say otherwise; kept as a line for re-emission.
-                            sdp.session_lines.push(format!("a={}", d.attr()));
-                        }
+                        // A session-level direction is the default of every stream;
+                        // each stream emits its own.
+                        (None, Some(d)) => session_dir = d,
                         (None, None) => sdp.session_lines.push(line.to_string()),
                     }
                 }
@@ -218,31 +218,10 @@ impl Sdp {
         if !seen_o {
             return Err(SdpError::Missing("o="));
         }
-        let session_dir = sdp.session_lines.iter().find_map(|l| match l.as_str() {
-            "a=sendonly" => Some(Direction::SendOnly),
-            "a=recvonly" => Some(Direction::RecvOnly),
-            "a=inactive" => Some(Direction::Inactive),
-            _ => None,
-        });
         for m in &mut sdp.media {
             if m.connection.is_none() {
                 m.connection = sdp.connection;
             }
-        }
-        if let Some(d) = session_dir {
-            sdp.session_lines.retain(|l| {
-                !l.starts_with("a=sendonly")
-                    && !l.starts_with("a=recvonly")
-                    && !l.starts_with("a=inactive")
-                    && l != "a=sendrecv"
-            });
-            for m in &mut sdp.media {
-                if m.direction == Direction::SendRecv {
-                    m.direction = d;
-                }
-            }
-        } else {
-            sdp.session_lines.retain(|l| l != "a=sendrecv");
         }
         if sdp
             .media
