@@ -47,14 +47,32 @@ impl ReplyHead {
             from: core.from.raw.clone(),
             to: core.to.raw.clone(),
             to_has_tag: core.to.tag().is_some(),
-            to_tag: stable_tag(&[
-                &core.call_id,
-                core.from.tag().unwrap_or_default(),
-                core.vias[0].branch().unwrap_or_default(),
-            ]),
+            to_tag: match core.to.tag() {
+                Some(t) => t.to_string(),
+                None => stable_tag(&[
+                    &core.call_id,
+                    core.from.tag().unwrap_or_default(),
+                    core.vias[0].branch().unwrap_or_default(),
+                ]),
+            },
             call_id: core.call_id.clone(),
             cseq: format!("{} {}", core.cseq.seq, core.cseq.method),
             server: server.to_string(),
+        }
+    }
+
+    /// The To tag this head puts on responses: the request's own, or the one it made up
+    /// (the UAS's tag of a dialog the request creates).
+    pub fn to_tag(&self) -> &str {
+        &self.to_tag
+    }
+
+    /// The To value responses carry (with the tag).
+    pub fn to_with_tag(&self) -> String {
+        if self.to_has_tag {
+            self.to.clone()
+        } else {
+            format!("{};tag={}", self.to, self.to_tag)
         }
     }
 

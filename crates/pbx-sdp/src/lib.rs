@@ -341,11 +341,33 @@ impl Sdp {
     }
 }
 
+/// An offer from this node (a caller that sent no SDP): PCMU, PCMA and
+/// telephone-event at `relay_ip:port`.
+pub fn offer_g711(relay_ip: IpAddr, port: u16, session_id: u64, version: u64) -> String {
+    let ip_kind = if relay_ip.is_ipv4() { "IP4" } else { "IP6" };
+    format!(
+        "v=0\r\no=pbxd {session_id} {version} IN {ip_kind} {relay_ip}\r\ns=pbxd\r\nc=IN {ip_kind} {relay_ip}\r\nt=0 0\r\n\
+         m=audio {port} RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
+         a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=rtcp:{}\r\na=sendrecv\r\n",
+        port + 1
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const OFFER: &str = "v=0\r\no=alice 2890844526 2890844526 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\nm=audio 49170 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=rtcp:49171\r\na=candidate:1 1 UDP 2130706431 192.0.2.10 49170 typ host\r\na=sendrecv\r\nm=video 0 RTP/AVP 31\r\n";
+
+    #[test]
+    fn our_offer_parses_with_both_g711_codecs() {
+        let o = offer_g711("192.0.2.1".parse().unwrap(), 40000, 7, 1);
+        let sdp = Sdp::parse(o.as_bytes()).unwrap();
+        let m = &sdp.media[0];
+        assert_eq!(m.rtp_target(), Some("192.0.2.1:40000".parse().unwrap()));
+        assert!(m.has_payload(0) && m.has_payload(8));
+        assert!(o.contains("a=rtcp:40001\r\n"));
+    }
 
     #[test]
     fn reads_what_the_party_wants() {

@@ -166,6 +166,16 @@ pub enum Command {
     /// Several commands committed as one log entry (group commit); applied in order,
     /// answered one response each.
     Batch(Vec<Command>),
+    /// A call was answered on its owner node: both dialogs, for the call-survival work
+    /// and the admin's call list.
+    CallAnswered(CallRecord),
+    CallEnded {
+        id: String,
+    },
+    /// A node (re)started: the calls it owned are gone with its process.
+    CallsOfOwnerEnded {
+        owner: u64,
+    },
 }
 
 impl Command {
@@ -186,12 +196,48 @@ impl Command {
             Command::SetDialplan { now_ms: at, .. } => *at = now_ms,
             Command::Batch(list) => list.iter_mut().for_each(|c| c.stamp(now_ms)),
             Command::Initialize(_)
+            | Command::CallAnswered(_)
+            | Command::CallEnded { .. }
+            | Command::CallsOfOwnerEnded { .. }
             | Command::UpsertUser(_)
             | Command::SeedUsers(_)
             | Command::RemoveUser { .. }
             | Command::SweepExpired { .. } => {}
         }
     }
+}
+
+/// An answered call as its owner node recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// The caller's Call-ID: the call's name in the cluster.
+    pub id: String,
+    /// The node that runs the call (holds its transactions and media).
+    pub owner: u64,
+    pub caller: String,
+    /// The extension dialled.
+    pub callee: String,
+    pub answered_at_ms: u64,
+    /// The caller's leg first, then the callee's (none for the node's own
+    /// applications).
+    pub legs: Vec<LegRecord>,
+}
+
+/// One dialog of a call, as the node sees it (RFC 3261 §12 dialog state).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegRecord {
+    pub call_id: String,
+    /// Our From/To value, with our tag.
+    pub local: String,
+    /// The peer's, with its tag.
+    pub remote: String,
+    pub remote_target: String,
+    pub route_set: Vec<String>,
+    pub local_cseq: u32,
+    pub remote_cseq: u32,
+    /// Where the peer's messages come from / go to.
+    pub peer: String,
+    pub transport: Transport,
 }
 
 /// The dialplan as committed: its source text and version (1, 2, … in commit order).
@@ -229,6 +275,8 @@ pub struct State {
     pub dialplan: Option<StoredDialplan>,
     /// Earlier dialplans, oldest first, at most [`DIALPLAN_HISTORY`].
     pub dialplan_history: Vec<StoredDialplan>,
+    /// Answered calls in progress, by id.
+    pub calls: BTreeMap<String, CallRecord>,
 }
 
 /// How many replaced dialplans are kept (for show, diff and rollback).
@@ -306,6 +354,19 @@ impl State {
             }
             Command::Batch(list) => {
                 Response::Batch(list.into_iter().map(|c| self.apply(c)).collect())
+            }
+            Command::CallAnswered(record) => {
+                self.calls.insert(record.id.clone(), record);
+                Response::Done
+            }
+            Command::CallEnded { id } => {
+                self.calls.remove(&id);
+                Response::Done
+            }
+            Command::CallsOfOwnerEnded { owner } => {
+                let before = self.calls.len();
+                self.calls.retain(|_, c| c.owner != owner);
+                Response::Swept(before - self.calls.len())
             }
         }
     }
@@ -440,7 +501,7 @@ impl State {
 
 const SNAPSHOT_MAGIC: &[u8] = b"PBXS";
 /// Bumped whenever [`State`]'s encoding changes.
-const SNAPSHOT_FORMAT: u16 = 2;
+const SNAPSHOT_FORMAT: u16 = 3;
 
 /// RFC 5626: the same instance and reg-id is the same flow whatever its URI; otherwise
 /// bindings are the same when their URIs compare equal.

@@ -1,0 +1,1520 @@
+//! The call state machine.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use bytes::Bytes;
+use pbx_dialplan::{
+    cause_to_sip, Action, DialRequest, DialStatus, DialTarget, Execution, LogLevel,
+};
+use pbx_media_core::{Mode, Side};
+use pbx_registrar::{Inbound, ReplyHead, ALLOW};
+use pbx_sdp::Sdp;
+use pbx_sip_core::{
+    ClientInvite, ClientNonInvite, ResponseAction, TimerOutcome, Timers, TransactionKey,
+};
+use pbx_sip_msg::{CoreHeaders, HeaderName, MessageWriter, Method, SipMessage};
+use pbx_state::{CallRecord, LegRecord};
+
+use crate::dialog::{contact_uri, record_routes, Destination, Dialog, Local, RetransmitDue};
+use crate::dialog::Retransmit2xx;
+
+const SDP: &str = "application/sdp";
+
+/// What a call needs to know about its node and its caller.
+#[derive(Debug, Clone)]
+pub struct CallParams {
+    pub node_id: u64,
+    /// The node's SIP address (Via, Contact).
+    pub local: SocketAddr,
+    pub domain: String,
+    pub server_name: String,
+    pub timers: Timers,
+    /// Seeds the tags, branches and Call-IDs this call makes up.
+    pub seed: u64,
+    /// Relay ports opened for this call, one pair per m-line of the caller's offer;
+    /// `None` passes SDP through untouched (no relay configured).
+    pub media: Option<MediaPorts>,
+    /// The authenticated caller (user name).
+    pub caller_user: String,
+    /// Wall clock at `now` of [`Call::new`], for the replicated record.
+    pub now_ms: u64,
+}
+
+/// The relay's address and, per media stream, the port for the caller's side (A) and
+/// the callee's side (B).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaPorts {
+    pub ip: IpAddr,
+    pub streams: Vec<(u16, u16)>,
+}
+
+/// One contact a Dial rings.
+#[derive(Debug, Clone)]
+pub struct Contact<D> {
+    /// Request-URI (the registered Contact URI).
+    pub uri: String,
+    pub dest: D,
+    /// Route headers (the binding's Path).
+    pub route: Vec<String>,
+    /// The user this contact belongs to.
+    pub user: String,
+}
+
+/// What the relay should do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MediaOp {
+    /// Where a side of a stream receives media (from its SDP); `None`: nowhere.
+    Remote {
+        stream: usize,
+        side: Side,
+        addr: Option<SocketAddr>,
+    },
+    /// Bridge the two sides, or echo what the caller sends.
+    Mode(Mode),
+    /// Play prompts to the caller on the first stream, then report
+    /// [`MediaNotice::PlaybackDone`].
+    Play {
+        stream: usize,
+        prompts: Vec<String>,
+        payload_type: u8,
+    },
+}
+
+/// What the relay reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaNotice {
+    /// No packet for the configured time.
+    NoMedia,
+    PlaybackDone,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output<D> {
+    /// Answer a server transaction of the driver's table (which retransmits non-2xx
+    /// finals and absorbs retransmitted requests).
+    Respond {
+        key: TransactionKey,
+        status: u16,
+        bytes: Bytes,
+    },
+    /// Send a request, an ACK or a retransmission.
+    Send { dest: D, bytes: Bytes },
+    /// Find the contacts of these targets and call [`Call::on_resolved`].
+    Resolve(Vec<DialTarget>),
+    /// Messages with this Call-ID belong to this call from now on.
+    ClaimCallId(String),
+    Media(MediaOp),
+    Log { level: LogLevel, message: String },
+    /// The call was answered: replicate its record.
+    Record(Box<CallRecord>),
+    /// The call is over for its users (transactions may linger to absorb
+    /// retransmissions until [`Call::is_done`]).
+    Ended { cause: u16, answered: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LegRef {
+    A,
+    B(usize),
+}
+
+/// What the dialplan is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Resolving,
+    Dialing { deadline: Option<Instant> },
+    Bridged(usize),
+    Playing,
+    Echo,
+    Waiting(Instant),
+    Ended,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LegState {
+    /// INVITE sent, nothing but 100 back.
+    Trying,
+    Early,
+    Answered,
+    /// Final non-2xx (0: no response at all), or cancelled/hung up.
+    Done(u16),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cancel {
+    No,
+    /// CANCEL as soon as a provisional response arrives (§9.1).
+    Wanted,
+    Sent,
+}
+
+struct ALeg<D> {
+    key: TransactionKey,
+    head: ReplyHead,
+    dialog: Dialog<D>,
+    invite_cseq: u32,
+    max_forwards: u32,
+    exten: String,
+    offer: Option<Sdp>,
+    /// The offer's text, as the caller sent it.
+    offer_raw: Bytes,
+    final_sent: bool,
+    answered: bool,
+    ringing_sent: bool,
+}
+
+struct BLeg<D> {
+    /// Which Dial this leg belongs to.
+    generation: u32,
+    dialog: Dialog<D>,
+    tx: ClientInvite,
+    invite: Bytes,
+    state: LegState,
+    cancel: Cancel,
+    user: String,
+}
+
+enum ClientTx {
+    Invite(ClientInvite),
+    NonInvite(ClientNonInvite),
+}
+
+/// A server transaction waiting for the other leg's answer to a relayed request.
+struct Origin {
+    key: TransactionKey,
+    head: ReplyHead,
+    leg: LegRef,
+    method: Method,
+    cseq: u32,
+}
+
+/// A request this call sent (BYE, CANCEL, re-INVITE, relayed INFO…).
+struct Pending<D> {
+    leg: LegRef,
+    dest: D,
+    cseq: u32,
+    method: Method,
+    tx: ClientTx,
+    origin: Option<Origin>,
+    answered: bool,
+}
+
+/// One call through the B2BUA. `D` is the driver's destination type.
+pub struct Call<D> {
+    p: CallParams,
+    local: Local,
+    started: Instant,
+    next_id: u64,
+    exec: Execution,
+    out: VecDeque<Output<D>>,
+    a: ALeg<D>,
+    legs: Vec<BLeg<D>>,
+    generation: u32,
+    dial: Option<DialRequest>,
+    phase: Phase,
+    pending: Vec<Pending<D>>,
+    /// Payload type of the caller's stream when the node itself answers.
+    app_pt: Option<u8>,
+    /// Per side: the SDP we anchored last and the version we sent it with.
+    sdp_sent: [(String, u64); 2],
+    hangup_at: Option<Instant>,
+    answered_at: Option<Instant>,
+}
+
+fn side_of(leg: LegRef) -> Side {
+    match leg {
+        LegRef::A => Side::A,
+        LegRef::B(_) => Side::B,
+    }
+}
+
+impl<D: Destination> Call<D> {
+    /// A new call for an authenticated INVITE without a To tag. The driver has opened
+    /// the server transaction `key` and the relay streams in `params.media`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        now: Instant,
+        params: CallParams,
+        invite: &SipMessage,
+        core: &CoreHeaders,
+        key: TransactionKey,
+        source: SocketAddr,
+        dest: D,
+        exec: Execution,
+    ) -> Call<D> {
+        let head = ReplyHead::new(
+            &Inbound {
+                msg: invite,
+                core,
+                source,
+                transport: dest.transport(),
+            },
+            &params.server_name,
+        );
+        let local_tag = head.to_tag().to_string();
+        let dialog = Dialog {
+            call_id: core.call_id.clone(),
+            local: head.to_with_tag(),
+            local_tag,
+            remote: core.from.raw.clone(),
+            remote_tag: core.from.tag().map(str::to_string),
+            remote_target: contact_uri(invite).unwrap_or_else(|| core.from.uri_raw.clone()),
+            route_set: record_routes(invite),
+            local_cseq: 0,
+            remote_cseq: core.cseq.seq,
+            dest,
+            retransmit: None,
+            last_ack: None,
+        };
+        let exten = invite
+            .request_uri()
+            .and_then(|u| pbx_sip_msg::Uri::parse(u).ok())
+            .and_then(|u| u.user_unescaped())
+            .unwrap_or_default();
+        let offer = (!invite.body.is_empty())
+            .then(|| Sdp::parse(&invite.body).ok())
+            .flatten();
+        let mut call = Call {
+            local: Local { addr: params.local },
+            started: now,
+            next_id: 0,
+            exec,
+            out: VecDeque::new(),
+            a: ALeg {
+                key,
+                head,
+                dialog,
+                invite_cseq: core.cseq.seq,
+                max_forwards: core.max_forwards.unwrap_or(70),
+                exten,
+                offer_raw: if offer.is_some() {
+                    invite.body.clone()
+                } else {
+                    Bytes::new()
+                },
+                offer,
+                final_sent: false,
+                answered: false,
+                ringing_sent: false,
+            },
+            legs: Vec::new(),
+            generation: 0,
+            dial: None,
+            phase: Phase::Running,
+            pending: Vec::new(),
+            app_pt: None,
+            sdp_sent: Default::default(),
+            hangup_at: None,
+            answered_at: None,
+            p: params,
+        };
+        call.respond_a(100, None, &[]);
+        call.run(now);
+        call
+    }
+
+    /// The caller's Call-ID.
+    pub fn id(&self) -> &str {
+        &self.a.dialog.call_id
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output<D>> {
+        self.out.pop_front()
+    }
+
+    /// The call is over and no transaction of it needs the driver any more.
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Ended
+            && self.pending.is_empty()
+            && self.a.dialog.retransmit.is_none()
+            && self
+                .legs
+                .iter()
+                .all(|l| l.tx.poll_timeout().is_none() && l.dialog.retransmit.is_none())
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.phase == Phase::Ended
+    }
+
+    fn id_token(&mut self) -> String {
+        self.next_id += 1;
+        format!("{:x}{:x}", self.p.seed, self.next_id)
+    }
+
+    fn branch(&mut self) -> String {
+        format!("z9hG4bK{}", self.id_token())
+    }
+
+    fn now_ms(&self, now: Instant) -> u64 {
+        self.p.now_ms + now.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    fn log(&mut self, level: LogLevel, message: String) {
+        self.out.push_back(Output::Log { level, message });
+    }
+
+    // ----- the dialplan -------------------------------------------------------------
+
+    /// Runs the dialplan until it waits for something.
+    fn run(&mut self, now: Instant) {
+        while self.phase == Phase::Running {
+            match self.exec.next_action() {
+                Action::Answer => self.answer_with_app(now),
+                Action::Ringing => {
+                    if !self.a.final_sent && !self.a.ringing_sent {
+                        self.a.ringing_sent = true;
+                        self.respond_a(180, None, &[]);
+                    }
+                }
+                Action::Progress => {
+                    if !self.a.final_sent {
+                        let body = self.app_sdp();
+                        self.respond_a(183, body.as_deref(), &[]);
+                    }
+                }
+                Action::Dial(req) => {
+                    let targets = req.targets.clone();
+                    if req.ringing && !self.a.final_sent && !self.a.ringing_sent {
+                        self.a.ringing_sent = true;
+                        self.respond_a(180, None, &[]);
+                    }
+                    self.dial = Some(req);
+                    self.phase = Phase::Resolving;
+                    self.out.push_back(Output::Resolve(targets));
+                }
+                Action::Playback { prompts, noanswer } => {
+                    if noanswer {
+                        if !self.a.final_sent {
+                            let body = self.app_sdp();
+                            self.respond_a(183, body.as_deref(), &[]);
+                        }
+                    } else {
+                        self.answer_with_app(now);
+                    }
+                    if self.phase != Phase::Running {
+                        continue; // answering failed and ended the call
+                    }
+                    match self.app_pt {
+                        Some(pt) => {
+                            self.phase = Phase::Playing;
+                            self.out.push_back(Output::Media(MediaOp::Play {
+                                stream: self.app_stream(),
+                                prompts,
+                                payload_type: pt,
+                            }));
+                        }
+                        None => self.log(
+                            LogLevel::Warning,
+                            "Playback: no G.711 media with the caller, skipped".into(),
+                        ),
+                    }
+                }
+                Action::Echo => {
+                    self.answer_with_app(now);
+                    if self.phase == Phase::Running {
+                        self.phase = Phase::Echo;
+                        self.out.push_back(Output::Media(MediaOp::Mode(Mode::Echo)));
+                    }
+                }
+                Action::Wait(d) => self.phase = Phase::Waiting(now + d),
+                Action::Busy => self.hangup(now, 17, None),
+                Action::Congestion => self.hangup(now, 34, None),
+                Action::Hangup { cause } => self.hangup(now, cause, None),
+                Action::Log { level, message } => self.log(level, message),
+            }
+        }
+    }
+
+    /// Dial targets resolved: ring every contact in parallel. `unreachable` is the
+    /// status when there are none (404 unknown user, 480 nobody registered).
+    pub fn on_resolved(&mut self, now: Instant, contacts: Vec<Contact<D>>, unreachable: u16) {
+        if self.phase != Phase::Resolving {
+            return;
+        }
+        let req = self.dial.clone().unwrap_or_default();
+        if contacts.is_empty() {
+            self.exec
+                .dial_finished(DialStatus::ChanUnavail, Some(unreachable));
+            self.phase = Phase::Running;
+            return self.run(now);
+        }
+        self.generation += 1;
+        for c in contacts {
+            self.start_leg(now, c, &req);
+        }
+        self.phase = Phase::Dialing {
+            deadline: req.timeout.map(|t| now + t),
+        };
+    }
+
+    fn start_leg(&mut self, now: Instant, c: Contact<D>, req: &DialRequest) {
+        let call_id = format!("{}@pbx", self.id_token());
+        let tag = self.id_token();
+        let branch = self.branch();
+        let caller = req
+            .caller_id
+            .clone()
+            .unwrap_or_else(|| self.exec.caller().clone());
+        let from_uri = format!("<sip:{}@{}>", caller.num, self.p.domain);
+        let local = if caller.name.is_empty() {
+            format!("{from_uri};tag={tag}")
+        } else {
+            format!("\"{}\" {from_uri};tag={tag}", caller.name.replace('"', ""))
+        };
+        let to = format!("<sip:{}@{}>", c.user, self.p.domain);
+        let transport = c.dest.transport();
+        let body = self.offer_for_b();
+        let max_forwards = self.a.max_forwards.saturating_sub(1).min(70);
+        let mut w = MessageWriter::request(&Method::Invite, &c.uri);
+        w.header("Via", &self.local.via(transport, &branch))
+            .header("Max-Forwards", &max_forwards.to_string())
+            .header("From", &local)
+            .header("To", &to)
+            .header("Call-ID", &call_id)
+            .header("CSeq", "1 INVITE");
+        for r in &c.route {
+            w.header("Route", r);
+        }
+        w.header("Contact", &self.local.contact(transport))
+            .header("Allow", ALLOW)
+            .header("User-Agent", &self.p.server_name);
+        let bytes = Bytes::from(match &body {
+            Some((ct, b)) => {
+                w.header("Content-Type", ct);
+                w.finish(b)
+            }
+            None => w.finish(b""),
+        });
+        let tx = match ClientInvite::new(
+            now,
+            bytes.clone(),
+            transport.is_connection_bound(),
+            self.p.timers,
+        ) {
+            Ok(tx) => tx,
+            Err(e) => {
+                return self.log(LogLevel::Warning, format!("cannot call {}: {e}", c.uri));
+            }
+        };
+        self.out.push_back(Output::ClaimCallId(call_id.clone()));
+        self.out.push_back(Output::Send {
+            dest: c.dest.clone(),
+            bytes: bytes.clone(),
+        });
+        self.legs.push(BLeg {
+            generation: self.generation,
+            dialog: Dialog {
+                call_id,
+                local,
+                local_tag: tag,
+                remote: to,
+                remote_tag: None,
+                remote_target: c.uri,
+                route_set: c.route,
+                local_cseq: 1,
+                remote_cseq: 0,
+                dest: c.dest,
+                retransmit: None,
+                last_ack: None,
+            },
+            tx,
+            invite: bytes,
+            state: LegState::Trying,
+            cancel: Cancel::No,
+            user: c.user,
+        });
+    }
+
+    /// The Dial is over without an answer (all failed, timed out): on with the plan.
+    fn dial_failed(&mut self, now: Instant, status: DialStatus, sip: Option<u16>) {
+        let generation = self.generation;
+        for i in 0..self.legs.len() {
+            if self.legs[i].generation == generation {
+                self.cancel_leg(now, i);
+            }
+        }
+        self.exec.dial_finished(status, sip);
+        self.phase = Phase::Running;
+        self.run(now);
+    }
+
+    /// Checks whether every leg of the current Dial failed.
+    fn check_dial(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Dialing { .. }) {
+            return;
+        }
+        let current: Vec<LegState> = self
+            .legs
+            .iter()
+            .filter(|l| l.generation == self.generation)
+            .map(|l| l.state)
+            .collect();
+        if current.iter().any(|s| !matches!(s, LegState::Done(_))) {
+            return;
+        }
+        let codes: Vec<u16> = current
+            .iter()
+            .filter_map(|s| match s {
+                LegState::Done(c) if *c != 0 => Some(*c),
+                _ => None,
+            })
+            .collect();
+        let best = best_failure(&codes);
+        self.dial_failed(now, DialStatus::from_sip(best), best);
+    }
+
+    // ----- SDP and media ------------------------------------------------------------
+
+    fn media_ports(&self, side: Side) -> Option<(IpAddr, Vec<u16>)> {
+        let m = self.p.media.as_ref()?;
+        Some((
+            m.ip,
+            m.streams
+                .iter()
+                .map(|(a, b)| if side == Side::A { *a } else { *b })
+                .collect(),
+        ))
+    }
+
+    /// The description to send to `side` for a description the other side sent: the
+    /// relay's address and ports, the version bumped only when it changed.
+    fn anchored_for(&mut self, side: Side, sdp: &Sdp, raw: &[u8]) -> Vec<u8> {
+        let Some((ip, ports)) = self.media_ports(side) else {
+            return raw.to_vec();
+        };
+        let i = if side == Side::A { 0 } else { 1 };
+        let source = String::from_utf8_lossy(raw).into_owned();
+        if self.sdp_sent[i].0 != source {
+            self.sdp_sent[i] = (source, self.sdp_sent[i].1 + 1);
+        }
+        sdp.anchored(ip, &ports, self.p.seed & 0xffff_ffff, self.sdp_sent[i].1)
+            .into_bytes()
+    }
+
+    /// Tells the relay where `side` receives media according to its SDP.
+    fn learn_media(&mut self, side: Side, sdp: &Sdp) {
+        let Some(m) = &self.p.media else { return };
+        let n = m.streams.len();
+        for (i, media) in sdp.media.iter().enumerate().take(n) {
+            self.out.push_back(Output::Media(MediaOp::Remote {
+                stream: i,
+                side,
+                addr: media.rtp_target(),
+            }));
+        }
+    }
+
+    /// The offer for a B-leg: the caller's, anchored; our own when it sent none.
+    fn offer_for_b(&mut self) -> Option<(&'static str, Vec<u8>)> {
+        match self.a.offer.clone() {
+            Some(offer) => {
+                let raw = self.a.offer_raw.clone();
+                Some((SDP, self.anchored_for(Side::B, &offer, &raw)))
+            }
+            None => {
+                let (ip, ports) = self.media_ports(Side::B)?;
+                let port = *ports.first()?;
+                Some((
+                    SDP,
+                    pbx_sdp::offer_g711(ip, port, self.p.seed & 0xffff_ffff, 1).into_bytes(),
+                ))
+            }
+        }
+    }
+
+    /// The stream the node's own applications use.
+    fn app_stream(&self) -> usize {
+        self.a
+            .offer
+            .as_ref()
+            .and_then(|o| {
+                o.media.iter().position(|m| {
+                    m.kind == "audio" && m.port != 0 && (m.has_payload(0) || m.has_payload(8))
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    /// The node's own answer to the caller (Answer, Echo, Playback): G.711 at the
+    /// relay. Sets the relay's caller side. `None` without media.
+    fn app_sdp(&mut self) -> Option<String> {
+        let m = self.p.media.clone()?;
+        let stream = self.app_stream();
+        let (port, _) = *m.streams.get(stream)?;
+        match self.a.offer.clone() {
+            Some(offer) => {
+                let (sdp, pt) = offer.answer_g711(m.ip, port, self.p.seed & 0xffff_ffff)?;
+                self.app_pt = Some(pt);
+                self.out.push_back(Output::Media(MediaOp::Remote {
+                    stream,
+                    side: Side::A,
+                    addr: offer.media.get(stream).and_then(|s| s.rtp_target()),
+                }));
+                Some(sdp)
+            }
+            None => {
+                self.app_pt = Some(0);
+                Some(pbx_sdp::offer_g711(m.ip, port, self.p.seed & 0xffff_ffff, 1))
+            }
+        }
+    }
+
+    // ----- the caller's leg ---------------------------------------------------------
+
+    /// A response to the caller's INVITE.
+    fn respond_a(&mut self, status: u16, sdp: Option<&str>, extra: &[(&str, &str)]) {
+        let mut w = MessageWriter::response(status);
+        self.a.head.write(&mut w, status);
+        if status > 100 && status < 300 {
+            w.header("Contact", &self.local.contact(self.a.dialog.dest.transport()));
+            w.header("Allow", ALLOW);
+        }
+        for (n, v) in extra {
+            w.header(n, v);
+        }
+        let bytes = Bytes::from(match sdp {
+            Some(b) => {
+                w.header("Content-Type", SDP);
+                w.finish(b.as_bytes())
+            }
+            None => w.finish(b""),
+        });
+        if status >= 200 {
+            self.a.final_sent = true;
+        }
+        self.out.push_back(Output::Respond {
+            key: self.a.key.clone(),
+            status,
+            bytes,
+        });
+    }
+
+    /// A 2xx to the caller's INVITE, retransmitted until its ACK.
+    fn answer_a(&mut self, now: Instant, sdp: Option<&[u8]>) {
+        if self.a.final_sent {
+            return;
+        }
+        let body = sdp.map(|b| String::from_utf8_lossy(b).into_owned());
+        self.respond_a(200, body.as_deref(), &[]);
+        self.a.answered = true;
+        self.answered_at = Some(now);
+        if let Some(Output::Respond { bytes, .. }) = self.out.back() {
+            if !self.a.dialog.reliable() {
+                let b = bytes.clone();
+                self.a.dialog.retransmit = Some(Retransmit2xx::new(
+                    now,
+                    self.a.invite_cseq,
+                    b,
+                    &self.p.timers,
+                ));
+            }
+        }
+    }
+
+    /// Answer by the node itself; a caller without a usable codec gets 488.
+    fn answer_with_app(&mut self, now: Instant) {
+        if self.a.final_sent {
+            return;
+        }
+        let sdp = self.app_sdp();
+        if sdp.is_none() && self.p.media.is_some() {
+            self.respond_a(488, None, &[("Warning", "305 pbxd \"no G.711 audio offered\"")]);
+            return self.finish(now, 88, None);
+        }
+        self.answer_a(now, sdp.as_deref().map(str::as_bytes));
+        self.record(now, None);
+    }
+
+    fn record(&mut self, now: Instant, winner: Option<usize>) {
+        let mut legs = vec![leg_record(&self.a.dialog)];
+        if let Some(w) = winner {
+            legs.push(leg_record(&self.legs[w].dialog));
+        }
+        self.out.push_back(Output::Record(Box::new(CallRecord {
+            id: self.a.dialog.call_id.clone(),
+            owner: self.p.node_id,
+            caller: self.p.caller_user.clone(),
+            callee: self.a.exten.clone(),
+            answered_at_ms: self.now_ms(now),
+            legs,
+        })));
+    }
+
+    // ----- ending -------------------------------------------------------------------
+
+    /// Ends the call with a Q.850 cause: the caller gets the matching final response
+    /// or a BYE, every B-leg a CANCEL or a BYE. `by` already hung up.
+    fn hangup(&mut self, now: Instant, cause: u16, by: Option<LegRef>) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        if !self.a.final_sent {
+            self.respond_a(cause_to_sip(cause), None, &[]);
+        } else if self.a.answered && by != Some(LegRef::A) {
+            self.send_in_dialog(now, LegRef::A, Method::Bye, &[], None, None);
+        }
+        self.finish(now, cause, by);
+    }
+
+    fn finish(&mut self, now: Instant, cause: u16, by: Option<LegRef>) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        for i in 0..self.legs.len() {
+            if by != Some(LegRef::B(i)) {
+                self.cancel_leg(now, i);
+            }
+        }
+        self.phase = Phase::Ended;
+        self.out.push_back(Output::Ended {
+            cause,
+            answered: self.a.answered,
+        });
+    }
+
+    /// Stops a B-leg: CANCEL while it rings, BYE once answered.
+    fn cancel_leg(&mut self, now: Instant, i: usize) {
+        match (self.legs[i].state, self.legs[i].cancel) {
+            (LegState::Trying, Cancel::No) => self.legs[i].cancel = Cancel::Wanted,
+            (LegState::Early, Cancel::No) => self.send_cancel(now, i),
+            (LegState::Answered, _) => {
+                self.legs[i].state = LegState::Done(200);
+                self.send_in_dialog(now, LegRef::B(i), Method::Bye, &[], None, None);
+            }
+            _ => {}
+        }
+    }
+
+    fn send_cancel(&mut self, now: Instant, i: usize) {
+        self.legs[i].cancel = Cancel::Sent;
+        let Ok(invite) =
+            pbx_sip_msg::parse_datagram(&self.legs[i].invite, &pbx_sip_msg::Limits::default())
+        else {
+            return;
+        };
+        let leg = &self.legs[i];
+        let mut w = MessageWriter::request(&Method::Cancel, invite.request_uri().unwrap_or(""));
+        for name in [HeaderName::Via, HeaderName::From, HeaderName::To, HeaderName::CallId] {
+            if let Some(v) = invite.header(&name) {
+                w.header(name.as_str(), v);
+            }
+        }
+        w.header("CSeq", "1 CANCEL").header("Max-Forwards", "70");
+        for r in invite.header_values(&HeaderName::Route) {
+            w.header("Route", r);
+        }
+        let bytes = Bytes::from(w.finish(b""));
+        let dest = leg.dialog.dest.clone();
+        let reliable = leg.dialog.reliable();
+        self.out.push_back(Output::Send {
+            dest: dest.clone(),
+            bytes: bytes.clone(),
+        });
+        self.pending.push(Pending {
+            leg: LegRef::B(i),
+            dest,
+            cseq: 1,
+            method: Method::Cancel,
+            tx: ClientTx::NonInvite(ClientNonInvite::new(now, bytes, reliable, self.p.timers)),
+            origin: None,
+            answered: false,
+        });
+    }
+
+    // ----- requests in dialogs ------------------------------------------------------
+
+    fn dialog(&self, leg: LegRef) -> &Dialog<D> {
+        match leg {
+            LegRef::A => &self.a.dialog,
+            LegRef::B(i) => &self.legs[i].dialog,
+        }
+    }
+
+    fn dialog_mut(&mut self, leg: LegRef) -> &mut Dialog<D> {
+        match leg {
+            LegRef::A => &mut self.a.dialog,
+            LegRef::B(i) => &mut self.legs[i].dialog,
+        }
+    }
+
+    /// Sends a request in a leg's dialog through a client transaction of its own.
+    fn send_in_dialog(
+        &mut self,
+        now: Instant,
+        leg: LegRef,
+        method: Method,
+        extra: &[(&str, &str)],
+        body: Option<(&str, &[u8])>,
+        origin: Option<Origin>,
+    ) {
+        let branch = self.branch();
+        let local = self.local.clone();
+        let timers = self.p.timers;
+        let d = self.dialog_mut(leg);
+        let (cseq, bytes) = d.request(&local, &method, &branch, extra, body);
+        let dest = d.dest.clone();
+        let reliable = d.reliable();
+        let tx = if method == Method::Invite {
+            match ClientInvite::new(now, bytes.clone(), reliable, timers) {
+                Ok(tx) => ClientTx::Invite(tx),
+                Err(_) => return,
+            }
+        } else {
+            ClientTx::NonInvite(ClientNonInvite::new(now, bytes.clone(), reliable, timers))
+        };
+        self.out.push_back(Output::Send {
+            dest: dest.clone(),
+            bytes,
+        });
+        self.pending.push(Pending {
+            leg,
+            dest,
+            cseq,
+            method,
+            tx,
+            origin,
+            answered: false,
+        });
+    }
+
+    /// A response to a request that arrived on `leg`.
+    fn respond_to(
+        &mut self,
+        head: &ReplyHead,
+        key: TransactionKey,
+        status: u16,
+        leg: LegRef,
+        method: &Method,
+        extra: &[(&str, &str)],
+        body: Option<(&str, &[u8])>,
+    ) -> Bytes {
+        let mut w = MessageWriter::response(status);
+        head.write(&mut w, status);
+        if (200..300).contains(&status) && matches!(method, Method::Invite | Method::Update) {
+            w.header("Contact", &self.local.contact(self.dialog(leg).dest.transport()));
+        }
+        for (n, v) in extra {
+            w.header(n, v);
+        }
+        let bytes = Bytes::from(match body {
+            Some((ct, b)) => {
+                w.header("Content-Type", ct);
+                w.finish(b)
+            }
+            None => w.finish(b""),
+        });
+        self.out.push_back(Output::Respond {
+            key,
+            status,
+            bytes: bytes.clone(),
+        });
+        bytes
+    }
+
+    fn leg_of(&self, call_id: &str) -> Option<LegRef> {
+        if call_id == self.a.dialog.call_id {
+            return Some(LegRef::A);
+        }
+        self.legs
+            .iter()
+            .position(|l| l.dialog.call_id == call_id)
+            .map(LegRef::B)
+    }
+
+    /// The leg bridged with `leg`, if any.
+    fn peer_leg(&self, leg: LegRef) -> Option<LegRef> {
+        match (self.phase, leg) {
+            (Phase::Bridged(w), LegRef::A) => Some(LegRef::B(w)),
+            (Phase::Bridged(w), LegRef::B(i)) if i == w => Some(LegRef::A),
+            _ => None,
+        }
+    }
+
+    /// A request with one of this call's Call-IDs that no server transaction matched.
+    /// The driver opened a server transaction `key` for it (not for ACK).
+    pub fn on_request(
+        &mut self,
+        now: Instant,
+        msg: &SipMessage,
+        core: &CoreHeaders,
+        key: TransactionKey,
+        source: SocketAddr,
+    ) {
+        let Some(method) = msg.method().cloned() else {
+            return;
+        };
+        let Some(leg) = self.leg_of(&core.call_id) else {
+            return;
+        };
+        let head = ReplyHead::new(
+            &Inbound {
+                msg,
+                core,
+                source,
+                transport: self.dialog(leg).dest.transport(),
+            },
+            &self.p.server_name,
+        );
+        if method == Method::Ack {
+            return self.on_ack(msg, core, leg);
+        }
+        if method == Method::Cancel {
+            self.respond_to(&head, key, 200, leg, &method, &[], None);
+            if leg == LegRef::A && !self.a.final_sent {
+                self.respond_a(487, None, &[]);
+                if self.dial.is_some() {
+                    self.exec.dial_finished(DialStatus::Cancel, None);
+                }
+                self.finish(now, 16, Some(LegRef::A));
+            }
+            return;
+        }
+        // In a dialog: our tag must be in To, the CSeq must grow (§12.2.2).
+        let ours = self.dialog(leg).local_tag.clone();
+        if core.to.tag() != Some(ours.as_str()) {
+            self.respond_to(&head, key, 481, leg, &method, &[], None);
+            return;
+        }
+        let d = self.dialog_mut(leg);
+        if core.cseq.seq <= d.remote_cseq {
+            self.respond_to(&head, key, 500, leg, &method, &[("Retry-After", "1")], None);
+            return;
+        }
+        d.remote_cseq = core.cseq.seq;
+        match method {
+            Method::Bye => {
+                self.respond_to(&head, key, 200, leg, &method, &[], None);
+                if let LegRef::B(i) = leg {
+                    let was_winner = self.phase == Phase::Bridged(i);
+                    self.legs[i].state = LegState::Done(200);
+                    if !was_winner {
+                        return; // a leg that lost the race hanging up
+                    }
+                }
+                self.hangup(now, 16, Some(leg));
+            }
+            Method::Invite | Method::Update => self.on_offer(now, msg, leg, key, head, method),
+            Method::Info | Method::Options => match self.peer_leg(leg) {
+                Some(other) => {
+                    let ct = msg.header(&HeaderName::ContentType).map(str::to_string);
+                    let body = ct.as_deref().map(|c| (c, &msg.body[..]));
+                    let origin = Origin {
+                        key,
+                        head,
+                        leg,
+                        method: method.clone(),
+                        cseq: core.cseq.seq,
+                    };
+                    self.send_in_dialog(now, other, method, &[], body, Some(origin));
+                }
+                None => {
+                    let extra: &[(&str, &str)] = if method == Method::Options {
+                        &[("Allow", ALLOW), ("Accept", SDP)]
+                    } else {
+                        &[]
+                    };
+                    self.respond_to(&head, key, 200, leg, &method, extra, None);
+                }
+            },
+            Method::Subscribe
+            | Method::Notify
+            | Method::Refer
+            | Method::Message
+            | Method::Publish
+            | Method::Prack => {
+                self.respond_to(&head, key, 405, leg, &method, &[("Allow", ALLOW)], None);
+            }
+            _ => {
+                self.respond_to(&head, key, 501, leg, &method, &[("Allow", ALLOW)], None);
+            }
+        }
+    }
+
+    fn on_ack(&mut self, msg: &SipMessage, core: &CoreHeaders, leg: LegRef) {
+        let late_answer = leg == LegRef::A && self.a.offer.is_none() && !msg.body.is_empty();
+        let d = self.dialog_mut(leg);
+        if d.retransmit.as_ref().is_some_and(|r| r.cseq == core.cseq.seq) {
+            d.retransmit = None;
+        }
+        if late_answer {
+            // The caller sent no offer; our 2xx offered, its ACK answers.
+            if let Ok(sdp) = Sdp::parse(&msg.body) {
+                self.learn_media(Side::A, &sdp);
+                self.a.offer = Some(sdp);
+                self.a.offer_raw = msg.body.clone();
+            }
+        }
+    }
+
+    /// A re-INVITE or UPDATE: relayed to the bridged leg with the SDP anchored, or
+    /// answered by the node for its own applications.
+    fn on_offer(
+        &mut self,
+        now: Instant,
+        msg: &SipMessage,
+        leg: LegRef,
+        key: TransactionKey,
+        head: ReplyHead,
+        method: Method,
+    ) {
+        let busy = self.pending.iter().any(|p| {
+            p.method == Method::Invite
+                && !p.answered
+                && (p.leg == leg || p.origin.as_ref().is_some_and(|o| o.leg == leg))
+        });
+        if busy && method == Method::Invite {
+            // §14.1: glare with an offer in progress.
+            self.respond_to(&head, key, 491, leg, &method, &[], None);
+            return;
+        }
+        let sdp = (!msg.body.is_empty())
+            .then(|| Sdp::parse(&msg.body).ok())
+            .flatten();
+        if !msg.body.is_empty() && sdp.is_none() {
+            self.respond_to(&head, key, 488, leg, &method, &[], None);
+            return;
+        }
+        let side = side_of(leg);
+        match (self.peer_leg(leg), sdp) {
+            (Some(other), Some(sdp)) => {
+                self.learn_media(side, &sdp);
+                if leg == LegRef::A {
+                    self.a.offer = Some(sdp.clone());
+                    self.a.offer_raw = msg.body.clone();
+                }
+                let body = self.anchored_for(side_of(other), &sdp, &msg.body);
+                let origin = Origin {
+                    key,
+                    head,
+                    leg,
+                    method: method.clone(),
+                    cseq: self.dialog(leg).remote_cseq,
+                };
+                self.send_in_dialog(now, other, method, &[], Some((SDP, &body)), Some(origin));
+            }
+            (_, sdp) => {
+                // Our own answer: the node's application, or a refresh without SDP.
+                if let (Some(sdp), LegRef::A) = (&sdp, leg) {
+                    self.a.offer = Some(sdp.clone());
+                    self.a.offer_raw = msg.body.clone();
+                }
+                let answer = if leg == LegRef::A && self.peer_leg(leg).is_none() {
+                    self.app_sdp()
+                } else {
+                    let i = if side == Side::A { 0 } else { 1 };
+                    (!self.sdp_sent[i].0.is_empty()).then(|| {
+                        let last = self.sdp_sent[i].0.clone();
+                        match Sdp::parse(last.as_bytes()) {
+                            Ok(s) => String::from_utf8_lossy(&self.anchored_for(
+                                side,
+                                &s,
+                                last.as_bytes(),
+                            ))
+                            .into_owned(),
+                            Err(_) => last,
+                        }
+                    })
+                };
+                let body = answer.as_deref().map(|b| (SDP, b.as_bytes()));
+                let cseq = self.dialog(leg).remote_cseq;
+                let bytes = self.respond_to(&head, key, 200, leg, &method, &[], body);
+                if method == Method::Invite && !self.dialog(leg).reliable() {
+                    let timers = self.p.timers;
+                    self.dialog_mut(leg).retransmit =
+                        Some(Retransmit2xx::new(now, cseq, bytes, &timers));
+                }
+            }
+        }
+    }
+
+    // ----- responses ----------------------------------------------------------------
+
+    /// A response with one of this call's Call-IDs.
+    pub fn on_response(&mut self, now: Instant, msg: &SipMessage, core: &CoreHeaders) {
+        let Some(status) = msg.status() else { return };
+        let Some(leg) = self.leg_of(&core.call_id) else {
+            return;
+        };
+        if let LegRef::B(i) = leg {
+            if core.cseq.method == Method::Invite && core.cseq.seq == 1 {
+                return self.on_leg_response(now, i, status, msg, core);
+            }
+        }
+        let Some(idx) = self.pending.iter().position(|p| {
+            p.leg == leg && p.cseq == core.cseq.seq && p.method == core.cseq.method
+        }) else {
+            // A 2xx retransmitted after its transaction ended: ACK it again.
+            let d = self.dialog(leg);
+            if let Some((cseq, ack)) = &d.last_ack {
+                if *cseq == core.cseq.seq && (200..300).contains(&status) {
+                    let (dest, bytes) = (d.dest.clone(), ack.clone());
+                    self.out.push_back(Output::Send { dest, bytes });
+                }
+            }
+            return;
+        };
+        let action = match &mut self.pending[idx].tx {
+            ClientTx::Invite(tx) => tx.on_response(now, status, &core.to.raw),
+            ClientTx::NonInvite(tx) => tx.on_response(now, status),
+        };
+        let dest = self.pending[idx].dest.clone();
+        match action {
+            ResponseAction::Absorb => return,
+            ResponseAction::ResendAck(b) => {
+                self.out.push_back(Output::Send { dest, bytes: b });
+                return;
+            }
+            ResponseAction::DeliverAndAck(b) => {
+                self.out.push_back(Output::Send {
+                    dest: dest.clone(),
+                    bytes: b,
+                })
+            }
+            ResponseAction::Deliver => {}
+        }
+        if status < 200 {
+            return;
+        }
+        let method = self.pending[idx].method.clone();
+        let cseq = self.pending[idx].cseq;
+        if method == Method::Invite && status < 300 {
+            let branch = self.branch();
+            let local = self.local.clone();
+            let d = self.dialog_mut(leg);
+            if d.last_ack.as_ref().is_some_and(|(c, _)| *c == cseq) {
+                let bytes = d.last_ack.as_ref().map(|(_, b)| b.clone()).unwrap_or_default();
+                self.out.push_back(Output::Send { dest, bytes });
+                return;
+            }
+            let ack = d.ack(&local, cseq, &branch);
+            self.out.push_back(Output::Send { dest, bytes: ack });
+        }
+        if self.pending[idx].answered {
+            return;
+        }
+        self.pending[idx].answered = true;
+        let Some(origin) = self.pending[idx].origin.take() else {
+            if method == Method::Bye || method == Method::Cancel {
+                self.pending.remove(idx);
+            }
+            return;
+        };
+        // Relay the final answer to the leg that asked.
+        let sdp = (matches!(method, Method::Invite | Method::Update) && !msg.body.is_empty())
+            .then(|| Sdp::parse(&msg.body).ok())
+            .flatten();
+        let body: Option<(String, Vec<u8>)> = match &sdp {
+            Some(sdp) => {
+                self.learn_media(side_of(leg), sdp);
+                Some((
+                    SDP.to_string(),
+                    self.anchored_for(side_of(origin.leg), sdp, &msg.body),
+                ))
+            }
+            None if !msg.body.is_empty() => msg
+                .header(&HeaderName::ContentType)
+                .map(|ct| (ct.to_string(), msg.body.to_vec())),
+            None => None,
+        };
+        let bytes = self.respond_to(
+            &origin.head,
+            origin.key,
+            status,
+            origin.leg,
+            &origin.method,
+            &[],
+            body.as_ref().map(|(c, b)| (c.as_str(), &b[..])),
+        );
+        if origin.method == Method::Invite
+            && (200..300).contains(&status)
+            && !self.dialog(origin.leg).reliable()
+        {
+            let timers = self.p.timers;
+            self.dialog_mut(origin.leg).retransmit =
+                Some(Retransmit2xx::new(now, origin.cseq, bytes, &timers));
+        }
+    }
+
+    /// A response to a B-leg's INVITE.
+    fn on_leg_response(
+        &mut self,
+        now: Instant,
+        i: usize,
+        status: u16,
+        msg: &SipMessage,
+        core: &CoreHeaders,
+    ) {
+        let action = self.legs[i].tx.on_response(now, status, &core.to.raw);
+        let dest = self.legs[i].dialog.dest.clone();
+        match action {
+            ResponseAction::Absorb => return,
+            ResponseAction::ResendAck(b) => {
+                return self.out.push_back(Output::Send { dest, bytes: b });
+            }
+            ResponseAction::DeliverAndAck(b) => self.out.push_back(Output::Send {
+                dest: dest.clone(),
+                bytes: b,
+            }),
+            ResponseAction::Deliver => {}
+        }
+        let current = self.legs[i].generation == self.generation
+            && matches!(self.phase, Phase::Dialing { .. });
+        match status {
+            100 => {}
+            101..=199 => {
+                let leg = &mut self.legs[i];
+                if leg.state == LegState::Trying {
+                    leg.state = LegState::Early;
+                }
+                if let Some(tag) = core.to.tag() {
+                    leg.dialog.remote_tag = Some(tag.to_string());
+                    leg.dialog.remote = core.to.raw.clone();
+                    leg.dialog.learn_target(msg, true);
+                }
+                if leg.cancel == Cancel::Wanted {
+                    return self.send_cancel(now, i);
+                }
+                if !current || self.a.final_sent {
+                    return;
+                }
+                let sdp = (!msg.body.is_empty())
+                    .then(|| Sdp::parse(&msg.body).ok())
+                    .flatten();
+                match sdp {
+                    Some(sdp) => {
+                        // Early media: the callee's answer, anchored.
+                        self.learn_media(Side::B, &sdp);
+                        self.out.push_back(Output::Media(MediaOp::Mode(Mode::Bridge)));
+                        let body = self.anchored_for(Side::A, &sdp, &msg.body);
+                        let body = String::from_utf8_lossy(&body).into_owned();
+                        self.respond_a(status, Some(&body), &[]);
+                    }
+                    None if !self.a.ringing_sent => {
+                        self.a.ringing_sent = true;
+                        self.respond_a(180, None, &[]);
+                    }
+                    None => {}
+                }
+            }
+            200..=299 => {
+                let branch = self.branch();
+                let local = self.local.clone();
+                let leg = &mut self.legs[i];
+                if leg.dialog.last_ack.is_some() {
+                    // Retransmitted 2xx: our ACK got lost.
+                    let bytes = leg.dialog.last_ack.as_ref().map(|(_, b)| b.clone());
+                    if let Some(bytes) = bytes {
+                        self.out.push_back(Output::Send { dest, bytes });
+                    }
+                    return;
+                }
+                leg.dialog.remote_tag = core.to.tag().map(str::to_string);
+                leg.dialog.remote = core.to.raw.clone();
+                leg.dialog.learn_target(msg, true);
+                let ack = leg.dialog.ack(&local, 1, &branch);
+                self.out.push_back(Output::Send { dest, bytes: ack });
+                let wins = current && self.legs[i].cancel == Cancel::No;
+                if !wins {
+                    // Answered after another leg won or the call ended.
+                    self.legs[i].state = LegState::Done(200);
+                    self.send_in_dialog(now, LegRef::B(i), Method::Bye, &[], None, None);
+                    return;
+                }
+                self.legs[i].state = LegState::Answered;
+                self.phase = Phase::Bridged(i);
+                for j in 0..self.legs.len() {
+                    if j != i && self.legs[j].generation == self.generation {
+                        self.cancel_leg(now, j);
+                    }
+                }
+                self.exec.dial_finished(DialStatus::Answer, Some(status));
+                let user = self.legs[i].user.clone();
+                self.log(LogLevel::Verbose, format!("{user} answered"));
+                let sdp = (!msg.body.is_empty())
+                    .then(|| Sdp::parse(&msg.body).ok())
+                    .flatten();
+                let body = sdp.map(|sdp| {
+                    self.learn_media(Side::B, &sdp);
+                    self.anchored_for(Side::A, &sdp, &msg.body)
+                });
+                self.out.push_back(Output::Media(MediaOp::Mode(Mode::Bridge)));
+                if !self.a.final_sent {
+                    self.answer_a(now, body.as_deref());
+                }
+                if let Some(d) = self.dial.as_ref().and_then(|d| d.max_duration) {
+                    self.hangup_at = Some(now + d);
+                }
+                self.record(now, Some(i));
+            }
+            _ => {
+                self.legs[i].state = LegState::Done(status);
+                if current {
+                    self.check_dial(now);
+                }
+            }
+        }
+    }
+
+    // ----- media and timers ---------------------------------------------------------
+
+    pub fn on_media(&mut self, now: Instant, notice: MediaNotice) {
+        match notice {
+            MediaNotice::PlaybackDone if self.phase == Phase::Playing => {
+                self.phase = Phase::Running;
+                self.run(now);
+            }
+            MediaNotice::PlaybackDone => {}
+            MediaNotice::NoMedia => {
+                if matches!(self.phase, Phase::Bridged(_) | Phase::Echo) {
+                    self.log(LogLevel::Notice, "no media: call ended".into());
+                    // Q.850 41, temporary failure: what Asterisk's rtptimeout uses.
+                    self.hangup(now, 41, None);
+                }
+            }
+        }
+    }
+
+    /// Hangs up from outside (admin, node shutdown).
+    pub fn hangup_now(&mut self, now: Instant, cause: u16) {
+        self.hangup(now, cause, None);
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut take = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        for l in &self.legs {
+            take(l.tx.poll_timeout());
+            take(l.dialog.retransmit.as_ref().map(Retransmit2xx::deadline));
+        }
+        for p in &self.pending {
+            take(match &p.tx {
+                ClientTx::Invite(tx) => tx.poll_timeout(),
+                ClientTx::NonInvite(tx) => tx.poll_timeout(),
+            });
+        }
+        take(self.a.dialog.retransmit.as_ref().map(Retransmit2xx::deadline));
+        match self.phase {
+            Phase::Dialing { deadline } => take(deadline),
+            Phase::Waiting(at) => take(Some(at)),
+            _ => {}
+        }
+        if self.phase != Phase::Ended {
+            take(self.hangup_at);
+        }
+        t
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for i in 0..self.legs.len() {
+            match self.legs[i].tx.handle_timeout(now) {
+                TimerOutcome::Retransmit(bytes) => {
+                    let dest = self.legs[i].dialog.dest.clone();
+                    self.out.push_back(Output::Send { dest, bytes });
+                }
+                TimerOutcome::TimedOut => {
+                    if !matches!(self.legs[i].state, LegState::Done(_)) {
+                        // Timer B: nothing answered at all.
+                        self.legs[i].state = LegState::Done(0);
+                        if self.legs[i].generation == self.generation {
+                            self.check_dial(now);
+                        }
+                    }
+                }
+                TimerOutcome::Idle | TimerOutcome::Terminated => {}
+            }
+            self.dialog_timer(now, LegRef::B(i));
+        }
+        self.dialog_timer(now, LegRef::A);
+        let mut k = 0;
+        while k < self.pending.len() {
+            let outcome = match &mut self.pending[k].tx {
+                ClientTx::Invite(tx) => tx.handle_timeout(now),
+                ClientTx::NonInvite(tx) => tx.handle_timeout(now),
+            };
+            match outcome {
+                TimerOutcome::Retransmit(bytes) => {
+                    let dest = self.pending[k].dest.clone();
+                    self.out.push_back(Output::Send { dest, bytes });
+                    k += 1;
+                }
+                TimerOutcome::TimedOut | TimerOutcome::Terminated => {
+                    let p = self.pending.remove(k);
+                    if let Some(o) = p.origin {
+                        // The other leg never answered the relayed request.
+                        self.respond_to(&o.head, o.key, 408, o.leg, &o.method, &[], None);
+                    }
+                }
+                TimerOutcome::Idle => k += 1,
+            }
+        }
+        match self.phase {
+            Phase::Dialing {
+                deadline: Some(at),
+            } if now >= at => self.dial_failed(now, DialStatus::NoAnswer, None),
+            Phase::Waiting(at) if now >= at => {
+                self.phase = Phase::Running;
+                self.run(now);
+            }
+            _ => {}
+        }
+        if self.hangup_at.is_some_and(|at| now >= at) && self.phase != Phase::Ended {
+            self.hangup_at = None;
+            self.hangup(now, 16, None);
+        }
+    }
+
+    fn dialog_timer(&mut self, now: Instant, leg: LegRef) {
+        let timers = self.p.timers;
+        match self.dialog_mut(leg).retransmit_due(now, &timers) {
+            RetransmitDue::Idle => {}
+            RetransmitDue::Resend(bytes) => {
+                let dest = self.dialog(leg).dest.clone();
+                self.out.push_back(Output::Send { dest, bytes });
+            }
+            RetransmitDue::GaveUp => {
+                // §13.3.1.4: no ACK for our 2xx: the dialog ends with a BYE.
+                self.log(LogLevel::Notice, "no ACK for 2xx: call ended".into());
+                if leg == LegRef::A {
+                    self.a.answered = true;
+                }
+                self.hangup(now, 41, None);
+            }
+        }
+    }
+}
+
+/// RFC 3261 §16.7 step 6, as Asterisk reports a failed Dial: busy wins (someone is
+/// there), then 6xx, then the lowest 4xx, 5xx, 3xx.
+fn best_failure(codes: &[u16]) -> Option<u16> {
+    if let Some(b) = codes.iter().find(|c| matches!(c, 486 | 600)) {
+        return Some(*b);
+    }
+    let class = |lo: u16, hi: u16| codes.iter().copied().filter(|c| (lo..hi).contains(c)).min();
+    class(600, 700)
+        .or_else(|| class(400, 500))
+        .or_else(|| class(500, 600))
+        .or_else(|| class(300, 400))
+}
+
+fn leg_record<D: Destination>(d: &Dialog<D>) -> LegRecord {
+    LegRecord {
+        call_id: d.call_id.clone(),
+        local: d.local.clone(),
+        remote: d.remote.clone(),
+        remote_target: d.remote_target.clone(),
+        route_set: d.route_set.clone(),
+        local_cseq: d.local_cseq,
+        remote_cseq: d.remote_cseq,
+        peer: d.dest.describe(),
+        transport: d.dest.transport(),
+    }
+}

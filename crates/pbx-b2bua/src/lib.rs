@@ -1,0 +1,19 @@
+//! The B2BUA, sans-IO: one [`Call`] per caller INVITE. It answers the caller's leg (A),
+//! runs the dialplan, places one B-leg per contact of the dialled users (parallel fork,
+//! first 2xx wins, the others are cancelled), relays provisional and final responses,
+//! CANCEL, BYE, re-INVITE and in-dialog OPTIONS/INFO/UPDATE between the two dialogs, and
+//! rewrites every SDP so media flows through the node's relay.
+//!
+//! Inputs come with `now` (messages routed to the call by Call-ID, timer ticks, media
+//! notices, resolved contacts); outputs are queued for the driver ([`Call::poll_output`]):
+//! bytes to send, responses for server transactions the driver's table holds, relay
+//! commands, records to replicate. The driver owns sockets, clocks and the relay.
+
+mod call;
+mod dialog;
+
+pub use call::{Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Output};
+pub use dialog::Destination;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,504 @@
+//! The call state machine driven with messages and a clock, no sockets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pbx_dialplan::{CallerId, Dialplan, DialTarget, Execution, DEMO_DIALPLAN};
+use pbx_media_core::{Mode, Side};
+use pbx_sip_core::{Timers, TransactionKey};
+use pbx_sip_msg::{parse_datagram, CoreHeaders, HeaderName, Limits, Method, SipMessage};
+use pbx_state::Transport;
+
+use crate::{Call, CallParams, Contact, Destination, MediaNotice, MediaOp, MediaPorts, Output};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Udp(SocketAddr);
+
+impl Destination for Udp {
+    fn transport(&self) -> Transport {
+        Transport::Udp
+    }
+    fn describe(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+const ALICE: &str = "127.0.0.1:5061";
+const BOB1: &str = "127.0.0.2:5062";
+const BOB2: &str = "127.0.0.3:5063";
+const SDP_A: &str = "v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+const SDP_B: &str = "v=0\r\no=bob 1 1 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn parse(b: &[u8]) -> (SipMessage, CoreHeaders) {
+    let m = parse_datagram(b, &Limits::default()).unwrap();
+    let c = CoreHeaders::extract(&m).unwrap();
+    (m, c)
+}
+
+fn key(m: &SipMessage, c: &CoreHeaders) -> TransactionKey {
+    TransactionKey::for_request(m.method().unwrap(), m.request_uri().unwrap(), c)
+}
+
+fn invite(exten: &str, body: &str) -> Vec<u8> {
+    format!(
+        "INVITE sip:{exten}@pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP {ALICE};branch=z9hG4bKa1;rport\r\n\
+         Max-Forwards: 70\r\nFrom: \"Alice\" <sip:alice@pbx.test>;tag=at\r\nTo: <sip:{exten}@pbx.test>\r\n\
+         Call-ID: a-call\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@{ALICE}>\r\n\
+         Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A response to a request we captured, as its recipient would send it.
+fn response_to(req: &[u8], status: u16, to_tag: &str, contact: &str, body: &str) -> Vec<u8> {
+    let (m, _) = parse(req);
+    let mut out = format!("SIP/2.0 {status} X\r\n");
+    for n in [HeaderName::Via, HeaderName::From] {
+        for v in m.header_values(&n) {
+            out.push_str(&format!("{}: {v}\r\n", n.as_str()));
+        }
+    }
+    let to = m.header(&HeaderName::To).unwrap();
+    if status > 100 && !to.contains("tag=") {
+        out.push_str(&format!("To: {to};tag={to_tag}\r\n"));
+    } else {
+        out.push_str(&format!("To: {to}\r\n"));
+    }
+    for n in [HeaderName::CallId, HeaderName::CSeq] {
+        out.push_str(&format!("{}: {}\r\n", n.as_str(), m.header(&n).unwrap()));
+    }
+    out.push_str(&format!("Contact: <sip:x@{contact}>\r\n"));
+    if !body.is_empty() {
+        out.push_str("Content-Type: application/sdp\r\n");
+    }
+    out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    out.into_bytes()
+}
+
+struct Harness {
+    call: Call<Udp>,
+    now: Instant,
+    out: Vec<Output<Udp>>,
+}
+
+impl Harness {
+    fn start(exten: &str, body: &str) -> Harness {
+        Self::start_with(exten, body, DEMO_DIALPLAN)
+    }
+
+    fn start_with(exten: &str, body: &str, plan: &str) -> Harness {
+        let now = Instant::now();
+        let plan = Arc::new(Dialplan::parse(plan).unwrap());
+        let exec = Execution::start(
+            plan,
+            "default",
+            exten,
+            CallerId {
+                num: "alice".into(),
+                name: "Alice".into(),
+            },
+        )
+        .unwrap();
+        let bytes = invite(exten, body);
+        let (m, c) = parse(&bytes);
+        let params = CallParams {
+            node_id: 1,
+            local: addr("127.0.0.11:5060"),
+            domain: "pbx.test".into(),
+            server_name: "pbxd".into(),
+            timers: Timers::default(),
+            seed: 0xabc,
+            media: Some(MediaPorts {
+                ip: "127.0.0.11".parse().unwrap(),
+                streams: vec![(40000, 40002)],
+            }),
+            caller_user: "alice".into(),
+            now_ms: 1_000,
+        };
+        let call = Call::new(now, params, &m, &c, key(&m, &c), addr(ALICE), Udp(addr(ALICE)), exec);
+        let mut h = Harness {
+            call,
+            now,
+            out: Vec::new(),
+        };
+        h.drain();
+        h
+    }
+
+    fn drain(&mut self) {
+        while let Some(o) = self.call.poll_output() {
+            self.out.push(o);
+        }
+    }
+
+    fn take(&mut self) -> Vec<Output<Udp>> {
+        self.drain();
+        std::mem::take(&mut self.out)
+    }
+
+    /// Statuses answered to server transactions, in order.
+    fn responses(out: &[Output<Udp>]) -> Vec<u16> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Respond { status, .. } => Some(*status),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Requests sent to `to`, by method.
+    fn sent(out: &[Output<Udp>], to: &str) -> Vec<(Method, Bytes)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send { dest, bytes } if dest.0 == addr(to) => {
+                    let m = parse_datagram(bytes, &Limits::default()).ok()?;
+                    Some((m.method()?.clone(), bytes.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn resolve(&mut self, contacts: &[&str]) {
+        let list = contacts
+            .iter()
+            .map(|a| Contact {
+                uri: format!("sip:bob@{a}"),
+                dest: Udp(addr(a)),
+                route: vec![],
+                user: "bob".into(),
+            })
+            .collect();
+        self.call.on_resolved(self.now, list, 480);
+        self.drain();
+    }
+
+    fn response(&mut self, bytes: &[u8]) {
+        let (m, c) = parse(bytes);
+        self.call.on_response(self.now, &m, &c);
+        self.drain();
+    }
+
+    fn request(&mut self, bytes: &[u8], from: &str) {
+        let (m, c) = parse(bytes);
+        let k = key(&m, &c);
+        self.call.on_request(self.now, &m, &c, k, addr(from));
+        self.drain();
+    }
+
+    fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        while let Some(t) = self.call.poll_timeout() {
+            if t > end {
+                break;
+            }
+            self.now = t.max(self.now);
+            self.call.handle_timeout(self.now);
+            self.drain();
+        }
+        self.now = end;
+    }
+}
+
+fn in_dialog(method: &str, cseq: u32, from_a_to_pbx: &str, call_id: &str, body: &str) -> Vec<u8> {
+    let ct = if body.is_empty() {
+        String::new()
+    } else {
+        "Content-Type: application/sdp\r\n".into()
+    };
+    format!(
+        "{method} sip:pbx@127.0.0.11:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {ALICE};branch=z9hG4bK{method}{cseq};rport\r\n\
+         Max-Forwards: 70\r\n{from_a_to_pbx}Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n{ct}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// From/To of a request alice sends in her dialog with the node, given the To tag the
+/// node put on its 2xx.
+fn alice_headers(pbx_tag: &str) -> String {
+    format!("From: \"Alice\" <sip:alice@pbx.test>;tag=at\r\nTo: <sip:bob@pbx.test>;tag={pbx_tag}\r\n")
+}
+
+fn to_tag_of(bytes: &Bytes) -> String {
+    let (_, c) = parse(bytes);
+    c.to.tag().unwrap().to_string()
+}
+
+fn final_to_a(out: &[Output<Udp>]) -> Option<(u16, Bytes)> {
+    out.iter().find_map(|o| match o {
+        Output::Respond { status, bytes, .. } if *status >= 200 => Some((*status, bytes.clone())),
+        _ => None,
+    })
+}
+
+#[test]
+fn parallel_fork_first_answer_wins_and_the_other_is_cancelled() {
+    let mut h = Harness::start("bob", SDP_A);
+    let out = h.take();
+    assert_eq!(Harness::responses(&out), vec![100]);
+    assert!(out.contains(&Output::Resolve(vec![DialTarget::User("bob".into())])));
+    h.resolve(&[BOB1, BOB2]);
+    let out = h.take();
+    let inv1 = Harness::sent(&out, BOB1);
+    let inv2 = Harness::sent(&out, BOB2);
+    assert_eq!(inv1.len(), 1);
+    assert_eq!(inv2.len(), 1);
+    let (m1, c1) = parse(&inv1[0].1);
+    assert_eq!(m1.request_uri(), Some("sip:bob@127.0.0.2:5062"));
+    assert_eq!(c1.max_forwards, Some(69), "Max-Forwards decremented across the B2BUA");
+    assert_ne!(c1.call_id, "a-call", "a B-leg is a dialog of its own");
+    let body = String::from_utf8_lossy(&m1.body);
+    assert!(body.contains("c=IN IP4 127.0.0.11"), "offer anchored: {body}");
+    assert!(body.contains("m=audio 40002 "), "B side port: {body}");
+
+    // bob1 rings: the caller hears it once.
+    h.response(&response_to(&inv1[0].1, 180, "b1", BOB1, ""));
+    assert_eq!(Harness::responses(&h.take()), vec![180]);
+    h.response(&response_to(&inv2[0].1, 180, "b2", BOB2, ""));
+    assert_eq!(Harness::responses(&h.take()), Vec::<u16>::new());
+
+    // bob2 answers.
+    h.response(&response_to(&inv2[0].1, 200, "b2", BOB2, SDP_B));
+    let out = h.take();
+    let to_b2 = Harness::sent(&out, BOB2);
+    assert_eq!(to_b2.len(), 1);
+    assert_eq!(to_b2[0].0, Method::Ack);
+    let to_b1 = Harness::sent(&out, BOB1);
+    assert_eq!(to_b1.len(), 1);
+    assert_eq!(to_b1[0].0, Method::Cancel, "the losing leg is cancelled");
+    let (status, ok) = final_to_a(&out).unwrap();
+    assert_eq!(status, 200);
+    let (okm, _) = parse(&ok);
+    let body = String::from_utf8_lossy(&okm.body);
+    assert!(body.contains("m=audio 40000 "), "A side port: {body}");
+    assert!(out.contains(&Output::Media(MediaOp::Remote {
+        stream: 0,
+        side: Side::B,
+        addr: Some(addr("127.0.0.2:7000"))
+    })));
+    assert!(out.contains(&Output::Media(MediaOp::Mode(Mode::Bridge))));
+    let record = out.iter().find_map(|o| match o {
+        Output::Record(r) => Some(r.clone()),
+        _ => None,
+    });
+    let record = record.expect("answered call recorded");
+    assert_eq!(record.owner, 1);
+    assert_eq!(record.legs.len(), 2);
+    assert_eq!(record.legs[1].remote_target, "sip:x@127.0.0.3:5063");
+
+    // The cancelled leg ends with 487, which gets its ACK.
+    let (cm, _) = parse(&to_b1[0].1);
+    assert_eq!(cm.header(&HeaderName::CSeq), Some("1 CANCEL"));
+    h.response(&response_to(&to_b1[0].1, 200, "b1", BOB1, ""));
+    h.response(&response_to(&inv1[0].1, 487, "b1", BOB1, ""));
+    let acks = Harness::sent(&h.take(), BOB1);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].0, Method::Ack);
+
+    // No ACK from alice yet: the 2xx is retransmitted after T1.
+    h.advance(Duration::from_millis(600));
+    let out = h.take();
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Send { dest, .. } if dest.0 == addr(ALICE))),
+        "2xx retransmitted"
+    );
+    let tag = to_tag_of(&ok);
+    h.request(&in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""), ALICE);
+    h.advance(Duration::from_secs(2));
+    assert!(h.take().is_empty(), "ACK stops the retransmissions");
+
+    // alice hangs up: 200 to her, BYE to bob2.
+    h.request(&in_dialog("BYE", 2, &alice_headers(&tag), "a-call", ""), ALICE);
+    let out = h.take();
+    assert_eq!(Harness::responses(&out), vec![200]);
+    let bye = Harness::sent(&out, BOB2);
+    assert_eq!(bye[0].0, Method::Bye);
+    let (bm, bc) = parse(&bye[0].1);
+    assert_eq!(bm.request_uri(), Some("sip:x@127.0.0.3:5063"), "to bob2's Contact");
+    assert_eq!(bc.to.tag(), Some("b2"));
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Ended { cause: 16, answered: true })));
+    h.response(&response_to(&bye[0].1, 200, "b2", BOB2, ""));
+    h.advance(Duration::from_secs(40));
+    assert!(h.call.is_done());
+}
+
+#[test]
+fn busy_callee_sets_dialstatus_and_the_plan_answers_486() {
+    let mut h = Harness::start("bob", SDP_A);
+    h.take();
+    h.resolve(&[BOB1]);
+    let inv = Harness::sent(&h.take(), BOB1);
+    h.response(&response_to(&inv[0].1, 486, "b1", BOB1, ""));
+    let out = h.take();
+    assert_eq!(Harness::sent(&out, BOB1)[0].0, Method::Ack);
+    assert_eq!(final_to_a(&out).map(|f| f.0), Some(486));
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Ended { cause: 17, answered: false })));
+}
+
+#[test]
+fn no_answer_times_out_cancels_and_the_plan_hangs_up_480() {
+    let plan = "[default]\nexten => bob,1,Dial(SIP/bob,5)\n same => n,Hangup(${IF($[\"${DIALSTATUS}\" = \"NOANSWER\"]?19:34)})\n";
+    let mut h = Harness::start_with("bob", SDP_A, plan);
+    h.take();
+    h.resolve(&[BOB1]);
+    let inv = Harness::sent(&h.take(), BOB1);
+    h.response(&response_to(&inv[0].1, 180, "b1", BOB1, ""));
+    h.take();
+    h.advance(Duration::from_secs(6));
+    let out = h.take();
+    assert_eq!(Harness::sent(&out, BOB1).last().unwrap().0, Method::Cancel);
+    assert_eq!(final_to_a(&out).map(|f| f.0), Some(480));
+}
+
+#[test]
+fn unregistered_or_unknown_user_gets_the_plans_answer() {
+    let mut h = Harness::start("bob", SDP_A);
+    h.take();
+    h.call.on_resolved(h.now, vec![], 404);
+    let out = h.take();
+    assert_eq!(final_to_a(&out).map(|f| f.0), Some(404));
+    let mut h = Harness::start("bob", SDP_A);
+    h.take();
+    h.resolve(&[]);
+    assert_eq!(final_to_a(&h.take()).map(|f| f.0), Some(480));
+}
+
+#[test]
+fn caller_cancel_ends_the_call_and_cancels_ringing_legs() {
+    let mut h = Harness::start("bob", SDP_A);
+    h.take();
+    h.resolve(&[BOB1, BOB2]);
+    let out = h.take();
+    let inv1 = Harness::sent(&out, BOB1);
+    let inv2 = Harness::sent(&out, BOB2);
+    h.response(&response_to(&inv1[0].1, 180, "b1", BOB1, ""));
+    h.take();
+    let cancel = format!(
+        "CANCEL sip:bob@pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP {ALICE};branch=z9hG4bKa1;rport\r\n\
+         Max-Forwards: 70\r\nFrom: \"Alice\" <sip:alice@pbx.test>;tag=at\r\nTo: <sip:bob@pbx.test>\r\n\
+         Call-ID: a-call\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+    );
+    h.request(cancel.as_bytes(), ALICE);
+    let out = h.take();
+    assert_eq!(Harness::responses(&out), vec![200, 487]);
+    assert_eq!(Harness::sent(&out, BOB1)[0].0, Method::Cancel);
+    assert!(
+        Harness::sent(&out, BOB2).is_empty(),
+        "a leg without a provisional is cancelled only once it answers (§9.1)"
+    );
+    // bob2 now rings: the CANCEL goes out at once.
+    h.response(&response_to(&inv2[0].1, 180, "b2", BOB2, ""));
+    let out = h.take();
+    assert_eq!(Harness::sent(&out, BOB2)[0].0, Method::Cancel);
+    assert_eq!(Harness::responses(&out), Vec::<u16>::new(), "nothing more to alice");
+    assert!(h.call.is_ended());
+}
+
+#[test]
+fn echo_test_answers_itself_plays_then_echoes() {
+    let mut h = Harness::start("600", SDP_A);
+    let out = h.take();
+    let (status, ok) = final_to_a(&out).unwrap();
+    assert_eq!(status, 200);
+    let (m, _) = parse(&ok);
+    let body = String::from_utf8_lossy(&m.body);
+    assert!(body.contains("m=audio 40000 RTP/AVP 0"), "{body}");
+    assert!(out.contains(&Output::Media(MediaOp::Remote {
+        stream: 0,
+        side: Side::A,
+        addr: Some(addr("127.0.0.1:6000"))
+    })));
+    assert!(out.contains(&Output::Media(MediaOp::Play {
+        stream: 0,
+        prompts: vec!["beep".into()],
+        payload_type: 0
+    })));
+    h.call.on_media(h.now, MediaNotice::PlaybackDone);
+    assert!(h
+        .take()
+        .contains(&Output::Media(MediaOp::Mode(Mode::Echo))));
+    // A dead phone is hung up.
+    let tag = to_tag_of(&ok);
+    h.request(&in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""), ALICE);
+    h.call.on_media(h.now, MediaNotice::NoMedia);
+    let out = h.take();
+    assert_eq!(Harness::sent(&out, ALICE)[0].0, Method::Bye);
+}
+
+#[test]
+fn reinvite_is_relayed_with_sdp_anchored_both_ways() {
+    let mut h = Harness::start("bob", SDP_A);
+    h.take();
+    h.resolve(&[BOB1]);
+    let inv = Harness::sent(&h.take(), BOB1);
+    h.response(&response_to(&inv[0].1, 200, "b1", BOB1, SDP_B));
+    let (_, ok) = final_to_a(&h.take()).unwrap();
+    let tag = to_tag_of(&ok);
+    h.request(&in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""), ALICE);
+    h.take();
+
+    let hold = SDP_A.replace("a=rtpmap:0 PCMU/8000\r\n", "a=rtpmap:0 PCMU/8000\r\na=sendonly\r\n");
+    h.request(&in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold), ALICE);
+    let out = h.take();
+    let reinv = Harness::sent(&out, BOB1);
+    assert_eq!(reinv[0].0, Method::Invite);
+    let (rm, rc) = parse(&reinv[0].1);
+    assert_eq!(rc.cseq.seq, 2);
+    assert_eq!(rc.to.tag(), Some("b1"));
+    let body = String::from_utf8_lossy(&rm.body);
+    assert!(body.contains("a=sendonly") && body.contains("m=audio 40002 "), "{body}");
+    assert!(body.contains("o=pbxd 2748 2 "), "version grows on a changed offer: {body}");
+
+    let answer = SDP_B.replace("a=rtpmap:0 PCMU/8000\r\n", "a=rtpmap:0 PCMU/8000\r\na=recvonly\r\n");
+    h.response(&response_to(&reinv[0].1, 200, "b1", BOB1, &answer));
+    let out = h.take();
+    assert_eq!(Harness::sent(&out, BOB1)[0].0, Method::Ack);
+    let (status, resp) = final_to_a(&out).unwrap();
+    assert_eq!(status, 200);
+    let (m, c) = parse(&resp);
+    assert_eq!(c.cseq.seq, 2);
+    let body = String::from_utf8_lossy(&m.body);
+    assert!(body.contains("a=recvonly") && body.contains("m=audio 40000 "), "{body}");
+
+    // bob hangs up: BYE to alice.
+    let bob_bye = format!(
+        "BYE sip:pbx@127.0.0.11:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {BOB1};branch=z9hG4bKbb;rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:bob@pbx.test>;tag=b1\r\nTo: {};\r\nCall-ID: {}\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
+        rc.from.raw, rc.call_id
+    )
+    .replace(";\r\nCall-ID", "\r\nCall-ID");
+    h.request(bob_bye.as_bytes(), BOB1);
+    let out = h.take();
+    assert_eq!(Harness::responses(&out), vec![200]);
+    let bye = Harness::sent(&out, ALICE);
+    assert_eq!(bye[0].0, Method::Bye);
+    let (bm, bc) = parse(&bye[0].1);
+    assert_eq!(bm.request_uri(), Some("sip:alice@127.0.0.1:5061"));
+    assert_eq!(bc.from.tag(), Some(tag.as_str()));
+    assert_eq!(bc.to.tag(), Some("at"));
+}
+
+#[test]
+fn in_dialog_requests_with_a_wrong_tag_or_old_cseq_are_refused() {
+    let mut h = Harness::start("600", SDP_A);
+    let (_, ok) = final_to_a(&h.take()).unwrap();
+    let tag = to_tag_of(&ok);
+    h.request(&in_dialog("INFO", 2, &alice_headers("nope"), "a-call", ""), ALICE);
+    assert_eq!(Harness::responses(&h.take()), vec![481]);
+    h.request(&in_dialog("INFO", 1, &alice_headers(&tag), "a-call", ""), ALICE);
+    assert_eq!(Harness::responses(&h.take()), vec![500]);
+    h.request(&in_dialog("OPTIONS", 3, &alice_headers(&tag), "a-call", ""), ALICE);
+    assert_eq!(Harness::responses(&h.take()), vec![200]);
+}
