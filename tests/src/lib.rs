@@ -123,6 +123,8 @@ pub struct LocalCluster {
     pub port: u16,
     pub nodes: usize,
     extra_config: String,
+    /// `PBX_DIALPLAN_FILE` for the launcher: the dialplan a new cluster starts with.
+    dialplan: Option<PathBuf>,
 }
 
 impl LocalCluster {
@@ -133,6 +135,33 @@ impl LocalCluster {
         users: &Users,
         extra_config: &str,
     ) -> anyhow::Result<LocalCluster> {
+        Self::start_cluster(slot, nodes, users, extra_config, None)
+    }
+
+    /// [`LocalCluster::up`] with the dialplan file the cluster starts with.
+    pub fn up_with_dialplan(
+        slot: u8,
+        nodes: usize,
+        users: &Users,
+        extra_config: &str,
+        dialplan: &Path,
+    ) -> anyhow::Result<LocalCluster> {
+        Self::start_cluster(
+            slot,
+            nodes,
+            users,
+            extra_config,
+            Some(dialplan.to_path_buf()),
+        )
+    }
+
+    fn start_cluster(
+        slot: u8,
+        nodes: usize,
+        users: &Users,
+        extra_config: &str,
+        dialplan: Option<PathBuf>,
+    ) -> anyhow::Result<LocalCluster> {
         let dir = tempfile::Builder::new().prefix("pbx-test-").tempdir()?;
         users.write_users_file(&dir.path().join("users.csv"))?;
         let c = LocalCluster {
@@ -140,6 +169,7 @@ impl LocalCluster {
             port: 5060,
             nodes,
             extra_config: extra_config.to_string(),
+            dialplan,
             dir,
         };
         let users_file = c.dir.path().join("users.csv");
@@ -181,6 +211,10 @@ impl LocalCluster {
             .env("PBX_SIP_PORT", self.port.to_string())
             .env("PBX_PROFILE", profile())
             .env("PBX_EXTRA_CONFIG", &self.extra_config)
+            .env(
+                "PBX_DIALPLAN_FILE",
+                self.dialplan.as_deref().unwrap_or(Path::new("")),
+            )
             .output()
             .with_context(|| format!("running the launcher {args:?}"))?;
         if !out.status.success() {

@@ -17,8 +17,8 @@ use pbx_sip_core::{
 use pbx_sip_msg::{CoreHeaders, HeaderName, MessageWriter, Method, SipMessage};
 use pbx_state::{CallRecord, LegRecord};
 
-use crate::dialog::{contact_uri, record_routes, Destination, Dialog, Local, RetransmitDue};
 use crate::dialog::Retransmit2xx;
+use crate::dialog::{contact_uri, record_routes, Destination, Dialog, Local, RetransmitDue};
 
 const SDP: &str = "application/sdp";
 
@@ -101,18 +101,27 @@ pub enum Output<D> {
         bytes: Bytes,
     },
     /// Send a request, an ACK or a retransmission.
-    Send { dest: D, bytes: Bytes },
+    Send {
+        dest: D,
+        bytes: Bytes,
+    },
     /// Find the contacts of these targets and call [`Call::on_resolved`].
     Resolve(Vec<DialTarget>),
     /// Messages with this Call-ID belong to this call from now on.
     ClaimCallId(String),
     Media(MediaOp),
-    Log { level: LogLevel, message: String },
+    Log {
+        level: LogLevel,
+        message: String,
+    },
     /// The call was answered: replicate its record.
     Record(Box<CallRecord>),
     /// The call is over for its users (transactions may linger to absorb
     /// retransmissions until [`Call::is_done`]).
-    Ended { cause: u16, answered: bool },
+    Ended {
+        cause: u16,
+        answered: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +184,8 @@ struct BLeg<D> {
     invite: Bytes,
     state: LegState,
     cancel: Cancel,
+    /// §9.1: a cancelled leg whose final response never comes is given up.
+    give_up_at: Option<Instant>,
     user: String,
 }
 
@@ -331,10 +342,11 @@ impl<D: Destination> Call<D> {
         self.phase == Phase::Ended
             && self.pending.is_empty()
             && self.a.dialog.retransmit.is_none()
-            && self
-                .legs
-                .iter()
-                .all(|l| l.tx.poll_timeout().is_none() && l.dialog.retransmit.is_none())
+            && self.legs.iter().all(|l| {
+                matches!(l.state, LegState::Done(_))
+                    && l.tx.poll_timeout().is_none()
+                    && l.dialog.retransmit.is_none()
+            })
     }
 
     pub fn is_ended(&self) -> bool {
@@ -526,6 +538,7 @@ impl<D: Destination> Call<D> {
             invite: bytes,
             state: LegState::Trying,
             cancel: Cancel::No,
+            give_up_at: None,
             user: c.user,
         });
     }
@@ -659,7 +672,12 @@ impl<D: Destination> Call<D> {
             }
             None => {
                 self.app_pt = Some(0);
-                Some(pbx_sdp::offer_g711(m.ip, port, self.p.seed & 0xffff_ffff, 1))
+                Some(pbx_sdp::offer_g711(
+                    m.ip,
+                    port,
+                    self.p.seed & 0xffff_ffff,
+                    1,
+                ))
             }
         }
     }
@@ -671,7 +689,10 @@ impl<D: Destination> Call<D> {
         let mut w = MessageWriter::response(status);
         self.a.head.write(&mut w, status);
         if status > 100 && status < 300 {
-            w.header("Contact", &self.local.contact(self.a.dialog.dest.transport()));
+            w.header(
+                "Contact",
+                &self.local.contact(self.a.dialog.dest.transport()),
+            );
             w.header("Allow", ALLOW);
         }
         for (n, v) in extra {
@@ -723,7 +744,11 @@ impl<D: Destination> Call<D> {
         }
         let sdp = self.app_sdp();
         if sdp.is_none() && self.p.media.is_some() {
-            self.respond_a(488, None, &[("Warning", "305 pbxd \"no G.711 audio offered\"")]);
+            self.respond_a(
+                488,
+                None,
+                &[("Warning", "305 pbxd \"no G.711 audio offered\"")],
+            );
             return self.finish(now, 88, None);
         }
         self.answer_a(now, sdp.as_deref().map(str::as_bytes));
@@ -792,6 +817,7 @@ impl<D: Destination> Call<D> {
 
     fn send_cancel(&mut self, now: Instant, i: usize) {
         self.legs[i].cancel = Cancel::Sent;
+        self.legs[i].give_up_at = Some(now + self.p.timers.t1x64());
         let Ok(invite) =
             pbx_sip_msg::parse_datagram(&self.legs[i].invite, &pbx_sip_msg::Limits::default())
         else {
@@ -799,7 +825,12 @@ impl<D: Destination> Call<D> {
         };
         let leg = &self.legs[i];
         let mut w = MessageWriter::request(&Method::Cancel, invite.request_uri().unwrap_or(""));
-        for name in [HeaderName::Via, HeaderName::From, HeaderName::To, HeaderName::CallId] {
+        for name in [
+            HeaderName::Via,
+            HeaderName::From,
+            HeaderName::To,
+            HeaderName::CallId,
+        ] {
             if let Some(v) = invite.header(&name) {
                 w.header(name.as_str(), v);
             }
@@ -896,7 +927,10 @@ impl<D: Destination> Call<D> {
         let mut w = MessageWriter::response(status);
         head.write(&mut w, status);
         if (200..300).contains(&status) && matches!(method, Method::Invite | Method::Update) {
-            w.header("Contact", &self.local.contact(self.dialog(leg).dest.transport()));
+            w.header(
+                "Contact",
+                &self.local.contact(self.dialog(leg).dest.transport()),
+            );
         }
         for (n, v) in extra {
             w.header(n, v);
@@ -1038,7 +1072,10 @@ impl<D: Destination> Call<D> {
     fn on_ack(&mut self, msg: &SipMessage, core: &CoreHeaders, leg: LegRef) {
         let late_answer = leg == LegRef::A && self.a.offer.is_none() && !msg.body.is_empty();
         let d = self.dialog_mut(leg);
-        if d.retransmit.as_ref().is_some_and(|r| r.cseq == core.cseq.seq) {
+        if d.retransmit
+            .as_ref()
+            .is_some_and(|r| r.cseq == core.cseq.seq)
+        {
             d.retransmit = None;
         }
         if late_answer {
@@ -1145,9 +1182,11 @@ impl<D: Destination> Call<D> {
                 return self.on_leg_response(now, i, status, msg, core);
             }
         }
-        let Some(idx) = self.pending.iter().position(|p| {
-            p.leg == leg && p.cseq == core.cseq.seq && p.method == core.cseq.method
-        }) else {
+        let Some(idx) = self
+            .pending
+            .iter()
+            .position(|p| p.leg == leg && p.cseq == core.cseq.seq && p.method == core.cseq.method)
+        else {
             // A 2xx retransmitted after its transaction ended: ACK it again.
             let d = self.dialog(leg);
             if let Some((cseq, ack)) = &d.last_ack {
@@ -1169,12 +1208,10 @@ impl<D: Destination> Call<D> {
                 self.out.push_back(Output::Send { dest, bytes: b });
                 return;
             }
-            ResponseAction::DeliverAndAck(b) => {
-                self.out.push_back(Output::Send {
-                    dest: dest.clone(),
-                    bytes: b,
-                })
-            }
+            ResponseAction::DeliverAndAck(b) => self.out.push_back(Output::Send {
+                dest: dest.clone(),
+                bytes: b,
+            }),
             ResponseAction::Deliver => {}
         }
         if status < 200 {
@@ -1187,7 +1224,11 @@ impl<D: Destination> Call<D> {
             let local = self.local.clone();
             let d = self.dialog_mut(leg);
             if d.last_ack.as_ref().is_some_and(|(c, _)| *c == cseq) {
-                let bytes = d.last_ack.as_ref().map(|(_, b)| b.clone()).unwrap_or_default();
+                let bytes = d
+                    .last_ack
+                    .as_ref()
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_default();
                 self.out.push_back(Output::Send { dest, bytes });
                 return;
             }
@@ -1289,7 +1330,8 @@ impl<D: Destination> Call<D> {
                     Some(sdp) => {
                         // Early media: the callee's answer, anchored.
                         self.learn_media(Side::B, &sdp);
-                        self.out.push_back(Output::Media(MediaOp::Mode(Mode::Bridge)));
+                        self.out
+                            .push_back(Output::Media(MediaOp::Mode(Mode::Bridge)));
                         let body = self.anchored_for(Side::A, &sdp, &msg.body);
                         let body = String::from_utf8_lossy(&body).into_owned();
                         self.respond_a(status, Some(&body), &[]);
@@ -1342,7 +1384,8 @@ impl<D: Destination> Call<D> {
                     self.learn_media(Side::B, &sdp);
                     self.anchored_for(Side::A, &sdp, &msg.body)
                 });
-                self.out.push_back(Output::Media(MediaOp::Mode(Mode::Bridge)));
+                self.out
+                    .push_back(Output::Media(MediaOp::Mode(Mode::Bridge)));
                 if !self.a.final_sent {
                     self.answer_a(now, body.as_deref());
                 }
@@ -1393,6 +1436,9 @@ impl<D: Destination> Call<D> {
         };
         for l in &self.legs {
             take(l.tx.poll_timeout());
+            if !matches!(l.state, LegState::Done(_)) {
+                take(l.give_up_at);
+            }
             take(l.dialog.retransmit.as_ref().map(Retransmit2xx::deadline));
         }
         for p in &self.pending {
@@ -1401,7 +1447,13 @@ impl<D: Destination> Call<D> {
                 ClientTx::NonInvite(tx) => tx.poll_timeout(),
             });
         }
-        take(self.a.dialog.retransmit.as_ref().map(Retransmit2xx::deadline));
+        take(
+            self.a
+                .dialog
+                .retransmit
+                .as_ref()
+                .map(Retransmit2xx::deadline),
+        );
         match self.phase {
             Phase::Dialing { deadline } => take(deadline),
             Phase::Waiting(at) => take(Some(at)),
@@ -1431,6 +1483,11 @@ impl<D: Destination> Call<D> {
                 }
                 TimerOutcome::Idle | TimerOutcome::Terminated => {}
             }
+            if self.legs[i].give_up_at.is_some_and(|at| now >= at)
+                && !matches!(self.legs[i].state, LegState::Done(_))
+            {
+                self.legs[i].state = LegState::Done(0);
+            }
             self.dialog_timer(now, LegRef::B(i));
         }
         self.dialog_timer(now, LegRef::A);
@@ -1457,9 +1514,9 @@ impl<D: Destination> Call<D> {
             }
         }
         match self.phase {
-            Phase::Dialing {
-                deadline: Some(at),
-            } if now >= at => self.dial_failed(now, DialStatus::NoAnswer, None),
+            Phase::Dialing { deadline: Some(at) } if now >= at => {
+                self.dial_failed(now, DialStatus::NoAnswer, None)
+            }
             Phase::Waiting(at) if now >= at => {
                 self.phase = Phase::Running;
                 self.run(now);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pbx_dialplan::{CallerId, Dialplan, DialTarget, Execution, DEMO_DIALPLAN};
+use pbx_dialplan::{CallerId, DialTarget, Dialplan, Execution, DEMO_DIALPLAN};
 use pbx_media_core::{Mode, Side};
 use pbx_sip_core::{Timers, TransactionKey};
 use pbx_sip_msg::{parse_datagram, CoreHeaders, HeaderName, Limits, Method, SipMessage};
@@ -122,7 +122,16 @@ impl Harness {
             caller_user: "alice".into(),
             now_ms: 1_000,
         };
-        let call = Call::new(now, params, &m, &c, key(&m, &c), addr(ALICE), Udp(addr(ALICE)), exec);
+        let call = Call::new(
+            now,
+            params,
+            &m,
+            &c,
+            key(&m, &c),
+            addr(ALICE),
+            Udp(addr(ALICE)),
+            exec,
+        );
         let mut h = Harness {
             call,
             now,
@@ -224,7 +233,9 @@ fn in_dialog(method: &str, cseq: u32, from_a_to_pbx: &str, call_id: &str, body: 
 /// From/To of a request alice sends in her dialog with the node, given the To tag the
 /// node put on its 2xx.
 fn alice_headers(pbx_tag: &str) -> String {
-    format!("From: \"Alice\" <sip:alice@pbx.test>;tag=at\r\nTo: <sip:bob@pbx.test>;tag={pbx_tag}\r\n")
+    format!(
+        "From: \"Alice\" <sip:alice@pbx.test>;tag=at\r\nTo: <sip:bob@pbx.test>;tag={pbx_tag}\r\n"
+    )
 }
 
 fn to_tag_of(bytes: &Bytes) -> String {
@@ -253,10 +264,17 @@ fn parallel_fork_first_answer_wins_and_the_other_is_cancelled() {
     assert_eq!(inv2.len(), 1);
     let (m1, c1) = parse(&inv1[0].1);
     assert_eq!(m1.request_uri(), Some("sip:bob@127.0.0.2:5062"));
-    assert_eq!(c1.max_forwards, Some(69), "Max-Forwards decremented across the B2BUA");
+    assert_eq!(
+        c1.max_forwards,
+        Some(69),
+        "Max-Forwards decremented across the B2BUA"
+    );
     assert_ne!(c1.call_id, "a-call", "a B-leg is a dialog of its own");
     let body = String::from_utf8_lossy(&m1.body);
-    assert!(body.contains("c=IN IP4 127.0.0.11"), "offer anchored: {body}");
+    assert!(
+        body.contains("c=IN IP4 127.0.0.11"),
+        "offer anchored: {body}"
+    );
     assert!(body.contains("m=audio 40002 "), "B side port: {body}");
 
     // bob1 rings: the caller hears it once.
@@ -307,26 +325,41 @@ fn parallel_fork_first_answer_wins_and_the_other_is_cancelled() {
     h.advance(Duration::from_millis(600));
     let out = h.take();
     assert!(
-        out.iter().any(|o| matches!(o, Output::Send { dest, .. } if dest.0 == addr(ALICE))),
+        out.iter()
+            .any(|o| matches!(o, Output::Send { dest, .. } if dest.0 == addr(ALICE))),
         "2xx retransmitted"
     );
     let tag = to_tag_of(&ok);
-    h.request(&in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""), ALICE);
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
     h.advance(Duration::from_secs(2));
     assert!(h.take().is_empty(), "ACK stops the retransmissions");
 
     // alice hangs up: 200 to her, BYE to bob2.
-    h.request(&in_dialog("BYE", 2, &alice_headers(&tag), "a-call", ""), ALICE);
+    h.request(
+        &in_dialog("BYE", 2, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
     let out = h.take();
     assert_eq!(Harness::responses(&out), vec![200]);
     let bye = Harness::sent(&out, BOB2);
     assert_eq!(bye[0].0, Method::Bye);
     let (bm, bc) = parse(&bye[0].1);
-    assert_eq!(bm.request_uri(), Some("sip:x@127.0.0.3:5063"), "to bob2's Contact");
+    assert_eq!(
+        bm.request_uri(),
+        Some("sip:x@127.0.0.3:5063"),
+        "to bob2's Contact"
+    );
     assert_eq!(bc.to.tag(), Some("b2"));
-    assert!(out
-        .iter()
-        .any(|o| matches!(o, Output::Ended { cause: 16, answered: true })));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Ended {
+            cause: 16,
+            answered: true
+        }
+    )));
     h.response(&response_to(&bye[0].1, 200, "b2", BOB2, ""));
     h.advance(Duration::from_secs(40));
     assert!(h.call.is_done());
@@ -342,9 +375,13 @@ fn busy_callee_sets_dialstatus_and_the_plan_answers_486() {
     let out = h.take();
     assert_eq!(Harness::sent(&out, BOB1)[0].0, Method::Ack);
     assert_eq!(final_to_a(&out).map(|f| f.0), Some(486));
-    assert!(out
-        .iter()
-        .any(|o| matches!(o, Output::Ended { cause: 17, answered: false })));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Ended {
+            cause: 17,
+            answered: false
+        }
+    )));
 }
 
 #[test]
@@ -392,6 +429,7 @@ fn caller_cancel_ends_the_call_and_cancels_ringing_legs() {
     );
     h.request(cancel.as_bytes(), ALICE);
     let out = h.take();
+    let out_cancel = out.clone();
     assert_eq!(Harness::responses(&out), vec![200, 487]);
     assert_eq!(Harness::sent(&out, BOB1)[0].0, Method::Cancel);
     assert!(
@@ -402,8 +440,21 @@ fn caller_cancel_ends_the_call_and_cancels_ringing_legs() {
     h.response(&response_to(&inv2[0].1, 180, "b2", BOB2, ""));
     let out = h.take();
     assert_eq!(Harness::sent(&out, BOB2)[0].0, Method::Cancel);
-    assert_eq!(Harness::responses(&out), Vec::<u16>::new(), "nothing more to alice");
+    assert_eq!(
+        Harness::responses(&out),
+        Vec::<u16>::new(),
+        "nothing more to alice"
+    );
     assert!(h.call.is_ended());
+    // The CANCEL is answered; the call stays until the INVITE's 487 got its ACK.
+    let cancel1 = Harness::sent(&out_cancel, BOB1);
+    h.response(&response_to(&cancel1[0].1, 200, "b1", BOB1, ""));
+    assert!(
+        !h.call.is_done(),
+        "the 487 is still to come and to be ACKed"
+    );
+    h.response(&response_to(&inv1[0].1, 487, "b1", BOB1, ""));
+    assert_eq!(Harness::sent(&h.take(), BOB1)[0].0, Method::Ack);
 }
 
 #[test]
@@ -426,12 +477,13 @@ fn echo_test_answers_itself_plays_then_echoes() {
         payload_type: 0
     })));
     h.call.on_media(h.now, MediaNotice::PlaybackDone);
-    assert!(h
-        .take()
-        .contains(&Output::Media(MediaOp::Mode(Mode::Echo))));
+    assert!(h.take().contains(&Output::Media(MediaOp::Mode(Mode::Echo))));
     // A dead phone is hung up.
     let tag = to_tag_of(&ok);
-    h.request(&in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""), ALICE);
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
     h.call.on_media(h.now, MediaNotice::NoMedia);
     let out = h.take();
     assert_eq!(Harness::sent(&out, ALICE)[0].0, Method::Bye);
@@ -446,11 +498,20 @@ fn reinvite_is_relayed_with_sdp_anchored_both_ways() {
     h.response(&response_to(&inv[0].1, 200, "b1", BOB1, SDP_B));
     let (_, ok) = final_to_a(&h.take()).unwrap();
     let tag = to_tag_of(&ok);
-    h.request(&in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""), ALICE);
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
     h.take();
 
-    let hold = SDP_A.replace("a=rtpmap:0 PCMU/8000\r\n", "a=rtpmap:0 PCMU/8000\r\na=sendonly\r\n");
-    h.request(&in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold), ALICE);
+    let hold = SDP_A.replace(
+        "a=rtpmap:0 PCMU/8000\r\n",
+        "a=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
+    );
+    h.request(
+        &in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold),
+        ALICE,
+    );
     let out = h.take();
     let reinv = Harness::sent(&out, BOB1);
     assert_eq!(reinv[0].0, Method::Invite);
@@ -458,10 +519,19 @@ fn reinvite_is_relayed_with_sdp_anchored_both_ways() {
     assert_eq!(rc.cseq.seq, 2);
     assert_eq!(rc.to.tag(), Some("b1"));
     let body = String::from_utf8_lossy(&rm.body);
-    assert!(body.contains("a=sendonly") && body.contains("m=audio 40002 "), "{body}");
-    assert!(body.contains("o=pbxd 2748 2 "), "version grows on a changed offer: {body}");
+    assert!(
+        body.contains("a=sendonly") && body.contains("m=audio 40002 "),
+        "{body}"
+    );
+    assert!(
+        body.contains("o=pbxd 2748 2 "),
+        "version grows on a changed offer: {body}"
+    );
 
-    let answer = SDP_B.replace("a=rtpmap:0 PCMU/8000\r\n", "a=rtpmap:0 PCMU/8000\r\na=recvonly\r\n");
+    let answer = SDP_B.replace(
+        "a=rtpmap:0 PCMU/8000\r\n",
+        "a=rtpmap:0 PCMU/8000\r\na=recvonly\r\n",
+    );
     h.response(&response_to(&reinv[0].1, 200, "b1", BOB1, &answer));
     let out = h.take();
     assert_eq!(Harness::sent(&out, BOB1)[0].0, Method::Ack);
@@ -470,7 +540,10 @@ fn reinvite_is_relayed_with_sdp_anchored_both_ways() {
     let (m, c) = parse(&resp);
     assert_eq!(c.cseq.seq, 2);
     let body = String::from_utf8_lossy(&m.body);
-    assert!(body.contains("a=recvonly") && body.contains("m=audio 40000 "), "{body}");
+    assert!(
+        body.contains("a=recvonly") && body.contains("m=audio 40000 "),
+        "{body}"
+    );
 
     // bob hangs up: BYE to alice.
     let bob_bye = format!(
@@ -495,10 +568,19 @@ fn in_dialog_requests_with_a_wrong_tag_or_old_cseq_are_refused() {
     let mut h = Harness::start("600", SDP_A);
     let (_, ok) = final_to_a(&h.take()).unwrap();
     let tag = to_tag_of(&ok);
-    h.request(&in_dialog("INFO", 2, &alice_headers("nope"), "a-call", ""), ALICE);
+    h.request(
+        &in_dialog("INFO", 2, &alice_headers("nope"), "a-call", ""),
+        ALICE,
+    );
     assert_eq!(Harness::responses(&h.take()), vec![481]);
-    h.request(&in_dialog("INFO", 1, &alice_headers(&tag), "a-call", ""), ALICE);
+    h.request(
+        &in_dialog("INFO", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
     assert_eq!(Harness::responses(&h.take()), vec![500]);
-    h.request(&in_dialog("OPTIONS", 3, &alice_headers(&tag), "a-call", ""), ALICE);
+    h.request(
+        &in_dialog("OPTIONS", 3, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
     assert_eq!(Harness::responses(&h.take()), vec![200]);
 }

@@ -38,6 +38,8 @@ pub struct MediaConfig {
 pub enum MediaEvent {
     /// No packet for `no_media_timeout`.
     NoMedia,
+    /// A [`Stream::play`] finished.
+    PlaybackDone,
 }
 
 /// Counters of a stream, both directions, as last published.
@@ -52,6 +54,44 @@ pub struct StreamCounters {
 enum Control {
     Remote(Side, Option<SocketAddr>),
     Mode(Mode),
+    Play(Arc<[u8]>, u8),
+}
+
+/// Samples per 20 ms packet of G.711 at 8 kHz.
+const FRAME: usize = 160;
+
+/// A prompt being sent to side A: G.711 bytes, one 20 ms packet at a time.
+struct Playback {
+    audio: Arc<[u8]>,
+    pos: usize,
+    payload_type: u8,
+    seq: u16,
+    timestamp: u32,
+    ssrc: u32,
+    next: tokio::time::Instant,
+    marker: bool,
+}
+
+impl Playback {
+    /// The next packet into `out` (no allocation); its length, or None at the end.
+    fn packet(&mut self, out: &mut [u8; 12 + FRAME]) -> Option<usize> {
+        if self.pos >= self.audio.len() {
+            return None;
+        }
+        let chunk = &self.audio[self.pos..(self.pos + FRAME).min(self.audio.len())];
+        out[0] = 0x80;
+        out[1] = self.payload_type | if self.marker { 0x80 } else { 0 };
+        out[2..4].copy_from_slice(&self.seq.to_be_bytes());
+        out[4..8].copy_from_slice(&self.timestamp.to_be_bytes());
+        out[8..12].copy_from_slice(&self.ssrc.to_be_bytes());
+        out[12..12 + chunk.len()].copy_from_slice(chunk);
+        self.marker = false;
+        self.pos += FRAME;
+        self.seq = self.seq.wrapping_add(1);
+        self.timestamp = self.timestamp.wrapping_add(FRAME as u32);
+        self.next += Duration::from_millis(20);
+        Some(12 + chunk.len())
+    }
 }
 
 /// A relayed stream: its ports and the means to steer it. Dropping it stops the task
@@ -75,6 +115,12 @@ impl Stream {
 
     pub fn set_mode(&self, mode: Mode) {
         let _ = self.ctl.send(Control::Mode(mode));
+    }
+
+    /// Sends G.711 `audio` (payload type 0 or 8) to side A in 20 ms packets, then
+    /// reports [`MediaEvent::PlaybackDone`]. A new prompt replaces one playing.
+    pub fn play(&self, audio: Arc<[u8]>, payload_type: u8) {
+        let _ = self.ctl.send(Control::Play(audio, payload_type));
     }
 
     pub fn counters(&self) -> StreamCounters {
@@ -207,7 +253,17 @@ async fn run_stream(
     let mut bufs = [[0u8; 2048]; 4];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut reported_dead = false;
+    let mut play: Option<Playback> = None;
+    let mut frame = [0u8; 12 + FRAME];
+    // Each prompt gets a new SSRC (RFC 3550 §8: a new source); seeded from our ports.
+    let mut ssrc = sockets[0]
+        .local_addr()
+        .map(|a| u32::from(a.port()).wrapping_mul(0x9e37_79b9))
+        .unwrap_or(0x5eed);
     loop {
+        let play_at = play
+            .as_ref()
+            .map_or_else(tokio::time::Instant::now, |p| p.next);
         // Which socket is readable; the packet is handled below, outside the select.
         let [b0, b1, b2, b3] = &mut bufs;
         let (i, res) = tokio::select! {
@@ -225,7 +281,54 @@ async fn run_stream(
                         rtp.set_mode(m);
                         rtcp.set_mode(m);
                     }
-                    None => return,
+                    Some(Control::Play(audio, payload_type)) => {
+                        ssrc = ssrc.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                        play = Some(Playback {
+                            audio,
+                            pos: 0,
+                            payload_type,
+                            seq: (ssrc >> 16) as u16,
+                            timestamp: ssrc.rotate_left(7),
+                            ssrc,
+                            next: tokio::time::Instant::now(),
+                            marker: true,
+                        });
+                    }
+                    None => {
+                        let (a, b) = (rtp.stats(Side::A), rtp.stats(Side::B));
+                        let port_a = sockets[0].local_addr().map_or(0, |x| x.port());
+                        let port_b = sockets[2].local_addr().map_or(0, |x| x.port());
+                        tracing::info!(
+                            port_a,
+                            port_b,
+                            a_packets = a.packets,
+                            a_lost = a.lost,
+                            a_jitter_ms = format_args!("{:.1}", a.jitter_ms(8000)),
+                            a_dropped = a.dropped,
+                            b_packets = b.packets,
+                            b_lost = b.lost,
+                            b_jitter_ms = format_args!("{:.1}", b.jitter_ms(8000)),
+                            b_dropped = b.dropped,
+                            "media stream closed"
+                        );
+                        return;
+                    }
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(play_at), if play.is_some() => {
+                if let Some(p) = play.as_mut() {
+                    match p.packet(&mut frame) {
+                        Some(n) => {
+                            if let Some(dest) = rtp.remote(Side::A) {
+                                let _ = sockets[0].try_send_to(&frame[..n], dest);
+                            }
+                        }
+                        None => {
+                            play = None;
+                            let _ = events.send(MediaEvent::PlaybackDone);
+                        }
+                    }
                 }
                 continue;
             }
@@ -351,6 +454,33 @@ mod tests {
             .await
             .expect("no-media event");
         assert_eq!(ev, Some(MediaEvent::NoMedia));
+    }
+
+    #[tokio::test]
+    async fn plays_a_prompt_to_side_a_then_reports_done() {
+        let r = relay(41300, 60_000);
+        let mut s = r.open(Mode::Bridge).unwrap();
+        let mut events = s.take_events().unwrap();
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.set_remote(Side::A, Some(a.local_addr().unwrap()));
+        let audio: Arc<[u8]> = (0..400u32).map(|i| i as u8).collect::<Vec<u8>>().into();
+        s.play(audio, 8);
+        let mut got = Vec::new();
+        let mut seqs = Vec::new();
+        for _ in 0..3 {
+            let (pkt, from) = recv(&a).await;
+            assert_eq!(from, (r.ip(), s.port_a).into());
+            let p = rtp_rs::RtpReader::new(&pkt).unwrap();
+            assert_eq!(p.payload_type(), 8);
+            seqs.push(u16::from(p.sequence_number()));
+            got.extend_from_slice(p.payload());
+        }
+        assert_eq!(got, (0..400u32).map(|i| i as u8).collect::<Vec<u8>>());
+        assert_eq!(seqs[1], seqs[0].wrapping_add(1));
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("playback done");
+        assert_eq!(ev, Some(MediaEvent::PlaybackDone));
     }
 
     #[tokio::test]

@@ -24,6 +24,8 @@ pub struct Config {
     #[serde(default)]
     pub transport: TransportSection,
     #[serde(default)]
+    pub calls: CallsSection,
+    #[serde(default)]
     pub storage: StorageSection,
     #[serde(default)]
     pub log: LogSection,
@@ -209,6 +211,40 @@ impl Default for TransportSection {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct CallsSection {
+    /// Calls this node runs at once; one more is answered 503 so the phone tries the
+    /// next server.
+    pub max_calls: usize,
+    /// Anchor media in the node's RTP relay (false: SDP passes through untouched and
+    /// media flows phone to phone; Echo and Playback then have no media).
+    pub relay_media: bool,
+    /// The address phones send media to; the SIP address's IP when absent.
+    pub rtp_ip: Option<std::net::IpAddr>,
+    /// RTP port range (even start; RTCP uses the odd port above each RTP port).
+    pub rtp_port_min: u16,
+    pub rtp_port_max: u16,
+    /// Seconds without RTP before an answered call is ended (0: never).
+    pub no_media_timeout: u64,
+    /// G.711 prompts for Playback: NAME.ulaw and NAME.alaw.
+    pub sounds_dir: PathBuf,
+}
+
+impl Default for CallsSection {
+    fn default() -> Self {
+        CallsSection {
+            max_calls: 4000,
+            relay_media: true,
+            rtp_ip: None,
+            rtp_port_min: 20_000,
+            rtp_port_max: 30_000,
+            no_media_timeout: 60,
+            sounds_dir: PathBuf::from("/usr/share/pbxd/sounds"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct StorageSection {
     pub cache_mb: u64,
     /// Raft log entries between snapshots (the log is purged behind them).
@@ -320,6 +356,17 @@ impl Config {
         }
         if self.transport.tcp_idle_timeout == 0 {
             return Err("transport.tcp_idle_timeout: must be > 0".into());
+        }
+        let c = &self.calls;
+        if c.rtp_port_min % 2 != 0 || c.rtp_port_min < 1024 || c.rtp_port_max <= c.rtp_port_min + 2
+        {
+            return Err(
+                "calls.rtp_port_min/rtp_port_max: need an even start >= 1024 and room for two port pairs"
+                    .into(),
+            );
+        }
+        if c.max_calls == 0 {
+            return Err("calls.max_calls: must be > 0".into());
         }
         if self.storage.max_batch == 0 || self.storage.max_batch > 16_384 {
             return Err("storage.max_batch: must be between 1 and 16384".into());

@@ -2,6 +2,7 @@
 //! (Raft), the SIP transports and the request handler, wired together by
 //! [`Node::start`].
 
+mod calls;
 pub mod config;
 mod transport;
 
@@ -33,6 +34,8 @@ pub enum NodeError {
     Registrar(#[from] pbx_registrar::RegistrarError),
     #[error("cluster: {0}")]
     Cluster(#[from] pbx_raft::RaftError),
+    #[error("media relay: {0}")]
+    Media(String),
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -74,7 +77,8 @@ impl Node {
         let mut local_hosts = vec![sip_addr.ip().to_string(), sip_addr.to_string()];
         local_hosts.extend(config.node.aliases.iter().cloned());
         let handler = Arc::new(RequestHandler::new(config.handler_config(local_hosts))?);
-        let mut tasks = transport::serve(udp, tcp, handler, cluster.clone(), &config);
+        let calls = calls::CallLayer::new(&config, sip_addr)?;
+        let mut tasks = transport::serve(udp, tcp, handler, cluster.clone(), calls, &config);
         tasks.push(tokio::spawn(bootstrap(
             config.clone(),
             initial_dialplan,
@@ -155,6 +159,13 @@ async fn bootstrap_once(
             other => tracing::error!(?other, "initial dialplan refused"),
         }
     }
+    // Calls this node ran before it (re)started died with its process. Proposed on
+    // every start: this node's view of the list may still be behind.
+    cluster
+        .propose(Command::CallsOfOwnerEnded {
+            owner: config.node.id,
+        })
+        .await?;
     if let Some(path) = &config.cluster.users_file {
         let entries = config::load_users(&config.resolve(path))?;
         // Only users the cluster does not know yet: a restart proposes nothing.

@@ -22,25 +22,29 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Notify};
 use tracing::Instrument;
 
+use crate::calls::{start_call, CallInput, CallLayer};
 use crate::config::{Config, TransportSection};
 use crate::{unix_ms, NodeError};
 use pbx_raft::Cluster;
 
 /// Where a transaction's responses go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Dest {
+pub(crate) enum Dest {
     Udp(SocketAddr),
     /// A connection by id, and the peer address to reconnect to if it is gone.
     Tcp(u64, SocketAddr),
 }
 
-struct Shared {
-    node_id: u64,
+pub(crate) struct Shared {
+    pub(crate) node_id: u64,
+    /// The SIP address (UDP and TCP) of this node.
+    pub(crate) local_addr: SocketAddr,
     handler: Arc<RequestHandler>,
-    state: Cluster,
+    pub(crate) state: Cluster,
+    pub(crate) calls: CallLayer,
     udp: Arc<UdpSocket>,
-    table: Mutex<ServerTable<Dest>>,
-    timer_wake: Notify,
+    pub(crate) table: Mutex<ServerTable<Dest>>,
+    pub(crate) timer_wake: Notify,
     conns: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
     conn_by_peer: Mutex<HashMap<SocketAddr, u64>>,
     open_conns: AtomicUsize,
@@ -49,10 +53,10 @@ struct Shared {
     tcp_idle: Duration,
     max_conns: usize,
     /// Retry-After on a 503 for a write that could not be committed.
-    retry_after: u32,
+    pub(crate) retry_after: u32,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -97,12 +101,16 @@ pub(crate) fn serve(
     tcp: TcpListener,
     handler: Arc<RequestHandler>,
     state: Cluster,
+    calls: CallLayer,
     config: &Config,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    let local_addr = udp.local_addr().unwrap_or(config.node.sip_addr);
     let shared = Arc::new(Shared {
         node_id: config.node.id,
+        local_addr,
         handler,
         state,
+        calls,
         udp: Arc::new(udp),
         table: Mutex::new(ServerTable::new(Timers::default())),
         timer_wake: Notify::new(),
@@ -141,7 +149,7 @@ async fn udp_worker(shared: Arc<Shared>) {
 }
 
 /// Sends bytes toward a destination without blocking the caller.
-fn send(shared: &Arc<Shared>, dest: Dest, bytes: Bytes) {
+pub(crate) fn send(shared: &Arc<Shared>, dest: Dest, bytes: Bytes) {
     match dest {
         Dest::Udp(addr) => match shared.udp.try_send_to(&bytes, addr) {
             Ok(_) => {}
@@ -208,8 +216,18 @@ fn on_bytes(shared: &Arc<Shared>, data: &[u8], source: SocketAddr, conn: Option<
         Err(e) => return answer_unparseable(shared, &e, source, conn),
     };
     if !msg.is_request() {
-        // No client transactions on a registrar node yet: stray responses are dropped.
-        tracing::trace!(%source, status = ?msg.status(), "response without transaction dropped");
+        // Responses belong to a call's client transactions, found by Call-ID.
+        let routed = CoreHeaders::extract(&msg)
+            .ok()
+            .and_then(|core| Some((shared.calls.route(&core.call_id)?, core)));
+        match routed {
+            Some((call, core)) => {
+                let _ = call.send(CallInput::Response { msg, core });
+            }
+            None => {
+                tracing::trace!(%source, status = ?msg.status(), "response without transaction dropped")
+            }
+        }
         return true;
     }
     let core = match CoreHeaders::extract(&msg) {
@@ -279,6 +297,19 @@ fn on_request(
         RequestDisposition::Retransmission(Some(b)) => return send(shared, dest, b),
         RequestDisposition::Retransmission(None) | RequestDisposition::AckAbsorbed => return,
     }
+    if let Some(call) = shared.calls.route(&core.call_id) {
+        // A request of a call's dialogs (or a CANCEL of its INVITE).
+        if method != Method::Ack {
+            lock(&shared.table).create(key.clone(), &method, reliable, dest);
+        }
+        let _ = call.send(CallInput::Request {
+            msg,
+            core,
+            key,
+            source,
+        });
+        return;
+    }
     let transport = if reliable {
         Transport::Tcp
     } else {
@@ -300,6 +331,10 @@ fn on_request(
     };
     match outcome {
         Outcome::Drop => {}
+        Outcome::Call { caller } => {
+            lock(&shared.table).create(key.clone(), &method, reliable, dest);
+            start_call(shared, msg, core, key, source, dest, caller);
+        }
         Outcome::Reply {
             bytes,
             stateful: false,

@@ -66,6 +66,8 @@ pub struct NodeStatus {
     pub users: u64,
     pub bindings: u64,
     pub dialplan_version: u64,
+    /// Answered calls in the replicated list.
+    pub calls: u64,
     /// The node finished its start-up writes and serves writes.
     pub ready: bool,
 }
@@ -94,6 +96,7 @@ impl From<NodeStatus> for crate::proto::StatusReply {
             users: s.users,
             bindings: s.bindings,
             dialplan_version: s.dialplan_version,
+            calls: s.calls,
             ready: s.ready,
         }
     }
@@ -205,12 +208,13 @@ impl Shared {
 
     pub(crate) fn status(&self) -> NodeStatus {
         let m = self.metrics();
-        let (users, bindings, dialplan_version) = {
+        let (users, bindings, dialplan_version, calls) = {
             let a = self.applied.read().unwrap_or_else(|e| e.into_inner());
             (
                 a.state.users.len() as u64,
                 a.state.binding_count() as u64,
                 a.state.dialplan.as_ref().map_or(0, |d| d.version),
+                a.state.calls.len() as u64,
             )
         };
         let membership = m.membership_config.membership();
@@ -233,6 +237,7 @@ impl Shared {
             users,
             bindings,
             dialplan_version,
+            calls,
         }
     }
 

@@ -119,6 +119,11 @@ pub enum Outcome {
         command: Box<Command>,
         pending: PendingRegister,
     },
+    /// An authenticated INVITE that starts a call: hand it to the call layer.
+    Call {
+        /// The authenticated user.
+        caller: String,
+    },
 }
 
 /// A REGISTER waiting for its command to commit.
@@ -312,17 +317,9 @@ impl RequestHandler {
                 self.challenge(req, settings, now_ms, 407, "Proxy-Authenticate", stale)
             }
             AuthResult::Forbidden => self.reply(req, 403, &[]),
-            // Routing calls (dialplan, B2BUA) is the calls capability; until a node has
-            // it, an authenticated caller is told plainly that nobody can be reached.
-            AuthResult::Authenticated => self.reply_with_reason(
-                req,
-                480,
-                Some("Temporarily Unavailable"),
-                &[(
-                    "Warning",
-                    "399 pbxd \"call routing is not enabled on this node\"",
-                )],
-            ),
+            AuthResult::Authenticated => Outcome::Call {
+                caller: req.core.from.uri.user_unescaped().unwrap_or_default(),
+            },
         }
     }
 

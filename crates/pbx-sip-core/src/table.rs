@@ -139,6 +139,11 @@ impl<D: Clone> ServerTable<D> {
         Ok(out)
     }
 
+    /// Where a transaction's responses go.
+    pub fn dest(&self, key: &TransactionKey) -> Option<D> {
+        self.txs.get(key).map(|(_, d)| d.clone())
+    }
+
     /// Forgets a transaction whose transport failed (§17.2.4).
     pub fn remove(&mut self, key: &TransactionKey) {
         self.txs.remove(key);

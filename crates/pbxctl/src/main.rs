@@ -386,7 +386,7 @@ async fn status(peers: Vec<String>, wait_ready: Option<f64>) -> anyhow::Result<E
                     })
                     .collect();
                 println!(
-                    "peer={peer} node={} role={} leader={} term={} last_log={} applied={} snapshot={} serving_writes={} ready={} users={} bindings={} dialplan={} members={}",
+                    "peer={peer} node={} role={} leader={} term={} last_log={} applied={} snapshot={} serving_writes={} ready={} users={} bindings={} dialplan={} calls={} members={}",
                     r.node_id,
                     r.role,
                     r.leader_id,
@@ -399,6 +399,7 @@ async fn status(peers: Vec<String>, wait_ready: Option<f64>) -> anyhow::Result<E
                     r.users,
                     r.bindings,
                     r.dialplan_version,
+                    r.calls,
                     members.join(",")
                 );
                 if wait_ready.is_some() && !r.ready {

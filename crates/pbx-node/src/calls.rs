@@ -1,0 +1,481 @@
+//! The call layer of a node: one task per call driving a [`pbx_b2bua::Call`], its relay
+//! streams and its timers; a Call-ID table the transport routes messages through.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pbx_b2bua::{Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Output};
+use pbx_dialplan::{CallerId, DialTarget, Dialplan, Execution, LogLevel};
+use pbx_media::{MediaConfig, MediaEvent, MediaRelay, Stream};
+use pbx_media_core::Mode;
+use pbx_registrar::{Inbound, ReplyHead};
+use pbx_sdp::Sdp;
+use pbx_sip_core::{Timers, TransactionKey};
+use pbx_sip_msg::{CoreHeaders, MessageWriter, SipMessage};
+use pbx_state::{Command, State, Transport};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::transport::{lock, send, Dest, Shared};
+use crate::{unix_ms, NodeError};
+
+/// A message for a call, routed by Call-ID.
+pub(crate) enum CallInput {
+    Request {
+        msg: SipMessage,
+        core: CoreHeaders,
+        key: TransactionKey,
+        source: SocketAddr,
+    },
+    Response {
+        msg: SipMessage,
+        core: CoreHeaders,
+    },
+}
+
+pub(crate) struct CallLayer {
+    node_id: u64,
+    server_name: String,
+    relay: Option<MediaRelay>,
+    sounds_dir: PathBuf,
+    /// Loaded prompts by (name, payload type); `None`: no such file.
+    prompts: Mutex<HashMap<(String, u8), Option<Arc<[u8]>>>>,
+    routes: Mutex<HashMap<String, mpsc::UnboundedSender<CallInput>>>,
+    active: AtomicUsize,
+    max_calls: usize,
+    /// The compiled dialplan of the version last used.
+    plan: Mutex<Option<(u64, Arc<Dialplan>)>>,
+    seed: AtomicU64,
+}
+
+impl CallLayer {
+    pub(crate) fn new(config: &Config, sip_addr: SocketAddr) -> Result<CallLayer, NodeError> {
+        let c = &config.calls;
+        let relay = if c.relay_media {
+            let relay = MediaRelay::new(MediaConfig {
+                ip: c.rtp_ip.unwrap_or(sip_addr.ip()),
+                port_min: c.rtp_port_min,
+                port_max: c.rtp_port_max,
+                no_media_timeout: if c.no_media_timeout == 0 {
+                    Duration::from_secs(u64::from(u32::MAX))
+                } else {
+                    Duration::from_secs(c.no_media_timeout)
+                },
+            })
+            .map_err(|e| NodeError::Media(e.to_string()))?;
+            Some(relay)
+        } else {
+            None
+        };
+        Ok(CallLayer {
+            node_id: config.node.id,
+            server_name: config.handler_config(Vec::new()).server_name,
+            relay,
+            sounds_dir: config.resolve(&c.sounds_dir),
+            prompts: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+            max_calls: c.max_calls,
+            plan: Mutex::new(None),
+            seed: AtomicU64::new(rand::random::<u64>() & !0xffff | config.node.id),
+        })
+    }
+
+    /// The call that owns this Call-ID, if any.
+    pub(crate) fn route(&self, call_id: &str) -> Option<mpsc::UnboundedSender<CallInput>> {
+        lock(&self.routes).get(call_id).cloned()
+    }
+
+    pub(crate) fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn dialplan(&self, state: &State) -> Option<Arc<Dialplan>> {
+        let stored = state.dialplan.as_ref()?;
+        let mut cache = lock(&self.plan);
+        if let Some((v, plan)) = cache.as_ref() {
+            if *v == stored.version {
+                return Some(plan.clone());
+            }
+        }
+        // Validated before it was committed; a failure here is a bug, not input.
+        let plan = Arc::new(Dialplan::parse(&stored.source).ok()?);
+        *cache = Some((stored.version, plan.clone()));
+        Some(plan)
+    }
+
+    /// The prompts as one G.711 stream (`pt` 0: .ulaw, 8: .alaw); missing files are
+    /// skipped with a warning.
+    fn prompt_audio(&self, names: &[String], pt: u8) -> Arc<[u8]> {
+        let ext = if pt == 8 { "alaw" } else { "ulaw" };
+        let mut audio = Vec::new();
+        for name in names {
+            let mut cache = lock(&self.prompts);
+            let entry = cache.entry((name.clone(), pt)).or_insert_with(|| {
+                let path = self.sounds_dir.join(format!("{name}.{ext}"));
+                match std::fs::read(&path) {
+                    Ok(b) => Some(b.into()),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "prompt not found");
+                        None
+                    }
+                }
+            });
+            if let Some(a) = entry {
+                audio.extend_from_slice(a);
+            }
+        }
+        audio.into()
+    }
+}
+
+impl pbx_b2bua::Destination for Dest {
+    fn transport(&self) -> Transport {
+        match self {
+            Dest::Udp(_) => Transport::Udp,
+            Dest::Tcp(..) => Transport::Tcp,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Dest::Udp(a) | Dest::Tcp(_, a) => a.to_string(),
+        }
+    }
+}
+
+/// Answers the INVITE `key` (its server transaction exists) without a call.
+fn reject(
+    shared: &Arc<Shared>,
+    req: &Inbound<'_>,
+    key: &TransactionKey,
+    status: u16,
+    warning: &str,
+) {
+    let head = ReplyHead::new(req, &shared.calls.server_name);
+    let mut w = MessageWriter::response(status);
+    head.write(&mut w, status);
+    if status == 503 {
+        w.header("Retry-After", &shared.retry_after.to_string());
+    }
+    if !warning.is_empty() {
+        w.header_fmt("Warning", format_args!("399 pbxd \"{warning}\""));
+    }
+    respond(shared, key, status, Bytes::from(w.finish(b"")));
+}
+
+/// Sends a response through the server transaction `key`.
+fn respond(shared: &Arc<Shared>, key: &TransactionKey, status: u16, bytes: Bytes) {
+    let out = {
+        let mut table = lock(&shared.table);
+        table
+            .respond(Instant::now(), key, status, bytes)
+            .ok()
+            .zip(table.dest(key))
+    };
+    if let Some((b, dest)) = out {
+        send(shared, dest, b);
+    }
+    if status >= 200 {
+        shared.timer_wake.notify_one();
+    }
+}
+
+/// Starts a call for an authenticated INVITE whose server transaction `key` exists.
+pub(crate) fn start_call(
+    shared: &Arc<Shared>,
+    msg: SipMessage,
+    core: CoreHeaders,
+    key: TransactionKey,
+    source: SocketAddr,
+    dest: Dest,
+    caller: String,
+) {
+    let layer = &shared.calls;
+    let req = Inbound {
+        msg: &msg,
+        core: &core,
+        source,
+        transport: pbx_b2bua::Destination::transport(&dest),
+    };
+    if layer.active() >= layer.max_calls {
+        tracing::warn!(limit = layer.max_calls, "call limit reached: 503");
+        return reject(shared, &req, &key, 503, "call limit reached on this node");
+    }
+    let exten = msg
+        .request_uri()
+        .and_then(|u| pbx_sip_msg::Uri::parse(u).ok())
+        .and_then(|u| u.user_unescaped())
+        .unwrap_or_default();
+    let now_ms = unix_ms();
+    let (exec, domain) = {
+        let state = shared.state.read();
+        let Some(plan) = layer.dialplan(&state) else {
+            return reject(shared, &req, &key, 503, "no dialplan yet");
+        };
+        let user = state.users.get(&caller);
+        let context = user.map_or("default", |u| u.context.as_str());
+        let name = user
+            .and_then(|u| u.caller_id_name.clone())
+            .or_else(|| core.from.display.clone())
+            .unwrap_or_default();
+        let caller_id = CallerId {
+            num: caller.clone(),
+            name: name.trim_matches('"').to_string(),
+        };
+        let domain = state
+            .settings
+            .as_ref()
+            .map(|s| s.domain.clone())
+            .unwrap_or_default();
+        match Execution::start(plan, context, &exten, caller_id) {
+            Ok(e) => (e, domain),
+            Err(e) => {
+                tracing::info!(%caller, %exten, context, error = %e, "no route: 404");
+                return reject(shared, &req, &key, 404, "no such extension");
+            }
+        }
+    };
+    // One relay stream per m-line the caller offers (at least one, for our own offer).
+    let mut streams = Vec::new();
+    let media = match &layer.relay {
+        Some(relay) => {
+            let n = Sdp::parse(&msg.body).map_or(1, |s| s.media.len().max(1));
+            for _ in 0..n {
+                match relay.open(Mode::Bridge) {
+                    Ok(s) => streams.push(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no RTP ports: 503");
+                        return reject(shared, &req, &key, 503, "no media ports free");
+                    }
+                }
+            }
+            Some(MediaPorts {
+                ip: relay.ip(),
+                streams: streams.iter().map(|s| (s.port_a, s.port_b)).collect(),
+            })
+        }
+        None => None,
+    };
+    let params = CallParams {
+        node_id: layer.node_id,
+        local: shared.local_addr,
+        domain,
+        server_name: layer.server_name.clone(),
+        timers: Timers::default(),
+        seed: layer.seed.fetch_add(1 << 16, Ordering::Relaxed),
+        media,
+        caller_user: caller.clone(),
+        now_ms,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    lock(&layer.routes).insert(core.call_id.clone(), tx.clone());
+    layer.active.fetch_add(1, Ordering::Relaxed);
+    let call = Call::new(Instant::now(), params, &msg, &core, key, source, dest, exec);
+    tracing::info!(%caller, %exten, "call started");
+    let span = tracing::Span::current();
+    tokio::spawn(run_call(shared.clone(), call, tx, rx, streams).instrument(span));
+}
+
+/// The task of one call: feeds it messages, timer ticks and media events, carries out
+/// what it asks for.
+async fn run_call(
+    shared: Arc<Shared>,
+    mut call: Call<Dest>,
+    tx: mpsc::UnboundedSender<CallInput>,
+    mut rx: mpsc::UnboundedReceiver<CallInput>,
+    mut streams: Vec<Stream>,
+) {
+    let mut claimed = vec![call.id().to_string()];
+    let (media_tx, mut media_rx) = mpsc::unbounded_channel();
+    for s in streams.iter_mut() {
+        if let Some(mut ev) = s.take_events() {
+            let media_tx = media_tx.clone();
+            tokio::spawn(async move {
+                while let Some(e) = ev.recv().await {
+                    if media_tx.send(e).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+    let mut active = true;
+    loop {
+        while let Some(out) = call.poll_output() {
+            carry_out(
+                &shared,
+                &mut call,
+                out,
+                &tx,
+                &mut claimed,
+                &mut streams,
+                &mut active,
+            );
+        }
+        if call.is_done() {
+            break;
+        }
+        let deadline = call
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            input = rx.recv() => {
+                let now = Instant::now();
+                match input {
+                    Some(CallInput::Request { msg, core, key, source }) => {
+                        call.on_request(now, &msg, &core, key, source);
+                    }
+                    Some(CallInput::Response { msg, core }) => call.on_response(now, &msg, &core),
+                    None => break,
+                }
+            }
+            Some(ev) = media_rx.recv() => {
+                let notice = match ev {
+                    MediaEvent::NoMedia => MediaNotice::NoMedia,
+                    MediaEvent::PlaybackDone => MediaNotice::PlaybackDone,
+                };
+                call.on_media(Instant::now(), notice);
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => call.handle_timeout(Instant::now()),
+        }
+    }
+    if active {
+        shared.calls.active.fetch_sub(1, Ordering::Relaxed);
+    }
+    let mut routes = lock(&shared.calls.routes);
+    for id in claimed {
+        routes.remove(&id);
+    }
+}
+
+fn carry_out(
+    shared: &Arc<Shared>,
+    call: &mut Call<Dest>,
+    out: Output<Dest>,
+    tx: &mpsc::UnboundedSender<CallInput>,
+    claimed: &mut Vec<String>,
+    streams: &mut Vec<Stream>,
+    active: &mut bool,
+) {
+    match out {
+        Output::Respond { key, status, bytes } => respond(shared, &key, status, bytes),
+        Output::Send { dest, bytes } => send(shared, dest, bytes),
+        Output::Resolve(targets) => {
+            let (contacts, unreachable) = resolve(shared, &targets);
+            call.on_resolved(Instant::now(), contacts, unreachable);
+        }
+        Output::ClaimCallId(id) => {
+            lock(&shared.calls.routes).insert(id.clone(), tx.clone());
+            claimed.push(id);
+        }
+        Output::Media(op) => match op {
+            MediaOp::Remote { stream, side, addr } => {
+                if let Some(s) = streams.get(stream) {
+                    s.set_remote(side, addr);
+                }
+            }
+            MediaOp::Mode(m) => streams.iter().for_each(|s| s.set_mode(m)),
+            MediaOp::Play {
+                stream,
+                prompts,
+                payload_type,
+            } => match streams.get(stream) {
+                Some(s) => s.play(
+                    shared.calls.prompt_audio(&prompts, payload_type),
+                    payload_type,
+                ),
+                None => call.on_media(Instant::now(), MediaNotice::PlaybackDone),
+            },
+        },
+        Output::Log { level, message } => match level {
+            LogLevel::Error => tracing::error!(call = call.id(), "{message}"),
+            LogLevel::Warning => tracing::warn!(call = call.id(), "{message}"),
+            LogLevel::Notice | LogLevel::Verbose => tracing::info!(call = call.id(), "{message}"),
+            LogLevel::Debug => tracing::debug!(call = call.id(), "{message}"),
+        },
+        Output::Record(record) => propose(shared, Command::CallAnswered(*record)),
+        Output::Ended { cause, answered } => {
+            tracing::info!(call = call.id(), cause, answered, "call ended");
+            if *active {
+                *active = false;
+                shared.calls.active.fetch_sub(1, Ordering::Relaxed);
+            }
+            // Dropping the streams stops the relay and frees the ports.
+            streams.clear();
+            if answered {
+                propose(
+                    shared,
+                    Command::CallEnded {
+                        id: call.id().to_string(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Replicates a call record in the background: a call never waits for Raft.
+fn propose(shared: &Arc<Shared>, cmd: Command) {
+    let state = shared.state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = state.propose(cmd).await {
+            tracing::debug!(error = %e, "call record not replicated");
+        }
+    });
+}
+
+/// The contacts of the Dial targets, and the status when there are none (404: no such
+/// user, 480: nobody registered).
+fn resolve(shared: &Arc<Shared>, targets: &[DialTarget]) -> (Vec<Contact<Dest>>, u16) {
+    let now_ms = unix_ms();
+    let state = shared.state.read();
+    let mut contacts = Vec::new();
+    let mut known = false;
+    for t in targets {
+        match t {
+            DialTarget::User(user) => {
+                if !state.users.contains_key(user) {
+                    continue;
+                }
+                known = true;
+                for b in state.bindings_of(user, now_ms) {
+                    let Ok(addr) = b.source.parse::<SocketAddr>() else {
+                        continue;
+                    };
+                    if addr == shared.local_addr {
+                        tracing::warn!(%user, uri = %b.uri, "contact points at this node: skipped (loop)");
+                        continue;
+                    }
+                    let dest = match b.transport {
+                        Transport::Udp => Dest::Udp(addr),
+                        _ if b.node_id == shared.node_id => Dest::Tcp(0, addr),
+                        _ => {
+                            // The connection lives on its home node; relaying through
+                            // it needs the peer link's Relay RPC.
+                            tracing::warn!(%user, home = b.node_id, "TCP contact held by another node: not reachable from here");
+                            continue;
+                        }
+                    };
+                    contacts.push(Contact {
+                        uri: b.uri.clone(),
+                        dest,
+                        route: b.path.clone(),
+                        user: user.clone(),
+                    });
+                }
+            }
+            DialTarget::Uri { user, host } => {
+                tracing::warn!(%user, %host, "Dial to another domain needs the RFC 3263 client: not reachable");
+                known = true;
+            }
+        }
+    }
+    (contacts, if known { 480 } else { 404 })
+}

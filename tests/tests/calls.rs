@@ -1,0 +1,413 @@
+//! Calls through the B2BUA with real SIP tools: SIPp registers a callee through one node
+//! and answers (or not) as a UAS; SIPp calls it through another node with digest auth.
+//! Media is checked with a small RTP sender on the test's own socket and SIPp's RTP
+//! echo.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use pbx_tests::{
+    assert_all_ok, require_tool, wait_for, LocalCluster, RunningSipp, Sipp, SippRun, Users,
+};
+
+const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]";
+
+/// A port free on `ip` right now (bound, then released) for a SIPp that must be reached
+/// at a known address.
+fn free_udp_port(ip: &str) -> u16 {
+    UdpSocket::bind((ip, 0))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
+}
+
+struct Phones<'a> {
+    c: &'a LocalCluster,
+    n: std::cell::Cell<usize>,
+}
+
+impl<'a> Phones<'a> {
+    fn new(c: &'a LocalCluster) -> Self {
+        require_tool("sipp", "sip-tester");
+        Phones {
+            c,
+            n: std::cell::Cell::new(0),
+        }
+    }
+
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        self.n.set(self.n.get() + 1);
+        let dir = self.c.dir.path().join(format!("sipp{}", self.n.get()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// User `user` registers `ip:port` through `node`, from that very address (as a
+    /// phone does: the node reaches UDP phones where their REGISTER came from).
+    fn register(&self, node: usize, user: usize, ip: &str, port: u16) {
+        let inf = self.file(
+            "reg.csv",
+            &format!(
+                "SEQUENTIAL\n{};pbx.test;{};{ip}:{port};3600\n",
+                Users::name(user),
+                Users::password(user)
+            ),
+        );
+        let port = port.to_string();
+        let run = self
+            .sipp("reg_auth.xml", node, ip, &inf, &["-p", &port])
+            .wait()
+            .unwrap();
+        assert_all_ok(&run, 1, "register");
+    }
+
+    fn sipp(
+        &self,
+        scenario: &str,
+        node: usize,
+        ip: &str,
+        inf: &Path,
+        extra: &[&str],
+    ) -> RunningSipp {
+        Sipp {
+            scenario,
+            target: self.c.node_addr(node),
+            local_ip: ip.to_string(),
+            inf,
+            calls: 1,
+            rate: 1,
+            transport: "u1",
+        }
+        .spawn(extra)
+        .unwrap()
+    }
+
+    /// A SIPp callee on `ip:port` running `scenario` once.
+    fn callee(&self, scenario: &str, ip: &str, port: u16, extra: &[&str]) -> RunningSipp {
+        let inf = self.file("uas.csv", "SEQUENTIAL\nx\n");
+        let port = port.to_string();
+        let mut args = vec!["-p", port.as_str()];
+        args.extend_from_slice(extra);
+        self.sipp(scenario, 1, ip, &inf, &args)
+    }
+
+    /// `caller` calls `callee` (an extension) through `node` with `scenario`, offering
+    /// media at `media`, holding an answered call for `hold_ms`.
+    fn call(
+        &self,
+        scenario: &str,
+        node: usize,
+        caller: usize,
+        callee: &str,
+        media: SocketAddr,
+        hold_ms: u64,
+    ) -> RunningSipp {
+        let inf = self.file(
+            "uac.csv",
+            &format!(
+                "SEQUENTIAL\n{};pbx.test;{};{callee};{};{}\n",
+                Users::name(caller),
+                Users::password(caller),
+                media.ip(),
+                media.port()
+            ),
+        );
+        let ip = self.c.client_ip(60 + (self.n.get() % 100) as u8);
+        let hold = hold_ms.to_string();
+        self.sipp(scenario, node, &ip, &inf, &["-d", &hold, "-trace_logs"])
+    }
+
+    /// A copy of uac_status.xml expecting `status`.
+    fn expecting(&self, status: u16) -> String {
+        let text =
+            std::fs::read_to_string(pbx_tests::repo_root().join("tests/sipp/uac_status.xml"))
+                .unwrap()
+                .replace("STATUS", &status.to_string());
+        self.file(&format!("uac_{status}.xml"), &text)
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+fn ok(run: SippRun, what: &str) {
+    assert_all_ok(&run, 1, what);
+}
+
+fn calls_listed(c: &LocalCluster, node: usize) -> Option<String> {
+    c.status(node)?.get("calls").cloned()
+}
+
+/// What SIPp logged with -trace_logs in the directory of its injection file.
+fn sipp_logs(c: &LocalCluster) -> String {
+    let mut out = String::new();
+    for d in std::fs::read_dir(c.dir.path()).unwrap().flatten() {
+        if let Ok(files) = std::fs::read_dir(d.path()) {
+            for f in files.flatten() {
+                if f.file_name().to_string_lossy().ends_with("_logs.log") {
+                    out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn calls_across_nodes_both_ways_and_with_the_callees_node_dead() {
+    let users = Users { count: 4 };
+    let c = LocalCluster::up(40, 3, &users, MD5_ONLY).unwrap();
+    let p = Phones::new(&c);
+    let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
+
+    // u2 registers through node 2; u1 calls it through node 1.
+    let bob_ip = c.client_ip(50);
+    let bob_port = free_udp_port(&bob_ip);
+    p.register(2, 2, &bob_ip, bob_port);
+    let uas = p.callee("uas_answer.xml", &bob_ip, bob_port, &[]);
+    let uac = p.call("uac_call.xml", 1, 1, &Users::name(2), nowhere, 3000);
+    // While it is up, the answered call is in the replicated list, on every node.
+    wait_for("the call listed on node 3", Duration::from_secs(10), || {
+        (calls_listed(&c, 3).as_deref() == Some("1")).then_some(())
+    })
+    .unwrap();
+    ok(uac.wait().unwrap(), "u1 -> u2 via node 1");
+    ok(uas.wait().unwrap(), "u2 answers");
+    wait_for(
+        "the ended call gone from node 3",
+        Duration::from_secs(10),
+        || (calls_listed(&c, 3).as_deref() == Some("0")).then_some(()),
+    )
+    .unwrap();
+    assert!(c
+        .log(1)
+        .contains("call started caller=u000001 exten=u000002"));
+
+    // The other way: u1 registers through node 1, u2 calls it through node 2.
+    let alice_ip = c.client_ip(51);
+    let alice_port = free_udp_port(&alice_ip);
+    p.register(1, 1, &alice_ip, alice_port);
+    let uas = p.callee("uas_answer.xml", &alice_ip, alice_port, &[]);
+    let uac = p.call("uac_call.xml", 2, 2, &Users::name(1), nowhere, 500);
+    ok(uac.wait().unwrap(), "u2 -> u1 via node 2");
+    ok(uas.wait().unwrap(), "u1 answers");
+
+    // u2's registering node dies; its binding lives on: u3 reaches it through node 3.
+    c.kill(2).unwrap();
+    let uas = p.callee("uas_answer.xml", &bob_ip, bob_port, &[]);
+    let uac = p.call("uac_call.xml", 3, 3, &Users::name(2), nowhere, 500);
+    ok(uac.wait().unwrap(), "u3 -> u2 via node 3 with node 2 dead");
+    ok(uas.wait().unwrap(), "u2 answers with its registrar dead");
+}
+
+const OUTCOMES_PLAN: &str = "\
+[default]
+exten => 600,1,Answer()
+ same => n,Echo()
+exten => _u.,1,Dial(SIP/${EXTEN},3)
+ same => n,Log(NOTICE,dial ${EXTEN} status ${DIALSTATUS} cause ${HANGUPCAUSE})
+ same => n,GotoIf($[\"${DIALSTATUS}\" = \"BUSY\"]?busy)
+ same => n,GotoIf($[\"${DIALSTATUS}\" = \"NOANSWER\"]?noanswer)
+ same => n,Congestion()
+ ; 603 for a busy callee: shows the dialplan's next step ran (a relayed 486 would not)
+ same => n(busy),Hangup(21)
+ same => n(noanswer),Hangup(19)
+";
+
+#[test]
+fn busy_cancel_no_answer_and_the_call_limit() {
+    let users = Users { count: 3 };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("extensions.conf");
+    std::fs::write(&plan, OUTCOMES_PLAN).unwrap();
+    let sounds = pbx_tests::repo_root().join("deploy/sounds");
+    let extra = format!(
+        "{MD5_ONLY}\n[calls]\nmax_calls = 1\nsounds_dir = \"{}\"\n",
+        sounds.display()
+    );
+    let c = LocalCluster::up_with_dialplan(41, 3, &users, &extra, &plan).unwrap();
+    let p = Phones::new(&c);
+    let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
+    let bob_ip = c.client_ip(50);
+    let bob_port = free_udp_port(&bob_ip);
+    p.register(2, 2, &bob_ip, bob_port);
+    let bob = Users::name(2);
+
+    // Busy: DIALSTATUS=BUSY, and the plan's busy branch answers 603.
+    let uas = p.callee("uas_busy.xml", &bob_ip, bob_port, &[]);
+    let uac = p.call(&p.expecting(603), 1, 1, &bob, nowhere, 0);
+    ok(uac.wait().unwrap(), "busy callee -> 603 from the dialplan");
+    ok(uas.wait().unwrap(), "busy callee got its ACK");
+    assert!(
+        c.log(1).contains("dial u000002 status BUSY cause 17"),
+        "{}",
+        c.log(1)
+    );
+
+    // No answer within Dial's 3 s: the callee gets CANCEL, the caller 480.
+    let started = Instant::now();
+    let uas = p.callee("uas_ring.xml", &bob_ip, bob_port, &[]);
+    let uac = p.call(&p.expecting(480), 1, 1, &bob, nowhere, 0);
+    ok(uac.wait().unwrap(), "no answer -> 480");
+    ok(uas.wait().unwrap(), "ringing callee cancelled");
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert!(c.log(1).contains("dial u000002 status NOANSWER cause 19"));
+
+    // The caller gives up while it rings: 200 for the CANCEL, 487, callee cancelled.
+    let uas = p.callee("uas_ring.xml", &bob_ip, bob_port, &[]);
+    let uac = p.call("uac_cancel.xml", 1, 1, &bob, nowhere, 0);
+    ok(uac.wait().unwrap(), "caller cancels");
+    ok(uas.wait().unwrap(), "callee cancelled with the caller");
+
+    // One call per node here: a second one on node 1 gets 503, node 3 takes it.
+    let first = p.call("uac_call.xml", 1, 1, "600", nowhere, 4000);
+    wait_for("the first call answered", Duration::from_secs(10), || {
+        (calls_listed(&c, 1).as_deref() == Some("1")).then_some(())
+    })
+    .unwrap();
+    let refused = p.call(&p.expecting(503), 1, 3, "600", nowhere, 0);
+    ok(refused.wait().unwrap(), "call limit -> 503");
+    let elsewhere = p.call("uac_call.xml", 3, 3, "600", nowhere, 200);
+    ok(elsewhere.wait().unwrap(), "another node takes the call");
+    ok(first.wait().unwrap(), "the first call completes");
+}
+
+/// A 20 ms PCMU packet.
+fn rtp(seq: u16, ssrc: u32) -> Vec<u8> {
+    let mut p = vec![0x80, 0];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend((0..160).map(|i| (i as u8) ^ (seq as u8)));
+    p
+}
+
+fn ssrc_of(p: &[u8]) -> u32 {
+    u32::from_be_bytes([p[8], p[9], p[10], p[11]])
+}
+
+fn seq_of(p: &[u8]) -> u16 {
+    u16::from_be_bytes([p[2], p[3]])
+}
+
+/// Sends `count` packets to `to` every 20 ms and collects what comes back with our SSRC.
+fn send_and_collect(sock: &UdpSocket, to: SocketAddr, count: u16) -> Vec<Vec<u8>> {
+    const SSRC: u32 = 0xfeed_beef;
+    sock.set_read_timeout(Some(Duration::from_millis(5)))
+        .unwrap();
+    let mut back = Vec::new();
+    let mut buf = [0u8; 2048];
+    let mut next = Instant::now();
+    for seq in 1..=count {
+        sock.send_to(&rtp(seq, SSRC), to).unwrap();
+        next += Duration::from_millis(20);
+        while Instant::now() < next {
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                if n >= 12 && ssrc_of(&buf[..n]) == SSRC {
+                    back.push(buf[..n].to_vec());
+                }
+            }
+        }
+    }
+    let end = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < end {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if n >= 12 && ssrc_of(&buf[..n]) == SSRC {
+                back.push(buf[..n].to_vec());
+            }
+        }
+    }
+    back
+}
+
+#[test]
+fn rtp_is_relayed_both_ways_and_echo_returns_what_was_sent() {
+    let users = Users { count: 3 };
+    let c = LocalCluster::up(42, 3, &users, MD5_ONLY).unwrap();
+    let p = Phones::new(&c);
+
+    // 600: a beep, then our own packets back.
+    let phone = UdpSocket::bind((c.client_ip(52).as_str(), 0)).unwrap();
+    let uac = p.call(
+        "uac_call.xml",
+        1,
+        1,
+        "600",
+        phone.local_addr().unwrap(),
+        6000,
+    );
+    phone
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, relay) = phone.recv_from(&mut buf).expect("the beep prompt");
+    assert_eq!(buf[1] & 0x7f, 0, "PCMU prompt");
+    assert_eq!(n, 172, "20 ms of G.711 per packet");
+    assert_eq!(relay.ip().to_string(), c.node_addr(1).ip().to_string());
+    let back = send_and_collect(&phone, relay, 150);
+    assert!(back.len() >= 100, "echoed {} of 150", back.len());
+    let first = seq_of(&back[0]);
+    for (i, pkt) in back.iter().enumerate() {
+        let seq = first + i as u16;
+        assert_eq!(
+            pkt,
+            &rtp(seq, 0xfeed_beef),
+            "every packet after the prompt, unchanged"
+        );
+    }
+    assert_eq!(seq_of(back.last().unwrap()), 150);
+    ok(uac.wait().unwrap(), "echo call");
+
+    // A bridged call: the callee (SIPp) echoes RTP; our packets go through the relay to
+    // it and back.
+    let bob_ip = c.client_ip(50);
+    let bob_port = free_udp_port(&bob_ip);
+    let bob_media = free_udp_port(&bob_ip).to_string();
+    p.register(2, 2, &bob_ip, bob_port);
+    let uas = p.callee(
+        "uas_answer.xml",
+        &bob_ip,
+        bob_port,
+        &["-mi", &bob_ip, "-mp", &bob_media, "-rtp_echo"],
+    );
+    let phone = UdpSocket::bind((c.client_ip(53).as_str(), 0)).unwrap();
+    let uac = p.call(
+        "uac_call.xml",
+        1,
+        1,
+        &Users::name(2),
+        phone.local_addr().unwrap(),
+        5000,
+    );
+    let port = wait_for("the answer's relay port", Duration::from_secs(10), || {
+        sipp_logs(&c)
+            .lines()
+            .find_map(|l| l.strip_prefix("answered u000002 relay "))
+            .and_then(|p| p.trim().parse::<u16>().ok())
+    })
+    .unwrap();
+    let relay: SocketAddr = (c.node_addr(1).ip(), port).into();
+    let back = send_and_collect(&phone, relay, 100);
+    assert_eq!(back.len(), 100, "all relayed to the callee and back");
+    for (i, pkt) in back.iter().enumerate() {
+        assert_eq!(pkt, &rtp(i as u16 + 1, 0xfeed_beef));
+    }
+    ok(uac.wait().unwrap(), "bridged call");
+    ok(uas.wait().unwrap(), "callee with RTP echo");
+    // Counted both ways by the relay (logged when the stream closes).
+    let line = wait_for("the stream's counters", Duration::from_secs(10), || {
+        c.log(1)
+            .lines()
+            .find(|l| l.contains("media stream closed") && l.contains(&format!("port_a={port}")))
+            .map(str::to_string)
+    })
+    .unwrap();
+    assert!(
+        line.contains("a_packets=100")
+            && line.contains("b_packets=100")
+            && line.contains("a_lost=0"),
+        "{line}"
+    );
+}
