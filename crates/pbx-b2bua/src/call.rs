@@ -916,20 +916,17 @@ impl<D: Destination> Call<D> {
     /// A response to a request that arrived on `leg`.
     fn respond_to(
         &mut self,
-        head: &ReplyHead,
-        key: TransactionKey,
+        to: &Origin,
         status: u16,
-        leg: LegRef,
-        method: &Method,
         extra: &[(&str, &str)],
         body: Option<(&str, &[u8])>,
     ) -> Bytes {
         let mut w = MessageWriter::response(status);
-        head.write(&mut w, status);
-        if (200..300).contains(&status) && matches!(method, Method::Invite | Method::Update) {
+        to.head.write(&mut w, status);
+        if (200..300).contains(&status) && matches!(to.method, Method::Invite | Method::Update) {
             w.header(
                 "Contact",
-                &self.local.contact(self.dialog(leg).dest.transport()),
+                &self.local.contact(self.dialog(to.leg).dest.transport()),
             );
         }
         for (n, v) in extra {
@@ -943,7 +940,7 @@ impl<D: Destination> Call<D> {
             None => w.finish(b""),
         });
         self.out.push_back(Output::Respond {
-            key,
+            key: to.key.clone(),
             status,
             bytes: bytes.clone(),
         });
@@ -997,8 +994,15 @@ impl<D: Destination> Call<D> {
         if method == Method::Ack {
             return self.on_ack(msg, core, leg);
         }
+        let origin = Origin {
+            key,
+            head,
+            leg,
+            method: method.clone(),
+            cseq: core.cseq.seq,
+        };
         if method == Method::Cancel {
-            self.respond_to(&head, key, 200, leg, &method, &[], None);
+            self.respond_to(&origin, 200, &[], None);
             if leg == LegRef::A && !self.a.final_sent {
                 self.respond_a(487, None, &[]);
                 if self.dial.is_some() {
@@ -1011,18 +1015,18 @@ impl<D: Destination> Call<D> {
         // In a dialog: our tag must be in To, the CSeq must grow (§12.2.2).
         let ours = self.dialog(leg).local_tag.clone();
         if core.to.tag() != Some(ours.as_str()) {
-            self.respond_to(&head, key, 481, leg, &method, &[], None);
+            self.respond_to(&origin, 481, &[], None);
             return;
         }
         let d = self.dialog_mut(leg);
         if core.cseq.seq <= d.remote_cseq {
-            self.respond_to(&head, key, 500, leg, &method, &[("Retry-After", "1")], None);
+            self.respond_to(&origin, 500, &[("Retry-After", "1")], None);
             return;
         }
         d.remote_cseq = core.cseq.seq;
         match method {
             Method::Bye => {
-                self.respond_to(&head, key, 200, leg, &method, &[], None);
+                self.respond_to(&origin, 200, &[], None);
                 if let LegRef::B(i) = leg {
                     let was_winner = self.phase == Phase::Bridged(i);
                     self.legs[i].state = LegState::Done(200);
@@ -1032,18 +1036,11 @@ impl<D: Destination> Call<D> {
                 }
                 self.hangup(now, 16, Some(leg));
             }
-            Method::Invite | Method::Update => self.on_offer(now, msg, leg, key, head, method),
+            Method::Invite | Method::Update => self.on_offer(now, msg, origin),
             Method::Info | Method::Options => match self.peer_leg(leg) {
                 Some(other) => {
                     let ct = msg.header(&HeaderName::ContentType).map(str::to_string);
                     let body = ct.as_deref().map(|c| (c, &msg.body[..]));
-                    let origin = Origin {
-                        key,
-                        head,
-                        leg,
-                        method: method.clone(),
-                        cseq: core.cseq.seq,
-                    };
                     self.send_in_dialog(now, other, method, &[], body, Some(origin));
                 }
                 None => {
@@ -1052,7 +1049,7 @@ impl<D: Destination> Call<D> {
                     } else {
                         &[]
                     };
-                    self.respond_to(&head, key, 200, leg, &method, extra, None);
+                    self.respond_to(&origin, 200, extra, None);
                 }
             },
             Method::Subscribe
@@ -1061,10 +1058,10 @@ impl<D: Destination> Call<D> {
             | Method::Message
             | Method::Publish
             | Method::Prack => {
-                self.respond_to(&head, key, 405, leg, &method, &[("Allow", ALLOW)], None);
+                self.respond_to(&origin, 405, &[("Allow", ALLOW)], None);
             }
             _ => {
-                self.respond_to(&head, key, 501, leg, &method, &[("Allow", ALLOW)], None);
+                self.respond_to(&origin, 501, &[("Allow", ALLOW)], None);
             }
         }
     }
@@ -1090,15 +1087,8 @@ impl<D: Destination> Call<D> {
 
     /// A re-INVITE or UPDATE: relayed to the bridged leg with the SDP anchored, or
     /// answered by the node for its own applications.
-    fn on_offer(
-        &mut self,
-        now: Instant,
-        msg: &SipMessage,
-        leg: LegRef,
-        key: TransactionKey,
-        head: ReplyHead,
-        method: Method,
-    ) {
+    fn on_offer(&mut self, now: Instant, msg: &SipMessage, origin: Origin) {
+        let (leg, method) = (origin.leg, origin.method.clone());
         let busy = self.pending.iter().any(|p| {
             p.method == Method::Invite
                 && !p.answered
@@ -1106,14 +1096,14 @@ impl<D: Destination> Call<D> {
         });
         if busy && method == Method::Invite {
             // §14.1: glare with an offer in progress.
-            self.respond_to(&head, key, 491, leg, &method, &[], None);
+            self.respond_to(&origin, 491, &[], None);
             return;
         }
         let sdp = (!msg.body.is_empty())
             .then(|| Sdp::parse(&msg.body).ok())
             .flatten();
         if !msg.body.is_empty() && sdp.is_none() {
-            self.respond_to(&head, key, 488, leg, &method, &[], None);
+            self.respond_to(&origin, 488, &[], None);
             return;
         }
         let side = side_of(leg);
@@ -1125,13 +1115,6 @@ impl<D: Destination> Call<D> {
                     self.a.offer_raw = msg.body.clone();
                 }
                 let body = self.anchored_for(side_of(other), &sdp, &msg.body);
-                let origin = Origin {
-                    key,
-                    head,
-                    leg,
-                    method: method.clone(),
-                    cseq: self.dialog(leg).remote_cseq,
-                };
                 self.send_in_dialog(now, other, method, &[], Some((SDP, &body)), Some(origin));
             }
             (_, sdp) => {
@@ -1159,7 +1142,7 @@ impl<D: Destination> Call<D> {
                 };
                 let body = answer.as_deref().map(|b| (SDP, b.as_bytes()));
                 let cseq = self.dialog(leg).remote_cseq;
-                let bytes = self.respond_to(&head, key, 200, leg, &method, &[], body);
+                let bytes = self.respond_to(&origin, 200, &[], body);
                 if method == Method::Invite && !self.dialog(leg).reliable() {
                     let timers = self.p.timers;
                     self.dialog_mut(leg).retransmit =
@@ -1263,11 +1246,8 @@ impl<D: Destination> Call<D> {
             None => None,
         };
         let bytes = self.respond_to(
-            &origin.head,
-            origin.key,
+            &origin,
             status,
-            origin.leg,
-            &origin.method,
             &[],
             body.as_ref().map(|(c, b)| (c.as_str(), &b[..])),
         );
@@ -1507,7 +1487,7 @@ impl<D: Destination> Call<D> {
                     let p = self.pending.remove(k);
                     if let Some(o) = p.origin {
                         // The other leg never answered the relayed request.
-                        self.respond_to(&o.head, o.key, 408, o.leg, &o.method, &[], None);
+                        self.respond_to(&o, 408, &[], None);
                     }
                 }
                 TimerOutcome::Idle => k += 1,

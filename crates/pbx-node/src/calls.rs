@@ -39,13 +39,15 @@ pub(crate) enum CallInput {
     },
 }
 
+/// Loaded prompts by (name, payload type); `None`: no such file.
+type PromptCache = HashMap<(String, u8), Option<Arc<[u8]>>>;
+
 pub(crate) struct CallLayer {
     node_id: u64,
     server_name: String,
     relay: Option<MediaRelay>,
     sounds_dir: PathBuf,
-    /// Loaded prompts by (name, payload type); `None`: no such file.
-    prompts: Mutex<HashMap<(String, u8), Option<Arc<[u8]>>>>,
+    prompts: Mutex<PromptCache>,
     routes: Mutex<HashMap<String, mpsc::UnboundedSender<CallInput>>>,
     active: AtomicUsize,
     max_calls: usize,

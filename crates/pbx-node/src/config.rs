@@ -358,7 +358,9 @@ impl Config {
             return Err("transport.tcp_idle_timeout: must be > 0".into());
         }
         let c = &self.calls;
-        if c.rtp_port_min % 2 != 0 || c.rtp_port_min < 1024 || c.rtp_port_max <= c.rtp_port_min + 2
+        if !c.rtp_port_min.is_multiple_of(2)
+            || c.rtp_port_min < 1024
+            || c.rtp_port_max <= c.rtp_port_min + 2
         {
             return Err(
                 "calls.rtp_port_min/rtp_port_max: need an even start >= 1024 and room for two port pairs"

@@ -25,19 +25,21 @@ struct Harness {
 enum Answer {
     Dropped,
     Status(u16, Box<SipMessage>),
+    /// An authenticated INVITE handed to the call layer, for this caller.
+    Call(String),
 }
 
 impl Answer {
     fn status(&self) -> Option<u16> {
         match self {
-            Answer::Dropped => None,
+            Answer::Dropped | Answer::Call(_) => None,
             Answer::Status(s, _) => Some(*s),
         }
     }
     fn msg(&self) -> &SipMessage {
         match self {
             Answer::Status(_, m) => m,
-            Answer::Dropped => panic!("no response"),
+            Answer::Dropped | Answer::Call(_) => panic!("no response"),
         }
     }
 }
@@ -117,6 +119,7 @@ impl Harness {
         match self.handler.handle(inbound, &self.state, self.now_ms) {
             Outcome::Drop => Answer::Dropped,
             Outcome::Reply { status, bytes, .. } => Answer::Status(status, Box::new(parse(&bytes))),
+            Outcome::Call { caller } => Answer::Call(caller),
             Outcome::Commit { command, pending } => {
                 let resp = self.state.apply(*command);
                 let (status, bytes) = self.handler.finish_register(pending, resp, self.now_ms);
@@ -715,4 +718,35 @@ fn foreign_domain_is_not_served() {
     let mut h = Harness::new("pbx.test", HandlerConfig::default());
     let r = register("alice", "elsewhere.example", "d1", 1, &["<sip:a@1>"], None);
     assert_eq!(h.send(&r).status(), Some(404));
+}
+
+fn invite(from: &str, to: &str, max_forwards: u32) -> Vec<u8> {
+    format!(
+        "INVITE sip:{to}@pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKinv{max_forwards}\r\n\
+         Max-Forwards: {max_forwards}\r\nFrom: <sip:{from}@pbx.test>;tag=f\r\nTo: <sip:{to}@pbx.test>\r\n\
+         Call-ID: inv-{from}\r\nCSeq: 1 INVITE\r\nContact: <sip:{from}@192.0.2.1>\r\nContent-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[test]
+fn an_invite_is_challenged_then_handed_to_the_call_layer_as_its_caller() {
+    let mut h = Harness::new("pbx.test", HandlerConfig::default());
+    h.add_user("alice", "pw");
+    h.add_user("bob", "pw2");
+    let r = invite("alice", "bob", 70);
+    let first = h.send(&r);
+    assert_eq!(first.status(), Some(407));
+    assert!(first.msg().header(&HeaderName::ProxyAuthenticate).is_some());
+    match h.send_authenticated(&r, "alice", "pw") {
+        Answer::Call(caller) => assert_eq!(caller, "alice"),
+        other => panic!("expected a call, got {:?}", other.status()),
+    }
+    assert_eq!(
+        h.send_authenticated(&r, "alice", "wrong").status(),
+        Some(403)
+    );
+    // Someone else's credentials for alice's From: refused.
+    assert_eq!(h.send_authenticated(&r, "bob", "pw2").status(), Some(403));
+    assert_eq!(h.send(&invite("alice", "bob", 0)).status(), Some(483));
 }
