@@ -411,3 +411,92 @@ fn rtp_is_relayed_both_ways_and_echo_returns_what_was_sent() {
         "{line}"
     );
 }
+
+/// baresip's configuration: SIP over TCP through `outbound` (the node holding its
+/// connection), auto-answer, a sine tone as its microphone, loopback only.
+fn baresip_config(dir: &Path, ip: &str, port: u16, user: usize, outbound: SocketAddr) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("config"),
+        format!(
+            "sip_listen {ip}:{port}\nnet_interface {ip}\nmodule_path /usr/lib/baresip/modules\n\
+             module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule_app account.so\nmodule_app menu.so\n\
+             audio_player aufile,{}\naudio_source ausine,440\nausrc_srate 48000\nauplay_srate 48000\n\
+             ausrc_channels 2\nauplay_channels 2\nrtp_timeout 0\n",
+            dir.join("heard.wav").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("accounts"),
+        format!(
+            "<sip:{}@pbx.test;transport=tcp>;auth_pass={};outbound=\"sip:{outbound};transport=tcp\";regint=600;answermode=auto;audio_codecs=PCMU\n",
+            Users::name(user),
+            Users::password(user)
+        ),
+    )
+    .unwrap();
+}
+
+/// Kills baresip when the test ends, however it ends.
+struct Baresip(std::process::Child);
+
+impl Drop for Baresip {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_tcp_callee_is_reached_through_the_node_holding_its_connection() {
+    require_tool("baresip", "baresip-core");
+    let users = Users { count: 3 };
+    let c = LocalCluster::up(43, 3, &users, MD5_ONLY).unwrap();
+    let p = Phones::new(&c);
+    let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
+    // u2 is a softphone on TCP, registered (connected) through node 2 only.
+    let dir = c.dir.path().join("baresip");
+    let ip = c.client_ip(50);
+    baresip_config(&dir, &ip, free_udp_port(&ip), 2, c.node_addr(2));
+    let log = std::fs::File::create(dir.join("out.log")).unwrap();
+    let _phone = Baresip(
+        std::process::Command::new("baresip")
+            .arg("-f")
+            .arg(&dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("u2 registered over TCP", Duration::from_secs(15), || {
+        c.status(1)
+            .filter(|s| s.get("bindings").map(String::as_str) == Some("1"))
+            .map(|_| ())
+    })
+    .unwrap();
+    // Called through node 1: the INVITE and the rest of the dialog go over node 2's
+    // connection (Relay RPC), the media through node 1's relay.
+    let uac = p.call("uac_call.xml", 1, 1, &Users::name(2), nowhere, 2000);
+    ok(uac.wait().unwrap(), "u1 -> TCP u2 via node 1");
+    assert!(c.log(1).contains("u000002 answered"), "{}", c.log(1));
+    let phone_log = std::fs::read_to_string(dir.join("out.log")).unwrap_or_default();
+    assert!(phone_log.contains("Call established"), "{phone_log}");
+    let line = wait_for("the stream's counters", Duration::from_secs(10), || {
+        c.log(1)
+            .lines()
+            .find(|l| l.contains("media stream closed"))
+            .map(str::to_string)
+    })
+    .unwrap();
+    let b_packets: u64 = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("b_packets="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        b_packets >= 50,
+        "the softphone's RTP reached the relay: {line}"
+    );
+}

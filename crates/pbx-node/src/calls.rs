@@ -141,13 +141,14 @@ impl pbx_b2bua::Destination for Dest {
     fn transport(&self) -> Transport {
         match self {
             Dest::Udp(_) => Transport::Udp,
-            Dest::Tcp(..) => Transport::Tcp,
+            Dest::Tcp(..) | Dest::Peer(..) => Transport::Tcp,
         }
     }
 
     fn describe(&self) -> String {
         match self {
             Dest::Udp(a) | Dest::Tcp(_, a) => a.to_string(),
+            Dest::Peer(node, a) => format!("{a} via node {node}"),
         }
     }
 }
@@ -458,12 +459,8 @@ fn resolve(shared: &Arc<Shared>, targets: &[DialTarget]) -> (Vec<Contact<Dest>>,
                     let dest = match b.transport {
                         Transport::Udp => Dest::Udp(addr),
                         _ if b.node_id == shared.node_id => Dest::Tcp(0, addr),
-                        _ => {
-                            // The connection lives on its home node; relaying through
-                            // it needs the peer link's Relay RPC.
-                            tracing::warn!(%user, home = b.node_id, "TCP contact held by another node: not reachable from here");
-                            continue;
-                        }
+                        // Only the home node holds the phone's connection.
+                        _ => Dest::Peer(b.node_id, addr),
                     };
                     contacts.push(Contact {
                         uri: b.uri.clone(),

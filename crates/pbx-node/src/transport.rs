@@ -33,6 +33,18 @@ pub(crate) enum Dest {
     Udp(SocketAddr),
     /// A connection by id, and the peer address to reconnect to if it is gone.
     Tcp(u64, SocketAddr),
+    /// A phone whose connection another node holds: through that node's Relay RPC.
+    Peer(u64, SocketAddr),
+}
+
+/// How a message reached this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Link {
+    Udp,
+    /// On one of our connections.
+    Conn(u64),
+    /// Relayed by another node from a phone whose connection it holds.
+    Peer(u64),
 }
 
 pub(crate) struct Shared {
@@ -54,6 +66,49 @@ pub(crate) struct Shared {
     max_conns: usize,
     /// Retry-After on a 503 for a write that could not be committed.
     pub(crate) retry_after: u32,
+    /// Calls run by other nodes with phones connected here: Call-ID -> (node, last
+    /// use). The phones' messages of those calls are relayed to that node.
+    relayed: Mutex<HashMap<String, (u64, Instant)>>,
+}
+
+/// How long a relayed call is remembered without traffic (a long call with no
+/// re-INVITE or refresh keeps working for that long).
+const RELAYED_CALL_IDLE: Duration = Duration::from_secs(12 * 3600);
+
+/// The node's side of the Relay RPC.
+struct TransportRelay(std::sync::Weak<Shared>);
+
+impl pbx_raft::SipRelay for TransportRelay {
+    fn deliver(
+        &self,
+        from_node: u64,
+        phone: SocketAddr,
+        message: Vec<u8>,
+        from_phone: bool,
+    ) -> bool {
+        let Some(shared) = self.0.upgrade() else {
+            return false;
+        };
+        tracing::debug!(from_node, %phone, from_phone, len = message.len(), "relayed message");
+        if from_phone {
+            on_bytes(&shared, &message, phone, Link::Peer(from_node));
+            return true;
+        }
+        let tx = {
+            let Some(id) = lock(&shared.conn_by_peer).get(&phone).copied() else {
+                return false;
+            };
+            lock(&shared.conns).get(&id).cloned()
+        };
+        let Some(tx) = tx else { return false };
+        // The phone answers on this connection: its messages of this call go back.
+        if let Ok(msg) = parse_stream_message(&message, &shared.limits) {
+            if let Some(call_id) = msg.header(&pbx_sip_msg::HeaderName::CallId) {
+                lock(&shared.relayed).insert(call_id.to_string(), (from_node, Instant::now()));
+            }
+        }
+        tx.try_send(Bytes::from(message)).is_ok()
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -125,7 +180,11 @@ pub(crate) fn serve(
         tcp_idle: Duration::from_secs(config.transport.tcp_idle_timeout),
         max_conns: config.transport.max_tcp_connections,
         retry_after: config.cluster.retry_after,
+        relayed: Mutex::new(HashMap::new()),
     });
+    shared
+        .state
+        .set_sip_relay(Arc::new(TransportRelay(Arc::downgrade(&shared))));
     let mut tasks = Vec::new();
     for _ in 0..config.transport.udp_workers {
         tasks.push(tokio::spawn(udp_worker(shared.clone())));
@@ -140,7 +199,7 @@ async fn udp_worker(shared: Arc<Shared>) {
     loop {
         match shared.udp.recv_from(&mut buf).await {
             Ok((n, src)) => {
-                on_bytes(&shared, &buf[..n], src, None);
+                on_bytes(&shared, &buf[..n], src, Link::Udp);
             }
             // ICMP port unreachable from an earlier send shows up here on Linux: ignore.
             Err(e) => tracing::trace!(error = %e, "udp recv"),
@@ -161,6 +220,20 @@ pub(crate) fn send(shared: &Arc<Shared>, dest: Dest, bytes: Bytes) {
             }
             Err(e) => tracing::debug!(%addr, error = %e, "udp send failed"),
         },
+        Dest::Peer(node, phone) => {
+            let cluster = shared.state.clone();
+            tokio::spawn(async move {
+                match cluster.relay(node, phone, bytes.to_vec(), false).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(node, %phone, "the phone's connection is gone from its node")
+                    }
+                    Err(e) => {
+                        tracing::warn!(node, %phone, error = %e, "cannot relay through the phone's node")
+                    }
+                }
+            });
+        }
         Dest::Tcp(id, peer) => {
             let tx = lock(&shared.conns).get(&id).cloned().or_else(|| {
                 let id = lock(&shared.conn_by_peer).get(&peer).copied()?;
@@ -192,29 +265,35 @@ pub(crate) fn send(shared: &Arc<Shared>, dest: Dest, bytes: Bytes) {
     }
 }
 
-fn reply_destination(source: SocketAddr, conn: Option<u64>) -> Dest {
-    match conn {
-        Some(id) => Dest::Tcp(id, source),
-        None => Dest::Udp(source),
+fn reply_destination(source: SocketAddr, link: Link) -> Dest {
+    match link {
+        Link::Conn(id) => Dest::Tcp(id, source),
+        Link::Peer(node) => Dest::Peer(node, source),
+        Link::Udp => Dest::Udp(source),
     }
 }
 
 /// Handles one message: a whole datagram, or one framed message of a stream. Returns
 /// false when a stream delivered something so broken it cannot be answered: the stream is
 /// out of step and the connection should be closed.
-fn on_bytes(shared: &Arc<Shared>, data: &[u8], source: SocketAddr, conn: Option<u64>) -> bool {
-    if conn.is_none() && data.iter().all(|b| b.is_ascii_whitespace()) {
+fn on_bytes(shared: &Arc<Shared>, data: &[u8], source: SocketAddr, link: Link) -> bool {
+    if link == Link::Udp && data.iter().all(|b| b.is_ascii_whitespace()) {
         return true; // UDP keep-alive (CRLF), nothing to answer
     }
-    let parsed = if conn.is_some() {
+    let parsed = if link != Link::Udp {
         parse_stream_message(data, &shared.limits)
     } else {
         parse_datagram(data, &shared.limits)
     };
     let msg = match parsed {
         Ok(m) => m,
-        Err(e) => return answer_unparseable(shared, &e, source, conn),
+        Err(e) => return answer_unparseable(shared, &e, source, link),
     };
+    if let Link::Conn(_) = link {
+        if relay_to_call_owner(shared, &msg, data, source) {
+            return true;
+        }
+    }
     if !msg.is_request() {
         // Responses belong to a call's client transactions, found by Call-ID.
         let routed = CoreHeaders::extract(&msg)
@@ -236,24 +315,51 @@ fn on_bytes(shared: &Arc<Shared>, data: &[u8], source: SocketAddr, conn: Option<
             let status = e.status().unwrap_or(400);
             if let Some(b) = reply_to_unparseable(&msg.headers, status, e.reason(), source, "pbxd")
             {
-                send(shared, reply_destination(source, conn), Bytes::from(b));
+                send(shared, reply_destination(source, link), Bytes::from(b));
             }
             return true;
         }
     };
     let span = tracing::debug_span!("sip", node = shared.node_id, call_id = %core.call_id);
     let _g = span.enter();
-    on_request(shared, msg, core, source, conn);
+    on_request(shared, msg, core, source, link);
+    true
+}
+
+/// A phone's message of a call another node runs: handed to that node.
+fn relay_to_call_owner(
+    shared: &Arc<Shared>,
+    msg: &SipMessage,
+    data: &[u8],
+    source: SocketAddr,
+) -> bool {
+    let Some(call_id) = msg.header(&pbx_sip_msg::HeaderName::CallId) else {
+        return false;
+    };
+    let node = {
+        let mut relayed = lock(&shared.relayed);
+        let Some(entry) = relayed.get_mut(call_id) else {
+            return false;
+        };
+        entry.1 = Instant::now();
+        entry.0
+    };
+    let cluster = shared.state.clone();
+    let bytes = data.to_vec();
+    tokio::spawn(async move {
+        match cluster.relay(node, source, bytes, true).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(node, %source, "call owner did not take the relayed message")
+            }
+            Err(e) => tracing::warn!(node, %source, error = %e, "cannot relay to the call's node"),
+        }
+    });
     true
 }
 
 /// Answers what can be answered; false when nothing could be (no Via to reply to).
-fn answer_unparseable(
-    shared: &Arc<Shared>,
-    e: &SipError,
-    source: SocketAddr,
-    conn: Option<u64>,
-) -> bool {
+fn answer_unparseable(shared: &Arc<Shared>, e: &SipError, source: SocketAddr, link: Link) -> bool {
     tracing::debug!(%source, error = %e, "unparseable message");
     let (
         Some(status),
@@ -270,7 +376,7 @@ fn answer_unparseable(
         .unwrap_or(&[]);
     match reply_to_unparseable(headers, status, reason, source, "pbxd") {
         Some(b) => {
-            send(shared, reply_destination(source, conn), Bytes::from(b));
+            send(shared, reply_destination(source, link), Bytes::from(b));
             true
         }
         None => false,
@@ -282,13 +388,13 @@ fn on_request(
     msg: SipMessage,
     core: CoreHeaders,
     source: SocketAddr,
-    conn: Option<u64>,
+    link: Link,
 ) {
-    let reliable = conn.is_some();
+    let reliable = link != Link::Udp;
     let method = msg.method().cloned().unwrap_or(Method::Ack);
-    let dest = match conn {
-        Some(id) => Dest::Tcp(id, source),
-        None => Dest::Udp(response_target(&core.vias[0], source, false)),
+    let dest = match link {
+        Link::Udp => Dest::Udp(response_target(&core.vias[0], source, false)),
+        other => reply_destination(source, other),
     };
     let key = TransactionKey::for_request(&method, msg.request_uri().unwrap_or(""), &core);
     let now = Instant::now();
@@ -387,8 +493,14 @@ fn on_request(
 
 async fn timer_task(shared: Arc<Shared>) {
     let mut events = Vec::new();
+    let mut pruned = Instant::now();
     loop {
         let now = Instant::now();
+        if now.duration_since(pruned) > Duration::from_secs(60) {
+            pruned = now;
+            lock(&shared.relayed)
+                .retain(|_, (_, used)| now.duration_since(*used) < RELAYED_CALL_IDLE);
+        }
         // J/L timers are long; a one-second cap keeps the table tidy without being woken
         // by every response. INVITE responses wake us for Timer G.
         let deadline = lock(&shared.table)
@@ -478,7 +590,7 @@ fn start_connection(
                     }
                     Ok(StreamFrame::Message(n)) => {
                         let msg = buf.split_to(n);
-                        if !on_bytes(&shared, &msg, peer, Some(id)) {
+                        if !on_bytes(&shared, &msg, peer, Link::Conn(id)) {
                             tracing::debug!(%peer, "unanswerable message on a stream: closing");
                             break 'conn;
                         }

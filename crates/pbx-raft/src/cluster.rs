@@ -128,6 +128,21 @@ pub(crate) struct Shared {
     /// yet: it may be a wiped member, so it grants no vote to a candidate of a formed
     /// cluster (see [`Shared::may_vote`]).
     started_empty: AtomicBool,
+    /// Where relayed SIP messages go (the node's transport), once it is running.
+    pub(crate) sip_relay: std::sync::OnceLock<Arc<dyn SipRelay>>,
+}
+
+/// The node's side of the peer link's `Relay` RPC: SIP messages for phones whose
+/// connection this node holds, and their messages back to the node running the call.
+pub trait SipRelay: Send + Sync {
+    /// Returns whether the message could be handed on (false: no such connection).
+    fn deliver(
+        &self,
+        from_node: NodeId,
+        phone: SocketAddr,
+        message: Vec<u8>,
+        from_phone: bool,
+    ) -> bool;
 }
 
 fn role(state: ServerState) -> &'static str {
@@ -433,6 +448,7 @@ impl Cluster {
             stats: Arc::new(CommitStats::default()),
             ready: AtomicBool::new(false),
             started_empty: AtomicBool::new(!has_state),
+            sip_relay: std::sync::OnceLock::new(),
         });
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -511,6 +527,43 @@ impl Cluster {
 
     pub fn status(&self) -> NodeStatus {
         self.shared.status()
+    }
+
+    /// Installs the receiver of relayed SIP messages (once).
+    pub fn set_sip_relay(&self, relay: Arc<dyn SipRelay>) {
+        let _ = self.shared.sip_relay.set(relay);
+    }
+
+    /// Sends a SIP message to a phone through `node`, which holds its connection (or,
+    /// `from_phone`, a phone's message to the node running its call). Ok(false): the
+    /// node has no such connection.
+    pub async fn relay(
+        &self,
+        node: NodeId,
+        phone: SocketAddr,
+        message: Vec<u8>,
+        from_phone: bool,
+    ) -> Result<bool, RaftError> {
+        let addr = {
+            let m = self.shared.metrics();
+            m.membership_config
+                .membership()
+                .get_node(&node)
+                .map(|n| n.peer_addr.clone())
+        }
+        .ok_or_else(|| RaftError::Transport(format!("node {node} is not a member")))?;
+        let mut client = self.shared.pool.client(node, &addr)?;
+        let mut req = tonic::Request::new(crate::proto::RelayRequest {
+            phone: phone.to_string(),
+            message,
+            from_phone,
+        });
+        req.set_timeout(Duration::from_secs(2));
+        let reply = client
+            .relay(req)
+            .await
+            .map_err(|s| RaftError::Transport(format!("relay via node {node}: {}", s.message())))?;
+        Ok(reply.into_inner().delivered)
     }
 
     /// Marks the node's start-up writes as done (see [`NodeStatus::ready`]).

@@ -22,7 +22,7 @@ pub mod service;
 mod stats;
 pub mod store;
 
-pub use cluster::{Cluster, ClusterConfig, NodeStatus, StateGuard};
+pub use cluster::{Cluster, ClusterConfig, NodeStatus, SipRelay, StateGuard};
 pub use stats::{CommitReport, CommitStats};
 
 /// Generated from `proto/pbx/cluster/v1/peer.proto`.
@@ -32,8 +32,9 @@ pub mod proto {
 }
 
 /// Version of the peer-link protocol: the proto messages and the bincode shape of the
-/// openraft types inside them. Nodes refuse peers that speak another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// openraft types and state commands inside them. Nodes refuse peers that speak another
+/// version. 2: call records in the commands, the Relay RPC.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 pub type NodeId = u64;
 

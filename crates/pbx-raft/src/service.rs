@@ -14,7 +14,7 @@ use crate::proto::forward_reply::Result as ForwardResult;
 use crate::proto::peer_link_server::{PeerLink, PeerLinkServer};
 use crate::proto::{
     ForwardReply, ForwardRequest, HandshakeReply, HandshakeRequest, NotLeader, RaftPayload,
-    StatusReply, StatusRequest,
+    RelayReply, RelayRequest, StatusReply, StatusRequest,
 };
 use crate::PROTOCOL_VERSION;
 
@@ -196,6 +196,26 @@ impl PeerLink for PeerService {
         Ok(Response::new(ForwardReply {
             result: Some(result),
         }))
+    }
+
+    async fn relay(&self, request: Request<RelayRequest>) -> Result<Response<RelayReply>, Status> {
+        self.check.request(&request)?;
+        let from_node = request
+            .metadata()
+            .get(MD_NODE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<crate::NodeId>().ok())
+            .ok_or_else(|| Status::invalid_argument("no sender node id"))?;
+        let r = request.into_inner();
+        let phone = r
+            .phone
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("phone address {:?}", r.phone)))?;
+        let delivered = match self.shared.sip_relay.get() {
+            Some(h) => h.deliver(from_node, phone, r.message, r.from_phone),
+            None => false,
+        };
+        Ok(Response::new(RelayReply { delivered }))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
