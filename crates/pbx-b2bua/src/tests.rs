@@ -489,8 +489,8 @@ fn echo_test_answers_itself_plays_then_echoes() {
     assert_eq!(Harness::sent(&out, ALICE)[0].0, Method::Bye);
 }
 
-#[test]
-fn reinvite_is_relayed_with_sdp_anchored_both_ways() {
+/// alice calls bob, bob1 answers: the harness and the node's tag in alice's dialog.
+fn bridged_with_bob1() -> (Harness, String) {
     let mut h = Harness::start("bob", SDP_A);
     h.take();
     h.resolve(&[BOB1]);
@@ -498,6 +498,12 @@ fn reinvite_is_relayed_with_sdp_anchored_both_ways() {
     h.response(&response_to(&inv[0].1, 200, "b1", BOB1, SDP_B));
     let (_, ok) = final_to_a(&h.take()).unwrap();
     let tag = to_tag_of(&ok);
+    (h, tag)
+}
+
+#[test]
+fn reinvite_is_relayed_with_sdp_anchored_both_ways() {
+    let (mut h, tag) = bridged_with_bob1();
     h.request(
         &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
         ALICE,
@@ -583,4 +589,38 @@ fn in_dialog_requests_with_a_wrong_tag_or_old_cseq_are_refused() {
         ALICE,
     );
     assert_eq!(Harness::responses(&h.take()), vec![200]);
+}
+
+#[test]
+fn info_is_relayed_to_the_bridged_leg_and_its_answer_comes_back() {
+    let (mut h, tag) = bridged_with_bob1();
+    let info = String::from_utf8(in_dialog("INFO", 2, &alice_headers(&tag), "a-call", ""))
+        .unwrap()
+        .replace(
+            "Content-Length: 0\r\n\r\n",
+            "Content-Type: application/dtmf-relay\r\nContent-Length: 24\r\n\r\nSignal=5\r\nDuration=160\r\n",
+        );
+    h.request(info.as_bytes(), ALICE);
+    let out = h.take();
+    assert!(
+        Harness::responses(&out).is_empty(),
+        "answered when bob answers"
+    );
+    let relayed = Harness::sent(&out, BOB1);
+    assert_eq!(relayed[0].0, Method::Info);
+    let (m, c) = parse(&relayed[0].1);
+    assert_eq!(
+        m.header(&HeaderName::ContentType),
+        Some("application/dtmf-relay")
+    );
+    assert_eq!(&m.body[..], b"Signal=5\r\nDuration=160\r\n");
+    assert_eq!(c.to.tag(), Some("b1"));
+    h.response(&response_to(&relayed[0].1, 200, "b1", BOB1, ""));
+    let out = h.take();
+    assert_eq!(Harness::responses(&out), vec![200]);
+    let (status, resp) = final_to_a(&out).unwrap();
+    assert_eq!(status, 200);
+    let (_, rc) = parse(&resp);
+    assert_eq!(rc.cseq.method, Method::Info);
+    assert_eq!(rc.cseq.seq, 2);
 }
