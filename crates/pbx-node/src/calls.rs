@@ -13,6 +13,7 @@ use pbx_b2bua::{Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Out
 use pbx_dialplan::{CallerId, DialTarget, Dialplan, Execution, LogLevel};
 use pbx_media::{MediaConfig, MediaEvent, MediaRelay, Stream};
 use pbx_media_core::Mode;
+use pbx_raft::Cluster;
 use pbx_registrar::{Inbound, ReplyHead};
 use pbx_sdp::Sdp;
 use pbx_sip_core::{Timers, TransactionKey};
@@ -54,10 +55,16 @@ pub(crate) struct CallLayer {
     /// The compiled dialplan of the version last used.
     plan: Mutex<Option<(u64, Arc<Dialplan>)>>,
     seed: AtomicU64,
+    /// Call records on their way to the replicated state ([`record_writer`]).
+    records: mpsc::UnboundedSender<Command>,
 }
 
 impl CallLayer {
-    pub(crate) fn new(config: &Config, sip_addr: SocketAddr) -> Result<CallLayer, NodeError> {
+    pub(crate) fn new(
+        config: &Config,
+        sip_addr: SocketAddr,
+        cluster: Cluster,
+    ) -> Result<CallLayer, NodeError> {
         let c = &config.calls;
         let relay = if c.relay_media {
             let relay = MediaRelay::new(MediaConfig {
@@ -75,7 +82,10 @@ impl CallLayer {
         } else {
             None
         };
+        let (records, rx) = mpsc::unbounded_channel();
+        tokio::spawn(record_writer(cluster, rx));
         Ok(CallLayer {
+            records,
             node_id: config.node.id,
             server_name: config.handler_config(Vec::new()).server_name,
             relay,
@@ -403,7 +413,9 @@ fn carry_out(
             LogLevel::Notice | LogLevel::Verbose => tracing::info!(call = call.id(), "{message}"),
             LogLevel::Debug => tracing::debug!(call = call.id(), "{message}"),
         },
-        Output::Record(record) => propose(shared, Command::CallAnswered(*record)),
+        Output::Record(record) => {
+            let _ = shared.calls.records.send(Command::CallAnswered(*record));
+        }
         Output::Ended { cause, answered } => {
             tracing::info!(call = call.id(), cause, answered, "call ended");
             if *active {
@@ -413,25 +425,67 @@ fn carry_out(
             // Dropping the streams stops the relay and frees the ports.
             streams.clear();
             if answered {
-                propose(
-                    shared,
-                    Command::CallEnded {
-                        id: call.id().to_string(),
-                    },
-                );
+                let _ = shared.calls.records.send(Command::CallEnded {
+                    id: call.id().to_string(),
+                });
             }
         }
     }
 }
 
-/// Replicates a call record in the background: a call never waits for Raft.
-fn propose(shared: &Arc<Shared>, cmd: Command) {
-    let state = shared.state.clone();
-    tokio::spawn(async move {
-        if let Err(e) = state.propose(cmd).await {
-            tracing::debug!(error = %e, "call record not replicated");
+/// Most time call records wait to be batched into one Raft entry.
+const RECORD_BATCH_WINDOW: Duration = Duration::from_millis(50);
+const RECORD_BATCH_MAX: usize = 2000;
+
+/// Replicates call records in the background, batched: at most one Raft entry per
+/// [`RECORD_BATCH_WINDOW`] (plus the ones queued while a batch commits), and a call that
+/// ended before its record left the node never reaches the log. A call never waits for
+/// Raft; a batch that cannot be committed is retried, then dropped with a warning (the
+/// records are the list of calls, not the calls: a stale one goes when its owner
+/// restarts).
+async fn record_writer(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Command>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch: Vec<Option<Command>> = Vec::new();
+        let mut answered: HashMap<String, usize> = HashMap::new();
+        let mut add = |cmd: Command, batch: &mut Vec<Option<Command>>| match cmd {
+            Command::CallEnded { id } => match answered.remove(&id) {
+                Some(i) => batch[i] = None,
+                None => batch.push(Some(Command::CallEnded { id })),
+            },
+            Command::CallAnswered(r) => {
+                answered.insert(r.id.clone(), batch.len());
+                batch.push(Some(Command::CallAnswered(r)));
+            }
+            other => batch.push(Some(other)),
+        };
+        add(first, &mut batch);
+        let window = tokio::time::sleep(RECORD_BATCH_WINDOW);
+        tokio::pin!(window);
+        while batch.len() < RECORD_BATCH_MAX {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(c) => add(c, &mut batch),
+                    None => break,
+                },
+                _ = &mut window => break,
+            }
         }
-    });
+        let batch: Vec<Command> = batch.into_iter().flatten().collect();
+        if batch.is_empty() {
+            continue;
+        }
+        let n = batch.len();
+        for attempt in 1..=5 {
+            match cluster.propose(Command::Batch(batch.clone())).await {
+                Ok(_) => break,
+                Err(e) if attempt < 5 => {
+                    tracing::debug!(error = %e, attempt, "call records not committed yet");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => tracing::warn!(error = %e, records = n, "call records dropped"),
+            }
+        }
+    }
 }
 
 /// The contacts of the Dial targets, and the status when there are none (404: no such

@@ -77,7 +77,7 @@ impl Node {
         let mut local_hosts = vec![sip_addr.ip().to_string(), sip_addr.to_string()];
         local_hosts.extend(config.node.aliases.iter().cloned());
         let handler = Arc::new(RequestHandler::new(config.handler_config(local_hosts))?);
-        let calls = calls::CallLayer::new(&config, sip_addr)?;
+        let calls = calls::CallLayer::new(&config, sip_addr, cluster.clone())?;
         let mut tasks = transport::serve(udp, tcp, handler, cluster.clone(), calls, &config);
         tasks.push(tokio::spawn(bootstrap(
             config.clone(),
