@@ -85,9 +85,22 @@ impl<'a> Phones<'a> {
         .unwrap()
     }
 
-    /// A SIPp callee on `ip:port` running `scenario` once.
+    /// A SIPp callee on `ip:port` running `scenario` once; its answer names `media`
+    /// (the discard port unless the test looks at media).
     fn callee(&self, scenario: &str, ip: &str, port: u16, extra: &[&str]) -> RunningSipp {
-        let inf = self.file("uas.csv", "SEQUENTIAL\nx\n");
+        self.callee_with_media(scenario, ip, port, &format!("{ip}:9"), extra)
+    }
+
+    fn callee_with_media(
+        &self,
+        scenario: &str,
+        ip: &str,
+        port: u16,
+        media: &str,
+        extra: &[&str],
+    ) -> RunningSipp {
+        let (mip, mport) = media.rsplit_once(':').expect("ip:port");
+        let inf = self.file("uas.csv", &format!("SEQUENTIAL\n{mip};{mport}\n"));
         let port = port.to_string();
         let mut args = vec!["-p", port.as_str()];
         args.extend_from_slice(extra);
@@ -366,10 +379,11 @@ fn rtp_is_relayed_both_ways_and_echo_returns_what_was_sent() {
     let bob_port = free_udp_port(&bob_ip);
     let bob_media = free_udp_port(&bob_ip).to_string();
     p.register(2, 2, &bob_ip, bob_port);
-    let uas = p.callee(
+    let uas = p.callee_with_media(
         "uas_answer.xml",
         &bob_ip,
         bob_port,
+        &format!("{bob_ip}:{bob_media}"),
         &["-mi", &bob_ip, "-mp", &bob_media, "-rtp_echo"],
     );
     let phone = UdpSocket::bind((c.client_ip(53).as_str(), 0)).unwrap();

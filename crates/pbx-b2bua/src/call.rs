@@ -349,6 +349,14 @@ impl<D: Destination> Call<D> {
             })
     }
 
+    /// The call is over and nothing more is expected from the caller's side: its Call-ID
+    /// may start a new call (a phone retrying with the same Call-ID).
+    pub fn caller_done(&self) -> bool {
+        self.phase == Phase::Ended
+            && self.a.dialog.retransmit.is_none()
+            && !self.pending.iter().any(|p| p.leg == LegRef::A)
+    }
+
     pub fn is_ended(&self) -> bool {
         self.phase == Phase::Ended
     }

@@ -382,6 +382,10 @@ fn busy_callee_sets_dialstatus_and_the_plan_answers_486() {
             answered: false
         }
     )));
+    assert!(
+        h.call.caller_done(),
+        "a phone retrying with the same Call-ID starts a new call"
+    );
 }
 
 #[test]

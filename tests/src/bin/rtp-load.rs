@@ -2,7 +2,11 @@
 //! the call's relay port (the caller's side) and counts what comes back through the
 //! relay from the callee's RTP echo.
 //!
-//!   rtp-load --relay IP --ports FILE --local-ip IP --seconds S
+//!   rtp-load --relay IP --ports FILE --local-ip IP --seconds S [--echo IP:PORT]
+//!
+//! `--echo`: also be the callee's RTP endpoint (the address its answer names): every
+//! packet goes back where it came from, from one socket with a large buffer on a thread
+//! of its own.
 //!
 //! FILE holds one relay port per call, or SIPp `-trace_logs` lines
 //! `answered USER relay PORT`. Prints: streams, sent, received, lost %.
@@ -42,6 +46,24 @@ fn main() -> anyhow::Result<()> {
         .collect();
     if ports.is_empty() {
         bail!("no relay ports");
+    }
+    if let Ok(addr) = get("--echo") {
+        let addr: SocketAddr = addr.parse()?;
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        let _ = sock.set_recv_buffer_size(8 << 20);
+        let _ = sock.set_send_buffer_size(8 << 20);
+        sock.bind(&addr.into())?;
+        let sock: std::net::UdpSocket = sock.into();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        });
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
