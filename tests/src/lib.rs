@@ -228,6 +228,34 @@ impl LocalCluster {
     }
 
     /// Node n's peer-link address.
+    /// The admin API of node n.
+    pub fn admin_addr(&self, n: usize) -> String {
+        format!("{}.{}:7002", self.prefix, 10 + n)
+    }
+
+    /// Runs pbxctl against the admin API of the given nodes (tried in turn) with the
+    /// cluster's token; returns (exit code, stdout + stderr).
+    pub fn admin(&self, nodes: &[usize], args: &[&str]) -> anyhow::Result<(i32, String)> {
+        let token = std::fs::read_to_string(self.run_dir().join("admin.token"))?;
+        let mut cmd = Command::new(bin("pbxctl"));
+        for n in nodes {
+            cmd.args(["--endpoint", &self.admin_addr(*n)]);
+        }
+        let out = cmd
+            .args(args)
+            .env("PBX_ADMIN_TOKEN", token.trim())
+            .output()
+            .context("running pbxctl")?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    }
+
     pub fn peer_addr(&self, n: usize) -> String {
         format!("{}.{}:7001", self.prefix, 10 + n)
     }

@@ -514,3 +514,60 @@ fn a_tcp_callee_is_reached_through_the_node_holding_its_connection() {
         "the softphone's RTP reached the relay: {line}"
     );
 }
+
+#[test]
+fn a_new_dialplan_routes_calls_on_every_node_and_a_bad_one_changes_nothing() {
+    let users = Users { count: 3 };
+    let c = LocalCluster::up(44, 3, &users, MD5_ONLY).unwrap();
+    let p = Phones::new(&c);
+    let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
+    // The demo plan: 800 is taken for a user name, and there is no such user.
+    ok(
+        p.call(&p.expecting(404), 3, 1, "800", nowhere, 0)
+            .wait()
+            .unwrap(),
+        "800 before",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("extensions.conf");
+    std::fs::write(
+        &plan,
+        "[default]\nexten => 800,1,Answer()\n same => n,Echo()\ninclude => users\n\n[users]\nexten => _u.,1,Dial(SIP/${EXTEN},20)\n",
+    )
+    .unwrap();
+    let (code, text) = c
+        .admin(&[1], &["dialplan", "apply", plan.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    wait_for(
+        "the new dialplan on every node",
+        Duration::from_secs(10),
+        || {
+            (1..=3)
+                .all(|n| c.status(n).and_then(|s| s.get("dialplan").cloned()) == Some("2".into()))
+                .then_some(())
+        },
+    )
+    .unwrap();
+    for node in [2, 3] {
+        ok(
+            p.call("uac_call.xml", node, 1, "800", nowhere, 200)
+                .wait()
+                .unwrap(),
+            "800 after, on another node",
+        );
+    }
+    // A broken one is refused; 800 keeps working.
+    std::fs::write(&plan, "[default]\nexten => 800,1,Answr()\n").unwrap();
+    let (code, text) = c
+        .admin(&[2], &["dialplan", "apply", plan.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("extensions.conf:2:"), "{text}");
+    ok(
+        p.call("uac_call.xml", 1, 2, "800", nowhere, 200)
+            .wait()
+            .unwrap(),
+        "800 after a refused change",
+    );
+}

@@ -26,6 +26,8 @@ pub struct Config {
     #[serde(default)]
     pub calls: CallsSection,
     #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
     pub storage: StorageSection,
     #[serde(default)]
     pub log: LogSection,
@@ -207,6 +209,17 @@ impl Default for TransportSection {
             udp_workers: 2,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Address of the admin API (gRPC); default: the SIP address's IP, port 7002 (port 0
+    /// when the SIP port is 0).
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token admin calls must carry (the `PBX_ADMIN_TOKEN`
+    /// environment variable overrides it). Without a token the admin API is not served.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -458,6 +471,43 @@ impl Config {
             };
             SocketAddr::new(self.node.sip_addr.ip(), port)
         })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.listen.unwrap_or_else(|| {
+            let port = if self.node.sip_addr.port() == 0 {
+                0
+            } else {
+                7002
+            };
+            SocketAddr::new(self.node.sip_addr.ip(), port)
+        })
+    }
+
+    /// The admin token: `PBX_ADMIN_TOKEN`, else the token file; `None`: no admin API.
+    /// A token shorter than 16 characters is refused.
+    pub fn admin_token(&self) -> Result<Option<String>, NodeError> {
+        let bad = |path: PathBuf, reason: String| NodeError::Config { path, reason };
+        let token = match std::env::var("PBX_ADMIN_TOKEN") {
+            Ok(t) if !t.is_empty() => t,
+            _ => match &self.admin.token_file {
+                None => return Ok(None),
+                Some(p) => {
+                    let path = self.resolve(p);
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| bad(path.clone(), format!("admin.token_file: {e}")))?
+                        .trim()
+                        .to_string()
+                }
+            },
+        };
+        if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad(
+                self.admin.token_file.clone().unwrap_or_default(),
+                "admin token: needs at least 16 printable characters".into(),
+            ));
+        }
+        Ok(Some(token))
     }
 
     /// The Raft side of this configuration.

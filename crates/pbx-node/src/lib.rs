@@ -2,6 +2,7 @@
 //! (Raft), the SIP transports and the request handler, wired together by
 //! [`Node::start`].
 
+mod admin;
 mod calls;
 pub mod config;
 mod transport;
@@ -47,6 +48,8 @@ pub enum NodeError {
 pub struct Node {
     pub sip_addr: SocketAddr,
     pub peer_addr: SocketAddr,
+    /// The admin API's address (None: no token configured, not served).
+    pub admin_addr: Option<SocketAddr>,
     pub cluster: Cluster,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -61,6 +64,7 @@ impl Node {
             Some(path) => config::load_dialplan(&config.resolve(path))?,
             None => pbx_dialplan::DEMO_DIALPLAN.to_string(),
         };
+        let admin_token = config.admin_token()?;
         let data_dir = config.resolve(&config.node.data_dir);
         let store = Arc::new(SledStore::open(
             &data_dir.join("state"),
@@ -89,10 +93,28 @@ impl Node {
             config.registrar.sweep_interval,
         )));
         tasks.push(tokio::spawn(commit_reporter(cluster.clone())));
+        let admin_addr = match admin_token {
+            Some(token) => {
+                let want = config.admin_addr();
+                let err = |source| NodeError::Bind { addr: want, source };
+                let listener = std::net::TcpListener::bind(want).map_err(err)?;
+                let addr = listener.local_addr().map_err(err)?;
+                tasks.push(admin::serve(listener, token, cluster.clone())?);
+                tracing::info!(%addr, "admin API (bearer token) listening");
+                Some(addr)
+            }
+            None => {
+                tracing::warn!(
+                    "no admin token (admin.token_file or PBX_ADMIN_TOKEN): admin API off"
+                );
+                None
+            }
+        };
         tracing::info!(node = config.node.id, %sip_addr, %peer_addr, domain = %config.cluster.domain, "serving SIP on UDP and TCP");
         Ok(Node {
             sip_addr,
             peer_addr,
+            admin_addr,
             cluster,
             tasks,
         })

@@ -1,5 +1,8 @@
-//! pbxctl: administration CLI. Until the gRPC AdminService exists it speaks SIP to a node:
-//! health probes and registration checks, the way monitoring does.
+//! pbxctl: administration CLI. The admin API (gRPC, bearer token) for the cluster's
+//! state; SIP for health probes and registration checks, the way monitoring does; the
+//! peer link's read-only status.
+
+mod admin;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::process::ExitCode;
@@ -19,9 +22,21 @@ use rand::Rng;
 #[command(
     name = "pbxctl",
     version,
-    about = "Administer and probe the PBX cluster"
+    about = "Administer and probe the PBX cluster",
+    after_help = "Admin API calls (cluster, dialplan show/validate/apply/history/rollback) need an \
+endpoint (--endpoint, repeatable, or PBX_ADMIN_ENDPOINT=a,b,c: tried in turn) and the token \
+(--token or PBX_ADMIN_TOKEN). Exit codes: 0 ok, 1 invalid input (nothing changed), 2 usage or \
+other error, 3 no endpoint reachable, 4 unauthorized, 5 no quorum (nothing changed), 6 not found."
 )]
 struct Cli {
+    /// Admin API address (host:port); give it several times to fall back on the next.
+    #[arg(long, global = true)]
+    endpoint: Vec<String>,
+    /// Admin bearer token (default: PBX_ADMIN_TOKEN).
+    #[arg(long, global = true)]
+    token: Option<String>,
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: admin::Output,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -67,10 +82,15 @@ enum Cmd {
         #[arg(long)]
         wait_ready: Option<f64>,
     },
-    /// Dialplan tools that need no cluster.
+    /// The dialplan: offline check, or the cluster's (admin API).
     Dialplan {
         #[command(subcommand)]
         command: DialplanCmd,
+    },
+    /// The cluster as the answering node sees it (admin API).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
     },
     /// Print the HA1 hashes of a credential (what the cluster stores instead of it).
     Ha1 {
@@ -82,9 +102,26 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum DialplanCmd {
-    /// Validate an extensions.conf the way the cluster will before committing it:
-    /// every error as FILE:LINE: reason. Exits 1 when it is invalid.
+    /// Validate an extensions.conf here, the way the cluster will before committing it:
+    /// every error as FILE:LINE: reason. Exits 1 when it is invalid. Needs no cluster.
     Check { file: std::path::PathBuf },
+    /// Print the dialplan in force.
+    Show,
+    /// Have the cluster validate a file (nothing is committed).
+    Validate { file: std::path::PathBuf },
+    /// Validate and commit a file on every node; refused with FILE:LINE: reason (exit 1)
+    /// when invalid, and the dialplan in force keeps working.
+    Apply { file: std::path::PathBuf },
+    /// The versions kept, oldest first.
+    History,
+    /// Commit an earlier version's text again, as a new version.
+    Rollback { version: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Members, roles, leader, term, indexes, counts.
+    Status,
 }
 
 fn main() -> ExitCode {
@@ -97,7 +134,84 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs an admin API call and maps its failure to an exit code.
+fn admin_call<'a, F>(
+    cli_target: &'a admin::Target,
+    f: impl FnOnce(&'a admin::Target) -> F,
+) -> anyhow::Result<ExitCode>
+where
+    F: std::future::Future<Output = Result<ExitCode, admin::Failure>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match rt.block_on(f(cli_target)) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("pbxctl: {}", e.message);
+            Ok(ExitCode::from(e.code))
+        }
+    }
+}
+
+fn admin_target(cli: &Cli) -> anyhow::Result<admin::Target> {
+    let mut endpoints = cli.endpoint.clone();
+    if endpoints.is_empty() {
+        endpoints = std::env::var("PBX_ADMIN_ENDPOINT")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+    }
+    if endpoints.is_empty() {
+        bail!("no admin endpoint: --endpoint HOST:PORT or PBX_ADMIN_ENDPOINT");
+    }
+    let token = match &cli.token {
+        Some(t) => t.clone(),
+        None => std::env::var("PBX_ADMIN_TOKEN")
+            .map_err(|_| anyhow!("no admin token: --token or PBX_ADMIN_TOKEN"))?,
+    };
+    Ok(admin::Target {
+        endpoints,
+        token,
+        output: cli.output,
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Cmd::Cluster {
+            command: ClusterCmd::Status,
+        } => admin_call(&admin_target(&cli)?, admin::cluster_status),
+        Cmd::Dialplan {
+            command: DialplanCmd::Show,
+        } => admin_call(&admin_target(&cli)?, admin::dialplan_show),
+        Cmd::Dialplan {
+            command: DialplanCmd::History,
+        } => admin_call(&admin_target(&cli)?, admin::dialplan_history),
+        Cmd::Dialplan {
+            command: DialplanCmd::Validate { file },
+        } => admin_call(&admin_target(&cli)?, |t| {
+            admin::dialplan_change(t, admin::DialplanChange::Validate(file))
+        }),
+        Cmd::Dialplan {
+            command: DialplanCmd::Apply { file },
+        } => admin_call(&admin_target(&cli)?, |t| {
+            admin::dialplan_change(t, admin::DialplanChange::Apply(file))
+        }),
+        Cmd::Dialplan {
+            command: DialplanCmd::Rollback { version },
+        } => admin_call(&admin_target(&cli)?, |t| {
+            admin::dialplan_change(t, admin::DialplanChange::Rollback(*version))
+        }),
+        _ => run_local(cli),
+    }
+}
+
+/// Commands that need no admin API.
+fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Status { peers, wait_ready } => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -221,6 +335,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ha1(Algorithm::Sha256, &user, &realm, &password)
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cluster { .. } | Cmd::Dialplan { .. } => {
+            unreachable!("admin API commands are run above")
         }
     }
 }

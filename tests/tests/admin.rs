@@ -1,0 +1,117 @@
+//! The admin API through `pbxctl`: bearer token, endpoint fallback, JSON output parsed
+//! back, exit codes, and dialplan changes that land on every node or on none.
+
+use std::time::Duration;
+
+use pbx_tests::{wait_for, LocalCluster, Users};
+
+#[test]
+fn admin_api_round_trips_with_token_fallback_and_exit_codes() {
+    let users = Users { count: 5 };
+    let c = LocalCluster::up(45, 3, &users, "").unwrap();
+
+    // A dead endpoint first: the next one answers; JSON parses back.
+    let dead = format!("{}.99:7002", c.prefix);
+    let token = std::fs::read_to_string(c.run_dir().join("admin.token")).unwrap();
+    let out = std::process::Command::new(pbx_tests::bin("pbxctl"))
+        .args(["--endpoint", &dead, "--endpoint", &c.admin_addr(2)])
+        .args(["cluster", "status", "--output", "json"])
+        .env("PBX_ADMIN_TOKEN", token.trim())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["node_id"], 2);
+    assert_eq!(v["members"].as_array().unwrap().len(), 3);
+    assert_eq!(v["users"], 5);
+
+    // Wrong token: 4, and nothing about the token in the node's log.
+    let out = std::process::Command::new(pbx_tests::bin("pbxctl"))
+        .args([
+            "--endpoint",
+            &c.admin_addr(1),
+            "--token",
+            "not-the-right-token-at-all",
+        ])
+        .args(["dialplan", "show"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !c.log(1).contains(token.trim()),
+        "the token never appears in logs"
+    );
+    // No endpoint answers: 3.
+    let out = std::process::Command::new(pbx_tests::bin("pbxctl"))
+        .args([
+            "--endpoint",
+            &dead,
+            "--token",
+            token.trim(),
+            "cluster",
+            "status",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+
+    // An invalid dialplan: refused with FILE:LINE, exit 1, version unchanged everywhere.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.conf");
+    std::fs::write(
+        &bad,
+        "[default]\nexten => 1,1,Answer()\n same => n,Frob()\n",
+    )
+    .unwrap();
+    let (code, text) = c
+        .admin(&[3], &["dialplan", "apply", bad.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("bad.conf:3: unknown application \"Frob\""),
+        "{text}"
+    );
+    let (_, shown) = c
+        .admin(&[1], &["dialplan", "show", "--output", "json"])
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["version"], 1);
+
+    // Applied through a follower: version 2 on all three nodes; history; rollback = 3.
+    let good = dir.path().join("good.conf");
+    std::fs::write(
+        &good,
+        "[default]\nexten => 600,1,Answer()\n same => n,Echo()\n",
+    )
+    .unwrap();
+    let (code, text) = c
+        .admin(&[3], &["dialplan", "apply", good.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("committed as version 2"), "{text}");
+    wait_for("dialplan 2 on every node", Duration::from_secs(10), || {
+        (1..=3)
+            .all(|n| c.status(n).and_then(|s| s.get("dialplan").cloned()) == Some("2".into()))
+            .then_some(())
+    })
+    .unwrap();
+    let (_, h) = c
+        .admin(&[2], &["dialplan", "history", "--output", "json"])
+        .unwrap();
+    let h: serde_json::Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(h.as_array().unwrap().len(), 2);
+    let (code, text) = c.admin(&[1], &["dialplan", "rollback", "1"]).unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("committed as version 3"), "{text}");
+    let (code, _) = c.admin(&[1], &["dialplan", "rollback", "42"]).unwrap();
+    assert_eq!(code, 6, "no such version: not found");
+}
