@@ -115,3 +115,103 @@ fn admin_api_round_trips_with_token_fallback_and_exit_codes() {
     let (code, _) = c.admin(&[1], &["dialplan", "rollback", "42"]).unwrap();
     assert_eq!(code, 6, "no such version: not found");
 }
+
+#[test]
+fn users_and_registrations_through_pbxctl() {
+    let users = Users { count: 2 };
+    let c = LocalCluster::up(46, 3, &users, "").unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        let (code, text) = c.admin(&[1, 2, 3], &a).unwrap();
+        assert_eq!(code, 0, "{args:?}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    };
+    let u = json(&[
+        "user",
+        "add",
+        "carol",
+        "--password",
+        "carol-secret",
+        "--context",
+        "sales",
+    ]);
+    assert_eq!(u["context"], "sales");
+    let (code, text) = c
+        .admin(&[2], &["user", "add", "carol", "--password", "x"])
+        .unwrap();
+    assert_eq!(code, 1, "already exists: {text}");
+    // carol registers with her new password through node 3.
+    let (ok, out) = pbx_tests::pbxctl(&[
+        "register",
+        &c.node_addr(3).to_string(),
+        "--user",
+        "carol",
+        "--password",
+        "carol-secret",
+    ])
+    .unwrap();
+    assert!(ok, "{out}");
+    let regs = json(&["registrations", "list", "--user", "carol"]);
+    assert_eq!(regs.as_array().unwrap().len(), 1);
+    assert_eq!(regs[0]["node_id"], 3);
+    assert_eq!(regs[0]["transport"], "UDP");
+    let gone = json(&["registrations", "remove", "carol"]);
+    assert_eq!(gone["removed"], 1);
+    assert!(json(&["registrations", "list", "--user", "carol"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // A new password: the old one is refused, the new one works.
+    json(&["user", "update", "carol", "--password", "carol-new-secret"]);
+    let (ok, _) = pbx_tests::pbxctl(&[
+        "register",
+        &c.node_addr(1).to_string(),
+        "--user",
+        "carol",
+        "--password",
+        "carol-secret",
+    ])
+    .unwrap();
+    assert!(!ok, "the old password is refused");
+
+    // Import: a malformed file changes nothing; a good one adds and updates.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "user,password\ndave,pw1\nerin\n").unwrap();
+    let (code, text) = c
+        .admin(&[1], &["user", "import", bad.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("bad.csv:3:"), "{text}");
+    let names = |v: serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(!names(json(&["user", "list"])).contains(&"dave".to_string()));
+    let good = dir.path().join("good.csv");
+    std::fs::write(
+        &good,
+        "user,password\ndave,pw-dave,default,Dave D\ncarol,pw-carol\n",
+    )
+    .unwrap();
+    let r = json(&["user", "import", good.to_str().unwrap()]);
+    assert_eq!(
+        (r["added"].as_u64(), r["updated"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let (_, export) = c.admin(&[2], &["user", "export"]).unwrap();
+    assert!(export.contains("dave,default,Dave D"), "{export}");
+    let r = json(&["user", "remove", "dave"]);
+    assert_eq!(r["removed"], "dave");
+    let (code, _) = c.admin(&[1], &["user", "remove", "dave"]).unwrap();
+    assert_eq!(code, 6, "unknown user: not found");
+    assert_eq!(
+        names(json(&["user", "list"])).len(),
+        3,
+        "u000001, u000002, carol"
+    );
+}

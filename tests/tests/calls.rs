@@ -186,6 +186,15 @@ fn calls_across_nodes_both_ways_and_with_the_callees_node_dead() {
         (calls_listed(&c, 3).as_deref() == Some("1")).then_some(())
     })
     .unwrap();
+    let (code, text) = c
+        .admin(&[3], &["calls", "list", "--output", "json"])
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    let list: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(list[0]["owner_node"], 1, "{text}");
+    assert_eq!(list[0]["caller"], "u000001");
+    assert_eq!(list[0]["callee"], "u000002");
+    assert_eq!(list[0]["leg_call_ids"].as_array().unwrap().len(), 2);
     ok(uac.wait().unwrap(), "u1 -> u2 via node 1");
     ok(uas.wait().unwrap(), "u2 answers");
     wait_for(

@@ -7,12 +7,16 @@ use std::sync::Arc;
 
 use pbx_admin_proto::admin_server::{Admin, AdminServer};
 use pbx_admin_proto::{
-    ClusterStatusReply, ClusterStatusRequest, DialplanHistoryReply, DialplanHistoryRequest,
-    DialplanRollbackRequest, DialplanShowRequest, DialplanText, DialplanVerdict, LineError, Member,
-    StoredDialplan,
+    Call, CallListReply, CallListRequest, ClusterStatusReply, ClusterStatusRequest,
+    DialplanHistoryReply, DialplanHistoryRequest, DialplanRollbackRequest, DialplanShowRequest,
+    DialplanText, DialplanVerdict, LineError, Member, Registration, RegistrationListReply,
+    RegistrationListRequest, RegistrationRemoveReply, RegistrationRemoveRequest, StoredDialplan,
+    User, UserAddRequest, UserListReply, UserListRequest, UserRemoveReply, UserRemoveRequest,
+    UserUpdateRequest,
 };
 use pbx_dialplan::{Dialplan, DialplanError};
 use pbx_raft::Cluster;
+use pbx_registrar::digest::{ha1, Algorithm};
 use pbx_state::{Command, Response};
 use tonic::{Request, Status};
 
@@ -21,6 +25,8 @@ use crate::NodeError;
 /// Why an admin call failed, before it becomes a `tonic::Status`.
 #[derive(Debug)]
 enum AdminError {
+    Invalid(String),
+    Exists(String),
     NotFound(String),
     /// No leader or no majority: nothing was changed.
     NoQuorum(String),
@@ -30,6 +36,8 @@ enum AdminError {
 impl From<AdminError> for Status {
     fn from(e: AdminError) -> Status {
         match e {
+            AdminError::Invalid(m) => Status::invalid_argument(m),
+            AdminError::Exists(m) => Status::already_exists(m),
             AdminError::NotFound(m) => Status::not_found(m),
             AdminError::NoQuorum(m) => {
                 Status::unavailable(format!("no quorum, nothing changed: {m}"))
@@ -139,7 +147,54 @@ fn verdict(source: &str) -> DialplanVerdict {
     }
 }
 
+/// A user name that is also a dialplan extension and a SIP user part.
+fn check_user_name(name: &str) -> Result<(), AdminError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::Invalid(format!(
+            "user name {name:?}: 1-64 of letters, digits, '.', '_', '-', '+'"
+        )))
+    }
+}
+
+fn check_context(context: &str) -> Result<(), AdminError> {
+    if context.is_empty() || context.contains(|c: char| c.is_whitespace() || c == ']') {
+        return Err(AdminError::Invalid(format!("context {context:?}")));
+    }
+    Ok(())
+}
+
+fn user_reply(u: &pbx_state::User) -> User {
+    User {
+        name: u.name.clone(),
+        context: u.context.clone(),
+        caller_id_name: u.caller_id_name.clone().unwrap_or_default(),
+    }
+}
+
 impl AdminService {
+    fn realm(&self) -> Result<String, AdminError> {
+        self.cluster
+            .read()
+            .settings
+            .as_ref()
+            .map(|s| s.realm.clone())
+            .ok_or_else(|| AdminError::NoQuorum("the cluster is not initialised yet".into()))
+    }
+
+    async fn propose(&self, cmd: Command) -> Result<Response, AdminError> {
+        self.cluster
+            .propose(cmd)
+            .await
+            .map_err(|e| AdminError::NoQuorum(e.to_string()))
+    }
+
     /// Validates, then commits a dialplan; an invalid one is answered with its errors
     /// and changes nothing.
     async fn commit_dialplan(&self, source: String) -> Result<DialplanVerdict, AdminError> {
@@ -148,10 +203,8 @@ impl AdminService {
             return Ok(v);
         }
         let resp = self
-            .cluster
             .propose(Command::SetDialplan { source, now_ms: 0 })
-            .await
-            .map_err(|e| AdminError::NoQuorum(e.to_string()))?;
+            .await?;
         match resp {
             Response::DialplanVersion(version) => {
                 tracing::info!(version, "dialplan committed through the admin API");
@@ -245,6 +298,134 @@ impl Admin for AdminService {
         Ok(tonic::Response::new(DialplanHistoryReply { dialplans }))
     }
 
+    async fn user_list(
+        &self,
+        _: Request<UserListRequest>,
+    ) -> Result<tonic::Response<UserListReply>, Status> {
+        let users = self.cluster.read().users.values().map(user_reply).collect();
+        Ok(tonic::Response::new(UserListReply { users }))
+    }
+
+    async fn user_add(
+        &self,
+        request: Request<UserAddRequest>,
+    ) -> Result<tonic::Response<User>, Status> {
+        let r = request.into_inner();
+        let u = self
+            .upsert_user(
+                r.name,
+                Some(r.password),
+                Some(r.context),
+                Some(r.caller_id_name),
+                false,
+            )
+            .await?;
+        Ok(tonic::Response::new(u))
+    }
+
+    async fn user_update(
+        &self,
+        request: Request<UserUpdateRequest>,
+    ) -> Result<tonic::Response<User>, Status> {
+        let r = request.into_inner();
+        let u = self
+            .upsert_user(r.name, r.password, r.context, r.caller_id_name, true)
+            .await?;
+        Ok(tonic::Response::new(u))
+    }
+
+    async fn user_remove(
+        &self,
+        request: Request<UserRemoveRequest>,
+    ) -> Result<tonic::Response<UserRemoveReply>, Status> {
+        let name = request.into_inner().name;
+        let registrations = self.cluster.read().bindings.get(&name).map_or(0, Vec::len) as u64;
+        match self
+            .propose(Command::RemoveUser { name: name.clone() })
+            .await?
+        {
+            Response::NoSuchUser => Err(AdminError::NotFound(format!("no user {name}")).into()),
+            _ => {
+                tracing::info!(user = %name, "user removed through the admin API");
+                Ok(tonic::Response::new(UserRemoveReply {
+                    registrations_removed: registrations,
+                }))
+            }
+        }
+    }
+
+    async fn registration_list(
+        &self,
+        request: Request<RegistrationListRequest>,
+    ) -> Result<tonic::Response<RegistrationListReply>, Status> {
+        let filter = request.into_inner().user;
+        let now_ms = crate::unix_ms();
+        let state = self.cluster.read();
+        let mut registrations = Vec::new();
+        let mut aors: Vec<&String> = state
+            .bindings
+            .keys()
+            .filter(|a| filter.is_empty() || **a == filter)
+            .collect();
+        aors.sort();
+        for aor in aors {
+            for b in state.bindings_of(aor, now_ms) {
+                registrations.push(Registration {
+                    user: aor.clone(),
+                    contact: b.uri.clone(),
+                    expires_in_secs: b.remaining_secs(now_ms),
+                    source: b.source.clone(),
+                    transport: b.transport.as_str().to_string(),
+                    node_id: b.node_id,
+                    user_agent: b.user_agent.clone().unwrap_or_default(),
+                });
+            }
+        }
+        Ok(tonic::Response::new(RegistrationListReply {
+            registrations,
+        }))
+    }
+
+    async fn registration_remove(
+        &self,
+        request: Request<RegistrationRemoveRequest>,
+    ) -> Result<tonic::Response<RegistrationRemoveReply>, Status> {
+        let r = request.into_inner();
+        if !self.cluster.read().users.contains_key(&r.user) {
+            return Err(AdminError::NotFound(format!("no user {}", r.user)).into());
+        }
+        let uri = (!r.contact.is_empty()).then_some(r.contact);
+        let removed = match self
+            .propose(Command::RemoveBindings { aor: r.user, uri })
+            .await?
+        {
+            Response::Swept(n) => n as u64,
+            _ => 0,
+        };
+        Ok(tonic::Response::new(RegistrationRemoveReply { removed }))
+    }
+
+    async fn call_list(
+        &self,
+        _: Request<CallListRequest>,
+    ) -> Result<tonic::Response<CallListReply>, Status> {
+        let calls = self
+            .cluster
+            .read()
+            .calls
+            .values()
+            .map(|c| Call {
+                id: c.id.clone(),
+                owner_node: c.owner,
+                caller: c.caller.clone(),
+                callee: c.callee.clone(),
+                answered_at_ms: c.answered_at_ms,
+                leg_call_ids: c.legs.iter().map(|l| l.call_id.clone()).collect(),
+            })
+            .collect();
+        Ok(tonic::Response::new(CallListReply { calls }))
+    }
+
     async fn dialplan_rollback(
         &self,
         request: Request<DialplanRollbackRequest>,
@@ -266,6 +447,56 @@ impl Admin for AdminService {
         };
         let v = self.commit_dialplan(source).await?;
         Ok(tonic::Response::new(v))
+    }
+}
+
+impl AdminService {
+    async fn upsert_user(
+        &self,
+        name: String,
+        password: Option<String>,
+        context: Option<String>,
+        caller_id_name: Option<String>,
+        must_exist: bool,
+    ) -> Result<User, AdminError> {
+        check_user_name(&name)?;
+        let realm = self.realm()?;
+        let existing = self.cluster.read().users.get(&name).cloned();
+        let mut user = match (existing, must_exist) {
+            (Some(_), false) => {
+                return Err(AdminError::Exists(format!("user {name} exists")));
+            }
+            (None, true) => return Err(AdminError::NotFound(format!("no user {name}"))),
+            (Some(u), true) => u,
+            (None, false) => pbx_state::User {
+                name: name.clone(),
+                ha1_md5: String::new(),
+                ha1_sha256: String::new(),
+                realm: realm.clone(),
+                context: "default".into(),
+                caller_id_name: None,
+            },
+        };
+        if let Some(p) = password {
+            if p.is_empty() {
+                return Err(AdminError::Invalid("empty password".into()));
+            }
+            user.ha1_md5 = ha1(Algorithm::Md5, &name, &realm, &p);
+            user.ha1_sha256 = ha1(Algorithm::Sha256, &name, &realm, &p);
+            user.realm = realm;
+        } else if !must_exist {
+            return Err(AdminError::Invalid("a new user needs a password".into()));
+        }
+        if let Some(c) = context.filter(|c| !c.is_empty()) {
+            check_context(&c)?;
+            user.context = c;
+        }
+        if let Some(n) = caller_id_name {
+            user.caller_id_name = (!n.is_empty()).then_some(n);
+        }
+        self.propose(Command::UpsertUser(user.clone())).await?;
+        tracing::info!(user = %name, "user written through the admin API");
+        Ok(user_reply(&user))
     }
 }
 

@@ -176,6 +176,11 @@ pub enum Command {
     CallsOfOwnerEnded {
         owner: u64,
     },
+    /// An administrator removes an AOR's bindings: all, or those with this contact URI.
+    RemoveBindings {
+        aor: String,
+        uri: Option<String>,
+    },
 }
 
 impl Command {
@@ -199,6 +204,7 @@ impl Command {
             | Command::CallAnswered(_)
             | Command::CallEnded { .. }
             | Command::CallsOfOwnerEnded { .. }
+            | Command::RemoveBindings { .. }
             | Command::UpsertUser(_)
             | Command::SeedUsers(_)
             | Command::RemoveUser { .. }
@@ -362,6 +368,21 @@ impl State {
             Command::CallEnded { id } => {
                 self.calls.remove(&id);
                 Response::Done
+            }
+            Command::RemoveBindings { aor, uri } => {
+                let Some(list) = self.bindings.get_mut(&aor) else {
+                    return Response::Swept(0);
+                };
+                let before = list.len();
+                match &uri {
+                    Some(u) => list.retain(|b| &b.uri != u),
+                    None => list.clear(),
+                }
+                let removed = before - list.len();
+                if list.is_empty() {
+                    self.bindings.remove(&aor);
+                }
+                Response::Swept(removed)
             }
             Command::CallsOfOwnerEnded { owner } => {
                 let before = self.calls.len();

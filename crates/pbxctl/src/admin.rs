@@ -59,7 +59,7 @@ impl From<tonic::Status> for Failure {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => EXIT_UNAUTHORIZED,
             tonic::Code::Unavailable => EXIT_NO_QUORUM,
             tonic::Code::NotFound => EXIT_NOT_FOUND,
-            tonic::Code::InvalidArgument => EXIT_INVALID,
+            tonic::Code::InvalidArgument | tonic::Code::AlreadyExists => EXIT_INVALID,
             _ => 2,
         };
         Failure {
@@ -268,5 +268,314 @@ fn report(t: &Target, label: &str, v: &DialplanVerdict) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_INVALID)
+    }
+}
+
+/// What to do with users.
+pub enum UserChange {
+    Add {
+        name: String,
+        password: String,
+        context: Option<String>,
+        caller_id_name: Option<String>,
+    },
+    Update {
+        name: String,
+        password: Option<String>,
+        context: Option<String>,
+        caller_id_name: Option<String>,
+    },
+    Remove(String),
+}
+
+fn print_user(t: &Target, u: &pbx_admin_proto::User) {
+    match t.output {
+        Output::Json => print_json(
+            json!({"name": u.name, "context": u.context, "caller_id_name": u.caller_id_name}),
+        ),
+        Output::Table => println!("{:<20} {:<16} {}", u.name, u.context, u.caller_id_name),
+    }
+}
+
+pub async fn user_change(t: &Target, change: UserChange) -> Result<ExitCode, Failure> {
+    use pbx_admin_proto::{UserAddRequest, UserRemoveRequest, UserUpdateRequest};
+    let mut client = t.connect().await?;
+    match change {
+        UserChange::Add {
+            name,
+            password,
+            context,
+            caller_id_name,
+        } => {
+            let u = client
+                .user_add(UserAddRequest {
+                    name,
+                    password,
+                    context: context.unwrap_or_default(),
+                    caller_id_name: caller_id_name.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_user(t, &u);
+        }
+        UserChange::Update {
+            name,
+            password,
+            context,
+            caller_id_name,
+        } => {
+            let u = client
+                .user_update(UserUpdateRequest {
+                    name,
+                    password,
+                    context,
+                    caller_id_name,
+                })
+                .await?
+                .into_inner();
+            print_user(t, &u);
+        }
+        UserChange::Remove(name) => {
+            let r = client
+                .user_remove(UserRemoveRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            match t.output {
+                Output::Json => print_json(
+                    json!({"removed": name, "registrations_removed": r.registrations_removed}),
+                ),
+                Output::Table => println!(
+                    "{name} removed ({} registrations with it)",
+                    r.registrations_removed
+                ),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn user_list(t: &Target) -> Result<ExitCode, Failure> {
+    let users = t
+        .connect()
+        .await?
+        .user_list(pbx_admin_proto::UserListRequest {})
+        .await?
+        .into_inner()
+        .users;
+    match t.output {
+        Output::Json => print_json(json!(users
+            .iter()
+            .map(|u| json!({"name": u.name, "context": u.context, "caller_id_name": u.caller_id_name}))
+            .collect::<Vec<_>>())),
+        Output::Table => {
+            println!("{:<20} {:<16} CALLER_ID_NAME", "NAME", "CONTEXT");
+            for u in &users {
+                print_user(t, u);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `user,password[,context[,caller_id_name]]` lines (a `user,password` header is
+/// skipped); every malformed line is reported and nothing is imported.
+pub fn parse_users_csv(
+    text: &str,
+    file: &str,
+) -> Result<Vec<(String, String, String, String)>, Failure> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || (i == 0 && line.starts_with("user,")) {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        if f.len() < 2 || f.len() > 4 || f[0].is_empty() || f[1].is_empty() {
+            errors.push(format!(
+                "{file}:{}: expected user,password[,context[,caller_id_name]]",
+                i + 1
+            ));
+            continue;
+        }
+        out.push((
+            f[0].to_string(),
+            f[1].to_string(),
+            f.get(2).copied().unwrap_or("").to_string(),
+            f.get(3).copied().unwrap_or("").to_string(),
+        ));
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(Failure {
+            code: EXIT_INVALID,
+            message: format!("{}\nnothing imported", errors.join("\n")),
+        })
+    }
+}
+
+/// Adds the users of a CSV file, updating those that exist.
+pub async fn user_import(t: &Target, file: &std::path::Path) -> Result<ExitCode, Failure> {
+    use pbx_admin_proto::{UserAddRequest, UserUpdateRequest};
+    let text = std::fs::read_to_string(file).map_err(|e| Failure {
+        code: EXIT_INVALID,
+        message: format!("reading {}: {e}", file.display()),
+    })?;
+    let rows = parse_users_csv(&text, &file.display().to_string())?;
+    let mut client = t.connect().await?;
+    let (mut added, mut updated) = (0, 0);
+    for (name, password, context, caller_id_name) in rows {
+        let add = client
+            .user_add(UserAddRequest {
+                name: name.clone(),
+                password: password.clone(),
+                context: context.clone(),
+                caller_id_name: caller_id_name.clone(),
+            })
+            .await;
+        match add {
+            Ok(_) => added += 1,
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                client
+                    .user_update(UserUpdateRequest {
+                        name,
+                        password: Some(password),
+                        context: (!context.is_empty()).then_some(context),
+                        caller_id_name: (!caller_id_name.is_empty()).then_some(caller_id_name),
+                    })
+                    .await?;
+                updated += 1;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
+    match t.output {
+        Output::Json => print_json(json!({"added": added, "updated": updated})),
+        Output::Table => println!("{added} users added, {updated} updated"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `user,context,caller_id_name` of every user (passwords are not kept by the cluster).
+pub async fn user_export(t: &Target) -> Result<ExitCode, Failure> {
+    let users = t
+        .connect()
+        .await?
+        .user_list(pbx_admin_proto::UserListRequest {})
+        .await?
+        .into_inner()
+        .users;
+    println!("user,context,caller_id_name");
+    for u in users {
+        println!("{},{},{}", u.name, u.context, u.caller_id_name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn registration_list(t: &Target, user: Option<String>) -> Result<ExitCode, Failure> {
+    let regs = t
+        .connect()
+        .await?
+        .registration_list(pbx_admin_proto::RegistrationListRequest {
+            user: user.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .registrations;
+    match t.output {
+        Output::Json => print_json(json!(regs
+            .iter()
+            .map(|r| json!({
+                "user": r.user, "contact": r.contact, "expires_in_secs": r.expires_in_secs,
+                "source": r.source, "transport": r.transport, "node_id": r.node_id,
+                "user_agent": r.user_agent,
+            }))
+            .collect::<Vec<_>>())),
+        Output::Table => {
+            println!(
+                "{:<16} {:<40} {:>7} {:<22} {:<4} NODE",
+                "USER", "CONTACT", "EXPIRES", "SOURCE", "TP"
+            );
+            for r in &regs {
+                println!(
+                    "{:<16} {:<40} {:>7} {:<22} {:<4} {}",
+                    r.user, r.contact, r.expires_in_secs, r.source, r.transport, r.node_id
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn registration_remove(
+    t: &Target,
+    user: String,
+    contact: Option<String>,
+) -> Result<ExitCode, Failure> {
+    let r = t
+        .connect()
+        .await?
+        .registration_remove(pbx_admin_proto::RegistrationRemoveRequest {
+            user: user.clone(),
+            contact: contact.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    match t.output {
+        Output::Json => print_json(json!({"user": user, "removed": r.removed})),
+        Output::Table => println!("{} registrations of {user} removed", r.removed),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn call_list(t: &Target) -> Result<ExitCode, Failure> {
+    let calls = t
+        .connect()
+        .await?
+        .call_list(pbx_admin_proto::CallListRequest {})
+        .await?
+        .into_inner()
+        .calls;
+    match t.output {
+        Output::Json => print_json(json!(calls
+            .iter()
+            .map(|c| json!({
+                "id": c.id, "owner_node": c.owner_node, "caller": c.caller, "callee": c.callee,
+                "answered_at_ms": c.answered_at_ms, "leg_call_ids": c.leg_call_ids,
+            }))
+            .collect::<Vec<_>>())),
+        Output::Table => {
+            println!(
+                "{:<40} {:<5} {:<16} {:<16} ANSWERED_MS",
+                "CALL", "NODE", "CALLER", "CALLEE"
+            );
+            for c in &calls {
+                println!(
+                    "{:<40} {:<5} {:<16} {:<16} {}",
+                    c.id, c.owner_node, c.caller, c.callee, c.answered_at_ms
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_csv_reports_every_bad_line_and_imports_nothing() {
+        let ok = parse_users_csv("user,password\nann,pw\nbob,pw2,sales,Bob B\n", "u.csv").unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(
+            ok[1],
+            ("bob".into(), "pw2".into(), "sales".into(), "Bob B".into())
+        );
+        let e = parse_users_csv("ann,pw\nbob\n,x\ncarol,pw\n", "u.csv").unwrap_err();
+        assert_eq!(e.code, EXIT_INVALID);
+        assert!(e.message.contains("u.csv:2:") && e.message.contains("u.csv:3:"));
+        assert!(!e.message.contains("u.csv:4:"));
     }
 }

@@ -92,6 +92,21 @@ enum Cmd {
         #[command(subcommand)]
         command: ClusterCmd,
     },
+    /// Users and their credentials (admin API).
+    User {
+        #[command(subcommand)]
+        command: UserCmd,
+    },
+    /// Current registrations (admin API).
+    Registrations {
+        #[command(subcommand)]
+        command: RegistrationsCmd,
+    },
+    /// Answered calls in progress on every node (admin API).
+    Calls {
+        #[command(subcommand)]
+        command: CallsCmd,
+    },
     /// Print the HA1 hashes of a credential (what the cluster stores instead of it).
     Ha1 {
         user: String,
@@ -116,6 +131,61 @@ enum DialplanCmd {
     History,
     /// Commit an earlier version's text again, as a new version.
     Rollback { version: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    List,
+    Add {
+        name: String,
+        #[arg(long)]
+        password: String,
+        /// Dialplan context of the user's calls (default: default).
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long)]
+        caller_id_name: Option<String>,
+    },
+    /// Change a user's password, context or caller id name.
+    Update {
+        name: String,
+        #[arg(long)]
+        password: Option<String>,
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long)]
+        caller_id_name: Option<String>,
+    },
+    /// Remove a user and its registrations.
+    Remove {
+        name: String,
+    },
+    /// Add (or update) the users of a `user,password[,context[,caller_id_name]]` file;
+    /// a malformed file is refused whole with FILE:LINE.
+    Import {
+        file: std::path::PathBuf,
+    },
+    /// Print every user as `user,context,caller_id_name`.
+    Export,
+}
+
+#[derive(Subcommand, Debug)]
+enum RegistrationsCmd {
+    List {
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Remove a user's registrations (all, or one --contact URI).
+    Remove {
+        user: String,
+        #[arg(long)]
+        contact: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CallsCmd {
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -206,6 +276,63 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => admin_call(&admin_target(&cli)?, |t| {
             admin::dialplan_change(t, admin::DialplanChange::Rollback(*version))
         }),
+        Cmd::User { command } => {
+            let t = admin_target(&cli)?;
+            match command {
+                UserCmd::List => admin_call(&t, admin::user_list),
+                UserCmd::Export => admin_call(&t, admin::user_export),
+                UserCmd::Import { file } => admin_call(&t, |t| admin::user_import(t, file)),
+                UserCmd::Add {
+                    name,
+                    password,
+                    context,
+                    caller_id_name,
+                } => admin_call(&t, |t| {
+                    admin::user_change(
+                        t,
+                        admin::UserChange::Add {
+                            name: name.clone(),
+                            password: password.clone(),
+                            context: context.clone(),
+                            caller_id_name: caller_id_name.clone(),
+                        },
+                    )
+                }),
+                UserCmd::Update {
+                    name,
+                    password,
+                    context,
+                    caller_id_name,
+                } => admin_call(&t, |t| {
+                    admin::user_change(
+                        t,
+                        admin::UserChange::Update {
+                            name: name.clone(),
+                            password: password.clone(),
+                            context: context.clone(),
+                            caller_id_name: caller_id_name.clone(),
+                        },
+                    )
+                }),
+                UserCmd::Remove { name } => admin_call(&t, |t| {
+                    admin::user_change(t, admin::UserChange::Remove(name.clone()))
+                }),
+            }
+        }
+        Cmd::Registrations { command } => {
+            let t = admin_target(&cli)?;
+            match command {
+                RegistrationsCmd::List { user } => {
+                    admin_call(&t, |t| admin::registration_list(t, user.clone()))
+                }
+                RegistrationsCmd::Remove { user, contact } => admin_call(&t, |t| {
+                    admin::registration_remove(t, user.clone(), contact.clone())
+                }),
+            }
+        }
+        Cmd::Calls {
+            command: CallsCmd::List,
+        } => admin_call(&admin_target(&cli)?, admin::call_list),
         _ => run_local(cli),
     }
 }
@@ -336,7 +463,11 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Cluster { .. } | Cmd::Dialplan { .. } => {
+        Cmd::Cluster { .. }
+        | Cmd::Dialplan { .. }
+        | Cmd::User { .. }
+        | Cmd::Registrations { .. }
+        | Cmd::Calls { .. } => {
             unreachable!("admin API commands are run above")
         }
     }
