@@ -580,3 +580,58 @@ fn a_new_dialplan_routes_calls_on_every_node_and_a_bad_one_changes_nothing() {
         "800 after a refused change",
     );
 }
+
+#[test]
+fn a_drained_node_refuses_new_work_while_its_running_call_completes() {
+    let users = Users { count: 3 };
+    let c = LocalCluster::up(47, 3, &users, MD5_ONLY).unwrap();
+    let p = Phones::new(&c);
+    let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
+    let running = p.call("uac_call.xml", 1, 1, "600", nowhere, 4000);
+    wait_for(
+        "the call answered on node 1",
+        Duration::from_secs(10),
+        || (calls_listed(&c, 1).as_deref() == Some("1")).then_some(()),
+    )
+    .unwrap();
+    let (code, text) = c.admin(&[2], &["node", "drain", "--node", "1"]).unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("node 1: draining, 1 calls running"), "{text}");
+    // New work on node 1 is refused with 503 (phones go to the next SRV target)...
+    let probe = |n: usize| {
+        pbx_tests::pbxctl(&["options", &c.node_addr(n).to_string(), "--timeout", "2"])
+            .unwrap()
+            .1
+    };
+    wait_for("node 1 answers 503", Duration::from_secs(5), || {
+        probe(1).contains(" 503 ").then_some(())
+    })
+    .unwrap();
+    let (registered, out) = pbx_tests::pbxctl(&[
+        "register",
+        &c.node_addr(1).to_string(),
+        "--user",
+        &Users::name(2),
+        "--password",
+        &Users::password(2),
+    ])
+    .unwrap();
+    assert!(!registered && out.contains("503"), "{out}");
+    assert!(probe(2).contains(" 200 "), "the others still serve");
+    // ... while the running call completes, and the drain reports it done.
+    let (code, text) = c
+        .admin(&[3], &["node", "drain", "--node", "1", "--wait", "20"])
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("node 1: draining, 0 calls running"), "{text}");
+    ok(
+        running.wait().unwrap(),
+        "the call running on the drained node",
+    );
+    let (code, _) = c.admin(&[1], &["node", "undrain"]).unwrap();
+    assert_eq!(code, 0);
+    wait_for("node 1 serves again", Duration::from_secs(5), || {
+        probe(1).contains(" 200 ").then_some(())
+    })
+    .unwrap();
+}

@@ -9,10 +9,10 @@ use pbx_admin_proto::admin_server::{Admin, AdminServer};
 use pbx_admin_proto::{
     Call, CallListReply, CallListRequest, ClusterStatusReply, ClusterStatusRequest,
     DialplanHistoryReply, DialplanHistoryRequest, DialplanRollbackRequest, DialplanShowRequest,
-    DialplanText, DialplanVerdict, LineError, Member, Registration, RegistrationListReply,
-    RegistrationListRequest, RegistrationRemoveReply, RegistrationRemoveRequest, StoredDialplan,
-    User, UserAddRequest, UserListReply, UserListRequest, UserRemoveReply, UserRemoveRequest,
-    UserUpdateRequest,
+    DialplanText, DialplanVerdict, LineError, Member, NodeDrainReply, NodeDrainRequest,
+    Registration, RegistrationListReply, RegistrationListRequest, RegistrationRemoveReply,
+    RegistrationRemoveRequest, StoredDialplan, User, UserAddRequest, UserListReply,
+    UserListRequest, UserRemoveReply, UserRemoveRequest, UserUpdateRequest,
 };
 use pbx_dialplan::{Dialplan, DialplanError};
 use pbx_raft::Cluster;
@@ -254,6 +254,7 @@ impl Admin for AdminService {
             bindings: s.bindings,
             dialplan_version: s.dialplan_version,
             calls: s.calls,
+            draining: self.cluster.read().draining.iter().copied().collect(),
         }))
     }
 
@@ -424,6 +425,46 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(tonic::Response::new(CallListReply { calls }))
+    }
+
+    async fn node_drain(
+        &self,
+        request: Request<NodeDrainRequest>,
+    ) -> Result<tonic::Response<NodeDrainReply>, Status> {
+        let r = request.into_inner();
+        let node = if r.node_id == 0 {
+            self.cluster.node_id()
+        } else {
+            r.node_id
+        };
+        let is_member = self
+            .cluster
+            .status()
+            .members
+            .iter()
+            .any(|(id, _, _)| *id == node);
+        if !is_member {
+            return Err(AdminError::NotFound(format!("node {node} is not a member")).into());
+        }
+        if !r.query {
+            self.propose(Command::SetDraining {
+                node,
+                draining: r.drain,
+            })
+            .await?;
+            tracing::info!(node, drain = r.drain, "drain changed through the admin API");
+        }
+        let state = self.cluster.read();
+        Ok(tonic::Response::new(NodeDrainReply {
+            node_id: node,
+            // Committed, but this node (a follower) may not have applied it yet.
+            draining: if r.query {
+                state.draining.contains(&node)
+            } else {
+                r.drain
+            },
+            calls: state.calls.values().filter(|c| c.owner == node).count() as u64,
+        }))
     }
 
     async fn dialplan_rollback(

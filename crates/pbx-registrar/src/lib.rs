@@ -228,6 +228,24 @@ impl RequestHandler {
             return self.reply(&req, 503, &[("Retry-After", "5")]);
         };
 
+        // A draining node takes no new registrations or calls: 503 sends phones to the
+        // next SRV target, and monitoring's OPTIONS sees it too. Requests of running
+        // calls never get here (the call layer routes them first).
+        if state.draining.contains(&self.config.node_id)
+            && (matches!(method, Method::Register | Method::Options)
+                || (*method == Method::Invite && req.core.to.tag().is_none()))
+        {
+            return self.reply_with_reason(
+                &req,
+                503,
+                Some("Draining"),
+                &[
+                    ("Retry-After", "30"),
+                    ("Warning", "399 pbxd \"this node is draining; use another\""),
+                ],
+            );
+        }
+
         // §8.2.1 method inspection.
         if !method.is_known() {
             return self.reply(&req, 501, &[("Allow", ALLOW)]);

@@ -750,3 +750,28 @@ fn an_invite_is_challenged_then_handed_to_the_call_layer_as_its_caller() {
     assert_eq!(h.send_authenticated(&r, "bob", "pw2").status(), Some(403));
     assert_eq!(h.send(&invite("alice", "bob", 0)).status(), Some(483));
 }
+
+#[test]
+fn a_draining_node_refuses_new_registrations_calls_and_probes_with_503() {
+    let mut h = Harness::new("pbx.test", HandlerConfig::default());
+    h.add_user("alice", "pw");
+    h.state.apply(Command::SetDraining {
+        node: 1,
+        draining: true,
+    });
+    let r = register("alice", "pbx.test", "x", 1, &["<sip:a@192.0.2.1>"], None);
+    let a = h.send(&r);
+    assert_eq!(a.status(), Some(503));
+    assert!(a.msg().header(&HeaderName::RetryAfter).is_some());
+    assert_eq!(h.send(&invite("alice", "bob", 70)).status(), Some(503));
+    // Another node draining changes nothing here.
+    h.state.apply(Command::SetDraining {
+        node: 1,
+        draining: false,
+    });
+    h.state.apply(Command::SetDraining {
+        node: 2,
+        draining: true,
+    });
+    assert_eq!(h.send(&invite("alice", "bob", 70)).status(), Some(407));
+}

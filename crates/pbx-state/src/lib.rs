@@ -181,6 +181,11 @@ pub enum Command {
         aor: String,
         uri: Option<String>,
     },
+    /// A node stops (or resumes) taking new calls and registrations.
+    SetDraining {
+        node: u64,
+        draining: bool,
+    },
 }
 
 impl Command {
@@ -205,6 +210,7 @@ impl Command {
             | Command::CallEnded { .. }
             | Command::CallsOfOwnerEnded { .. }
             | Command::RemoveBindings { .. }
+            | Command::SetDraining { .. }
             | Command::UpsertUser(_)
             | Command::SeedUsers(_)
             | Command::RemoveUser { .. }
@@ -283,6 +289,8 @@ pub struct State {
     pub dialplan_history: Vec<StoredDialplan>,
     /// Answered calls in progress, by id.
     pub calls: BTreeMap<String, CallRecord>,
+    /// Nodes being drained: they take no new calls or registrations.
+    pub draining: std::collections::BTreeSet<u64>,
 }
 
 /// How many replaced dialplans are kept (for show, diff and rollback).
@@ -367,6 +375,14 @@ impl State {
             }
             Command::CallEnded { id } => {
                 self.calls.remove(&id);
+                Response::Done
+            }
+            Command::SetDraining { node, draining } => {
+                if draining {
+                    self.draining.insert(node);
+                } else {
+                    self.draining.remove(&node);
+                }
                 Response::Done
             }
             Command::RemoveBindings { aor, uri } => {

@@ -118,7 +118,7 @@ pub async fn cluster_status(t: &Target) -> Result<ExitCode, Failure> {
             "last_log_index": r.last_log_index, "applied_index": r.applied_index,
             "snapshot_index": r.snapshot_index, "serving_writes": r.serving_writes,
             "users": r.users, "bindings": r.bindings, "dialplan_version": r.dialplan_version,
-            "calls": r.calls,
+            "calls": r.calls, "draining": r.draining,
             "members": r.members.iter().map(|m| json!({
                 "id": m.id, "peer_addr": m.peer_addr, "sip_addr": m.sip_addr, "voter": m.voter,
             })).collect::<Vec<_>>(),
@@ -135,8 +135,8 @@ pub async fn cluster_status(t: &Target) -> Result<ExitCode, Failure> {
                 r.serving_writes
             );
             println!(
-                "users {}  bindings {}  dialplan v{}  calls {}",
-                r.users, r.bindings, r.dialplan_version, r.calls
+                "users {}  bindings {}  dialplan v{}  calls {}  draining {:?}",
+                r.users, r.bindings, r.dialplan_version, r.calls, r.draining
             );
             println!("{:<4} {:<22} {:<22} VOTER", "ID", "PEER", "SIP");
             for m in &r.members {
@@ -557,6 +557,68 @@ pub async fn call_list(t: &Target) -> Result<ExitCode, Failure> {
                 );
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Drains (or undrains, or only reports on) a node; with `wait`, follows the drain until
+/// the node runs no call or the time is up (exit 5 then: still busy).
+pub async fn node_drain(
+    t: &Target,
+    node: u64,
+    drain: bool,
+    query: bool,
+    wait: Option<f64>,
+) -> Result<ExitCode, Failure> {
+    use pbx_admin_proto::NodeDrainRequest;
+    let mut client = t.connect().await?;
+    let mut r = client
+        .node_drain(NodeDrainRequest {
+            node_id: node,
+            drain,
+            query,
+        })
+        .await?
+        .into_inner();
+    let deadline = wait.map(|w| std::time::Instant::now() + Duration::from_secs_f64(w));
+    if let Some(deadline) = deadline {
+        let mut last = u64::MAX;
+        while r.calls > 0 && std::time::Instant::now() < deadline {
+            if r.calls != last && t.output == Output::Table {
+                eprintln!(
+                    "node {}: draining, {} calls still running",
+                    r.node_id, r.calls
+                );
+                last = r.calls;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            r = client
+                .node_drain(NodeDrainRequest {
+                    node_id: r.node_id,
+                    drain: false,
+                    query: true,
+                })
+                .await?
+                .into_inner();
+        }
+    }
+    match t.output {
+        Output::Json => {
+            print_json(json!({"node_id": r.node_id, "draining": r.draining, "calls": r.calls}))
+        }
+        Output::Table => println!(
+            "node {}: {}, {} calls running",
+            r.node_id,
+            if r.draining {
+                "draining"
+            } else {
+                "taking calls"
+            },
+            r.calls
+        ),
+    }
+    if deadline.is_some() && r.calls > 0 {
+        return Ok(ExitCode::from(EXIT_NO_QUORUM));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -102,6 +102,11 @@ enum Cmd {
         #[command(subcommand)]
         command: RegistrationsCmd,
     },
+    /// Drain a node for maintenance, or take it back (admin API).
+    Node {
+        #[command(subcommand)]
+        command: NodeCmd,
+    },
     /// Answered calls in progress on every node (admin API).
     Calls {
         #[command(subcommand)]
@@ -180,6 +185,29 @@ enum RegistrationsCmd {
         user: String,
         #[arg(long)]
         contact: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Stop taking new calls and registrations (503: phones move to the next server);
+    /// running calls finish. --wait follows the progress until none is left.
+    Drain {
+        /// The node (default: the one answering).
+        #[arg(long, default_value_t = 0)]
+        node: u64,
+        #[arg(long)]
+        wait: Option<f64>,
+    },
+    /// Take calls and registrations again.
+    Undrain {
+        #[arg(long, default_value_t = 0)]
+        node: u64,
+    },
+    /// Whether a node is draining, and the calls it still runs.
+    Status {
+        #[arg(long, default_value_t = 0)]
+        node: u64,
     },
 }
 
@@ -333,6 +361,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Calls {
             command: CallsCmd::List,
         } => admin_call(&admin_target(&cli)?, admin::call_list),
+        Cmd::Node { command } => {
+            let t = admin_target(&cli)?;
+            match command {
+                NodeCmd::Drain { node, wait } => {
+                    admin_call(&t, |t| admin::node_drain(t, *node, true, false, *wait))
+                }
+                NodeCmd::Undrain { node } => {
+                    admin_call(&t, |t| admin::node_drain(t, *node, false, false, None))
+                }
+                NodeCmd::Status { node } => {
+                    admin_call(&t, |t| admin::node_drain(t, *node, false, true, None))
+                }
+            }
+        }
         _ => run_local(cli),
     }
 }
@@ -467,6 +509,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Dialplan { .. }
         | Cmd::User { .. }
         | Cmd::Registrations { .. }
+        | Cmd::Node { .. }
         | Cmd::Calls { .. } => {
             unreachable!("admin API commands are run above")
         }
