@@ -214,4 +214,33 @@ fn users_and_registrations_through_pbxctl() {
         3,
         "u000001, u000002, carol"
     );
+
+    // Every change is in the replicated audit trail, read from any node, secrets never.
+    let (code, text) = c.admin(&[3], &["audit", "--output", "json"]).unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains("secret") && !text.contains("pw-"), "{text}");
+    let audit: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let actions: Vec<String> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect();
+    for want in [
+        "user add carol (password, context)",
+        "registrations remove carol",
+        "user update carol (password)",
+        "user add dave (password, context, caller id name)",
+        "user remove dave",
+    ] {
+        assert!(actions.iter().any(|a| a == want), "{want}: {actions:?}");
+    }
+    let first = &audit[0];
+    assert!(first["at_ms"].as_u64().unwrap() > 1_700_000_000_000);
+    assert!(
+        first["actor"].as_str().unwrap().contains(" from "),
+        "{first}"
+    );
+    let (_, last) = c.admin(&[1], &["audit", "--limit", "1"]).unwrap();
+    assert!(last.contains("user remove dave"), "{last}");
 }

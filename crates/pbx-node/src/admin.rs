@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use pbx_admin_proto::admin_server::{Admin, AdminServer};
 use pbx_admin_proto::{
-    Call, CallListReply, CallListRequest, ClusterStatusReply, ClusterStatusRequest,
-    DialplanHistoryReply, DialplanHistoryRequest, DialplanRollbackRequest, DialplanShowRequest,
-    DialplanText, DialplanVerdict, LineError, Member, NodeDrainReply, NodeDrainRequest,
-    Registration, RegistrationListReply, RegistrationListRequest, RegistrationRemoveReply,
-    RegistrationRemoveRequest, StoredDialplan, User, UserAddRequest, UserListReply,
-    UserListRequest, UserRemoveReply, UserRemoveRequest, UserUpdateRequest,
+    AuditEntry, AuditListReply, AuditListRequest, Call, CallListReply, CallListRequest,
+    ClusterStatusReply, ClusterStatusRequest, DialplanHistoryReply, DialplanHistoryRequest,
+    DialplanRollbackRequest, DialplanShowRequest, DialplanText, DialplanVerdict, LineError, Member,
+    NodeDrainReply, NodeDrainRequest, Registration, RegistrationListReply, RegistrationListRequest,
+    RegistrationRemoveReply, RegistrationRemoveRequest, StoredDialplan, User, UserAddRequest,
+    UserListReply, UserListRequest, UserRemoveReply, UserRemoveRequest, UserUpdateRequest,
 };
 use pbx_dialplan::{Dialplan, DialplanError};
 use pbx_raft::Cluster;
@@ -147,6 +147,24 @@ fn verdict(source: &str) -> DialplanVerdict {
     }
 }
 
+/// Who makes an admin call: the operator the client names (`x-pbx-actor`, printable,
+/// at most 64 characters) and the address the call came from.
+fn actor_of<T>(req: &Request<T>) -> String {
+    let named: String = req
+        .metadata()
+        .get("x-pbx-actor")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("unnamed")
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect();
+    match req.remote_addr() {
+        Some(a) => format!("{named} from {a}"),
+        None => named,
+    }
+}
+
 /// A user name that is also a dialplan extension and a SIP user part.
 fn check_user_name(name: &str) -> Result<(), AdminError> {
     let ok = !name.is_empty()
@@ -188,22 +206,44 @@ impl AdminService {
             .ok_or_else(|| AdminError::NoQuorum("the cluster is not initialised yet".into()))
     }
 
-    async fn propose(&self, cmd: Command) -> Result<Response, AdminError> {
-        self.cluster
-            .propose(cmd)
+    /// Commits a change together with its audit entry (one log entry: both or none).
+    async fn propose(
+        &self,
+        actor: &str,
+        action: String,
+        cmd: Command,
+    ) -> Result<Response, AdminError> {
+        let audit = Command::Audit(pbx_state::AuditEntry {
+            at_ms: 0,
+            actor: actor.to_string(),
+            node: self.cluster.node_id(),
+            action,
+        });
+        match self
+            .cluster
+            .propose(Command::Batch(vec![cmd, audit]))
             .await
-            .map_err(|e| AdminError::NoQuorum(e.to_string()))
+            .map_err(|e| AdminError::NoQuorum(e.to_string()))?
+        {
+            Response::Batch(mut list) if !list.is_empty() => Ok(list.swap_remove(0)),
+            other => Err(AdminError::Internal(format!("unexpected answer {other:?}"))),
+        }
     }
 
     /// Validates, then commits a dialplan; an invalid one is answered with its errors
     /// and changes nothing.
-    async fn commit_dialplan(&self, source: String) -> Result<DialplanVerdict, AdminError> {
+    async fn commit_dialplan(
+        &self,
+        actor: &str,
+        action: String,
+        source: String,
+    ) -> Result<DialplanVerdict, AdminError> {
         let mut v = verdict(&source);
         if !v.errors.is_empty() {
             return Ok(v);
         }
         let resp = self
-            .propose(Command::SetDialplan { source, now_ms: 0 })
+            .propose(actor, action, Command::SetDialplan { source, now_ms: 0 })
             .await?;
         match resp {
             Response::DialplanVersion(version) => {
@@ -281,7 +321,10 @@ impl Admin for AdminService {
         &self,
         request: Request<DialplanText>,
     ) -> Result<tonic::Response<DialplanVerdict>, Status> {
-        let v = self.commit_dialplan(request.into_inner().source).await?;
+        let actor = actor_of(&request);
+        let source = request.into_inner().source;
+        let action = format!("dialplan apply ({} lines)", source.lines().count());
+        let v = self.commit_dialplan(&actor, action, source).await?;
         Ok(tonic::Response::new(v))
     }
 
@@ -311,9 +354,11 @@ impl Admin for AdminService {
         &self,
         request: Request<UserAddRequest>,
     ) -> Result<tonic::Response<User>, Status> {
+        let actor = actor_of(&request);
         let r = request.into_inner();
         let u = self
             .upsert_user(
+                &actor,
                 r.name,
                 Some(r.password),
                 Some(r.context),
@@ -328,9 +373,17 @@ impl Admin for AdminService {
         &self,
         request: Request<UserUpdateRequest>,
     ) -> Result<tonic::Response<User>, Status> {
+        let actor = actor_of(&request);
         let r = request.into_inner();
         let u = self
-            .upsert_user(r.name, r.password, r.context, r.caller_id_name, true)
+            .upsert_user(
+                &actor,
+                r.name,
+                r.password,
+                r.context,
+                r.caller_id_name,
+                true,
+            )
             .await?;
         Ok(tonic::Response::new(u))
     }
@@ -339,10 +392,19 @@ impl Admin for AdminService {
         &self,
         request: Request<UserRemoveRequest>,
     ) -> Result<tonic::Response<UserRemoveReply>, Status> {
+        let actor = actor_of(&request);
         let name = request.into_inner().name;
+        if !self.cluster.read().users.contains_key(&name) {
+            // Nothing to change, nothing to audit.
+            return Err(AdminError::NotFound(format!("no user {name}")).into());
+        }
         let registrations = self.cluster.read().bindings.get(&name).map_or(0, Vec::len) as u64;
         match self
-            .propose(Command::RemoveUser { name: name.clone() })
+            .propose(
+                &actor,
+                format!("user remove {name}"),
+                Command::RemoveUser { name: name.clone() },
+            )
             .await?
         {
             Response::NoSuchUser => Err(AdminError::NotFound(format!("no user {name}")).into()),
@@ -391,13 +453,18 @@ impl Admin for AdminService {
         &self,
         request: Request<RegistrationRemoveRequest>,
     ) -> Result<tonic::Response<RegistrationRemoveReply>, Status> {
+        let actor = actor_of(&request);
         let r = request.into_inner();
         if !self.cluster.read().users.contains_key(&r.user) {
             return Err(AdminError::NotFound(format!("no user {}", r.user)).into());
         }
         let uri = (!r.contact.is_empty()).then_some(r.contact);
+        let action = match &uri {
+            Some(u) => format!("registrations remove {} {u}", r.user),
+            None => format!("registrations remove {}", r.user),
+        };
         let removed = match self
-            .propose(Command::RemoveBindings { aor: r.user, uri })
+            .propose(&actor, action, Command::RemoveBindings { aor: r.user, uri })
             .await?
         {
             Response::Swept(n) => n as u64,
@@ -431,6 +498,7 @@ impl Admin for AdminService {
         &self,
         request: Request<NodeDrainRequest>,
     ) -> Result<tonic::Response<NodeDrainReply>, Status> {
+        let actor = actor_of(&request);
         let r = request.into_inner();
         let node = if r.node_id == 0 {
             self.cluster.node_id()
@@ -447,10 +515,15 @@ impl Admin for AdminService {
             return Err(AdminError::NotFound(format!("node {node} is not a member")).into());
         }
         if !r.query {
-            self.propose(Command::SetDraining {
-                node,
-                draining: r.drain,
-            })
+            let action = format!("node {} {node}", if r.drain { "drain" } else { "undrain" });
+            self.propose(
+                &actor,
+                action,
+                Command::SetDraining {
+                    node,
+                    draining: r.drain,
+                },
+            )
             .await?;
             tracing::info!(node, drain = r.drain, "drain changed through the admin API");
         }
@@ -471,6 +544,7 @@ impl Admin for AdminService {
         &self,
         request: Request<DialplanRollbackRequest>,
     ) -> Result<tonic::Response<DialplanVerdict>, Status> {
+        let actor = actor_of(&request);
         let version = request.into_inner().version;
         let source = {
             let state = self.cluster.read();
@@ -486,14 +560,46 @@ impl Admin for AdminService {
                     ))
                 })?
         };
-        let v = self.commit_dialplan(source).await?;
+        let v = self
+            .commit_dialplan(
+                &actor,
+                format!("dialplan rollback to version {version}"),
+                source,
+            )
+            .await?;
         Ok(tonic::Response::new(v))
+    }
+
+    async fn audit_list(
+        &self,
+        request: Request<AuditListRequest>,
+    ) -> Result<tonic::Response<AuditListReply>, Status> {
+        let limit = request.into_inner().limit as usize;
+        let state = self.cluster.read();
+        let skip = if limit == 0 {
+            0
+        } else {
+            state.audit.len().saturating_sub(limit)
+        };
+        let entries = state
+            .audit
+            .iter()
+            .skip(skip)
+            .map(|e| AuditEntry {
+                at_ms: e.at_ms,
+                actor: e.actor.clone(),
+                node_id: e.node,
+                action: e.action.clone(),
+            })
+            .collect();
+        Ok(tonic::Response::new(AuditListReply { entries }))
     }
 }
 
 impl AdminService {
     async fn upsert_user(
         &self,
+        actor: &str,
         name: String,
         password: Option<String>,
         context: Option<String>,
@@ -518,7 +624,9 @@ impl AdminService {
                 caller_id_name: None,
             },
         };
+        let mut changed = Vec::new();
         if let Some(p) = password {
+            changed.push("password");
             if p.is_empty() {
                 return Err(AdminError::Invalid("empty password".into()));
             }
@@ -530,12 +638,21 @@ impl AdminService {
         }
         if let Some(c) = context.filter(|c| !c.is_empty()) {
             check_context(&c)?;
+            changed.push("context");
             user.context = c;
         }
-        if let Some(n) = caller_id_name {
+        if let Some(n) = caller_id_name.filter(|n| must_exist || !n.is_empty()) {
+            changed.push("caller id name");
             user.caller_id_name = (!n.is_empty()).then_some(n);
         }
-        self.propose(Command::UpsertUser(user.clone())).await?;
+        // The audit names what changed, never a secret.
+        let action = format!(
+            "user {} {name} ({})",
+            if must_exist { "update" } else { "add" },
+            changed.join(", ")
+        );
+        self.propose(actor, action, Command::UpsertUser(user.clone()))
+            .await?;
         tracing::info!(user = %name, "user written through the admin API");
         Ok(user_reply(&user))
     }

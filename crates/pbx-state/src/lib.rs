@@ -186,7 +186,23 @@ pub enum Command {
         node: u64,
         draining: bool,
     },
+    /// An administrator's change, recorded in the same log entry as the change.
+    Audit(AuditEntry),
 }
+
+/// Who changed what, and when (the leader's clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at_ms: u64,
+    /// As the admin client said (`user@host`) and where the call came from.
+    pub actor: String,
+    /// The node that took the admin call.
+    pub node: u64,
+    pub action: String,
+}
+
+/// How many audit entries the state keeps (oldest dropped first).
+pub const AUDIT_KEPT: usize = 1000;
 
 impl Command {
     /// Stamps the proposing node's clock into the command: the leader calls this just
@@ -204,6 +220,7 @@ impl Command {
                 }
             }
             Command::SetDialplan { now_ms: at, .. } => *at = now_ms,
+            Command::Audit(e) => e.at_ms = now_ms,
             Command::Batch(list) => list.iter_mut().for_each(|c| c.stamp(now_ms)),
             Command::Initialize(_)
             | Command::CallAnswered(_)
@@ -291,6 +308,8 @@ pub struct State {
     pub calls: BTreeMap<String, CallRecord>,
     /// Nodes being drained: they take no new calls or registrations.
     pub draining: std::collections::BTreeSet<u64>,
+    /// Administrators' changes, oldest first, at most [`AUDIT_KEPT`].
+    pub audit: std::collections::VecDeque<AuditEntry>,
 }
 
 /// How many replaced dialplans are kept (for show, diff and rollback).
@@ -375,6 +394,13 @@ impl State {
             }
             Command::CallEnded { id } => {
                 self.calls.remove(&id);
+                Response::Done
+            }
+            Command::Audit(entry) => {
+                self.audit.push_back(entry);
+                while self.audit.len() > AUDIT_KEPT {
+                    self.audit.pop_front();
+                }
                 Response::Done
             }
             Command::SetDraining { node, draining } => {

@@ -35,13 +35,31 @@ pub struct Target {
 }
 
 #[derive(Clone)]
-struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+struct Bearer {
+    token: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    actor: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
+        req.metadata_mut()
+            .insert("authorization", self.token.clone());
+        req.metadata_mut().insert("x-pbx-actor", self.actor.clone());
         Ok(req)
     }
+}
+
+/// `user@host` for the audit trail.
+fn actor() -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let text: String = format!("{user}@{}", host.trim())
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect();
+    text.parse()
+        .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("unknown"))
 }
 
 type Client = AdminClient<InterceptedService<Channel, Bearer>>;
@@ -90,7 +108,15 @@ impl Target {
                 }
             };
             match endpoint.connect().await {
-                Ok(ch) => return Ok(AdminClient::with_interceptor(ch, Bearer(bearer))),
+                Ok(ch) => {
+                    return Ok(AdminClient::with_interceptor(
+                        ch,
+                        Bearer {
+                            token: bearer,
+                            actor: actor(),
+                        },
+                    ))
+                }
                 Err(e) => errors.push(format!("{ep}: {e}")),
             }
         }
@@ -555,6 +581,29 @@ pub async fn call_list(t: &Target) -> Result<ExitCode, Failure> {
                     "{:<40} {:<5} {:<16} {:<16} {}",
                     c.id, c.owner_node, c.caller, c.callee, c.answered_at_ms
                 );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn audit_list(t: &Target, limit: u32) -> Result<ExitCode, Failure> {
+    let entries = t
+        .connect()
+        .await?
+        .audit_list(pbx_admin_proto::AuditListRequest { limit })
+        .await?
+        .into_inner()
+        .entries;
+    match t.output {
+        Output::Json => print_json(json!(entries
+            .iter()
+            .map(|e| json!({"at_ms": e.at_ms, "actor": e.actor, "node_id": e.node_id, "action": e.action}))
+            .collect::<Vec<_>>())),
+        Output::Table => {
+            println!("{:<15} {:<5} {:<40} ACTION", "AT_MS", "NODE", "ACTOR");
+            for e in &entries {
+                println!("{:<15} {:<5} {:<40} {}", e.at_ms, e.node_id, e.actor, e.action);
             }
         }
     }

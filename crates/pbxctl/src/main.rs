@@ -107,6 +107,12 @@ enum Cmd {
         #[command(subcommand)]
         command: NodeCmd,
     },
+    /// Who changed what and when through the admin API, newest last.
+    Audit {
+        /// Only the last N entries (0: all kept).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
     /// Answered calls in progress on every node (admin API).
     Calls {
         #[command(subcommand)]
@@ -361,6 +367,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Calls {
             command: CallsCmd::List,
         } => admin_call(&admin_target(&cli)?, admin::call_list),
+        Cmd::Audit { limit } => admin_call(&admin_target(&cli)?, |t| admin::audit_list(t, *limit)),
         Cmd::Node { command } => {
             let t = admin_target(&cli)?;
             match command {
@@ -510,6 +517,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::User { .. }
         | Cmd::Registrations { .. }
         | Cmd::Node { .. }
+        | Cmd::Audit { .. }
         | Cmd::Calls { .. } => {
             unreachable!("admin API commands are run above")
         }
