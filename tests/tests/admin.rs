@@ -28,6 +28,26 @@ fn admin_api_round_trips_with_token_fallback_and_exit_codes() {
     assert_eq!(v["node_id"], 2);
     assert_eq!(v["members"].as_array().unwrap().len(), 3);
     assert_eq!(v["users"], 5);
+    // The leader knows every member's replication lag (all caught up when idle).
+    let leader = v["leader_id"].as_u64().unwrap() as usize;
+    wait_for(
+        "every member caught up, as the leader sees it",
+        Duration::from_secs(10),
+        || {
+            let (code, text) = c
+                .admin(&[leader], &["cluster", "status", "--output", "json"])
+                .ok()?;
+            let s: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (code == 0
+                && s["role"] == "leader"
+                && s["members"]
+                    .as_array()?
+                    .iter()
+                    .all(|m| m["lag"].as_u64() == Some(0)))
+            .then_some(())
+        },
+    )
+    .unwrap();
 
     // Wrong token: 4, and nothing about the token in the node's log.
     let out = std::process::Command::new(pbx_tests::bin("pbxctl"))

@@ -271,6 +271,10 @@ impl Admin for AdminService {
         _: Request<ClusterStatusRequest>,
     ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
         let s = self.cluster.status();
+        let draining: Vec<u64> = self.cluster.read().draining.iter().copied().collect();
+        let matched: std::collections::HashMap<u64, Option<u64>> =
+            s.matched.iter().copied().collect();
+        let last = s.last_log_index;
         Ok(tonic::Response::new(ClusterStatusReply {
             node_id: s.node_id,
             role: s.role.to_string(),
@@ -288,13 +292,23 @@ impl Admin for AdminService {
                     peer_addr: m.peer_addr,
                     sip_addr: m.sip_addr,
                     voter,
+                    lag: if s.role == "leader" && id == s.node_id {
+                        Some(0)
+                    } else {
+                        matched
+                            .get(&id)
+                            .copied()
+                            .flatten()
+                            .map(|i| last.saturating_sub(i))
+                    },
+                    draining: draining.contains(&id),
                 })
                 .collect(),
             users: s.users,
             bindings: s.bindings,
             dialplan_version: s.dialplan_version,
             calls: s.calls,
-            draining: self.cluster.read().draining.iter().copied().collect(),
+            draining,
         }))
     }
 

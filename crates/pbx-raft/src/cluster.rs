@@ -63,6 +63,9 @@ pub struct NodeStatus {
     pub serving_writes: bool,
     /// (id, member, voter)
     pub members: Vec<(NodeId, Member, bool)>,
+    /// On the leader: the last log index known to be on each member (None: nothing
+    /// matched yet). Empty on other nodes.
+    pub matched: Vec<(NodeId, Option<u64>)>,
     pub users: u64,
     pub bindings: u64,
     pub dialplan_version: u64,
@@ -249,6 +252,11 @@ impl Shared {
                 .nodes()
                 .map(|(id, n)| (*id, n.clone(), voters.contains(id)))
                 .collect(),
+            matched: m
+                .replication
+                .as_ref()
+                .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
+                .unwrap_or_default(),
             users,
             bindings,
             dialplan_version,

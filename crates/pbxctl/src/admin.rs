@@ -147,6 +147,7 @@ pub async fn cluster_status(t: &Target) -> Result<ExitCode, Failure> {
             "calls": r.calls, "draining": r.draining,
             "members": r.members.iter().map(|m| json!({
                 "id": m.id, "peer_addr": m.peer_addr, "sip_addr": m.sip_addr, "voter": m.voter,
+                "lag": m.lag, "draining": m.draining,
             })).collect::<Vec<_>>(),
         })),
         Output::Table => {
