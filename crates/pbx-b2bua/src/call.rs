@@ -17,8 +17,9 @@ use pbx_sip_core::{
 use pbx_sip_msg::{CoreHeaders, HeaderName, MessageWriter, Method, SipMessage};
 use pbx_state::{CallRecord, LegRecord};
 
-use crate::dialog::Retransmit2xx;
-use crate::dialog::{contact_uri, record_routes, Destination, Dialog, Local, RetransmitDue};
+use crate::dialog::{
+    contact_uri, record_routes, Destination, Dialog, Local, Retransmit2xx, RetransmitDue,
+};
 
 const SDP: &str = "application/sdp";
 
@@ -653,11 +654,7 @@ impl<D: Destination> Call<D> {
         self.a
             .offer
             .as_ref()
-            .and_then(|o| {
-                o.media.iter().position(|m| {
-                    m.kind == "audio" && m.port != 0 && (m.has_payload(0) || m.has_payload(8))
-                })
-            })
+            .and_then(Sdp::g711_stream)
             .unwrap_or(0)
     }
 

@@ -161,13 +161,13 @@ impl<D: Destination> Dialog<D> {
         Bytes::from(bytes)
     }
 
-    /// Takes the peer's Contact (and, for a UAC, the reversed Record-Route) from a
-    /// dialog-forming message. The route set is fixed by the first such message.
+    /// Takes the peer's Contact and Record-Route (reversed for a UAC) from a
+    /// dialog-forming message. The route set is fixed by the first one that has any.
     pub fn learn_target(&mut self, msg: &SipMessage, uac: bool) {
         if let Some(t) = contact_uri(msg) {
             self.remote_target = t;
         }
-        if self.remote_tag.is_none() || self.route_set.is_empty() {
+        if self.route_set.is_empty() {
             let mut routes = record_routes(msg);
             if uac {
                 routes.reverse();

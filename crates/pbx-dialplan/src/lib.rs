@@ -143,6 +143,11 @@ pub struct Dialplan {
 }
 
 impl Dialplan {
+    /// Extensions over all contexts (for summaries).
+    pub fn extension_count(&self) -> usize {
+        self.contexts.values().map(|c| c.extensions.len()).sum()
+    }
+
     /// Parses and validates `source`; every problem is reported with its line.
     pub fn parse(source: &str) -> Result<Dialplan, DialplanError> {
         parse::parse(source).map_err(DialplanError::Invalid)

@@ -261,9 +261,6 @@ async fn run_stream(
         .map(|a| u32::from(a.port()).wrapping_mul(0x9e37_79b9))
         .unwrap_or(0x5eed);
     loop {
-        let play_at = play
-            .as_ref()
-            .map_or_else(tokio::time::Instant::now, |p| p.next);
         // Which socket is readable; the packet is handled below, outside the select.
         let [b0, b1, b2, b3] = &mut bufs;
         let (i, res) = tokio::select! {
@@ -316,7 +313,8 @@ async fn run_stream(
                 }
                 continue;
             }
-            _ = tokio::time::sleep_until(play_at), if play.is_some() => {
+            // Evaluated only while a prompt plays: no clock read on the forwarding path.
+            _ = tokio::time::sleep_until(play.as_ref().map_or_else(tokio::time::Instant::now, |p| p.next)), if play.is_some() => {
                 if let Some(p) = play.as_mut() {
                     match p.packet(&mut frame) {
                         Some(n) => {

@@ -121,11 +121,7 @@ fn verdict(source: &str) -> DialplanVerdict {
             errors: Vec::new(),
             version: 0,
             contexts: plan.contexts.len() as u32,
-            extensions: plan
-                .contexts
-                .values()
-                .map(|c| c.extensions.len())
-                .sum::<usize>() as u32,
+            extensions: plan.extension_count() as u32,
         },
         Err(DialplanError::Invalid(list)) => DialplanVerdict {
             errors: list

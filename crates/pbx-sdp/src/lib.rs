@@ -284,6 +284,14 @@ impl Sdp {
         out
     }
 
+    /// The stream the node's own applications use: the first active audio stream that
+    /// offers PCMU or PCMA.
+    pub fn g711_stream(&self) -> Option<usize> {
+        self.media.iter().position(|m| {
+            m.kind == "audio" && m.port != 0 && (m.has_payload(0) || m.has_payload(8))
+        })
+    }
+
     /// An answer from this node itself (Echo, Playback): the first audio stream with
     /// PCMU or PCMA (and telephone-event if offered) at `relay_ip:port`; other streams
     /// refused with port 0. `None` when no G.711 audio is offered.
@@ -294,9 +302,7 @@ impl Sdp {
         session_id: u64,
     ) -> Option<(String, u8)> {
         let ip_kind = if relay_ip.is_ipv4() { "IP4" } else { "IP6" };
-        let chosen = self.media.iter().position(|m| {
-            m.kind == "audio" && m.port != 0 && (m.has_payload(0) || m.has_payload(8))
-        })?;
+        let chosen = self.g711_stream()?;
         let pt = if self.media[chosen].has_payload(0) {
             0
         } else {

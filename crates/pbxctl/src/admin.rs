@@ -49,16 +49,12 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
-/// `user@host` for the audit trail.
+/// `user@host` for the audit trail (the node trims and filters it).
 fn actor() -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-    let text: String = format!("{user}@{}", host.trim())
-        .chars()
-        .filter(|c| c.is_ascii_graphic())
-        .take(64)
-        .collect();
-    text.parse()
+    format!("{user}@{}", host.trim())
+        .parse()
         .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("unknown"))
 }
 

@@ -402,12 +402,11 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("reading {}", file.display()))?;
             match pbx_dialplan::Dialplan::parse(&text) {
                 Ok(plan) => {
-                    let extensions: usize =
-                        plan.contexts.values().map(|c| c.extensions.len()).sum();
                     println!(
-                        "{}: valid: {} contexts, {extensions} extensions",
+                        "{}: valid: {} contexts, {} extensions",
                         file.display(),
-                        plan.contexts.len()
+                        plan.contexts.len(),
+                        plan.extension_count()
                     );
                     Ok(ExitCode::SUCCESS)
                 }
