@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pbx_tests::{wait_for, LocalCluster, Users};
+use pbx_tests::{wait_for, LocalCluster, Sipp, Users};
 
 #[test]
 fn admin_api_round_trips_with_token_fallback_and_exit_codes() {
@@ -113,11 +113,33 @@ fn admin_api_round_trips_with_token_fallback_and_exit_codes() {
         "[default]\nexten => 600,1,Answer()\n same => n,Echo()\n",
     )
     .unwrap();
+    // --dry-run: the difference from version 1 and the verdict, nothing committed.
+    let (code, text) = c
+        .admin(
+            &[3],
+            &["dialplan", "apply", "--dry-run", good.to_str().unwrap()],
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("--- version 1 (in force)"), "{text}");
+    assert!(text.contains("+exten => 600,1,Answer()"), "{text}");
+    assert!(text.contains("-include => features"), "{text}");
+    assert!(!text.contains("committed"), "{text}");
     let (code, text) = c
         .admin(&[3], &["dialplan", "apply", good.to_str().unwrap()])
         .unwrap();
     assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("+exten => 600,1,Answer()"),
+        "the diff first: {text}"
+    );
     assert!(text.contains("committed as version 2"), "{text}");
+    // The same text again: nothing to commit.
+    let (code, text) = c
+        .admin(&[2], &["dialplan", "apply", good.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("identical to version 2"), "{text}");
     wait_for("dialplan 2 on every node", Duration::from_secs(10), || {
         (1..=3)
             .all(|n| c.status(n).and_then(|s| s.get("dialplan").cloned()) == Some("2".into()))
@@ -263,4 +285,261 @@ fn users_and_registrations_through_pbxctl() {
     );
     let (_, last) = c.admin(&[1], &["audit", "--limit", "1"]).unwrap();
     assert!(last.contains("user remove dave"), "{last}");
+
+    // No quorum: node 1 alone refuses every change (exit 5, a clear reason), and once
+    // the others are back none of them happened.
+    let version = json(&["dialplan", "show"])["version"].clone();
+    let audited = json(&["audit"]).as_array().unwrap().len();
+    c.kill(2).unwrap();
+    c.kill(3).unwrap();
+    wait_for("node 1 sees no majority", Duration::from_secs(15), || {
+        c.status(1)
+            .filter(|s| s.get("serving_writes").map(String::as_str) == Some("false"))
+    })
+    .unwrap();
+    let plan = c.dir.path().join("nq.conf");
+    std::fs::write(&plan, "[default]\nexten => 1,1,Hangup()\n").unwrap();
+    for args in [
+        &["user", "add", "erin", "--password", "pw-erin"][..],
+        &["user", "update", "carol", "--context", "nq"],
+        &["dialplan", "apply", plan.to_str().unwrap()],
+        &["node", "drain", "--node", "1"],
+        &["registrations", "remove", "carol"],
+    ] {
+        let (code, text) = c.admin(&[1], args).unwrap();
+        assert_eq!(code, 5, "{args:?}: {text}");
+        assert!(
+            text.contains("no quorum, not committed"),
+            "{args:?}: {text}"
+        );
+    }
+    // Reads still answer.
+    let (code, text) = c.admin(&[1], &["user", "list"]).unwrap();
+    assert_eq!(code, 0, "{text}");
+    c.start(2).unwrap();
+    c.start(3).unwrap();
+    let users = json(&["user", "list"]);
+    let names: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    assert!(!names.contains(&"erin"), "{names:?}");
+    let carol = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "carol")
+        .unwrap();
+    assert_ne!(carol["context"], "nq");
+    assert_eq!(json(&["dialplan", "show"])["version"], version);
+    assert_eq!(
+        json(&["cluster", "status"])["draining"],
+        serde_json::json!([])
+    );
+    assert_eq!(json(&["audit"]).as_array().unwrap().len(), audited);
+}
+
+const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]\n";
+
+/// REGISTER load through nodes 1 and 2 while a fourth node is added (learner, catch-up,
+/// voter), leadership is handed to it, node 3 is removed and node 4 snapshots: every
+/// REGISTER succeeds, and node 4 then holds every binding and serves REGISTERs.
+#[test]
+fn membership_changes_under_register_load() {
+    pbx_tests::require_tool("sipp", "sip-tester");
+    let per_node = 2000;
+    let users = Users {
+        count: per_node * 2 + 1,
+    };
+    let c = LocalCluster::up(48, 3, &users, MD5_ONLY).unwrap();
+    let dir = c.dir.path().to_path_buf();
+    let csv = |name: &str, range: std::ops::Range<usize>| {
+        let p = dir.join(name);
+        Users::write_sipp_csv_for(
+            &p,
+            "pbx.test",
+            &format!("{}:5099", c.client_ip(99)),
+            3600,
+            range,
+        )
+        .unwrap();
+        p
+    };
+    let inf1 = csv("load1.csv", 1..per_node + 1);
+    let inf2 = csv("load2.csv", per_node + 1..2 * per_node + 1);
+    let load = |node: usize, inf: &std::path::Path| {
+        Sipp {
+            scenario: "reg_auth.xml",
+            target: c.node_addr(node),
+            local_ip: c.client_ip(200 + node as u8),
+            inf,
+            calls: per_node,
+            rate: 80,
+            transport: "u1",
+        }
+        .spawn(&[])
+        .unwrap()
+    };
+    let running = [load(1, &inf1), load(2, &inf2)];
+
+    // Bad input first, while the load runs: nothing changes.
+    let (code, text) = c
+        .admin(
+            &[1],
+            &[
+                "cluster",
+                "add-node",
+                "3",
+                "--peer",
+                &c.peer_addr(3),
+                "--sip",
+                &c.node_addr(3).to_string(),
+            ],
+        )
+        .unwrap();
+    assert_eq!(code, 1, "node 3 is a member already: {text}");
+    let (code, text) = c.admin(&[1], &["cluster", "remove-node", "9"]).unwrap();
+    assert_eq!(code, 6, "{text}");
+    let (code, text) = c.admin(&[2], &["cluster", "promote", "9"]).unwrap();
+    assert_eq!(code, 6, "{text}");
+    let (code, text) = c
+        .admin(
+            &[2],
+            &[
+                "cluster",
+                "add-node",
+                "7",
+                "--peer",
+                &c.peer_addr(7),
+                "--sip",
+                &c.node_addr(7).to_string(),
+            ],
+        )
+        .unwrap();
+    assert_eq!(code, 5, "nobody runs node 7: {text}");
+    let (code, text) = c
+        .admin(&[2], &["cluster", "transfer-leader", "--to", "9"])
+        .unwrap();
+    assert_eq!(code, 6, "{text}");
+
+    // Node 4: started empty, added through node 2 (a learner catching up, shown), then
+    // promoted.
+    c.launcher(&["add", "4", "--no-join"]).unwrap();
+    let (code, text) = c
+        .admin(
+            &[2],
+            &[
+                "cluster",
+                "add-node",
+                "4",
+                "--peer",
+                &c.peer_addr(4),
+                "--sip",
+                &c.node_addr(4).to_string(),
+            ],
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("node 4 added as a learner"), "{text}");
+    assert!(
+        text.contains("behind the leader") || text.contains("nothing replicated yet"),
+        "progress shown: {text}"
+    );
+    let voters = |c: &LocalCluster| -> Option<Vec<u64>> {
+        let (code, text) = c
+            .admin(
+                &[1, 2],
+                &["cluster", "status", "--leader", "--output", "json"],
+            )
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (code == 0).then_some(())?;
+        Some(
+            v["members"]
+                .as_array()?
+                .iter()
+                .filter(|m| m["voter"] == true)
+                .filter_map(|m| m["id"].as_u64())
+                .collect(),
+        )
+    };
+    assert_eq!(voters(&c), Some(vec![1, 2, 3, 4]));
+
+    // Leadership to node 4.
+    let (code, text) = c
+        .admin(&[1], &["cluster", "transfer-leader", "--to", "4"])
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    let leader = wait_for("node 4 leads", Duration::from_secs(15), || {
+        c.leader_among(&[1, 2, 3, 4])
+    })
+    .unwrap();
+    assert_eq!(leader, 4);
+
+    // Node 3 out (through node 3 itself), then stopped.
+    let (code, text) = c.admin(&[3], &["cluster", "remove-node", "3"]).unwrap();
+    assert_eq!(code, 0, "{text}");
+    c.launcher(&["stop", "3"]).unwrap();
+    assert_eq!(voters(&c), Some(vec![1, 2, 4]));
+
+    // A snapshot on node 4, asked through node 1.
+    let (code, text) = c
+        .admin(
+            &[1],
+            &["cluster", "snapshot", "--node", "4", "--output", "json"],
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["node_id"], 4);
+    assert!(v["snapshot_index"].as_u64().unwrap() > 0, "{text}");
+
+    // The load never failed.
+    for (i, r) in running.into_iter().enumerate() {
+        let run = r.wait().unwrap();
+        pbx_tests::assert_all_ok(
+            &run,
+            per_node,
+            &format!("REGISTER load through node {}", i + 1),
+        );
+    }
+    // Every binding is on node 4, and it takes REGISTERs itself.
+    let all = csv("all.csv", 1..2 * per_node + 1);
+    let run = Sipp {
+        scenario: "query_auth.xml",
+        target: c.node_addr(4),
+        local_ip: c.client_ip(154),
+        inf: &all,
+        calls: 2 * per_node,
+        rate: 1000,
+        transport: "u1",
+    }
+    .run()
+    .unwrap();
+    pbx_tests::assert_all_ok(&run, 2 * per_node, "every binding queried through node 4");
+    let one = csv("one.csv", 2 * per_node + 1..2 * per_node + 2);
+    let run = Sipp {
+        scenario: "reg_auth.xml",
+        target: c.node_addr(4),
+        local_ip: c.client_ip(155),
+        inf: &one,
+        calls: 1,
+        rate: 10,
+        transport: "u1",
+    }
+    .run()
+    .unwrap();
+    pbx_tests::assert_all_ok(&run, 1, "REGISTER through node 4");
+
+    // Every change is in the audit trail.
+    let (_, audit) = c.admin(&[4], &["audit"]).unwrap();
+    for action in [
+        "cluster add-node 4",
+        "cluster transfer-leader to 4",
+        "cluster remove-node 3",
+    ] {
+        assert!(audit.contains(action), "{action} audited: {audit}");
+    }
 }

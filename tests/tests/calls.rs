@@ -402,7 +402,7 @@ fn rtp_is_relayed_both_ways_and_echo_returns_what_was_sent() {
         1,
         &Users::name(2),
         phone.local_addr().unwrap(),
-        5000,
+        8000,
     );
     let port = wait_for("the answer's relay port", Duration::from_secs(10), || {
         sipp_logs(&c)
@@ -417,6 +417,19 @@ fn rtp_is_relayed_both_ways_and_echo_returns_what_was_sent() {
     for (i, pkt) in back.iter().enumerate() {
         assert_eq!(pkt, &rtp(i as u16 + 1, 0xfeed_beef));
     }
+    // While it runs, node 3's admin API lists it with node 1's media counters (the
+    // relay publishes them every second).
+    let text = wait_for("the call's media counters", Duration::from_secs(4), || {
+        let (code, text) = c.admin(&[3], &["calls", "list", "--output", "json"]).ok()?;
+        let calls: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let m = &calls[0]["media"][0];
+        (code == 0 && m["a_packets"] == 100 && m["b_packets"] == 100).then_some(text)
+    })
+    .unwrap();
+    let calls: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(calls[0]["owner_node"], 1, "{text}");
+    assert_eq!(calls[0]["callee"], Users::name(2), "{text}");
+    assert_eq!(calls[0]["media"][0]["a_lost"], 0, "{text}");
     ok(uac.wait().unwrap(), "bridged call");
     ok(uas.wait().unwrap(), "callee with RTP echo");
     // Counted both ways by the relay (logged when the stream closes).
@@ -433,6 +446,64 @@ fn rtp_is_relayed_both_ways_and_echo_returns_what_was_sent() {
             && line.contains("a_lost=0"),
         "{line}"
     );
+
+    // An operator hangs a call up through node 2: node 1 sends BYE both ways.
+    let uas = p.callee_with_media(
+        "uas_answer.xml",
+        &bob_ip,
+        bob_port,
+        &format!("{bob_ip}:{bob_media}"),
+        &["-mi", &bob_ip, "-mp", &bob_media],
+    );
+    // uac_call.xml that waits for the BYE instead of sending one.
+    let text =
+        std::fs::read_to_string(pbx_tests::repo_root().join("tests/sipp/uac_call.xml")).unwrap();
+    let (head, tail) = text.split_once("  <pause/>").unwrap();
+    let (_, rest) = tail
+        .split_once("<recv response=\"200\" crlf=\"true\"/>")
+        .unwrap();
+    let hungup = p.file(
+        "uac_hungup.xml",
+        &format!(
+            "{head}  <recv request=\"BYE\" timeout=\"60000\"/>\n  <send>\n    <![CDATA[\n\n      \
+             SIP/2.0 200 OK\n      [last_Via:]\n      [last_From:]\n      [last_To:]\n      \
+             [last_Call-ID:]\n      [last_CSeq:]\n      Content-Length: 0\n\n    ]]>\n  </send>{rest}"
+        ),
+    );
+    let uac = p.call(
+        hungup.to_str().unwrap(),
+        1,
+        1,
+        &Users::name(2),
+        phone.local_addr().unwrap(),
+        0,
+    );
+    let id = wait_for("the call listed", Duration::from_secs(10), || {
+        let (_, text) = c
+            .admin(&[2], &["calls", "list", "--no-media", "--output", "json"])
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v[0]["id"].as_str().map(str::to_string)
+    })
+    .unwrap();
+    let (code, text) = c.admin(&[2], &["calls", "hangup", &id]).unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("hung up on node 1"), "{text}");
+    ok(uac.wait().unwrap(), "caller got the operator's BYE");
+    ok(uas.wait().unwrap(), "callee got the operator's BYE");
+    wait_for(
+        "the call gone from the list",
+        Duration::from_secs(10),
+        || {
+            let (_, text) = c.admin(&[3], &["calls", "list", "--output", "json"]).ok()?;
+            (text.trim() == "[]").then_some(())
+        },
+    )
+    .unwrap();
+    let (code, text) = c.admin(&[3], &["calls", "hangup", &id]).unwrap();
+    assert_eq!(code, 6, "no such call any more: {text}");
+    let (_, audit) = c.admin(&[1], &["audit"]).unwrap();
+    assert!(audit.contains(&format!("calls hangup {id}")), "{audit}");
 }
 
 /// baresip's configuration: SIP over TCP through `outbound` (the node holding its

@@ -628,3 +628,37 @@ fn info_is_relayed_to_the_bridged_leg_and_its_answer_comes_back() {
     assert_eq!(rc.cseq.method, Method::Info);
     assert_eq!(rc.cseq.seq, 2);
 }
+
+#[test]
+fn an_operator_hangup_sends_bye_both_ways_and_ends_the_answered_call() {
+    let (mut h, tag) = bridged_with_bob1();
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    h.take();
+    h.call.hangup_now(h.now, 16);
+    let out = h.take();
+    let to_alice = Harness::sent(&out, ALICE);
+    let to_bob = Harness::sent(&out, BOB1);
+    assert_eq!(to_alice[0].0, Method::Bye);
+    assert_eq!(to_bob[0].0, Method::Bye);
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            Output::Ended {
+                cause: 16,
+                answered: true
+            }
+        )),
+        "ended, answered, with the operator's cause"
+    );
+    assert!(!h.call.is_done(), "the BYE transactions run on");
+    for (peer, bye) in [(ALICE, &to_alice), (BOB1, &to_bob)] {
+        let (_, c) = parse(&bye[0].1);
+        let tag = c.to.tag().unwrap_or_default().to_string();
+        h.response(&response_to(&bye[0].1, 200, &tag, peer, ""));
+    }
+    h.advance(Duration::from_secs(40));
+    assert!(h.call.is_done());
+}

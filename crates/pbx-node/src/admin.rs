@@ -7,15 +7,16 @@ use std::sync::Arc;
 
 use pbx_admin_proto::admin_server::{Admin, AdminServer};
 use pbx_admin_proto::{
-    AuditEntry, AuditListReply, AuditListRequest, Call, CallListReply, CallListRequest,
-    ClusterStatusReply, ClusterStatusRequest, DialplanHistoryReply, DialplanHistoryRequest,
-    DialplanRollbackRequest, DialplanShowRequest, DialplanText, DialplanVerdict, LineError, Member,
+    AuditEntry, AuditListReply, AuditListRequest, Call, CallHangupReply, CallHangupRequest,
+    CallListReply, CallListRequest, ClusterAddNodeRequest, ClusterNodeRequest, ClusterStatusReply,
+    ClusterStatusRequest, DialplanHistoryReply, DialplanHistoryRequest, DialplanRollbackRequest,
+    DialplanShowRequest, DialplanText, DialplanVerdict, LineError, MediaStream, Member,
     NodeDrainReply, NodeDrainRequest, Registration, RegistrationListReply, RegistrationListRequest,
     RegistrationRemoveReply, RegistrationRemoveRequest, StoredDialplan, User, UserAddRequest,
     UserListReply, UserListRequest, UserRemoveReply, UserRemoveRequest, UserUpdateRequest,
 };
 use pbx_dialplan::{Dialplan, DialplanError};
-use pbx_raft::Cluster;
+use pbx_raft::{Cluster, ManageOp, NodeStatus, RaftError};
 use pbx_registrar::digest::{ha1, Algorithm};
 use pbx_state::{Command, Response};
 use tonic::{Request, Status};
@@ -30,7 +31,24 @@ enum AdminError {
     NotFound(String),
     /// No leader or no majority: nothing was changed.
     NoQuorum(String),
+    /// A cluster change that does not fit the membership as it stands.
+    Refused(String),
+    /// A node the operation needs could not be reached.
+    Unreachable(String),
     Internal(String),
+}
+
+impl From<RaftError> for AdminError {
+    fn from(e: RaftError) -> AdminError {
+        match e {
+            RaftError::Refused(m) => AdminError::Refused(m),
+            RaftError::UnknownNode(id) => {
+                AdminError::NotFound(format!("node {id} is not a member"))
+            }
+            RaftError::Transport(m) => AdminError::Unreachable(m),
+            other => AdminError::NoQuorum(other.to_string()),
+        }
+    }
 }
 
 impl From<AdminError> for Status {
@@ -40,10 +58,25 @@ impl From<AdminError> for Status {
             AdminError::Exists(m) => Status::already_exists(m),
             AdminError::NotFound(m) => Status::not_found(m),
             AdminError::NoQuorum(m) => {
-                Status::unavailable(format!("no quorum, nothing changed: {m}"))
+                Status::unavailable(format!("no quorum, not committed: {m}"))
             }
+            AdminError::Refused(m) => Status::failed_precondition(m),
+            AdminError::Unreachable(m) => Status::unavailable(m),
             AdminError::Internal(m) => Status::internal(m),
         }
+    }
+}
+
+fn media_stream(c: &pbx_raft::MediaCounters) -> MediaStream {
+    MediaStream {
+        a_packets: c.a_packets,
+        a_bytes: c.a_bytes,
+        a_lost: c.a_lost,
+        a_jitter_ms: c.a_jitter_ms,
+        b_packets: c.b_packets,
+        b_bytes: c.b_bytes,
+        b_lost: c.b_lost,
+        b_jitter_ms: c.b_jitter_ms,
     }
 }
 
@@ -193,6 +226,99 @@ fn user_reply(u: &pbx_state::User) -> User {
 }
 
 impl AdminService {
+    /// Runs a cluster change and records it in the audit trail.
+    async fn manage(
+        &self,
+        actor: &str,
+        action: String,
+        op: ManageOp,
+        on: Option<u64>,
+    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+        let s = self
+            .cluster
+            .manage(op, on)
+            .await
+            .map_err(AdminError::from)?;
+        let audit = Command::Audit(pbx_state::AuditEntry {
+            at_ms: 0,
+            actor: actor.to_string(),
+            node: self.cluster.node_id(),
+            action,
+        });
+        if let Err(e) = self.cluster.propose(audit).await {
+            tracing::warn!(error = %e, "cluster change done but not audited");
+        }
+        Ok(tonic::Response::new(self.status_reply(s)))
+    }
+
+    /// A node's status as the API answers it (lags where it is the leader's).
+    fn status_reply(&self, s: NodeStatus) -> ClusterStatusReply {
+        let draining: Vec<u64> = self.cluster.read().draining.iter().copied().collect();
+        let lags: Vec<Option<u64>> = s.members.iter().map(|(id, _, _)| s.lag_of(*id)).collect();
+        ClusterStatusReply {
+            node_id: s.node_id,
+            role: s.role.to_string(),
+            leader_id: s.leader_id.unwrap_or(0),
+            term: s.term,
+            last_log_index: s.last_log_index,
+            applied_index: s.applied_index,
+            snapshot_index: s.snapshot_index,
+            serving_writes: s.serving_writes,
+            members: s
+                .members
+                .into_iter()
+                .zip(lags)
+                .map(|((id, m, voter), lag)| Member {
+                    id,
+                    peer_addr: m.peer_addr,
+                    sip_addr: m.sip_addr,
+                    voter,
+                    lag,
+                    draining: draining.contains(&id),
+                })
+                .collect(),
+            users: s.users,
+            bindings: s.bindings,
+            dialplan_version: s.dialplan_version,
+            calls: s.calls,
+            draining,
+        }
+    }
+
+    /// Asks each node running some of `calls` for their media counters (in parallel).
+    async fn add_media(&self, calls: &mut [Call]) {
+        let mut by_owner: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+        for c in calls.iter() {
+            by_owner.entry(c.owner_node).or_default().push(c.id.clone());
+        }
+        let mut asks = tokio::task::JoinSet::new();
+        for (owner, ids) in by_owner {
+            let cluster = self.cluster.clone();
+            asks.spawn(async move { (owner, cluster.call_control(owner, ids, false).await) });
+        }
+        while let Some(Ok((owner, answer))) = asks.join_next().await {
+            match answer {
+                Ok(list) => {
+                    let mut by_id: std::collections::HashMap<String, Vec<MediaStream>> = list
+                        .into_iter()
+                        .map(|c| (c.call_id, c.streams.iter().map(media_stream).collect()))
+                        .collect();
+                    for c in calls.iter_mut().filter(|c| c.owner_node == owner) {
+                        match by_id.remove(&c.id) {
+                            Some(m) => c.media = m,
+                            None => c.media_error = format!("node {owner} no longer runs it"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    for c in calls.iter_mut().filter(|c| c.owner_node == owner) {
+                        c.media_error = e.to_string();
+                    }
+                }
+            }
+        }
+    }
+
     fn realm(&self) -> Result<String, AdminError> {
         self.cluster
             .read()
@@ -264,48 +390,118 @@ impl AdminService {
 impl Admin for AdminService {
     async fn cluster_status(
         &self,
-        _: Request<ClusterStatusRequest>,
+        request: Request<ClusterStatusRequest>,
     ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
-        let s = self.cluster.status();
-        let draining: Vec<u64> = self.cluster.read().draining.iter().copied().collect();
-        let matched: std::collections::HashMap<u64, Option<u64>> =
-            s.matched.iter().copied().collect();
-        let last = s.last_log_index;
-        Ok(tonic::Response::new(ClusterStatusReply {
-            node_id: s.node_id,
-            role: s.role.to_string(),
-            leader_id: s.leader_id.unwrap_or(0),
-            term: s.term,
-            last_log_index: s.last_log_index,
-            applied_index: s.applied_index,
-            snapshot_index: s.snapshot_index,
-            serving_writes: s.serving_writes,
-            members: s
-                .members
-                .into_iter()
-                .map(|(id, m, voter)| Member {
-                    id,
-                    peer_addr: m.peer_addr,
-                    sip_addr: m.sip_addr,
-                    voter,
-                    lag: if s.role == "leader" && id == s.node_id {
-                        Some(0)
-                    } else {
-                        matched
-                            .get(&id)
-                            .copied()
-                            .flatten()
-                            .map(|i| last.saturating_sub(i))
-                    },
-                    draining: draining.contains(&id),
-                })
-                .collect(),
-            users: s.users,
-            bindings: s.bindings,
-            dialplan_version: s.dialplan_version,
-            calls: s.calls,
-            draining,
-        }))
+        let s = if request.into_inner().from_leader {
+            self.cluster
+                .manage(ManageOp::Status, None)
+                .await
+                .map_err(AdminError::from)?
+        } else {
+            self.cluster.status()
+        };
+        Ok(tonic::Response::new(self.status_reply(s)))
+    }
+
+    async fn cluster_add_node(
+        &self,
+        request: Request<ClusterAddNodeRequest>,
+    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+        let actor = actor_of(&request);
+        let r = request.into_inner();
+        let check_addr = |what: &str, a: &str| {
+            a.parse::<SocketAddr>()
+                .map(|_| ())
+                .map_err(|_| AdminError::Invalid(format!("{what} address {a:?}: want IP:PORT")))
+        };
+        check_addr("peer", &r.peer_addr)?;
+        check_addr("SIP", &r.sip_addr)?;
+        let member = pbx_raft::Member {
+            peer_addr: r.peer_addr,
+            sip_addr: r.sip_addr,
+        };
+        let action = format!("cluster add-node {} ({member})", r.id);
+        self.manage(
+            &actor,
+            action,
+            ManageOp::AddLearner { id: r.id, member },
+            None,
+        )
+        .await
+    }
+
+    async fn cluster_promote_node(
+        &self,
+        request: Request<ClusterNodeRequest>,
+    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+        let actor = actor_of(&request);
+        let id = request.into_inner().id;
+        self.manage(
+            &actor,
+            format!("cluster promote {id}"),
+            ManageOp::Promote { id },
+            None,
+        )
+        .await
+    }
+
+    async fn cluster_remove_node(
+        &self,
+        request: Request<ClusterNodeRequest>,
+    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+        let actor = actor_of(&request);
+        let id = request.into_inner().id;
+        let reply = self
+            .manage(
+                &actor,
+                format!("cluster remove-node {id}"),
+                ManageOp::Remove { id },
+                None,
+            )
+            .await?;
+        // Its call records and drain flag go with it (best effort: the membership
+        // change is done).
+        let cleanup = Command::Batch(vec![
+            Command::CallsOfOwnerEnded { owner: id },
+            Command::SetDraining {
+                node: id,
+                draining: false,
+            },
+        ]);
+        if let Err(e) = self.cluster.propose(cleanup).await {
+            tracing::warn!(node = id, error = %e, "removed node's call records not cleared");
+        }
+        Ok(reply)
+    }
+
+    async fn cluster_transfer_leader(
+        &self,
+        request: Request<ClusterNodeRequest>,
+    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+        let actor = actor_of(&request);
+        let id = request.into_inner().id;
+        let to = (id != 0).then_some(id);
+        let action = match to {
+            Some(t) => format!("cluster transfer-leader to {t}"),
+            None => "cluster transfer-leader".to_string(),
+        };
+        self.manage(&actor, action, ManageOp::TransferLeader { to }, None)
+            .await
+    }
+
+    async fn cluster_snapshot(
+        &self,
+        request: Request<ClusterNodeRequest>,
+    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+        let id = request.into_inner().id;
+        let on = (id != 0).then_some(id);
+        // Changes no replicated state: not audited.
+        let s = self
+            .cluster
+            .manage(ManageOp::Snapshot, on)
+            .await
+            .map_err(AdminError::from)?;
+        Ok(tonic::Response::new(self.status_reply(s)))
     }
 
     async fn dialplan_show(
@@ -485,9 +681,11 @@ impl Admin for AdminService {
 
     async fn call_list(
         &self,
-        _: Request<CallListRequest>,
+        request: Request<CallListRequest>,
     ) -> Result<tonic::Response<CallListReply>, Status> {
-        let calls = self
+        let no_media = request.into_inner().no_media;
+        let now_ms = crate::unix_ms();
+        let mut calls: Vec<Call> = self
             .cluster
             .read()
             .calls
@@ -499,9 +697,52 @@ impl Admin for AdminService {
                 callee: c.callee.clone(),
                 answered_at_ms: c.answered_at_ms,
                 leg_call_ids: c.legs.iter().map(|l| l.call_id.clone()).collect(),
+                duration_secs: now_ms.saturating_sub(c.answered_at_ms) / 1000,
+                media: Vec::new(),
+                media_error: String::new(),
             })
             .collect();
+        calls.sort_by_key(|c| c.answered_at_ms);
+        if !no_media {
+            self.add_media(&mut calls).await;
+        }
         Ok(tonic::Response::new(CallListReply { calls }))
+    }
+
+    async fn call_hangup(
+        &self,
+        request: Request<CallHangupRequest>,
+    ) -> Result<tonic::Response<CallHangupReply>, Status> {
+        let actor = actor_of(&request);
+        let id = request.into_inner().id;
+        let owner = self
+            .cluster
+            .read()
+            .calls
+            .get(&id)
+            .map(|c| c.owner)
+            .ok_or_else(|| AdminError::NotFound(format!("no answered call {id}")))?;
+        let done = self
+            .cluster
+            .call_control(owner, vec![id.clone()], true)
+            .await
+            .map_err(AdminError::from)?;
+        if done.is_empty() {
+            return Err(
+                AdminError::NotFound(format!("node {owner} no longer runs call {id}")).into(),
+            );
+        }
+        tracing::info!(call = %id, owner, "call hung up through the admin API");
+        let audit = Command::Audit(pbx_state::AuditEntry {
+            at_ms: 0,
+            actor,
+            node: self.cluster.node_id(),
+            action: format!("calls hangup {id} (on node {owner})"),
+        });
+        if let Err(e) = self.cluster.propose(audit).await {
+            tracing::warn!(call = %id, error = %e, "hangup done but not audited");
+        }
+        Ok(tonic::Response::new(CallHangupReply { owner_node: owner }))
     }
 
     async fn node_drain(

@@ -13,13 +13,14 @@ use pbx_b2bua::{Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Out
 use pbx_dialplan::{CallerId, DialTarget, Dialplan, Execution, LogLevel};
 use pbx_media::{MediaConfig, MediaEvent, MediaRelay, Stream};
 use pbx_media_core::Mode;
-use pbx_raft::Cluster;
+use pbx_raft::manage::BoxFuture;
+use pbx_raft::{CallMedia, Cluster, MediaCounters};
 use pbx_registrar::{Inbound, ReplyHead};
 use pbx_sdp::Sdp;
 use pbx_sip_core::{Timers, TransactionKey};
 use pbx_sip_msg::{CoreHeaders, MessageWriter, SipMessage};
 use pbx_state::{Command, State, Transport};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -38,6 +39,60 @@ pub(crate) enum CallInput {
         msg: SipMessage,
         core: CoreHeaders,
     },
+    /// From the admin API: the media counters, and hang up with `hangup`.
+    Control {
+        hangup: bool,
+        reply: oneshot::Sender<Vec<MediaCounters>>,
+    },
+}
+
+/// Q.850 cause of a call hung up by an operator (normal clearing, as Asterisk's
+/// `channel request hangup`).
+const CAUSE_ADMIN_HANGUP: u16 = 16;
+
+/// The node's side of the `CallControl` peer RPC and of the local admin API.
+pub(crate) struct CallControlHook(pub(crate) std::sync::Weak<Shared>);
+
+impl pbx_raft::CallControl for CallControlHook {
+    fn calls(&self, call_ids: Vec<String>, hangup: bool) -> BoxFuture<Vec<CallMedia>> {
+        let shared = self.0.upgrade();
+        Box::pin(async move {
+            let Some(shared) = shared else {
+                return Vec::new();
+            };
+            let mut asked = Vec::new();
+            for id in call_ids {
+                if let Some(tx) = shared.calls.route(&id) {
+                    let (reply, rx) = oneshot::channel();
+                    if tx.send(CallInput::Control { hangup, reply }).is_ok() {
+                        asked.push((id, rx));
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            for (call_id, rx) in asked {
+                // A call that ended meanwhile drops the sender: left out.
+                if let Ok(streams) = rx.await {
+                    out.push(CallMedia { call_id, streams });
+                }
+            }
+            out
+        })
+    }
+}
+
+fn media_counters(s: &Stream) -> MediaCounters {
+    let c = s.counters();
+    MediaCounters {
+        a_packets: c.from_a.packets,
+        a_bytes: c.from_a.bytes,
+        a_lost: c.from_a.lost,
+        a_jitter_ms: c.from_a.jitter_ms(8000),
+        b_packets: c.from_b.packets,
+        b_bytes: c.from_b.bytes,
+        b_lost: c.from_b.lost,
+        b_jitter_ms: c.from_b.jitter_ms(8000),
+    }
 }
 
 /// Loaded prompts by (name, payload type); `None`: no such file.
@@ -346,6 +401,13 @@ async fn run_call(
                         call.on_request(now, &msg, &core, key, source);
                     }
                     Some(CallInput::Response { msg, core }) => call.on_response(now, &msg, &core),
+                    Some(CallInput::Control { hangup, reply }) => {
+                        let _ = reply.send(streams.iter().map(media_counters).collect());
+                        if hangup {
+                            tracing::info!(call = call.id(), "hung up by an operator");
+                            call.hangup_now(now, CAUSE_ADMIN_HANGUP);
+                        }
+                    }
                     None => break,
                 }
             }

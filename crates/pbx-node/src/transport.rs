@@ -185,6 +185,11 @@ pub(crate) fn serve(
     shared
         .state
         .set_sip_relay(Arc::new(TransportRelay(Arc::downgrade(&shared))));
+    shared
+        .state
+        .set_call_control(Arc::new(crate::calls::CallControlHook(Arc::downgrade(
+            &shared,
+        ))));
     let mut tasks = Vec::new();
     for _ in 0..config.transport.udp_workers {
         tasks.push(tokio::spawn(udp_worker(shared.clone())));

@@ -14,6 +14,7 @@ use pbx_state::{Command, Response, State};
 use pbx_storage::SledStore;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::manage::{CallControl, CallMedia, ManageOp};
 use crate::network::{Identity, PeerPool};
 use crate::proto::forward_reply::Result as ForwardResult;
 use crate::service::PeerService;
@@ -77,6 +78,7 @@ pub struct NodeStatus {
 
 impl From<NodeStatus> for crate::proto::StatusReply {
     fn from(s: NodeStatus) -> Self {
+        let matched = s.matched_proto();
         crate::proto::StatusReply {
             node_id: s.node_id,
             role: s.role.into(),
@@ -101,6 +103,7 @@ impl From<NodeStatus> for crate::proto::StatusReply {
             dialplan_version: s.dialplan_version,
             calls: s.calls,
             ready: s.ready,
+            matched,
         }
     }
 }
@@ -115,7 +118,7 @@ pub(crate) struct Shared {
     pub(crate) config: ClusterConfig,
     pub(crate) raft: Raft,
     applied: Arc<RwLock<Applied>>,
-    pool: PeerPool,
+    pub(crate) pool: PeerPool,
     store: Arc<SledStore>,
     epoch: Instant,
     /// Milliseconds since `epoch` of the last accepted append from a leader (+1; 0 =
@@ -133,6 +136,11 @@ pub(crate) struct Shared {
     started_empty: AtomicBool,
     /// Where relayed SIP messages go (the node's transport), once it is running.
     pub(crate) sip_relay: std::sync::OnceLock<Arc<dyn SipRelay>>,
+    /// The calls this node runs, for the admin API on any node.
+    pub(crate) call_control: std::sync::OnceLock<Arc<dyn CallControl>>,
+    /// Held shared by every commit on the leader, exclusively while it hands leadership
+    /// over (writes wait, then go to the new leader).
+    pub(crate) write_gate: tokio::sync::RwLock<()>,
 }
 
 /// The node's side of the peer link's `Relay` RPC: SIP messages for phones whose
@@ -146,6 +154,14 @@ pub trait SipRelay: Send + Sync {
         message: Vec<u8>,
         from_phone: bool,
     ) -> bool;
+}
+
+/// The role names of [`NodeStatus::role`], from their text (a peer's status).
+pub(crate) fn role_name(s: &str) -> &'static str {
+    ["leader", "follower", "candidate", "learner", "shutdown"]
+        .into_iter()
+        .find(|r| *r == s)
+        .unwrap_or("unknown")
 }
 
 fn role(state: ServerState) -> &'static str {
@@ -269,18 +285,36 @@ impl Shared {
         &self,
         mut command: Command,
     ) -> Result<Response, LeaderCommitError> {
-        let leader = self.current_leader();
-        if leader != Some(self.config.node_id) {
-            return Err(LeaderCommitError::NotLeader(leader));
-        }
-        command.stamp(unix_ms());
-        match tokio::time::timeout(self.config.write_timeout, self.raft.client_write(command)).await
-        {
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(OpenraftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(LeaderCommitError::NotLeader(f.leader_id))
+        let commit = async {
+            // Held while leadership is handed over: then this node is no longer leader.
+            let _gate = self.write_gate.read().await;
+            let (leader, quorum_ack_ms) = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                (m.current_leader, m.millis_since_quorum_ack)
+            };
+            if leader != Some(self.config.node_id) {
+                return Err(LeaderCommitError::NotLeader(leader));
             }
-            Ok(Err(e)) => Err(LeaderCommitError::Unavailable(e.to_string())),
+            // A leader that has not heard from a majority for a lease would only append
+            // the entry where it may commit long after the client was told 503: refuse
+            // it unwritten. (None: just elected, its first acks are on their way.)
+            if let Some(ms) = quorum_ack_ms.filter(|ms| *ms > self.lease_ms()) {
+                return Err(LeaderCommitError::Unavailable(format!(
+                    "no majority heard from for {ms} ms: not written"
+                )));
+            }
+            command.stamp(unix_ms());
+            match self.raft.client_write(command).await {
+                Ok(resp) => Ok(resp.data),
+                Err(OpenraftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(LeaderCommitError::NotLeader(f.leader_id))
+                }
+                Err(e) => Err(LeaderCommitError::Unavailable(e.to_string())),
+            }
+        };
+        match tokio::time::timeout(self.config.write_timeout, commit).await {
+            Ok(r) => r,
             Err(_) => Err(LeaderCommitError::Unavailable(format!(
                 "not committed within {} ms: no majority reachable",
                 self.config.write_timeout.as_millis()
@@ -457,6 +491,8 @@ impl Cluster {
             ready: AtomicBool::new(false),
             started_empty: AtomicBool::new(!has_state),
             sip_relay: std::sync::OnceLock::new(),
+            call_control: std::sync::OnceLock::new(),
+            write_gate: tokio::sync::RwLock::new(()),
         });
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -579,30 +615,55 @@ impl Cluster {
         self.shared.ready.store(true, Ordering::Relaxed);
     }
 
-    /// Adds a node as a learner (it catches up from the log or a snapshot); call on the
-    /// leader. Returns once the learner has caught up when `wait` is set.
-    pub async fn add_learner(
-        &self,
-        id: NodeId,
-        member: Member,
-        wait: bool,
-    ) -> Result<(), RaftError> {
-        self.shared
-            .raft
-            .add_learner(id, member, wait)
-            .await
-            .map(|_| ())
-            .map_err(|e| RaftError::Raft(e.to_string()))
+    /// Carries out a cluster operation on the node it concerns (the leader, or `on` /
+    /// this node for a snapshot), reached over the peer link if need be; answers with
+    /// that node's status afterwards.
+    pub async fn manage(&self, op: ManageOp, on: Option<NodeId>) -> Result<NodeStatus, RaftError> {
+        self.shared.manage(op, on).await.map_err(RaftError::from)
     }
 
-    /// Sets the voters (joint consensus inside openraft); call on the leader.
-    pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), RaftError> {
-        self.shared
-            .raft
-            .change_membership(voters, false)
+    /// Installs the node's call control (once).
+    pub fn set_call_control(&self, control: Arc<dyn CallControl>) {
+        let _ = self.shared.call_control.set(control);
+    }
+
+    /// Media counters of the calls `node` runs among `call_ids` (hung up with `hangup`).
+    pub async fn call_control(
+        &self,
+        node: NodeId,
+        call_ids: Vec<String>,
+        hangup: bool,
+    ) -> Result<Vec<CallMedia>, RaftError> {
+        if node == self.shared.config.node_id {
+            return Ok(match self.shared.call_control.get() {
+                Some(c) => c.calls(call_ids, hangup).await,
+                None => Vec::new(),
+            });
+        }
+        let addr = self
+            .shared
+            .metrics()
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.peer_addr.clone())
+            .ok_or(RaftError::UnknownNode(node))?;
+        let mut client = self.shared.pool.client(node, &addr)?;
+        let mut req = tonic::Request::new(crate::proto::CallControlRequest { call_ids, hangup });
+        req.set_timeout(Duration::from_secs(2));
+        let reply = client
+            .call_control(req)
             .await
-            .map(|_| ())
-            .map_err(|e| RaftError::Raft(e.to_string()))
+            .map_err(|s| RaftError::Transport(format!("node {node}: {}", s.message())))?;
+        Ok(reply
+            .into_inner()
+            .calls
+            .into_iter()
+            .map(|c| CallMedia {
+                call_id: c.call_id,
+                streams: c.streams.into_iter().map(Into::into).collect(),
+            })
+            .collect())
     }
 
     pub async fn shutdown(&self) {

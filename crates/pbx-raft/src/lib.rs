@@ -17,12 +17,14 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub mod cluster;
+pub mod manage;
 pub mod network;
 pub mod service;
 mod stats;
 pub mod store;
 
 pub use cluster::{Cluster, ClusterConfig, NodeStatus, SipRelay, StateGuard};
+pub use manage::{CallControl, CallMedia, ManageOp, MediaCounters};
 pub use stats::{CommitReport, CommitStats};
 
 /// Generated from `proto/pbx/cluster/v1/peer.proto`.
@@ -33,8 +35,8 @@ pub mod proto {
 
 /// Version of the peer-link protocol: the proto messages and the bincode shape of the
 /// openraft types and state commands inside them. Nodes refuse peers that speak another
-/// version. 2: call records in the commands, the Relay RPC.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// version. 2: call records in the commands, the Relay RPC. 3: Manage and CallControl.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 pub type NodeId = u64;
 
@@ -85,6 +87,11 @@ pub enum RaftError {
     Config(String),
     #[error("peer link: {0}")]
     Transport(String),
+    /// A cluster change refused as it stands (nothing was changed).
+    #[error("{0}")]
+    Refused(String),
+    #[error("node {0} is not a member")]
+    UnknownNode(NodeId),
 }
 
 /// Unix time in milliseconds: what the leader stamps into commands.

@@ -9,12 +9,14 @@ use pbx_state::Command;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{LeaderCommitError, Shared};
+use crate::manage::ManageOp;
 use crate::network::{MD_CLUSTER, MD_NODE, MD_PROTOCOL};
 use crate::proto::forward_reply::Result as ForwardResult;
 use crate::proto::peer_link_server::{PeerLink, PeerLinkServer};
 use crate::proto::{
-    ForwardReply, ForwardRequest, HandshakeReply, HandshakeRequest, NotLeader, RaftPayload,
-    RelayReply, RelayRequest, StatusReply, StatusRequest,
+    CallControlReply, CallControlRequest, ForwardReply, ForwardRequest, HandshakeReply,
+    HandshakeRequest, ManageRequest, NotLeader, RaftPayload, RelayReply, RelayRequest, StatusReply,
+    StatusRequest,
 };
 use crate::PROTOCOL_VERSION;
 
@@ -220,5 +222,37 @@ impl PeerLink for PeerService {
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         Ok(Response::new(self.shared.status().into()))
+    }
+
+    async fn manage(
+        &self,
+        request: Request<ManageRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        self.check.request(&request)?;
+        let op = ManageOp::from_proto(request.into_inner())
+            .ok_or_else(|| Status::invalid_argument("no operation"))?;
+        let status = self.shared.manage_here(op).await?;
+        Ok(Response::new(status.into()))
+    }
+
+    async fn call_control(
+        &self,
+        request: Request<CallControlRequest>,
+    ) -> Result<Response<CallControlReply>, Status> {
+        self.check.request(&request)?;
+        let r = request.into_inner();
+        let calls = match self.shared.call_control.get() {
+            Some(c) => c.calls(r.call_ids, r.hangup).await,
+            None => Vec::new(),
+        };
+        Ok(Response::new(CallControlReply {
+            calls: calls
+                .into_iter()
+                .map(|c| crate::proto::CallMedia {
+                    call_id: c.call_id,
+                    streams: c.streams.iter().map(Into::into).collect(),
+                })
+                .collect(),
+        }))
     }
 }

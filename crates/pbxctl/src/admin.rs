@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use pbx_admin_proto::admin_client::AdminClient;
 use pbx_admin_proto::{
-    ClusterStatusRequest, DialplanHistoryRequest, DialplanRollbackRequest, DialplanShowRequest,
-    DialplanText, DialplanVerdict,
+    ClusterStatusReply, ClusterStatusRequest, DialplanHistoryRequest, DialplanRollbackRequest,
+    DialplanShowRequest, DialplanText, DialplanVerdict,
 };
 use serde_json::json;
 use tonic::service::interceptor::InterceptedService;
@@ -73,7 +73,9 @@ impl From<tonic::Status> for Failure {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => EXIT_UNAUTHORIZED,
             tonic::Code::Unavailable => EXIT_NO_QUORUM,
             tonic::Code::NotFound => EXIT_NOT_FOUND,
-            tonic::Code::InvalidArgument | tonic::Code::AlreadyExists => EXIT_INVALID,
+            tonic::Code::InvalidArgument
+            | tonic::Code::AlreadyExists
+            | tonic::Code::FailedPrecondition => EXIT_INVALID,
             _ => 2,
         };
         Failure {
@@ -127,50 +129,188 @@ fn print_json(v: serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
-pub async fn cluster_status(t: &Target) -> Result<ExitCode, Failure> {
-    let r = t
-        .connect()
-        .await?
-        .cluster_status(ClusterStatusRequest {})
-        .await?
-        .into_inner();
+fn status_json(r: &ClusterStatusReply) -> serde_json::Value {
+    json!({
+        "node_id": r.node_id, "role": r.role, "leader_id": r.leader_id, "term": r.term,
+        "last_log_index": r.last_log_index, "applied_index": r.applied_index,
+        "snapshot_index": r.snapshot_index, "serving_writes": r.serving_writes,
+        "users": r.users, "bindings": r.bindings, "dialplan_version": r.dialplan_version,
+        "calls": r.calls, "draining": r.draining,
+        "members": r.members.iter().map(|m| json!({
+            "id": m.id, "peer_addr": m.peer_addr, "sip_addr": m.sip_addr, "voter": m.voter,
+            "lag": m.lag, "draining": m.draining,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_status(t: &Target, r: &ClusterStatusReply) {
     match t.output {
-        Output::Json => print_json(json!({
-            "node_id": r.node_id, "role": r.role, "leader_id": r.leader_id, "term": r.term,
-            "last_log_index": r.last_log_index, "applied_index": r.applied_index,
-            "snapshot_index": r.snapshot_index, "serving_writes": r.serving_writes,
-            "users": r.users, "bindings": r.bindings, "dialplan_version": r.dialplan_version,
-            "calls": r.calls, "draining": r.draining,
-            "members": r.members.iter().map(|m| json!({
-                "id": m.id, "peer_addr": m.peer_addr, "sip_addr": m.sip_addr, "voter": m.voter,
-                "lag": m.lag, "draining": m.draining,
-            })).collect::<Vec<_>>(),
-        })),
+        Output::Json => print_json(status_json(r)),
         Output::Table => {
             println!(
-                "answered by node {} ({}), leader {}, term {}, applied {}/{}, serving writes: {}",
+                "answered by node {} ({}), leader {}, term {}, applied {}/{}, snapshot {}, serving writes: {}",
                 r.node_id,
                 r.role,
                 r.leader_id,
                 r.term,
                 r.applied_index,
                 r.last_log_index,
+                r.snapshot_index,
                 r.serving_writes
             );
             println!(
                 "users {}  bindings {}  dialplan v{}  calls {}  draining {:?}",
                 r.users, r.bindings, r.dialplan_version, r.calls, r.draining
             );
-            println!("{:<4} {:<22} {:<22} VOTER", "ID", "PEER", "SIP");
+            println!(
+                "{:<4} {:<22} {:<22} {:<8} {:>6} DRAINING",
+                "ID", "PEER", "SIP", "ROLE", "LAG"
+            );
             for m in &r.members {
                 println!(
-                    "{:<4} {:<22} {:<22} {}",
-                    m.id, m.peer_addr, m.sip_addr, m.voter
+                    "{:<4} {:<22} {:<22} {:<8} {:>6} {}",
+                    m.id,
+                    m.peer_addr,
+                    m.sip_addr,
+                    if m.voter { "voter" } else { "learner" },
+                    m.lag.map_or("-".to_string(), |l| l.to_string()),
+                    m.draining
                 );
             }
         }
     }
+}
+
+pub async fn cluster_status(t: &Target, from_leader: bool) -> Result<ExitCode, Failure> {
+    let r = t
+        .connect()
+        .await?
+        .cluster_status(ClusterStatusRequest { from_leader })
+        .await?
+        .into_inner();
+    print_status(t, &r);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A membership or leadership change.
+pub enum ClusterChange {
+    /// Add as learner, follow the catch-up, then promote (unless `learner_only`).
+    Add {
+        id: u64,
+        peer: String,
+        sip: String,
+        learner_only: bool,
+        timeout: f64,
+    },
+    Promote(u64),
+    Remove(u64),
+    TransferLeader(u64),
+    Snapshot(u64),
+}
+
+/// A learner this close to the leader's log is promoted (the node refuses beyond 1000).
+const PROMOTE_AT_LAG: u64 = 100;
+
+pub async fn cluster_change(t: &Target, change: ClusterChange) -> Result<ExitCode, Failure> {
+    use pbx_admin_proto::{ClusterAddNodeRequest, ClusterNodeRequest};
+    let mut client = t.connect().await?;
+    let r = match change {
+        ClusterChange::Add {
+            id,
+            peer,
+            sip,
+            learner_only,
+            timeout,
+        } => {
+            client
+                .cluster_add_node(ClusterAddNodeRequest {
+                    id,
+                    peer_addr: peer,
+                    sip_addr: sip,
+                })
+                .await?;
+            if t.output == Output::Table {
+                eprintln!("node {id} added as a learner; catching up");
+            }
+            follow_catch_up(t, &mut client, id, timeout).await?;
+            if learner_only {
+                client
+                    .cluster_status(ClusterStatusRequest { from_leader: true })
+                    .await?
+                    .into_inner()
+            } else {
+                client
+                    .cluster_promote_node(ClusterNodeRequest { id })
+                    .await?
+                    .into_inner()
+            }
+        }
+        ClusterChange::Promote(id) => client
+            .cluster_promote_node(ClusterNodeRequest { id })
+            .await?
+            .into_inner(),
+        ClusterChange::Remove(id) => client
+            .cluster_remove_node(ClusterNodeRequest { id })
+            .await?
+            .into_inner(),
+        ClusterChange::TransferLeader(id) => client
+            .cluster_transfer_leader(ClusterNodeRequest { id })
+            .await?
+            .into_inner(),
+        ClusterChange::Snapshot(id) => client
+            .cluster_snapshot(ClusterNodeRequest { id })
+            .await?
+            .into_inner(),
+    };
+    print_status(t, &r);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Polls the leader until the learner is within [`PROMOTE_AT_LAG`] entries, showing
+/// the progress; exit 5 when the time is up.
+async fn follow_catch_up(
+    t: &Target,
+    client: &mut Client,
+    id: u64,
+    timeout: f64,
+) -> Result<(), Failure> {
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs_f64(timeout);
+    let mut shown = None;
+    loop {
+        let r = client
+            .cluster_status(ClusterStatusRequest { from_leader: true })
+            .await?
+            .into_inner();
+        let lag = r.members.iter().find(|m| m.id == id).and_then(|m| m.lag);
+        if t.output == Output::Table && shown != Some(lag) {
+            match lag {
+                Some(l) => eprintln!(
+                    "node {id}: {l} entries behind the leader (index {}), {:.1} s",
+                    r.last_log_index,
+                    started.elapsed().as_secs_f64()
+                ),
+                None => eprintln!(
+                    "node {id}: nothing replicated yet, {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ),
+            }
+            shown = Some(lag);
+        }
+        if lag.is_some_and(|l| l <= PROMOTE_AT_LAG) {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Failure {
+                code: EXIT_NO_QUORUM,
+                message: format!(
+                    "node {id} did not catch up within {timeout} s (it stays a learner; \
+                     is it running and reachable from the leader?)"
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 pub async fn dialplan_show(t: &Target) -> Result<ExitCode, Failure> {
@@ -226,8 +366,33 @@ pub async fn dialplan_history(t: &Target) -> Result<ExitCode, Failure> {
 /// What to do with a dialplan file.
 pub enum DialplanChange<'a> {
     Validate(&'a std::path::Path),
-    Apply(&'a std::path::Path),
+    /// Shows the difference from the dialplan in force, then commits (`dry_run`: only
+    /// shows it and validates).
+    Apply {
+        file: &'a std::path::Path,
+        dry_run: bool,
+    },
     Rollback(u64),
+}
+
+/// A unified diff of the dialplan in force (version `v`) and the new text; None when
+/// they are the same.
+fn dialplan_diff(v: u64, old: &str, new: &str, label: &str) -> Option<String> {
+    if old == new {
+        return None;
+    }
+    let old_name = if v == 0 {
+        "(no dialplan)".to_string()
+    } else {
+        format!("version {v} (in force)")
+    };
+    Some(
+        similar::TextDiff::from_lines(old, new)
+            .unified_diff()
+            .context_radius(3)
+            .header(&old_name, label)
+            .to_string(),
+    )
 }
 
 pub async fn dialplan_change(t: &Target, change: DialplanChange<'_>) -> Result<ExitCode, Failure> {
@@ -240,33 +405,60 @@ pub async fn dialplan_change(t: &Target, change: DialplanChange<'_>) -> Result<E
             })
     };
     let mut client = t.connect().await?;
-    let (label, v) = match change {
+    let (label, v, diff) = match change {
         DialplanChange::Validate(file) => {
             let source = read(file)?;
             let v = client.dialplan_validate(DialplanText { source }).await?;
-            (file.display().to_string(), v.into_inner())
+            (file.display().to_string(), v.into_inner(), None)
         }
-        DialplanChange::Apply(file) => {
+        DialplanChange::Apply { file, dry_run } => {
             let source = read(file)?;
-            let v = client.dialplan_apply(DialplanText { source }).await?;
-            (file.display().to_string(), v.into_inner())
+            let label = file.display().to_string();
+            let current = match client.dialplan_show(DialplanShowRequest {}).await {
+                Ok(d) => d.into_inner(),
+                Err(s) if s.code() == tonic::Code::NotFound => Default::default(),
+                Err(s) => return Err(s.into()),
+            };
+            let Some(diff) = dialplan_diff(current.version, &current.source, &source, &label)
+            else {
+                match t.output {
+                    Output::Json => print_json(json!({
+                        "valid": true, "version": current.version, "changed": false,
+                    })),
+                    Output::Table => println!(
+                        "{label}: identical to version {} in force, nothing to commit",
+                        current.version
+                    ),
+                }
+                return Ok(ExitCode::SUCCESS);
+            };
+            if t.output == Output::Table {
+                print!("{diff}");
+            }
+            let v = if dry_run {
+                client.dialplan_validate(DialplanText { source }).await?
+            } else {
+                client.dialplan_apply(DialplanText { source }).await?
+            };
+            (label, v.into_inner(), Some(diff))
         }
         DialplanChange::Rollback(version) => {
             let v = client
                 .dialplan_rollback(DialplanRollbackRequest { version })
                 .await?;
-            (format!("version {version}"), v.into_inner())
+            (format!("version {version}"), v.into_inner(), None)
         }
     };
-    Ok(report(t, &label, &v))
+    Ok(report(t, &label, &v, diff))
 }
 
-fn report(t: &Target, label: &str, v: &DialplanVerdict) -> ExitCode {
+fn report(t: &Target, label: &str, v: &DialplanVerdict, diff: Option<String>) -> ExitCode {
     match t.output {
         Output::Json => print_json(json!({
             "valid": v.errors.is_empty(), "version": v.version,
             "contexts": v.contexts, "extensions": v.extensions,
             "errors": v.errors.iter().map(|e| json!({"line": e.line, "reason": e.reason})).collect::<Vec<_>>(),
+            "diff": diff,
         })),
         Output::Table => {
             for e in &v.errors {
@@ -552,11 +744,39 @@ pub async fn registration_remove(
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn call_list(t: &Target) -> Result<ExitCode, Failure> {
+fn media_json(m: &pbx_admin_proto::MediaStream) -> serde_json::Value {
+    json!({
+        "a_packets": m.a_packets, "a_bytes": m.a_bytes, "a_lost": m.a_lost,
+        "a_jitter_ms": m.a_jitter_ms, "b_packets": m.b_packets, "b_bytes": m.b_bytes,
+        "b_lost": m.b_lost, "b_jitter_ms": m.b_jitter_ms,
+    })
+}
+
+/// `a 1234/0/1.2 b 1230/1/0.8` (packets/lost/jitter ms from each side), per stream.
+fn media_summary(c: &pbx_admin_proto::Call) -> String {
+    if !c.media_error.is_empty() {
+        return format!("? ({})", c.media_error);
+    }
+    if c.media.is_empty() {
+        return "-".into();
+    }
+    c.media
+        .iter()
+        .map(|m| {
+            format!(
+                "a {}/{}/{:.1} b {}/{}/{:.1}",
+                m.a_packets, m.a_lost, m.a_jitter_ms, m.b_packets, m.b_lost, m.b_jitter_ms
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub async fn call_list(t: &Target, no_media: bool) -> Result<ExitCode, Failure> {
     let calls = t
         .connect()
         .await?
-        .call_list(pbx_admin_proto::CallListRequest {})
+        .call_list(pbx_admin_proto::CallListRequest { no_media })
         .await?
         .into_inner()
         .calls;
@@ -565,21 +785,43 @@ pub async fn call_list(t: &Target) -> Result<ExitCode, Failure> {
             .iter()
             .map(|c| json!({
                 "id": c.id, "owner_node": c.owner_node, "caller": c.caller, "callee": c.callee,
-                "answered_at_ms": c.answered_at_ms, "leg_call_ids": c.leg_call_ids,
+                "answered_at_ms": c.answered_at_ms, "duration_secs": c.duration_secs,
+                "leg_call_ids": c.leg_call_ids,
+                "media": c.media.iter().map(media_json).collect::<Vec<_>>(),
+                "media_error": c.media_error,
             }))
             .collect::<Vec<_>>())),
         Output::Table => {
             println!(
-                "{:<40} {:<5} {:<16} {:<16} ANSWERED_MS",
-                "CALL", "NODE", "CALLER", "CALLEE"
+                "{:<40} {:<5} {:<16} {:<16} {:>8} MEDIA (pkts/lost/jitter ms from a, b)",
+                "CALL", "NODE", "CALLER", "CALLEE", "DURATION"
             );
             for c in &calls {
                 println!(
-                    "{:<40} {:<5} {:<16} {:<16} {}",
-                    c.id, c.owner_node, c.caller, c.callee, c.answered_at_ms
+                    "{:<40} {:<5} {:<16} {:<16} {:>8} {}",
+                    c.id,
+                    c.owner_node,
+                    c.caller,
+                    c.callee,
+                    format!("{}s", c.duration_secs),
+                    media_summary(c)
                 );
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn call_hangup(t: &Target, id: String) -> Result<ExitCode, Failure> {
+    let r = t
+        .connect()
+        .await?
+        .call_hangup(pbx_admin_proto::CallHangupRequest { id: id.clone() })
+        .await?
+        .into_inner();
+    match t.output {
+        Output::Json => print_json(json!({"id": id, "owner_node": r.owner_node})),
+        Output::Table => println!("call {id} hung up on node {}", r.owner_node),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -672,6 +914,23 @@ pub async fn node_drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dialplan_diff_shows_changed_lines_with_context() {
+        let old = "[default]\nexten => 1,1,Answer()\n same => n,Hangup()\n";
+        let new =
+            "[default]\nexten => 1,1,Answer()\n same => n,Playback(beep)\n same => n,Hangup()\n";
+        let d = dialplan_diff(4, old, new, "new.conf").unwrap();
+        assert!(d.contains("--- version 4 (in force)"), "{d}");
+        assert!(d.contains("+++ new.conf"), "{d}");
+        assert!(d.contains("+ same => n,Playback(beep)"), "{d}");
+        assert!(d.contains(" exten => 1,1,Answer()"), "{d}");
+        assert!(!d.contains("-exten"), "{d}");
+        assert_eq!(dialplan_diff(4, old, old, "new.conf"), None);
+        assert!(dialplan_diff(0, "", new, "n")
+            .unwrap()
+            .contains("--- (no dialplan)"));
+    }
 
     #[test]
     fn users_csv_reports_every_bad_line_and_imports_nothing() {

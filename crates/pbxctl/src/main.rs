@@ -26,7 +26,7 @@ use rand::Rng;
     after_help = "Admin API calls (cluster, dialplan show/validate/apply/history/rollback) need an \
 endpoint (--endpoint, repeatable, or PBX_ADMIN_ENDPOINT=a,b,c: tried in turn) and the token \
 (--token or PBX_ADMIN_TOKEN). Exit codes: 0 ok, 1 invalid input (nothing changed), 2 usage or \
-other error, 3 no endpoint reachable, 4 unauthorized, 5 no quorum (nothing changed), 6 not found."
+other error, 3 no endpoint reachable, 4 unauthorized, 5 unavailable: no quorum, or a node the operation needs is unreachable, or a wait ran out (nothing changed), 6 not found. Shell completions: pbxctl completions bash|zsh|fish."
 )]
 struct Cli {
     /// Admin API address (host:port); give it several times to fall back on the next.
@@ -124,6 +124,9 @@ enum Cmd {
         realm: String,
         password: String,
     },
+    /// Print a shell completion script, e.g.
+    /// `pbxctl completions bash > /etc/bash_completion.d/pbxctl`.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand, Debug)]
@@ -135,9 +138,15 @@ enum DialplanCmd {
     Show,
     /// Have the cluster validate a file (nothing is committed).
     Validate { file: std::path::PathBuf },
-    /// Validate and commit a file on every node; refused with FILE:LINE: reason (exit 1)
-    /// when invalid, and the dialplan in force keeps working.
-    Apply { file: std::path::PathBuf },
+    /// Show the difference from the dialplan in force, then validate and commit the file
+    /// on every node; refused with FILE:LINE: reason (exit 1) when invalid, and the
+    /// dialplan in force keeps working.
+    Apply {
+        file: std::path::PathBuf,
+        /// Only show the difference and validate; commit nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// The versions kept, oldest first.
     History,
     /// Commit an earlier version's text again, as a new version.
@@ -219,13 +228,57 @@ enum NodeCmd {
 
 #[derive(Subcommand, Debug)]
 enum CallsCmd {
-    List,
+    /// Caller, callee, node running it, duration, media counters.
+    List {
+        /// From the replicated records only (do not ask the nodes for media counters).
+        #[arg(long)]
+        no_media: bool,
+    },
+    /// Hang up a call (BYE both ways) on the node running it.
+    Hangup { id: String },
 }
 
 #[derive(Subcommand, Debug)]
 enum ClusterCmd {
     /// Members, roles, leader, term, indexes, counts.
-    Status,
+    Status {
+        /// Ask the leader (through the answering node): each member's replication lag.
+        #[arg(long)]
+        leader: bool,
+    },
+    /// Add a running node (with this cluster's id and an empty data directory): first as
+    /// a learner, showing its catch-up, then as a voter.
+    AddNode {
+        id: u64,
+        /// Its peer-link address (IP:PORT).
+        #[arg(long)]
+        peer: String,
+        /// Its SIP address (IP:PORT).
+        #[arg(long)]
+        sip: String,
+        /// Leave it a learner (promote it later).
+        #[arg(long)]
+        learner: bool,
+        /// Give up waiting for the catch-up after this many seconds (exit 5).
+        #[arg(long, default_value_t = 600.0)]
+        timeout: f64,
+    },
+    /// Make a caught-up learner a voter.
+    Promote { id: u64 },
+    /// Remove a node from the cluster (the leader hands over first if it is the one).
+    /// Stop the node afterwards.
+    RemoveNode { id: u64 },
+    /// Hand leadership to another voter (default: the one furthest ahead).
+    TransferLeader {
+        #[arg(long, default_value_t = 0)]
+        to: u64,
+    },
+    /// Build a snapshot of a node's state now, so it can purge its log.
+    Snapshot {
+        /// The node (default: the one answering).
+        #[arg(long, default_value_t = 0)]
+        node: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -286,9 +339,32 @@ fn admin_target(cli: &Cli) -> anyhow::Result<admin::Target> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Cmd::Cluster {
-            command: ClusterCmd::Status,
-        } => admin_call(&admin_target(&cli)?, admin::cluster_status),
+        Cmd::Cluster { command } => {
+            let t = admin_target(&cli)?;
+            let change = match command {
+                ClusterCmd::Status { leader } => {
+                    return admin_call(&t, |t| admin::cluster_status(t, *leader))
+                }
+                ClusterCmd::AddNode {
+                    id,
+                    peer,
+                    sip,
+                    learner,
+                    timeout,
+                } => admin::ClusterChange::Add {
+                    id: *id,
+                    peer: peer.clone(),
+                    sip: sip.clone(),
+                    learner_only: *learner,
+                    timeout: *timeout,
+                },
+                ClusterCmd::Promote { id } => admin::ClusterChange::Promote(*id),
+                ClusterCmd::RemoveNode { id } => admin::ClusterChange::Remove(*id),
+                ClusterCmd::TransferLeader { to } => admin::ClusterChange::TransferLeader(*to),
+                ClusterCmd::Snapshot { node } => admin::ClusterChange::Snapshot(*node),
+            };
+            admin_call(&t, |t| admin::cluster_change(t, change))
+        }
         Cmd::Dialplan {
             command: DialplanCmd::Show,
         } => admin_call(&admin_target(&cli)?, admin::dialplan_show),
@@ -301,9 +377,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             admin::dialplan_change(t, admin::DialplanChange::Validate(file))
         }),
         Cmd::Dialplan {
-            command: DialplanCmd::Apply { file },
+            command: DialplanCmd::Apply { file, dry_run },
         } => admin_call(&admin_target(&cli)?, |t| {
-            admin::dialplan_change(t, admin::DialplanChange::Apply(file))
+            admin::dialplan_change(
+                t,
+                admin::DialplanChange::Apply {
+                    file,
+                    dry_run: *dry_run,
+                },
+            )
         }),
         Cmd::Dialplan {
             command: DialplanCmd::Rollback { version },
@@ -364,9 +446,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
             }
         }
-        Cmd::Calls {
-            command: CallsCmd::List,
-        } => admin_call(&admin_target(&cli)?, admin::call_list),
+        Cmd::Calls { command } => {
+            let t = admin_target(&cli)?;
+            match command {
+                CallsCmd::List { no_media } => admin_call(&t, |t| admin::call_list(t, *no_media)),
+                CallsCmd::Hangup { id } => admin_call(&t, |t| admin::call_hangup(t, id.clone())),
+            }
+        }
         Cmd::Audit { limit } => admin_call(&admin_target(&cli)?, |t| admin::audit_list(t, *limit)),
         Cmd::Node { command } => {
             let t = admin_target(&cli)?;
@@ -389,6 +475,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Commands that need no admin API.
 fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "pbxctl", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Status { peers, wait_ready } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
