@@ -125,6 +125,8 @@ pub struct LocalCluster {
     extra_config: String,
     /// `PBX_DIALPLAN_FILE` for the launcher: the dialplan a new cluster starts with.
     dialplan: Option<PathBuf>,
+    /// More environment for the launcher (e.g. `PBX_ADMIN_TLS_DIR`).
+    env: Vec<(String, String)>,
 }
 
 impl LocalCluster {
@@ -135,7 +137,18 @@ impl LocalCluster {
         users: &Users,
         extra_config: &str,
     ) -> anyhow::Result<LocalCluster> {
-        Self::start_cluster(slot, nodes, users, extra_config, None)
+        Self::start_cluster(slot, nodes, users, extra_config, None, &[])
+    }
+
+    /// [`LocalCluster::up`] with more environment for the launcher.
+    pub fn up_with_env(
+        slot: u8,
+        nodes: usize,
+        users: &Users,
+        extra_config: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<LocalCluster> {
+        Self::start_cluster(slot, nodes, users, extra_config, None, env)
     }
 
     /// [`LocalCluster::up`] with the dialplan file the cluster starts with.
@@ -152,6 +165,7 @@ impl LocalCluster {
             users,
             extra_config,
             Some(dialplan.to_path_buf()),
+            &[],
         )
     }
 
@@ -161,6 +175,7 @@ impl LocalCluster {
         users: &Users,
         extra_config: &str,
         dialplan: Option<PathBuf>,
+        env: &[(&str, &str)],
     ) -> anyhow::Result<LocalCluster> {
         let dir = tempfile::Builder::new().prefix("pbx-test-").tempdir()?;
         users.write_users_file(&dir.path().join("users.csv"))?;
@@ -170,6 +185,10 @@ impl LocalCluster {
             nodes,
             extra_config: extra_config.to_string(),
             dialplan,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             dir,
         };
         let users_file = c.dir.path().join("users.csv");
@@ -215,6 +234,7 @@ impl LocalCluster {
                 "PBX_DIALPLAN_FILE",
                 self.dialplan.as_deref().unwrap_or(Path::new("")),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .with_context(|| format!("running the launcher {args:?}"))?;
         if !out.status.success() {

@@ -543,3 +543,158 @@ fn membership_changes_under_register_load() {
         assert!(audit.contains(action), "{action} audited: {audit}");
     }
 }
+
+/// Runs openssl (the test's certificate authority), failing the test on error.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, and a certificate it signs for `name` (with `ip` as subject alt name if given).
+fn issue(dir: &std::path::Path, name: &str, ca: &str, ip: Option<&str>) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+    let ext = format!("{name}.ext");
+    std::fs::write(
+        dir.join(&ext),
+        match ip {
+            Some(ip) => format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth\n"),
+            None => "extendedKeyUsage=clientAuth\n".to_string(),
+        },
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &format!("{name}.crt"),
+            "-extfile",
+            &ext,
+        ],
+    );
+}
+
+fn make_ca(dir: &std::path::Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+}
+
+/// The admin API over mutual TLS: pbxctl with the CA and a client certificate gets
+/// through; without a client certificate, with one from another CA, or in plain text it
+/// does not, and the token is still needed.
+#[test]
+fn admin_api_over_mutual_tls() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        panic!("openssl is needed: apt-get install -y openssl");
+    }
+    let pki = tempfile::tempdir().unwrap();
+    let d = pki.path();
+    make_ca(d, "ca");
+    issue(d, "node1", "ca", Some("127.0.49.11"));
+    issue(d, "ops", "ca", None);
+    make_ca(d, "rogue-ca");
+    issue(d, "rogue", "rogue-ca", None);
+    let users = Users { count: 2 };
+    let c = LocalCluster::up_with_env(
+        49,
+        1,
+        &users,
+        "",
+        &[("PBX_ADMIN_TLS_DIR", d.to_str().unwrap())],
+    )
+    .unwrap();
+    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let tls = |cert: Option<(&str, &str)>| -> Vec<String> {
+        let mut a = vec!["--tls-ca".to_string(), p("ca.crt")];
+        if let Some((crt, key)) = cert {
+            a.extend(["--tls-cert".into(), p(crt), "--tls-key".into(), p(key)]);
+        }
+        a
+    };
+    let run = |extra: Vec<String>, token: Option<&str>| -> (i32, String) {
+        let mut args: Vec<String> = extra;
+        args.extend(["cluster", "status", "--output", "json"].map(String::from));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        match token {
+            Some(t) => {
+                let mut r = vec!["--token", t];
+                r.extend(&refs);
+                c.admin(&[1], &r).unwrap()
+            }
+            None => c.admin(&[1], &refs).unwrap(),
+        }
+    };
+    let (code, text) = run(tls(Some(("ops.crt", "ops.key"))), None);
+    assert_eq!(code, 0, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["node_id"], 1);
+    let (code, text) = run(
+        tls(Some(("ops.crt", "ops.key"))),
+        Some("a-wrong-token-of-some-length"),
+    );
+    assert_eq!(code, 4, "the token is still checked: {text}");
+    let (code, text) = run(tls(None), None);
+    assert_eq!(code, 3, "no client certificate: {text}");
+    let (code, text) = run(tls(Some(("rogue.crt", "rogue.key"))), None);
+    assert_eq!(code, 3, "a client certificate from another CA: {text}");
+    let (code, text) = run(Vec::new(), None);
+    assert_eq!(code, 3, "plain text to a TLS port: {text}");
+    assert!(c.log(1).contains("mutual_tls=true"), "{}", c.log(1));
+}

@@ -114,10 +114,12 @@ struct AdminService {
     cluster: Cluster,
 }
 
-/// Serves the admin API on `listener` until the node stops.
+/// Serves the admin API on `listener` until the node stops (over TLS, and with client
+/// certificates checked, when configured).
 pub(crate) fn serve(
     listener: std::net::TcpListener,
     token: String,
+    tls: Option<crate::config::AdminTls>,
     cluster: Cluster,
 ) -> Result<tokio::task::JoinHandle<()>, NodeError> {
     let addr = listener.local_addr().map_err(|source| NodeError::Bind {
@@ -131,8 +133,19 @@ pub(crate) fn serve(
         .map_err(|source| NodeError::Bind { addr, source })?;
     let service = AdminServer::with_interceptor(AdminService { cluster }, TokenCheck(token.into()));
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(tls.cert, tls.key));
+        if let Some(ca) = tls.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder
+            .tls_config(config)
+            .map_err(|e| NodeError::Admin(format!("admin TLS: {e}")))?;
+    }
     Ok(tokio::spawn(async move {
-        let server = tonic::transport::Server::builder().add_service(service);
+        let server = builder.add_service(service);
         if let Err(e) = server.serve_with_incoming(incoming).await {
             tracing::error!(error = %e, "admin API stopped");
         }

@@ -220,6 +220,19 @@ pub struct AdminSection {
     /// File holding the bearer token admin calls must carry (the `PBX_ADMIN_TOKEN`
     /// environment variable overrides it). Without a token the admin API is not served.
     pub token_file: Option<PathBuf>,
+    /// PEM certificate chain and key: the admin API speaks TLS (the token is still
+    /// required).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate it signed (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// The admin API's TLS material, read from the files the config names.
+pub struct AdminTls {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -370,6 +383,13 @@ impl Config {
         if self.transport.tcp_idle_timeout == 0 {
             return Err("transport.tcp_idle_timeout: must be > 0".into());
         }
+        let a = &self.admin;
+        if a.tls_cert.is_some() != a.tls_key.is_some() {
+            return Err("admin.tls_cert and admin.tls_key go together".into());
+        }
+        if a.tls_client_ca.is_some() && a.tls_cert.is_none() {
+            return Err("admin.tls_client_ca needs admin.tls_cert and admin.tls_key".into());
+        }
         let c = &self.calls;
         if !c.rtp_port_min.is_multiple_of(2)
             || c.rtp_port_min < 1024
@@ -508,6 +528,32 @@ impl Config {
             ));
         }
         Ok(Some(token))
+    }
+
+    /// The admin API's TLS material (None: plain HTTP/2), read now so a missing or
+    /// unreadable file stops the node at start with its path.
+    pub fn admin_tls(&self) -> Result<Option<AdminTls>, NodeError> {
+        let a = &self.admin;
+        let read = |p: &PathBuf, what: &str| {
+            let path = self.resolve(p);
+            std::fs::read(&path).map_err(|e| NodeError::Config {
+                path: path.clone(),
+                reason: format!("admin.{what}: {e}"),
+            })
+        };
+        // Pairing checked in validate().
+        let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
+            return Ok(None);
+        };
+        Ok(Some(AdminTls {
+            cert: read(cert, "tls_cert")?,
+            key: read(key, "tls_key")?,
+            client_ca: a
+                .tls_client_ca
+                .as_ref()
+                .map(|p| read(p, "tls_client_ca"))
+                .transpose()?,
+        }))
     }
 
     /// The Raft side of this configuration.
@@ -711,6 +757,21 @@ mod tests {
         assert!(e.contains("sip_addr") || e.contains("line 4"), "{e}");
         let e = parse(&format!("{MIN}[cluster]\ndomain = \"bad domain\"\n")).unwrap_err();
         assert!(e.contains("cluster.domain"), "{e}");
+    }
+
+    #[test]
+    fn admin_tls_files_come_in_pairs_and_missing_ones_are_named() {
+        let e = parse(&format!("{MIN}[admin]\ntls_cert = \"a.crt\"\n")).unwrap_err();
+        assert!(e.contains("tls_cert and admin.tls_key go together"), "{e}");
+        let e = parse(&format!("{MIN}[admin]\ntls_client_ca = \"ca.crt\"\n")).unwrap_err();
+        assert!(e.contains("tls_client_ca needs"), "{e}");
+        let c = parse(&format!(
+            "{MIN}[admin]\ntls_cert = \"/nonexistent/a.crt\"\ntls_key = \"/nonexistent/a.key\"\n"
+        ))
+        .unwrap();
+        let e = c.admin_tls().err().expect("unreadable file").to_string();
+        assert!(e.contains("/nonexistent/a.crt") && e.contains("admin.tls_cert"), "{e}");
+        assert!(parse(MIN).unwrap().admin_tls().unwrap().is_none());
     }
 
     #[test]

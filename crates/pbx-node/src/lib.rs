@@ -37,6 +37,8 @@ pub enum NodeError {
     Cluster(#[from] pbx_raft::RaftError),
     #[error("media relay: {0}")]
     Media(String),
+    #[error("{0}")]
+    Admin(String),
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -65,6 +67,7 @@ impl Node {
             None => pbx_dialplan::DEMO_DIALPLAN.to_string(),
         };
         let admin_token = config.admin_token()?;
+        let admin_tls = config.admin_tls()?;
         let data_dir = config.resolve(&config.node.data_dir);
         let store = Arc::new(SledStore::open(
             &data_dir.join("state"),
@@ -99,8 +102,10 @@ impl Node {
                 let err = |source| NodeError::Bind { addr: want, source };
                 let listener = std::net::TcpListener::bind(want).map_err(err)?;
                 let addr = listener.local_addr().map_err(err)?;
-                tasks.push(admin::serve(listener, token, cluster.clone())?);
-                tracing::info!(%addr, "admin API (bearer token) listening");
+                let tls = admin_tls.is_some();
+                let mutual = admin_tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+                tasks.push(admin::serve(listener, token, admin_tls, cluster.clone())?);
+                tracing::info!(%addr, tls, mutual_tls = mutual, "admin API (bearer token) listening");
                 Some(addr)
             }
             None => {

@@ -32,6 +32,8 @@ pub struct Target {
     pub endpoints: Vec<String>,
     pub token: String,
     pub output: Output,
+    /// Speak TLS (and present a client certificate, if it holds one).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 #[derive(Clone)]
@@ -69,6 +71,19 @@ pub struct Failure {
 
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Failure {
+        // A call that failed below gRPC (TLS refused, connection reset): the endpoint
+        // could not be talked to; say why, with the whole cause chain.
+        if let Some(mut cause) = std::error::Error::source(&s) {
+            let mut message = format!("{}: {cause}", s.message());
+            while let Some(next) = cause.source() {
+                message.push_str(&format!(": {next}"));
+                cause = next;
+            }
+            return Failure {
+                code: EXIT_UNREACHABLE,
+                message,
+            };
+        }
         let code = match s.code() {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => EXIT_UNAUTHORIZED,
             tonic::Code::Unavailable => EXIT_NO_QUORUM,
@@ -96,10 +111,18 @@ impl Target {
             })?;
         let mut errors = Vec::new();
         for ep in &self.endpoints {
-            let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{ep}")) {
-                Ok(e) => e
-                    .connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(10)),
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{ep}"))
+                .map(|e| {
+                    e.connect_timeout(Duration::from_secs(2))
+                        .timeout(Duration::from_secs(10))
+                })
+                .and_then(|e| match &self.tls {
+                    Some(tls) => e.tls_config(tls.clone()),
+                    None => Ok(e),
+                });
+            let endpoint = match endpoint {
+                Ok(e) => e,
                 Err(e) => {
                     errors.push(format!("{ep}: {e}"));
                     continue;

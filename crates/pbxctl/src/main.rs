@@ -37,6 +37,19 @@ struct Cli {
     token: Option<String>,
     #[arg(long, global = true, value_enum, default_value = "table")]
     output: admin::Output,
+    /// CA certificate (PEM) of an admin API served over TLS (default: PBX_ADMIN_TLS_CA);
+    /// without it the API is spoken in plain HTTP/2.
+    #[arg(long, global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS (default: PBX_ADMIN_TLS_CERT,
+    /// PBX_ADMIN_TLS_KEY).
+    #[arg(long, global = true)]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, global = true)]
+    tls_key: Option<std::path::PathBuf>,
+    /// Name to verify the node's certificate against (default: the endpoint's host).
+    #[arg(long, global = true)]
+    tls_domain: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -330,10 +343,39 @@ fn admin_target(cli: &Cli) -> anyhow::Result<admin::Target> {
         None => std::env::var("PBX_ADMIN_TOKEN")
             .map_err(|_| anyhow!("no admin token: --token or PBX_ADMIN_TOKEN"))?,
     };
+    let path = |arg: &Option<std::path::PathBuf>, var: &str| {
+        arg.clone()
+            .or_else(|| std::env::var_os(var).map(std::path::PathBuf::from))
+    };
+    let read = |p: std::path::PathBuf| {
+        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    let tls = match path(&cli.tls_ca, "PBX_ADMIN_TLS_CA") {
+        None => None,
+        Some(ca) => {
+            use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+            match (
+                path(&cli.tls_cert, "PBX_ADMIN_TLS_CERT"),
+                path(&cli.tls_key, "PBX_ADMIN_TLS_KEY"),
+            ) {
+                (Some(cert), Some(key)) => {
+                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+                }
+                (None, None) => {}
+                _ => bail!("--tls-cert and --tls-key go together"),
+            }
+            if let Some(d) = &cli.tls_domain {
+                tls = tls.domain_name(d.clone());
+            }
+            Some(tls)
+        }
+    };
     Ok(admin::Target {
         endpoints,
         token,
         output: cli.output,
+        tls,
     })
 }
 
