@@ -770,7 +770,10 @@ mod tests {
         ))
         .unwrap();
         let e = c.admin_tls().err().expect("unreadable file").to_string();
-        assert!(e.contains("/nonexistent/a.crt") && e.contains("admin.tls_cert"), "{e}");
+        assert!(
+            e.contains("/nonexistent/a.crt") && e.contains("admin.tls_cert"),
+            "{e}"
+        );
         assert!(parse(MIN).unwrap().admin_tls().unwrap().is_none());
     }
 

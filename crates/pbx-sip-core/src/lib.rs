@@ -7,6 +7,7 @@
 
 mod client;
 mod key;
+pub mod locate;
 mod server;
 mod table;
 
