@@ -49,6 +49,40 @@ fn admin_api_round_trips_with_token_fallback_and_exit_codes() {
     )
     .unwrap();
 
+    // The BIND zone for operators who keep their own DNS: the cluster's domain, every
+    // member (node 3 as backup), accepted by BIND's own checker.
+    pbx_tests::require_tool("named-checkzone", "bind9-utils");
+    let (code, zone) = c
+        .admin(
+            &[2],
+            &["dns", "zone", "--backup", "3", "--tls-port", "5061"],
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{zone}");
+    for line in [
+        "pbx.test. 30 IN NAPTR 10 50 \"s\" \"SIP+D2U\" \"\" _sip._udp.pbx.test.".to_string(),
+        "pbx.test. 30 IN NAPTR 30 50 \"s\" \"SIPS+D2T\" \"\" _sips._tcp.pbx.test.".to_string(),
+        "_sip._udp.pbx.test. 30 IN SRV 10 50 5060 node1.pbx.test.".to_string(),
+        "_sip._tcp.pbx.test. 30 IN SRV 20 50 5060 node3.pbx.test.".to_string(),
+        "_sips._tcp.pbx.test. 30 IN SRV 10 50 5061 node2.pbx.test.".to_string(),
+        format!("node3.pbx.test. 30 IN A {}", c.node_addr(3).ip()),
+    ] {
+        assert!(zone.lines().any(|l| l == line), "{line}\n{zone}");
+    }
+    let zone_file = c.dir.path().join("pbx.test.zone");
+    std::fs::write(&zone_file, &zone).unwrap();
+    let check = std::process::Command::new("named-checkzone")
+        .arg("pbx.test")
+        .arg(&zone_file)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        zone
+    );
+
     // Wrong token: 4, and nothing about the token in the node's log.
     let out = std::process::Command::new(pbx_tests::bin("pbxctl"))
         .args([

@@ -266,7 +266,17 @@ impl AdminService {
 
     /// A node's status as the API answers it (lags where it is the leader's).
     fn status_reply(&self, s: NodeStatus) -> ClusterStatusReply {
-        let draining: Vec<u64> = self.cluster.read().draining.iter().copied().collect();
+        let (draining, domain) = {
+            let state = self.cluster.read();
+            (
+                state.draining.iter().copied().collect::<Vec<u64>>(),
+                state
+                    .settings
+                    .as_ref()
+                    .map(|s| s.domain.clone())
+                    .unwrap_or_default(),
+            )
+        };
         let lags: Vec<Option<u64>> = s.members.iter().map(|(id, _, _)| s.lag_of(*id)).collect();
         ClusterStatusReply {
             node_id: s.node_id,
@@ -295,6 +305,7 @@ impl AdminService {
             dialplan_version: s.dialplan_version,
             calls: s.calls,
             draining,
+            domain,
         }
     }
 

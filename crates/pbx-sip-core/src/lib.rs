@@ -10,6 +10,7 @@ mod key;
 pub mod locate;
 mod server;
 mod table;
+pub mod zone;
 
 pub use client::{ClientInvite, ClientNonInvite, ResponseAction};
 pub use key::TransactionKey;

@@ -158,7 +158,7 @@ fn status_json(r: &ClusterStatusReply) -> serde_json::Value {
         "last_log_index": r.last_log_index, "applied_index": r.applied_index,
         "snapshot_index": r.snapshot_index, "serving_writes": r.serving_writes,
         "users": r.users, "bindings": r.bindings, "dialplan_version": r.dialplan_version,
-        "calls": r.calls, "draining": r.draining,
+        "calls": r.calls, "draining": r.draining, "domain": r.domain,
         "members": r.members.iter().map(|m| json!({
             "id": m.id, "peer_addr": m.peer_addr, "sip_addr": m.sip_addr, "voter": m.voter,
             "lag": m.lag, "draining": m.draining,
@@ -846,6 +846,69 @@ pub async fn call_hangup(t: &Target, id: String) -> Result<ExitCode, Failure> {
         Output::Json => print_json(json!({"id": id, "owner_node": r.owner_node})),
         Output::Table => println!("call {id} hung up on node {}", r.owner_node),
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How `dns zone` publishes the members.
+pub struct ZoneOptions {
+    pub domain: Option<String>,
+    pub ttl: u32,
+    pub backup: Vec<u64>,
+    pub weight: u16,
+    pub tls_port: Option<u16>,
+    pub ns: Vec<String>,
+}
+
+pub async fn dns_zone(t: &Target, o: ZoneOptions) -> Result<ExitCode, Failure> {
+    use pbx_sip_core::zone::{ZoneMember, ZoneSpec};
+    let r = t
+        .connect()
+        .await?
+        .cluster_status(ClusterStatusRequest { from_leader: false })
+        .await?
+        .into_inner();
+    let domain = o.domain.unwrap_or_else(|| r.domain.clone());
+    let mut notes = Vec::new();
+    let mut members = Vec::new();
+    for m in &r.members {
+        if r.draining.contains(&m.id) {
+            notes.push(format!("; node {} is draining: left out", m.id));
+            continue;
+        }
+        let Ok(sip) = m.sip_addr.parse::<std::net::SocketAddr>() else {
+            notes.push(format!(
+                "; node {}: SIP address {:?} is not IP:PORT: left out",
+                m.id, m.sip_addr
+            ));
+            continue;
+        };
+        members.push(ZoneMember {
+            id: m.id,
+            addr: sip.ip(),
+            sip_port: sip.port(),
+            priority: if o.backup.contains(&m.id) { 20 } else { 10 },
+            weight: o.weight,
+        });
+    }
+    if members.is_empty() {
+        return Err(Failure {
+            code: EXIT_INVALID,
+            message: "no member to publish".into(),
+        });
+    }
+    let spec = ZoneSpec {
+        domain: domain.trim_end_matches('.').to_string(),
+        ttl: o.ttl,
+        members,
+        tls_port: o.tls_port,
+    };
+    let serial = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs() as u32);
+    for n in notes {
+        println!("{n}");
+    }
+    print!("{}", spec.bind_zone(serial, &o.ns));
     Ok(ExitCode::SUCCESS)
 }
 

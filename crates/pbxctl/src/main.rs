@@ -137,6 +137,11 @@ enum Cmd {
         realm: String,
         password: String,
     },
+    /// DNS records through which phones find the cluster (RFC 3263).
+    Dns {
+        #[command(subcommand)]
+        command: DnsCmd,
+    },
     /// Print a shell completion script, e.g.
     /// `pbxctl completions bash > /etc/bash_completion.d/pbxctl`.
     Completions { shell: clap_complete::Shell },
@@ -236,6 +241,32 @@ enum NodeCmd {
     Status {
         #[arg(long, default_value_t = 0)]
         node: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DnsCmd {
+    /// Print a BIND zone for the SIP domain from the current members (admin API):
+    /// NAPTR per transport, SRV per transport and member, A/AAAA per member; draining
+    /// members are left out. For operators who keep their own DNS.
+    Zone {
+        /// The SIP domain (default: the cluster's).
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long, default_value_t = 30)]
+        ttl: u32,
+        /// A member that only takes traffic when the others fail (SRV priority 20).
+        #[arg(long)]
+        backup: Vec<u64>,
+        /// SRV weight of every member.
+        #[arg(long, default_value_t = 50)]
+        weight: u16,
+        /// Publish SIP over TLS on this port (SIPS+D2T, _sips._tcp).
+        #[arg(long)]
+        tls_port: Option<u16>,
+        /// Name servers for the NS records (default: the members' host names).
+        #[arg(long)]
+        ns: Vec<String>,
     },
 }
 
@@ -488,6 +519,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
             }
         }
+        Cmd::Dns {
+            command:
+                DnsCmd::Zone {
+                    domain,
+                    ttl,
+                    backup,
+                    weight,
+                    tls_port,
+                    ns,
+                },
+        } => admin_call(&admin_target(&cli)?, |t| {
+            admin::dns_zone(
+                t,
+                admin::ZoneOptions {
+                    domain: domain.clone(),
+                    ttl: *ttl,
+                    backup: backup.clone(),
+                    weight: *weight,
+                    tls_port: *tls_port,
+                    ns: ns.clone(),
+                },
+            )
+        }),
         Cmd::Calls { command } => {
             let t = admin_target(&cli)?;
             match command {
@@ -650,7 +704,8 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Registrations { .. }
         | Cmd::Node { .. }
         | Cmd::Audit { .. }
-        | Cmd::Calls { .. } => {
+        | Cmd::Calls { .. }
+        | Cmd::Dns { .. } => {
             unreachable!("admin API commands are run above")
         }
     }
