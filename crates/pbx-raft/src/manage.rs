@@ -483,24 +483,47 @@ impl Shared {
 
     /// Builds a snapshot now and waits (a while) until it is in place.
     async fn snapshot_now(&self) -> Result<(), ManageError> {
-        let mut metrics = self.raft.metrics();
-        let want = metrics.borrow().last_applied.map_or(0, |l| l.index);
+        let want = self
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
         self.raft
             .trigger()
             .snapshot()
             .await
             .map_err(|e| ManageError::Unavailable(e.to_string()))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let built = self
+            .wait_metrics(Duration::from_secs(30), |m| {
+                m.snapshot.map_or(0, |l| l.index) >= want
+            })
+            .await;
+        if !built {
+            return Err(ManageError::Unavailable(format!(
+                "snapshot up to index {want} not built within 30 s"
+            )));
+        }
+        tracing::info!(index = want, "snapshot built on request");
+        Ok(())
+    }
+
+    /// Waits until `done` holds for this node's Raft metrics; false when `limit` passed
+    /// first.
+    async fn wait_metrics(
+        &self,
+        limit: Duration,
+        mut done: impl FnMut(&openraft::RaftMetrics<NodeId, Member>) -> bool,
+    ) -> bool {
+        let mut metrics = self.raft.metrics();
+        let deadline = Instant::now() + limit;
         loop {
-            if metrics.borrow_and_update().snapshot.map_or(0, |l| l.index) >= want {
-                tracing::info!(index = want, "snapshot built on request");
-                return Ok(());
+            if done(&metrics.borrow_and_update()) {
+                return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ManageError::Unavailable(format!(
-                    "snapshot up to index {want} not built within 30 s"
-                )));
+                return false;
             }
             let _ = tokio::time::timeout(left, metrics.changed()).await;
         }
@@ -559,47 +582,38 @@ impl Shared {
 
     async fn hand_over(&self, target: NodeId) -> Result<(), ManageError> {
         let me = self.config.node_id;
-        let mut metrics = self.raft.metrics();
         // Every entry on the target first, so its vote request wins.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let s = self.status();
-            if s.lag_of(target) == Some(0) {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(ManageError::Unavailable(format!(
-                    "node {target} did not catch up within 2 s (lag {:?})",
-                    s.lag_of(target)
-                )));
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(20), metrics.changed()).await;
+        let caught_up = self
+            .wait_metrics(Duration::from_secs(2), |m| {
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&target).copied().flatten())
+                    .map(|l| l.index);
+                matched.is_some() && matched == m.last_log_index
+            })
+            .await;
+        if !caught_up {
+            return Err(ManageError::Unavailable(format!(
+                "node {target} did not catch up within 2 s"
+            )));
         }
-        let heard = Instant::now();
         // The followers' leases run from the last append they got.
         let lease = self.config.election_timeout_max + self.config.heartbeat;
-        tokio::time::sleep_until((heard + lease).into()).await;
+        tokio::time::sleep(lease).await;
         self.manage_remote(target, &ManageOp::Campaign).await?;
-        let deadline = Instant::now() + self.config.election_timeout_max;
-        loop {
-            let (leader, state) = {
-                let m = metrics.borrow_and_update();
-                (m.current_leader, m.state)
-            };
-            if leader == Some(target) {
-                return Ok(());
-            }
-            if leader.is_some() && leader != Some(me) && state != ServerState::Leader {
-                // Someone else won; leadership moved all the same.
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ManageError::Unavailable(format!(
-                    "node {target} did not win the election"
-                )));
-            }
-            let _ = tokio::time::timeout(left, metrics.changed()).await;
+        // Leadership moved when another node leads (normally the target).
+        let moved = self
+            .wait_metrics(self.config.election_timeout_max, |m| {
+                m.current_leader.is_some_and(|l| l != me) && m.state != ServerState::Leader
+            })
+            .await;
+        if moved {
+            Ok(())
+        } else {
+            Err(ManageError::Unavailable(format!(
+                "node {target} did not win the election"
+            )))
         }
     }
 }

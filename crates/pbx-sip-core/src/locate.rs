@@ -516,6 +516,15 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The targets with a fixed seed and no dead ones.
+    fn targets(r: &Resolution) -> Vec<Target> {
+        r.targets(
+            &mut SplitMix::new(1),
+            &DeadTargets::new(Duration::ZERO),
+            Instant::now(),
+        )
+    }
+
     /// The seeds' example: UDP preferred by NAPTR, pbx1/pbx2 share priority 10, pbx3 is
     /// the backup.
     fn example_zone() -> HashMap<Query, Answer> {
@@ -656,11 +665,7 @@ mod tests {
             &zone,
         );
         assert!(asked.contains(&Query::Srv("_sip._udp.other.test".into())));
-        let t = r.targets(
-            &mut SplitMix::new(1),
-            &DeadTargets::new(Duration::ZERO),
-            Instant::now(),
-        );
+        let t = targets(&r);
         assert_eq!(
             t,
             vec![Target {
@@ -677,11 +682,7 @@ mod tests {
         )]);
         let (r, asked) = resolve(Resolution::new(dest("plain.test"), &ALL), &zone);
         assert_eq!(asked.last(), Some(&Query::Addr("plain.test".into())));
-        let t = r.targets(
-            &mut SplitMix::new(1),
-            &DeadTargets::new(Duration::ZERO),
-            Instant::now(),
-        );
+        let t = targets(&r);
         assert_eq!(
             t,
             vec![Target {
@@ -705,11 +706,7 @@ mod tests {
         );
         assert_eq!(r.poll_query(), None);
         assert!(r.is_done());
-        let t = r.targets(
-            &mut SplitMix::new(1),
-            &DeadTargets::new(Duration::ZERO),
-            Instant::now(),
-        );
+        let t = targets(&r);
         assert_eq!(
             t,
             vec![Target {
@@ -727,11 +724,7 @@ mod tests {
             },
             &ALL,
         );
-        let t = r.targets(
-            &mut SplitMix::new(1),
-            &DeadTargets::new(Duration::ZERO),
-            Instant::now(),
-        );
+        let t = targets(&r);
         assert_eq!(t[0].transport, SipTransport::Tls);
         assert_eq!(t[0].port, 5070);
 
@@ -753,15 +746,7 @@ mod tests {
             &zone,
         );
         assert_eq!(asked, vec![Query::Addr("example.com".into())]);
-        assert_eq!(
-            r.targets(
-                &mut SplitMix::new(1),
-                &DeadTargets::new(Duration::ZERO),
-                Instant::now()
-            )[0]
-            .port,
-            5080
-        );
+        assert_eq!(targets(&r)[0].port, 5080);
 
         // A transport, no port: SRV of that transport only.
         let (_, asked) = resolve(
@@ -820,11 +805,7 @@ mod tests {
             &zone,
         );
         assert!(!asked.contains(&Query::Srv("_sip._udp.secure.test".into())));
-        let t = r.targets(
-            &mut SplitMix::new(1),
-            &DeadTargets::new(Duration::ZERO),
-            Instant::now(),
-        );
+        let t = targets(&r);
         assert_eq!(
             t,
             vec![Target {
