@@ -276,6 +276,16 @@ impl LocalCluster {
         ))
     }
 
+    /// Node n's cluster DNS address, from the config the launcher wrote (None: off).
+    pub fn dns_addr(&self, n: usize) -> Option<SocketAddr> {
+        let text = std::fs::read_to_string(self.run_dir().join(format!("node{n}.toml"))).ok()?;
+        let dns = text.split("[dns]").nth(1)?;
+        let listen = dns
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("listen = "))?;
+        listen.trim_matches('"').parse().ok()
+    }
+
     pub fn peer_addr(&self, n: usize) -> String {
         format!("{}.{}:7001", self.prefix, 10 + n)
     }

@@ -28,6 +28,8 @@ pub struct Config {
     #[serde(default)]
     pub admin: AdminSection,
     #[serde(default)]
+    pub dns: DnsSection,
+    #[serde(default)]
     pub storage: StorageSection,
     #[serde(default)]
     pub log: LogSection,
@@ -228,6 +230,37 @@ pub struct AdminSection {
     pub tls_client_ca: Option<PathBuf>,
 }
 
+/// The cluster's own DNS: the node answers authoritatively for the SIP domain with the
+/// NAPTR, SRV and A/AAAA records of the members that are alive, in the quorum and not
+/// draining (see `pbx_sip_core::zone`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSection {
+    /// UDP and TCP address to serve DNS on; absent: no DNS.
+    pub listen: Option<SocketAddr>,
+    /// TTL of every record, seconds: how long a dead node may stay in phones' caches.
+    pub ttl: u32,
+    /// Members published as backups (SRV priority 20; the others get 10).
+    pub backup: Vec<u64>,
+    /// SRV weight of every member.
+    pub weight: u16,
+    /// How often the other members are probed (peer-link status), milliseconds; a
+    /// member that does not answer within half of it is left out.
+    pub probe_interval_ms: u64,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        DnsSection {
+            listen: None,
+            ttl: 10,
+            backup: Vec::new(),
+            weight: 50,
+            probe_interval_ms: 1000,
+        }
+    }
+}
+
 /// The admin API's TLS material, read from the files the config names.
 pub struct AdminTls {
     pub cert: Vec<u8>,
@@ -382,6 +415,12 @@ impl Config {
         }
         if self.transport.tcp_idle_timeout == 0 {
             return Err("transport.tcp_idle_timeout: must be > 0".into());
+        }
+        if self.dns.probe_interval_ms < 100 {
+            return Err("dns.probe_interval_ms: must be >= 100".into());
+        }
+        if self.dns.ttl == 0 {
+            return Err("dns.ttl: must be > 0".into());
         }
         let a = &self.admin;
         if a.tls_cert.is_some() != a.tls_key.is_some() {
@@ -775,6 +814,23 @@ mod tests {
             "{e}"
         );
         assert!(parse(MIN).unwrap().admin_tls().unwrap().is_none());
+    }
+
+    #[test]
+    fn dns_settings_are_checked() {
+        let c = parse(&format!(
+            "{MIN}[dns]\nlisten = \"127.0.0.1:5353\"\nbackup = [3]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.dns.listen, Some("127.0.0.1:5353".parse().unwrap()));
+        assert_eq!(
+            (c.dns.ttl, c.dns.weight, c.dns.backup.clone()),
+            (10, 50, vec![3])
+        );
+        let e = parse(&format!("{MIN}[dns]\nprobe_interval_ms = 10\n")).unwrap_err();
+        assert!(e.contains("dns.probe_interval_ms"), "{e}");
+        let e = parse(&format!("{MIN}[dns]\nttl = 0\n")).unwrap_err();
+        assert!(e.contains("dns.ttl"), "{e}");
     }
 
     #[test]

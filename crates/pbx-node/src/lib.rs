@@ -5,6 +5,7 @@
 mod admin;
 mod calls;
 pub mod config;
+mod dns;
 mod transport;
 
 use std::net::SocketAddr;
@@ -115,6 +116,17 @@ impl Node {
                 None
             }
         };
+        if let Some(addr) = config.dns.listen {
+            tasks.extend(
+                dns::serve(
+                    addr,
+                    config.dns.clone(),
+                    config.cluster.domain.clone(),
+                    cluster.clone(),
+                )
+                .await?,
+            );
+        }
         tracing::info!(node = config.node.id, %sip_addr, %peer_addr, domain = %config.cluster.domain, "serving SIP on UDP and TCP");
         Ok(Node {
             sip_addr,

@@ -211,6 +211,23 @@ impl Shared {
             .unwrap_or(true)
     }
 
+    /// The peer-link client of a member.
+    pub(crate) fn peer_client(
+        &self,
+        node: NodeId,
+    ) -> Result<crate::network::PeerClient, RaftError> {
+        let addr = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.peer_addr.clone())
+            .ok_or(RaftError::UnknownNode(node))?;
+        self.pool.client(node, &addr)
+    }
+
     fn metrics(&self) -> RaftMetrics<NodeId, Member> {
         self.raft.metrics().borrow().clone()
     }
@@ -588,15 +605,7 @@ impl Cluster {
         message: Vec<u8>,
         from_phone: bool,
     ) -> Result<bool, RaftError> {
-        let addr = {
-            let m = self.shared.metrics();
-            m.membership_config
-                .membership()
-                .get_node(&node)
-                .map(|n| n.peer_addr.clone())
-        }
-        .ok_or_else(|| RaftError::Transport(format!("node {node} is not a member")))?;
-        let mut client = self.shared.pool.client(node, &addr)?;
+        let mut client = self.shared.peer_client(node)?;
         let mut req = tonic::Request::new(crate::proto::RelayRequest {
             phone: phone.to_string(),
             message,
@@ -622,6 +631,26 @@ impl Cluster {
         self.shared.manage(op, on).await.map_err(RaftError::from)
     }
 
+    /// Asks a member for its status over the peer link (a liveness probe): Err when it
+    /// does not answer within `timeout`.
+    pub async fn peer_status(
+        &self,
+        node: NodeId,
+        timeout: Duration,
+    ) -> Result<NodeStatus, RaftError> {
+        if node == self.shared.config.node_id {
+            return Ok(self.status());
+        }
+        let mut client = self.shared.peer_client(node)?;
+        let mut req = tonic::Request::new(crate::proto::StatusRequest {});
+        req.set_timeout(timeout);
+        let reply = client
+            .status(req)
+            .await
+            .map_err(|s| RaftError::Transport(format!("node {node}: {}", s.message())))?;
+        Ok(NodeStatus::from_reply(reply.into_inner()))
+    }
+
     /// Installs the node's call control (once).
     pub fn set_call_control(&self, control: Arc<dyn CallControl>) {
         let _ = self.shared.call_control.set(control);
@@ -640,15 +669,7 @@ impl Cluster {
                 None => Vec::new(),
             });
         }
-        let addr = self
-            .shared
-            .metrics()
-            .membership_config
-            .membership()
-            .get_node(&node)
-            .map(|n| n.peer_addr.clone())
-            .ok_or(RaftError::UnknownNode(node))?;
-        let mut client = self.shared.pool.client(node, &addr)?;
+        let mut client = self.shared.peer_client(node)?;
         let mut req = tonic::Request::new(crate::proto::CallControlRequest { call_ids, hangup });
         req.set_timeout(Duration::from_secs(2));
         let reply = client

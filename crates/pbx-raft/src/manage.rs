@@ -337,19 +337,10 @@ impl Shared {
     }
 
     async fn manage_remote(&self, id: NodeId, op: &ManageOp) -> Result<NodeStatus, ManageError> {
-        let addr = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .map(|n| n.peer_addr.clone())
-            .ok_or(ManageError::UnknownNode(id))?;
-        let mut client = self
-            .pool
-            .client(id, &addr)
-            .map_err(|e| ManageError::Unavailable(e.to_string()))?;
+        let mut client = self.peer_client(id).map_err(|e| match e {
+            RaftError::UnknownNode(id) => ManageError::UnknownNode(id),
+            other => ManageError::Unavailable(other.to_string()),
+        })?;
         let mut req = tonic::Request::new(op.to_proto());
         // Long enough for a learner's first snapshot or a leadership transfer.
         req.set_timeout(Duration::from_secs(30));

@@ -36,6 +36,40 @@ pub enum RecordData {
     Naptr(Naptr),
     Srv(Srv),
     Addr(IpAddr),
+    /// Name server of the zone (a member's host name).
+    Ns(String),
+    Soa {
+        mname: String,
+        rname: String,
+        serial: u32,
+        /// Negative-caching TTL (RFC 2308).
+        minimum: u32,
+    },
+}
+
+/// The record types the cluster's DNS answers for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryType {
+    Naptr,
+    Srv,
+    A,
+    Aaaa,
+    Ns,
+    Soa,
+    Any,
+    Other,
+}
+
+/// How a query is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The records asked for (NOERROR); empty: the name exists, not that type (NODATA,
+    /// with the SOA for negative caching).
+    Records(Vec<Record>),
+    /// No such name in the zone (NXDOMAIN, with the SOA).
+    NoName,
+    /// Not our zone (REFUSED: we are not a recursive server).
+    NotOurs,
 }
 
 /// One resource record: owner name (absolute, with the trailing dot), TTL, data.
@@ -118,6 +152,69 @@ impl ZoneSpec {
         out
     }
 
+    /// SOA of the zone, with a serial that changes whenever the published records do.
+    pub fn soa(&self) -> Record {
+        let mut h: u32 = 0x811c_9dc5;
+        for r in self.records() {
+            for b in format!("{r:?}").bytes() {
+                h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+            }
+        }
+        let mname = self
+            .members
+            .first()
+            .map_or_else(|| self.fqdn("ns1"), |m| self.host_of(m.id));
+        Record {
+            name: self.fqdn(""),
+            ttl: self.ttl,
+            data: RecordData::Soa {
+                mname,
+                rname: format!("hostmaster.{}", self.fqdn("")),
+                serial: h,
+                minimum: self.ttl,
+            },
+        }
+    }
+
+    /// Answers a query for `name` (any case, with or without the trailing dot) as the
+    /// zone's authoritative server: the apex carries SOA, NS (the members) and NAPTR.
+    pub fn lookup(&self, name: &str, qtype: QueryType) -> Lookup {
+        let name = format!("{}.", name.trim_end_matches('.').to_ascii_lowercase());
+        let apex = self.fqdn("").to_ascii_lowercase();
+        if name != apex && !name.ends_with(&format!(".{apex}")) {
+            return Lookup::NotOurs;
+        }
+        let mut all = self.records();
+        if name == apex {
+            all.push(self.soa());
+            all.extend(self.members.iter().map(|m| Record {
+                name: apex.clone(),
+                ttl: self.ttl,
+                data: RecordData::Ns(self.host_of(m.id)),
+            }));
+        }
+        let at_name: Vec<Record> = all
+            .into_iter()
+            .filter(|r| r.name.eq_ignore_ascii_case(&name))
+            .collect();
+        if at_name.is_empty() {
+            return Lookup::NoName;
+        }
+        let wanted = |r: &Record| {
+            matches!(
+                (&r.data, qtype),
+                (_, QueryType::Any)
+                    | (RecordData::Naptr(_), QueryType::Naptr)
+                    | (RecordData::Srv(_), QueryType::Srv)
+                    | (RecordData::Addr(IpAddr::V4(_)), QueryType::A)
+                    | (RecordData::Addr(IpAddr::V6(_)), QueryType::Aaaa)
+                    | (RecordData::Ns(_), QueryType::Ns)
+                    | (RecordData::Soa { .. }, QueryType::Soa)
+            )
+        };
+        Lookup::Records(at_name.into_iter().filter(wanted).collect())
+    }
+
     /// A BIND zone file for the domain: SOA and NS (`ns`: absolute names; empty: the
     /// members' own host names, as when the nodes serve the zone), then [`records`].
     ///
@@ -168,6 +265,8 @@ impl ZoneSpec {
                 ),
                 RecordData::Addr(IpAddr::V4(a)) => writeln!(z, "{} {} IN A {a}", r.name, r.ttl),
                 RecordData::Addr(IpAddr::V6(a)) => writeln!(z, "{} {} IN AAAA {a}", r.name, r.ttl),
+                // The zone's own SOA and NS are written above.
+                RecordData::Ns(_) | RecordData::Soa { .. } => Ok(()),
             };
         }
         z
@@ -267,6 +366,37 @@ mod tests {
         assert!(t[6..]
             .iter()
             .all(|t| t.transport == SipTransport::Tls && t.port == 5061));
+    }
+
+    #[test]
+    fn lookups_answer_as_an_authoritative_server() {
+        let z = spec(&[(1, "192.0.2.11", 10), (2, "2001:db8::2", 10)], false);
+        let names = |l: Lookup| match l {
+            Lookup::Records(r) => r.len(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(names(z.lookup("PBX.test.", QueryType::Naptr)), 2);
+        assert_eq!(names(z.lookup("_sip._udp.pbx.test", QueryType::Srv)), 2);
+        assert_eq!(names(z.lookup("node1.pbx.test", QueryType::A)), 1);
+        assert_eq!(
+            names(z.lookup("node1.pbx.test", QueryType::Aaaa)),
+            0,
+            "NODATA"
+        );
+        assert_eq!(names(z.lookup("node2.pbx.test", QueryType::Aaaa)), 1);
+        assert_eq!(names(z.lookup("pbx.test", QueryType::Ns)), 2);
+        assert_eq!(names(z.lookup("pbx.test", QueryType::Soa)), 1);
+        assert_eq!(z.lookup("node3.pbx.test", QueryType::A), Lookup::NoName);
+        assert_eq!(z.lookup("example.com", QueryType::A), Lookup::NotOurs);
+        assert_eq!(z.lookup("xpbx.test", QueryType::A), Lookup::NotOurs);
+        // The serial follows the records.
+        let fewer = spec(&[(1, "192.0.2.11", 10)], false);
+        let serial = |z: &ZoneSpec| match z.soa().data {
+            RecordData::Soa { serial, .. } => serial,
+            _ => unreachable!(),
+        };
+        assert_ne!(serial(&z), serial(&fewer));
+        assert_eq!(serial(&z), serial(&z.clone()));
     }
 
     #[test]
