@@ -136,3 +136,139 @@ fn cluster_dns_follows_the_live_members() {
     )
     .unwrap();
 }
+
+/// Kills baresip when the test ends, however it ends.
+struct Baresip(std::process::Child);
+
+impl Drop for Baresip {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The node holding `user`'s binding(s), from the admin API.
+fn bound_via(c: &LocalCluster, user: &str) -> Vec<u64> {
+    let Ok((0, text)) = c.admin(
+        &[1, 2, 3],
+        &["registrations", "list", "--user", user, "--output", "json"],
+    ) else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let mut nodes: Vec<u64> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r["node_id"].as_u64()).collect())
+        .unwrap_or_default();
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes
+}
+
+/// A real softphone that knows only `sip:u000001@pbx.test` and the cluster's DNS: it
+/// registers through NAPTR/SRV; its node is killed; a call to it through a surviving
+/// node connects at once (its binding was replicated), and its next refresh goes
+/// straight to a live node (the dead one is no longer in DNS). Prints both times.
+#[test]
+fn a_softphone_finds_the_cluster_by_its_domain_and_survives_its_node() {
+    require_tool("dig", "bind9-dnsutils");
+    require_tool("baresip", "baresip-core");
+    require_tool("sipp", "sip-tester");
+    let users = Users { count: 2 };
+    // baresip 1.0 answers the first digest challenge only, and knows only MD5.
+    let c = LocalCluster::up(51, 3, &users, "[auth]\nchallenge_algorithms = [\"MD5\"]\n").unwrap();
+    let dir = c.dir.path().join("baresip");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ip = c.client_ip(50);
+    let dns: String = (1..=3)
+        .map(|n| format!("dns_server {}\n", c.dns_addr(n).unwrap()))
+        .collect();
+    // dns_server lines before net_interface (baresip binds its resolver by it).
+    std::fs::write(
+        dir.join("config"),
+        format!(
+            "sip_listen {ip}:5070\n{dns}net_interface {ip}\nmodule_path /usr/lib/baresip/modules\n\
+             module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule_app account.so\nmodule_app menu.so\n\
+             audio_player aufile,{}\naudio_source ausine,440\nausrc_srate 48000\nauplay_srate 48000\n\
+             ausrc_channels 2\nauplay_channels 2\nrtp_timeout 0\n",
+            dir.join("heard.wav").display()
+        ),
+    )
+    .unwrap();
+    // Only the domain: no outbound proxy, no server address. regint 60 (the cluster's
+    // minimum): a refresh every 54 s.
+    std::fs::write(
+        dir.join("accounts"),
+        format!(
+            "<sip:{}@pbx.test>;auth_pass={};regint=60;answermode=auto;audio_codecs=PCMU\n",
+            Users::name(1),
+            Users::password(1)
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("out.log")).unwrap();
+    let _phone = Baresip(
+        std::process::Command::new("baresip")
+            .arg("-f")
+            .arg(&dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let home = wait_for(
+        "the softphone registered through DNS",
+        Duration::from_secs(15),
+        || bound_via(&c, &Users::name(1)).first().copied(),
+    )
+    .unwrap() as usize;
+    let killed_at = std::time::Instant::now();
+    c.kill(home).unwrap();
+    let survivor = (1..=3).find(|&n| n != home).unwrap();
+
+    // A call from u2 through a surviving node: the replicated binding reaches the phone.
+    let inf = c.dir.path().join("call.csv");
+    std::fs::write(
+        &inf,
+        format!(
+            "SEQUENTIAL\n{};pbx.test;{};{};{}.99;9\n",
+            Users::name(2),
+            Users::password(2),
+            Users::name(1),
+            c.prefix
+        ),
+    )
+    .unwrap();
+    let call = pbx_tests::Sipp {
+        scenario: "uac_call.xml",
+        target: c.node_addr(survivor),
+        local_ip: c.client_ip(60),
+        inf: &inf,
+        calls: 1,
+        rate: 1,
+        transport: "u1",
+    }
+    .run()
+    .unwrap();
+    let call_after = killed_at.elapsed();
+    pbx_tests::assert_all_ok(&call, 1, "call to the softphone through a surviving node");
+
+    // Its next refresh goes to a live node, with no transaction timeout.
+    let moved = wait_for(
+        "re-registered through another node",
+        Duration::from_secs(75),
+        || {
+            let nodes = bound_via(&c, &Users::name(1));
+            nodes.iter().any(|&n| n as usize != home).then_some(nodes)
+        },
+    )
+    .unwrap();
+    let rereg_after = killed_at.elapsed();
+    eprintln!(
+        "softphone (UDP, regint 60) registered via node {home}; node killed; call through node {survivor} \
+         connected {:.1} s after the kill; re-registered via {moved:?} {:.1} s after the kill",
+        call_after.as_secs_f64(),
+        rereg_after.as_secs_f64()
+    );
+}
