@@ -504,3 +504,48 @@ pub fn pbxctl(args: &[&str]) -> anyhow::Result<(bool, String)> {
         ),
     ))
 }
+
+/// A headless baresip (`baresip-core`) run from its own config directory, killed when
+/// dropped however the test ends.
+pub struct Baresip(std::process::Child);
+
+impl Baresip {
+    /// Writes `dir/config` (SIP on `ip:port`, G.711, a 440 Hz tone as microphone, what
+    /// it hears to `heard.wav`, loopback only; `dns` servers if any) and
+    /// `dir/accounts` (one line), and starts it with its output in `dir/out.log`.
+    pub fn start(dir: &Path, ip: &str, port: u16, dns: &[SocketAddr], account: &str) -> Baresip {
+        std::fs::create_dir_all(dir).expect("baresip dir");
+        let dns: String = dns.iter().map(|d| format!("dns_server {d}\n")).collect();
+        // dns_server lines before net_interface: baresip binds its resolver by it.
+        std::fs::write(
+            dir.join("config"),
+            format!(
+                "sip_listen {ip}:{port}\n{dns}net_interface {ip}\nmodule_path /usr/lib/baresip/modules\n\
+                 module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule_app account.so\nmodule_app menu.so\n\
+                 audio_player aufile,{}\naudio_source ausine,440\nausrc_srate 48000\nauplay_srate 48000\n\
+                 ausrc_channels 2\nauplay_channels 2\nrtp_timeout 0\n",
+                dir.join("heard.wav").display()
+            ),
+        )
+        .expect("baresip config");
+        std::fs::write(dir.join("accounts"), format!("{account}\n")).expect("baresip accounts");
+        let log = std::fs::File::create(dir.join("out.log")).expect("baresip log");
+        Baresip(
+            Command::new("baresip")
+                .arg("-f")
+                .arg(dir)
+                .stdout(log.try_clone().expect("log handle"))
+                .stderr(log)
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .expect("starting baresip"),
+        )
+    }
+}
+
+impl Drop for Baresip {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

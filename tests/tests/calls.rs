@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pbx_tests::{
-    assert_all_ok, require_tool, wait_for, LocalCluster, RunningSipp, Sipp, SippRun, Users,
+    assert_all_ok, require_tool, wait_for, Baresip, LocalCluster, RunningSipp, Sipp, SippRun, Users,
 };
 
 const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]";
@@ -506,42 +506,6 @@ fn rtp_is_relayed_both_ways_and_echo_returns_what_was_sent() {
     assert!(audit.contains(&format!("calls hangup {id}")), "{audit}");
 }
 
-/// baresip's configuration: SIP over TCP through `outbound` (the node holding its
-/// connection), auto-answer, a sine tone as its microphone, loopback only.
-fn baresip_config(dir: &Path, ip: &str, port: u16, user: usize, outbound: SocketAddr) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("config"),
-        format!(
-            "sip_listen {ip}:{port}\nnet_interface {ip}\nmodule_path /usr/lib/baresip/modules\n\
-             module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule_app account.so\nmodule_app menu.so\n\
-             audio_player aufile,{}\naudio_source ausine,440\nausrc_srate 48000\nauplay_srate 48000\n\
-             ausrc_channels 2\nauplay_channels 2\nrtp_timeout 0\n",
-            dir.join("heard.wav").display()
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("accounts"),
-        format!(
-            "<sip:{}@pbx.test;transport=tcp>;auth_pass={};outbound=\"sip:{outbound};transport=tcp\";regint=600;answermode=auto;audio_codecs=PCMU\n",
-            Users::name(user),
-            Users::password(user)
-        ),
-    )
-    .unwrap();
-}
-
-/// Kills baresip when the test ends, however it ends.
-struct Baresip(std::process::Child);
-
-impl Drop for Baresip {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_tcp_callee_is_reached_through_the_node_holding_its_connection() {
     require_tool("baresip", "baresip-core");
@@ -552,17 +516,18 @@ fn a_tcp_callee_is_reached_through_the_node_holding_its_connection() {
     // u2 is a softphone on TCP, registered (connected) through node 2 only.
     let dir = c.dir.path().join("baresip");
     let ip = c.client_ip(50);
-    baresip_config(&dir, &ip, free_udp_port(&ip), 2, c.node_addr(2));
-    let log = std::fs::File::create(dir.join("out.log")).unwrap();
-    let _phone = Baresip(
-        std::process::Command::new("baresip")
-            .arg("-f")
-            .arg(&dir)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+    // SIP over TCP through node 2 as outbound proxy, auto-answer.
+    let _phone = Baresip::start(
+        &dir,
+        &ip,
+        free_udp_port(&ip),
+        &[],
+        &format!(
+            "<sip:{}@pbx.test;transport=tcp>;auth_pass={};outbound=\"sip:{};transport=tcp\";regint=600;answermode=auto;audio_codecs=PCMU",
+            Users::name(2),
+            Users::password(2),
+            c.node_addr(2)
+        ),
     );
     wait_for("u2 registered over TCP", Duration::from_secs(15), || {
         c.status(1)

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pbx_tests::{require_tool, wait_for, LocalCluster, Users};
+use pbx_tests::{require_tool, wait_for, Baresip, LocalCluster, Users};
 
 /// `dig @node -p port TYPE name` → (status, answer lines).
 fn dig(c: &LocalCluster, node: usize, rtype: &str, name: &str) -> (String, Vec<String>) {
@@ -137,16 +137,6 @@ fn cluster_dns_follows_the_live_members() {
     .unwrap();
 }
 
-/// Kills baresip when the test ends, however it ends.
-struct Baresip(std::process::Child);
-
-impl Drop for Baresip {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The node holding `user`'s binding(s), from the admin API.
 fn bound_via(c: &LocalCluster, user: &str) -> Vec<u64> {
     let Ok((0, text)) = c.admin(
@@ -177,45 +167,19 @@ fn a_softphone_finds_the_cluster_by_its_domain_and_survives_its_node() {
     let users = Users { count: 2 };
     // baresip 1.0 answers the first digest challenge only, and knows only MD5.
     let c = LocalCluster::up(51, 3, &users, "[auth]\nchallenge_algorithms = [\"MD5\"]\n").unwrap();
-    let dir = c.dir.path().join("baresip");
-    std::fs::create_dir_all(&dir).unwrap();
-    let ip = c.client_ip(50);
-    let dns: String = (1..=3)
-        .map(|n| format!("dns_server {}\n", c.dns_addr(n).unwrap()))
-        .collect();
-    // dns_server lines before net_interface (baresip binds its resolver by it).
-    std::fs::write(
-        dir.join("config"),
-        format!(
-            "sip_listen {ip}:5070\n{dns}net_interface {ip}\nmodule_path /usr/lib/baresip/modules\n\
-             module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule_app account.so\nmodule_app menu.so\n\
-             audio_player aufile,{}\naudio_source ausine,440\nausrc_srate 48000\nauplay_srate 48000\n\
-             ausrc_channels 2\nauplay_channels 2\nrtp_timeout 0\n",
-            dir.join("heard.wav").display()
-        ),
-    )
-    .unwrap();
+    let dns: Vec<std::net::SocketAddr> = (1..=3).map(|n| c.dns_addr(n).unwrap()).collect();
     // Only the domain: no outbound proxy, no server address. regint 60 (the cluster's
     // minimum): a refresh every 54 s.
-    std::fs::write(
-        dir.join("accounts"),
-        format!(
-            "<sip:{}@pbx.test>;auth_pass={};regint=60;answermode=auto;audio_codecs=PCMU\n",
+    let _phone = Baresip::start(
+        &c.dir.path().join("baresip"),
+        &c.client_ip(50),
+        5070,
+        &dns,
+        &format!(
+            "<sip:{}@pbx.test>;auth_pass={};regint=60;answermode=auto;audio_codecs=PCMU",
             Users::name(1),
             Users::password(1)
         ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("out.log")).unwrap();
-    let _phone = Baresip(
-        std::process::Command::new("baresip")
-            .arg("-f")
-            .arg(&dir)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
     );
     let home = wait_for(
         "the softphone registered through DNS",
