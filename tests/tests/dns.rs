@@ -40,6 +40,20 @@ fn dig(c: &LocalCluster, node: usize, rtype: &str, name: &str) -> (String, Vec<S
     (status, answers)
 }
 
+/// `pbxctl dns check pbx.test --server DNS --output json` → (exit code, parsed output).
+fn dns_check(server: std::net::SocketAddr) -> (i32, serde_json::Value) {
+    let out = std::process::Command::new(pbx_tests::bin("pbxctl"))
+        .args(["dns", "check", "pbx.test", "--server", &server.to_string()])
+        .args(["--timeout", "1", "--output", "json"])
+        .output()
+        .expect("running pbxctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
+    )
+}
+
 /// The SRV targets `node` publishes for UDP, sorted.
 fn udp_targets(c: &LocalCluster, node: usize) -> Vec<String> {
     let (_, answers) = dig(c, node, "SRV", "_sip._udp.pbx.test");
@@ -92,6 +106,20 @@ fn cluster_dns_follows_the_live_members() {
     assert_eq!(status, "NXDOMAIN");
     let (status, _) = dig(&c, 1, "A", "example.com");
     assert_eq!(status, "REFUSED", "not a recursive server");
+    // pbxctl resolves it as a phone does and probes every target.
+    let (code, check) = dns_check(c.dns_addr(1).unwrap());
+    assert_eq!(code, 0, "{check}");
+    assert_eq!(check["naptr"], true);
+    let targets = check["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 6, "3 nodes x UDP, TCP: {check}");
+    assert!(targets.iter().all(|t| t["reachable"] == true), "{check}");
+    assert!(
+        targets
+            .iter()
+            .all(|t| (t["share"].as_f64().unwrap() - 1.0 / 3.0).abs() < 0.01),
+        "equal weights: a third each: {check}"
+    );
+    assert_eq!(check["warnings"], serde_json::json!([]));
 
     // Node 2 killed: gone from the others' answers within a probe; back once restarted.
     c.kill(2).unwrap();
@@ -286,6 +314,15 @@ fn softphone_failover(slot: u8, source: Dns) {
     let killed_at = std::time::Instant::now();
     c.kill(home).unwrap();
     let survivor = (1..=3).find(|&n| n != home).unwrap();
+    if source == Dns::Bind {
+        // The static zone still lists the dead node: dns check says which target is down.
+        let (code, check) = dns_check(dns[0]);
+        assert_eq!(code, 5, "{check}");
+        for t in check["targets"].as_array().unwrap() {
+            let dead = t["target"] == format!("node{home}.pbx.test.");
+            assert_eq!(t["reachable"], !dead, "{t}");
+        }
+    }
 
     // A call from u2 through a surviving node: the replicated binding reaches the phone.
     let inf = c.dir.path().join("call.csv");

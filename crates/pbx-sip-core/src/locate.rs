@@ -272,6 +272,8 @@ pub struct Resolution {
     fallback: Option<(SipTransport, u16)>,
     /// A numeric host: nothing to look up.
     numeric: Option<Target>,
+    /// Usable NAPTR records were found (not the SRV-per-transport fallback).
+    naptr_found: bool,
 }
 
 impl Resolution {
@@ -291,6 +293,7 @@ impl Resolution {
             addrs: HashMap::new(),
             fallback: None,
             numeric: None,
+            naptr_found: false,
             dest,
         };
         let default_transport = r.dest.transport.unwrap_or(if r.dest.sips {
@@ -351,6 +354,7 @@ impl Resolution {
         match (q, answer) {
             (Query::Naptr(_), Answer::Naptr(records)) => {
                 let usable = usable_naptr(&records, &self.supported, self.dest.sips);
+                self.naptr_found = !usable.is_empty();
                 if usable.is_empty() {
                     self.srv_for_supported();
                 }
@@ -419,6 +423,27 @@ impl Resolution {
             });
             self.ask(Query::Srv(name));
         }
+    }
+
+    /// Whether usable NAPTR records were found.
+    pub fn naptr_found(&self) -> bool {
+        self.naptr_found
+    }
+
+    /// The SRV records found, per transport, in resolution order.
+    pub fn srv_records(&self) -> Vec<(SipTransport, Srv)> {
+        self.srv_sets
+            .iter()
+            .flat_map(|s| s.records.iter().map(move |r| (s.transport, r.clone())))
+            .collect()
+    }
+
+    /// The addresses found for a host name.
+    pub fn addresses(&self, host: &str) -> &[IpAddr] {
+        self.addrs
+            .get(&norm(host))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     /// The targets in the order to try them (SRV order drawn with `rng`), duplicates

@@ -246,6 +246,19 @@ enum NodeCmd {
 
 #[derive(Subcommand, Debug)]
 enum DnsCmd {
+    /// Resolve DOMAIN as a phone does (NAPTR → SRV → A/AAAA), probe every target
+    /// (OPTIONS over UDP, a connect over TCP) and print priority, weight, share of
+    /// traffic, reachability and latency, with warnings. Exit 0 all reachable, 5 some
+    /// target unreachable, 6 nothing found. Needs no admin API.
+    Check {
+        domain: String,
+        /// Name server to ask (IP:PORT, repeatable; default: the system's).
+        #[arg(long)]
+        server: Vec<SocketAddr>,
+        /// Seconds to wait for each probe.
+        #[arg(long, default_value_t = 2.0)]
+        timeout: f64,
+    },
     /// Print a BIND zone for the SIP domain from the current members (admin API):
     /// NAPTR per transport, SRV per transport and member, A/AAAA per member; draining
     /// members are left out. For operators who keep their own DNS.
@@ -607,27 +620,22 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Options { target, timeout } => {
-            let mut ua = Ua::new(target)?;
-            let started = Instant::now();
-            let req = ua.request(
-                Method::Options,
-                &format!("sip:{target}"),
-                "ping",
-                "pbx.test",
-                &[],
-            );
-            let resp = ua.transact(req, Duration::from_secs_f64(timeout))?;
-            let status = resp.status().unwrap_or(0);
-            println!(
-                "{target}: {status} in {:.1} ms",
-                started.elapsed().as_secs_f64() * 1000.0
-            );
+            let (status, rtt) = options_probe(target, Duration::from_secs_f64(timeout))?;
+            println!("{target}: {status} in {:.1} ms", rtt.as_secs_f64() * 1000.0);
             Ok(if status == 200 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
             })
         }
+        Cmd::Dns {
+            command:
+                DnsCmd::Check {
+                    domain,
+                    server,
+                    timeout,
+                },
+        } => dns_check(&domain, &server, timeout, cli.output),
         Cmd::Register {
             target,
             user,
@@ -705,7 +713,9 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Node { .. }
         | Cmd::Audit { .. }
         | Cmd::Calls { .. }
-        | Cmd::Dns { .. } => {
+        | Cmd::Dns {
+            command: DnsCmd::Zone { .. },
+        } => {
             unreachable!("admin API commands are run above")
         }
     }
@@ -718,6 +728,161 @@ struct Ua {
     local: SocketAddr,
     call_id: String,
     cseq: u32,
+}
+
+/// OPTIONS to a node over UDP: (status, round trip).
+fn options_probe(target: SocketAddr, timeout: Duration) -> anyhow::Result<(u16, Duration)> {
+    let mut ua = Ua::new(target)?;
+    let started = Instant::now();
+    let req = ua.request(
+        Method::Options,
+        &format!("sip:{target}"),
+        "ping",
+        "pbx.test",
+        &[],
+    );
+    let resp = ua.transact(req, timeout)?;
+    Ok((resp.status().unwrap_or(0), started.elapsed()))
+}
+
+/// `pbxctl dns check`: the domain resolved like a phone does (RFC 3263), every target
+/// probed (OPTIONS over UDP, a connect over TCP/TLS), with warnings.
+fn dns_check(
+    domain: &str,
+    servers: &[SocketAddr],
+    timeout: f64,
+    output: admin::Output,
+) -> anyhow::Result<ExitCode> {
+    use pbx_sip_core::locate::{Destination, SipTransport};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let resolver = if servers.is_empty() {
+        pbx_resolver::SipResolver::system()?
+    } else {
+        pbx_resolver::SipResolver::with_servers(servers)?
+    };
+    let all = [SipTransport::Udp, SipTransport::Tcp, SipTransport::Tls];
+    let r = rt.block_on(resolver.resolve(
+        Destination {
+            host: domain.to_string(),
+            port: None,
+            transport: None,
+            sips: false,
+        },
+        &all,
+    ));
+    let mut warnings = Vec::new();
+    if !r.naptr_found() {
+        warnings.push(format!(
+            "no NAPTR for {domain}: phones guess the transport (SRV per transport)"
+        ));
+    }
+    let srv = r.srv_records();
+    if srv.is_empty() {
+        warnings.push(format!(
+            "no SRV records for {domain}: phones use its A record on port 5060, with no failover"
+        ));
+    }
+    let timeout = Duration::from_secs_f64(timeout);
+    let mut rows = Vec::new();
+    let mut unreachable = 0;
+    for (t, rec) in &srv {
+        let same_prio: Vec<_> = srv
+            .iter()
+            .filter(|(t2, r2)| t2 == t && r2.priority == rec.priority)
+            .collect();
+        let total: u32 = same_prio.iter().map(|(_, r)| u32::from(r.weight)).sum();
+        let share = if total == 0 {
+            1.0 / same_prio.len() as f64
+        } else {
+            f64::from(rec.weight) / f64::from(total)
+        };
+        let addrs = r.addresses(&rec.target);
+        if addrs.is_empty() {
+            warnings.push(format!("{} has no A/AAAA record", rec.target));
+        }
+        for ip in addrs {
+            let addr = SocketAddr::new(*ip, rec.port);
+            let probe = match t {
+                SipTransport::Udp => options_probe(addr, timeout)
+                    .map(|(status, rtt)| (status == 200, format!("OPTIONS {status}"), rtt)),
+                _ => {
+                    let started = Instant::now();
+                    std::net::TcpStream::connect_timeout(&addr, timeout)
+                        .map(|_| (true, "connect".to_string(), started.elapsed()))
+                        .map_err(anyhow::Error::from)
+                }
+            };
+            let (ok, how, rtt) =
+                probe.unwrap_or_else(|e| (false, format!("{e:#}"), Duration::ZERO));
+            if !ok {
+                unreachable += 1;
+            }
+            rows.push((*t, rec.clone(), share, addr, ok, how, rtt));
+        }
+    }
+    for t in all {
+        let of_t: Vec<_> = rows.iter().filter(|row| row.0 == t).collect();
+        let hosts: std::collections::BTreeSet<_> = of_t.iter().map(|row| row.3.ip()).collect();
+        if of_t.len() > 1 && hosts.len() == 1 {
+            warnings.push(format!(
+                "every {t:?} target is on one host ({}): no failover",
+                hosts
+                    .iter()
+                    .next()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    if rows.len() == 1 {
+        warnings.push("a single server: no failover".into());
+    }
+    match output {
+        admin::Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "domain": domain,
+                "naptr": r.naptr_found(),
+                "targets": rows.iter().map(|(t, rec, share, addr, ok, how, rtt)| serde_json::json!({
+                    "transport": format!("{t:?}"), "priority": rec.priority, "weight": rec.weight,
+                    "share": share, "target": rec.target, "address": addr.to_string(),
+                    "reachable": ok, "probe": how, "latency_ms": rtt.as_secs_f64() * 1000.0,
+                })).collect::<Vec<_>>(),
+                "warnings": warnings,
+            }))?
+        ),
+        admin::Output::Table => {
+            println!(
+                "{:<5} {:>4} {:>6} {:>6} {:<24} {:<22} {:<9} {:>9}",
+                "TP", "PRIO", "WEIGHT", "SHARE", "TARGET", "ADDRESS", "REACHABLE", "LATENCY"
+            );
+            for (t, rec, share, addr, ok, how, rtt) in &rows {
+                println!(
+                    "{:<5} {:>4} {:>6} {:>5.0}% {:<24} {:<22} {:<9} {:>7.1}ms  {how}",
+                    format!("{t:?}").to_uppercase(),
+                    rec.priority,
+                    rec.weight,
+                    share * 100.0,
+                    rec.target,
+                    addr.to_string(),
+                    if *ok { "yes" } else { "NO" },
+                    rtt.as_secs_f64() * 1000.0
+                );
+            }
+            for w in &warnings {
+                println!("warning: {w}");
+            }
+        }
+    }
+    Ok(if rows.is_empty() {
+        ExitCode::from(admin::EXIT_NOT_FOUND)
+    } else if unreachable > 0 {
+        ExitCode::from(admin::EXIT_NO_QUORUM)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 impl Ua {
