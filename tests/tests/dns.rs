@@ -380,3 +380,45 @@ fn a_softphone_finds_the_cluster_by_its_domain_and_survives_its_node() {
 fn a_softphone_finds_the_cluster_through_bind_serving_the_printed_zone() {
     softphone_failover(52, Dns::Bind);
 }
+
+/// The zone and named.conf snippet shipped in deploy/dns pass BIND's own checkers.
+#[test]
+fn deploy_dns_files_pass_bind_checks() {
+    require_tool("named-checkzone", "bind9-utils");
+    let dns = pbx_tests::repo_root().join("deploy/dns");
+    let zone = dns.join("pbx.example.com.zone");
+    let out = std::process::Command::new("named-checkzone")
+        .arg("pbx.example.com")
+        .arg(&zone)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let snippet = std::fs::read_to_string(dns.join("named.conf.snippet"))
+        .unwrap()
+        .replace("/etc/bind/pbx.example.com.zone", zone.to_str().unwrap());
+    let conf = dir.path().join("named.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "options {{ directory \"{}\"; }};\n{snippet}",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("named-checkconf")
+        .arg("-z")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -834,6 +834,24 @@ mod tests {
     }
 
     #[test]
+    fn the_three_node_examples_parse_and_agree() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/examples");
+        let nodes: Vec<Config> = (1..=3)
+            .map(|n| Config::load(&dir.join(format!("node{n}.toml"))).unwrap())
+            .collect();
+        for (i, c) in nodes.iter().enumerate() {
+            assert_eq!(c.node.id, i as u64 + 1);
+            assert_eq!(c.cluster.domain, "pbx.example.com");
+            assert_eq!(c.cluster.members.len(), 3);
+            assert_eq!(
+                c.cluster.members, nodes[0].cluster.members,
+                "same members everywhere"
+            );
+            assert_eq!(c.dns.listen.map(|a| a.ip()), Some(c.node.sip_addr.ip()));
+        }
+    }
+
+    #[test]
     fn the_example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/pbxd.example.toml");
         let c = Config::load(&path).unwrap();
