@@ -191,15 +191,15 @@ struct Named {
 }
 
 impl Named {
-    fn start(dir: &std::path::Path, ip: &str, zone: &str) -> Named {
+    fn start(dir: &std::path::Path, ip: &str, domain: &str, zone: &str) -> Named {
         std::fs::create_dir_all(dir).unwrap();
-        std::fs::write(dir.join("pbx.test.zone"), zone).unwrap();
+        std::fs::write(dir.join(format!("{domain}.zone")), zone).unwrap();
         std::fs::write(
             dir.join("named.conf"),
             format!(
                 "options {{ directory \"{d}\"; pid-file \"{d}/named.pid\"; listen-on port 53 {{ {ip}; }};\n\
                  listen-on-v6 {{ none; }}; recursion no; dnssec-validation no; }};\n\
-                 zone \"pbx.test\" {{ type primary; file \"{d}/pbx.test.zone\"; }};\n",
+                 zone \"{domain}\" {{ type primary; file \"{d}/{domain}.zone\"; }};\n",
                 d = dir.display()
             ),
         )
@@ -272,7 +272,12 @@ fn softphone_failover(slot: u8, source: Dns) {
             let (code, zone) = c.admin(&[1], &["dns", "zone"]).unwrap();
             assert_eq!(code, 0, "{zone}");
             let ip = c.client_ip(53);
-            _named = Some(Named::start(&c.dir.path().join("named"), &ip, &zone));
+            _named = Some(Named::start(
+                &c.dir.path().join("named"),
+                &ip,
+                "pbx.test",
+                &zone,
+            ));
             let server: std::net::SocketAddr = format!("{ip}:53").parse().unwrap();
             wait_for("named serving the zone", Duration::from_secs(15), || {
                 let out = std::process::Command::new("dig")
@@ -420,5 +425,110 @@ fn deploy_dns_files_pass_bind_checks() {
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `Dial(SIP/555@provider.test)`: the node finds the provider by NAPTR/SRV (BIND), its
+/// first server is dead (silent): after a few seconds the same INVITE goes to the next
+/// one, which answers; the next call goes to the live server first (dead-target memory).
+#[test]
+fn dial_to_another_domain_fails_over_to_the_next_srv_target() {
+    require_tool("named", "bind9");
+    require_tool("sipp", "sip-tester");
+    let slot = 53u8;
+    let prefix = format!("127.0.{slot}");
+    let zone = format!(
+        "$ORIGIN provider.test.\n$TTL 30\n@ IN SOA ns hostmaster ( 1 3600 600 86400 30 )\n@ IN NS ns\n\
+         ns IN A {prefix}.53\n\
+         @ IN NAPTR 10 50 \"s\" \"SIP+D2U\" \"\" _sip._udp.provider.test.\n\
+         _sip._udp IN SRV 10 50 5060 dead.provider.test.\n\
+         _sip._udp IN SRV 20 50 5060 live.provider.test.\n\
+         dead IN A {prefix}.21\nlive IN A {prefix}.22\n"
+    );
+    let users = Users { count: 2 };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("extensions.conf");
+    std::fs::write(
+        &plan,
+        "[default]\nexten => _9.,1,Dial(SIP/${EXTEN:1}@provider.test,20)\n same => n,Hangup()\n",
+    )
+    .unwrap();
+    let _named = Named::start(
+        &dir.path().join("named"),
+        &format!("{prefix}.53"),
+        "provider.test",
+        &zone,
+    );
+    let c = LocalCluster::up_with_dialplan(
+        slot,
+        1,
+        &users,
+        &format!(
+            "[auth]\nchallenge_algorithms = [\"MD5\"]\n[dns]\nresolvers = [\"{prefix}.53:53\"]\ndead_target_secs = 60\n"
+        ),
+        &plan,
+    )
+    .unwrap();
+    let uas_inf = dir.path().join("uas.csv");
+    std::fs::write(&uas_inf, format!("SEQUENTIAL\n{prefix}.22;9\n")).unwrap();
+    let uac_inf = dir.path().join("uac.csv");
+    std::fs::write(
+        &uac_inf,
+        format!(
+            "SEQUENTIAL\n{};pbx.test;{};9555;{prefix}.99;9\n",
+            Users::name(1),
+            Users::password(1)
+        ),
+    )
+    .unwrap();
+    let call = || {
+        let provider = pbx_tests::Sipp {
+            scenario: "uas_answer.xml",
+            target: c.node_addr(1),
+            local_ip: format!("{prefix}.22"),
+            inf: &uas_inf,
+            calls: 1,
+            rate: 1,
+            transport: "u1",
+        }
+        .spawn(&["-p", "5060"])
+        .unwrap();
+        let started = std::time::Instant::now();
+        let run = pbx_tests::Sipp {
+            scenario: "uac_call.xml",
+            target: c.node_addr(1),
+            local_ip: c.client_ip(60),
+            inf: &uac_inf,
+            calls: 1,
+            rate: 1,
+            transport: "u1",
+        }
+        .run()
+        .unwrap();
+        let took = started.elapsed();
+        pbx_tests::assert_all_ok(&run, 1, "call to 555@provider.test");
+        pbx_tests::assert_all_ok(&provider.wait().unwrap(), 1, "the provider's live server");
+        took
+    };
+    let first = call();
+    assert!(
+        first >= Duration::from_secs(4) && first < Duration::from_secs(30),
+        "the dead server given up after its silence, well before Timer B: {first:?}"
+    );
+    assert!(
+        c.log(1)
+            .contains("did not answer for sip:555@provider.test"),
+        "{}",
+        c.log(1)
+    );
+    let second = call();
+    assert!(
+        second < Duration::from_secs(3),
+        "the dead server remembered, the live one tried first: {second:?}"
+    );
+    eprintln!(
+        "Dial to provider.test: first call {:.1} s (dead first target, failover), second {:.1} s",
+        first.as_secs_f64(),
+        second.as_secs_f64()
     );
 }

@@ -61,7 +61,16 @@ pub struct Contact<D> {
     pub route: Vec<String>,
     /// The user this contact belongs to.
     pub user: String,
+    /// Where to send the same request next when `dest` does not answer in time, answers
+    /// 503 or fails (RFC 3263 §4.3: the other targets of a resolved domain, in order).
+    pub alternates: Vec<D>,
+    /// The To host when it is not our domain (a target in another domain).
+    pub domain: Option<String>,
 }
+
+/// With alternates to try, a target that sends nothing at all (not even 100 Trying)
+/// within this time is given up for the next one, rather than after Timer B (32 s).
+pub const FAILOVER_SILENCE: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// What the relay should do.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +126,8 @@ pub enum Output<D> {
     },
     /// The call was answered: replicate its record.
     Record(Box<CallRecord>),
+    /// A destination timed out or answered 503: remember it as dead for a while.
+    TargetFailed(D),
     /// The call is over for its users (transactions may linger to absorb
     /// retransmissions until [`Call::is_done`]).
     Ended {
@@ -188,6 +199,10 @@ struct BLeg<D> {
     /// §9.1: a cancelled leg whose final response never comes is given up.
     give_up_at: Option<Instant>,
     user: String,
+    /// What this leg was placed for, with the alternates still to try.
+    target: Contact<D>,
+    /// Silence until then moves on to the next alternate ([`FAILOVER_SILENCE`]).
+    failover_at: Option<Instant>,
 }
 
 enum ClientTx {
@@ -487,7 +502,11 @@ impl<D: Destination> Call<D> {
         } else {
             format!("\"{}\" {from_uri};tag={tag}", caller.name.replace('"', ""))
         };
-        let to = format!("<sip:{}@{}>", c.user, self.p.domain);
+        let to = format!(
+            "<sip:{}@{}>",
+            c.user,
+            c.domain.as_deref().unwrap_or(&self.p.domain)
+        );
         let transport = c.dest.transport();
         let body = self.offer_for_b();
         let max_forwards = self.a.max_forwards.saturating_sub(1).min(70);
@@ -527,8 +546,12 @@ impl<D: Destination> Call<D> {
             dest: c.dest.clone(),
             bytes: bytes.clone(),
         });
+        let failover_at = (!c.alternates.is_empty()).then(|| now + FAILOVER_SILENCE);
+        let target = c.clone();
         self.legs.push(BLeg {
             generation: self.generation,
+            failover_at,
+            target,
             dialog: Dialog {
                 call_id,
                 local,
@@ -1275,6 +1298,8 @@ impl<D: Destination> Call<D> {
         msg: &SipMessage,
         core: &CoreHeaders,
     ) {
+        // The target answers: no failover to the next one any more.
+        self.legs[i].failover_at = None;
         let action = self.legs[i].tx.on_response(now, status, &core.to.raw);
         let dest = self.legs[i].dialog.dest.clone();
         match action {
@@ -1381,11 +1406,37 @@ impl<D: Destination> Call<D> {
             }
             _ => {
                 self.legs[i].state = LegState::Done(status);
+                if current && status == 503 {
+                    return self.fail_over(now, i);
+                }
                 if current {
                     self.check_dial(now);
                 }
             }
         }
+    }
+
+    /// Leg `i`'s destination failed (silence, Timer B or 503): the same request to the
+    /// next alternate, as a new leg of the same Dial; none left: the Dial goes on.
+    fn fail_over(&mut self, now: Instant, i: usize) {
+        let failed = self.legs[i].dialog.dest.clone();
+        self.out.push_back(Output::TargetFailed(failed.clone()));
+        let mut next = self.legs[i].target.clone();
+        if next.alternates.is_empty() || self.legs[i].cancel != Cancel::No {
+            return self.check_dial(now);
+        }
+        next.dest = next.alternates.remove(0);
+        self.log(
+            LogLevel::Notice,
+            format!(
+                "{} did not answer for {}: trying {}",
+                failed.describe(),
+                next.uri,
+                next.dest.describe()
+            ),
+        );
+        let req = self.dial.clone().unwrap_or_default();
+        self.start_leg(now, next, &req);
     }
 
     // ----- media and timers ---------------------------------------------------------
@@ -1423,6 +1474,7 @@ impl<D: Destination> Call<D> {
             take(l.tx.poll_timeout());
             if !matches!(l.state, LegState::Done(_)) {
                 take(l.give_up_at);
+                take(l.failover_at);
             }
             take(l.dialog.retransmit.as_ref().map(Retransmit2xx::deadline));
         }
@@ -1453,6 +1505,8 @@ impl<D: Destination> Call<D> {
     pub fn handle_timeout(&mut self, now: Instant) {
         for i in 0..self.legs.len() {
             match self.legs[i].tx.handle_timeout(now) {
+                // A leg given up for the next target stops retransmitting.
+                TimerOutcome::Retransmit(_) if self.legs[i].state == LegState::Done(0) => {}
                 TimerOutcome::Retransmit(bytes) => {
                     let dest = self.legs[i].dialog.dest.clone();
                     self.out.push_back(Output::Send { dest, bytes });
@@ -1462,11 +1516,20 @@ impl<D: Destination> Call<D> {
                         // Timer B: nothing answered at all.
                         self.legs[i].state = LegState::Done(0);
                         if self.legs[i].generation == self.generation {
-                            self.check_dial(now);
+                            self.fail_over(now, i);
                         }
                     }
                 }
                 TimerOutcome::Idle | TimerOutcome::Terminated => {}
+            }
+            if self.legs[i].failover_at.is_some_and(|at| now >= at)
+                && self.legs[i].state == LegState::Trying
+            {
+                self.legs[i].failover_at = None;
+                self.legs[i].state = LegState::Done(0);
+                if self.legs[i].generation == self.generation {
+                    self.fail_over(now, i);
+                }
             }
             if self.legs[i].give_up_at.is_some_and(|at| now >= at)
                 && !matches!(self.legs[i].state, LegState::Done(_))

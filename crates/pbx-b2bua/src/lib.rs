@@ -12,7 +12,9 @@
 mod call;
 mod dialog;
 
-pub use call::{Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Output};
+pub use call::{
+    Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Output, FAILOVER_SILENCE,
+};
 pub use dialog::Destination;
 
 #[cfg(test)]

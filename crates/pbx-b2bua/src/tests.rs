@@ -183,6 +183,8 @@ impl Harness {
                 dest: Udp(addr(a)),
                 route: vec![],
                 user: "bob".into(),
+                alternates: vec![],
+                domain: None,
             })
             .collect();
         self.call.on_resolved(self.now, list, 480);
@@ -661,4 +663,74 @@ fn an_operator_hangup_sends_bye_both_ways_and_ends_the_answered_call() {
     }
     h.advance(Duration::from_secs(40));
     assert!(h.call.is_done());
+}
+
+#[test]
+fn a_silent_or_503_target_fails_over_to_the_next_alternate() {
+    // Dial(SIP/bob@provider.test): resolved to two servers (RFC 3263 order).
+    const P1: &str = "127.0.0.21:5060";
+    const P2: &str = "127.0.0.22:5060";
+    let mut h = Harness::start("bob", SDP_A);
+    h.take();
+    h.call.on_resolved(
+        h.now,
+        vec![Contact {
+            uri: "sip:bob@provider.test".into(),
+            dest: Udp(addr(P1)),
+            route: vec![],
+            user: "bob".into(),
+            alternates: vec![Udp(addr(P2))],
+            domain: Some("provider.test".into()),
+        }],
+        480,
+    );
+    let out = h.take();
+    let first = Harness::sent(&out, P1);
+    assert_eq!(first[0].0, Method::Invite);
+    let (m, c) = parse(&first[0].1);
+    assert_eq!(m.request_uri(), Some("sip:bob@provider.test"));
+    assert!(c.to.raw.contains("sip:bob@provider.test"), "{}", c.to.raw);
+    // P1 stays silent: after FAILOVER_SILENCE the same request goes to P2, and P1 is
+    // reported (dead-target memory) and no longer retransmitted to.
+    h.advance(crate::FAILOVER_SILENCE + Duration::from_millis(1));
+    let out = h.take();
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::TargetFailed(d) if d.0 == addr(P1))));
+    let second = Harness::sent(&out, P2);
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].0, Method::Invite);
+    h.advance(Duration::from_secs(2));
+    assert!(Harness::sent(&h.take(), P1).is_empty(), "P1 given up");
+    // P2 answers: the caller gets the answer.
+    h.response(&response_to(&second[0].1, 200, "p2", P2, SDP_B));
+    let (status, _) = final_to_a(&h.take()).unwrap();
+    assert_eq!(status, 200);
+
+    // A 503 moves on at once.
+    let mut h = Harness::start("bob", SDP_A);
+    h.take();
+    h.call.on_resolved(
+        h.now,
+        vec![Contact {
+            uri: "sip:bob@provider.test".into(),
+            dest: Udp(addr(P1)),
+            route: vec![],
+            user: "bob".into(),
+            alternates: vec![Udp(addr(P2))],
+            domain: Some("provider.test".into()),
+        }],
+        480,
+    );
+    let first = Harness::sent(&h.take(), P1);
+    h.response(&response_to(&first[0].1, 503, "p1", P1, ""));
+    let out = h.take();
+    assert_eq!(Harness::sent(&out, P2)[0].0, Method::Invite);
+    // The last one failing too ends the Dial like any failure (503 → CONGESTION).
+    let second = Harness::sent(&out, P2);
+    h.response(&response_to(&second[0].1, 503, "p2", P2, ""));
+    let out = h.take();
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::TargetFailed(d) if d.0 == addr(P2))));
 }

@@ -17,6 +17,7 @@ use pbx_raft::manage::BoxFuture;
 use pbx_raft::{CallMedia, Cluster, MediaCounters};
 use pbx_registrar::{Inbound, ReplyHead};
 use pbx_sdp::Sdp;
+use pbx_sip_core::locate::{DeadTargets, Destination, SipTransport, SplitMix, Target};
 use pbx_sip_core::{Timers, TransactionKey};
 use pbx_sip_msg::{CoreHeaders, MessageWriter, SipMessage};
 use pbx_state::{Command, State, Transport};
@@ -38,6 +39,11 @@ pub(crate) enum CallInput {
     Response {
         msg: SipMessage,
         core: CoreHeaders,
+    },
+    /// The answer to an asynchronous [`Output::Resolve`] (a target in another domain).
+    Resolved {
+        contacts: Vec<Contact<Dest>>,
+        unreachable: u16,
     },
     /// From the admin API: the media counters, and hang up with `hangup`.
     Control {
@@ -112,6 +118,11 @@ pub(crate) struct CallLayer {
     seed: AtomicU64,
     /// Call records on their way to the replicated state ([`record_writer`]).
     records: mpsc::UnboundedSender<Command>,
+    /// The RFC 3263 client for targets in other domains (made on first use).
+    resolver: tokio::sync::OnceCell<Option<Arc<pbx_resolver::SipResolver>>>,
+    resolvers: Vec<SocketAddr>,
+    /// Servers that timed out or answered 503 recently: tried last.
+    dead: Mutex<DeadTargets>,
 }
 
 impl CallLayer {
@@ -151,6 +162,11 @@ impl CallLayer {
             max_calls: c.max_calls,
             plan: Mutex::new(None),
             seed: AtomicU64::new(rand::random::<u64>() & !0xffff | config.node.id),
+            resolver: tokio::sync::OnceCell::new(),
+            resolvers: config.dns.resolvers.clone(),
+            dead: Mutex::new(DeadTargets::new(Duration::from_secs(
+                config.dns.dead_target_secs,
+            ))),
         })
     }
 
@@ -401,6 +417,9 @@ async fn run_call(
                         call.on_request(now, &msg, &core, key, source);
                     }
                     Some(CallInput::Response { msg, core }) => call.on_response(now, &msg, &core),
+                    Some(CallInput::Resolved { contacts, unreachable }) => {
+                        call.on_resolved(now, contacts, unreachable);
+                    }
                     Some(CallInput::Control { hangup, reply }) => {
                         let _ = reply.send(streams.iter().map(media_counters).collect());
                         if hangup {
@@ -444,7 +463,44 @@ fn carry_out(
         Output::Send { dest, bytes } => send(shared, dest, bytes),
         Output::Resolve(targets) => {
             let (contacts, unreachable) = resolve(shared, &targets);
-            call.on_resolved(Instant::now(), contacts, unreachable);
+            let remote: Vec<(String, String)> = targets
+                .iter()
+                .filter_map(|t| match t {
+                    DialTarget::Uri { user, host } => Some((user.clone(), host.clone())),
+                    DialTarget::User(_) => None,
+                })
+                .collect();
+            if remote.is_empty() {
+                call.on_resolved(Instant::now(), contacts, unreachable);
+            } else {
+                // DNS takes time: the call gets the answer as an input.
+                let shared = shared.clone();
+                let tx = tx.clone();
+                let seed = shared.calls.seed.fetch_add(1 << 16, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut contacts = contacts;
+                    for (user, host) in remote {
+                        contacts.extend(resolve_remote(&shared, &user, &host, seed).await);
+                    }
+                    let _ = tx.send(CallInput::Resolved {
+                        contacts,
+                        unreachable,
+                    });
+                });
+            }
+        }
+        Output::TargetFailed(dest) => {
+            if let Dest::Udp(addr) = dest {
+                tracing::info!(call = call.id(), target = %addr, "target failed: tried last for a while");
+                lock(&shared.calls.dead).mark_dead(
+                    Target {
+                        addr: addr.ip(),
+                        port: addr.port(),
+                        transport: SipTransport::Udp,
+                    },
+                    Instant::now(),
+                );
+            }
         }
         Output::ClaimCallId(id) => {
             lock(&shared.calls.routes).insert(id.clone(), tx.clone());
@@ -493,6 +549,73 @@ fn carry_out(
             }
         }
     }
+}
+
+/// A target in another domain, located by RFC 3263 (UDP): the first server to try and
+/// the others as alternates, servers that failed recently last. None when the domain
+/// resolves to nothing.
+async fn resolve_remote(
+    shared: &Arc<Shared>,
+    user: &str,
+    host: &str,
+    seed: u64,
+) -> Option<Contact<Dest>> {
+    let layer = &shared.calls;
+    let resolver = layer
+        .resolver
+        .get_or_init(|| async {
+            let made = if layer.resolvers.is_empty() {
+                pbx_resolver::SipResolver::system()
+            } else {
+                pbx_resolver::SipResolver::with_servers(&layer.resolvers)
+            };
+            match made {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    tracing::error!(error = %e, "no DNS resolver: calls to other domains fail");
+                    None
+                }
+            }
+        })
+        .await
+        .clone()?;
+    let (name, port) = match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h.to_string(), p.parse().ok()),
+        _ => (host.to_string(), None),
+    };
+    let resolution = resolver
+        .resolve(
+            Destination {
+                host: name.clone(),
+                port,
+                transport: None,
+                sips: false,
+            },
+            &[SipTransport::Udp],
+        )
+        .await;
+    let targets = {
+        let dead = lock(&layer.dead);
+        resolution.targets(&mut SplitMix::new(seed), &dead, Instant::now())
+    };
+    let mut dests = targets
+        .into_iter()
+        .filter(|t| t.transport == SipTransport::Udp)
+        .map(|t| Dest::Udp(SocketAddr::new(t.addr, t.port)));
+    let Some(first) = dests.next() else {
+        tracing::warn!(%user, %host, "no SIP server found for the domain (RFC 3263)");
+        return None;
+    };
+    let alternates: Vec<Dest> = dests.collect();
+    tracing::info!(%user, %host, first = %pbx_b2bua::Destination::describe(&first), alternates = alternates.len(), "located (RFC 3263)");
+    Some(Contact {
+        uri: format!("sip:{user}@{host}"),
+        dest: first,
+        route: Vec::new(),
+        user: user.to_string(),
+        alternates,
+        domain: Some(name),
+    })
 }
 
 /// Most time call records wait to be batched into one Raft entry.
@@ -583,13 +706,13 @@ fn resolve(shared: &Arc<Shared>, targets: &[DialTarget]) -> (Vec<Contact<Dest>>,
                         dest,
                         route: b.path.clone(),
                         user: user.clone(),
+                        alternates: Vec::new(),
+                        domain: None,
                     });
                 }
             }
-            DialTarget::Uri { user, host } => {
-                tracing::warn!(%user, %host, "Dial to another domain needs the RFC 3263 client: not reachable");
-                known = true;
-            }
+            // Resolved asynchronously ([`resolve_remote`]).
+            DialTarget::Uri { .. } => known = true,
         }
     }
     (contacts, if known { 480 } else { 404 })

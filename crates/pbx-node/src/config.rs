@@ -247,6 +247,11 @@ pub struct DnsSection {
     /// How often the other members are probed (peer-link status), milliseconds; a
     /// member that does not answer within half of it is left out.
     pub probe_interval_ms: u64,
+    /// Name servers the node asks when it calls into another domain (RFC 3263:
+    /// `Dial(SIP/x@provider.example)`); empty: the system's (`/etc/resolv.conf`).
+    pub resolvers: Vec<SocketAddr>,
+    /// Seconds a server that timed out or answered 503 is tried last.
+    pub dead_target_secs: u64,
 }
 
 impl Default for DnsSection {
@@ -257,6 +262,8 @@ impl Default for DnsSection {
             backup: Vec::new(),
             weight: 50,
             probe_interval_ms: 1000,
+            resolvers: Vec::new(),
+            dead_target_secs: 60,
         }
     }
 }
