@@ -665,25 +665,31 @@ fn an_operator_hangup_sends_bye_both_ways_and_ends_the_answered_call() {
     assert!(h.call.is_done());
 }
 
-#[test]
-fn a_silent_or_503_target_fails_over_to_the_next_alternate() {
-    // Dial(SIP/bob@provider.test): resolved to two servers (RFC 3263 order).
-    const P1: &str = "127.0.0.21:5060";
-    const P2: &str = "127.0.0.22:5060";
+/// A call to bob@provider.test, resolved to `first` with `next` as alternate.
+fn dial_provider(first: &str, next: &str) -> Harness {
     let mut h = Harness::start("bob", SDP_A);
     h.take();
     h.call.on_resolved(
         h.now,
         vec![Contact {
             uri: "sip:bob@provider.test".into(),
-            dest: Udp(addr(P1)),
+            dest: Udp(addr(first)),
             route: vec![],
             user: "bob".into(),
-            alternates: vec![Udp(addr(P2))],
+            alternates: vec![Udp(addr(next))],
             domain: Some("provider.test".into()),
         }],
         480,
     );
+    h
+}
+
+#[test]
+fn a_silent_or_503_target_fails_over_to_the_next_alternate() {
+    // Dial(SIP/bob@provider.test): resolved to two servers (RFC 3263 order).
+    const P1: &str = "127.0.0.21:5060";
+    const P2: &str = "127.0.0.22:5060";
+    let mut h = dial_provider(P1, P2);
     let out = h.take();
     let first = Harness::sent(&out, P1);
     assert_eq!(first[0].0, Method::Invite);
@@ -708,20 +714,7 @@ fn a_silent_or_503_target_fails_over_to_the_next_alternate() {
     assert_eq!(status, 200);
 
     // A 503 moves on at once.
-    let mut h = Harness::start("bob", SDP_A);
-    h.take();
-    h.call.on_resolved(
-        h.now,
-        vec![Contact {
-            uri: "sip:bob@provider.test".into(),
-            dest: Udp(addr(P1)),
-            route: vec![],
-            user: "bob".into(),
-            alternates: vec![Udp(addr(P2))],
-            domain: Some("provider.test".into()),
-        }],
-        480,
-    );
+    let mut h = dial_provider(P1, P2);
     let first = Harness::sent(&h.take(), P1);
     h.response(&response_to(&first[0].1, 503, "p1", P1, ""));
     let out = h.take();
