@@ -671,13 +671,7 @@ fn make_ca(dir: &std::path::Path, name: &str) {
 /// does not, and the token is still needed.
 #[test]
 fn admin_api_over_mutual_tls() {
-    if std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        panic!("openssl is needed: apt-get install -y openssl");
-    }
+    pbx_tests::require_tool("openssl", "openssl");
     let pki = tempfile::tempdir().unwrap();
     let d = pki.path();
     make_ca(d, "ca");

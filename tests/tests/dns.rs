@@ -511,20 +511,20 @@ fn dial_to_another_domain_fails_over_to_the_next_srv_target() {
         took
     };
     let first = call();
-    assert!(
-        first >= Duration::from_secs(4) && first < Duration::from_secs(30),
-        "the dead server given up after its silence, well before Timer B: {first:?}"
-    );
-    assert!(
+    // The dead server was given up and the same INVITE went to the next one (that this
+    // happens after 4 s of silence, not Timer B, is tested on virtual time in pbx-b2bua).
+    let failovers = |c: &LocalCluster| {
         c.log(1)
-            .contains("did not answer for sip:555@provider.test"),
-        "{}",
-        c.log(1)
-    );
+            .matches("did not answer for sip:555@provider.test")
+            .count()
+    };
+    assert_eq!(failovers(&c), 1, "{}", c.log(1));
     let second = call();
-    assert!(
-        second < Duration::from_secs(3),
-        "the dead server remembered, the live one tried first: {second:?}"
+    assert_eq!(
+        failovers(&c),
+        1,
+        "the dead server remembered: the live one tried first\n{}",
+        c.log(1)
     );
     eprintln!(
         "Dial to provider.test: first call {:.1} s (dead first target, failover), second {:.1} s",

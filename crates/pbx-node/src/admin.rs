@@ -252,16 +252,30 @@ impl AdminService {
             .manage(op, on)
             .await
             .map_err(AdminError::from)?;
-        let audit = Command::Audit(pbx_state::AuditEntry {
+        self.record_done(actor, action).await;
+        Ok(tonic::Response::new(self.status_reply(s)))
+    }
+
+    /// The audit entry of a change (the leader stamps the time).
+    fn audit_entry(&self, actor: &str, action: String) -> Command {
+        Command::Audit(pbx_state::AuditEntry {
             at_ms: 0,
             actor: actor.to_string(),
             node: self.cluster.node_id(),
             action,
-        });
-        if let Err(e) = self.cluster.propose(audit).await {
-            tracing::warn!(error = %e, "cluster change done but not audited");
+        })
+    }
+
+    /// Audits a change that is not itself a command (membership, a hangup): done
+    /// already, so a failure to record it is logged, not returned.
+    async fn record_done(&self, actor: &str, action: String) {
+        if let Err(e) = self
+            .cluster
+            .propose(self.audit_entry(actor, action.clone()))
+            .await
+        {
+            tracing::warn!(%action, error = %e, "done but not audited");
         }
-        Ok(tonic::Response::new(self.status_reply(s)))
     }
 
     /// A node's status as the API answers it (lags where it is the leader's).
@@ -359,12 +373,7 @@ impl AdminService {
         action: String,
         cmd: Command,
     ) -> Result<Response, AdminError> {
-        let audit = Command::Audit(pbx_state::AuditEntry {
-            at_ms: 0,
-            actor: actor.to_string(),
-            node: self.cluster.node_id(),
-            action,
-        });
+        let audit = self.audit_entry(actor, action);
         match self
             .cluster
             .propose(Command::Batch(vec![cmd, audit]))
@@ -757,15 +766,8 @@ impl Admin for AdminService {
             );
         }
         tracing::info!(call = %id, owner, "call hung up through the admin API");
-        let audit = Command::Audit(pbx_state::AuditEntry {
-            at_ms: 0,
-            actor,
-            node: self.cluster.node_id(),
-            action: format!("calls hangup {id} (on node {owner})"),
-        });
-        if let Err(e) = self.cluster.propose(audit).await {
-            tracing::warn!(call = %id, error = %e, "hangup done but not audited");
-        }
+        self.record_done(&actor, format!("calls hangup {id} (on node {owner})"))
+            .await;
         Ok(tonic::Response::new(CallHangupReply { owner_node: owner }))
     }
 

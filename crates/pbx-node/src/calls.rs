@@ -492,7 +492,10 @@ fn carry_out(
         Output::TargetFailed(dest) => {
             if let Dest::Udp(addr) = dest {
                 tracing::info!(call = call.id(), target = %addr, "target failed: tried last for a while");
-                lock(&shared.calls.dead).mark_dead(
+                let mut dead = lock(&shared.calls.dead);
+                // Phones' failures land here too: forget what has expired as we go.
+                dead.expire(Instant::now());
+                dead.mark_dead(
                     Target {
                         addr: addr.ip(),
                         port: addr.port(),

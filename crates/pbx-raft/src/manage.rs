@@ -118,7 +118,11 @@ impl From<ManageError> for tonic::Status {
                 s
             }
             ManageError::Refused(_) => tonic::Status::failed_precondition(m),
-            ManageError::UnknownNode(_) => tonic::Status::not_found(m),
+            ManageError::UnknownNode(id) => {
+                let mut s = tonic::Status::not_found(m);
+                s.metadata_mut().insert("x-pbx-node", id.into());
+                s
+            }
             ManageError::Unavailable(_) => tonic::Status::unavailable(m),
         }
     }
@@ -136,9 +140,10 @@ impl From<tonic::Status> for ManageError {
             ),
             tonic::Code::FailedPrecondition => ManageError::Refused(m),
             tonic::Code::NotFound => ManageError::UnknownNode(
-                m.split_whitespace()
-                    .nth(1)
-                    .and_then(|n| n.parse().ok())
+                s.metadata()
+                    .get("x-pbx-node")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
                     .unwrap_or(0),
             ),
             _ => ManageError::Unavailable(m),

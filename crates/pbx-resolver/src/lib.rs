@@ -80,48 +80,46 @@ impl SipResolver {
 }
 
 async fn answer(inner: &TokioResolver, q: &Query) -> Answer {
-    {
-        let fqdn = |n: &str| format!("{}.", n.trim_end_matches('.'));
-        match q {
-            Query::Naptr(name) => match inner.lookup(fqdn(name), RecordType::NAPTR).await {
-                Ok(l) => Answer::Naptr(
-                    l.answers()
-                        .iter()
-                        .filter_map(|r| match &r.data {
-                            RData::NAPTR(n) => Some(Naptr {
-                                order: n.order,
-                                preference: n.preference,
-                                flags: String::from_utf8_lossy(&n.flags).into_owned(),
-                                service: String::from_utf8_lossy(&n.services).into_owned(),
-                                replacement: n.replacement.to_string(),
-                            }),
-                            _ => None,
-                        })
-                        .collect(),
-                ),
-                Err(_) => Answer::None,
-            },
-            Query::Srv(name) => match inner.lookup(fqdn(name), RecordType::SRV).await {
-                Ok(l) => Answer::Srv(
-                    l.answers()
-                        .iter()
-                        .filter_map(|r| match &r.data {
-                            RData::SRV(s) => Some(Srv {
-                                priority: s.priority,
-                                weight: s.weight,
-                                port: s.port,
-                                target: s.target.to_string(),
-                            }),
-                            _ => None,
-                        })
-                        .collect(),
-                ),
-                Err(_) => Answer::None,
-            },
-            Query::Addr(name) => match inner.lookup_ip(fqdn(name)).await {
-                Ok(ips) => Answer::Addr(ips.iter().collect()),
-                Err(_) => Answer::None,
-            },
-        }
+    let fqdn = |n: &str| format!("{}.", n.trim_end_matches('.'));
+    match q {
+        Query::Naptr(name) => match inner.lookup(fqdn(name), RecordType::NAPTR).await {
+            Ok(l) => Answer::Naptr(
+                l.answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::NAPTR(n) => Some(Naptr {
+                            order: n.order,
+                            preference: n.preference,
+                            flags: String::from_utf8_lossy(&n.flags).into_owned(),
+                            service: String::from_utf8_lossy(&n.services).into_owned(),
+                            replacement: n.replacement.to_string(),
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            Err(_) => Answer::None,
+        },
+        Query::Srv(name) => match inner.lookup(fqdn(name), RecordType::SRV).await {
+            Ok(l) => Answer::Srv(
+                l.answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::SRV(s) => Some(Srv {
+                            priority: s.priority,
+                            weight: s.weight,
+                            port: s.port,
+                            target: s.target.to_string(),
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            Err(_) => Answer::None,
+        },
+        Query::Addr(name) => match inner.lookup_ip(fqdn(name)).await {
+            Ok(ips) => Answer::Addr(ips.iter().collect()),
+            Err(_) => Answer::None,
+        },
     }
 }
