@@ -5,7 +5,7 @@
 //! Every test takes its own loopback /24 (`127.0.<slot>.0`) and run directory, so tests
 //! run side by side without sharing addresses or ports.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -514,6 +514,18 @@ impl Baresip {
     /// it hears to `heard.wav`, loopback only; `dns` servers if any) and
     /// `dir/accounts` (one line), and starts it with its output in `dir/out.log`.
     pub fn start(dir: &Path, ip: &str, port: u16, dns: &[SocketAddr], account: &str) -> Baresip {
+        Self::start_with(dir, ip, port, dns, account, "")
+    }
+
+    /// [`Baresip::start`] with more config lines (e.g. `sip_cafile` for TLS).
+    pub fn start_with(
+        dir: &Path,
+        ip: &str,
+        port: u16,
+        dns: &[SocketAddr],
+        account: &str,
+        extra_config: &str,
+    ) -> Baresip {
         std::fs::create_dir_all(dir).expect("baresip dir");
         let dns: String = dns.iter().map(|d| format!("dns_server {d}\n")).collect();
         // dns_server lines before net_interface: baresip binds its resolver by it.
@@ -523,7 +535,7 @@ impl Baresip {
                 "sip_listen {ip}:{port}\n{dns}net_interface {ip}\nmodule_path /usr/lib/baresip/modules\n\
                  module g711.so\nmodule ausine.so\nmodule aufile.so\nmodule_app account.so\nmodule_app menu.so\n\
                  audio_player aufile,{}\naudio_source ausine,440\nausrc_srate 48000\nauplay_srate 48000\n\
-                 ausrc_channels 2\nauplay_channels 2\nrtp_timeout 0\n",
+                 ausrc_channels 2\nauplay_channels 2\nrtp_timeout 0\n{extra_config}",
                 dir.join("heard.wav").display()
             ),
         )
@@ -547,5 +559,206 @@ impl Drop for Baresip {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A port free on `ip` right now (bound, then released) for a SIPp that must be reached
+/// at a known address.
+pub fn free_udp_port(ip: &str) -> u16 {
+    UdpSocket::bind((ip, 0))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
+}
+
+/// SIPp phones of one test: registrations, callees and callers, each run from its own
+/// directory under the cluster's.
+pub struct Phones<'a> {
+    c: &'a LocalCluster,
+    n: std::cell::Cell<usize>,
+    /// Where SIPp sends (None: the node asked for) and over what ("u1", "t1").
+    via: Option<(SocketAddr, &'static str)>,
+}
+
+impl<'a> Phones<'a> {
+    pub fn new(c: &'a LocalCluster) -> Self {
+        require_tool("sipp", "sip-tester");
+        Phones {
+            c,
+            n: std::cell::Cell::new(0),
+            via: None,
+        }
+    }
+
+    /// Phones whose SIPp sends everything to `target` over `transport` (e.g. a TLS
+    /// tunnel in front of a node) instead of to the node asked for.
+    pub fn through(c: &'a LocalCluster, target: SocketAddr, transport: &'static str) -> Self {
+        Phones {
+            via: Some((target, transport)),
+            ..Phones::new(c)
+        }
+    }
+
+    pub fn file(&self, name: &str, text: &str) -> PathBuf {
+        self.n.set(self.n.get() + 1);
+        let dir = self.c.dir.path().join(format!("sipp{}", self.n.get()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// User `user` registers `ip:port` through `node`, from that very address (as a
+    /// phone does: the node reaches UDP phones where their REGISTER came from).
+    pub fn register(&self, node: usize, user: usize, ip: &str, port: u16) {
+        let inf = self.file(
+            "reg.csv",
+            &format!(
+                "SEQUENTIAL\n{};pbx.test;{};{ip}:{port};3600\n",
+                Users::name(user),
+                Users::password(user)
+            ),
+        );
+        let port = port.to_string();
+        let run = self
+            .sipp("reg_auth.xml", node, ip, &inf, &["-p", &port])
+            .wait()
+            .unwrap();
+        assert_all_ok(&run, 1, "register");
+    }
+
+    pub fn sipp(
+        &self,
+        scenario: &str,
+        node: usize,
+        ip: &str,
+        inf: &Path,
+        extra: &[&str],
+    ) -> RunningSipp {
+        let (target, transport) = self.via.unwrap_or((self.c.node_addr(node), "u1"));
+        Sipp {
+            scenario,
+            target,
+            local_ip: ip.to_string(),
+            inf,
+            calls: 1,
+            rate: 1,
+            transport,
+        }
+        .spawn(extra)
+        .unwrap()
+    }
+
+    /// A SIPp callee on `ip:port` running `scenario` once; its answer names `media`
+    /// (the discard port unless the test looks at media).
+    pub fn callee(&self, scenario: &str, ip: &str, port: u16, extra: &[&str]) -> RunningSipp {
+        self.callee_with_media(scenario, ip, port, &format!("{ip}:9"), extra)
+    }
+
+    pub fn callee_with_media(
+        &self,
+        scenario: &str,
+        ip: &str,
+        port: u16,
+        media: &str,
+        extra: &[&str],
+    ) -> RunningSipp {
+        let (mip, mport) = media.rsplit_once(':').expect("ip:port");
+        let inf = self.file("uas.csv", &format!("SEQUENTIAL\n{mip};{mport}\n"));
+        let port = port.to_string();
+        let mut args = vec!["-p", port.as_str()];
+        args.extend_from_slice(extra);
+        self.sipp(scenario, 1, ip, &inf, &args)
+    }
+
+    /// `caller` calls `callee` (an extension) through `node` with `scenario`, offering
+    /// media at `media`, holding an answered call for `hold_ms`.
+    pub fn call(
+        &self,
+        scenario: &str,
+        node: usize,
+        caller: usize,
+        callee: &str,
+        media: SocketAddr,
+        hold_ms: u64,
+    ) -> RunningSipp {
+        let inf = self.file(
+            "uac.csv",
+            &format!(
+                "SEQUENTIAL\n{};pbx.test;{};{callee};{};{}\n",
+                Users::name(caller),
+                Users::password(caller),
+                media.ip(),
+                media.port()
+            ),
+        );
+        let ip = self.c.client_ip(60 + (self.n.get() % 100) as u8);
+        let hold = hold_ms.to_string();
+        self.sipp(scenario, node, &ip, &inf, &["-d", &hold, "-trace_logs"])
+    }
+
+    /// A copy of uac_status.xml expecting `status`.
+    pub fn expecting(&self, status: u16) -> String {
+        let text = std::fs::read_to_string(repo_root().join("tests/sipp/uac_status.xml"))
+            .unwrap()
+            .replace("STATUS", &status.to_string());
+        self.file(&format!("uac_{status}.xml"), &text)
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// BIND's named serving a zone on its own loopback address (added to `lo`, as BIND
+/// listens only on configured addresses); stopped and the address removed on drop.
+pub struct Named {
+    child: std::process::Child,
+    ip: String,
+}
+
+impl Named {
+    pub fn start(dir: &std::path::Path, ip: &str, domain: &str, zone: &str) -> Named {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(format!("{domain}.zone")), zone).unwrap();
+        std::fs::write(
+            dir.join("named.conf"),
+            format!(
+                "options {{ directory \"{d}\"; pid-file \"{d}/named.pid\"; listen-on port 53 {{ {ip}; }};\n\
+                 listen-on-v6 {{ none; }}; recursion no; dnssec-validation no; }};\n\
+                 zone \"{domain}\" {{ type primary; file \"{d}/{domain}.zone\"; }};\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let added = std::process::Command::new("ip")
+            .args(["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            added,
+            "adding {ip} to lo (BIND listens only on configured addresses) needs root"
+        );
+        let log = std::fs::File::create(dir.join("named.log")).unwrap();
+        let child = std::process::Command::new("named")
+            .args(["-g", "-c"])
+            .arg(dir.join("named.conf"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting named");
+        Named {
+            child,
+            ip: ip.to_string(),
+        }
+    }
+}
+
+impl Drop for Named {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "del", &format!("{}/32", self.ip), "dev", "lo"])
+            .status();
     }
 }

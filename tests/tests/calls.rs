@@ -4,146 +4,14 @@
 //! echo.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pbx_tests::{
-    assert_all_ok, require_tool, wait_for, Baresip, LocalCluster, RunningSipp, Sipp, SippRun, Users,
+    assert_all_ok, free_udp_port, require_tool, wait_for, Baresip, LocalCluster, Phones, SippRun,
+    Users,
 };
 
 const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]";
-
-/// A port free on `ip` right now (bound, then released) for a SIPp that must be reached
-/// at a known address.
-fn free_udp_port(ip: &str) -> u16 {
-    UdpSocket::bind((ip, 0))
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port")
-}
-
-struct Phones<'a> {
-    c: &'a LocalCluster,
-    n: std::cell::Cell<usize>,
-}
-
-impl<'a> Phones<'a> {
-    fn new(c: &'a LocalCluster) -> Self {
-        require_tool("sipp", "sip-tester");
-        Phones {
-            c,
-            n: std::cell::Cell::new(0),
-        }
-    }
-
-    fn file(&self, name: &str, text: &str) -> PathBuf {
-        self.n.set(self.n.get() + 1);
-        let dir = self.c.dir.path().join(format!("sipp{}", self.n.get()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-
-    /// User `user` registers `ip:port` through `node`, from that very address (as a
-    /// phone does: the node reaches UDP phones where their REGISTER came from).
-    fn register(&self, node: usize, user: usize, ip: &str, port: u16) {
-        let inf = self.file(
-            "reg.csv",
-            &format!(
-                "SEQUENTIAL\n{};pbx.test;{};{ip}:{port};3600\n",
-                Users::name(user),
-                Users::password(user)
-            ),
-        );
-        let port = port.to_string();
-        let run = self
-            .sipp("reg_auth.xml", node, ip, &inf, &["-p", &port])
-            .wait()
-            .unwrap();
-        assert_all_ok(&run, 1, "register");
-    }
-
-    fn sipp(
-        &self,
-        scenario: &str,
-        node: usize,
-        ip: &str,
-        inf: &Path,
-        extra: &[&str],
-    ) -> RunningSipp {
-        Sipp {
-            scenario,
-            target: self.c.node_addr(node),
-            local_ip: ip.to_string(),
-            inf,
-            calls: 1,
-            rate: 1,
-            transport: "u1",
-        }
-        .spawn(extra)
-        .unwrap()
-    }
-
-    /// A SIPp callee on `ip:port` running `scenario` once; its answer names `media`
-    /// (the discard port unless the test looks at media).
-    fn callee(&self, scenario: &str, ip: &str, port: u16, extra: &[&str]) -> RunningSipp {
-        self.callee_with_media(scenario, ip, port, &format!("{ip}:9"), extra)
-    }
-
-    fn callee_with_media(
-        &self,
-        scenario: &str,
-        ip: &str,
-        port: u16,
-        media: &str,
-        extra: &[&str],
-    ) -> RunningSipp {
-        let (mip, mport) = media.rsplit_once(':').expect("ip:port");
-        let inf = self.file("uas.csv", &format!("SEQUENTIAL\n{mip};{mport}\n"));
-        let port = port.to_string();
-        let mut args = vec!["-p", port.as_str()];
-        args.extend_from_slice(extra);
-        self.sipp(scenario, 1, ip, &inf, &args)
-    }
-
-    /// `caller` calls `callee` (an extension) through `node` with `scenario`, offering
-    /// media at `media`, holding an answered call for `hold_ms`.
-    fn call(
-        &self,
-        scenario: &str,
-        node: usize,
-        caller: usize,
-        callee: &str,
-        media: SocketAddr,
-        hold_ms: u64,
-    ) -> RunningSipp {
-        let inf = self.file(
-            "uac.csv",
-            &format!(
-                "SEQUENTIAL\n{};pbx.test;{};{callee};{};{}\n",
-                Users::name(caller),
-                Users::password(caller),
-                media.ip(),
-                media.port()
-            ),
-        );
-        let ip = self.c.client_ip(60 + (self.n.get() % 100) as u8);
-        let hold = hold_ms.to_string();
-        self.sipp(scenario, node, &ip, &inf, &["-d", &hold, "-trace_logs"])
-    }
-
-    /// A copy of uac_status.xml expecting `status`.
-    fn expecting(&self, status: u16) -> String {
-        let text =
-            std::fs::read_to_string(pbx_tests::repo_root().join("tests/sipp/uac_status.xml"))
-                .unwrap()
-                .replace("STATUS", &status.to_string());
-        self.file(&format!("uac_{status}.xml"), &text)
-            .to_string_lossy()
-            .into_owned()
-    }
-}
 
 fn ok(run: SippRun, what: &str) {
     assert_all_ok(&run, 1, what);
@@ -558,6 +426,10 @@ fn a_tcp_callee_is_reached_through_the_node_holding_its_connection() {
         b_packets >= 50,
         "the softphone's RTP reached the relay: {line}"
     );
+    // Called through node 2 itself, which holds the connection: the INVITE goes
+    // straight onto it (found by the phone's address; this once deadlocked the node).
+    let uac = p.call("uac_call.xml", 2, 3, &Users::name(2), nowhere, 500);
+    ok(uac.wait().unwrap(), "u3 -> TCP u2 via its own node 2");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pbx_tests::{require_tool, wait_for, Baresip, LocalCluster, Users};
+use pbx_tests::{require_tool, wait_for, Baresip, LocalCluster, Named, Users};
 
 /// `dig @node -p port TYPE name` → (status, answer lines).
 fn dig(c: &LocalCluster, node: usize, rtype: &str, name: &str) -> (String, Vec<String>) {
@@ -93,10 +93,15 @@ fn cluster_dns_follows_the_live_members() {
         vec![
             "pbx.test. 10 IN NAPTR 10 50 \"s\" \"SIP+D2U\" \"\" _sip._udp.pbx.test.",
             "pbx.test. 10 IN NAPTR 20 50 \"s\" \"SIP+D2T\" \"\" _sip._tcp.pbx.test.",
+            // The launcher turns TLS on (local CA): SIPS+D2T to port 5061 of each node.
+            "pbx.test. 10 IN NAPTR 30 50 \"s\" \"SIPS+D2T\" \"\" _sips._tcp.pbx.test.",
         ]
     );
     let (_, tcp) = dig(&c, 3, "SRV", "_sip._tcp.pbx.test");
     assert_eq!(tcp.len(), 3, "{tcp:?}");
+    let (_, tls) = dig(&c, 3, "SRV", "_sips._tcp.pbx.test");
+    assert_eq!(tls.len(), 3, "{tls:?}");
+    assert!(tls.iter().all(|r| r.contains(" 5061 node")), "{tls:?}");
     let (_, a) = dig(&c, 1, "A", "node2.pbx.test");
     assert_eq!(
         a,
@@ -111,7 +116,7 @@ fn cluster_dns_follows_the_live_members() {
     assert_eq!(code, 0, "{check}");
     assert_eq!(check["naptr"], true);
     let targets = check["targets"].as_array().unwrap();
-    assert_eq!(targets.len(), 6, "3 nodes x UDP, TCP: {check}");
+    assert_eq!(targets.len(), 9, "3 nodes x UDP, TCP, TLS: {check}");
     assert!(targets.iter().all(|t| t["reachable"] == true), "{check}");
     assert!(
         targets
@@ -181,61 +186,6 @@ fn bound_via(c: &LocalCluster, user: &str) -> Vec<u64> {
     nodes.sort_unstable();
     nodes.dedup();
     nodes
-}
-
-/// BIND's named serving a zone on its own loopback address (added to `lo`, as BIND
-/// listens only on configured addresses); stopped and the address removed on drop.
-struct Named {
-    child: std::process::Child,
-    ip: String,
-}
-
-impl Named {
-    fn start(dir: &std::path::Path, ip: &str, domain: &str, zone: &str) -> Named {
-        std::fs::create_dir_all(dir).unwrap();
-        std::fs::write(dir.join(format!("{domain}.zone")), zone).unwrap();
-        std::fs::write(
-            dir.join("named.conf"),
-            format!(
-                "options {{ directory \"{d}\"; pid-file \"{d}/named.pid\"; listen-on port 53 {{ {ip}; }};\n\
-                 listen-on-v6 {{ none; }}; recursion no; dnssec-validation no; }};\n\
-                 zone \"{domain}\" {{ type primary; file \"{d}/{domain}.zone\"; }};\n",
-                d = dir.display()
-            ),
-        )
-        .unwrap();
-        let added = std::process::Command::new("ip")
-            .args(["addr", "add", &format!("{ip}/32"), "dev", "lo"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            added,
-            "adding {ip} to lo (BIND listens only on configured addresses) needs root"
-        );
-        let log = std::fs::File::create(dir.join("named.log")).unwrap();
-        let child = std::process::Command::new("named")
-            .args(["-g", "-c"])
-            .arg(dir.join("named.conf"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting named");
-        Named {
-            child,
-            ip: ip.to_string(),
-        }
-    }
-}
-
-impl Drop for Named {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::process::Command::new("ip")
-            .args(["addr", "del", &format!("{}/32", self.ip), "dev", "lo"])
-            .status();
-    }
 }
 
 /// Where the softphone's DNS comes from.

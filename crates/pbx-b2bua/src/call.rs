@@ -29,6 +29,8 @@ pub struct CallParams {
     pub node_id: u64,
     /// The node's SIP address (Via, Contact).
     pub local: SocketAddr,
+    /// Where the node serves SIP over TLS (Via and Contact on TLS legs), if it does.
+    pub tls_local: Option<SocketAddr>,
     pub domain: String,
     pub server_name: String,
     pub timers: Timers,
@@ -306,7 +308,10 @@ impl<D: Destination> Call<D> {
             .then(|| Sdp::parse(&invite.body).ok())
             .flatten();
         let mut call = Call {
-            local: Local { addr: params.local },
+            local: Local {
+                addr: params.local,
+                tls_addr: params.tls_local,
+            },
             started: now,
             next_id: 0,
             exec,
@@ -1437,6 +1442,26 @@ impl<D: Destination> Call<D> {
         );
         let req = self.dial.clone().unwrap_or_default();
         self.start_leg(now, next, &req);
+    }
+
+    /// A message to `dest` could not be sent (connection refused or reset, TLS
+    /// handshake failed): RFC 3263 §4.3 treats it like a 503, so a leg still waiting for
+    /// its first response there moves on to the next target at once.
+    pub fn on_transport_error(&mut self, now: Instant, dest: &D) {
+        for i in 0..self.legs.len() {
+            let leg = &self.legs[i];
+            if leg.state == LegState::Trying && &leg.dialog.dest == dest {
+                self.legs[i].state = LegState::Done(503);
+                self.legs[i].failover_at = None;
+                if self.legs[i].generation == self.generation {
+                    self.log(
+                        LogLevel::Notice,
+                        format!("{}: transport error", dest.describe()),
+                    );
+                    self.fail_over(now, i);
+                }
+            }
+        }
     }
 
     // ----- media and timers ---------------------------------------------------------

@@ -11,7 +11,7 @@ use pbx_state::Transport;
 
 /// Where a leg's messages go. The driver's own type (a UDP address, a connection);
 /// the call only needs to know the transport, for Via and for retransmissions.
-pub trait Destination: Clone + std::fmt::Debug {
+pub trait Destination: Clone + PartialEq + std::fmt::Debug {
     fn transport(&self) -> Transport;
     /// The peer's address as text, for the replicated call record.
     fn describe(&self) -> String;
@@ -21,23 +21,34 @@ pub trait Destination: Clone + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub(crate) struct Local {
     pub addr: SocketAddr,
+    /// The TLS listener, if any: what Via and Contact name on TLS legs.
+    pub tls_addr: Option<SocketAddr>,
 }
 
 impl Local {
+    fn addr_for(&self, transport: Transport) -> SocketAddr {
+        match (transport, self.tls_addr) {
+            (Transport::Tls, Some(a)) => a,
+            _ => self.addr,
+        }
+    }
+
     pub fn via(&self, transport: Transport, branch: &str) -> String {
         format!(
             "SIP/2.0/{} {};branch={branch};rport",
             transport.as_str(),
-            self.addr
+            self.addr_for(transport)
         )
     }
 
+    /// `transport=tls` rather than a `sips:` Contact: phones registered with a `sip:`
+    /// account over TLS take it, and in-dialog requests stay on TLS either way.
     pub fn contact(&self, transport: Transport) -> String {
         match transport {
             Transport::Udp => format!("<sip:pbx@{}>", self.addr),
             t => format!(
                 "<sip:pbx@{};transport={}>",
-                self.addr,
+                self.addr_for(t),
                 t.as_str().to_ascii_lowercase()
             ),
         }

@@ -111,6 +111,7 @@ impl Harness {
         let params = CallParams {
             node_id: 1,
             local: addr("127.0.0.11:5060"),
+            tls_local: Some(addr("127.0.0.11:5061")),
             domain: "pbx.test".into(),
             server_name: "pbxd".into(),
             timers: Timers::default(),
@@ -726,4 +727,51 @@ fn a_silent_or_503_target_fails_over_to_the_next_alternate() {
     assert!(out
         .iter()
         .any(|o| matches!(o, Output::TargetFailed(d) if d.0 == addr(P2))));
+}
+
+#[test]
+fn a_transport_error_fails_over_at_once_and_only_for_a_leg_still_trying() {
+    const P1: &str = "127.0.0.21:5060";
+    const P2: &str = "127.0.0.22:5060";
+    let mut h = dial_provider(P1, P2);
+    assert_eq!(Harness::sent(&h.take(), P1)[0].0, Method::Invite);
+    // Connection refused to P1: P2 gets the INVITE now, not after FAILOVER_SILENCE.
+    h.call.on_transport_error(h.now, &Udp(addr(P1)));
+    let out = h.take();
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::TargetFailed(d) if d.0 == addr(P1))));
+    let second = Harness::sent(&out, P2);
+    assert_eq!(second[0].0, Method::Invite);
+    // P2 rings: a late error about P1 (or one about P2 once it answered) changes nothing.
+    h.response(&response_to(&second[0].1, 180, "p2", P2, ""));
+    h.take();
+    h.call.on_transport_error(h.now, &Udp(addr(P1)));
+    h.call.on_transport_error(h.now, &Udp(addr(P2)));
+    let out = h.take();
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::TargetFailed(_))),
+        "{out:?}"
+    );
+    h.response(&response_to(&second[0].1, 200, "p2", P2, SDP_B));
+    assert_eq!(final_to_a(&h.take()).unwrap().0, 200);
+}
+
+#[test]
+fn a_tls_leg_names_the_tls_listener_in_via_and_contact() {
+    let l = crate::dialog::Local {
+        addr: addr("127.0.0.11:5060"),
+        tls_addr: Some(addr("127.0.0.11:5061")),
+    };
+    assert!(l
+        .via(Transport::Tls, "z9hG4bKx")
+        .starts_with("SIP/2.0/TLS 127.0.0.11:5061;"));
+    assert_eq!(
+        l.contact(Transport::Tls),
+        "<sip:pbx@127.0.0.11:5061;transport=tls>"
+    );
+    assert!(l
+        .via(Transport::Tcp, "z9hG4bKx")
+        .starts_with("SIP/2.0/TCP 127.0.0.11:5060;"));
+    assert_eq!(l.contact(Transport::Udp), "<sip:pbx@127.0.0.11:5060>");
 }

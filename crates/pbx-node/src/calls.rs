@@ -45,6 +45,8 @@ pub(crate) enum CallInput {
         contacts: Vec<Contact<Dest>>,
         unreachable: u16,
     },
+    /// A request to this destination could not be sent (no connection, TLS failed).
+    TransportError(Dest),
     /// From the admin API: the media counters, and hang up with `hangup`.
     Control {
         hangup: bool,
@@ -222,14 +224,15 @@ impl pbx_b2bua::Destination for Dest {
     fn transport(&self) -> Transport {
         match self {
             Dest::Udp(_) => Transport::Udp,
-            Dest::Tcp(..) | Dest::Peer(..) => Transport::Tcp,
+            Dest::Conn(_, _, t) | Dest::Peer(_, _, t) => *t,
         }
     }
 
     fn describe(&self) -> String {
         match self {
-            Dest::Udp(a) | Dest::Tcp(_, a) => a.to_string(),
-            Dest::Peer(node, a) => format!("{a} via node {node}"),
+            Dest::Udp(a) => a.to_string(),
+            Dest::Conn(_, a, t) => format!("{a} ({})", t.as_str()),
+            Dest::Peer(node, a, t) => format!("{a} ({}) via node {node}", t.as_str()),
         }
     }
 }
@@ -292,11 +295,12 @@ pub(crate) fn start_call(
         tracing::warn!(limit = layer.max_calls, "call limit reached: 503");
         return reject(shared, &req, &key, 503, "call limit reached on this node");
     }
-    let exten = msg
+    let uri = msg
         .request_uri()
-        .and_then(|u| pbx_sip_msg::Uri::parse(u).ok())
-        .and_then(|u| u.user_unescaped())
-        .unwrap_or_default();
+        .and_then(|u| pbx_sip_msg::Uri::parse(u).ok());
+    // RFC 5630: a `sips:` call is only put through over TLS.
+    let secure = uri.as_ref().is_some_and(|u| u.scheme == "sips");
+    let exten = uri.and_then(|u| u.user_unescaped()).unwrap_or_default();
     let now_ms = unix_ms();
     let (exec, domain) = {
         let state = shared.state.read();
@@ -350,6 +354,7 @@ pub(crate) fn start_call(
     let params = CallParams {
         node_id: layer.node_id,
         local: shared.local_addr,
+        tls_local: shared.tls_addr,
         domain,
         server_name: layer.server_name.clone(),
         timers: Timers::default(),
@@ -364,7 +369,7 @@ pub(crate) fn start_call(
     let call = Call::new(Instant::now(), params, &msg, &core, key, source, dest, exec);
     tracing::info!(%caller, %exten, "call started");
     let span = tracing::Span::current();
-    tokio::spawn(run_call(shared.clone(), call, tx, rx, streams).instrument(span));
+    tokio::spawn(run_call(shared.clone(), call, tx, rx, streams, secure).instrument(span));
 }
 
 /// The task of one call: feeds it messages, timer ticks and media events, carries out
@@ -375,8 +380,9 @@ async fn run_call(
     tx: mpsc::UnboundedSender<CallInput>,
     mut rx: mpsc::UnboundedReceiver<CallInput>,
     mut streams: Vec<Stream>,
+    secure: bool,
 ) {
-    let mut claimed = vec![call.id().to_string()];
+    let claimed = vec![call.id().to_string()];
     let (media_tx, mut media_rx) = mpsc::unbounded_channel();
     for s in streams.iter_mut() {
         if let Some(mut ev) = s.take_events() {
@@ -390,18 +396,16 @@ async fn run_call(
             });
         }
     }
-    let mut active = true;
+    let mut task = CallTask {
+        tx,
+        claimed,
+        streams,
+        active: true,
+        secure,
+    };
     loop {
         while let Some(out) = call.poll_output() {
-            carry_out(
-                &shared,
-                &mut call,
-                out,
-                &tx,
-                &mut claimed,
-                &mut streams,
-                &mut active,
-            );
+            carry_out(&shared, &mut call, out, &mut task);
         }
         if call.is_done() {
             break;
@@ -420,8 +424,9 @@ async fn run_call(
                     Some(CallInput::Resolved { contacts, unreachable }) => {
                         call.on_resolved(now, contacts, unreachable);
                     }
+                    Some(CallInput::TransportError(dest)) => call.on_transport_error(now, &dest),
                     Some(CallInput::Control { hangup, reply }) => {
-                        let _ = reply.send(streams.iter().map(media_counters).collect());
+                        let _ = reply.send(task.streams.iter().map(media_counters).collect());
                         if hangup {
                             tracing::info!(call = call.id(), "hung up by an operator");
                             call.hangup_now(now, CAUSE_ADMIN_HANGUP);
@@ -440,29 +445,42 @@ async fn run_call(
             _ = tokio::time::sleep_until(deadline.into()) => call.handle_timeout(Instant::now()),
         }
     }
-    if active {
+    if task.active {
         shared.calls.active.fetch_sub(1, Ordering::Relaxed);
     }
     let mut routes = lock(&shared.calls.routes);
-    for id in claimed {
+    for id in task.claimed {
         routes.remove(&id);
     }
 }
 
-fn carry_out(
-    shared: &Arc<Shared>,
-    call: &mut Call<Dest>,
-    out: Output<Dest>,
-    tx: &mpsc::UnboundedSender<CallInput>,
-    claimed: &mut Vec<String>,
-    streams: &mut Vec<Stream>,
-    active: &mut bool,
-) {
+/// What the task of one call keeps beside the call itself.
+struct CallTask {
+    /// The call's own input queue (for answers that come later, like DNS).
+    tx: mpsc::UnboundedSender<CallInput>,
+    /// Call-IDs routed to this call.
+    claimed: Vec<String>,
+    streams: Vec<Stream>,
+    /// Still counted in the node's active calls.
+    active: bool,
+    /// A `sips:` call: only TLS targets.
+    secure: bool,
+}
+
+fn carry_out(shared: &Arc<Shared>, call: &mut Call<Dest>, out: Output<Dest>, task: &mut CallTask) {
+    let CallTask {
+        tx,
+        claimed,
+        streams,
+        active,
+        secure,
+    } = task;
+    let secure = *secure;
     match out {
         Output::Respond { key, status, bytes } => respond(shared, &key, status, bytes),
         Output::Send { dest, bytes } => send(shared, dest, bytes),
         Output::Resolve(targets) => {
-            let (contacts, unreachable) = resolve(shared, &targets);
+            let (contacts, unreachable) = resolve(shared, &targets, secure);
             let remote: Vec<(String, String)> = targets
                 .iter()
                 .filter_map(|t| match t {
@@ -480,7 +498,7 @@ fn carry_out(
                 tokio::spawn(async move {
                     let mut contacts = contacts;
                     for (user, host) in remote {
-                        contacts.extend(resolve_remote(&shared, &user, &host, seed).await);
+                        contacts.extend(resolve_remote(&shared, &user, &host, seed, secure).await);
                     }
                     let _ = tx.send(CallInput::Resolved {
                         contacts,
@@ -490,8 +508,14 @@ fn carry_out(
             }
         }
         Output::TargetFailed(dest) => {
-            if let Dest::Udp(addr) = dest {
-                tracing::info!(call = call.id(), target = %addr, "target failed: tried last for a while");
+            let located = match dest {
+                Dest::Udp(a) => Some((a, SipTransport::Udp)),
+                Dest::Conn(_, a, Transport::Tcp) => Some((a, SipTransport::Tcp)),
+                Dest::Conn(_, a, Transport::Tls) => Some((a, SipTransport::Tls)),
+                _ => None,
+            };
+            if let Some((addr, transport)) = located {
+                tracing::info!(call = call.id(), target = %addr, transport = transport.naptr_service(), "target failed: tried last for a while");
                 let mut dead = lock(&shared.calls.dead);
                 // Phones' failures land here too: forget what has expired as we go.
                 dead.expire(Instant::now());
@@ -499,7 +523,7 @@ fn carry_out(
                     Target {
                         addr: addr.ip(),
                         port: addr.port(),
-                        transport: SipTransport::Udp,
+                        transport,
                     },
                     Instant::now(),
                 );
@@ -554,14 +578,16 @@ fn carry_out(
     }
 }
 
-/// A target in another domain, located by RFC 3263 (UDP): the first server to try and
-/// the others as alternates, servers that failed recently last. None when the domain
-/// resolves to nothing.
+/// A target in another domain, located by RFC 3263 over UDP, TCP and (with CA roots)
+/// TLS: the first server to try and the others as alternates, servers that failed
+/// recently last. `host` may carry `;transport=udp|tcp|tls`; a `sips:` call (`secure`)
+/// only goes over TLS. None when the domain resolves to nothing usable.
 async fn resolve_remote(
     shared: &Arc<Shared>,
     user: &str,
     host: &str,
     seed: u64,
+    secure: bool,
 ) -> Option<Contact<Dest>> {
     let layer = &shared.calls;
     let resolver = layer
@@ -582,37 +608,61 @@ async fn resolve_remote(
         })
         .await
         .clone()?;
-    let (name, port) = match host.rsplit_once(':') {
+    let (hostport, params) = host.split_once(';').unwrap_or((host, ""));
+    let transport = params.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("transport")
+            .then(|| SipTransport::from_param(v.trim()))?
+    });
+    let (name, port) = match hostport.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') => (h.to_string(), p.parse().ok()),
-        _ => (host.to_string(), None),
+        _ => (hostport.to_string(), None),
     };
+    let mut supported = vec![SipTransport::Udp, SipTransport::Tcp];
+    if shared.tls_client.is_some() {
+        supported.push(SipTransport::Tls);
+    }
     let resolution = resolver
         .resolve(
             Destination {
                 host: name.clone(),
                 port,
-                transport: None,
-                sips: false,
+                transport,
+                sips: secure,
             },
-            &[SipTransport::Udp],
+            &supported,
         )
         .await;
     let targets = {
         let dead = lock(&layer.dead);
         resolution.targets(&mut SplitMix::new(seed), &dead, Instant::now())
     };
-    let mut dests = targets
-        .into_iter()
-        .filter(|t| t.transport == SipTransport::Udp)
-        .map(|t| Dest::Udp(SocketAddr::new(t.addr, t.port)));
+    let mut dests = Vec::new();
+    for t in targets {
+        let addr = SocketAddr::new(t.addr, t.port);
+        match t.transport {
+            _ if secure && t.transport != SipTransport::Tls => continue,
+            SipTransport::Udp => dests.push(Dest::Udp(addr)),
+            SipTransport::Tcp => dests.push(Dest::Conn(0, addr, Transport::Tcp)),
+            SipTransport::Tls if shared.tls_client.is_some() => {
+                // The certificate must name the domain called (RFC 5922 §4.1).
+                lock(&shared.tls_names).insert(addr, name.clone());
+                dests.push(Dest::Conn(0, addr, Transport::Tls));
+            }
+            _ => {}
+        }
+    }
+    let mut dests = dests.into_iter();
     let Some(first) = dests.next() else {
-        tracing::warn!(%user, %host, "no SIP server found for the domain (RFC 3263)");
+        tracing::warn!(%user, %host, secure, "no SIP server found for the domain (RFC 3263)");
         return None;
     };
     let alternates: Vec<Dest> = dests.collect();
     tracing::info!(%user, %host, first = %pbx_b2bua::Destination::describe(&first), alternates = alternates.len(), "located (RFC 3263)");
+    let scheme = if secure { "sips" } else { "sip" };
     Some(Contact {
-        uri: format!("sip:{user}@{host}"),
+        uri: format!("{scheme}:{user}@{hostport}"),
         dest: first,
         route: Vec::new(),
         user: user.to_string(),
@@ -678,7 +728,11 @@ async fn record_writer(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Command
 
 /// The contacts of the Dial targets, and the status when there are none (404: no such
 /// user, 480: nobody registered).
-fn resolve(shared: &Arc<Shared>, targets: &[DialTarget]) -> (Vec<Contact<Dest>>, u16) {
+fn resolve(
+    shared: &Arc<Shared>,
+    targets: &[DialTarget],
+    secure: bool,
+) -> (Vec<Contact<Dest>>, u16) {
     let now_ms = unix_ms();
     let state = shared.state.read();
     let mut contacts = Vec::new();
@@ -698,11 +752,15 @@ fn resolve(shared: &Arc<Shared>, targets: &[DialTarget]) -> (Vec<Contact<Dest>>,
                         tracing::warn!(%user, uri = %b.uri, "contact points at this node: skipped (loop)");
                         continue;
                     }
+                    if secure && b.transport != Transport::Tls {
+                        tracing::info!(%user, uri = %b.uri, "sips: call: contact not on TLS skipped");
+                        continue;
+                    }
                     let dest = match b.transport {
                         Transport::Udp => Dest::Udp(addr),
-                        _ if b.node_id == shared.node_id => Dest::Tcp(0, addr),
+                        t if b.node_id == shared.node_id => Dest::Conn(0, addr, t),
                         // Only the home node holds the phone's connection.
-                        _ => Dest::Peer(b.node_id, addr),
+                        t => Dest::Peer(b.node_id, addr, t),
                     };
                     contacts.push(Contact {
                         uri: b.uri.clone(),

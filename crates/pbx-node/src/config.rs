@@ -30,6 +30,8 @@ pub struct Config {
     #[serde(default)]
     pub dns: DnsSection,
     #[serde(default)]
+    pub tls: TlsSection,
+    #[serde(default)]
     pub storage: StorageSection,
     #[serde(default)]
     pub log: LogSection,
@@ -268,6 +270,45 @@ impl Default for DnsSection {
     }
 }
 
+/// SIP over TLS (`sips:`, `_sips._tcp`, port 5061): on when a certificate and its key
+/// are given.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM certificate chain, leaf first. Phones check it against the SIP domain
+    /// (RFC 5922), so its names should include the domain and the node's host name.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// Address to listen on; default: the SIP address's IP, port 5061 (port 0 when the
+    /// SIP port is 0). Every member should use the same port: the cluster's DNS
+    /// publishes one.
+    pub listen: Option<SocketAddr>,
+    /// Seconds between checks of the two files; a changed pair that loads is used for
+    /// new connections.
+    pub reload_check_secs: u64,
+    /// Seconds a TLS handshake may take before the connection is dropped.
+    pub handshake_timeout_secs: u64,
+    /// PEM CA certificates that servers this node calls over TLS (trunks, other
+    /// domains) must chain to; absent: the system's bundle
+    /// (`/etc/ssl/certs/ca-certificates.crt`). Their certificate must name the SIP
+    /// domain called (RFC 5922).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: None,
+            key: None,
+            listen: None,
+            reload_check_secs: 10,
+            handshake_timeout_secs: 10,
+            ca_file: None,
+        }
+    }
+}
+
 /// The admin API's TLS material, read from the files the config names.
 pub struct AdminTls {
     pub cert: Vec<u8>,
@@ -436,6 +477,19 @@ impl Config {
         if a.tls_client_ca.is_some() && a.tls_cert.is_none() {
             return Err("admin.tls_client_ca needs admin.tls_cert and admin.tls_key".into());
         }
+        let t = &self.tls;
+        if t.cert.is_some() != t.key.is_some() {
+            return Err("tls.cert and tls.key go together".into());
+        }
+        if t.reload_check_secs == 0 || t.handshake_timeout_secs == 0 {
+            return Err("tls.reload_check_secs and tls.handshake_timeout_secs: must be > 0".into());
+        }
+        if t.cert.is_some()
+            && self.tls_addr() == self.node.sip_addr
+            && self.node.sip_addr.port() != 0
+        {
+            return Err("tls.listen: must differ from node.sip_addr (TCP is served there)".into());
+        }
         let c = &self.calls;
         if !c.rtp_port_min.is_multiple_of(2)
             || c.rtp_port_min < 1024
@@ -534,6 +588,18 @@ impl Config {
                 0
             } else {
                 7001
+            };
+            SocketAddr::new(self.node.sip_addr.ip(), port)
+        })
+    }
+
+    /// Where SIP over TLS listens (when [`TlsSection::cert`] is set).
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.tls.listen.unwrap_or_else(|| {
+            let port = if self.node.sip_addr.port() == 0 {
+                0
+            } else {
+                5061
             };
             SocketAddr::new(self.node.sip_addr.ip(), port)
         })

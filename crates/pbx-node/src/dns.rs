@@ -25,6 +25,8 @@ struct ClusterDns {
     cluster: Cluster,
     config: DnsSection,
     domain: String,
+    /// This node's SIP-over-TLS port, published for every member (they share it).
+    tls_port: Option<u16>,
     alive: Arc<RwLock<BTreeSet<u64>>>,
 }
 
@@ -62,7 +64,7 @@ impl ClusterDns {
             domain: self.domain.clone(),
             ttl: self.config.ttl,
             members,
-            tls_port: None,
+            tls_port: self.tls_port,
         })
     }
 }
@@ -253,6 +255,7 @@ pub(crate) async fn serve(
     addr: SocketAddr,
     config: DnsSection,
     domain: String,
+    tls_port: Option<u16>,
     cluster: Cluster,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, NodeError> {
     let bind = |source| NodeError::Bind { addr, source };
@@ -265,6 +268,7 @@ pub(crate) async fn serve(
         cluster,
         config,
         domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+        tls_port,
         alive,
     };
     let mut server = Server::new(handler);

@@ -6,6 +6,7 @@ mod admin;
 mod calls;
 pub mod config;
 mod dns;
+mod tls;
 mod transport;
 
 use std::net::SocketAddr;
@@ -50,6 +51,8 @@ pub enum NodeError {
 /// A running node.
 pub struct Node {
     pub sip_addr: SocketAddr,
+    /// Where SIP over TLS is served (None: no certificate configured).
+    pub tls_addr: Option<SocketAddr>,
     pub peer_addr: SocketAddr,
     /// The admin API's address (None: no token configured, not served).
     pub admin_addr: Option<SocketAddr>,
@@ -69,6 +72,8 @@ impl Node {
         };
         let admin_token = config.admin_token()?;
         let admin_tls = config.admin_tls()?;
+        let sip_tls = tls::SipTls::from_config(&config)?;
+        let tls_client = tls::client(&config)?;
         let data_dir = config.resolve(&config.node.data_dir);
         let store = Arc::new(SledStore::open(
             &data_dir.join("state"),
@@ -79,14 +84,34 @@ impl Node {
             addr: config.node.sip_addr,
             source,
         })?;
+        let tls = match sip_tls {
+            Some(tls) => {
+                let listener = transport::bind_tls(config.tls_addr())?;
+                Some(transport::TlsListener { listener, tls })
+            }
+            None => None,
+        };
+        let tls_addr = tls.as_ref().and_then(|t| t.listener.local_addr().ok());
         let cluster = Cluster::start(config.cluster_config(sip_addr), store).await?;
         let peer_addr = cluster.peer_addr;
 
         let mut local_hosts = vec![sip_addr.ip().to_string(), sip_addr.to_string()];
+        local_hosts.extend(tls_addr.map(|a| a.to_string()));
         local_hosts.extend(config.node.aliases.iter().cloned());
         let handler = Arc::new(RequestHandler::new(config.handler_config(local_hosts))?);
         let calls = calls::CallLayer::new(&config, sip_addr, cluster.clone())?;
-        let mut tasks = transport::serve(udp, tcp, handler, cluster.clone(), calls, &config);
+        let mut tasks = transport::serve(
+            transport::Listeners {
+                udp,
+                tcp,
+                tls,
+                tls_client,
+            },
+            handler,
+            cluster.clone(),
+            calls,
+            &config,
+        );
         tasks.push(tokio::spawn(bootstrap(
             config.clone(),
             initial_dialplan,
@@ -122,14 +147,23 @@ impl Node {
                     addr,
                     config.dns.clone(),
                     config.cluster.domain.clone(),
+                    tls_addr.map(|a| a.port()),
                     cluster.clone(),
                 )
                 .await?,
             );
         }
-        tracing::info!(node = config.node.id, %sip_addr, %peer_addr, domain = %config.cluster.domain, "serving SIP on UDP and TCP");
+        match tls_addr {
+            Some(tls) => {
+                tracing::info!(node = config.node.id, %sip_addr, %tls, %peer_addr, domain = %config.cluster.domain, "serving SIP on UDP, TCP and TLS")
+            }
+            None => {
+                tracing::info!(node = config.node.id, %sip_addr, %peer_addr, domain = %config.cluster.domain, "serving SIP on UDP and TCP")
+            }
+        }
         Ok(Node {
             sip_addr,
+            tls_addr,
             peer_addr,
             admin_addr,
             cluster,

@@ -1,5 +1,5 @@
-//! SIP over UDP and TCP: sockets, connections, the server transaction table and its
-//! timers. Everything protocol-shaped is delegated to the sans-IO crates; this module
+//! SIP over UDP, TCP and TLS: sockets, connections, the server transaction table and
+//! its timers. Everything protocol-shaped is delegated to the sans-IO crates; this module
 //! only moves bytes and owns time.
 
 use std::collections::HashMap;
@@ -31,18 +31,19 @@ use pbx_raft::Cluster;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Dest {
     Udp(SocketAddr),
-    /// A connection by id, and the peer address to reconnect to if it is gone.
-    Tcp(u64, SocketAddr),
+    /// A connection (TCP or TLS) by id, and the peer address: the connection now held
+    /// to that address if the id is gone, or (TCP only) a new one.
+    Conn(u64, SocketAddr, Transport),
     /// A phone whose connection another node holds: through that node's Relay RPC.
-    Peer(u64, SocketAddr),
+    Peer(u64, SocketAddr, Transport),
 }
 
 /// How a message reached this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Link {
     Udp,
-    /// On one of our connections.
-    Conn(u64),
+    /// On one of our connections (TCP or TLS).
+    Conn(u64, Transport),
     /// Relayed by another node from a phone whose connection it holds.
     Peer(u64),
 }
@@ -51,6 +52,12 @@ pub(crate) struct Shared {
     pub(crate) node_id: u64,
     /// The SIP address (UDP and TCP) of this node.
     pub(crate) local_addr: SocketAddr,
+    /// Where SIP over TLS listens, if it does.
+    pub(crate) tls_addr: Option<SocketAddr>,
+    /// Connects to servers this node calls over TLS (None: no CA roots).
+    pub(crate) tls_client: Option<tokio_rustls::TlsConnector>,
+    /// The SIP domain each TLS server located by RFC 3263 must prove (RFC 5922).
+    pub(crate) tls_names: Mutex<HashMap<SocketAddr, String>>,
     handler: Arc<RequestHandler>,
     pub(crate) state: Cluster,
     pub(crate) calls: CallLayer,
@@ -151,9 +158,40 @@ pub(crate) fn bind(
     )))
 }
 
+/// The TLS listener and its certificate, when TLS is on.
+pub(crate) struct TlsListener {
+    pub listener: TcpListener,
+    pub tls: crate::tls::SipTls,
+}
+
+/// Binds the TLS listener (TCP) on `addr`.
+pub(crate) fn bind_tls(addr: SocketAddr) -> Result<TcpListener, NodeError> {
+    let err = |source| NodeError::Bind { addr, source };
+    let tcp =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    tcp.set_reuse_address(true).map_err(err)?;
+    tcp.set_nonblocking(true).map_err(err)?;
+    tcp.bind(&addr.into()).map_err(err)?;
+    tcp.listen(1024).map_err(err)?;
+    TcpListener::from_std(tcp.into()).map_err(err)
+}
+
+/// The node's SIP sockets, bound before anything else starts.
+pub(crate) struct Listeners {
+    pub udp: UdpSocket,
+    pub tcp: TcpListener,
+    pub tls: Option<TlsListener>,
+    /// For connecting to servers over TLS.
+    pub tls_client: Option<tokio_rustls::TlsConnector>,
+}
+
 pub(crate) fn serve(
-    udp: UdpSocket,
-    tcp: TcpListener,
+    Listeners {
+        udp,
+        tcp,
+        tls,
+        tls_client,
+    }: Listeners,
     handler: Arc<RequestHandler>,
     state: Cluster,
     calls: CallLayer,
@@ -163,6 +201,9 @@ pub(crate) fn serve(
     let shared = Arc::new(Shared {
         node_id: config.node.id,
         local_addr,
+        tls_addr: tls.as_ref().and_then(|t| t.listener.local_addr().ok()),
+        tls_client,
+        tls_names: Mutex::new(HashMap::new()),
         handler,
         state,
         calls,
@@ -195,6 +236,15 @@ pub(crate) fn serve(
         tasks.push(tokio::spawn(udp_worker(shared.clone())));
     }
     tasks.push(tokio::spawn(tcp_acceptor(shared.clone(), tcp)));
+    if let Some(TlsListener { listener, tls }) = tls {
+        tasks.push(tokio::spawn(crate::tls::SipTls::watch(
+            tls.store.clone(),
+            tls.cert_path.clone(),
+            tls.key_path.clone(),
+            tls.reload_every,
+        )));
+        tasks.push(tokio::spawn(tls_acceptor(shared.clone(), listener, tls)));
+    }
     tasks.push(tokio::spawn(timer_task(shared)));
     tasks
 }
@@ -225,43 +275,53 @@ pub(crate) fn send(shared: &Arc<Shared>, dest: Dest, bytes: Bytes) {
             }
             Err(e) => tracing::debug!(%addr, error = %e, "udp send failed"),
         },
-        Dest::Peer(node, phone) => {
-            let cluster = shared.state.clone();
+        Dest::Peer(node, phone, _) => {
+            let shared = shared.clone();
             tokio::spawn(async move {
-                match cluster.relay(node, phone, bytes.to_vec(), false).await {
-                    Ok(true) => {}
+                let failed = match shared.state.relay(node, phone, bytes.to_vec(), false).await {
+                    Ok(true) => return,
                     Ok(false) => {
-                        tracing::warn!(node, %phone, "the phone's connection is gone from its node")
+                        tracing::warn!(node, %phone, "the phone's connection is gone from its node");
+                        true
                     }
                     Err(e) => {
-                        tracing::warn!(node, %phone, error = %e, "cannot relay through the phone's node")
+                        tracing::warn!(node, %phone, error = %e, "cannot relay through the phone's node");
+                        true
                     }
+                };
+                if failed {
+                    transport_error(&shared, dest, &bytes);
                 }
             });
         }
-        Dest::Tcp(id, peer) => {
-            let tx = lock(&shared.conns).get(&id).cloned().or_else(|| {
+        Dest::Conn(id, peer, transport) => {
+            // The connection by id, else the one held to the peer now. Each lock in its
+            // own statement: a guard living on into the fallback would lock `conns`
+            // twice on one thread (deadlock).
+            let by_id = lock(&shared.conns).get(&id).cloned();
+            let tx = by_id.or_else(|| {
                 let id = lock(&shared.conn_by_peer).get(&peer).copied()?;
                 lock(&shared.conns).get(&id).cloned()
             });
             match tx {
                 Some(tx) => {
                     if tx.try_send(bytes).is_err() {
-                        tracing::debug!(%peer, "tcp connection backlog full or closed: dropped");
+                        tracing::debug!(%peer, "connection backlog full or closed: dropped");
                     }
                 }
-                // §18.2.2: the connection is gone; open a new one to the peer.
+                // §18.2.2 / RFC 3263 §4.3: no connection to the peer; open one (a phone's
+                // TLS connection excepted, see `connect`).
                 None => {
                     let shared = shared.clone();
                     tokio::spawn(async move {
-                        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer))
-                            .await
-                        {
-                            Ok(Ok(stream)) => {
-                                let tx = start_connection(&shared, stream, peer);
+                        match connect(&shared, peer, transport).await {
+                            Ok(tx) => {
                                 let _ = tx.try_send(bytes);
                             }
-                            _ => tracing::debug!(%peer, "cannot reconnect to send a response"),
+                            Err(reason) => {
+                                tracing::info!(%peer, transport = transport.as_str(), %reason, "cannot connect");
+                                transport_error(&shared, dest, &bytes);
+                            }
                         }
                     });
                 }
@@ -270,10 +330,77 @@ pub(crate) fn send(shared: &Arc<Shared>, dest: Dest, bytes: Bytes) {
     }
 }
 
-fn reply_destination(source: SocketAddr, link: Link) -> Dest {
+/// How long opening a connection (and its TLS handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a connection to `peer`. Over TLS only to servers located by RFC 3263 (their
+/// SIP domain, which the certificate must name, was recorded then): a phone's TLS
+/// connection cannot be reopened from here (no name to check, usually behind NAT); the
+/// phone reconnects when it next registers.
+async fn connect(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    transport: Transport,
+) -> Result<mpsc::Sender<Bytes>, String> {
+    let server_name = match transport {
+        Transport::Tls => {
+            let name = lock(&shared.tls_names).get(&peer).cloned();
+            let (Some(name), Some(_)) = (name, &shared.tls_client) else {
+                return Err("a phone's TLS connection is gone".into());
+            };
+            Some(
+                rustls_pki_types::ServerName::try_from(name.clone())
+                    .map_err(|e| format!("{name}: {e}"))?,
+            )
+        }
+        _ => None,
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    match (server_name, &shared.tls_client) {
+        (Some(name), Some(client)) => {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, client.connect(name, stream))
+                .await
+                .map_err(|_| "TLS handshake timed out".to_string())?
+                .map_err(|e| format!("TLS: {e}"))?;
+            tracing::debug!(%peer, "tls connection opened");
+            Ok(start_connection(shared, stream, peer, Transport::Tls))
+        }
+        _ => Ok(start_connection(shared, stream, peer, Transport::Tcp)),
+    }
+}
+
+/// A request that could not be sent tells its call (RFC 3263 §4.3: like a 503, the
+/// next server is tried at once).
+fn transport_error(shared: &Arc<Shared>, dest: Dest, bytes: &[u8]) {
+    let Ok(msg) = parse_stream_message(bytes, &shared.limits) else {
+        return;
+    };
+    if !msg.is_request() {
+        return;
+    }
+    let call = msg
+        .header(&pbx_sip_msg::HeaderName::CallId)
+        .and_then(|id| shared.calls.route(id));
+    if let Some(call) = call {
+        let _ = call.send(CallInput::TransportError(dest));
+    }
+}
+
+fn reply_destination(source: SocketAddr, link: Link, via_transport: Option<&str>) -> Dest {
     match link {
-        Link::Conn(id) => Dest::Tcp(id, source),
-        Link::Peer(node) => Dest::Peer(node, source),
+        Link::Conn(id, transport) => Dest::Conn(id, source, transport),
+        Link::Peer(node) => Dest::Peer(
+            node,
+            source,
+            match via_transport {
+                Some(t) if t.eq_ignore_ascii_case("TLS") => Transport::Tls,
+                _ => Transport::Tcp,
+            },
+        ),
         Link::Udp => Dest::Udp(source),
     }
 }
@@ -294,7 +421,7 @@ fn on_bytes(shared: &Arc<Shared>, data: &[u8], source: SocketAddr, link: Link) -
         Ok(m) => m,
         Err(e) => return answer_unparseable(shared, &e, source, link),
     };
-    if let Link::Conn(_) = link {
+    if let Link::Conn(..) = link {
         if relay_to_call_owner(shared, &msg, data, source) {
             return true;
         }
@@ -320,7 +447,11 @@ fn on_bytes(shared: &Arc<Shared>, data: &[u8], source: SocketAddr, link: Link) -
             let status = e.status().unwrap_or(400);
             if let Some(b) = reply_to_unparseable(&msg.headers, status, e.reason(), source, "pbxd")
             {
-                send(shared, reply_destination(source, link), Bytes::from(b));
+                send(
+                    shared,
+                    reply_destination(source, link, None),
+                    Bytes::from(b),
+                );
             }
             return true;
         }
@@ -381,7 +512,11 @@ fn answer_unparseable(shared: &Arc<Shared>, e: &SipError, source: SocketAddr, li
         .unwrap_or(&[]);
     match reply_to_unparseable(headers, status, reason, source, "pbxd") {
         Some(b) => {
-            send(shared, reply_destination(source, link), Bytes::from(b));
+            send(
+                shared,
+                reply_destination(source, link, None),
+                Bytes::from(b),
+            );
             true
         }
         None => false,
@@ -399,7 +534,7 @@ fn on_request(
     let method = msg.method().cloned().unwrap_or(Method::Ack);
     let dest = match link {
         Link::Udp => Dest::Udp(response_target(&core.vias[0], source, false)),
-        other => reply_destination(source, other),
+        other => reply_destination(source, other, Some(&core.vias[0].transport)),
     };
     let key = TransactionKey::for_request(&method, msg.request_uri().unwrap_or(""), &core);
     let now = Instant::now();
@@ -421,10 +556,9 @@ fn on_request(
         });
         return;
     }
-    let transport = if reliable {
-        Transport::Tcp
-    } else {
-        Transport::Udp
+    let transport = match dest {
+        Dest::Udp(_) => Transport::Udp,
+        Dest::Conn(_, _, t) | Dest::Peer(_, _, t) => t,
     };
     let now_ms = unix_ms();
     let outcome = {
@@ -537,7 +671,8 @@ async fn tcp_acceptor(shared: Arc<Shared>, listener: TcpListener) {
                     drop(stream);
                     continue;
                 }
-                start_connection(&shared, stream, peer);
+                let _ = stream.set_nodelay(true);
+                start_connection(&shared, stream, peer, Transport::Tcp);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -547,19 +682,58 @@ async fn tcp_acceptor(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// Registers a connection and starts its reader and writer; returns its send queue.
-fn start_connection(
+/// TLS connections: the handshake runs in the connection's own task, so a slow or
+/// silent client holds up nobody else.
+async fn tls_acceptor(shared: Arc<Shared>, listener: TcpListener, tls: crate::tls::SipTls) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if shared.open_conns.load(Ordering::Relaxed) >= shared.max_conns {
+                    tracing::warn!(%peer, "too many connections: TLS connection refused");
+                    drop(stream);
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                let acceptor = tls.acceptor.clone();
+                let timeout = tls.handshake_timeout;
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let (_, conn) = stream.get_ref();
+                            tracing::debug!(%peer, version = ?conn.protocol_version(), "tls connection");
+                            start_connection(&shared, stream, peer, Transport::Tls);
+                        }
+                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "tls handshake failed"),
+                        Err(_) => tracing::info!(%peer, "tls handshake timed out"),
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Registers a connection (TCP or TLS) and starts its reader and writer; returns its
+/// send queue.
+fn start_connection<S>(
     shared: &Arc<Shared>,
-    stream: TcpStream,
+    stream: S,
     peer: SocketAddr,
-) -> mpsc::Sender<Bytes> {
-    let _ = stream.set_nodelay(true);
+    transport: Transport,
+) -> mpsc::Sender<Bytes>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
     lock(&shared.conns).insert(id, tx.clone());
     lock(&shared.conn_by_peer).insert(peer, id);
     shared.open_conns.fetch_add(1, Ordering::Relaxed);
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     tokio::spawn(async move {
         while let Some(b) = rx.recv().await {
             if wr.write_all(&b).await.is_err() {
@@ -595,7 +769,7 @@ fn start_connection(
                     }
                     Ok(StreamFrame::Message(n)) => {
                         let msg = buf.split_to(n);
-                        if !on_bytes(&shared, &msg, peer, Link::Conn(id)) {
+                        if !on_bytes(&shared, &msg, peer, Link::Conn(id, transport)) {
                             tracing::debug!(%peer, "unanswerable message on a stream: closing");
                             break 'conn;
                         }
