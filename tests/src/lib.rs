@@ -762,3 +762,65 @@ impl Drop for Named {
             .status();
     }
 }
+
+/// A one-node cluster on `127.0.<slot>.0/24` calling into `provider.test`: its dialplan
+/// sends `9X` to `Dial(SIP/X@provider.test,20)`, its resolver is BIND on
+/// `127.0.<slot>.53` serving `records` (relative to `provider.test.`, after the SOA and
+/// NS), and `uac_inf` has user 1 dialling `9555`.
+pub struct ProviderDomain {
+    pub cluster: LocalCluster,
+    pub uac_inf: PathBuf,
+    pub dir: tempfile::TempDir,
+    _named: Named,
+}
+
+impl ProviderDomain {
+    pub fn start(slot: u8, records: &str) -> ProviderDomain {
+        require_tool("named", "bind9");
+        require_tool("sipp", "sip-tester");
+        let prefix = format!("127.0.{slot}");
+        let zone = format!(
+            "$ORIGIN provider.test.\n$TTL 30\n@ IN SOA ns hostmaster ( 1 3600 600 86400 30 )\n\
+             @ IN NS ns\nns IN A {prefix}.53\n{records}"
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plan = dir.path().join("extensions.conf");
+        std::fs::write(
+            &plan,
+            "[default]\nexten => _9.,1,Dial(SIP/${EXTEN:1}@provider.test,20)\n same => n,Hangup()\n",
+        )
+        .expect("dialplan");
+        let named = Named::start(
+            &dir.path().join("named"),
+            &format!("{prefix}.53"),
+            "provider.test",
+            &zone,
+        );
+        let cluster = LocalCluster::up_with_dialplan(
+            slot,
+            1,
+            &Users { count: 2 },
+            &format!(
+                "[auth]\nchallenge_algorithms = [\"MD5\"]\n[dns]\nresolvers = [\"{prefix}.53:53\"]\ndead_target_secs = 60\n"
+            ),
+            &plan,
+        )
+        .expect("cluster up");
+        let uac_inf = dir.path().join("uac.csv");
+        std::fs::write(
+            &uac_inf,
+            format!(
+                "SEQUENTIAL\n{};pbx.test;{};9555;{prefix}.99;9\n",
+                Users::name(1),
+                Users::password(1)
+            ),
+        )
+        .expect("uac.csv");
+        ProviderDomain {
+            cluster,
+            uac_inf,
+            dir,
+            _named: named,
+        }
+    }
+}

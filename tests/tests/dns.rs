@@ -383,54 +383,20 @@ fn deploy_dns_files_pass_bind_checks() {
 /// one, which answers; the next call goes to the live server first (dead-target memory).
 #[test]
 fn dial_to_another_domain_fails_over_to_the_next_srv_target() {
-    require_tool("named", "bind9");
-    require_tool("sipp", "sip-tester");
     let slot = 53u8;
     let prefix = format!("127.0.{slot}");
-    let zone = format!(
-        "$ORIGIN provider.test.\n$TTL 30\n@ IN SOA ns hostmaster ( 1 3600 600 86400 30 )\n@ IN NS ns\n\
-         ns IN A {prefix}.53\n\
-         @ IN NAPTR 10 50 \"s\" \"SIP+D2U\" \"\" _sip._udp.provider.test.\n\
-         _sip._udp IN SRV 10 50 5060 dead.provider.test.\n\
-         _sip._udp IN SRV 20 50 5060 live.provider.test.\n\
-         dead IN A {prefix}.21\nlive IN A {prefix}.22\n"
-    );
-    let users = Users { count: 2 };
-    let dir = tempfile::tempdir().unwrap();
-    let plan = dir.path().join("extensions.conf");
-    std::fs::write(
-        &plan,
-        "[default]\nexten => _9.,1,Dial(SIP/${EXTEN:1}@provider.test,20)\n same => n,Hangup()\n",
-    )
-    .unwrap();
-    let _named = Named::start(
-        &dir.path().join("named"),
-        &format!("{prefix}.53"),
-        "provider.test",
-        &zone,
-    );
-    let c = LocalCluster::up_with_dialplan(
+    let p = pbx_tests::ProviderDomain::start(
         slot,
-        1,
-        &users,
         &format!(
-            "[auth]\nchallenge_algorithms = [\"MD5\"]\n[dns]\nresolvers = [\"{prefix}.53:53\"]\ndead_target_secs = 60\n"
+            "@ IN NAPTR 10 50 \"s\" \"SIP+D2U\" \"\" _sip._udp.provider.test.\n\
+             _sip._udp IN SRV 10 50 5060 dead.provider.test.\n\
+             _sip._udp IN SRV 20 50 5060 live.provider.test.\n\
+             dead IN A {prefix}.21\nlive IN A {prefix}.22\n"
         ),
-        &plan,
-    )
-    .unwrap();
-    let uas_inf = dir.path().join("uas.csv");
+    );
+    let (c, dir, uac_inf) = (&p.cluster, p.dir.path(), &p.uac_inf);
+    let uas_inf = dir.join("uas.csv");
     std::fs::write(&uas_inf, format!("SEQUENTIAL\n{prefix}.22;9\n")).unwrap();
-    let uac_inf = dir.path().join("uac.csv");
-    std::fs::write(
-        &uac_inf,
-        format!(
-            "SEQUENTIAL\n{};pbx.test;{};9555;{prefix}.99;9\n",
-            Users::name(1),
-            Users::password(1)
-        ),
-    )
-    .unwrap();
     let call = || {
         let provider = pbx_tests::Sipp {
             scenario: "uas_answer.xml",
@@ -448,7 +414,7 @@ fn dial_to_another_domain_fails_over_to_the_next_srv_target() {
             scenario: "uac_call.xml",
             target: c.node_addr(1),
             local_ip: c.client_ip(60),
-            inf: &uac_inf,
+            inf: uac_inf,
             calls: 1,
             rate: 1,
             transport: "u1",
@@ -468,10 +434,10 @@ fn dial_to_another_domain_fails_over_to_the_next_srv_target() {
             .matches("did not answer for sip:555@provider.test")
             .count()
     };
-    assert_eq!(failovers(&c), 1, "{}", c.log(1));
+    assert_eq!(failovers(c), 1, "{}", c.log(1));
     let second = call();
     assert_eq!(
-        failovers(&c),
+        failovers(c),
         1,
         "the dead server remembered: the live one tried first\n{}",
         c.log(1)

@@ -14,8 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use pbx_tests::{
-    assert_all_ok, free_udp_port, require_tool, wait_for, Baresip, LocalCluster, Named, Phones,
-    Users,
+    assert_all_ok, free_udp_port, require_tool, wait_for, Baresip, LocalCluster, Phones, Users,
 };
 
 const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]";
@@ -40,37 +39,63 @@ fn bindings_of(c: &LocalCluster, user: &str) -> Vec<(String, u64)> {
         .unwrap_or_default()
 }
 
-/// A TLS client tunnel: plain TCP accepted on `listen`, each connection carried over its
-/// own TLS connection to `node`, whose certificate must chain to `ca` and name
-/// `pbx.test`. Killed when dropped.
-struct TlsTunnel(Child);
+/// socat relaying connections accepted by `accept` (a socat address listening on
+/// `listen`) to `connect`; killed when dropped. As a TLS client tunnel: plain TCP in,
+/// each connection carried over its own verified TLS connection to a node. As a TLS
+/// server: TLS in, plain TCP out to a SIPp.
+struct Socat(Child);
 
-impl TlsTunnel {
-    fn start(listen: SocketAddr, node: SocketAddr, ca: &std::path::Path) -> TlsTunnel {
+impl Socat {
+    fn start(listen: SocketAddr, accept: String, connect: String) -> Socat {
         require_tool("socat", "socat");
         let child = Command::new("socat")
-            .arg(format!(
-                "TCP-LISTEN:{},bind={},reuseaddr,fork",
-                listen.port(),
-                listen.ip()
-            ))
-            .arg(format!(
-                "OPENSSL:{node},cafile={},commonname=pbx.test,verify=1",
-                ca.display()
-            ))
+            .arg(accept)
+            .arg(connect)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting socat");
-        wait_for("the tunnel listening", Duration::from_secs(5), || {
+        wait_for("socat listening", Duration::from_secs(5), || {
             std::net::TcpStream::connect(listen).ok().map(|_| ())
         })
         .unwrap();
-        TlsTunnel(child)
+        Socat(child)
+    }
+
+    /// TCP on `listen` → TLS to `node`, whose certificate must chain to `ca` and name
+    /// `pbx.test`.
+    fn tls_client(listen: SocketAddr, node: SocketAddr, ca: &Path) -> Socat {
+        Socat::start(
+            listen,
+            format!(
+                "TCP-LISTEN:{},bind={},reuseaddr,fork",
+                listen.port(),
+                listen.ip()
+            ),
+            format!(
+                "OPENSSL:{node},cafile={},commonname=pbx.test,verify=1",
+                ca.display()
+            ),
+        )
+    }
+
+    /// TLS on `listen` with `cert`/`key` → TCP to `backend`.
+    fn tls_server(listen: SocketAddr, cert: &Path, key: &Path, backend: SocketAddr) -> Socat {
+        Socat::start(
+            listen,
+            format!(
+                "OPENSSL-LISTEN:{},bind={},reuseaddr,fork,cert={},key={},verify=0",
+                listen.port(),
+                listen.ip(),
+                cert.display(),
+                key.display()
+            ),
+            format!("TCP:{backend}"),
+        )
     }
 }
 
-impl Drop for TlsTunnel {
+impl Drop for Socat {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -194,7 +219,7 @@ fn sipp_registers_and_calls_a_udp_phone_over_tls_and_the_certificate_is_reloaded
     let run = c.run_dir();
     let tunnel_addr: SocketAddr = format!("{}:5062", c.client_ip(5)).parse().unwrap();
     let tls_node: SocketAddr = format!("{}:5061", c.node_addr(1).ip()).parse().unwrap();
-    let _tunnel = TlsTunnel::start(tunnel_addr, tls_node, &run.join("tls/ca.crt"));
+    let _tunnel = Socat::tls_client(tunnel_addr, tls_node, &run.join("tls/ca.crt"));
     let tls = Phones::through(&c, tunnel_addr, "t1");
 
     // 20 registrations over TLS, one connection.
@@ -283,30 +308,6 @@ fn sipp_registers_and_calls_a_udp_phone_over_tls_and_the_certificate_is_reloaded
     );
 }
 
-/// A TLS server for a provider: TLS accepted on `listen` with `cert`/`key`, carried as
-/// TCP to `backend` (a SIPp UAS on TCP). Killed when dropped.
-fn tls_server(listen: SocketAddr, cert: &Path, key: &Path, backend: SocketAddr) -> TlsTunnel {
-    require_tool("socat", "socat");
-    let child = Command::new("socat")
-        .arg(format!(
-            "OPENSSL-LISTEN:{},bind={},reuseaddr,fork,cert={},key={},verify=0",
-            listen.port(),
-            listen.ip(),
-            cert.display(),
-            key.display()
-        ))
-        .arg(format!("TCP:{backend}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting socat");
-    wait_for("the TLS server listening", Duration::from_secs(5), || {
-        std::net::TcpStream::connect(listen).ok().map(|_| ())
-    })
-    .unwrap();
-    TlsTunnel(child)
-}
-
 /// A key and a certificate for `san` (an openssl subjectAltName value), signed by the
 /// cluster's local CA, as `tls_dir/stem.{key,crt}`.
 fn issue(tls_dir: &Path, stem: &str, san: &str) -> (PathBuf, PathBuf) {
@@ -372,46 +373,25 @@ fn issue(tls_dir: &Path, stem: &str, san: &str) -> (PathBuf, PathBuf) {
 /// goes through over TLS.
 #[test]
 fn dial_over_tls_checks_the_providers_certificate_and_fails_over_on_a_bad_one() {
-    require_tool("named", "bind9");
     require_tool("openssl", "openssl");
     let slot = 56u8;
     let prefix = format!("127.0.{slot}");
-    let zone = format!(
-        "$ORIGIN provider.test.\n$TTL 30\n@ IN SOA ns hostmaster ( 1 3600 600 86400 30 )\n@ IN NS ns\n\
-         ns IN A {prefix}.53\n\
-         @ IN NAPTR 10 50 \"s\" \"SIPS+D2T\" \"\" _sips._tcp.provider.test.\n\
-         _sips._tcp IN SRV 10 50 5061 impostor.provider.test.\n\
-         _sips._tcp IN SRV 20 50 5061 live.provider.test.\n\
-         impostor IN A {prefix}.21\nlive IN A {prefix}.22\n"
-    );
-    let users = Users { count: 2 };
-    let dir = tempfile::tempdir().unwrap();
-    let plan = dir.path().join("extensions.conf");
-    std::fs::write(
-        &plan,
-        "[default]\nexten => _9.,1,Dial(SIP/${EXTEN:1}@provider.test,20)\n same => n,Hangup()\n",
-    )
-    .unwrap();
-    let _named = Named::start(
-        &dir.path().join("named"),
-        &format!("{prefix}.53"),
-        "provider.test",
-        &zone,
-    );
-    let c = LocalCluster::up_with_dialplan(
+    let p = pbx_tests::ProviderDomain::start(
         slot,
-        1,
-        &users,
-        &format!("{MD5_ONLY}\n[dns]\nresolvers = [\"{prefix}.53:53\"]\n"),
-        &plan,
-    )
-    .unwrap();
+        &format!(
+            "@ IN NAPTR 10 50 \"s\" \"SIPS+D2T\" \"\" _sips._tcp.provider.test.\n\
+             _sips._tcp IN SRV 10 50 5061 impostor.provider.test.\n\
+             _sips._tcp IN SRV 20 50 5061 live.provider.test.\n\
+             impostor IN A {prefix}.21\nlive IN A {prefix}.22\n"
+        ),
+    );
+    let (c, dir, uac_inf) = (&p.cluster, p.dir.path(), &p.uac_inf);
     // The provider's servers, with certificates from the CA the node trusts.
     let tls_dir = c.run_dir().join("tls");
     let (good_key, good_crt) = issue(&tls_dir, "provider", "DNS:provider.test");
     let (bad_key, bad_crt) = issue(&tls_dir, "impostor", "DNS:impostor.example");
     let backend: SocketAddr = format!("{prefix}.23:5070").parse().unwrap();
-    let uas_inf = dir.path().join("uas.csv");
+    let uas_inf = dir.join("uas.csv");
     std::fs::write(&uas_inf, format!("SEQUENTIAL\n{prefix}.23;9\n")).unwrap();
     let provider = pbx_tests::Sipp {
         scenario: "uas_answer.xml",
@@ -432,24 +412,14 @@ fn dial_over_tls_checks_the_providers_certificate_and_fails_over_on_a_bad_one() 
     .unwrap();
     let live: SocketAddr = format!("{prefix}.22:5061").parse().unwrap();
     let impostor: SocketAddr = format!("{prefix}.21:5061").parse().unwrap();
-    let _live = tls_server(live, &good_crt, &good_key, backend);
-    let _impostor = tls_server(impostor, &bad_crt, &bad_key, backend);
+    let _live = Socat::tls_server(live, &good_crt, &good_key, backend);
+    let _impostor = Socat::tls_server(impostor, &bad_crt, &bad_key, backend);
 
-    let uac_inf = dir.path().join("uac.csv");
-    std::fs::write(
-        &uac_inf,
-        format!(
-            "SEQUENTIAL\n{};pbx.test;{};9555;{prefix}.99;9\n",
-            Users::name(1),
-            Users::password(1)
-        ),
-    )
-    .unwrap();
     let run = pbx_tests::Sipp {
         scenario: "uac_call.xml",
         target: c.node_addr(1),
         local_ip: c.client_ip(60),
-        inf: &uac_inf,
+        inf: uac_inf,
         calls: 1,
         rate: 1,
         transport: "u1",

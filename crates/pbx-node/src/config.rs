@@ -925,6 +925,27 @@ mod tests {
     }
 
     #[test]
+    fn tls_is_checked_and_listens_on_5061_of_the_sip_ip() {
+        let e = parse(&format!("{MIN}[tls]\ncert = \"a.crt\"\n")).unwrap_err();
+        assert!(e.contains("tls.cert and tls.key go together"), "{e}");
+        let c = parse(&format!("{MIN}[tls]\ncert = \"a.crt\"\nkey = \"a.key\"\n")).unwrap();
+        assert_eq!(
+            c.tls_addr(),
+            std::net::SocketAddr::new(
+                c.node.sip_addr.ip(),
+                if c.node.sip_addr.port() == 0 { 0 } else { 5061 }
+            )
+        );
+        let e = parse(&format!(
+            "{MIN}[tls]\ncert = \"a.crt\"\nkey = \"a.key\"\nreload_check_secs = 0\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("tls.reload_check_secs"), "{e}");
+        let e = parse(&format!("{MIN}[tls]\ncertificate = \"a.crt\"\n")).unwrap_err();
+        assert!(e.contains("line") && e.contains("certificate"), "{e}");
+    }
+
+    #[test]
     fn the_example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/pbxd.example.toml");
         let c = Config::load(&path).unwrap();

@@ -662,17 +662,24 @@ async fn timer_task(shared: Arc<Shared>) {
     }
 }
 
-async fn tcp_acceptor(shared: Arc<Shared>, listener: TcpListener) {
+/// Accepts connections on `listener` while the node is under its connection limit and
+/// hands each (no delay set) to `start`.
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    transport: Transport,
+    start: impl Fn(&Arc<Shared>, TcpStream, SocketAddr),
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 if shared.open_conns.load(Ordering::Relaxed) >= shared.max_conns {
-                    tracing::warn!(%peer, "too many TCP connections: refused");
+                    tracing::warn!(%peer, transport = transport.as_str(), "too many connections: refused");
                     drop(stream);
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                start_connection(&shared, stream, peer, Transport::Tcp);
+                start(&shared, stream, peer);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -682,39 +689,33 @@ async fn tcp_acceptor(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
+async fn tcp_acceptor(shared: Arc<Shared>, listener: TcpListener) {
+    accept_loop(shared, listener, Transport::Tcp, |shared, stream, peer| {
+        start_connection(shared, stream, peer, Transport::Tcp);
+    })
+    .await
+}
+
 /// TLS connections: the handshake runs in the connection's own task, so a slow or
 /// silent client holds up nobody else.
 async fn tls_acceptor(shared: Arc<Shared>, listener: TcpListener, tls: crate::tls::SipTls) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                if shared.open_conns.load(Ordering::Relaxed) >= shared.max_conns {
-                    tracing::warn!(%peer, "too many connections: TLS connection refused");
-                    drop(stream);
-                    continue;
+    accept_loop(shared, listener, Transport::Tls, move |shared, stream, peer| {
+        let acceptor = tls.acceptor.clone();
+        let timeout = tls.handshake_timeout;
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let (_, conn) = stream.get_ref();
+                    tracing::debug!(%peer, version = ?conn.protocol_version(), "tls connection");
+                    start_connection(&shared, stream, peer, Transport::Tls);
                 }
-                let _ = stream.set_nodelay(true);
-                let acceptor = tls.acceptor.clone();
-                let timeout = tls.handshake_timeout;
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let (_, conn) = stream.get_ref();
-                            tracing::debug!(%peer, version = ?conn.protocol_version(), "tls connection");
-                            start_connection(&shared, stream, peer, Transport::Tls);
-                        }
-                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "tls handshake failed"),
-                        Err(_) => tracing::info!(%peer, "tls handshake timed out"),
-                    }
-                });
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "tls handshake failed"),
+                Err(_) => tracing::info!(%peer, "tls handshake timed out"),
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+        });
+    })
+    .await
 }
 
 /// Registers a connection (TCP or TLS) and starts its reader and writer; returns its
