@@ -1412,7 +1412,7 @@ impl<D: Destination> Call<D> {
             _ => {
                 self.legs[i].state = LegState::Done(status);
                 if current && status == 503 {
-                    return self.fail_over(now, i);
+                    return self.fail_over(now, i, "answered 503");
                 }
                 if current {
                     self.check_dial(now);
@@ -1421,9 +1421,10 @@ impl<D: Destination> Call<D> {
         }
     }
 
-    /// Leg `i`'s destination failed (silence, Timer B or 503): the same request to the
-    /// next alternate, as a new leg of the same Dial; none left: the Dial goes on.
-    fn fail_over(&mut self, now: Instant, i: usize) {
+    /// Leg `i`'s destination failed (silence, Timer B, 503 or a transport error, said by
+    /// `why`): the same request to the next alternate, as a new leg of the same Dial;
+    /// none left: the Dial goes on.
+    fn fail_over(&mut self, now: Instant, i: usize, why: &str) {
         let failed = self.legs[i].dialog.dest.clone();
         self.out.push_back(Output::TargetFailed(failed.clone()));
         let mut next = self.legs[i].target.clone();
@@ -1434,7 +1435,7 @@ impl<D: Destination> Call<D> {
         self.log(
             LogLevel::Notice,
             format!(
-                "{} did not answer for {}: trying {}",
+                "{} {why} for {}: trying {}",
                 failed.describe(),
                 next.uri,
                 next.dest.describe()
@@ -1458,7 +1459,7 @@ impl<D: Destination> Call<D> {
                         LogLevel::Notice,
                         format!("{}: transport error", dest.describe()),
                     );
-                    self.fail_over(now, i);
+                    self.fail_over(now, i, "could not be reached");
                 }
             }
         }
@@ -1541,7 +1542,7 @@ impl<D: Destination> Call<D> {
                         // Timer B: nothing answered at all.
                         self.legs[i].state = LegState::Done(0);
                         if self.legs[i].generation == self.generation {
-                            self.fail_over(now, i);
+                            self.fail_over(now, i, "did not answer");
                         }
                     }
                 }
@@ -1553,7 +1554,7 @@ impl<D: Destination> Call<D> {
                 self.legs[i].failover_at = None;
                 self.legs[i].state = LegState::Done(0);
                 if self.legs[i].generation == self.generation {
-                    self.fail_over(now, i);
+                    self.fail_over(now, i, "did not answer");
                 }
             }
             if self.legs[i].give_up_at.is_some_and(|at| now >= at)
