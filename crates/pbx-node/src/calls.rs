@@ -17,7 +17,7 @@ use pbx_raft::manage::BoxFuture;
 use pbx_raft::{CallMedia, Cluster, MediaCounters};
 use pbx_registrar::{Inbound, ReplyHead};
 use pbx_sdp::Sdp;
-use pbx_sip_core::locate::{DeadTargets, Destination, SipTransport, SplitMix, Target};
+use pbx_dns::locate::{DeadTargets, Destination, SipTransport, SplitMix, Target};
 use pbx_sip_core::{Timers, TransactionKey};
 use pbx_sip_msg::{CoreHeaders, MessageWriter, SipMessage};
 use pbx_state::{Command, State, Transport};

@@ -234,7 +234,7 @@ pub struct AdminSection {
 
 /// The cluster's own DNS: the node answers authoritatively for the SIP domain with the
 /// NAPTR, SRV and A/AAAA records of the members that are alive, in the quorum and not
-/// draining (see `pbx_sip_core::zone`).
+/// draining (see `pbx_dns::zone`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsSection {

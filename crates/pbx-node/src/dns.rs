@@ -1,5 +1,5 @@
 //! The cluster's own DNS (hickory-server): authoritative for the SIP domain, answering
-//! from `pbx_sip_core::zone` with the members that are alive (probed over the peer
+//! from `pbx_dns::zone` with the members that are alive (probed over the peer
 //! link), in the quorum and not draining. A node that cannot reach a majority answers
 //! SERVFAIL, so resolvers ask another member instead of learning a stale list.
 
@@ -15,7 +15,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
 use pbx_raft::Cluster;
-use pbx_sip_core::zone::{Lookup, QueryType, RecordData, ZoneMember, ZoneSpec};
+use pbx_dns::zone::{Lookup, QueryType, RecordData, ZoneMember, ZoneSpec};
 
 use crate::config::DnsSection;
 use crate::NodeError;
@@ -75,7 +75,7 @@ fn name(s: &str) -> Option<Name> {
 
 /// A zone record as hickory writes it (None: a name that does not parse, which the
 /// zone never makes).
-fn to_hickory(r: &pbx_sip_core::zone::Record) -> Option<Record> {
+fn to_hickory(r: &pbx_dns::zone::Record) -> Option<Record> {
     let owner = name(&r.name)?;
     let data = match &r.data {
         RecordData::Naptr(n) => RData::NAPTR(NAPTR::new(

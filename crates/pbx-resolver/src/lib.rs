@@ -1,4 +1,4 @@
-//! RFC 3263 over real DNS: drives `pbx_sip_core::locate::Resolution` (the sans-IO
+//! RFC 3263 over real DNS: drives `pbx_dns::locate::Resolution` (the sans-IO
 //! NAPTR → SRV → A/AAAA logic) with hickory-resolver, every pending query at once.
 
 use std::net::SocketAddr;
@@ -7,7 +7,7 @@ use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::TokioResolver;
-use pbx_sip_core::locate::{Answer, Destination, Naptr, Query, Resolution, SipTransport, Srv};
+use pbx_dns::locate::{Answer, Destination, Naptr, Query, Resolution, SipTransport, Srv};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolverError {

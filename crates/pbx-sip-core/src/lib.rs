@@ -7,10 +7,8 @@
 
 mod client;
 mod key;
-pub mod locate;
 mod server;
 mod table;
-pub mod zone;
 
 pub use client::{ClientInvite, ClientNonInvite, ResponseAction};
 pub use key::TransactionKey;

@@ -860,7 +860,7 @@ pub struct ZoneOptions {
 }
 
 pub async fn dns_zone(t: &Target, o: ZoneOptions) -> Result<ExitCode, Failure> {
-    use pbx_sip_core::zone::{ZoneMember, ZoneSpec};
+    use pbx_dns::zone::{ZoneMember, ZoneSpec};
     let r = t
         .connect()
         .await?

@@ -753,7 +753,7 @@ fn dns_check(
     timeout: f64,
     output: admin::Output,
 ) -> anyhow::Result<ExitCode> {
-    use pbx_sip_core::locate::{Destination, SipTransport};
+    use pbx_dns::locate::{Destination, SipTransport};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
