@@ -9,12 +9,11 @@ use pbx_dialplan::{
     cause_to_sip, Action, DialRequest, DialStatus, DialTarget, Execution, LogLevel,
 };
 use pbx_media_core::{Mode, Side};
-use pbx_registrar::{Inbound, ReplyHead, ALLOW};
 use pbx_sdp::Sdp;
 use pbx_sip_core::{
     ClientInvite, ClientNonInvite, ResponseAction, TimerOutcome, Timers, TransactionKey,
 };
-use pbx_sip_msg::{CoreHeaders, HeaderName, MessageWriter, Method, SipMessage};
+use pbx_sip_msg::{CoreHeaders, HeaderName, MessageWriter, Method, ReplyHead, SipMessage, ALLOW};
 use pbx_state::{CallRecord, LegRecord};
 
 use crate::dialog::{
@@ -275,15 +274,7 @@ impl<D: Destination> Call<D> {
         dest: D,
         exec: Execution,
     ) -> Call<D> {
-        let head = ReplyHead::new(
-            &Inbound {
-                msg: invite,
-                core,
-                source,
-                transport: dest.transport(),
-            },
-            &params.server_name,
-        );
+        let head = ReplyHead::new(core, source, &params.server_name);
         let local_tag = head.to_tag().to_string();
         let dialog = Dialog {
             call_id: core.call_id.clone(),
@@ -1015,15 +1006,7 @@ impl<D: Destination> Call<D> {
         let Some(leg) = self.leg_of(&core.call_id) else {
             return;
         };
-        let head = ReplyHead::new(
-            &Inbound {
-                msg,
-                core,
-                source,
-                transport: self.dialog(leg).dest.transport(),
-            },
-            &self.p.server_name,
-        );
+        let head = ReplyHead::new(core, source, &self.p.server_name);
         if method == Method::Ack {
             return self.on_ack(msg, core, leg);
         }

@@ -11,15 +11,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pbx_b2bua::{Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Output};
 use pbx_dialplan::{CallerId, DialTarget, Dialplan, Execution, LogLevel};
+use pbx_dns::locate::{DeadTargets, Destination, SipTransport, SplitMix, Target};
 use pbx_media::{MediaConfig, MediaEvent, MediaRelay, Stream};
 use pbx_media_core::Mode;
 use pbx_raft::manage::BoxFuture;
 use pbx_raft::{CallMedia, Cluster, MediaCounters};
-use pbx_registrar::{Inbound, ReplyHead};
+use pbx_registrar::Inbound;
 use pbx_sdp::Sdp;
-use pbx_dns::locate::{DeadTargets, Destination, SipTransport, SplitMix, Target};
 use pbx_sip_core::{Timers, TransactionKey};
-use pbx_sip_msg::{CoreHeaders, MessageWriter, SipMessage};
+use pbx_sip_msg::{CoreHeaders, MessageWriter, ReplyHead, SipMessage};
 use pbx_state::{Command, State, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
@@ -245,7 +245,7 @@ fn reject(
     status: u16,
     warning: &str,
 ) {
-    let head = ReplyHead::new(req, &shared.calls.server_name);
+    let head = ReplyHead::new(req.core, req.source, &shared.calls.server_name);
     let mut w = MessageWriter::response(status);
     head.write(&mut w, status);
     if status == 503 {

@@ -14,8 +14,8 @@ use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
-use pbx_raft::Cluster;
 use pbx_dns::zone::{Lookup, QueryType, RecordData, ZoneMember, ZoneSpec};
+use pbx_raft::Cluster;
 
 use crate::config::DnsSection;
 use crate::NodeError;

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pbx_registrar::{reply_to_unparseable, response_target, Inbound, Outcome, RequestHandler};
+use pbx_registrar::{Inbound, Outcome, RequestHandler};
 use pbx_sip_core::{RequestDisposition, ServerTable, TableEvent, Timers, TransactionKey};
 use pbx_sip_msg::{
-    frame_stream, parse_datagram, parse_stream_message, CoreHeaders, Limits, Method, SipError,
-    SipMessage, StreamFrame,
+    frame_stream, parse_datagram, parse_stream_message, reply_to_unparseable, response_target,
+    CoreHeaders, Limits, Method, SipError, SipMessage, StreamFrame,
 };
 use pbx_state::Transport;
 use socket2::{Domain, Protocol, Socket, Type};

@@ -4,7 +4,6 @@
 //! replicated [`State`]; outputs are a response to send or a [`Command`] to commit first.
 
 pub mod digest;
-mod reply;
 pub mod throttle;
 
 use std::net::SocketAddr;
@@ -12,14 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use pbx_sip_msg::{
-    AuthHeader, ContactList, CoreHeaders, HeaderName, MessageWriter, Method, SipMessage, Uri,
+    AuthHeader, ContactList, CoreHeaders, HeaderName, MessageWriter, Method, ReplyHead, SipMessage,
+    Uri, ALLOW,
 };
 use pbx_state::{
     Binding, ClusterSettings, Command, ContactUpdate, ContactView, RegisterOp, Response, State,
 };
 
 pub use pbx_state::Transport;
-pub use reply::{reply_to_unparseable, response_target, ReplyHead};
 
 use digest::{Algorithm, DigestCredentials, NonceCheck, NonceCounts, NonceKey};
 use throttle::{BanPolicy, FailureThrottle};
@@ -31,8 +30,6 @@ pub enum RegistrarError {
     Config(String),
 }
 
-/// Methods this node implements, for Allow headers.
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE";
 /// Option tags we support (RFC 3327 Path, RFC 5626 outbound).
 pub const SUPPORTED: &str = "path, outbound";
 const SUPPORTED_TAGS: &[&str] = &["path", "outbound"];
@@ -181,7 +178,7 @@ impl RequestHandler {
     }
 
     fn head(&self, req: &Inbound<'_>) -> ReplyHead {
-        ReplyHead::new(req, &self.config.server_name)
+        ReplyHead::new(req.core, req.source, &self.config.server_name)
     }
 
     fn reply(&self, req: &Inbound<'_>, status: u16, extra: &[(&str, &str)]) -> Outcome {

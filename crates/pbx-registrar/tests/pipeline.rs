@@ -7,9 +7,10 @@ use std::path::PathBuf;
 
 use pbx_registrar::digest::{ha1, Algorithm, ClientAuth};
 use pbx_registrar::throttle::BanPolicy;
-use pbx_registrar::{reply_to_unparseable, HandlerConfig, Inbound, Outcome, RequestHandler};
+use pbx_registrar::{HandlerConfig, Inbound, Outcome, RequestHandler};
 use pbx_sip_msg::{
-    parse_datagram, AuthHeader, CoreHeaders, HeaderName, Limits, SipError, SipMessage,
+    parse_datagram, reply_to_unparseable, AuthHeader, CoreHeaders, HeaderName, Limits, SipError,
+    SipMessage,
 };
 use pbx_state::{ClusterSettings, Command, State, Transport, User};
 

@@ -14,6 +14,7 @@ pub mod grammar;
 mod header;
 mod method;
 mod parse;
+mod reply;
 pub mod uri;
 
 pub use build::{reason_phrase, MessageWriter};
@@ -21,6 +22,7 @@ pub use grammar::{AuthHeader, CSeq, Contact, ContactList, NameAddr, Param, Via};
 pub use header::{Header, HeaderName};
 pub use method::Method;
 pub use parse::{frame_stream, parse_datagram, parse_stream_message, Limits, StreamFrame};
+pub use reply::{reply_to_unparseable, response_target, ReplyHead, ALLOW};
 pub use uri::Uri;
 
 use bytes::Bytes;

@@ -1,12 +1,15 @@
-//! The headers every response copies from its request (RFC 3261 §8.2.6.2), and where a
-//! response goes (§18.2.2, RFC 3581).
+//! Responses to requests, for every part of the node that answers one (registrar,
+//! calls, the transport): the headers a response copies from its request (RFC 3261
+//! §8.2.6.2), an answer to a request that did not parse, and where a response goes
+//! (§18.2.2, RFC 3581).
 
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 
-use pbx_sip_msg::{Header, HeaderName, MessageWriter, Via};
+use crate::{CoreHeaders, Header, HeaderName, MessageWriter, Via};
 
-use crate::Inbound;
+/// Methods the node implements (registrar and calls), for Allow headers.
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE";
 
 /// Via (the top one stamped with received/rport), From, To, Call-ID and CSeq of a request,
 /// ready to be written into any response to it.
@@ -31,13 +34,14 @@ fn stable_tag(parts: &[&str]) -> String {
 }
 
 impl ReplyHead {
-    pub fn new(req: &Inbound<'_>, server: &str) -> Self {
-        let core = req.core;
-        let src_ip = req.source.ip().to_string();
+    /// The head for responses to the request with these core headers, received from
+    /// `source`; `server` is the Server header's value.
+    pub fn new(core: &CoreHeaders, source: SocketAddr, server: &str) -> Self {
+        let src_ip = source.ip().to_string();
         let mut vias = Vec::with_capacity(core.vias.len());
         for (i, v) in core.vias.iter().enumerate() {
             if i == 0 {
-                vias.push(v.stamped(&src_ip, req.source.port()));
+                vias.push(v.stamped(&src_ip, source.port()));
             } else {
                 vias.push(v.raw.clone());
             }
