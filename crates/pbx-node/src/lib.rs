@@ -285,13 +285,7 @@ async fn sweeper(cluster: Cluster, every_secs: u64) {
             continue;
         }
         let now_ms = unix_ms();
-        let due = {
-            let st = cluster.read();
-            st.bindings
-                .values()
-                .flatten()
-                .any(|b| b.expires_at_ms <= now_ms)
-        };
+        let due = cluster.read().has_expired_bindings(now_ms);
         if due {
             match cluster.propose(Command::SweepExpired { now_ms }).await {
                 Ok(r) => tracing::debug!(?r, "swept expired bindings"),

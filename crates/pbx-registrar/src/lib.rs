@@ -14,9 +14,8 @@ use pbx_sip_msg::{
     AuthHeader, ContactList, CoreHeaders, HeaderName, MessageWriter, Method, ReplyHead, SipMessage,
     Uri, ALLOW,
 };
-use pbx_state::{
-    Binding, ClusterSettings, Command, ContactUpdate, ContactView, RegisterOp, Response, State,
-};
+use pbx_state::bindings::{self, BindingLimits, Refusal, RegisterRequest};
+use pbx_state::{ClusterSettings, Command, ContactView, Response, State};
 
 pub use pbx_state::Transport;
 
@@ -69,17 +68,19 @@ impl Default for HandlerConfig {
 }
 
 impl HandlerConfig {
+    /// The limits the binding rules apply.
+    pub fn binding_limits(&self) -> BindingLimits {
+        BindingLimits {
+            min_expires: self.min_expires,
+            default_expires: self.default_expires,
+            max_expires: self.max_expires,
+            max_contacts: self.max_contacts,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), RegistrarError> {
         let bad = |m: &str| Err(RegistrarError::Config(m.to_string()));
-        if self.min_expires == 0 || self.min_expires > self.max_expires {
-            return bad("min_expires must be > 0 and <= max_expires");
-        }
-        if !(self.min_expires..=self.max_expires).contains(&self.default_expires) {
-            return bad("default_expires must lie between min_expires and max_expires");
-        }
-        if self.max_contacts == 0 {
-            return bad("max_contacts must be at least 1");
-        }
+        self.binding_limits().check().or_else(bad)?;
         if self.challenge_algorithms.is_empty() {
             return bad("at least one challenge algorithm is needed");
         }
@@ -483,86 +484,54 @@ impl RequestHandler {
             .map(str::to_string)
             .collect();
         let head = self.head(req);
-        let (cmd_op, outbound) = match contacts {
-            ContactList::Contacts(list) if list.is_empty() => {
-                // A query (§10.3 step 6 with no Contact): the current bindings.
-                let bindings: Vec<ContactView> = state
-                    .bindings_of(&aor, now_ms)
-                    .iter()
-                    .map(ContactView::from)
-                    .collect();
-                let (status, bytes) = ok_with_bindings(&head, &bindings, now_ms, &path, false);
-                return Outcome::Reply {
-                    status,
-                    bytes,
-                    stateful: false,
-                };
+        if matches!(&contacts, ContactList::Contacts(list) if list.is_empty()) {
+            // A query (§10.3 step 6 with no Contact): the current bindings.
+            let views: Vec<ContactView> = state
+                .bindings_of(&aor, now_ms)
+                .iter()
+                .map(ContactView::from)
+                .collect();
+            let (status, bytes) = ok_with_bindings(&head, &views, now_ms, &path, false);
+            return Outcome::Reply {
+                status,
+                bytes,
+                stateful: false,
+            };
+        }
+        let request = RegisterRequest {
+            call_id: &req.core.call_id,
+            cseq: req.core.cseq.seq,
+            expires_header,
+            path: &path,
+            source: req.source.to_string(),
+            transport: req.transport,
+            node_id: self.config.node_id,
+            user_agent: req.msg.header(&HeaderName::UserAgent),
+            now_ms,
+        };
+        let cmd_op = match self
+            .config
+            .binding_limits()
+            .register_op(&contacts, &request)
+        {
+            Ok(op) => op,
+            Err(Refusal::StarWithoutExpiresZero) => {
+                return self.reply_with_reason(req, 400, Some("Contact * requires Expires: 0"), &[])
             }
-            ContactList::Star => {
-                if expires_header != Some(0) {
-                    return self.reply_with_reason(
-                        req,
-                        400,
-                        Some("Contact * requires Expires: 0"),
-                        &[],
-                    );
-                }
-                (RegisterOp::RemoveAll, false)
+            Err(Refusal::UnsupportedContactScheme) => {
+                return self.reply_with_reason(
+                    req,
+                    400,
+                    Some("Unsupported Contact URI scheme"),
+                    &[],
+                )
             }
-            ContactList::Contacts(list) => {
-                let mut updates = Vec::with_capacity(list.len());
-                let mut outbound = false;
-                for c in &list {
-                    if !c.uri.is_sip() && c.uri.scheme != "tel" {
-                        return self.reply_with_reason(
-                            req,
-                            400,
-                            Some("Unsupported Contact URI scheme"),
-                            &[],
-                        );
-                    }
-                    let requested = c
-                        .param("expires")
-                        .and_then(|p| p.value.as_deref())
-                        .and_then(pbx_sip_msg::grammar::parse_delta_seconds)
-                        .or(expires_header)
-                        .unwrap_or(self.config.default_expires as u64);
-                    if requested != 0 && requested < self.config.min_expires as u64 {
-                        let min = self.config.min_expires.to_string();
-                        return self.reply(req, 423, &[("Min-Expires", &min)]);
-                    }
-                    let expires = requested.min(self.config.max_expires as u64) as u32;
-                    let reg_id = c
-                        .param("reg-id")
-                        .and_then(|p| p.value.as_deref())
-                        .and_then(pbx_sip_msg::grammar::parse_u32);
-                    outbound |= reg_id.is_some();
-                    updates.push(ContactUpdate {
-                        binding: Binding {
-                            uri: c.uri_raw.clone(),
-                            uri_key: uri_key(&c.uri, &c.uri_raw),
-                            params: contact_params_without_expires(c),
-                            q: c.param("q")
-                                .and_then(|p| p.value.as_deref())
-                                .and_then(parse_q),
-                            expires_at_ms: now_ms + expires as u64 * 1000,
-                            call_id: req.core.call_id.clone(),
-                            cseq: req.core.cseq.seq,
-                            instance: c.param("+sip.instance").and_then(|p| p.value.clone()),
-                            reg_id,
-                            path: path.clone(),
-                            source: req.source.to_string(),
-                            transport: req.transport,
-                            node_id: self.config.node_id,
-                            user_agent: req.msg.header(&HeaderName::UserAgent).map(str::to_string),
-                            registered_at_ms: now_ms,
-                        },
-                        expires_secs: expires,
-                    });
-                }
-                (RegisterOp::Update(updates), outbound)
+            Err(Refusal::IntervalTooBrief { min_secs }) => {
+                let min = min_secs.to_string();
+                return self.reply(req, 423, &[("Min-Expires", &min)]);
             }
         };
+        let outbound = bindings::is_outbound(&cmd_op);
         Outcome::Commit {
             command: Box::new(Command::Register {
                 aor,
@@ -659,69 +628,4 @@ fn ok_with_bindings(
     }
     w.header("Supported", SUPPORTED);
     (200, w.finish(b""))
-}
-
-/// Contact header parameters as sent, minus `expires` (which the registrar owns).
-fn contact_params_without_expires(c: &pbx_sip_msg::Contact) -> String {
-    let mut out = String::new();
-    for p in &c.params {
-        if p.name.eq_ignore_ascii_case("expires") {
-            continue;
-        }
-        out.push(';');
-        out.push_str(&p.name);
-        if let Some(v) = &p.value {
-            out.push('=');
-            out.push_str(v);
-        }
-    }
-    out
-}
-
-/// RFC 3261 §19.1.4, the parts that decide equality here: scheme, user (case-sensitive),
-/// host (case-insensitive), port and transport.
-fn uri_key(uri: &Uri, raw: &str) -> String {
-    if !uri.is_sip() {
-        return raw.to_string();
-    }
-    format!(
-        "{}:{}@{}:{}:{}",
-        uri.scheme,
-        uri.user_unescaped().unwrap_or_default(),
-        uri.host,
-        uri.port.unwrap_or(0),
-        uri.param("transport")
-            .flatten()
-            .unwrap_or("")
-            .to_ascii_lowercase()
-    )
-}
-
-/// q-value "0.5" → 500 (thousandths), 0..=1000.
-fn parse_q(s: &str) -> Option<u16> {
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let int: u16 = int.parse().ok()?;
-    let mut f = frac.to_string();
-    while f.len() < 3 {
-        f.push('0');
-    }
-    let v = int.checked_mul(1000)? + f.parse::<u16>().ok()?;
-    (v <= 1000).then_some(v)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn q_values() {
-        assert_eq!(parse_q("1"), Some(1000));
-        assert_eq!(parse_q("0.5"), Some(500));
-        assert_eq!(parse_q("0.333"), Some(333));
-        assert_eq!(parse_q("1.5"), None);
-        assert_eq!(parse_q("0.3333"), None);
-    }
 }

@@ -9,6 +9,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+pub mod bindings;
+
+pub use bindings::{Binding, ContactUpdate, ContactView, RegisterOp};
+
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -51,79 +55,6 @@ impl Transport {
     pub fn is_connection_bound(&self) -> bool {
         !matches!(self, Transport::Udp)
     }
-}
-
-/// One registered contact of an address-of-record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Binding {
-    /// The Contact URI exactly as sent (inside the brackets, if any).
-    pub uri: String,
-    /// Comparison key of the URI (RFC 3261 §19.1.4, simplified).
-    pub uri_key: String,
-    /// Contact header parameters as sent, without `expires` (e.g. `;q=0.5;+sip.instance=…`).
-    pub params: String,
-    /// q-value in thousandths (1000 = 1.0); None when absent.
-    pub q: Option<u16>,
-    /// Absolute expiry, Unix milliseconds, stamped by the proposer.
-    pub expires_at_ms: u64,
-    pub call_id: String,
-    pub cseq: u32,
-    /// RFC 5626 `+sip.instance` and `reg-id`.
-    pub instance: Option<String>,
-    pub reg_id: Option<u32>,
-    /// Path header values (RFC 3327), in order.
-    pub path: Vec<String>,
-    /// Where the REGISTER came from (after rport/received) and over what.
-    pub source: String,
-    pub transport: Transport,
-    /// The node that received the REGISTER and, for TCP/TLS, holds the connection.
-    pub node_id: u64,
-    pub user_agent: Option<String>,
-    pub registered_at_ms: u64,
-}
-
-impl Binding {
-    pub fn remaining_secs(&self, now_ms: u64) -> u64 {
-        self.expires_at_ms.saturating_sub(now_ms).div_ceil(1000)
-    }
-}
-
-/// What a 200 OK to a REGISTER lists of a binding.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContactView {
-    pub uri: String,
-    pub params: String,
-    pub expires_at_ms: u64,
-}
-
-impl ContactView {
-    pub fn remaining_secs(&self, now_ms: u64) -> u64 {
-        self.expires_at_ms.saturating_sub(now_ms).div_ceil(1000)
-    }
-}
-
-impl From<&Binding> for ContactView {
-    fn from(b: &Binding) -> Self {
-        ContactView {
-            uri: b.uri.clone(),
-            params: b.params.clone(),
-            expires_at_ms: b.expires_at_ms,
-        }
-    }
-}
-
-/// A contact to add, refresh or remove (expires == 0).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContactUpdate {
-    pub binding: Binding,
-    pub expires_secs: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RegisterOp {
-    /// `Contact: *` with `Expires: 0`.
-    RemoveAll,
-    Update(Vec<ContactUpdate>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -213,10 +144,7 @@ impl Command {
             Command::Register { now_ms: at, op, .. } => {
                 *at = now_ms;
                 if let RegisterOp::Update(updates) = op {
-                    for u in updates {
-                        u.binding.registered_at_ms = now_ms;
-                        u.binding.expires_at_ms = now_ms + u64::from(u.expires_secs) * 1000;
-                    }
+                    updates.iter_mut().for_each(|u| u.stamp(now_ms));
                 }
             }
             Command::SetDialplan { now_ms: at, .. } => *at = now_ms,
@@ -353,7 +281,7 @@ impl State {
                 let mut n = 0;
                 self.bindings.retain(|_, list| {
                     let before = list.len();
-                    list.retain(|b| b.expires_at_ms > now_ms);
+                    list.retain(|b| b.is_live(now_ms));
                     n += before - list.len();
                     !list.is_empty()
                 });
@@ -434,8 +362,7 @@ impl State {
         }
     }
 
-    /// RFC 3261 §10.3 steps 6–8 as one atomic update. The request is checked against the
-    /// stored bindings first and refused as a whole, or applied as a whole.
+    /// RFC 3261 §10.3 steps 6–8 (the rules are in [`bindings::register`]).
     fn register(
         &mut self,
         aor: String,
@@ -447,88 +374,24 @@ impl State {
     ) -> Response {
         // Edited in place: expired bindings are gone for good (they were invisible).
         let mut list = self.bindings.remove(&aor).unwrap_or_default();
-        list.retain(|b| b.expires_at_ms > now_ms);
-        let stale = |b: &Binding| b.call_id == call_id && cseq <= b.cseq;
-        let refusal = match &op {
-            RegisterOp::RemoveAll => list.iter().any(stale).then_some(Response::OutOfOrder),
-            RegisterOp::Update(updates) => {
-                if updates
-                    .iter()
-                    .any(|u| list.iter().any(|b| same_binding(b, &u.binding) && stale(b)))
-                {
-                    Some(Response::OutOfOrder)
-                } else {
-                    let added = updates
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, u)| {
-                            u.expires_secs > 0
-                                && !list.iter().any(|b| same_binding(b, &u.binding))
-                                && !updates[..*i]
-                                    .iter()
-                                    .any(|p| same_binding(&p.binding, &u.binding))
-                        })
-                        .count();
-                    (added > max_contacts as usize).then_some(Response::TooManyContacts)
-                }
-            }
-        };
-        if let Some(refusal) = refusal {
-            if !list.is_empty() {
-                self.bindings.insert(aor, list);
-            }
-            return refusal;
-        }
-        match op {
-            RegisterOp::RemoveAll => list.clear(),
-            RegisterOp::Update(updates) => {
-                for u in updates {
-                    match list.iter().position(|b| same_binding(b, &u.binding)) {
-                        Some(i) if u.expires_secs == 0 => {
-                            list.remove(i);
-                        }
-                        Some(i) => list[i] = u.binding,
-                        None if u.expires_secs > 0 => list.push(u.binding),
-                        None => {}
-                    }
-                }
-                // Over the limit: the bindings closest to expiry make room (a phone that
-                // changed address is not locked out by its own old binding).
-                while list.len() > max_contacts as usize {
-                    let oldest = list
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, b)| (b.expires_at_ms, b.registered_at_ms))
-                        .map(|(i, _)| i)
-                        .unwrap_or(0);
-                    list.remove(oldest);
-                }
-            }
-        }
-        // Highest q first, then most recent.
-        list.sort_by(|a, b| {
-            b.q.unwrap_or(1000)
-                .cmp(&a.q.unwrap_or(1000))
-                .then(b.registered_at_ms.cmp(&a.registered_at_ms))
-        });
-        let views = list.iter().map(ContactView::from).collect();
+        let response = bindings::register(&mut list, now_ms, call_id, cseq, op, max_contacts);
         if !list.is_empty() {
             self.bindings.insert(aor, list);
         }
-        Response::Bindings(views)
+        response
     }
 
     /// The AOR's bindings that are live at `now_ms` (expired ones are invisible at once).
     pub fn bindings_of(&self, aor: &str, now_ms: u64) -> Vec<Binding> {
         self.bindings
             .get(aor)
-            .map(|l| {
-                l.iter()
-                    .filter(|b| b.expires_at_ms > now_ms)
-                    .cloned()
-                    .collect()
-            })
+            .map(|l| l.iter().filter(|b| b.is_live(now_ms)).cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// True when some binding has expired at `now_ms` and a sweep would remove it.
+    pub fn has_expired_bindings(&self, now_ms: u64) -> bool {
+        self.bindings.values().flatten().any(|b| !b.is_live(now_ms))
     }
 
     pub fn binding_count(&self) -> usize {
@@ -565,17 +428,6 @@ impl State {
 const SNAPSHOT_MAGIC: &[u8] = b"PBXS";
 /// Bumped whenever [`State`]'s encoding changes.
 const SNAPSHOT_FORMAT: u16 = 3;
-
-/// RFC 5626: the same instance and reg-id is the same flow whatever its URI; otherwise
-/// bindings are the same when their URIs compare equal.
-fn same_binding(a: &Binding, b: &Binding) -> bool {
-    match (&a.instance, &b.instance) {
-        (Some(ia), Some(ib)) if a.reg_id.is_some() || b.reg_id.is_some() => {
-            ia == ib && a.reg_id == b.reg_id
-        }
-        _ => a.uri_key == b.uri_key,
-    }
-}
 
 impl Command {
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
