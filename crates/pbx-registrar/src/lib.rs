@@ -1,6 +1,6 @@
 //! What a node does with a SIP request, sans-IO: the validation order of RFC 3261 §8.2,
-//! digest authentication, the registrar rules of §10.3 and the answers to everything
-//! else. Inputs are a parsed request, its source, `now` and a read view of the
+//! digest authentication, REGISTER (§10.3, on the binding rules of
+//! [`pbx_state::bindings`]) and the answers to everything else. Inputs are a parsed request, its source, `now` and a read view of the
 //! replicated [`State`]; outputs are a response to send or a [`Command`] to commit first.
 
 pub mod digest;
