@@ -1,9 +1,10 @@
 //! The registrar's binding rules (RFC 3261 §10.3, RFC 5626 flows, RFC 3327 Path), in
 //! one place: what a Contact becomes as a binding and for how long, which stored binding
 //! it is, when a REGISTER is refused as out of order or over the contact limit, and how
-//! an AOR's list is kept. The registrar runs the request's checks ([`BindingLimits::register_op`])
-//! before it commits; [`State::apply`](crate::State::apply) runs the rest against the
-//! stored list ([`register`]), deterministically.
+//! an AOR's list is kept. The registrar runs the request's checks
+//! ([`BindingLimits::register_op`]) before it commits;
+//! [`State::apply`](crate::State::apply) runs the rest against the stored list (this
+//! module's `register`), deterministically.
 
 use pbx_sip_msg::grammar::{parse_delta_seconds, parse_u32};
 use pbx_sip_msg::{Contact, Uri};
