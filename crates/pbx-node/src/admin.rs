@@ -17,7 +17,7 @@ use pbx_admin_proto::{
 };
 use pbx_dialplan::{Dialplan, DialplanError};
 use pbx_raft::{Cluster, ManageOp, NodeStatus, RaftError};
-use pbx_registrar::digest::{ha1, Algorithm};
+use pbx_registrar::digest::{constant_time_eq, ha1, Algorithm};
 use pbx_state::{Command, Response};
 use tonic::{Request, Status};
 
@@ -78,14 +78,6 @@ fn media_stream(c: &pbx_raft::MediaCounters) -> MediaStream {
         b_lost: c.b_lost,
         b_jitter_ms: c.b_jitter_ms,
     }
-}
-
-/// Compares in time independent of where the inputs differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Checks `authorization: Bearer <token>`. The token is never logged.
@@ -205,29 +197,6 @@ fn actor_of<T>(req: &Request<T>) -> String {
         Some(a) => format!("{named} from {a}"),
         None => named,
     }
-}
-
-/// A user name that is also a dialplan extension and a SIP user part.
-fn check_user_name(name: &str) -> Result<(), AdminError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'));
-    if ok {
-        Ok(())
-    } else {
-        Err(AdminError::Invalid(format!(
-            "user name {name:?}: 1-64 of letters, digits, '.', '_', '-', '+'"
-        )))
-    }
-}
-
-fn check_context(context: &str) -> Result<(), AdminError> {
-    if context.is_empty() || context.contains(|c: char| c.is_whitespace() || c == ']') {
-        return Err(AdminError::Invalid(format!("context {context:?}")));
-    }
-    Ok(())
 }
 
 fn user_reply(u: &pbx_state::User) -> User {
@@ -883,7 +852,7 @@ impl AdminService {
         caller_id_name: Option<String>,
         must_exist: bool,
     ) -> Result<User, AdminError> {
-        check_user_name(&name)?;
+        pbx_state::validate_user_name(&name).map_err(|e| AdminError::Invalid(e.to_string()))?;
         let realm = self.realm()?;
         let existing = self.cluster.read().users.get(&name).cloned();
         let mut user = match (existing, must_exist) {
@@ -914,7 +883,7 @@ impl AdminService {
             return Err(AdminError::Invalid("a new user needs a password".into()));
         }
         if let Some(c) = context.filter(|c| !c.is_empty()) {
-            check_context(&c)?;
+            pbx_state::validate_context(&c).map_err(|e| AdminError::Invalid(e.to_string()))?;
             changed.push("context");
             user.context = c;
         }
@@ -938,14 +907,6 @@ impl AdminService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_comparison_needs_the_whole_token() {
-        assert!(constant_time_eq(b"0123456789abcdef", b"0123456789abcdef"));
-        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcdeX"));
-        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcde"));
-        assert!(!constant_time_eq(b"", b"0123456789abcdef"));
-    }
 
     #[test]
     fn verdict_carries_lines_or_counts() {

@@ -9,6 +9,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+mod names;
+pub mod users_csv;
+
+pub use names::{validate_context, validate_user_name, MAX_USER_NAME};
+
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -16,6 +21,12 @@ pub enum StateError {
     Codec(#[from] bincode::Error),
     #[error("state snapshot: {0}")]
     Format(String),
+    #[error("user name {name:?}: {why}")]
+    UserName { name: String, why: String },
+    #[error("context {0:?}: empty, or with whitespace or ']'")]
+    Context(String),
+    #[error("users CSV: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    UsersCsv(Vec<users_csv::LineError>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

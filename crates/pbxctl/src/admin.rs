@@ -10,6 +10,8 @@ use pbx_admin_proto::{
     ClusterStatusReply, ClusterStatusRequest, DialplanHistoryRequest, DialplanRollbackRequest,
     DialplanShowRequest, DialplanText, DialplanVerdict,
 };
+use pbx_state::users_csv::{self, UserRow};
+use pbx_state::StateError;
 use serde_json::json;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -615,42 +617,23 @@ pub async fn user_list(t: &Target) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `user,password[,context[,caller_id_name]]` lines (a `user,password` header is
-/// skipped); every malformed line is reported and nothing is imported.
-pub fn parse_users_csv(
-    text: &str,
-    file: &str,
-) -> Result<Vec<(String, String, String, String)>, Failure> {
-    let mut out = Vec::new();
-    let mut errors = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || (i == 0 && line.starts_with("user,")) {
-            continue;
-        }
-        let f: Vec<&str> = line.split(',').map(str::trim).collect();
-        if f.len() < 2 || f.len() > 4 || f[0].is_empty() || f[1].is_empty() {
-            errors.push(format!(
-                "{file}:{}: expected user,password[,context[,caller_id_name]]",
-                i + 1
-            ));
-            continue;
-        }
-        out.push((
-            f[0].to_string(),
-            f[1].to_string(),
-            f.get(2).copied().unwrap_or("").to_string(),
-            f.get(3).copied().unwrap_or("").to_string(),
-        ));
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(Failure {
+/// The users of an import file ([`pbx_state::users_csv`]); every bad line is reported
+/// as `file:line: reason` and nothing is imported.
+pub fn parse_users_csv(text: &str, file: &str) -> Result<Vec<UserRow>, Failure> {
+    users_csv::parse(text).map_err(|e| {
+        let lines = match e {
+            StateError::UsersCsv(lines) => lines
+                .iter()
+                .map(|l| format!("{file}:{}: {}", l.line, l.reason))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            other => format!("{file}: {other}"),
+        };
+        Failure {
             code: EXIT_INVALID,
-            message: format!("{}\nnothing imported", errors.join("\n")),
-        })
-    }
+            message: format!("{lines}\nnothing imported"),
+        }
+    })
 }
 
 /// Adds the users of a CSV file, updating those that exist.
@@ -663,13 +646,13 @@ pub async fn user_import(t: &Target, file: &std::path::Path) -> Result<ExitCode,
     let rows = parse_users_csv(&text, &file.display().to_string())?;
     let mut client = t.connect().await?;
     let (mut added, mut updated) = (0, 0);
-    for (name, password, context, caller_id_name) in rows {
+    for row in rows {
         let add = client
             .user_add(UserAddRequest {
-                name: name.clone(),
-                password: password.clone(),
-                context: context.clone(),
-                caller_id_name: caller_id_name.clone(),
+                name: row.name.clone(),
+                password: row.password.clone(),
+                context: row.context.clone().unwrap_or_default(),
+                caller_id_name: row.caller_id_name.clone().unwrap_or_default(),
             })
             .await;
         match add {
@@ -677,10 +660,10 @@ pub async fn user_import(t: &Target, file: &std::path::Path) -> Result<ExitCode,
             Err(s) if s.code() == tonic::Code::AlreadyExists => {
                 client
                     .user_update(UserUpdateRequest {
-                        name,
-                        password: Some(password),
-                        context: (!context.is_empty()).then_some(context),
-                        caller_id_name: (!caller_id_name.is_empty()).then_some(caller_id_name),
+                        name: row.name,
+                        password: Some(row.password),
+                        context: row.context,
+                        caller_id_name: row.caller_id_name,
                     })
                     .await?;
                 updated += 1;
@@ -1024,7 +1007,12 @@ mod tests {
         assert_eq!(ok.len(), 2);
         assert_eq!(
             ok[1],
-            ("bob".into(), "pw2".into(), "sales".into(), "Bob B".into())
+            UserRow {
+                name: "bob".into(),
+                password: "pw2".into(),
+                context: Some("sales".into()),
+                caller_id_name: Some("Bob B".into()),
+            }
         );
         let e = parse_users_csv("ann,pw\nbob\n,x\ncarol,pw\n", "u.csv").unwrap_err();
         assert_eq!(e.code, EXIT_INVALID);
