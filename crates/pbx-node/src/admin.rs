@@ -67,19 +67,6 @@ impl From<AdminError> for Status {
     }
 }
 
-fn media_stream(c: &pbx_raft::MediaCounters) -> MediaStream {
-    MediaStream {
-        a_packets: c.a_packets,
-        a_bytes: c.a_bytes,
-        a_lost: c.a_lost,
-        a_jitter_ms: c.a_jitter_ms,
-        b_packets: c.b_packets,
-        b_bytes: c.b_bytes,
-        b_lost: c.b_lost,
-        b_jitter_ms: c.b_jitter_ms,
-    }
-}
-
 /// Checks `authorization: Bearer <token>`. The token is never logged.
 #[derive(Clone)]
 struct TokenCheck(Arc<str>);
@@ -308,7 +295,7 @@ impl AdminService {
                 Ok(list) => {
                     let mut by_id: std::collections::HashMap<String, Vec<MediaStream>> = list
                         .into_iter()
-                        .map(|c| (c.call_id, c.streams.iter().map(media_stream).collect()))
+                        .map(|c| (c.call_id, c.streams.iter().map(MediaStream::from).collect()))
                         .collect();
                     for c in calls.iter_mut().filter(|c| c.owner_node == owner) {
                         match by_id.remove(&c.id) {
