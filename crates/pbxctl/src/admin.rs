@@ -528,11 +528,23 @@ pub enum UserChange {
     Remove(String),
 }
 
+/// Every user of the cluster.
+async fn users(t: &Target) -> Result<Vec<pbx_admin_proto::User>, Failure> {
+    Ok(t.connect()
+        .await?
+        .user_list(pbx_admin_proto::UserListRequest {})
+        .await?
+        .into_inner()
+        .users)
+}
+
+fn user_json(u: &pbx_admin_proto::User) -> serde_json::Value {
+    json!({"name": u.name, "context": u.context, "caller_id_name": u.caller_id_name})
+}
+
 fn print_user(t: &Target, u: &pbx_admin_proto::User) {
     match t.output {
-        Output::Json => print_json(
-            json!({"name": u.name, "context": u.context, "caller_id_name": u.caller_id_name}),
-        ),
+        Output::Json => print_json(user_json(u)),
         Output::Table => println!("{:<20} {:<16} {}", u.name, u.context, u.caller_id_name),
     }
 }
@@ -595,18 +607,9 @@ pub async fn user_change(t: &Target, change: UserChange) -> Result<ExitCode, Fai
 }
 
 pub async fn user_list(t: &Target) -> Result<ExitCode, Failure> {
-    let users = t
-        .connect()
-        .await?
-        .user_list(pbx_admin_proto::UserListRequest {})
-        .await?
-        .into_inner()
-        .users;
+    let users = users(t).await?;
     match t.output {
-        Output::Json => print_json(json!(users
-            .iter()
-            .map(|u| json!({"name": u.name, "context": u.context, "caller_id_name": u.caller_id_name}))
-            .collect::<Vec<_>>())),
+        Output::Json => print_json(json!(users.iter().map(user_json).collect::<Vec<_>>())),
         Output::Table => {
             println!("{:<20} {:<16} CALLER_ID_NAME", "NAME", "CONTEXT");
             for u in &users {
@@ -680,13 +683,7 @@ pub async fn user_import(t: &Target, file: &std::path::Path) -> Result<ExitCode,
 
 /// `user,context,caller_id_name` of every user (passwords are not kept by the cluster).
 pub async fn user_export(t: &Target) -> Result<ExitCode, Failure> {
-    let users = t
-        .connect()
-        .await?
-        .user_list(pbx_admin_proto::UserListRequest {})
-        .await?
-        .into_inner()
-        .users;
+    let users = users(t).await?;
     println!("user,context,caller_id_name");
     for u in users {
         println!("{},{},{}", u.name, u.context, u.caller_id_name);
