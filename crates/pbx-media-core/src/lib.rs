@@ -113,6 +113,21 @@ impl StreamStats {
     }
 }
 
+/// Media counters of one relayed stream as reported (to the admin API, across the peer
+/// link): what the relay received from side a (the caller's) and side b (the callee's),
+/// jitter in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MediaCounters {
+    pub a_packets: u64,
+    pub a_bytes: u64,
+    pub a_lost: u64,
+    pub a_jitter_ms: f64,
+    pub b_packets: u64,
+    pub b_bytes: u64,
+    pub b_lost: u64,
+    pub b_jitter_ms: f64,
+}
+
 /// What a relay does with the packets of a side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

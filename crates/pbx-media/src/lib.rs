@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pbx_media_core::{Mode, RelaySession, Side, StreamStats};
+use pbx_media_core::{MediaCounters, Mode, RelaySession, Side, StreamStats};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
@@ -49,6 +49,22 @@ pub struct StreamCounters {
     pub from_a: StreamStats,
     /// What side B (callee) sent us.
     pub from_b: StreamStats,
+}
+
+impl From<StreamCounters> for MediaCounters {
+    /// Jitter at G.711's 8 kHz clock, the only audio the relay carries.
+    fn from(c: StreamCounters) -> Self {
+        MediaCounters {
+            a_packets: c.from_a.packets,
+            a_bytes: c.from_a.bytes,
+            a_lost: c.from_a.lost,
+            a_jitter_ms: c.from_a.jitter_ms(8000),
+            b_packets: c.from_b.packets,
+            b_bytes: c.from_b.bytes,
+            b_lost: c.from_b.lost,
+            b_jitter_ms: c.from_b.jitter_ms(8000),
+        }
+    }
 }
 
 enum Control {

@@ -17,7 +17,7 @@ use pbx_admin_proto::{
 };
 use pbx_dialplan::{Dialplan, DialplanError};
 use pbx_raft::{Cluster, ManageOp, NodeStatus, RaftError};
-use pbx_registrar::digest::{ha1, Algorithm};
+use pbx_registrar::digest::{constant_time_eq, ha1, Algorithm};
 use pbx_state::{Command, Response};
 use tonic::{Request, Status};
 
@@ -65,27 +65,6 @@ impl From<AdminError> for Status {
             AdminError::Internal(m) => Status::internal(m),
         }
     }
-}
-
-fn media_stream(c: &pbx_raft::MediaCounters) -> MediaStream {
-    MediaStream {
-        a_packets: c.a_packets,
-        a_bytes: c.a_bytes,
-        a_lost: c.a_lost,
-        a_jitter_ms: c.a_jitter_ms,
-        b_packets: c.b_packets,
-        b_bytes: c.b_bytes,
-        b_lost: c.b_lost,
-        b_jitter_ms: c.b_jitter_ms,
-    }
-}
-
-/// Compares in time independent of where the inputs differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Checks `authorization: Bearer <token>`. The token is never logged.
@@ -207,29 +186,6 @@ fn actor_of<T>(req: &Request<T>) -> String {
     }
 }
 
-/// A user name that is also a dialplan extension and a SIP user part.
-fn check_user_name(name: &str) -> Result<(), AdminError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'));
-    if ok {
-        Ok(())
-    } else {
-        Err(AdminError::Invalid(format!(
-            "user name {name:?}: 1-64 of letters, digits, '.', '_', '-', '+'"
-        )))
-    }
-}
-
-fn check_context(context: &str) -> Result<(), AdminError> {
-    if context.is_empty() || context.contains(|c: char| c.is_whitespace() || c == ']') {
-        return Err(AdminError::Invalid(format!("context {context:?}")));
-    }
-    Ok(())
-}
-
 fn user_reply(u: &pbx_state::User) -> User {
     User {
         name: u.name.clone(),
@@ -339,7 +295,7 @@ impl AdminService {
                 Ok(list) => {
                     let mut by_id: std::collections::HashMap<String, Vec<MediaStream>> = list
                         .into_iter()
-                        .map(|c| (c.call_id, c.streams.iter().map(media_stream).collect()))
+                        .map(|c| (c.call_id, c.streams.iter().map(MediaStream::from).collect()))
                         .collect();
                     for c in calls.iter_mut().filter(|c| c.owner_node == owner) {
                         match by_id.remove(&c.id) {
@@ -883,7 +839,7 @@ impl AdminService {
         caller_id_name: Option<String>,
         must_exist: bool,
     ) -> Result<User, AdminError> {
-        check_user_name(&name)?;
+        pbx_state::validate_user_name(&name).map_err(|e| AdminError::Invalid(e.to_string()))?;
         let realm = self.realm()?;
         let existing = self.cluster.read().users.get(&name).cloned();
         let mut user = match (existing, must_exist) {
@@ -914,7 +870,7 @@ impl AdminService {
             return Err(AdminError::Invalid("a new user needs a password".into()));
         }
         if let Some(c) = context.filter(|c| !c.is_empty()) {
-            check_context(&c)?;
+            pbx_state::validate_context(&c).map_err(|e| AdminError::Invalid(e.to_string()))?;
             changed.push("context");
             user.context = c;
         }
@@ -938,14 +894,6 @@ impl AdminService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_comparison_needs_the_whole_token() {
-        assert!(constant_time_eq(b"0123456789abcdef", b"0123456789abcdef"));
-        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcdeX"));
-        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcde"));
-        assert!(!constant_time_eq(b"", b"0123456789abcdef"));
-    }
 
     #[test]
     fn verdict_carries_lines_or_counts() {

@@ -89,20 +89,6 @@ impl pbx_raft::CallControl for CallControlHook {
     }
 }
 
-fn media_counters(s: &Stream) -> MediaCounters {
-    let c = s.counters();
-    MediaCounters {
-        a_packets: c.from_a.packets,
-        a_bytes: c.from_a.bytes,
-        a_lost: c.from_a.lost,
-        a_jitter_ms: c.from_a.jitter_ms(8000),
-        b_packets: c.from_b.packets,
-        b_bytes: c.from_b.bytes,
-        b_lost: c.from_b.lost,
-        b_jitter_ms: c.from_b.jitter_ms(8000),
-    }
-}
-
 /// Loaded prompts by (name, payload type); `None`: no such file.
 type PromptCache = HashMap<(String, u8), Option<Arc<[u8]>>>;
 
@@ -426,7 +412,7 @@ async fn run_call(
                     }
                     Some(CallInput::TransportError(dest)) => call.on_transport_error(now, &dest),
                     Some(CallInput::Control { hangup, reply }) => {
-                        let _ = reply.send(task.streams.iter().map(media_counters).collect());
+                        let _ = reply.send(task.streams.iter().map(|s| s.counters().into()).collect());
                         if hangup {
                             tracing::info!(call = call.id(), "hung up by an operator");
                             call.hangup_now(now, CAUSE_ADMIN_HANGUP);

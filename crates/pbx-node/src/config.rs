@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use pbx_registrar::digest::Algorithm;
 use pbx_registrar::throttle::BanPolicy;
 use pbx_registrar::HandlerConfig;
+use pbx_state::users_csv::{self, UserRow};
+use pbx_state::StateError;
 use serde::Deserialize;
 
 use crate::NodeError;
@@ -773,62 +775,24 @@ pub fn load_dialplan(path: &Path) -> Result<String, NodeError> {
     }
 }
 
-/// One line of the users file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserEntry {
-    pub name: String,
-    pub password: String,
-}
-
-/// Reads a `user,password` CSV. `#` comments and blank lines are skipped; a header line
-/// `user,password` is allowed. Errors carry file:line and the reason.
-pub fn load_users(path: &Path) -> Result<Vec<UserEntry>, NodeError> {
+/// Reads the users file, a users CSV ([`pbx_state::users_csv`]). Errors carry
+/// file:line and the reason, every bad line listed.
+pub fn load_users(path: &Path) -> Result<Vec<UserRow>, NodeError> {
     let text = std::fs::read_to_string(path).map_err(|e| NodeError::Config {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    parse_users(&text).map_err(|(line, reason)| NodeError::Config {
+    users_csv::parse(&text).map_err(|e| NodeError::Config {
         path: path.to_path_buf(),
-        reason: format!("line {line}: {reason}"),
+        reason: match e {
+            StateError::UsersCsv(lines) => lines
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(&format!("\n{}: ", path.display())),
+            other => other.to_string(),
+        },
     })
-}
-
-pub fn parse_users(text: &str) -> Result<Vec<UserEntry>, (usize, String)> {
-    let mut out: Vec<UserEntry> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for (i, raw) in text.lines().enumerate() {
-        let n = i + 1;
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((user, password)) = line.split_once(',') else {
-            return Err((n, "expected 'user,password'".into()));
-        };
-        let (user, password) = (user.trim(), password.trim());
-        if n == 1 && user.eq_ignore_ascii_case("user") && password.eq_ignore_ascii_case("password")
-        {
-            continue;
-        }
-        if user.is_empty()
-            || !user
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.!~*'()+".contains(&b))
-        {
-            return Err((n, format!("'{user}' is not a valid user name")));
-        }
-        if password.is_empty() {
-            return Err((n, format!("user '{user}' has an empty password")));
-        }
-        if !seen.insert(user.to_string()) {
-            return Err((n, format!("user '{user}' is listed twice")));
-        }
-        out.push(UserEntry {
-            name: user.to_string(),
-            password: password.to_string(),
-        });
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -998,12 +962,23 @@ mod tests {
 
     #[test]
     fn users_file_errors_carry_the_line() {
-        let ok = parse_users("user,password\n# demo\nalice,secret\n\n1001 , pw\n").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.csv");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            load_users(&path).map_err(|e| e.to_string())
+        };
+        let ok = load("user,password\n# demo\nalice,secret\n\n1001 , pw\n").unwrap();
         assert_eq!(ok.len(), 2);
         assert_eq!(ok[1].name, "1001");
-        assert_eq!(parse_users("alice,x\nbob\n").unwrap_err().0, 2);
-        assert_eq!(parse_users("alice,x\nalice,y\n").unwrap_err().0, 2);
-        assert_eq!(parse_users("al ice,x\n").unwrap_err().0, 1);
-        assert_eq!(parse_users("alice,\n").unwrap_err().0, 1);
+        let at = |line: usize| format!("{}: line {line}: ", path.display());
+        let e = load("alice,x\nbob\n").unwrap_err();
+        assert!(e.contains(&at(2)), "{e}");
+        let e = load("alice,x\nalice,y\n").unwrap_err();
+        assert!(e.contains(&at(2)), "{e}");
+        let e = load("al ice,x\n").unwrap_err();
+        assert!(e.contains(&at(1)), "{e}");
+        let e = load("alice,\nbob\n").unwrap_err();
+        assert!(e.contains(&at(1)) && e.contains(&at(2)), "{e}");
     }
 }

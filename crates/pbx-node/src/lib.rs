@@ -259,8 +259,8 @@ async fn bootstrap_once(
                 ha1_md5: ha1(Algorithm::Md5, &u.name, &realm, &u.password),
                 ha1_sha256: ha1(Algorithm::Sha256, &u.name, &realm, &u.password),
                 realm: realm.clone(),
-                context: "default".into(),
-                caller_id_name: None,
+                context: u.context.clone().unwrap_or_else(|| "default".into()),
+                caller_id_name: u.caller_id_name.clone(),
             })
             .collect();
         let n = users.len();

@@ -161,18 +161,7 @@ impl From<ManageError> for RaftError {
     }
 }
 
-/// Media counters of one relayed stream (side a: the caller's, b: the callee's).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct MediaCounters {
-    pub a_packets: u64,
-    pub a_bytes: u64,
-    pub a_lost: u64,
-    pub a_jitter_ms: f64,
-    pub b_packets: u64,
-    pub b_bytes: u64,
-    pub b_lost: u64,
-    pub b_jitter_ms: f64,
-}
+pub use pbx_media_core::MediaCounters;
 
 /// A call this node runs, as the admin API sees it.
 #[derive(Debug, Clone, PartialEq)]

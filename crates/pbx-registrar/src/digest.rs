@@ -112,6 +112,8 @@ impl NonceKey {
     }
 }
 
+/// Compares in time independent of where the inputs differ (digest responses, nonce
+/// MACs, the admin API's bearer token).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -255,6 +257,14 @@ impl NonceCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_comparison_needs_the_whole_token() {
+        assert!(constant_time_eq(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcdeX"));
+        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcde"));
+        assert!(!constant_time_eq(b"", b"0123456789abcdef"));
+    }
 
     #[test]
     fn rfc7616_sha256_example() {

@@ -8,7 +8,7 @@ pub mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use pbx_sip_msg::{
     AuthHeader, ContactList, CoreHeaders, HeaderName, MessageWriter, Method, ReplyHead, SipMessage,
@@ -140,7 +140,8 @@ enum AuthResult {
 }
 
 /// The per-node request handler. Shared state that is not replicated (nonce counts,
-/// failure counts) lives behind mutexes so several driver tasks can share one handler.
+/// failure counts) lives behind mutexes so several driver tasks can share one handler;
+/// a poisoned one is still used (counters stay valid after a panic elsewhere).
 pub struct RequestHandler {
     config: HandlerConfig,
     nonce_counts: Mutex<NonceCounts>,
@@ -166,7 +167,10 @@ impl RequestHandler {
 
     /// True when requests from this source are dropped for now.
     pub fn is_banned(&self, source: SocketAddr, now_ms: u64) -> bool {
-        lock(&self.throttle).is_banned(source.ip(), now_ms / 1000)
+        self.throttle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_banned(source.ip(), now_ms / 1000)
     }
 
     fn is_local_host(&self, host: &str, settings: &ClusterSettings) -> bool {
@@ -412,14 +416,22 @@ impl RequestHandler {
         let method = req.msg.method().map(Method::as_str).unwrap_or_default();
         let ok = creds.verify(ha1, method) && user.is_some();
         if !ok {
-            lock(&self.throttle).record_failure(req.source.ip(), now_secs);
+            self.throttle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .record_failure(req.source.ip(), now_secs);
             return AuthResult::Forbidden;
         }
         if nonce == NonceCheck::Stale {
             return AuthResult::Challenge { stale: true };
         }
         if let Some((_, nc, _)) = &creds.qop {
-            if !lock(&self.nonce_counts).accept(&creds.nonce, *nc, now_secs, ttl) {
+            if !self
+                .nonce_counts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .accept(&creds.nonce, *nc, now_secs, ttl)
+            {
                 return AuthResult::Challenge { stale: false };
             }
         }
@@ -592,10 +604,6 @@ impl RequestHandler {
 /// INVITE answers go through a server transaction: finals are retransmitted until ACKed.
 fn is_invite(req: &Inbound<'_>) -> bool {
     req.msg.method() == Some(&Method::Invite)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// 200 OK listing every current binding with its remaining time (§10.3 step 8).

@@ -10,8 +10,11 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 pub mod bindings;
+mod names;
+pub mod users_csv;
 
 pub use bindings::{Binding, ContactUpdate, ContactView, RegisterOp};
+pub use names::{validate_context, validate_user_name, MAX_USER_NAME};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +23,12 @@ pub enum StateError {
     Codec(#[from] bincode::Error),
     #[error("state snapshot: {0}")]
     Format(String),
+    #[error("user name {name:?}: {why}")]
+    UserName { name: String, why: String },
+    #[error("context {0:?}: empty, or with whitespace or ']'")]
+    Context(String),
+    #[error("users CSV: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    UsersCsv(Vec<users_csv::LineError>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

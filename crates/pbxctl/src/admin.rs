@@ -10,6 +10,8 @@ use pbx_admin_proto::{
     ClusterStatusReply, ClusterStatusRequest, DialplanHistoryRequest, DialplanRollbackRequest,
     DialplanShowRequest, DialplanText, DialplanVerdict,
 };
+use pbx_state::users_csv::{self, UserRow};
+use pbx_state::StateError;
 use serde_json::json;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -526,11 +528,23 @@ pub enum UserChange {
     Remove(String),
 }
 
+/// Every user of the cluster.
+async fn users(t: &Target) -> Result<Vec<pbx_admin_proto::User>, Failure> {
+    Ok(t.connect()
+        .await?
+        .user_list(pbx_admin_proto::UserListRequest {})
+        .await?
+        .into_inner()
+        .users)
+}
+
+fn user_json(u: &pbx_admin_proto::User) -> serde_json::Value {
+    json!({"name": u.name, "context": u.context, "caller_id_name": u.caller_id_name})
+}
+
 fn print_user(t: &Target, u: &pbx_admin_proto::User) {
     match t.output {
-        Output::Json => print_json(
-            json!({"name": u.name, "context": u.context, "caller_id_name": u.caller_id_name}),
-        ),
+        Output::Json => print_json(user_json(u)),
         Output::Table => println!("{:<20} {:<16} {}", u.name, u.context, u.caller_id_name),
     }
 }
@@ -593,18 +607,9 @@ pub async fn user_change(t: &Target, change: UserChange) -> Result<ExitCode, Fai
 }
 
 pub async fn user_list(t: &Target) -> Result<ExitCode, Failure> {
-    let users = t
-        .connect()
-        .await?
-        .user_list(pbx_admin_proto::UserListRequest {})
-        .await?
-        .into_inner()
-        .users;
+    let users = users(t).await?;
     match t.output {
-        Output::Json => print_json(json!(users
-            .iter()
-            .map(|u| json!({"name": u.name, "context": u.context, "caller_id_name": u.caller_id_name}))
-            .collect::<Vec<_>>())),
+        Output::Json => print_json(json!(users.iter().map(user_json).collect::<Vec<_>>())),
         Output::Table => {
             println!("{:<20} {:<16} CALLER_ID_NAME", "NAME", "CONTEXT");
             for u in &users {
@@ -615,42 +620,23 @@ pub async fn user_list(t: &Target) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `user,password[,context[,caller_id_name]]` lines (a `user,password` header is
-/// skipped); every malformed line is reported and nothing is imported.
-pub fn parse_users_csv(
-    text: &str,
-    file: &str,
-) -> Result<Vec<(String, String, String, String)>, Failure> {
-    let mut out = Vec::new();
-    let mut errors = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || (i == 0 && line.starts_with("user,")) {
-            continue;
-        }
-        let f: Vec<&str> = line.split(',').map(str::trim).collect();
-        if f.len() < 2 || f.len() > 4 || f[0].is_empty() || f[1].is_empty() {
-            errors.push(format!(
-                "{file}:{}: expected user,password[,context[,caller_id_name]]",
-                i + 1
-            ));
-            continue;
-        }
-        out.push((
-            f[0].to_string(),
-            f[1].to_string(),
-            f.get(2).copied().unwrap_or("").to_string(),
-            f.get(3).copied().unwrap_or("").to_string(),
-        ));
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(Failure {
+/// The users of an import file ([`pbx_state::users_csv`]); every bad line is reported
+/// as `file:line: reason` and nothing is imported.
+pub fn parse_users_csv(text: &str, file: &str) -> Result<Vec<UserRow>, Failure> {
+    users_csv::parse(text).map_err(|e| {
+        let lines = match e {
+            StateError::UsersCsv(lines) => lines
+                .iter()
+                .map(|l| format!("{file}:{}: {}", l.line, l.reason))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            other => format!("{file}: {other}"),
+        };
+        Failure {
             code: EXIT_INVALID,
-            message: format!("{}\nnothing imported", errors.join("\n")),
-        })
-    }
+            message: format!("{lines}\nnothing imported"),
+        }
+    })
 }
 
 /// Adds the users of a CSV file, updating those that exist.
@@ -663,13 +649,13 @@ pub async fn user_import(t: &Target, file: &std::path::Path) -> Result<ExitCode,
     let rows = parse_users_csv(&text, &file.display().to_string())?;
     let mut client = t.connect().await?;
     let (mut added, mut updated) = (0, 0);
-    for (name, password, context, caller_id_name) in rows {
+    for row in rows {
         let add = client
             .user_add(UserAddRequest {
-                name: name.clone(),
-                password: password.clone(),
-                context: context.clone(),
-                caller_id_name: caller_id_name.clone(),
+                name: row.name.clone(),
+                password: row.password.clone(),
+                context: row.context.clone().unwrap_or_default(),
+                caller_id_name: row.caller_id_name.clone().unwrap_or_default(),
             })
             .await;
         match add {
@@ -677,10 +663,10 @@ pub async fn user_import(t: &Target, file: &std::path::Path) -> Result<ExitCode,
             Err(s) if s.code() == tonic::Code::AlreadyExists => {
                 client
                     .user_update(UserUpdateRequest {
-                        name,
-                        password: Some(password),
-                        context: (!context.is_empty()).then_some(context),
-                        caller_id_name: (!caller_id_name.is_empty()).then_some(caller_id_name),
+                        name: row.name,
+                        password: Some(row.password),
+                        context: row.context,
+                        caller_id_name: row.caller_id_name,
                     })
                     .await?;
                 updated += 1;
@@ -697,13 +683,7 @@ pub async fn user_import(t: &Target, file: &std::path::Path) -> Result<ExitCode,
 
 /// `user,context,caller_id_name` of every user (passwords are not kept by the cluster).
 pub async fn user_export(t: &Target) -> Result<ExitCode, Failure> {
-    let users = t
-        .connect()
-        .await?
-        .user_list(pbx_admin_proto::UserListRequest {})
-        .await?
-        .into_inner()
-        .users;
+    let users = users(t).await?;
     println!("user,context,caller_id_name");
     for u in users {
         println!("{},{},{}", u.name, u.context, u.caller_id_name);
@@ -1024,7 +1004,12 @@ mod tests {
         assert_eq!(ok.len(), 2);
         assert_eq!(
             ok[1],
-            ("bob".into(), "pw2".into(), "sales".into(), "Bob B".into())
+            UserRow {
+                name: "bob".into(),
+                password: "pw2".into(),
+                context: Some("sales".into()),
+                caller_id_name: Some("Bob B".into()),
+            }
         );
         let e = parse_users_csv("ann,pw\nbob\n,x\ncarol,pw\n", "u.csv").unwrap_err();
         assert_eq!(e.code, EXIT_INVALID);
