@@ -14,7 +14,7 @@ use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
-use pbx_raft::Cluster;
+use pbx_peer::Cluster;
 use pbx_sip_core::zone::{Lookup, QueryType, RecordData, ZoneMember, ZoneSpec};
 
 use crate::config::DnsSection;

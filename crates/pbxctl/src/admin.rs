@@ -5,11 +5,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use pbx_admin_proto::admin_client::AdminClient;
-use pbx_admin_proto::{
-    ClusterStatusReply, ClusterStatusRequest, DialplanHistoryRequest, DialplanRollbackRequest,
-    DialplanShowRequest, DialplanText, DialplanVerdict,
+use pbx_proto::admin::admin_client::AdminClient;
+use pbx_proto::admin::{
+    ClusterStatusRequest, DialplanHistoryRequest, DialplanRollbackRequest, DialplanShowRequest,
+    DialplanText, DialplanVerdict,
 };
+use pbx_proto::common::NodeStatus;
 use serde_json::json;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -152,7 +153,7 @@ fn print_json(v: serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
-fn status_json(r: &ClusterStatusReply) -> serde_json::Value {
+fn status_json(r: &NodeStatus) -> serde_json::Value {
     json!({
         "node_id": r.node_id, "role": r.role, "leader_id": r.leader_id, "term": r.term,
         "last_log_index": r.last_log_index, "applied_index": r.applied_index,
@@ -166,7 +167,7 @@ fn status_json(r: &ClusterStatusReply) -> serde_json::Value {
     })
 }
 
-fn print_status(t: &Target, r: &ClusterStatusReply) {
+fn print_status(t: &Target, r: &NodeStatus) {
     match t.output {
         Output::Json => print_json(status_json(r)),
         Output::Table => {
@@ -235,7 +236,7 @@ pub enum ClusterChange {
 const PROMOTE_AT_LAG: u64 = 100;
 
 pub async fn cluster_change(t: &Target, change: ClusterChange) -> Result<ExitCode, Failure> {
-    use pbx_admin_proto::{ClusterAddNodeRequest, ClusterNodeRequest};
+    use pbx_proto::admin::{ClusterAddNodeRequest, ClusterNodeRequest};
     let mut client = t.connect().await?;
     let r = match change {
         ClusterChange::Add {
@@ -526,7 +527,7 @@ pub enum UserChange {
     Remove(String),
 }
 
-fn print_user(t: &Target, u: &pbx_admin_proto::User) {
+fn print_user(t: &Target, u: &pbx_proto::admin::User) {
     match t.output {
         Output::Json => print_json(
             json!({"name": u.name, "context": u.context, "caller_id_name": u.caller_id_name}),
@@ -536,7 +537,7 @@ fn print_user(t: &Target, u: &pbx_admin_proto::User) {
 }
 
 pub async fn user_change(t: &Target, change: UserChange) -> Result<ExitCode, Failure> {
-    use pbx_admin_proto::{UserAddRequest, UserRemoveRequest, UserUpdateRequest};
+    use pbx_proto::admin::{UserAddRequest, UserRemoveRequest, UserUpdateRequest};
     let mut client = t.connect().await?;
     match change {
         UserChange::Add {
@@ -596,7 +597,7 @@ pub async fn user_list(t: &Target) -> Result<ExitCode, Failure> {
     let users = t
         .connect()
         .await?
-        .user_list(pbx_admin_proto::UserListRequest {})
+        .user_list(pbx_proto::admin::UserListRequest {})
         .await?
         .into_inner()
         .users;
@@ -655,7 +656,7 @@ pub fn parse_users_csv(
 
 /// Adds the users of a CSV file, updating those that exist.
 pub async fn user_import(t: &Target, file: &std::path::Path) -> Result<ExitCode, Failure> {
-    use pbx_admin_proto::{UserAddRequest, UserUpdateRequest};
+    use pbx_proto::admin::{UserAddRequest, UserUpdateRequest};
     let text = std::fs::read_to_string(file).map_err(|e| Failure {
         code: EXIT_INVALID,
         message: format!("reading {}: {e}", file.display()),
@@ -700,7 +701,7 @@ pub async fn user_export(t: &Target) -> Result<ExitCode, Failure> {
     let users = t
         .connect()
         .await?
-        .user_list(pbx_admin_proto::UserListRequest {})
+        .user_list(pbx_proto::admin::UserListRequest {})
         .await?
         .into_inner()
         .users;
@@ -715,7 +716,7 @@ pub async fn registration_list(t: &Target, user: Option<String>) -> Result<ExitC
     let regs = t
         .connect()
         .await?
-        .registration_list(pbx_admin_proto::RegistrationListRequest {
+        .registration_list(pbx_proto::admin::RegistrationListRequest {
             user: user.unwrap_or_default(),
         })
         .await?
@@ -754,7 +755,7 @@ pub async fn registration_remove(
     let r = t
         .connect()
         .await?
-        .registration_remove(pbx_admin_proto::RegistrationRemoveRequest {
+        .registration_remove(pbx_proto::admin::RegistrationRemoveRequest {
             user: user.clone(),
             contact: contact.unwrap_or_default(),
         })
@@ -767,7 +768,7 @@ pub async fn registration_remove(
     Ok(ExitCode::SUCCESS)
 }
 
-fn media_json(m: &pbx_admin_proto::MediaStream) -> serde_json::Value {
+fn media_json(m: &pbx_proto::common::MediaStream) -> serde_json::Value {
     json!({
         "a_packets": m.a_packets, "a_bytes": m.a_bytes, "a_lost": m.a_lost,
         "a_jitter_ms": m.a_jitter_ms, "b_packets": m.b_packets, "b_bytes": m.b_bytes,
@@ -776,7 +777,7 @@ fn media_json(m: &pbx_admin_proto::MediaStream) -> serde_json::Value {
 }
 
 /// `a 1234/0/1.2 b 1230/1/0.8` (packets/lost/jitter ms from each side), per stream.
-fn media_summary(c: &pbx_admin_proto::Call) -> String {
+fn media_summary(c: &pbx_proto::admin::Call) -> String {
     if !c.media_error.is_empty() {
         return format!("? ({})", c.media_error);
     }
@@ -799,7 +800,7 @@ pub async fn call_list(t: &Target, no_media: bool) -> Result<ExitCode, Failure> 
     let calls = t
         .connect()
         .await?
-        .call_list(pbx_admin_proto::CallListRequest { no_media })
+        .call_list(pbx_proto::admin::CallListRequest { no_media })
         .await?
         .into_inner()
         .calls;
@@ -839,7 +840,7 @@ pub async fn call_hangup(t: &Target, id: String) -> Result<ExitCode, Failure> {
     let r = t
         .connect()
         .await?
-        .call_hangup(pbx_admin_proto::CallHangupRequest { id: id.clone() })
+        .call_hangup(pbx_proto::admin::CallHangupRequest { id: id.clone() })
         .await?
         .into_inner();
     match t.output {
@@ -916,7 +917,7 @@ pub async fn audit_list(t: &Target, limit: u32) -> Result<ExitCode, Failure> {
     let entries = t
         .connect()
         .await?
-        .audit_list(pbx_admin_proto::AuditListRequest { limit })
+        .audit_list(pbx_proto::admin::AuditListRequest { limit })
         .await?
         .into_inner()
         .entries;
@@ -944,7 +945,7 @@ pub async fn node_drain(
     query: bool,
     wait: Option<f64>,
 ) -> Result<ExitCode, Failure> {
-    use pbx_admin_proto::NodeDrainRequest;
+    use pbx_proto::admin::NodeDrainRequest;
     let mut client = t.connect().await?;
     let mut r = client
         .node_drain(NodeDrainRequest {
