@@ -539,6 +539,12 @@ impl Cluster {
         self.shared.status()
     }
 
+    /// openraft's metrics of this node, to wait on (role, leader, log and applied
+    /// indexes change through it).
+    pub fn metrics(&self) -> tokio::sync::watch::Receiver<RaftMetrics<NodeId, Member>> {
+        self.shared.raft.metrics()
+    }
+
     /// Installs the receiver of relayed SIP messages (once).
     pub fn set_sip_relay(&self, relay: Arc<dyn SipRelay>) {
         let _ = self.shared.sip_relay.set(relay);

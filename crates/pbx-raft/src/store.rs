@@ -465,10 +465,9 @@ mod tests {
     use openraft::testing::{StoreBuilder, Suite};
     use pbx_storage::{MemStore, SledStore};
 
-    fn stores(store: Store) -> StorageResult<(LogStorage, StateMachineStore)> {
-        let sm = StateMachineStore::open(store.clone())
-            .map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
-        Ok((LogStorage::new(store), sm))
+    fn stores(store: Store) -> (LogStorage, StateMachineStore) {
+        let sm = StateMachineStore::open(store.clone()).expect("an empty store opens");
+        (LogStorage::new(store), sm)
     }
 
     struct Sled;
@@ -478,7 +477,7 @@ mod tests {
             let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
             let store = SledStore::open(dir.path(), 8 << 20)
                 .map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
-            let (log, sm) = stores(Arc::new(store))?;
+            let (log, sm) = stores(Arc::new(store));
             Ok((dir, log, sm))
         }
     }
@@ -487,7 +486,7 @@ mod tests {
 
     impl StoreBuilder<TypeConfig, LogStorage, StateMachineStore, ()> for Mem {
         async fn build(&self) -> StorageResult<((), LogStorage, StateMachineStore)> {
-            let (log, sm) = stores(Arc::new(MemStore::new()))?;
+            let (log, sm) = stores(Arc::new(MemStore::new()));
             Ok(((), log, sm))
         }
     }
