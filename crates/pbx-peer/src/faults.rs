@@ -152,9 +152,11 @@ impl Service<http::Request<Body>> for FaultyChannel {
             match fault {
                 None => {}
                 Some(Fault::Drop) => {
-                    return Err(Box::new(tonic::Status::unavailable(format!(
+                    // tonic hands a Status error back as it is: UNAVAILABLE here.
+                    let dropped = crate::PeerError::Unreachable(format!(
                         "link {from}->{to} dropped (fault injection)"
-                    ))) as BoxError)
+                    ));
+                    return Err(Box::new(tonic::Status::from(dropped)) as BoxError);
                 }
                 Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
             }
