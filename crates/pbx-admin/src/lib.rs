@@ -67,9 +67,7 @@ impl From<PeerError> for AdminError {
             PeerError::UnknownNode(id) => {
                 AdminError::NotFound(format!("node {id} is not a member"))
             }
-            PeerError::Transport(_) | PeerError::Unreachable(_) => {
-                AdminError::Unreachable(e.to_string())
-            }
+            PeerError::Transport(m) | PeerError::Unreachable(m) => AdminError::Unreachable(m),
             other => AdminError::NoQuorum(other.to_string()),
         }
     }
