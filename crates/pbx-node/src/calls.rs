@@ -14,8 +14,7 @@ use pbx_dialplan::{CallerId, DialTarget, Dialplan, Execution, LogLevel};
 use pbx_dns::locate::{DeadTargets, Destination, SipTransport, SplitMix, Target};
 use pbx_media::{MediaConfig, MediaEvent, MediaRelay, Stream};
 use pbx_media_core::Mode;
-use pbx_raft::manage::BoxFuture;
-use pbx_raft::{CallMedia, Cluster, MediaCounters};
+use pbx_peer::{BoxFuture, CallMedia, Cluster, MediaCounters};
 use pbx_registrar::Inbound;
 use pbx_sdp::Sdp;
 use pbx_sip_core::{Timers, TransactionKey};
@@ -61,7 +60,7 @@ const CAUSE_ADMIN_HANGUP: u16 = 16;
 /// The node's side of the `CallControl` peer RPC and of the local admin API.
 pub(crate) struct CallControlHook(pub(crate) std::sync::Weak<Shared>);
 
-impl pbx_raft::CallControl for CallControlHook {
+impl pbx_peer::CallControl for CallControlHook {
     fn calls(&self, call_ids: Vec<String>, hangup: bool) -> BoxFuture<Vec<CallMedia>> {
         let shared = self.0.upgrade();
         Box::pin(async move {

@@ -312,11 +312,7 @@ impl Default for TlsSection {
 }
 
 /// The admin API's TLS material, read from the files the config names.
-pub struct AdminTls {
-    pub cert: Vec<u8>,
-    pub key: Vec<u8>,
-    pub client_ca: Option<Vec<u8>>,
-}
+pub use pbx_admin::AdminTls;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -671,15 +667,15 @@ impl Config {
     }
 
     /// The Raft side of this configuration.
-    pub fn cluster_config(&self, sip_addr: SocketAddr) -> pbx_raft::ClusterConfig {
+    pub fn cluster_config(&self, sip_addr: SocketAddr) -> pbx_peer::ClusterConfig {
         use std::time::Duration;
         let c = &self.cluster;
-        let member = |peer: SocketAddr, sip: SocketAddr| pbx_raft::Member {
+        let member = |peer: SocketAddr, sip: SocketAddr| pbx_peer::Member {
             peer_addr: peer.to_string(),
             sip_addr: sip.to_string(),
         };
         let listen = self.peer_addr();
-        let mut initial: std::collections::BTreeMap<u64, pbx_raft::Member> = c
+        let mut initial: std::collections::BTreeMap<u64, pbx_peer::Member> = c
             .members
             .iter()
             .map(|m| (m.id, member(m.peer, m.sip)))
@@ -687,7 +683,7 @@ impl Config {
         if initial.is_empty() {
             initial.insert(self.node.id, member(listen, sip_addr));
         }
-        pbx_raft::ClusterConfig {
+        pbx_peer::ClusterConfig {
             node_id: self.node.id,
             cluster_id: c.id.clone(),
             member: member(listen, sip_addr),
@@ -702,6 +698,7 @@ impl Config {
             log_kept_after_snapshot: self.storage.log_kept_after_snapshot,
             write_timeout: Duration::from_millis(c.write_timeout_ms),
             connect_timeout: Duration::from_millis(c.heartbeat_ms.max(500)),
+            faults: pbx_peer::LinkFaults::default(),
         }
     }
 

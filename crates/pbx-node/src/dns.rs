@@ -15,7 +15,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
 use pbx_dns::zone::{Lookup, QueryType, RecordData, ZoneMember, ZoneSpec};
-use pbx_raft::Cluster;
+use pbx_peer::Cluster;
 
 use crate::config::DnsSection;
 use crate::NodeError;

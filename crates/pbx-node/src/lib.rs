@@ -2,7 +2,6 @@
 //! (Raft), the SIP transports and the request handler, wired together by
 //! [`Node::start`].
 
-mod admin;
 mod calls;
 pub mod config;
 mod dns;
@@ -14,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pbx_raft::Cluster;
+use pbx_peer::Cluster;
 use pbx_registrar::digest::{ha1, Algorithm};
 use pbx_registrar::RequestHandler;
 use pbx_state::{ClusterSettings, Command, Response, User};
@@ -22,7 +21,7 @@ use pbx_storage::SledStore;
 use rand::RngCore;
 
 pub use config::Config;
-pub use pbx_raft::unix_ms;
+pub use pbx_peer::unix_ms;
 
 /// Errors of a node. Converted to SIP answers (503) at the transport boundary.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +35,7 @@ pub enum NodeError {
     #[error("{0}")]
     Registrar(#[from] pbx_registrar::RegistrarError),
     #[error("cluster: {0}")]
-    Cluster(#[from] pbx_raft::RaftError),
+    Cluster(#[from] pbx_peer::PeerError),
     #[error("media relay: {0}")]
     Media(String),
     #[error("{0}")]
@@ -130,7 +129,10 @@ impl Node {
                 let addr = listener.local_addr().map_err(err)?;
                 let tls = admin_tls.is_some();
                 let mutual = admin_tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-                tasks.push(admin::serve(listener, token, admin_tls, cluster.clone())?);
+                tasks.push(
+                    pbx_admin::serve(listener, token, admin_tls, cluster.clone())
+                        .map_err(|e| NodeError::Admin(e.to_string()))?,
+                );
                 tracing::info!(%addr, tls, mutual_tls = mutual, "admin API (bearer token) listening");
                 Some(addr)
             }

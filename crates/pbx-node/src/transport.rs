@@ -25,7 +25,7 @@ use tracing::Instrument;
 use crate::calls::{start_call, CallInput, CallLayer};
 use crate::config::{Config, TransportSection};
 use crate::{unix_ms, NodeError};
-use pbx_raft::Cluster;
+use pbx_peer::Cluster;
 
 /// Where a transaction's responses go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,7 +85,7 @@ const RELAYED_CALL_IDLE: Duration = Duration::from_secs(12 * 3600);
 /// The node's side of the Relay RPC.
 struct TransportRelay(std::sync::Weak<Shared>);
 
-impl pbx_raft::SipRelay for TransportRelay {
+impl pbx_peer::SipRelay for TransportRelay {
     fn deliver(
         &self,
         from_node: u64,

@@ -22,7 +22,8 @@ pub struct CommitReport {
 }
 
 impl CommitStats {
-    pub(crate) fn record(&self, commands: u64, took: std::time::Duration) {
+    /// Counts one committed batch of `commands` that took `took` to commit.
+    pub fn record(&self, commands: u64, took: std::time::Duration) {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.commands.fetch_add(commands, Ordering::Relaxed);
         let us = took.as_micros().max(1) as u64;

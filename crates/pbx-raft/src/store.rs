@@ -1,8 +1,9 @@
 //! openraft's log store and state-machine store on [`pbx_storage`].
 //!
-//! Both share one [`SledStore`]. The log store answers openraft only after the write is
-//! flushed *and* fsynced (the storage crate's `append`, `truncate_from` and durable
-//! `put_meta` do both), so an acknowledged vote or append survives a power cut.
+//! Both share one [`LogStore`]: sled on disk in a node, in memory in tests. The log
+//! store answers openraft only after the write is flushed *and* fsynced (the storage
+//! crate's `append`, `truncate_from` and durable `put_meta` do both), so an acknowledged
+//! vote or append survives a power cut.
 //!
 //! The state machine lives in memory ([`Applied`]: the `pbx-state` [`State`] plus the
 //! Raft position it reflects) behind one lock, so a snapshot always pairs a state with
@@ -21,7 +22,7 @@ use openraft::{
     Vote,
 };
 use pbx_state::{Response, State};
-use pbx_storage::{LogStore, SledStore};
+use pbx_storage::LogStore;
 use serde::{Deserialize, Serialize};
 
 use crate::{Member, NodeId, TypeConfig};
@@ -52,10 +53,13 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, AnyError> {
     bincode::serialize(v).map_err(|e| AnyError::new(&*e))
 }
 
-/// The Raft log on a [`SledStore`].
+/// The store both Raft stores sit on.
+pub type Store = Arc<dyn LogStore>;
+
+/// The Raft log on a [`LogStore`].
 #[derive(Clone)]
 pub struct LogStorage {
-    store: Arc<SledStore>,
+    store: Store,
     /// Appends waiting for an fsync (see [`flusher`]).
     flusher: tokio::sync::mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
 }
@@ -65,7 +69,7 @@ pub struct LogStorage {
 /// replicating, so the leader's fsync overlaps the followers' (Raft allows this: an entry
 /// counts for the leader's vote only once flushed).
 async fn flusher(
-    store: Arc<SledStore>,
+    store: Store,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -89,7 +93,7 @@ async fn flusher(
 
 impl LogStorage {
     /// Must be called inside a tokio runtime (it starts the flusher task).
-    pub fn new(store: Arc<SledStore>) -> Self {
+    pub fn new(store: Store) -> Self {
         let (flusher_tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(flusher(store.clone(), rx));
         LogStorage {
@@ -122,7 +126,7 @@ impl LogStorage {
 
     /// Whether this node has any Raft state (a vote or a log): it has been part of a
     /// cluster and must never initialise a new one.
-    pub fn has_raft_state(store: &SledStore) -> Result<bool, pbx_storage::StorageError> {
+    pub fn has_raft_state(store: &dyn LogStore) -> Result<bool, pbx_storage::StorageError> {
         Ok(store.get_meta(META_VOTE)?.is_some()
             || store.get_meta(META_PURGED)?.is_some()
             || store.last_index()?.is_some())
@@ -276,13 +280,13 @@ struct StoredSnapshot {
 /// The state machine: applies committed entries to the shared [`Applied`].
 #[derive(Clone)]
 pub struct StateMachineStore {
-    store: Arc<SledStore>,
+    store: Store,
     applied: Arc<RwLock<Applied>>,
 }
 
 impl StateMachineStore {
     /// Rebuilds the applied state from the stored snapshot, if any.
-    pub fn open(store: Arc<SledStore>) -> Result<StateMachineStore, crate::RaftError> {
+    pub fn open(store: Store) -> Result<StateMachineStore, crate::RaftError> {
         let mut applied = Applied::default();
         if let Some((_, bytes)) = store.load_snapshot()? {
             let snap: StoredSnapshot = bincode::deserialize(&bytes)?;
@@ -459,26 +463,44 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 mod tests {
     use super::*;
     use openraft::testing::{StoreBuilder, Suite};
+    use pbx_storage::{MemStore, SledStore};
 
-    struct Builder;
+    fn stores(store: Store) -> (LogStorage, StateMachineStore) {
+        let sm = StateMachineStore::open(store.clone()).expect("an empty store opens");
+        (LogStorage::new(store), sm)
+    }
 
-    impl StoreBuilder<TypeConfig, LogStorage, StateMachineStore, tempfile::TempDir> for Builder {
+    struct Sled;
+
+    impl StoreBuilder<TypeConfig, LogStorage, StateMachineStore, tempfile::TempDir> for Sled {
         async fn build(&self) -> StorageResult<(tempfile::TempDir, LogStorage, StateMachineStore)> {
             let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
-            let store = Arc::new(
-                SledStore::open(dir.path(), 8 << 20)
-                    .map_err(|e| StorageIOError::write(AnyError::new(&e)))?,
-            );
-            let sm = StateMachineStore::open(store.clone())
+            let store = SledStore::open(dir.path(), 8 << 20)
                 .map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
-            Ok((dir, LogStorage::new(store), sm))
+            let (log, sm) = stores(Arc::new(store));
+            Ok((dir, log, sm))
         }
     }
 
-    /// openraft's storage conformance suite against the sled-backed stores.
+    struct Mem;
+
+    impl StoreBuilder<TypeConfig, LogStorage, StateMachineStore, ()> for Mem {
+        async fn build(&self) -> StorageResult<((), LogStorage, StateMachineStore)> {
+            let (log, sm) = stores(Arc::new(MemStore::new()));
+            Ok(((), log, sm))
+        }
+    }
+
+    /// openraft's storage conformance suite against the stores on sled.
     #[test]
-    fn openraft_storage_suite() {
+    fn openraft_storage_suite_on_sled() {
         // The suite runs each case on a runtime of its own.
-        Suite::test_all(Builder).unwrap();
+        Suite::test_all(Sled).unwrap();
+    }
+
+    /// The same suite against the stores in memory (what in-process cluster tests use).
+    #[test]
+    fn openraft_storage_suite_in_memory() {
+        Suite::test_all(Mem).unwrap();
     }
 }

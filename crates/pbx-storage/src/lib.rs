@@ -3,11 +3,16 @@
 //! The shape is a command log plus a snapshot, which is what the Raft log store and
 //! state-machine store will sit on: entries are appended in index order and are durable
 //! (flushed *and* fsynced) when `append` returns; a snapshot covers every entry up to its
-//! index, after which those entries can be purged.
+//! index, after which those entries can be purged. [`SledStore`] is the store on disk,
+//! [`MemStore`] the one in memory for tests.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+mod mem;
+
+pub use mem::MemStore;
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -5,11 +5,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use pbx_admin_proto::admin_client::AdminClient;
-use pbx_admin_proto::{
-    ClusterStatusReply, ClusterStatusRequest, DialplanHistoryRequest, DialplanRollbackRequest,
-    DialplanShowRequest, DialplanText, DialplanVerdict,
+use pbx_proto::admin::admin_client::AdminClient;
+use pbx_proto::admin::{
+    ClusterStatusRequest, DialplanHistoryRequest, DialplanRollbackRequest, DialplanShowRequest,
+    DialplanText, DialplanVerdict,
 };
+use pbx_proto::common::NodeStatus;
 use pbx_state::users_csv::{self, UserRow};
 use pbx_state::StateError;
 use serde_json::json;
@@ -154,7 +155,7 @@ fn print_json(v: serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
-fn status_json(r: &ClusterStatusReply) -> serde_json::Value {
+fn status_json(r: &NodeStatus) -> serde_json::Value {
     json!({
         "node_id": r.node_id, "role": r.role, "leader_id": r.leader_id, "term": r.term,
         "last_log_index": r.last_log_index, "applied_index": r.applied_index,
@@ -168,7 +169,7 @@ fn status_json(r: &ClusterStatusReply) -> serde_json::Value {
     })
 }
 
-fn print_status(t: &Target, r: &ClusterStatusReply) {
+fn print_status(t: &Target, r: &NodeStatus) {
     match t.output {
         Output::Json => print_json(status_json(r)),
         Output::Table => {
@@ -237,7 +238,7 @@ pub enum ClusterChange {
 const PROMOTE_AT_LAG: u64 = 100;
 
 pub async fn cluster_change(t: &Target, change: ClusterChange) -> Result<ExitCode, Failure> {
-    use pbx_admin_proto::{ClusterAddNodeRequest, ClusterNodeRequest};
+    use pbx_proto::admin::{ClusterAddNodeRequest, ClusterNodeRequest};
     let mut client = t.connect().await?;
     let r = match change {
         ClusterChange::Add {
@@ -529,20 +530,20 @@ pub enum UserChange {
 }
 
 /// Every user of the cluster.
-async fn users(t: &Target) -> Result<Vec<pbx_admin_proto::User>, Failure> {
+async fn users(t: &Target) -> Result<Vec<pbx_proto::admin::User>, Failure> {
     Ok(t.connect()
         .await?
-        .user_list(pbx_admin_proto::UserListRequest {})
+        .user_list(pbx_proto::admin::UserListRequest {})
         .await?
         .into_inner()
         .users)
 }
 
-fn user_json(u: &pbx_admin_proto::User) -> serde_json::Value {
+fn user_json(u: &pbx_proto::admin::User) -> serde_json::Value {
     json!({"name": u.name, "context": u.context, "caller_id_name": u.caller_id_name})
 }
 
-fn print_user(t: &Target, u: &pbx_admin_proto::User) {
+fn print_user(t: &Target, u: &pbx_proto::admin::User) {
     match t.output {
         Output::Json => print_json(user_json(u)),
         Output::Table => println!("{:<20} {:<16} {}", u.name, u.context, u.caller_id_name),
@@ -550,7 +551,7 @@ fn print_user(t: &Target, u: &pbx_admin_proto::User) {
 }
 
 pub async fn user_change(t: &Target, change: UserChange) -> Result<ExitCode, Failure> {
-    use pbx_admin_proto::{UserAddRequest, UserRemoveRequest, UserUpdateRequest};
+    use pbx_proto::admin::{UserAddRequest, UserRemoveRequest, UserUpdateRequest};
     let mut client = t.connect().await?;
     match change {
         UserChange::Add {
@@ -641,7 +642,7 @@ pub fn parse_users_csv(text: &str, file: &str) -> Result<Vec<UserRow>, Failure> 
 
 /// Adds the users of a CSV file, updating those that exist.
 pub async fn user_import(t: &Target, file: &std::path::Path) -> Result<ExitCode, Failure> {
-    use pbx_admin_proto::{UserAddRequest, UserUpdateRequest};
+    use pbx_proto::admin::{UserAddRequest, UserUpdateRequest};
     let text = std::fs::read_to_string(file).map_err(|e| Failure {
         code: EXIT_INVALID,
         message: format!("reading {}: {e}", file.display()),
@@ -695,7 +696,7 @@ pub async fn registration_list(t: &Target, user: Option<String>) -> Result<ExitC
     let regs = t
         .connect()
         .await?
-        .registration_list(pbx_admin_proto::RegistrationListRequest {
+        .registration_list(pbx_proto::admin::RegistrationListRequest {
             user: user.unwrap_or_default(),
         })
         .await?
@@ -734,7 +735,7 @@ pub async fn registration_remove(
     let r = t
         .connect()
         .await?
-        .registration_remove(pbx_admin_proto::RegistrationRemoveRequest {
+        .registration_remove(pbx_proto::admin::RegistrationRemoveRequest {
             user: user.clone(),
             contact: contact.unwrap_or_default(),
         })
@@ -747,7 +748,7 @@ pub async fn registration_remove(
     Ok(ExitCode::SUCCESS)
 }
 
-fn media_json(m: &pbx_admin_proto::MediaStream) -> serde_json::Value {
+fn media_json(m: &pbx_proto::common::MediaStream) -> serde_json::Value {
     json!({
         "a_packets": m.a_packets, "a_bytes": m.a_bytes, "a_lost": m.a_lost,
         "a_jitter_ms": m.a_jitter_ms, "b_packets": m.b_packets, "b_bytes": m.b_bytes,
@@ -756,7 +757,7 @@ fn media_json(m: &pbx_admin_proto::MediaStream) -> serde_json::Value {
 }
 
 /// `a 1234/0/1.2 b 1230/1/0.8` (packets/lost/jitter ms from each side), per stream.
-fn media_summary(c: &pbx_admin_proto::Call) -> String {
+fn media_summary(c: &pbx_proto::admin::Call) -> String {
     if !c.media_error.is_empty() {
         return format!("? ({})", c.media_error);
     }
@@ -779,7 +780,7 @@ pub async fn call_list(t: &Target, no_media: bool) -> Result<ExitCode, Failure> 
     let calls = t
         .connect()
         .await?
-        .call_list(pbx_admin_proto::CallListRequest { no_media })
+        .call_list(pbx_proto::admin::CallListRequest { no_media })
         .await?
         .into_inner()
         .calls;
@@ -819,7 +820,7 @@ pub async fn call_hangup(t: &Target, id: String) -> Result<ExitCode, Failure> {
     let r = t
         .connect()
         .await?
-        .call_hangup(pbx_admin_proto::CallHangupRequest { id: id.clone() })
+        .call_hangup(pbx_proto::admin::CallHangupRequest { id: id.clone() })
         .await?
         .into_inner();
     match t.output {
@@ -896,7 +897,7 @@ pub async fn audit_list(t: &Target, limit: u32) -> Result<ExitCode, Failure> {
     let entries = t
         .connect()
         .await?
-        .audit_list(pbx_admin_proto::AuditListRequest { limit })
+        .audit_list(pbx_proto::admin::AuditListRequest { limit })
         .await?
         .into_inner()
         .entries;
@@ -924,7 +925,7 @@ pub async fn node_drain(
     query: bool,
     wait: Option<f64>,
 ) -> Result<ExitCode, Failure> {
-    use pbx_admin_proto::NodeDrainRequest;
+    use pbx_proto::admin::NodeDrainRequest;
     let mut client = t.connect().await?;
     let mut r = client
         .node_drain(NodeDrainRequest {

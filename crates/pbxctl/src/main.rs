@@ -996,7 +996,7 @@ impl Ua {
 }
 
 async fn status(peers: Vec<String>, wait_ready: Option<f64>) -> anyhow::Result<ExitCode> {
-    use pbx_raft::proto::peer_link_client::PeerLinkClient;
+    use pbx_proto::peer::peer_link_client::PeerLinkClient;
     let mut code = ExitCode::SUCCESS;
     for peer in peers {
         let deadline = Instant::now() + Duration::from_secs_f64(wait_ready.unwrap_or(0.0));
@@ -1008,7 +1008,7 @@ async fn status(peers: Vec<String>, wait_ready: Option<f64>) -> anyhow::Result<E
                     .connect()
                     .await?;
                 let r = PeerLinkClient::new(channel)
-                    .status(pbx_raft::proto::StatusRequest {})
+                    .status(pbx_proto::peer::StatusRequest {})
                     .await?;
                 anyhow::Ok(r.into_inner())
             }

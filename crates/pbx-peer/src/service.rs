@@ -1,6 +1,8 @@
 //! The peer link, server side: Raft RPCs into openraft, forwarded writes into the
-//! leader's commit path, status. Every request must carry our cluster id and protocol
-//! version; others are refused with `FAILED_PRECONDITION` and a log line.
+//! leader's commit path, relay, call control, management, status. Every request must
+//! carry our cluster id and protocol version; others are refused with
+//! `FAILED_PRECONDITION` and a log line. Errors become a `tonic::Status` only through
+//! [`PeerError`]'s conversion.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,17 +10,19 @@ use std::time::{Duration, Instant};
 use pbx_state::Command;
 use tonic::{Request, Response, Status};
 
+use pbx_proto::common::NodeStatus;
+use pbx_proto::peer::forward_reply::Result as ForwardResult;
+use pbx_proto::peer::peer_link_server::{PeerLink, PeerLinkServer};
+use pbx_proto::peer::{
+    CallControlReply, CallControlRequest, ForwardReply, ForwardRequest, HandshakeReply,
+    HandshakeRequest, ManageRequest, NotLeader, RaftPayload, RelayReply, RelayRequest,
+    StatusRequest,
+};
+
 use crate::cluster::{LeaderCommitError, Shared};
 use crate::manage::ManageOp;
 use crate::network::{MD_CLUSTER, MD_NODE, MD_PROTOCOL};
-use crate::proto::forward_reply::Result as ForwardResult;
-use crate::proto::peer_link_server::{PeerLink, PeerLinkServer};
-use crate::proto::{
-    CallControlReply, CallControlRequest, ForwardReply, ForwardRequest, HandshakeReply,
-    HandshakeRequest, ManageRequest, NotLeader, RaftPayload, RelayReply, RelayRequest, StatusReply,
-    StatusRequest,
-};
-use crate::PROTOCOL_VERSION;
+use crate::{PeerError, PROTOCOL_VERSION};
 
 /// Logs at most once every few seconds, so a misbehaving peer cannot flood the log.
 #[derive(Clone, Default)]
@@ -54,7 +58,7 @@ impl IdentityCheck {
     fn refuse(&self, reason: String) -> Status {
         self.refused_log
             .log(|| tracing::error!(%reason, "refused a peer-link request"));
-        Status::failed_precondition(reason)
+        PeerError::Refused(reason).into()
     }
 
     /// Checks the identity a peer claims.
@@ -105,13 +109,13 @@ impl PeerService {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
-    bincode::deserialize(bytes).map_err(|e| Status::invalid_argument(format!("payload: {e}")))
+    bincode::deserialize(bytes).map_err(|e| PeerError::Invalid(format!("payload: {e}")).into())
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
     bincode::serialize(v)
         .map(|payload| Response::new(RaftPayload { payload }))
-        .map_err(|e| Status::internal(format!("encode: {e}")))
+        .map_err(|e| PeerError::Codec(e).into())
 }
 
 #[tonic::async_trait]
@@ -187,9 +191,9 @@ impl PeerLink for PeerService {
         self.check.request(&request)?;
         let command: Command = decode(&request.into_inner().command)?;
         let result = match self.shared.commit_as_leader(command).await {
-            Ok(resp) => ForwardResult::Response(
-                bincode::serialize(&resp).map_err(|e| Status::internal(format!("encode: {e}")))?,
-            ),
+            Ok(resp) => {
+                ForwardResult::Response(bincode::serialize(&resp).map_err(PeerError::from)?)
+            }
             Err(LeaderCommitError::NotLeader(leader)) => ForwardResult::NotLeader(NotLeader {
                 leader_id: leader.unwrap_or(0),
             }),
@@ -207,12 +211,12 @@ impl PeerLink for PeerService {
             .get(MD_NODE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<crate::NodeId>().ok())
-            .ok_or_else(|| Status::invalid_argument("no sender node id"))?;
+            .ok_or_else(|| PeerError::Invalid("no sender node id".into()))?;
         let r = request.into_inner();
         let phone = r
             .phone
             .parse()
-            .map_err(|_| Status::invalid_argument(format!("phone address {:?}", r.phone)))?;
+            .map_err(|_| PeerError::Invalid(format!("phone address {:?}", r.phone)))?;
         let delivered = match self.shared.sip_relay.get() {
             Some(h) => h.deliver(from_node, phone, r.message, r.from_phone),
             None => false,
@@ -220,17 +224,17 @@ impl PeerLink for PeerService {
         Ok(Response::new(RelayReply { delivered }))
     }
 
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<NodeStatus>, Status> {
         Ok(Response::new(self.shared.status().into()))
     }
 
     async fn manage(
         &self,
         request: Request<ManageRequest>,
-    ) -> Result<Response<StatusReply>, Status> {
+    ) -> Result<Response<NodeStatus>, Status> {
         self.check.request(&request)?;
         let op = ManageOp::from_proto(request.into_inner())
-            .ok_or_else(|| Status::invalid_argument("no operation"))?;
+            .ok_or_else(|| PeerError::Invalid("no operation".into()))?;
         let status = self.shared.manage_here(op).await?;
         Ok(Response::new(status.into()))
     }
@@ -246,13 +250,7 @@ impl PeerLink for PeerService {
             None => Vec::new(),
         };
         Ok(Response::new(CallControlReply {
-            calls: calls
-                .into_iter()
-                .map(|c| crate::proto::CallMedia {
-                    call_id: c.call_id,
-                    streams: c.streams.iter().map(Into::into).collect(),
-                })
-                .collect(),
+            calls: calls.iter().map(Into::into).collect(),
         }))
     }
 }

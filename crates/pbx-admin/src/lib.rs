@@ -1,51 +1,73 @@
 //! The admin API server (`proto/pbx/admin/v1`): bearer-token authentication, then each
 //! call read from the applied state or proposed as a Raft command (a follower forwards it
 //! to the leader). Errors become `tonic::Status` here and nowhere else.
+//!
+//! The node starts it with [`serve`], handing in its listener, the token, the TLS
+//! material and the [`Cluster`] handle (which also reaches the calls each node runs).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use pbx_admin_proto::admin_server::{Admin, AdminServer};
-use pbx_admin_proto::{
+use pbx_dialplan::{Dialplan, DialplanError};
+use pbx_peer::{Cluster, ManageOp, NodeStatus, PeerError};
+use pbx_proto::admin::admin_server::{Admin, AdminServer};
+use pbx_proto::admin::{
     AuditEntry, AuditListReply, AuditListRequest, Call, CallHangupReply, CallHangupRequest,
-    CallListReply, CallListRequest, ClusterAddNodeRequest, ClusterNodeRequest, ClusterStatusReply,
+    CallListReply, CallListRequest, ClusterAddNodeRequest, ClusterNodeRequest,
     ClusterStatusRequest, DialplanHistoryReply, DialplanHistoryRequest, DialplanRollbackRequest,
-    DialplanShowRequest, DialplanText, DialplanVerdict, LineError, MediaStream, Member,
-    NodeDrainReply, NodeDrainRequest, Registration, RegistrationListReply, RegistrationListRequest,
+    DialplanShowRequest, DialplanText, DialplanVerdict, LineError, NodeDrainReply,
+    NodeDrainRequest, Registration, RegistrationListReply, RegistrationListRequest,
     RegistrationRemoveReply, RegistrationRemoveRequest, StoredDialplan, User, UserAddRequest,
     UserListReply, UserListRequest, UserRemoveReply, UserRemoveRequest, UserUpdateRequest,
 };
-use pbx_dialplan::{Dialplan, DialplanError};
-use pbx_raft::{Cluster, ManageOp, NodeStatus, RaftError};
+use pbx_proto::common::{MediaStream, NodeStatus as StatusReply};
 use pbx_registrar::digest::{constant_time_eq, ha1, Algorithm};
 use pbx_state::{Command, Response};
 use tonic::{Request, Status};
 
-use crate::NodeError;
+/// The admin API's TLS material (PEM).
+pub struct AdminTls {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    /// Client certificates must be signed by this CA (mutual TLS), when set.
+    pub client_ca: Option<Vec<u8>>,
+}
 
-/// Why an admin call failed, before it becomes a `tonic::Status`.
-#[derive(Debug)]
-enum AdminError {
+/// Errors of this crate: why the server could not start, or why a call failed (before
+/// it becomes a `tonic::Status`).
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin listener: {0}")]
+    Listener(std::io::Error),
+    #[error("admin TLS: {0}")]
+    Tls(String),
+    #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
     Exists(String),
+    #[error("{0}")]
     NotFound(String),
     /// No leader or no majority: nothing was changed.
+    #[error("no quorum, not committed: {0}")]
     NoQuorum(String),
     /// A cluster change that does not fit the membership as it stands.
+    #[error("{0}")]
     Refused(String),
     /// A node the operation needs could not be reached.
+    #[error("{0}")]
     Unreachable(String),
+    #[error("{0}")]
     Internal(String),
 }
 
-impl From<RaftError> for AdminError {
-    fn from(e: RaftError) -> AdminError {
+impl From<PeerError> for AdminError {
+    fn from(e: PeerError) -> AdminError {
         match e {
-            RaftError::Refused(m) => AdminError::Refused(m),
-            RaftError::UnknownNode(id) => {
+            PeerError::Refused(m) => AdminError::Refused(m),
+            PeerError::UnknownNode(id) => {
                 AdminError::NotFound(format!("node {id} is not a member"))
             }
-            RaftError::Transport(m) => AdminError::Unreachable(m),
+            PeerError::Transport(m) | PeerError::Unreachable(m) => AdminError::Unreachable(m),
             other => AdminError::NoQuorum(other.to_string()),
         }
     }
@@ -53,16 +75,16 @@ impl From<RaftError> for AdminError {
 
 impl From<AdminError> for Status {
     fn from(e: AdminError) -> Status {
+        let m = e.to_string();
         match e {
-            AdminError::Invalid(m) => Status::invalid_argument(m),
-            AdminError::Exists(m) => Status::already_exists(m),
-            AdminError::NotFound(m) => Status::not_found(m),
-            AdminError::NoQuorum(m) => {
-                Status::unavailable(format!("no quorum, not committed: {m}"))
+            AdminError::Invalid(_) => Status::invalid_argument(m),
+            AdminError::Exists(_) => Status::already_exists(m),
+            AdminError::NotFound(_) => Status::not_found(m),
+            AdminError::NoQuorum(_) | AdminError::Unreachable(_) => Status::unavailable(m),
+            AdminError::Refused(_) => Status::failed_precondition(m),
+            AdminError::Internal(_) | AdminError::Listener(_) | AdminError::Tls(_) => {
+                Status::internal(m)
             }
-            AdminError::Refused(m) => Status::failed_precondition(m),
-            AdminError::Unreachable(m) => Status::unavailable(m),
-            AdminError::Internal(m) => Status::internal(m),
         }
     }
 }
@@ -93,23 +115,19 @@ struct AdminService {
     cluster: Cluster,
 }
 
-/// Serves the admin API on `listener` until the node stops (over TLS, and with client
-/// certificates checked, when configured).
-pub(crate) fn serve(
+/// Serves the admin API on `listener` until the task is aborted (over TLS, and with
+/// client certificates checked, when configured). Every call must carry
+/// `authorization: Bearer <token>`.
+pub fn serve(
     listener: std::net::TcpListener,
     token: String,
-    tls: Option<crate::config::AdminTls>,
+    tls: Option<AdminTls>,
     cluster: Cluster,
-) -> Result<tokio::task::JoinHandle<()>, NodeError> {
-    let addr = listener.local_addr().map_err(|source| NodeError::Bind {
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
-    })?;
+) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     listener
         .set_nonblocking(true)
-        .map_err(|source| NodeError::Bind { addr, source })?;
-    let listener = tokio::net::TcpListener::from_std(listener)
-        .map_err(|source| NodeError::Bind { addr, source })?;
+        .map_err(AdminError::Listener)?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(AdminError::Listener)?;
     let service = AdminServer::with_interceptor(AdminService { cluster }, TokenCheck(token.into()));
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let mut builder = tonic::transport::Server::builder();
@@ -121,7 +139,7 @@ pub(crate) fn serve(
         }
         builder = builder
             .tls_config(config)
-            .map_err(|e| NodeError::Admin(format!("admin TLS: {e}")))?;
+            .map_err(|e| AdminError::Tls(e.to_string()))?;
     }
     Ok(tokio::spawn(async move {
         let server = builder.add_service(service);
@@ -194,6 +212,12 @@ fn user_reply(u: &pbx_state::User) -> User {
     }
 }
 
+/// A node's status as the API answers it: the peer link's status, which carries the
+/// members' lags where it is the leader's, the drained nodes and the domain.
+fn status_reply(s: NodeStatus) -> tonic::Response<StatusReply> {
+    tonic::Response::new(s.into())
+}
+
 impl AdminService {
     /// Runs a cluster change and records it in the audit trail.
     async fn manage(
@@ -202,14 +226,14 @@ impl AdminService {
         action: String,
         op: ManageOp,
         on: Option<u64>,
-    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+    ) -> Result<tonic::Response<StatusReply>, Status> {
         let s = self
             .cluster
             .manage(op, on)
             .await
             .map_err(AdminError::from)?;
         self.record_done(actor, action).await;
-        Ok(tonic::Response::new(self.status_reply(s)))
+        Ok(status_reply(s))
     }
 
     /// The audit entry of a change (the leader stamps the time).
@@ -234,51 +258,6 @@ impl AdminService {
         }
     }
 
-    /// A node's status as the API answers it (lags where it is the leader's).
-    fn status_reply(&self, s: NodeStatus) -> ClusterStatusReply {
-        let (draining, domain) = {
-            let state = self.cluster.read();
-            (
-                state.draining.iter().copied().collect::<Vec<u64>>(),
-                state
-                    .settings
-                    .as_ref()
-                    .map(|s| s.domain.clone())
-                    .unwrap_or_default(),
-            )
-        };
-        let lags: Vec<Option<u64>> = s.members.iter().map(|(id, _, _)| s.lag_of(*id)).collect();
-        ClusterStatusReply {
-            node_id: s.node_id,
-            role: s.role.to_string(),
-            leader_id: s.leader_id.unwrap_or(0),
-            term: s.term,
-            last_log_index: s.last_log_index,
-            applied_index: s.applied_index,
-            snapshot_index: s.snapshot_index,
-            serving_writes: s.serving_writes,
-            members: s
-                .members
-                .into_iter()
-                .zip(lags)
-                .map(|((id, m, voter), lag)| Member {
-                    id,
-                    peer_addr: m.peer_addr,
-                    sip_addr: m.sip_addr,
-                    voter,
-                    lag,
-                    draining: draining.contains(&id),
-                })
-                .collect(),
-            users: s.users,
-            bindings: s.bindings,
-            dialplan_version: s.dialplan_version,
-            calls: s.calls,
-            draining,
-            domain,
-        }
-    }
-
     /// Asks each node running some of `calls` for their media counters (in parallel).
     async fn add_media(&self, calls: &mut [Call]) {
         let mut by_owner: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
@@ -295,7 +274,7 @@ impl AdminService {
                 Ok(list) => {
                     let mut by_id: std::collections::HashMap<String, Vec<MediaStream>> = list
                         .into_iter()
-                        .map(|c| (c.call_id, c.streams.iter().map(MediaStream::from).collect()))
+                        .map(|c| (c.call_id, c.streams.iter().map(Into::into).collect()))
                         .collect();
                     for c in calls.iter_mut().filter(|c| c.owner_node == owner) {
                         match by_id.remove(&c.id) {
@@ -380,7 +359,7 @@ impl Admin for AdminService {
     async fn cluster_status(
         &self,
         request: Request<ClusterStatusRequest>,
-    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+    ) -> Result<tonic::Response<StatusReply>, Status> {
         let s = if request.into_inner().from_leader {
             self.cluster
                 .manage(ManageOp::Status, None)
@@ -389,13 +368,13 @@ impl Admin for AdminService {
         } else {
             self.cluster.status()
         };
-        Ok(tonic::Response::new(self.status_reply(s)))
+        Ok(status_reply(s))
     }
 
     async fn cluster_add_node(
         &self,
         request: Request<ClusterAddNodeRequest>,
-    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+    ) -> Result<tonic::Response<StatusReply>, Status> {
         let actor = actor_of(&request);
         let r = request.into_inner();
         let check_addr = |what: &str, a: &str| {
@@ -405,7 +384,7 @@ impl Admin for AdminService {
         };
         check_addr("peer", &r.peer_addr)?;
         check_addr("SIP", &r.sip_addr)?;
-        let member = pbx_raft::Member {
+        let member = pbx_peer::Member {
             peer_addr: r.peer_addr,
             sip_addr: r.sip_addr,
         };
@@ -422,7 +401,7 @@ impl Admin for AdminService {
     async fn cluster_promote_node(
         &self,
         request: Request<ClusterNodeRequest>,
-    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+    ) -> Result<tonic::Response<StatusReply>, Status> {
         let actor = actor_of(&request);
         let id = request.into_inner().id;
         self.manage(
@@ -437,7 +416,7 @@ impl Admin for AdminService {
     async fn cluster_remove_node(
         &self,
         request: Request<ClusterNodeRequest>,
-    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+    ) -> Result<tonic::Response<StatusReply>, Status> {
         let actor = actor_of(&request);
         let id = request.into_inner().id;
         let reply = self
@@ -466,7 +445,7 @@ impl Admin for AdminService {
     async fn cluster_transfer_leader(
         &self,
         request: Request<ClusterNodeRequest>,
-    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+    ) -> Result<tonic::Response<StatusReply>, Status> {
         let actor = actor_of(&request);
         let id = request.into_inner().id;
         let to = (id != 0).then_some(id);
@@ -481,7 +460,7 @@ impl Admin for AdminService {
     async fn cluster_snapshot(
         &self,
         request: Request<ClusterNodeRequest>,
-    ) -> Result<tonic::Response<ClusterStatusReply>, Status> {
+    ) -> Result<tonic::Response<StatusReply>, Status> {
         let id = request.into_inner().id;
         let on = (id != 0).then_some(id);
         // Changes no replicated state: not audited.
@@ -490,7 +469,7 @@ impl Admin for AdminService {
             .manage(ManageOp::Snapshot, on)
             .await
             .map_err(AdminError::from)?;
-        Ok(tonic::Response::new(self.status_reply(s)))
+        Ok(status_reply(s))
     }
 
     async fn dialplan_show(
@@ -617,7 +596,7 @@ impl Admin for AdminService {
         request: Request<RegistrationListRequest>,
     ) -> Result<tonic::Response<RegistrationListReply>, Status> {
         let filter = request.into_inner().user;
-        let now_ms = crate::unix_ms();
+        let now_ms = pbx_peer::unix_ms();
         let state = self.cluster.read();
         let mut registrations = Vec::new();
         let mut aors: Vec<&String> = state
@@ -673,7 +652,7 @@ impl Admin for AdminService {
         request: Request<CallListRequest>,
     ) -> Result<tonic::Response<CallListReply>, Status> {
         let no_media = request.into_inner().no_media;
-        let now_ms = crate::unix_ms();
+        let now_ms = pbx_peer::unix_ms();
         let mut calls: Vec<Call> = self
             .cluster
             .read()

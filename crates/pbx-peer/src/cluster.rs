@@ -1,6 +1,7 @@
 //! The handle a node uses for replicated state: propose commands (group commit through
 //! Raft, forwarded to the leader from followers), read the applied state locally, form
-//! the cluster, change membership, report status.
+//! the cluster, change membership, report status, relay SIP messages and reach the
+//! calls another node runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -10,17 +11,18 @@ use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError as OpenraftError};
 use openraft::{RaftMetrics, ServerState, SnapshotPolicy};
+use pbx_proto::peer::forward_reply::Result as ForwardResult;
+use pbx_raft::store::{Applied, LogStorage, StateMachineStore};
+use pbx_raft::{unix_ms, CommitStats, Raft};
 use pbx_state::{Command, Response, State};
-use pbx_storage::SledStore;
+use pbx_storage::LogStore;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::manage::{CallControl, CallMedia, ManageOp};
+use crate::hooks::{CallControl, CallMedia, SipRelay};
+use crate::manage::ManageOp;
 use crate::network::{Identity, PeerPool};
-use crate::proto::forward_reply::Result as ForwardResult;
 use crate::service::PeerService;
-use crate::stats::CommitStats;
-use crate::store::{Applied, LogStorage, StateMachineStore};
-use crate::{unix_ms, Member, NodeId, Raft, RaftError};
+use crate::{LinkFaults, Member, NodeId, NodeStatus, PeerError};
 
 /// How a node takes part in the cluster.
 #[derive(Debug, Clone)]
@@ -30,7 +32,8 @@ pub struct ClusterConfig {
     pub cluster_id: String,
     /// This node's addresses as other members reach them.
     pub member: Member,
-    /// Where the peer link listens (port 0: pick one, for tests).
+    /// Where the peer link listens (port 0: pick one, for tests). [`Cluster::start_on`]
+    /// takes a listener bound already instead.
     pub listen: SocketAddr,
     /// The members of a brand-new cluster. The lowest id among them initialises it, once
     /// it has seen that a majority of them are reachable and none has Raft state.
@@ -49,63 +52,8 @@ pub struct ClusterConfig {
     /// How long a write may wait for a leader and a majority before it is refused.
     pub write_timeout: Duration,
     pub connect_timeout: Duration,
-}
-
-/// One node's Raft role and progress.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeStatus {
-    pub node_id: NodeId,
-    pub role: &'static str,
-    pub leader_id: Option<NodeId>,
-    pub term: u64,
-    pub last_log_index: u64,
-    pub applied_index: u64,
-    pub snapshot_index: u64,
-    pub serving_writes: bool,
-    /// (id, member, voter)
-    pub members: Vec<(NodeId, Member, bool)>,
-    /// On the leader: the last log index known to be on each member (None: nothing
-    /// matched yet). Empty on other nodes.
-    pub matched: Vec<(NodeId, Option<u64>)>,
-    pub users: u64,
-    pub bindings: u64,
-    pub dialplan_version: u64,
-    /// Answered calls in the replicated list.
-    pub calls: u64,
-    /// The node finished its start-up writes and serves writes.
-    pub ready: bool,
-}
-
-impl From<NodeStatus> for crate::proto::StatusReply {
-    fn from(s: NodeStatus) -> Self {
-        let matched = s.matched_proto();
-        crate::proto::StatusReply {
-            node_id: s.node_id,
-            role: s.role.into(),
-            leader_id: s.leader_id.unwrap_or(0),
-            term: s.term,
-            last_log_index: s.last_log_index,
-            applied_index: s.applied_index,
-            snapshot_index: s.snapshot_index,
-            serving_writes: s.serving_writes,
-            members: s
-                .members
-                .into_iter()
-                .map(|(id, m, voter)| crate::proto::Member {
-                    id,
-                    peer_addr: m.peer_addr,
-                    sip_addr: m.sip_addr,
-                    voter,
-                })
-                .collect(),
-            users: s.users,
-            bindings: s.bindings,
-            dialplan_version: s.dialplan_version,
-            calls: s.calls,
-            ready: s.ready,
-            matched,
-        }
-    }
+    /// Faults injected into this node's outgoing peer RPCs (tests; default: none).
+    pub faults: LinkFaults,
 }
 
 pub(crate) enum LeaderCommitError {
@@ -119,7 +67,7 @@ pub(crate) struct Shared {
     pub(crate) raft: Raft,
     applied: Arc<RwLock<Applied>>,
     pub(crate) pool: PeerPool,
-    store: Arc<SledStore>,
+    store: Arc<dyn LogStore>,
     epoch: Instant,
     /// Milliseconds since `epoch` of the last accepted append from a leader (+1; 0 =
     /// never).
@@ -141,27 +89,6 @@ pub(crate) struct Shared {
     /// Held shared by every commit on the leader, exclusively while it hands leadership
     /// over (writes wait, then go to the new leader).
     pub(crate) write_gate: tokio::sync::RwLock<()>,
-}
-
-/// The node's side of the peer link's `Relay` RPC: SIP messages for phones whose
-/// connection this node holds, and their messages back to the node running the call.
-pub trait SipRelay: Send + Sync {
-    /// Returns whether the message could be handed on (false: no such connection).
-    fn deliver(
-        &self,
-        from_node: NodeId,
-        phone: SocketAddr,
-        message: Vec<u8>,
-        from_phone: bool,
-    ) -> bool;
-}
-
-/// The role names of [`NodeStatus::role`], from their text (a peer's status).
-pub(crate) fn role_name(s: &str) -> &'static str {
-    ["leader", "follower", "candidate", "learner", "shutdown"]
-        .into_iter()
-        .find(|r| *r == s)
-        .unwrap_or("unknown")
 }
 
 fn role(state: ServerState) -> &'static str {
@@ -204,7 +131,7 @@ impl Shared {
 
     pub(crate) async fn has_raft_state(&self) -> bool {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || LogStorage::has_raft_state(&store))
+        tokio::task::spawn_blocking(move || LogStorage::has_raft_state(&*store))
             .await
             .ok()
             .and_then(Result::ok)
@@ -215,7 +142,7 @@ impl Shared {
     pub(crate) fn peer_client(
         &self,
         node: NodeId,
-    ) -> Result<crate::network::PeerClient, RaftError> {
+    ) -> Result<crate::network::PeerClient, PeerError> {
         let addr = self
             .raft
             .metrics()
@@ -224,7 +151,7 @@ impl Shared {
             .membership()
             .get_node(&node)
             .map(|n| n.peer_addr.clone())
-            .ok_or(RaftError::UnknownNode(node))?;
+            .ok_or(PeerError::UnknownNode(node))?;
         self.pool.client(node, &addr)
     }
 
@@ -259,13 +186,19 @@ impl Shared {
 
     pub(crate) fn status(&self) -> NodeStatus {
         let m = self.metrics();
-        let (users, bindings, dialplan_version, calls) = {
+        let (users, bindings, dialplan_version, calls, draining, domain) = {
             let a = self.applied.read().unwrap_or_else(|e| e.into_inner());
             (
                 a.state.users.len() as u64,
                 a.state.binding_count() as u64,
                 a.state.dialplan.as_ref().map_or(0, |d| d.version),
                 a.state.calls.len() as u64,
+                a.state.draining.iter().copied().collect(),
+                a.state
+                    .settings
+                    .as_ref()
+                    .map(|s| s.domain.clone())
+                    .unwrap_or_default(),
             )
         };
         let membership = m.membership_config.membership();
@@ -294,6 +227,8 @@ impl Shared {
             bindings,
             dialplan_version,
             calls,
+            draining,
+            domain,
         }
     }
 
@@ -406,13 +341,11 @@ impl Shared {
                                 last_error = format!("node {id} is no longer the leader");
                             }
                         },
-                        Err(s) if s.code() == tonic::Code::Unavailable => {
+                        Err(PeerError::Unreachable(m)) => {
                             // The leader is gone or unreachable; nothing was delivered.
-                            last_error = format!("leader {id} unreachable: {}", s.message());
+                            last_error = format!("leader unreachable: {m}");
                         }
-                        Err(s) => {
-                            return Err(format!("leader {id}: {}: {}", s.code(), s.message()))
-                        }
+                        Err(e) => return Err(format!("leader {id}: {e}")),
                     }
                 }
                 None => {}
@@ -431,7 +364,7 @@ impl Shared {
 
 struct Proposal {
     command: Command,
-    reply: oneshot::Sender<Result<Response, RaftError>>,
+    reply: oneshot::Sender<Result<Response, PeerError>>,
 }
 
 /// Replicated state of one node: propose, read, status, membership.
@@ -454,11 +387,32 @@ impl std::ops::Deref for StateGuard<'_> {
 }
 
 impl Cluster {
-    /// Opens the stores, starts Raft and the peer link, and forms the cluster if this
-    /// node is the one to initialise it.
-    pub async fn start(config: ClusterConfig, store: Arc<SledStore>) -> Result<Cluster, RaftError> {
+    /// Binds the peer link on `config.listen`, then as [`Cluster::start_on`].
+    pub async fn start(
+        config: ClusterConfig,
+        store: Arc<dyn LogStore>,
+    ) -> Result<Cluster, PeerError> {
+        let listener = std::net::TcpListener::bind(config.listen)
+            .map_err(|e| PeerError::Transport(format!("peer link on {}: {e}", config.listen)))?;
+        Cluster::start_on(config, store, listener).await
+    }
+
+    /// Opens the stores, starts Raft and the peer link on `listener` (bound already, so
+    /// tests can bind port 0 and name the address to the other members first), and forms
+    /// the cluster if this node is the one to initialise it.
+    pub async fn start_on(
+        config: ClusterConfig,
+        store: Arc<dyn LogStore>,
+        listener: std::net::TcpListener,
+    ) -> Result<Cluster, PeerError> {
         let started = Instant::now();
-        let has_state = LogStorage::has_raft_state(&store)?;
+        let peer_addr = listener
+            .local_addr()
+            .and_then(|a| listener.set_nonblocking(true).map(|()| a))
+            .map_err(|e| PeerError::Transport(format!("peer link listener: {e}")))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| PeerError::Transport(format!("peer link on {peer_addr}: {e}")))?;
+        let has_state = LogStorage::has_raft_state(&*store).map_err(pbx_raft::RaftError::from)?;
         let sm = StateMachineStore::open(store.clone())?;
         let applied = sm.applied();
         let log = LogStorage::new(store.clone());
@@ -476,25 +430,20 @@ impl Cluster {
             ..Default::default()
         }
         .validate()
-        .map_err(|e| RaftError::Config(e.to_string()))?;
+        .map_err(|e| PeerError::Config(e.to_string()))?;
         let pool = PeerPool::new(
             Identity {
                 cluster_id: config.cluster_id.clone(),
                 node_id: config.node_id,
             },
-            (!config.listen.ip().is_unspecified()).then_some(config.listen.ip()),
+            (!peer_addr.ip().is_unspecified()).then_some(peer_addr.ip()),
             config.connect_timeout,
             config.write_timeout,
+            config.faults.clone(),
         )?;
         let raft = Raft::new(config.node_id, Arc::new(raft_config), pool.clone(), log, sm)
             .await
-            .map_err(|e| RaftError::Raft(e.to_string()))?;
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| RaftError::Transport(format!("peer link on {}: {e}", config.listen)))?;
-        let peer_addr = listener
-            .local_addr()
-            .map_err(|e| RaftError::Transport(e.to_string()))?;
+            .map_err(|e| PeerError::Raft(e.to_string()))?;
         let shared = Arc::new(Shared {
             config,
             raft,
@@ -547,14 +496,14 @@ impl Cluster {
     /// Commits a command through Raft; the response comes once it is committed on a
     /// majority and applied here. `Unavailable` means it could not be committed now
     /// (answer 503): it was not acknowledged, though it may still commit.
-    pub async fn propose(&self, command: Command) -> Result<Response, RaftError> {
+    pub async fn propose(&self, command: Command) -> Result<Response, PeerError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Proposal { command, reply })
             .await
-            .map_err(|_| RaftError::Unavailable("proposer stopped".into()))?;
+            .map_err(|_| PeerError::Unavailable("proposer stopped".into()))?;
         rx.await
-            .map_err(|_| RaftError::Unavailable("proposer stopped".into()))?
+            .map_err(|_| PeerError::Unavailable("proposer stopped".into()))?
     }
 
     /// The applied state (local read: every node answers for every user).
@@ -590,6 +539,12 @@ impl Cluster {
         self.shared.status()
     }
 
+    /// openraft's metrics of this node, to wait on (role, leader, log and applied
+    /// indexes change through it).
+    pub fn metrics(&self) -> tokio::sync::watch::Receiver<RaftMetrics<NodeId, Member>> {
+        self.shared.raft.metrics()
+    }
+
     /// Installs the receiver of relayed SIP messages (once).
     pub fn set_sip_relay(&self, relay: Arc<dyn SipRelay>) {
         let _ = self.shared.sip_relay.set(relay);
@@ -604,9 +559,9 @@ impl Cluster {
         phone: SocketAddr,
         message: Vec<u8>,
         from_phone: bool,
-    ) -> Result<bool, RaftError> {
+    ) -> Result<bool, PeerError> {
         let mut client = self.shared.peer_client(node)?;
-        let mut req = tonic::Request::new(crate::proto::RelayRequest {
+        let mut req = tonic::Request::new(pbx_proto::peer::RelayRequest {
             phone: phone.to_string(),
             message,
             from_phone,
@@ -615,7 +570,7 @@ impl Cluster {
         let reply = client
             .relay(req)
             .await
-            .map_err(|s| RaftError::Transport(format!("relay via node {node}: {}", s.message())))?;
+            .map_err(|s| PeerError::from_status(node, s))?;
         Ok(reply.into_inner().delivered)
     }
 
@@ -627,8 +582,13 @@ impl Cluster {
     /// Carries out a cluster operation on the node it concerns (the leader, or `on` /
     /// this node for a snapshot), reached over the peer link if need be; answers with
     /// that node's status afterwards.
-    pub async fn manage(&self, op: ManageOp, on: Option<NodeId>) -> Result<NodeStatus, RaftError> {
-        self.shared.manage(op, on).await.map_err(RaftError::from)
+    /// Errors: `Refused`, `UnknownNode`, or else `Unavailable` (nothing was changed).
+    pub async fn manage(&self, op: ManageOp, on: Option<NodeId>) -> Result<NodeStatus, PeerError> {
+        self.shared.manage(op, on).await.map_err(|e| match e {
+            PeerError::Refused(_) | PeerError::UnknownNode(_) | PeerError::Unavailable(_) => e,
+            PeerError::Unreachable(m) | PeerError::Transport(m) => PeerError::Unavailable(m),
+            other => PeerError::Unavailable(other.to_string()),
+        })
     }
 
     /// Asks a member for its status over the peer link (a liveness probe): Err when it
@@ -637,18 +597,18 @@ impl Cluster {
         &self,
         node: NodeId,
         timeout: Duration,
-    ) -> Result<NodeStatus, RaftError> {
+    ) -> Result<NodeStatus, PeerError> {
         if node == self.shared.config.node_id {
             return Ok(self.status());
         }
         let mut client = self.shared.peer_client(node)?;
-        let mut req = tonic::Request::new(crate::proto::StatusRequest {});
+        let mut req = tonic::Request::new(pbx_proto::peer::StatusRequest {});
         req.set_timeout(timeout);
         let reply = client
             .status(req)
             .await
-            .map_err(|s| RaftError::Transport(format!("node {node}: {}", s.message())))?;
-        Ok(NodeStatus::from_reply(reply.into_inner()))
+            .map_err(|s| PeerError::from_status(node, s))?;
+        Ok(reply.into_inner().into())
     }
 
     /// Installs the node's call control (once).
@@ -662,7 +622,7 @@ impl Cluster {
         node: NodeId,
         call_ids: Vec<String>,
         hangup: bool,
-    ) -> Result<Vec<CallMedia>, RaftError> {
+    ) -> Result<Vec<CallMedia>, PeerError> {
         if node == self.shared.config.node_id {
             return Ok(match self.shared.call_control.get() {
                 Some(c) => c.calls(call_ids, hangup).await,
@@ -670,20 +630,17 @@ impl Cluster {
             });
         }
         let mut client = self.shared.peer_client(node)?;
-        let mut req = tonic::Request::new(crate::proto::CallControlRequest { call_ids, hangup });
+        let mut req = tonic::Request::new(pbx_proto::peer::CallControlRequest { call_ids, hangup });
         req.set_timeout(Duration::from_secs(2));
         let reply = client
             .call_control(req)
             .await
-            .map_err(|s| RaftError::Transport(format!("node {node}: {}", s.message())))?;
+            .map_err(|s| PeerError::from_status(node, s))?;
         Ok(reply
             .into_inner()
             .calls
             .into_iter()
-            .map(|c| CallMedia {
-                call_id: c.call_id,
-                streams: c.streams.into_iter().map(Into::into).collect(),
-            })
+            .map(Into::into)
             .collect())
     }
 
@@ -746,7 +703,7 @@ async fn submit(shared: &Shared, batch: Vec<Proposal>) {
                     tracing::error!(?other, n, "batch answered with a mismatched response");
                     for reply in replies {
                         let _ =
-                            reply.send(Err(RaftError::Raft("mismatched batch response".into())));
+                            reply.send(Err(PeerError::Raft("mismatched batch response".into())));
                     }
                 }
             }
@@ -754,7 +711,7 @@ async fn submit(shared: &Shared, batch: Vec<Proposal>) {
         Err(e) => {
             tracing::debug!(error = %e, n, "batch not committed");
             for reply in replies {
-                let _ = reply.send(Err(RaftError::Unavailable(e.clone())));
+                let _ = reply.send(Err(PeerError::Unavailable(e.clone())));
             }
         }
     }

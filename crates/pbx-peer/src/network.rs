@@ -1,5 +1,6 @@
 //! The peer link, client side: one pooled gRPC channel per peer (created lazily,
-//! reconnected by tonic), every request stamped with our identity and a deadline.
+//! reconnected by tonic), every request stamped with our identity and a deadline and
+//! passed through the cluster's [`LinkFaults`]; openraft's `RaftNetwork` on it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,11 +19,16 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
-use crate::proto::peer_link_client::PeerLinkClient;
-use crate::proto::{ForwardReply, ForwardRequest, HandshakeReply, HandshakeRequest, RaftPayload};
-use crate::{Member, NodeId, RaftError, TypeConfig, PROTOCOL_VERSION};
+use pbx_proto::peer::peer_link_client::PeerLinkClient;
+use pbx_proto::peer::{
+    ForwardReply, ForwardRequest, HandshakeReply, HandshakeRequest, RaftPayload,
+};
+use pbx_raft::TypeConfig;
+
+use crate::faults::{FaultyChannel, LinkFaults};
+use crate::{Member, NodeId, PeerError, PROTOCOL_VERSION};
 
 /// Metadata keys carrying the sender's identity on every peer request.
 pub const MD_CLUSTER: &str = "x-pbx-cluster";
@@ -56,7 +62,7 @@ impl tonic::service::Interceptor for IdentityInterceptor {
     }
 }
 
-pub type PeerClient = PeerLinkClient<InterceptedService<Channel, IdentityInterceptor>>;
+pub type PeerClient = PeerLinkClient<InterceptedService<FaultyChannel, IdentityInterceptor>>;
 
 /// One channel per peer, shared by Raft replication and write forwarding.
 #[derive(Clone)]
@@ -68,6 +74,7 @@ pub struct PeerPool {
     interceptor: IdentityInterceptor,
     connect_timeout: Duration,
     request_timeout: Duration,
+    faults: LinkFaults,
     channels: Arc<Mutex<HashMap<NodeId, (String, PeerClient)>>>,
 }
 
@@ -77,10 +84,11 @@ impl PeerPool {
         local_ip: Option<std::net::IpAddr>,
         connect_timeout: Duration,
         request_timeout: Duration,
-    ) -> Result<PeerPool, RaftError> {
+        faults: LinkFaults,
+    ) -> Result<PeerPool, PeerError> {
         let ascii = |s: String| {
             s.parse::<MetadataValue<tonic::metadata::Ascii>>()
-                .map_err(|_| RaftError::Config(format!("cluster id {s:?} is not ASCII")))
+                .map_err(|_| PeerError::Config(format!("cluster id {s:?} is not ASCII")))
         };
         let interceptor = IdentityInterceptor {
             cluster: ascii(identity.cluster_id.clone())?,
@@ -92,13 +100,14 @@ impl PeerPool {
             interceptor,
             connect_timeout,
             request_timeout,
+            faults,
             channels: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
     /// The client for a peer at `addr`; the channel is created on first use and kept
     /// (tonic reconnects it), replaced only when the peer's address changes.
-    pub fn client(&self, id: NodeId, addr: &str) -> Result<PeerClient, RaftError> {
+    pub fn client(&self, id: NodeId, addr: &str) -> Result<PeerClient, PeerError> {
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((a, c)) = map.get(&id) {
             if a == addr {
@@ -106,13 +115,18 @@ impl PeerPool {
             }
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| RaftError::Config(format!("peer address {addr:?}: {e}")))?
+            .map_err(|e| PeerError::Config(format!("peer address {addr:?}: {e}")))?
             .connect_timeout(self.connect_timeout)
             .local_address(self.local_ip)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect_lazy();
+        let channel = FaultyChannel::new(
+            endpoint.connect_lazy(),
+            self.faults.clone(),
+            self.identity.node_id,
+            id,
+        );
         let client = PeerLinkClient::with_interceptor(channel, self.interceptor.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -122,7 +136,7 @@ impl PeerPool {
 
     /// Asks a peer who it is; refuses (with a clear error) a peer of another cluster or
     /// protocol version.
-    pub async fn handshake(&self, id: NodeId, addr: &str) -> Result<HandshakeReply, RaftError> {
+    pub async fn handshake(&self, id: NodeId, addr: &str) -> Result<HandshakeReply, PeerError> {
         let mut client = self.client(id, addr)?;
         let mut req = tonic::Request::new(HandshakeRequest {
             cluster_id: self.identity.cluster_id.clone(),
@@ -133,27 +147,22 @@ impl PeerPool {
         let reply = client
             .handshake(req)
             .await
-            .map_err(|s| {
-                RaftError::Transport(format!(
-                    "handshake with node {id} at {addr}: {}",
-                    s.message()
-                ))
-            })?
+            .map_err(|s| PeerError::from_status(id, s))?
             .into_inner();
         if reply.cluster_id != self.identity.cluster_id {
-            return Err(RaftError::Transport(format!(
+            return Err(PeerError::Transport(format!(
                 "node at {addr} belongs to cluster {:?}, not ours ({:?})",
                 reply.cluster_id, self.identity.cluster_id
             )));
         }
         if reply.protocol_version != PROTOCOL_VERSION {
-            return Err(RaftError::Transport(format!(
+            return Err(PeerError::Transport(format!(
                 "node at {addr} speaks peer protocol {}, we speak {PROTOCOL_VERSION}",
                 reply.protocol_version
             )));
         }
         if reply.node_id != id {
-            return Err(RaftError::Transport(format!(
+            return Err(PeerError::Transport(format!(
                 "node at {addr} is node {}, expected node {id}",
                 reply.node_id
             )));
@@ -161,22 +170,26 @@ impl PeerPool {
         Ok(reply)
     }
 
-    /// Hands an encoded command to the leader. A `tonic::Status` with code
-    /// `UNAVAILABLE` means the request never reached it (connection refused or lost
-    /// before sending); any other failure leaves the outcome unknown.
+    /// Hands an encoded command to the leader. [`PeerError::Unreachable`] means the
+    /// request never reached it (connection refused or lost before sending); any other
+    /// failure leaves the outcome unknown.
     pub async fn forward(
         &self,
         id: NodeId,
         addr: &str,
         command: Vec<u8>,
         timeout: Duration,
-    ) -> Result<ForwardReply, tonic::Status> {
+    ) -> Result<ForwardReply, PeerError> {
         let mut client = self
             .client(id, addr)
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            .map_err(|e| PeerError::Unreachable(e.to_string()))?;
         let mut req = tonic::Request::new(ForwardRequest { command });
         req.set_timeout(timeout);
-        client.forward(req).await.map(|r| r.into_inner())
+        client
+            .forward(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| PeerError::from_status(id, s))
     }
 }
 
@@ -194,7 +207,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerPool {
 /// openraft's view of the link to one peer.
 pub struct PeerConnection {
     target: NodeId,
-    client: Result<PeerClient, RaftError>,
+    client: Result<PeerClient, PeerError>,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
@@ -252,22 +265,20 @@ impl std::fmt::Display for Msg {
 
 impl std::error::Error for Msg {}
 
-/// A peer that cannot be reached makes openraft back off; any other failure is retried.
+/// A peer that cannot be reached (or refuses us) makes openraft back off; any other
+/// failure is retried.
 fn status_to_rpc_error<E: std::error::Error>(
     target: NodeId,
     s: tonic::Status,
 ) -> RPCError<NodeId, Member, OpenraftError<NodeId, E>> {
-    let msg = Msg(format!("node {target}: {}: {}", s.code(), s.message()));
-    match s.code() {
-        tonic::Code::FailedPrecondition => {
-            tracing::error!(
-                target_node = target,
-                reason = s.message(),
-                "peer refused us"
-            );
+    let e = PeerError::from_status(target, s);
+    let msg = Msg(e.to_string());
+    match e {
+        PeerError::Refused(reason) => {
+            tracing::error!(target_node = target, %reason, "peer refused us");
             RPCError::Unreachable(Unreachable::new(&msg))
         }
-        tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&msg)),
+        PeerError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&msg)),
         _ => RPCError::Network(NetworkError::new(&msg)),
     }
 }
