@@ -130,6 +130,9 @@ pub struct NewCall {
 }
 
 /// What the driver must do with a message it fed to [`Endpoint::handle`].
+// Returned by value and carried out at once: boxing the large variants would cost an
+// allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Event<C> {
     /// Send these bytes.
