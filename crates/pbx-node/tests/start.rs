@@ -106,5 +106,38 @@ async fn a_node_on_port_zero_listeners_registers_a_phone() {
             .len(),
         1
     );
+
+    // A call to a user that does not exist: admitted, the dialplan dials, the call answers
+    // 404 through the INVITE's transaction.
+    let challenge = exchange(&phone, node.sip_addr, &invite(me, "i1", None)).await;
+    assert_eq!(challenge.status(), Some(407));
+    let ch = AuthHeader::parse(challenge.header(&HeaderName::ProxyAuthenticate).unwrap()).unwrap();
+    let auth = ClientAuth {
+        algorithm: Algorithm::parse(ch.get("algorithm")).unwrap(),
+        user: "alice",
+        password: "secret",
+        realm: ch.get("realm").unwrap(),
+        nonce: ch.get("nonce").unwrap(),
+        method: "INVITE",
+        uri: "sip:nobody@pbx.test",
+        nc: 1,
+        cnonce: "0a4f113c",
+    }
+    .header_value();
+    let mut answer = exchange(&phone, node.sip_addr, &invite(me, "i2", Some(&auth))).await;
+    while answer.status().is_some_and(|s| s < 200) {
+        let mut buf = vec![0u8; 65_536];
+        let n = tokio::time::timeout(Duration::from_secs(5), phone.recv(&mut buf))
+            .await
+            .expect("a final answer within 5 s")
+            .unwrap();
+        answer = parse_datagram(&buf[..n], &Limits::default()).unwrap();
+    }
+    assert_eq!(answer.status(), Some(404));
+    assert_ne!(
+        answer.header(&HeaderName::Warning),
+        Some("399 pbxd \"no such extension\""),
+        "answered by the call's Dial, not refused at admission"
+    );
     node.stop().await;
 }
