@@ -1,44 +1,43 @@
 //! The call layer of a node: one task per call driving a [`pbx_b2bua::Call`], its relay
-//! streams and its timers; a Call-ID table the transport routes messages through.
+//! streams and its timers. The SIP decisions (admission, which contacts to ring) are the
+//! endpoint's ([`pbx_endpoint`]); messages reach a call through the endpoint's routes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pbx_b2bua::{Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Output};
-use pbx_dialplan::{CallerId, DialTarget, Dialplan, Execution, LogLevel};
+use pbx_dialplan::{DialTarget, LogLevel};
 use pbx_dns::locate::{DeadTargets, Destination, SipTransport, SplitMix, Target};
+use pbx_endpoint::{CallMessage, Dest, Endpoint, NewCall, Refused, SkipReason};
 use pbx_media::{MediaConfig, MediaEvent, MediaRelay, Stream};
 use pbx_media_core::Mode;
 use pbx_peer::{BoxFuture, CallMedia, Cluster, MediaCounters};
-use pbx_registrar::Inbound;
 use pbx_sdp::Sdp;
 use pbx_sip_core::{Timers, TransactionKey};
-use pbx_sip_msg::{CoreHeaders, MessageWriter, ReplyHead, SipMessage};
-use pbx_state::{Command, State, Transport};
-use tokio::sync::{mpsc, oneshot};
+use pbx_state::{Command, Transport};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::transport::{lock, send, Dest, Shared};
+use crate::transport::{lock, Io};
 use crate::{unix_ms, NodeError};
 
-/// A message for a call, routed by Call-ID.
+/// A call's input queue: the endpoint's handle on a running call.
+pub(crate) type CallTx = mpsc::UnboundedSender<CallInput>;
+/// The node's SIP endpoint.
+pub(crate) type SipEndpoint = Endpoint<CallTx>;
+
+/// What a call's task is told.
+// Most inputs are SIP messages: boxing them would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum CallInput {
-    Request {
-        msg: SipMessage,
-        core: CoreHeaders,
-        key: TransactionKey,
-        source: SocketAddr,
-    },
-    Response {
-        msg: SipMessage,
-        core: CoreHeaders,
-    },
+    /// A request or response of the call, routed by Call-ID.
+    Sip(CallMessage),
     /// The answer to an asynchronous [`Output::Resolve`] (a target in another domain).
     Resolved {
         contacts: Vec<Contact<Dest>>,
@@ -58,18 +57,18 @@ pub(crate) enum CallInput {
 const CAUSE_ADMIN_HANGUP: u16 = 16;
 
 /// The node's side of the `CallControl` peer RPC and of the local admin API.
-pub(crate) struct CallControlHook(pub(crate) std::sync::Weak<Shared>);
+pub(crate) struct CallControlHook(pub(crate) Weak<CallLayer>);
 
 impl pbx_peer::CallControl for CallControlHook {
     fn calls(&self, call_ids: Vec<String>, hangup: bool) -> BoxFuture<Vec<CallMedia>> {
-        let shared = self.0.upgrade();
+        let layer = self.0.upgrade();
         Box::pin(async move {
-            let Some(shared) = shared else {
+            let Some(layer) = layer else {
                 return Vec::new();
             };
             let mut asked = Vec::new();
             for id in call_ids {
-                if let Some(tx) = shared.calls.route(&id) {
+                if let Some(tx) = layer.endpoint.call(&id) {
                     let (reply, rx) = oneshot::channel();
                     if tx.send(CallInput::Control { hangup, reply }).is_ok() {
                         asked.push((id, rx));
@@ -93,15 +92,14 @@ type PromptCache = HashMap<(String, u8), Option<Arc<[u8]>>>;
 
 pub(crate) struct CallLayer {
     node_id: u64,
-    server_name: String,
+    endpoint: Arc<SipEndpoint>,
+    io: Arc<Io>,
+    cluster: Cluster,
+    /// Wakes the endpoint's timer when a call's response started a sooner timer.
+    wake: Arc<Notify>,
     relay: Option<MediaRelay>,
     sounds_dir: PathBuf,
     prompts: Mutex<PromptCache>,
-    routes: Mutex<HashMap<String, mpsc::UnboundedSender<CallInput>>>,
-    active: AtomicUsize,
-    max_calls: usize,
-    /// The compiled dialplan of the version last used.
-    plan: Mutex<Option<(u64, Arc<Dialplan>)>>,
     seed: AtomicU64,
     /// Call records on their way to the replicated state ([`record_writer`]).
     records: mpsc::UnboundedSender<Command>,
@@ -115,13 +113,15 @@ pub(crate) struct CallLayer {
 impl CallLayer {
     pub(crate) fn new(
         config: &Config,
-        sip_addr: SocketAddr,
+        endpoint: Arc<SipEndpoint>,
+        io: Arc<Io>,
         cluster: Cluster,
+        wake: Arc<Notify>,
     ) -> Result<CallLayer, NodeError> {
         let c = &config.calls;
         let relay = if c.relay_media {
             let relay = MediaRelay::new(MediaConfig {
-                ip: c.rtp_ip.unwrap_or(sip_addr.ip()),
+                ip: c.rtp_ip.unwrap_or(io.local_addr.ip()),
                 port_min: c.rtp_port_min,
                 port_max: c.rtp_port_max,
                 no_media_timeout: if c.no_media_timeout == 0 {
@@ -136,18 +136,17 @@ impl CallLayer {
             None
         };
         let (records, rx) = mpsc::unbounded_channel();
-        tokio::spawn(record_writer(cluster, rx));
+        tokio::spawn(record_writer(cluster.clone(), rx));
         Ok(CallLayer {
             records,
             node_id: config.node.id,
-            server_name: config.handler_config(Vec::new()).server_name,
+            endpoint,
+            io,
+            cluster,
+            wake,
             relay,
             sounds_dir: config.resolve(&c.sounds_dir),
             prompts: Mutex::new(HashMap::new()),
-            routes: Mutex::new(HashMap::new()),
-            active: AtomicUsize::new(0),
-            max_calls: c.max_calls,
-            plan: Mutex::new(None),
             seed: AtomicU64::new(rand::random::<u64>() & !0xffff | config.node.id),
             resolver: tokio::sync::OnceCell::new(),
             resolvers: config.dns.resolvers.clone(),
@@ -157,27 +156,14 @@ impl CallLayer {
         })
     }
 
-    /// The call that owns this Call-ID, if any.
-    pub(crate) fn route(&self, call_id: &str) -> Option<mpsc::UnboundedSender<CallInput>> {
-        lock(&self.routes).get(call_id).cloned()
-    }
-
-    pub(crate) fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
-    }
-
-    fn dialplan(&self, state: &State) -> Option<Arc<Dialplan>> {
-        let stored = state.dialplan.as_ref()?;
-        let mut cache = lock(&self.plan);
-        if let Some((v, plan)) = cache.as_ref() {
-            if *v == stored.version {
-                return Some(plan.clone());
-            }
+    /// Sends a call's response through its server transaction `key`.
+    fn respond(&self, key: &TransactionKey, status: u16, bytes: Bytes) {
+        if let Some(t) = self.endpoint.respond(Instant::now(), key, status, bytes) {
+            self.io.send(t.dest, t.bytes);
         }
-        // Validated before it was committed; a failure here is a bug, not input.
-        let plan = Arc::new(Dialplan::parse(&stored.source).ok()?);
-        *cache = Some((stored.version, plan.clone()));
-        Some(plan)
+        if self.endpoint.take_timers_moved() {
+            self.wake.notify_one();
+        }
     }
 
     /// The prompts as one G.711 stream (`pt` 0: .ulaw, 8: .alaw); missing files are
@@ -205,127 +191,30 @@ impl CallLayer {
     }
 }
 
-impl pbx_b2bua::Destination for Dest {
-    fn transport(&self) -> Transport {
-        match self {
-            Dest::Udp(_) => Transport::Udp,
-            Dest::Conn(_, _, t) | Dest::Peer(_, _, t) => *t,
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Dest::Udp(a) => a.to_string(),
-            Dest::Conn(_, a, t) => format!("{a} ({})", t.as_str()),
-            Dest::Peer(node, a, t) => format!("{a} ({}) via node {node}", t.as_str()),
-        }
-    }
-}
-
-/// Answers the INVITE `key` (its server transaction exists) without a call.
-fn reject(
-    shared: &Arc<Shared>,
-    req: &Inbound<'_>,
-    key: &TransactionKey,
-    status: u16,
-    warning: &str,
-) {
-    let head = ReplyHead::new(req.core, req.source, &shared.calls.server_name);
-    let mut w = MessageWriter::response(status);
-    head.write(&mut w, status);
-    if status == 503 {
-        w.header("Retry-After", &shared.retry_after.to_string());
-    }
-    if !warning.is_empty() {
-        w.header_fmt("Warning", format_args!("399 pbxd \"{warning}\""));
-    }
-    respond(shared, key, status, Bytes::from(w.finish(b"")));
-}
-
-/// Sends a response through the server transaction `key`.
-fn respond(shared: &Arc<Shared>, key: &TransactionKey, status: u16, bytes: Bytes) {
-    let out = {
-        let mut table = lock(&shared.table);
-        table
-            .respond(Instant::now(), key, status, bytes)
-            .ok()
-            .zip(table.dest(key))
-    };
-    if let Some((b, dest)) = out {
-        send(shared, dest, b);
-    }
-    if status >= 200 {
-        shared.timer_wake.notify_one();
-    }
-}
-
-/// Starts a call for an authenticated INVITE whose server transaction `key` exists.
-pub(crate) fn start_call(
-    shared: &Arc<Shared>,
-    msg: SipMessage,
-    core: CoreHeaders,
-    key: TransactionKey,
-    source: SocketAddr,
-    dest: Dest,
-    caller: String,
-) {
-    let layer = &shared.calls;
-    let req = Inbound {
-        msg: &msg,
-        core: &core,
-        source,
-        transport: pbx_b2bua::Destination::transport(&dest),
-    };
-    if layer.active() >= layer.max_calls {
-        tracing::warn!(limit = layer.max_calls, "call limit reached: 503");
-        return reject(shared, &req, &key, 503, "call limit reached on this node");
-    }
-    let uri = msg
-        .request_uri()
-        .and_then(|u| pbx_sip_msg::Uri::parse(u).ok());
-    // RFC 5630: a `sips:` call is only put through over TLS.
-    let secure = uri.as_ref().is_some_and(|u| u.scheme == "sips");
-    let exten = uri.and_then(|u| u.user_unescaped()).unwrap_or_default();
-    let now_ms = unix_ms();
-    let (exec, domain) = {
-        let state = shared.state.read();
-        let Some(plan) = layer.dialplan(&state) else {
-            return reject(shared, &req, &key, 503, "no dialplan yet");
-        };
-        let user = state.users.get(&caller);
-        let context = user.map_or("default", |u| u.context.as_str());
-        let name = user
-            .and_then(|u| u.caller_id_name.clone())
-            .or_else(|| core.from.display.clone())
-            .unwrap_or_default();
-        let caller_id = CallerId {
-            num: caller.clone(),
-            name: name.trim_matches('"').to_string(),
-        };
-        let domain = state
-            .settings
-            .as_ref()
-            .map(|s| s.domain.clone())
-            .unwrap_or_default();
-        match Execution::start(plan, context, &exten, caller_id) {
-            Ok(e) => (e, domain),
-            Err(e) => {
-                tracing::info!(%caller, %exten, context, error = %e, "no route: 404");
-                return reject(shared, &req, &key, 404, "no such extension");
-            }
-        }
-    };
+/// Starts a call the endpoint admitted: opens its relay streams (or refuses it, 503,
+/// when no ports are free) and its task.
+pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
     // One relay stream per m-line the caller offers (at least one, for our own offer).
     let mut streams = Vec::new();
     let media = match &layer.relay {
         Some(relay) => {
-            let n = Sdp::parse(&msg.body).map_or(1, |s| s.media.len().max(1));
+            let n = Sdp::parse(&new.msg.body).map_or(1, |s| s.media.len().max(1));
             for _ in 0..n {
                 match relay.open(Mode::Bridge) {
                     Ok(s) => streams.push(s),
                     Err(e) => {
                         tracing::warn!(error = %e, "no RTP ports: 503");
-                        return reject(shared, &req, &key, 503, "no media ports free");
+                        if let Some(t) =
+                            layer
+                                .endpoint
+                                .refuse(Instant::now(), &new, &Refused::NoMediaPorts)
+                        {
+                            layer.io.send(t.dest, t.bytes);
+                        }
+                        if layer.endpoint.take_timers_moved() {
+                            layer.wake.notify_one();
+                        }
+                        return;
                     }
                 }
             }
@@ -336,31 +225,42 @@ pub(crate) fn start_call(
         }
         None => None,
     };
+    let NewCall {
+        msg,
+        core,
+        key,
+        source,
+        dest,
+        caller,
+        exten,
+        secure,
+        domain,
+        exec,
+    } = new;
     let params = CallParams {
         node_id: layer.node_id,
-        local: shared.local_addr,
-        tls_local: shared.tls_addr,
+        local: layer.io.local_addr,
+        tls_local: layer.io.tls_addr,
         domain,
-        server_name: layer.server_name.clone(),
+        server_name: layer.endpoint.server_name().to_string(),
         timers: Timers::default(),
         seed: layer.seed.fetch_add(1 << 16, Ordering::Relaxed),
         media,
         caller_user: caller.clone(),
-        now_ms,
+        now_ms: unix_ms(),
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    lock(&layer.routes).insert(core.call_id.clone(), tx.clone());
-    layer.active.fetch_add(1, Ordering::Relaxed);
+    layer.endpoint.start_call(&core.call_id, tx.clone());
     let call = Call::new(Instant::now(), params, &msg, &core, key, source, dest, exec);
     tracing::info!(%caller, %exten, "call started");
     let span = tracing::Span::current();
-    tokio::spawn(run_call(shared.clone(), call, tx, rx, streams, secure).instrument(span));
+    tokio::spawn(run_call(layer.clone(), call, tx, rx, streams, secure).instrument(span));
 }
 
 /// The task of one call: feeds it messages, timer ticks and media events, carries out
 /// what it asks for.
 async fn run_call(
-    shared: Arc<Shared>,
+    layer: Arc<CallLayer>,
     mut call: Call<Dest>,
     tx: mpsc::UnboundedSender<CallInput>,
     mut rx: mpsc::UnboundedReceiver<CallInput>,
@@ -390,7 +290,7 @@ async fn run_call(
     };
     loop {
         while let Some(out) = call.poll_output() {
-            carry_out(&shared, &mut call, out, &mut task);
+            carry_out(&layer, &mut call, out, &mut task);
         }
         if call.is_done() {
             break;
@@ -402,10 +302,12 @@ async fn run_call(
             input = rx.recv() => {
                 let now = Instant::now();
                 match input {
-                    Some(CallInput::Request { msg, core, key, source }) => {
+                    Some(CallInput::Sip(CallMessage::Request { msg, core, key, source })) => {
                         call.on_request(now, &msg, &core, key, source);
                     }
-                    Some(CallInput::Response { msg, core }) => call.on_response(now, &msg, &core),
+                    Some(CallInput::Sip(CallMessage::Response { msg, core })) => {
+                        call.on_response(now, &msg, &core)
+                    }
                     Some(CallInput::Resolved { contacts, unreachable }) => {
                         call.on_resolved(now, contacts, unreachable);
                     }
@@ -431,12 +333,9 @@ async fn run_call(
         }
     }
     if task.active {
-        shared.calls.active.fetch_sub(1, Ordering::Relaxed);
+        layer.endpoint.call_ended();
     }
-    let mut routes = lock(&shared.calls.routes);
-    for id in task.claimed {
-        routes.remove(&id);
-    }
+    layer.endpoint.release_call_ids(&task.claimed);
 }
 
 /// What the task of one call keeps beside the call itself.
@@ -452,7 +351,12 @@ struct CallTask {
     secure: bool,
 }
 
-fn carry_out(shared: &Arc<Shared>, call: &mut Call<Dest>, out: Output<Dest>, task: &mut CallTask) {
+fn carry_out(
+    layer: &Arc<CallLayer>,
+    call: &mut Call<Dest>,
+    out: Output<Dest>,
+    task: &mut CallTask,
+) {
     let CallTask {
         tx,
         claimed,
@@ -462,10 +366,10 @@ fn carry_out(shared: &Arc<Shared>, call: &mut Call<Dest>, out: Output<Dest>, tas
     } = task;
     let secure = *secure;
     match out {
-        Output::Respond { key, status, bytes } => respond(shared, &key, status, bytes),
-        Output::Send { dest, bytes } => send(shared, dest, bytes),
+        Output::Respond { key, status, bytes } => layer.respond(&key, status, bytes),
+        Output::Send { dest, bytes } => layer.io.send(dest, bytes),
         Output::Resolve(targets) => {
-            let (contacts, unreachable) = resolve(shared, &targets, secure);
+            let (contacts, unreachable) = resolve(layer, &targets, secure);
             let remote: Vec<(String, String)> = targets
                 .iter()
                 .filter_map(|t| match t {
@@ -477,13 +381,13 @@ fn carry_out(shared: &Arc<Shared>, call: &mut Call<Dest>, out: Output<Dest>, tas
                 call.on_resolved(Instant::now(), contacts, unreachable);
             } else {
                 // DNS takes time: the call gets the answer as an input.
-                let shared = shared.clone();
+                let layer = layer.clone();
                 let tx = tx.clone();
-                let seed = shared.calls.seed.fetch_add(1 << 16, Ordering::Relaxed);
+                let seed = layer.seed.fetch_add(1 << 16, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let mut contacts = contacts;
                     for (user, host) in remote {
-                        contacts.extend(resolve_remote(&shared, &user, &host, seed, secure).await);
+                        contacts.extend(resolve_remote(&layer, &user, &host, seed, secure).await);
                     }
                     let _ = tx.send(CallInput::Resolved {
                         contacts,
@@ -501,7 +405,7 @@ fn carry_out(shared: &Arc<Shared>, call: &mut Call<Dest>, out: Output<Dest>, tas
             };
             if let Some((addr, transport)) = located {
                 tracing::info!(call = call.id(), target = %addr, transport = transport.naptr_service(), "target failed: tried last for a while");
-                let mut dead = lock(&shared.calls.dead);
+                let mut dead = lock(&layer.dead);
                 // Phones' failures land here too: forget what has expired as we go.
                 dead.expire(Instant::now());
                 dead.mark_dead(
@@ -515,7 +419,7 @@ fn carry_out(shared: &Arc<Shared>, call: &mut Call<Dest>, out: Output<Dest>, tas
             }
         }
         Output::ClaimCallId(id) => {
-            lock(&shared.calls.routes).insert(id.clone(), tx.clone());
+            layer.endpoint.claim_call_id(&id, tx.clone());
             claimed.push(id);
         }
         Output::Media(op) => match op {
@@ -530,10 +434,7 @@ fn carry_out(shared: &Arc<Shared>, call: &mut Call<Dest>, out: Output<Dest>, tas
                 prompts,
                 payload_type,
             } => match streams.get(stream) {
-                Some(s) => s.play(
-                    shared.calls.prompt_audio(&prompts, payload_type),
-                    payload_type,
-                ),
+                Some(s) => s.play(layer.prompt_audio(&prompts, payload_type), payload_type),
                 None => call.on_media(Instant::now(), MediaNotice::PlaybackDone),
             },
         },
@@ -544,18 +445,18 @@ fn carry_out(shared: &Arc<Shared>, call: &mut Call<Dest>, out: Output<Dest>, tas
             LogLevel::Debug => tracing::debug!(call = call.id(), "{message}"),
         },
         Output::Record(record) => {
-            let _ = shared.calls.records.send(Command::CallAnswered(*record));
+            let _ = layer.records.send(Command::CallAnswered(*record));
         }
         Output::Ended { cause, answered } => {
             tracing::info!(call = call.id(), cause, answered, "call ended");
             if *active {
                 *active = false;
-                shared.calls.active.fetch_sub(1, Ordering::Relaxed);
+                layer.endpoint.call_ended();
             }
             // Dropping the streams stops the relay and frees the ports.
             streams.clear();
             if answered {
-                let _ = shared.calls.records.send(Command::CallEnded {
+                let _ = layer.records.send(Command::CallEnded {
                     id: call.id().to_string(),
                 });
             }
@@ -568,13 +469,12 @@ fn carry_out(shared: &Arc<Shared>, call: &mut Call<Dest>, out: Output<Dest>, tas
 /// recently last. `host` may carry `;transport=udp|tcp|tls`; a `sips:` call (`secure`)
 /// only goes over TLS. None when the domain resolves to nothing usable.
 async fn resolve_remote(
-    shared: &Arc<Shared>,
+    layer: &Arc<CallLayer>,
     user: &str,
     host: &str,
     seed: u64,
     secure: bool,
 ) -> Option<Contact<Dest>> {
-    let layer = &shared.calls;
     let resolver = layer
         .resolver
         .get_or_init(|| async {
@@ -605,7 +505,7 @@ async fn resolve_remote(
         _ => (hostport.to_string(), None),
     };
     let mut supported = vec![SipTransport::Udp, SipTransport::Tcp];
-    if shared.tls_client.is_some() {
+    if layer.io.tls_client() {
         supported.push(SipTransport::Tls);
     }
     let resolution = resolver
@@ -630,9 +530,9 @@ async fn resolve_remote(
             _ if secure && t.transport != SipTransport::Tls => continue,
             SipTransport::Udp => dests.push(Dest::Udp(addr)),
             SipTransport::Tcp => dests.push(Dest::Conn(0, addr, Transport::Tcp)),
-            SipTransport::Tls if shared.tls_client.is_some() => {
+            SipTransport::Tls if layer.io.tls_client() => {
                 // The certificate must name the domain called (RFC 5922 §4.1).
-                lock(&shared.tls_names).insert(addr, name.clone());
+                layer.io.expect_tls_name(addr, &name);
                 dests.push(Dest::Conn(0, addr, Transport::Tls));
             }
             _ => {}
@@ -712,54 +612,22 @@ async fn record_writer(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Command
 }
 
 /// The contacts of the Dial targets, and the status when there are none (404: no such
-/// user, 480: nobody registered).
-fn resolve(
-    shared: &Arc<Shared>,
-    targets: &[DialTarget],
-    secure: bool,
-) -> (Vec<Contact<Dest>>, u16) {
-    let now_ms = unix_ms();
-    let state = shared.state.read();
-    let mut contacts = Vec::new();
-    let mut known = false;
-    for t in targets {
-        match t {
-            DialTarget::User(user) => {
-                if !state.users.contains_key(user) {
-                    continue;
-                }
-                known = true;
-                for b in state.bindings_of(user, now_ms) {
-                    let Ok(addr) = b.source.parse::<SocketAddr>() else {
-                        continue;
-                    };
-                    if addr == shared.local_addr {
-                        tracing::warn!(%user, uri = %b.uri, "contact points at this node: skipped (loop)");
-                        continue;
-                    }
-                    if secure && b.transport != Transport::Tls {
-                        tracing::info!(%user, uri = %b.uri, "sips: call: contact not on TLS skipped");
-                        continue;
-                    }
-                    let dest = match b.transport {
-                        Transport::Udp => Dest::Udp(addr),
-                        t if b.node_id == shared.node_id => Dest::Conn(0, addr, t),
-                        // Only the home node holds the phone's connection.
-                        t => Dest::Peer(b.node_id, addr, t),
-                    };
-                    contacts.push(Contact {
-                        uri: b.uri.clone(),
-                        dest,
-                        route: b.path.clone(),
-                        user: user.clone(),
-                        alternates: Vec::new(),
-                        domain: None,
-                    });
-                }
+/// user, 480: nobody registered); the endpoint chooses them.
+fn resolve(layer: &CallLayer, targets: &[DialTarget], secure: bool) -> (Vec<Contact<Dest>>, u16) {
+    let chosen = {
+        let state = layer.cluster.read();
+        layer.endpoint.contacts(&state, targets, secure, unix_ms())
+    };
+    for s in &chosen.skipped {
+        let (user, uri) = (&s.user, &s.uri);
+        match s.reason {
+            SkipReason::Loop => {
+                tracing::warn!(%user, %uri, "contact points at this node: skipped (loop)")
             }
-            // Resolved asynchronously ([`resolve_remote`]).
-            DialTarget::Uri { .. } => known = true,
+            SkipReason::NotTls => {
+                tracing::info!(%user, %uri, "sips: call: contact not on TLS skipped")
+            }
         }
     }
-    (contacts, if known { 480 } else { 404 })
+    (chosen.contacts, chosen.unreachable)
 }

@@ -1,10 +1,11 @@
 //! Composition root of a PBX node: configuration, storage, the replicated state
-//! (Raft), the SIP transports and the request handler, wired together by
-//! [`Node::start`].
+//! (Raft), the SIP sockets and the SIP endpoint's driver, wired together by
+//! [`Node::start`] on listeners bound beforehand ([`Listeners`]).
 
 mod calls;
 pub mod config;
 mod dns;
+mod sip;
 mod tls;
 mod transport;
 
@@ -15,15 +16,16 @@ use std::time::Duration;
 
 use pbx_peer::Cluster;
 use pbx_registrar::digest::{ha1, Algorithm};
-use pbx_registrar::RequestHandler;
 use pbx_state::{ClusterSettings, Command, Response, User};
 use pbx_storage::SledStore;
 use rand::RngCore;
 
 pub use config::Config;
 pub use pbx_peer::unix_ms;
+pub use transport::Listeners;
 
-/// Errors of a node. Converted to SIP answers (503) at the transport boundary.
+/// Errors of a node: configuration, storage and start-up. (A request that cannot be
+/// served gets its SIP answer from the endpoint, never one of these.)
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("{path}: {reason}")]
@@ -33,7 +35,7 @@ pub enum NodeError {
     #[error("state: {0}")]
     State(#[from] pbx_state::StateError),
     #[error("{0}")]
-    Registrar(#[from] pbx_registrar::RegistrarError),
+    Endpoint(#[from] pbx_endpoint::EndpointError),
     #[error("cluster: {0}")]
     Cluster(#[from] pbx_peer::PeerError),
     #[error("media relay: {0}")]
@@ -60,10 +62,11 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens storage, starts Raft and the peer link, binds the SIP listeners and starts
-    /// serving. Settings and users are committed in the background once the cluster has
-    /// a leader; [`Cluster::is_ready`] tells when that is done.
-    pub async fn start(config: Config) -> Result<Node, NodeError> {
+    /// Opens storage, starts Raft and the peer link and serves SIP (and the admin API)
+    /// on `listeners` ([`Listeners::bind`], or sockets a test bound on port 0). Settings
+    /// and users are committed in the background once the cluster has a leader;
+    /// [`Cluster::is_ready`] tells when that is done.
+    pub async fn start(config: Config, mut listeners: Listeners) -> Result<Node, NodeError> {
         // A bad dialplan file stops the node here, with file:line, not later.
         let initial_dialplan = match &config.cluster.dialplan_file {
             Some(path) => config::load_dialplan(&config.resolve(path))?,
@@ -78,39 +81,32 @@ impl Node {
             &data_dir.join("state"),
             config.storage.cache_mb << 20,
         )?);
-        let (udp, tcp) = transport::bind(config.node.sip_addr, &config.transport)?;
-        let sip_addr = udp.local_addr().map_err(|source| NodeError::Bind {
-            addr: config.node.sip_addr,
-            source,
-        })?;
-        let tls = match sip_tls {
-            Some(tls) => {
-                let listener = transport::bind_tls(config.tls_addr())?;
-                Some(transport::TlsListener { listener, tls })
-            }
+        let sip_addr = listeners
+            .udp
+            .local_addr()
+            .map_err(|source| NodeError::Bind {
+                addr: config.node.sip_addr,
+                source,
+            })?;
+        let tls_addr = match &sip_tls {
+            Some(_) => listeners.tls.as_ref().and_then(|l| l.local_addr().ok()),
             None => None,
         };
-        let tls_addr = tls.as_ref().and_then(|t| t.listener.local_addr().ok());
+        let admin_listener = listeners.admin.take();
         let cluster = Cluster::start(config.cluster_config(sip_addr), store).await?;
         let peer_addr = cluster.peer_addr;
 
         let mut local_hosts = vec![sip_addr.ip().to_string(), sip_addr.to_string()];
         local_hosts.extend(tls_addr.map(|a| a.to_string()));
         local_hosts.extend(config.node.aliases.iter().cloned());
-        let handler = Arc::new(RequestHandler::new(config.handler_config(local_hosts))?);
-        let calls = calls::CallLayer::new(&config, sip_addr, cluster.clone())?;
-        let mut tasks = transport::serve(
-            transport::Listeners {
-                udp,
-                tcp,
-                tls,
-                tls_client,
-            },
-            handler,
+        let mut tasks = sip::serve(
+            listeners,
+            sip_tls,
+            tls_client,
+            config.handler_config(local_hosts),
             cluster.clone(),
-            calls,
             &config,
-        );
+        )?;
         tasks.push(tokio::spawn(bootstrap(
             config.clone(),
             initial_dialplan,
@@ -121,12 +117,12 @@ impl Node {
             config.registrar.sweep_interval,
         )));
         tasks.push(tokio::spawn(commit_reporter(cluster.clone())));
-        let admin_addr = match admin_token {
-            Some(token) => {
-                let want = config.admin_addr();
-                let err = |source| NodeError::Bind { addr: want, source };
-                let listener = std::net::TcpListener::bind(want).map_err(err)?;
-                let addr = listener.local_addr().map_err(err)?;
+        let admin_addr = match (admin_token, admin_listener) {
+            (Some(token), Some(listener)) => {
+                let addr = listener.local_addr().map_err(|source| NodeError::Bind {
+                    addr: config.admin_addr(),
+                    source,
+                })?;
                 let tls = admin_tls.is_some();
                 let mutual = admin_tls.as_ref().is_some_and(|t| t.client_ca.is_some());
                 tasks.push(
@@ -136,7 +132,11 @@ impl Node {
                 tracing::info!(%addr, tls, mutual_tls = mutual, "admin API (bearer token) listening");
                 Some(addr)
             }
-            None => {
+            (Some(_), None) => {
+                tracing::warn!("an admin token but no admin listener: admin API off");
+                None
+            }
+            (None, _) => {
                 tracing::warn!(
                     "no admin token (admin.token_file or PBX_ADMIN_TOKEN): admin API off"
                 );
@@ -342,7 +342,8 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    let node = Node::start(config).await?;
+    let listeners = Listeners::bind(&config)?;
+    let node = Node::start(config, listeners).await?;
     shutdown.await;
     tracing::info!("shutting down");
     node.stop().await;

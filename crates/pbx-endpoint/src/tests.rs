@@ -1,0 +1,518 @@
+//! The endpoint on virtual time: REGISTER commits, call admission, routing by Call-ID,
+//! relayed calls.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use pbx_dialplan::DialTarget;
+use pbx_registrar::digest::{ha1, Algorithm, ClientAuth};
+use pbx_registrar::HandlerConfig;
+use pbx_sip_core::Timers;
+use pbx_sip_msg::{parse_datagram, AuthHeader, HeaderName, Limits, SipMessage};
+use pbx_state::{Binding, ClusterSettings, Command, State, Transport, User};
+
+use crate::{
+    CallMessage, Dest, Endpoint, EndpointConfig, Event, Link, Refused, SkipReason, Transmit,
+};
+
+const PHONE: &str = "192.0.2.50:5062";
+const LOCAL: &str = "198.51.100.1:5060";
+const NOW_MS: u64 = 1_700_000_000_000;
+
+/// A call's handle in these tests: its number.
+type CallId = u32;
+
+struct Harness {
+    ep: Endpoint<CallId>,
+    state: State,
+    t0: Instant,
+}
+
+fn config(max_calls: usize) -> EndpointConfig {
+    EndpointConfig {
+        node_id: 1,
+        local_addr: LOCAL.parse().unwrap(),
+        limits: Limits::default(),
+        timers: Timers::default(),
+        retry_after: 7,
+        max_calls,
+        relayed_call_idle: EndpointConfig::DEFAULT_RELAYED_CALL_IDLE,
+        handler: HandlerConfig::default(),
+    }
+}
+
+impl Harness {
+    fn new(max_calls: usize) -> Self {
+        let mut state = State::default();
+        state.apply(Command::Initialize(ClusterSettings {
+            domain: "pbx.test".into(),
+            realm: "pbx.test".into(),
+            nonce_secret: b"test-secret".to_vec(),
+        }));
+        for (name, password) in [("alice", "pw"), ("bob", "pw2"), ("carol", "pw3")] {
+            state.apply(Command::UpsertUser(User {
+                name: name.into(),
+                ha1_md5: ha1(Algorithm::Md5, name, "pbx.test", password),
+                ha1_sha256: ha1(Algorithm::Sha256, name, "pbx.test", password),
+                realm: "pbx.test".into(),
+                context: "default".into(),
+                caller_id_name: None,
+            }));
+        }
+        state.apply(Command::SetDialplan {
+            source: "[default]\nexten => _[a-z].,1,Dial(SIP/${EXTEN})\n".into(),
+            now_ms: NOW_MS,
+        });
+        Harness {
+            ep: Endpoint::new(config(max_calls)).unwrap(),
+            state,
+            t0: Instant::now(),
+        }
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    fn feed(&self, ms: u64, link: Link, bytes: &[u8]) -> Option<Event<CallId>> {
+        self.ep.handle(
+            self.at(ms),
+            NOW_MS + ms,
+            PHONE.parse().unwrap(),
+            link,
+            bytes,
+            || &self.state,
+        )
+    }
+
+    fn udp(&self, ms: u64, bytes: &[u8]) -> Option<Event<CallId>> {
+        self.feed(ms, Link::Udp, bytes)
+    }
+
+    /// Sends `bytes`, expects a 401/407 challenge, answers it with the user's
+    /// credentials and returns what the authenticated request led to.
+    fn authenticated(&self, ms: u64, bytes: &[u8], user: &str, pw: &str) -> Option<Event<u32>> {
+        let challenge = transmitted(self.udp(ms, bytes));
+        let msg = parse(&challenge.bytes);
+        let (hdr_in, hdr_out) = match msg.status() {
+            Some(401) => (HeaderName::WwwAuthenticate, "Authorization"),
+            Some(407) => (HeaderName::ProxyAuthenticate, "Proxy-Authorization"),
+            other => panic!("expected a challenge, got {other:?}"),
+        };
+        let ch = AuthHeader::parse(msg.header(&hdr_in).unwrap()).unwrap();
+        let req = parse(bytes);
+        let auth = ClientAuth {
+            algorithm: Algorithm::parse(ch.get("algorithm")).unwrap(),
+            user,
+            password: pw,
+            realm: ch.get("realm").unwrap(),
+            nonce: ch.get("nonce").unwrap(),
+            method: req.method().unwrap().as_str(),
+            uri: req.request_uri().unwrap(),
+            nc: 1,
+            cnonce: "0a4f113b",
+        }
+        .header_value();
+        // The authenticated request is a new transaction: a new branch.
+        let again = with_header(bytes, hdr_out, &auth);
+        let again = String::from_utf8(again)
+            .unwrap()
+            .replace("branch=z9hG4bK", "branch=z9hG4bKauth");
+        self.udp(ms, again.as_bytes())
+    }
+}
+
+fn parse(b: &[u8]) -> SipMessage {
+    parse_datagram(b, &Limits::default()).expect("parses")
+}
+
+fn with_header(bytes: &[u8], name: &str, value: &str) -> Vec<u8> {
+    let eol = bytes.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+    let mut out = bytes[..eol].to_vec();
+    out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    out.extend_from_slice(&bytes[eol..]);
+    out
+}
+
+fn transmitted(e: Option<Event<CallId>>) -> Transmit {
+    match e {
+        Some(Event::Transmit(t)) => t,
+        other => panic!("expected a transmit, got {other:?}"),
+    }
+}
+
+fn status(t: &Transmit) -> u16 {
+    parse(&t.bytes).status().unwrap()
+}
+
+fn register(call_id: &str, cseq: u32) -> Vec<u8> {
+    format!(
+        "REGISTER sip:pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.50:5062;rport;branch=z9hG4bK{call_id}{cseq}\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@pbx.test>;tag=f{call_id}\r\nTo: <sip:alice@pbx.test>\r\n\
+         Call-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:alice@192.0.2.50:5062>\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn invite(to: &str, call_id: &str) -> Vec<u8> {
+    format!(
+        "INVITE sip:{to}@pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.50:5062;rport;branch=z9hG4bK{call_id}\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@pbx.test>;tag=f{call_id}\r\nTo: <sip:{to}@pbx.test>\r\n\
+         Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@192.0.2.50:5062>\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// REGISTER → 401 → REGISTER with credentials: the command to commit and its token.
+fn register_to_commit(h: &Harness) -> (Box<Command>, crate::CommitToken) {
+    match h.authenticated(0, &register("reg1", 1), "alice", "pw") {
+        Some(Event::Commit { command, token }) => (command, token),
+        other => panic!("expected a commit, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_committed_register_is_answered_200_through_its_transaction() {
+    let mut h = Harness::new(10);
+    let (command, token) = register_to_commit(&h);
+    assert!(matches!(*command, Command::Register { ref aor, .. } if aor == "alice"));
+    let authed = String::from_utf8(register("reg1", 1))
+        .unwrap()
+        .replace("branch=z9hG4bK", "branch=z9hG4bKauth");
+    // The transaction exists while the command commits: a retransmission is absorbed,
+    // no second commit.
+    assert!(h.udp(100, authed.as_bytes()).is_none());
+    let response = h.state.apply(*command);
+    let sent =
+        h.ep.commit_done(h.at(200), NOW_MS + 200, token, Ok::<_, ()>(response))
+            .expect("a 200 to send");
+    assert_eq!(sent.dest, Dest::Udp(PHONE.parse().unwrap()));
+    let ok = parse(&sent.bytes);
+    assert_eq!(ok.status(), Some(200));
+    assert!(ok
+        .header(&HeaderName::Contact)
+        .unwrap()
+        .starts_with("<sip:alice@192.0.2.50:5062>;expires="));
+    assert!(!h.ep.take_timers_moved(), "a REGISTER starts no Timer G");
+    // After the 200, a retransmission gets the same 200 again.
+    let again = transmitted(h.udp(300, authed.as_bytes()));
+    assert_eq!(again, sent);
+    // Timer J (64*T1 over UDP) ends the transaction: the request is new again.
+    let end = h.ep.poll_timeout().unwrap();
+    assert_eq!(end, h.at(200) + Timers::default().t1x64());
+    h.ep.handle_timeout(end);
+    assert!(h.ep.poll_transmit().is_none());
+    assert!(matches!(
+        h.udp(40_000, authed.as_bytes()),
+        Some(Event::Transmit(_))
+    ));
+}
+
+#[test]
+fn a_register_that_cannot_be_committed_gets_503_with_retry_after() {
+    let h = Harness::new(10);
+    let (_, token) = register_to_commit(&h);
+    let sent =
+        h.ep.commit_done(h.at(50), NOW_MS + 50, token, Err("no leader"))
+            .expect("a 503 to send");
+    let msg = parse(&sent.bytes);
+    assert_eq!(msg.status(), Some(503));
+    assert_eq!(msg.header(&HeaderName::RetryAfter), Some("7"));
+    assert_eq!(msg.header(&HeaderName::CallId), Some("reg1"));
+}
+
+#[test]
+fn an_admitted_invite_starts_a_call_whose_messages_are_routed_by_call_id() {
+    let h = Harness::new(10);
+    let call = match h.authenticated(0, &invite("bob", "c1"), "alice", "pw") {
+        Some(Event::StartCall(call)) => call,
+        other => panic!("expected a call, got {other:?}"),
+    };
+    assert_eq!(
+        (call.caller.as_str(), call.exten.as_str(), call.secure),
+        ("alice", "bob", false)
+    );
+    assert_eq!(call.domain, "pbx.test");
+    h.ep.start_call(&call.core.call_id, 7);
+    assert_eq!(h.ep.active_calls(), 1);
+    // The challenged INVITE's retransmission gets its 407 again, from the table.
+    let again = transmitted(h.udp(100, &invite("bob", "c1")));
+    assert_eq!(status(&again), 407);
+    // A new request with the call's Call-ID goes to the call, its transaction open.
+    let cancel = String::from_utf8(invite("bob", "c1"))
+        .unwrap()
+        .replace("INVITE sip:", "CANCEL sip:")
+        .replace("1 INVITE", "1 CANCEL")
+        .replace("branch=z9hG4bKc1", "branch=z9hG4bKauthc1");
+    match h.udp(150, cancel.as_bytes()) {
+        Some(Event::ToCall(7, CallMessage::Request { key, .. })) => {
+            let t = h.ep.respond(h.at(160), &key, 200, "200".into()).unwrap();
+            assert_eq!(t.dest, Dest::Udp(PHONE.parse().unwrap()));
+        }
+        other => panic!("expected the CANCEL for the call, got {other:?}"),
+    }
+    let response = format!(
+        "SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP {LOCAL};branch=z9hG4bKb1\r\nFrom: <sip:alice@pbx.test>;tag=x\r\n\
+         To: <sip:bob@pbx.test>;tag=y\r\nCall-ID: c1-b\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    );
+    assert!(
+        h.udp(200, response.as_bytes()).is_none(),
+        "unknown Call-ID: dropped"
+    );
+    h.ep.claim_call_id("c1-b", 7);
+    assert!(matches!(
+        h.udp(300, response.as_bytes()),
+        Some(Event::ToCall(7, CallMessage::Response { .. }))
+    ));
+    h.ep.call_ended();
+    assert_eq!(h.ep.active_calls(), 0);
+    h.ep.release_call_ids(&["c1".to_string(), "c1-b".to_string()]);
+    assert!(h.ep.call("c1-b").is_none());
+}
+
+#[test]
+fn the_call_limit_refuses_with_503_retry_after_and_a_warning() {
+    let h = Harness::new(1);
+    h.ep.start_call("running", 1);
+    let refused = h.authenticated(0, &invite("bob", "c2"), "alice", "pw");
+    let Some(Event::CallRefused {
+        transmit: Some(t),
+        reason,
+    }) = refused
+    else {
+        panic!("expected a refusal, got {refused:?}");
+    };
+    assert_eq!(reason, Refused::CallLimit { limit: 1 });
+    let msg = parse(&t.bytes);
+    assert_eq!(msg.status(), Some(503));
+    assert_eq!(msg.header(&HeaderName::RetryAfter), Some("7"));
+    assert_eq!(
+        msg.header(&HeaderName::Warning),
+        Some("399 pbxd \"call limit reached on this node\"")
+    );
+    // An INVITE's final over UDP is retransmitted (Timer G) until the ACK.
+    assert!(h.ep.take_timers_moved());
+    assert!(!h.ep.take_timers_moved(), "taken once");
+    // (The 407 challenge before it, an INVITE final too, is retransmitted as well.)
+    let due = h.ep.poll_timeout().unwrap();
+    assert_eq!(due, h.at(0) + Timers::default().t1);
+    h.ep.handle_timeout(due);
+    let again: Vec<Transmit> = std::iter::from_fn(|| h.ep.poll_transmit()).collect();
+    assert_eq!(again.len(), 2);
+    assert!(again.contains(&t));
+}
+
+#[test]
+fn a_draining_node_refuses_calls_with_503() {
+    let mut h = Harness::new(10);
+    h.state.apply(Command::SetDraining {
+        node: 1,
+        draining: true,
+    });
+    let t = transmitted(h.udp(0, &invite("bob", "c3")));
+    let msg = parse(&t.bytes);
+    assert_eq!(msg.status(), Some(503));
+    assert_eq!(msg.header(&HeaderName::RetryAfter), Some("30"));
+}
+
+#[test]
+fn no_route_is_404_and_no_dialplan_is_503() {
+    let mut h = Harness::new(10);
+    // The test dialplan routes letters only.
+    match h.authenticated(0, &invite("123", "c4"), "alice", "pw") {
+        Some(Event::CallRefused {
+            transmit: Some(t),
+            reason: Refused::NoRoute { exten, .. },
+        }) => {
+            assert_eq!(exten, "123");
+            assert_eq!(status(&t), 404);
+            assert!(parse(&t.bytes).header(&HeaderName::RetryAfter).is_none());
+        }
+        other => panic!("expected 404, got {other:?}"),
+    }
+    h.state.dialplan = None;
+    match h.authenticated(0, &invite("bob", "c5"), "alice", "pw") {
+        Some(Event::CallRefused {
+            transmit: Some(t),
+            reason: Refused::NoDialplan,
+        }) => assert_eq!(status(&t), 503),
+        other => panic!("expected 503, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_call_the_driver_cannot_start_is_refused_through_its_transaction() {
+    let h = Harness::new(10);
+    let Some(Event::StartCall(call)) = h.authenticated(0, &invite("bob", "c6"), "alice", "pw")
+    else {
+        panic!("expected a call");
+    };
+    let t =
+        h.ep.refuse(h.at(10), &call, &Refused::NoMediaPorts)
+            .unwrap();
+    let msg = parse(&t.bytes);
+    assert_eq!(msg.status(), Some(503));
+    assert_eq!(
+        msg.header(&HeaderName::Warning),
+        Some("399 pbxd \"no media ports free\"")
+    );
+    assert_eq!(h.ep.active_calls(), 0);
+}
+
+fn binding(uri: &str, source: &str, transport: Transport, node_id: u64) -> Binding {
+    Binding {
+        uri: uri.into(),
+        uri_key: uri.into(),
+        params: String::new(),
+        q: None,
+        expires_at_ms: NOW_MS + 60_000,
+        call_id: format!("reg-{uri}"),
+        cseq: 1,
+        instance: None,
+        reg_id: None,
+        path: Vec::new(),
+        source: source.into(),
+        transport,
+        node_id,
+        user_agent: None,
+        registered_at_ms: NOW_MS,
+    }
+}
+
+#[test]
+fn contacts_skip_loops_and_non_tls_for_sips_and_say_404_or_480() {
+    let mut h = Harness::new(10);
+    let user = |u: &str| vec![DialTarget::User(u.into())];
+    let c = h.ep.contacts(&h.state, &user("nobody"), false, NOW_MS);
+    assert!(c.contacts.is_empty());
+    assert_eq!(c.unreachable, 404, "no such user");
+    let c = h.ep.contacts(&h.state, &user("bob"), false, NOW_MS);
+    assert!(c.contacts.is_empty());
+    assert_eq!(c.unreachable, 480, "known, not registered");
+
+    h.state.bindings.insert(
+        "bob".into(),
+        vec![
+            binding("sip:bob@udp", "192.0.2.10:5060", Transport::Udp, 1),
+            binding("sip:bob@loop", LOCAL, Transport::Udp, 1),
+            binding("sip:bob@tcp-here", "192.0.2.11:40000", Transport::Tcp, 1),
+            binding("sip:bob@tls-there", "192.0.2.12:40001", Transport::Tls, 2),
+        ],
+    );
+    let c = h.ep.contacts(&h.state, &user("bob"), false, NOW_MS);
+    let dests: Vec<Dest> = c.contacts.iter().map(|c| c.dest).collect();
+    assert_eq!(
+        dests,
+        vec![
+            Dest::Udp("192.0.2.10:5060".parse().unwrap()),
+            Dest::Conn(0, "192.0.2.11:40000".parse().unwrap(), Transport::Tcp),
+            Dest::Peer(2, "192.0.2.12:40001".parse().unwrap(), Transport::Tls),
+        ]
+    );
+    assert_eq!(c.skipped.len(), 1);
+    assert_eq!(c.skipped[0].reason, SkipReason::Loop);
+    assert_eq!(c.skipped[0].uri, "sip:bob@loop");
+
+    let c = h.ep.contacts(&h.state, &user("bob"), true, NOW_MS);
+    assert_eq!(c.contacts.len(), 1, "sips: only the TLS contact");
+    assert_eq!(c.contacts[0].uri, "sip:bob@tls-there");
+    assert_eq!(
+        c.skipped
+            .iter()
+            .filter(|s| s.reason == SkipReason::NotTls)
+            .count(),
+        2
+    );
+    // Expired bindings are not rung.
+    let later =
+        h.ep.contacts(&h.state, &user("bob"), false, NOW_MS + 61_000);
+    assert!(later.contacts.is_empty());
+    assert_eq!(later.unreachable, 480);
+    // A URI target is located by the driver; it is known.
+    let uri = vec![DialTarget::Uri {
+        user: "x".into(),
+        host: "example.com".into(),
+    }];
+    assert_eq!(
+        h.ep.contacts(&h.state, &uri, false, NOW_MS).unreachable,
+        480
+    );
+}
+
+#[test]
+fn a_relayed_call_is_remembered_until_idle_on_virtual_time() {
+    let h = Harness::new(10);
+    let conn = Link::Conn(3, Transport::Tcp);
+    let bye = |call_id: &str| {
+        format!(
+            "BYE sip:x@pbx.test SIP/2.0\r\nVia: SIP/2.0/TCP 192.0.2.50:5062;branch=z9hG4bK{call_id}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:bob@pbx.test>;tag=a\r\nTo: <sip:x@pbx.test>;tag=b\r\n\
+             Call-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    };
+    // Node 2 sent the phone an INVITE of call r1 over our connection.
+    h.ep.note_relayed(h.at(0), 2, &invite("bob", "r1"));
+    assert_eq!(h.ep.relayed_calls(), 1);
+    match h.feed(1_000, conn, &bye("r1")) {
+        Some(Event::Relay {
+            node: 2,
+            source,
+            bytes,
+        }) => {
+            assert_eq!(source, PHONE.parse::<SocketAddr>().unwrap());
+            assert_eq!(bytes, bye("r1"));
+        }
+        other => panic!("expected a relay, got {other:?}"),
+    }
+    // Only connections relay (a UDP phone is reached directly).
+    assert!(matches!(h.udp(1_500, &bye("r1")), Some(Event::Transmit(_))));
+    // Each use restarts the idle time; past it, the call is forgotten.
+    let idle = EndpointConfig::DEFAULT_RELAYED_CALL_IDLE.as_millis() as u64;
+    assert!(matches!(
+        h.feed(1_000 + idle - 1, conn, &bye("r1")),
+        Some(Event::Relay { .. })
+    ));
+    assert!(
+        matches!(
+            h.feed(1_000 + 2 * idle, conn, &bye("r1")),
+            Some(Event::Transmit(_))
+        ),
+        "forgotten: answered here (481)"
+    );
+    // Sweeps on the timer forget idle calls nobody asks for.
+    h.ep.note_relayed(h.at(0), 2, &invite("bob", "r2"));
+    let sweep = h.ep.poll_timeout().expect("a sweep is due");
+    assert!(sweep <= h.at(60_000));
+    h.ep.handle_timeout(h.at(idle + 60_000));
+    assert_eq!(h.ep.relayed_calls(), 0);
+}
+
+#[test]
+fn unparseable_messages_are_answered_when_they_can_be() {
+    let h = Harness::new(10);
+    // A request without a Call-ID: 400 from the headers that were readable.
+    let t = transmitted(h.udp(
+        0,
+        b"OPTIONS sip:pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.50:5062;branch=z9hG4bKx\r\n\
+          From: <sip:a@pbx.test>;tag=1\r\nTo: <sip:a@pbx.test>\r\nCSeq: 1 OPTIONS\r\n\r\n",
+    ));
+    assert_eq!(status(&t), 400);
+    // Garbage on a stream with no Via: nothing to answer, the stream is out of step.
+    assert!(matches!(
+        h.feed(0, Link::Conn(1, Transport::Tcp), b"HELLO\r\n\r\n"),
+        Some(Event::Unanswerable)
+    ));
+    // A keep-alive is nothing.
+    assert!(h.udp(0, b"\r\n\r\n").is_none());
+}
+
+#[test]
+fn a_failed_send_of_a_calls_request_finds_the_call() {
+    let h = Harness::new(10);
+    h.ep.start_call("c7", 9);
+    assert_eq!(h.ep.call_of_unsent(&invite("bob", "c7")), Some(9));
+    assert_eq!(h.ep.call_of_unsent(&invite("bob", "other")), None);
+}

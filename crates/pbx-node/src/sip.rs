@@ -1,0 +1,235 @@
+//! The driver of the node's SIP endpoint: feeds it what the transports read, carries out
+//! its events (send, commit then answer, start a call, hand to a call, relay to the node
+//! running a call), and runs its timers. The SIP decisions are the endpoint's
+//! ([`pbx_endpoint`]); the sockets are [`crate::transport`]'s.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use pbx_endpoint::{Dest, Endpoint, EndpointConfig, Event, Link, Refused};
+use pbx_peer::Cluster;
+use pbx_sip_core::Timers;
+use tokio::sync::Notify;
+
+use crate::calls::{start_call, CallControlHook, CallInput, CallLayer, SipEndpoint};
+use crate::config::Config;
+use crate::tls::SipTls;
+use crate::transport::{Inbox, Io, Listeners};
+use crate::{unix_ms, NodeError};
+
+/// What the transports, the peer link and the timer share.
+struct Sip {
+    endpoint: Arc<SipEndpoint>,
+    io: Arc<Io>,
+    cluster: Cluster,
+    calls: Arc<CallLayer>,
+    /// Wakes the timer when a response started a timer sooner than it sleeps for.
+    wake: Arc<Notify>,
+    node_id: u64,
+}
+
+/// Starts SIP on the bound `listeners` (`tls`: the certificate, when TLS is on).
+pub(crate) fn serve(
+    listeners: Listeners,
+    tls: Option<SipTls>,
+    tls_client: Option<tokio_rustls::TlsConnector>,
+    handler: pbx_registrar::HandlerConfig,
+    cluster: Cluster,
+    config: &Config,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, NodeError> {
+    let Listeners {
+        udp,
+        tcp,
+        tls: tls_listener,
+        ..
+    } = listeners;
+    let tls = match (tls, tls_listener) {
+        (Some(tls), Some(listener)) => Some((listener, tls)),
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(NodeError::Config {
+                path: config.base_dir.clone(),
+                reason: "tls: a certificate is configured but no TLS listener was bound".into(),
+            })
+        }
+    };
+    let tls_addr = tls.as_ref().and_then(|(l, _)| l.local_addr().ok());
+    let io = Arc::new(Io::new(udp, tls_addr, tls_client, cluster.clone(), config));
+    let endpoint = Arc::new(Endpoint::new(EndpointConfig {
+        node_id: config.node.id,
+        local_addr: io.local_addr,
+        limits: crate::transport::limits(config),
+        timers: Timers::default(),
+        retry_after: config.cluster.retry_after,
+        max_calls: config.calls.max_calls,
+        relayed_call_idle: EndpointConfig::DEFAULT_RELAYED_CALL_IDLE,
+        handler,
+    })?);
+    let wake = Arc::new(Notify::new());
+    let calls = Arc::new(CallLayer::new(
+        config,
+        endpoint.clone(),
+        io.clone(),
+        cluster.clone(),
+        wake.clone(),
+    )?);
+    let sip = Arc::new(Sip {
+        endpoint: endpoint.clone(),
+        io: io.clone(),
+        cluster: cluster.clone(),
+        calls: calls.clone(),
+        wake: wake.clone(),
+        node_id: config.node.id,
+    });
+    cluster.set_sip_relay(Arc::new(RelayHook(Arc::downgrade(&sip))));
+    cluster.set_call_control(Arc::new(CallControlHook(Arc::downgrade(&calls))));
+    let mut tasks = io.serve(sip, tcp, tls, config.transport.udp_workers);
+    tasks.push(tokio::spawn(timer(endpoint, io, wake)));
+    Ok(tasks)
+}
+
+impl Inbox for Sip {
+    fn on_message(&self, data: &[u8], source: SocketAddr, link: Link) -> bool {
+        let event = self
+            .endpoint
+            .handle(Instant::now(), unix_ms(), source, link, data, || {
+                self.cluster.read()
+            });
+        let answerable = !matches!(event, Some(Event::Unanswerable));
+        if let Some(event) = event {
+            self.carry_out(event);
+        }
+        if self.endpoint.take_timers_moved() {
+            self.wake.notify_one();
+        }
+        answerable
+    }
+
+    fn on_send_failed(&self, dest: Dest, bytes: &[u8]) {
+        // A request of a call: like a 503, the call tries the next server at once
+        // (RFC 3263 §4.3).
+        if let Some(call) = self.endpoint.call_of_unsent(bytes) {
+            let _ = call.send(CallInput::TransportError(dest));
+        }
+    }
+}
+
+impl Sip {
+    fn carry_out(&self, event: Event<crate::calls::CallTx>) {
+        match event {
+            Event::Transmit(t) => self.io.send(t.dest, t.bytes),
+            Event::Unanswerable => tracing::debug!("unanswerable message"),
+            Event::Commit { command, token } => {
+                let endpoint = self.endpoint.clone();
+                let io = self.io.clone();
+                let cluster = self.cluster.clone();
+                tokio::spawn(async move {
+                    let result = cluster.propose(*command).await;
+                    if let Err(e) = &result {
+                        tracing::warn!(error = %e, "not committed: 503");
+                    }
+                    if let Some(t) = endpoint.commit_done(Instant::now(), unix_ms(), token, result)
+                    {
+                        io.send(t.dest, t.bytes);
+                    }
+                });
+            }
+            Event::StartCall(call) => {
+                let span =
+                    tracing::debug_span!("sip", node = self.node_id, call_id = %call.core.call_id);
+                let _g = span.enter();
+                start_call(&self.calls, *call);
+            }
+            Event::CallRefused { transmit, reason } => {
+                match &reason {
+                    Refused::CallLimit { limit } => {
+                        tracing::warn!(limit, "call limit reached: 503")
+                    }
+                    Refused::NoDialplan => tracing::warn!("no dialplan yet: 503"),
+                    Refused::NoRoute {
+                        caller,
+                        exten,
+                        context,
+                        error,
+                    } => tracing::info!(%caller, %exten, context, %error, "no route: 404"),
+                    Refused::NoMediaPorts => tracing::warn!("no RTP ports: 503"),
+                }
+                if let Some(t) = transmit {
+                    self.io.send(t.dest, t.bytes);
+                }
+            }
+            Event::ToCall(call, message) => {
+                let _ = call.send(CallInput::Sip(message));
+            }
+            Event::Relay {
+                node,
+                source,
+                bytes,
+            } => {
+                let cluster = self.cluster.clone();
+                tokio::spawn(async move {
+                    match cluster.relay(node, source, bytes, true).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::debug!(node, %source, "call owner did not take the relayed message")
+                        }
+                        Err(e) => {
+                            tracing::warn!(node, %source, error = %e, "cannot relay to the call's node")
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The node's side of the Relay RPC.
+struct RelayHook(Weak<Sip>);
+
+impl pbx_peer::SipRelay for RelayHook {
+    fn deliver(
+        &self,
+        from_node: u64,
+        phone: SocketAddr,
+        message: Vec<u8>,
+        from_phone: bool,
+    ) -> bool {
+        let Some(sip) = self.0.upgrade() else {
+            return false;
+        };
+        tracing::debug!(from_node, %phone, from_phone, len = message.len(), "relayed message");
+        if from_phone {
+            sip.on_message(&message, phone, Link::Peer(from_node));
+            return true;
+        }
+        let Some(tx) = sip.io.connection_to(phone) else {
+            return false;
+        };
+        // The phone answers on this connection: its messages of this call go back.
+        sip.endpoint
+            .note_relayed(Instant::now(), from_node, &message);
+        tx.try_send(bytes::Bytes::from(message)).is_ok()
+    }
+}
+
+/// Fires the endpoint's timers and sends its retransmissions.
+async fn timer(endpoint: Arc<SipEndpoint>, io: Arc<Io>, wake: Arc<Notify>) {
+    loop {
+        let now = Instant::now();
+        // J/L timers are long; a one-second cap keeps the table tidy without being woken
+        // by every response. INVITE finals wake us for Timer G.
+        let deadline = endpoint
+            .poll_timeout()
+            .unwrap_or(now + Duration::from_secs(1))
+            .min(now + Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = wake.notified() => continue,
+        }
+        endpoint.handle_timeout(Instant::now());
+        while let Some(t) = endpoint.poll_transmit() {
+            io.send(t.dest, t.bytes);
+        }
+    }
+}
