@@ -66,7 +66,17 @@ impl Node {
     /// on `listeners` ([`Listeners::bind`], or sockets a test bound on port 0). Settings
     /// and users are committed in the background once the cluster has a leader;
     /// [`Cluster::is_ready`] tells when that is done.
-    pub async fn start(config: Config, mut listeners: Listeners) -> Result<Node, NodeError> {
+    pub async fn start(config: Config, listeners: Listeners) -> Result<Node, NodeError> {
+        Node::start_on_network(config, listeners, pbx_peer::LinkFaults::default()).await
+    }
+
+    /// [`Node::start`] with the peer links going through `network`: a fault table that
+    /// in-process tests share between their nodes to drop, delay or partition links.
+    pub async fn start_on_network(
+        config: Config,
+        listeners: Listeners,
+        network: pbx_peer::LinkFaults,
+    ) -> Result<Node, NodeError> {
         // A bad dialplan file stops the node here, with file:line, not later.
         let initial_dialplan = match &config.cluster.dialplan_file {
             Some(path) => config::load_dialplan(&config.resolve(path))?,
@@ -92,15 +102,23 @@ impl Node {
             Some(_) => listeners.tls.as_ref().and_then(|l| l.local_addr().ok()),
             None => None,
         };
-        let admin_listener = listeners.admin.take();
-        let cluster = Cluster::start(config.cluster_config(sip_addr), store).await?;
+        let Listeners {
+            udp,
+            tcp,
+            tls,
+            admin: admin_listener,
+            peer,
+        } = listeners;
+        let mut cluster_config = config.cluster_config(sip_addr);
+        cluster_config.faults = network;
+        let cluster = Cluster::start_on(cluster_config, store, peer).await?;
         let peer_addr = cluster.peer_addr;
 
         let mut local_hosts = vec![sip_addr.ip().to_string(), sip_addr.to_string()];
         local_hosts.extend(tls_addr.map(|a| a.to_string()));
         local_hosts.extend(config.node.aliases.iter().cloned());
         let mut tasks = sip::serve(
-            listeners,
+            (udp, tcp, tls),
             sip_tls,
             tls_client,
             config.handler_config(local_hosts),

@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 use pbx_endpoint::{Dest, Endpoint, EndpointConfig, Event, Link, Refused};
 use pbx_peer::Cluster;
 use pbx_sip_core::Timers;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
 
 use crate::calls::{start_call, CallControlHook, CallInput, CallLayer, SipEndpoint};
 use crate::config::Config;
 use crate::tls::SipTls;
-use crate::transport::{Inbox, Io, Listeners};
+use crate::transport::{Inbox, Io};
 use crate::{unix_ms, NodeError};
 
 /// What the transports, the peer link and the timer share.
@@ -29,21 +30,16 @@ struct Sip {
     node_id: u64,
 }
 
-/// Starts SIP on the bound `listeners` (`tls`: the certificate, when TLS is on).
+/// Starts SIP on the bound sockets of [`Listeners`] (`tls`: the certificate, when TLS
+/// is on).
 pub(crate) fn serve(
-    listeners: Listeners,
+    (udp, tcp, tls_listener): (UdpSocket, TcpListener, Option<TcpListener>),
     tls: Option<SipTls>,
     tls_client: Option<tokio_rustls::TlsConnector>,
     handler: pbx_registrar::HandlerConfig,
     cluster: Cluster,
     config: &Config,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, NodeError> {
-    let Listeners {
-        udp,
-        tcp,
-        tls: tls_listener,
-        ..
-    } = listeners;
     let tls = match (tls, tls_listener) {
         (Some(tls), Some(listener)) => Some((listener, tls)),
         (None, _) => None,

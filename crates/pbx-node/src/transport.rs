@@ -46,6 +46,8 @@ pub struct Listeners {
     /// The admin API (gRPC); the API is served when a token is configured and this is
     /// bound.
     pub admin: Option<std::net::TcpListener>,
+    /// The peer link (Raft and the other node-to-node RPCs).
+    pub peer: std::net::TcpListener,
 }
 
 impl Listeners {
@@ -67,11 +69,15 @@ impl Listeners {
             }
             None => None,
         };
+        let want = config.peer_addr();
+        let peer = std::net::TcpListener::bind(want)
+            .map_err(|source| NodeError::Bind { addr: want, source })?;
         Ok(Listeners {
             udp,
             tcp,
             tls,
             admin,
+            peer,
         })
     }
 }
