@@ -31,7 +31,7 @@ use pbx_sip_msg::{CoreHeaders, SipMessage};
 use pbx_state::{Command, Transport};
 
 pub use admission::{Contacts, Refused, SkipReason, Skipped};
-pub use endpoint::{CommitToken, Endpoint, EndpointConfig};
+pub use endpoint::{lock, CommitToken, Endpoint, EndpointConfig};
 
 /// Errors of this crate (configuration that cannot work).
 #[derive(Debug, thiserror::Error)]

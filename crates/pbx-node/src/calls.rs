@@ -13,7 +13,7 @@ use bytes::Bytes;
 use pbx_b2bua::{Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Output};
 use pbx_dialplan::{DialTarget, LogLevel};
 use pbx_dns::locate::{DeadTargets, Destination, SipTransport, SplitMix, Target};
-use pbx_endpoint::{CallMessage, Dest, Endpoint, NewCall, Refused, SkipReason};
+use pbx_endpoint::{lock, CallMessage, Dest, Endpoint, NewCall, Refused, SkipReason};
 use pbx_media::{MediaConfig, MediaEvent, MediaRelay, Stream};
 use pbx_media_core::Mode;
 use pbx_peer::{BoxFuture, CallMedia, Cluster, MediaCounters};
@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::transport::{lock, Io};
+use crate::transport::Io;
 use crate::{unix_ms, NodeError};
 
 /// A call's input queue: the endpoint's handle on a running call.

@@ -20,10 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, TransportSection};
 use crate::NodeError;
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use pbx_endpoint::lock;
 
 /// Where the messages read go.
 pub(crate) trait Inbox: Send + Sync {

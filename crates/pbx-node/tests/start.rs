@@ -5,30 +5,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+mod support;
+
 use pbx_node::{Config, Listeners, Node};
 use pbx_registrar::digest::{Algorithm, ClientAuth};
-use pbx_sip_msg::{parse_datagram, AuthHeader, HeaderName, Limits, SipMessage};
+use pbx_sip_msg::{parse_datagram, AuthHeader, HeaderName, Limits};
+use support::{answer_challenge, exchange, register_request};
 use tokio::net::UdpSocket;
-
-async fn exchange(phone: &UdpSocket, to: SocketAddr, request: &str) -> SipMessage {
-    phone.send_to(request.as_bytes(), to).await.unwrap();
-    let mut buf = vec![0u8; 65_536];
-    let n = tokio::time::timeout(Duration::from_secs(5), phone.recv(&mut buf))
-        .await
-        .expect("an answer within 5 s")
-        .unwrap();
-    parse_datagram(&buf[..n], &Limits::default()).expect("the node's answer parses")
-}
-
-fn register(phone: SocketAddr, branch: &str, cseq: u32, auth: Option<&str>) -> String {
-    let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
-    format!(
-        "REGISTER sip:pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP {phone};rport;branch=z9hG4bK{branch}\r\n\
-         Max-Forwards: 70\r\nFrom: <sip:alice@pbx.test>;tag=a1\r\nTo: <sip:alice@pbx.test>\r\n\
-         Call-ID: start-reg\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:alice@{phone}>\r\n{auth}\
-         Content-Length: 0\r\n\r\n"
-    )
-}
 
 fn invite(phone: SocketAddr, branch: &str, auth: Option<&str>) -> String {
     let auth = auth.map_or(String::new(), |a| format!("Proxy-Authorization: {a}\r\n"));
@@ -65,7 +48,7 @@ async fn a_node_on_port_zero_listeners_registers_a_phone() {
         let r = exchange(
             &phone,
             node.sip_addr,
-            &register(me, &format!("c{cseq}"), cseq, None),
+            &register_request(me, "alice", &format!("c{cseq}"), cseq, None),
         )
         .await;
         if r.status() == Some(401) && node.cluster.read().users.contains_key("alice") {
@@ -74,24 +57,12 @@ async fn a_node_on_port_zero_listeners_registers_a_phone() {
         assert!(tokio::time::Instant::now() < deadline, "not ready in 30 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let ch = AuthHeader::parse(challenge.header(&HeaderName::WwwAuthenticate).unwrap()).unwrap();
-    let auth = ClientAuth {
-        algorithm: Algorithm::parse(ch.get("algorithm")).unwrap(),
-        user: "alice",
-        password: "secret",
-        realm: ch.get("realm").unwrap(),
-        nonce: ch.get("nonce").unwrap(),
-        method: "REGISTER",
-        uri: "sip:pbx.test",
-        nc: 1,
-        cnonce: "0a4f113b",
-    }
-    .header_value();
+    let auth = answer_challenge(&challenge, "alice", "secret");
     cseq += 1;
     let ok = exchange(
         &phone,
         node.sip_addr,
-        &register(me, "auth", cseq, Some(&auth)),
+        &register_request(me, "alice", "auth", cseq, Some(&auth)),
     )
     .await;
     assert_eq!(ok.status(), Some(200));

@@ -232,7 +232,7 @@ impl RequestHandler {
 
         // A draining node takes no new registrations or calls: 503 sends phones to the
         // next SRV target, and monitoring's OPTIONS sees it too. Requests of running
-        // calls never get here (the call layer routes them first).
+        // calls never get here (the endpoint routes them to their call first).
         if state.draining.contains(&self.config.node_id)
             && (matches!(method, Method::Register | Method::Options)
                 || (*method == Method::Invite && req.core.to.tag().is_none()))

@@ -2,7 +2,7 @@
 //! settings change only by [`Command`]s applied in log order by [`State::apply`].
 //!
 //! `apply` is deterministic: no clock and no randomness inside. Time comes in the command
-//! (stamped by the node that proposes it, the leader once Raft sits in front), and so does
+//! (stamped by the Raft leader when it proposes the command), and so does
 //! the cluster secret.
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,7 +1,7 @@
 //! Durable storage behind a small trait. This is the only crate that knows sled.
 //!
 //! The shape is a command log plus a snapshot, which is what the Raft log store and
-//! state-machine store will sit on: entries are appended in index order and are durable
+//! state-machine store (pbx-raft) sit on: entries are appended in index order and are durable
 //! (flushed *and* fsynced) when `append` returns; a snapshot covers every entry up to its
 //! index, after which those entries can be purged. [`SledStore`] is the store on disk,
 //! [`MemStore`] the one in memory for tests.
