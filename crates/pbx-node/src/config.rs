@@ -687,7 +687,6 @@ impl Config {
             node_id: self.node.id,
             cluster_id: c.id.clone(),
             member: member(listen, sip_addr),
-            listen,
             initial_members: initial,
             heartbeat: Duration::from_millis(c.heartbeat_ms),
             election_timeout_min: Duration::from_millis(c.election_timeout_min_ms),
@@ -914,7 +913,7 @@ mod tests {
         assert_eq!(c.node.aliases, vec!["pbx1.example.com".to_string()]);
         let raft = c.cluster_config(c.node.sip_addr);
         assert_eq!(raft.initial_members.len(), 3);
-        assert_eq!(raft.listen, "192.0.2.11:7001".parse().unwrap());
+        assert_eq!(raft.member.peer_addr, "192.0.2.11:7001");
         assert_eq!(raft.cluster_id, "pbx-example");
     }
 

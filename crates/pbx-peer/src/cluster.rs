@@ -32,9 +32,6 @@ pub struct ClusterConfig {
     pub cluster_id: String,
     /// This node's addresses as other members reach them.
     pub member: Member,
-    /// Where the peer link listens (port 0: pick one, for tests). [`Cluster::start_on`]
-    /// takes a listener bound already instead.
-    pub listen: SocketAddr,
     /// The members of a brand-new cluster. The lowest id among them initialises it, once
     /// it has seen that a majority of them are reachable and none has Raft state.
     pub initial_members: BTreeMap<NodeId, Member>,
@@ -387,16 +384,6 @@ impl std::ops::Deref for StateGuard<'_> {
 }
 
 impl Cluster {
-    /// Binds the peer link on `config.listen`, then as [`Cluster::start_on`].
-    pub async fn start(
-        config: ClusterConfig,
-        store: Arc<dyn LogStore>,
-    ) -> Result<Cluster, PeerError> {
-        let listener = std::net::TcpListener::bind(config.listen)
-            .map_err(|e| PeerError::Transport(format!("peer link on {}: {e}", config.listen)))?;
-        Cluster::start_on(config, store, listener).await
-    }
-
     /// Opens the stores, starts Raft and the peer link on `listener` (bound already, so
     /// tests can bind port 0 and name the address to the other members first), and forms
     /// the cluster if this node is the one to initialise it.

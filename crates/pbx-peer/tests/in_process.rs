@@ -36,7 +36,6 @@ async fn start(n: u64, faults: &LinkFaults) -> Vec<Cluster> {
             node_id: id,
             cluster_id: "in-process".into(),
             member: members[&id].clone(),
-            listen: listener.local_addr().unwrap(),
             initial_members: members.clone(),
             heartbeat: Duration::from_millis(50),
             election_timeout_min: Duration::from_millis(300),
