@@ -55,6 +55,13 @@ pub struct CommitToken {
     pending: PendingRegister,
 }
 
+impl CommitToken {
+    /// The Call-ID of the request waiting for the commit.
+    pub fn call_id(&self) -> &str {
+        self.pending.call_id()
+    }
+}
+
 /// The calls this node runs: where their messages go (`C`, the driver's handle on a
 /// call), and how many count against the call limit.
 #[derive(Debug)]

@@ -158,7 +158,13 @@ impl CallLayer {
 
     /// Sends a call's response through its server transaction `key`.
     fn respond(&self, key: &TransactionKey, status: u16, bytes: Bytes) {
-        if let Some(t) = self.endpoint.respond(Instant::now(), key, status, bytes) {
+        self.send_answer(self.endpoint.respond(Instant::now(), key, status, bytes));
+    }
+
+    /// Sends what the endpoint answered through a server transaction, and wakes the
+    /// endpoint's timer when that answer started a sooner one (Timer G).
+    fn send_answer(&self, answer: Option<pbx_endpoint::Transmit>) {
+        if let Some(t) = answer {
             self.io.send(t.dest, t.bytes);
         }
         if self.endpoint.take_timers_moved() {
@@ -204,16 +210,11 @@ pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
                     Ok(s) => streams.push(s),
                     Err(e) => {
                         tracing::warn!(error = %e, "no RTP ports: 503");
-                        if let Some(t) =
-                            layer
-                                .endpoint
-                                .refuse(Instant::now(), &new, &Refused::NoMediaPorts)
-                        {
-                            layer.io.send(t.dest, t.bytes);
-                        }
-                        if layer.endpoint.take_timers_moved() {
-                            layer.wake.notify_one();
-                        }
+                        layer.send_answer(layer.endpoint.refuse(
+                            Instant::now(),
+                            &new,
+                            &Refused::NoMediaPorts,
+                        ));
                         return;
                     }
                 }

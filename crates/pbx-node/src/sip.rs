@@ -12,6 +12,7 @@ use pbx_peer::Cluster;
 use pbx_sip_core::Timers;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::calls::{start_call, CallControlHook, CallInput, CallLayer, SipEndpoint};
 use crate::config::Config;
@@ -120,16 +121,22 @@ impl Sip {
                 let endpoint = self.endpoint.clone();
                 let io = self.io.clone();
                 let cluster = self.cluster.clone();
-                tokio::spawn(async move {
-                    let result = cluster.propose(*command).await;
-                    if let Err(e) = &result {
-                        tracing::warn!(error = %e, "not committed: 503");
+                let span =
+                    tracing::debug_span!("sip", node = self.node_id, call_id = %token.call_id());
+                tokio::spawn(
+                    async move {
+                        let result = cluster.propose(*command).await;
+                        if let Err(e) = &result {
+                            tracing::warn!(error = %e, "not committed: 503");
+                        }
+                        if let Some(t) =
+                            endpoint.commit_done(Instant::now(), unix_ms(), token, result)
+                        {
+                            io.send(t.dest, t.bytes);
+                        }
                     }
-                    if let Some(t) = endpoint.commit_done(Instant::now(), unix_ms(), token, result)
-                    {
-                        io.send(t.dest, t.bytes);
-                    }
-                });
+                    .instrument(span),
+                );
             }
             Event::StartCall(call) => {
                 let span =

@@ -8,8 +8,7 @@ use std::time::Duration;
 mod support;
 
 use pbx_node::{Config, Listeners, Node};
-use pbx_registrar::digest::{Algorithm, ClientAuth};
-use pbx_sip_msg::{parse_datagram, AuthHeader, HeaderName, Limits};
+use pbx_sip_msg::{parse_datagram, HeaderName, Limits};
 use support::{answer_challenge, exchange, register_request};
 use tokio::net::UdpSocket;
 
@@ -57,7 +56,7 @@ async fn a_node_on_port_zero_listeners_registers_a_phone() {
         assert!(tokio::time::Instant::now() < deadline, "not ready in 30 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let auth = answer_challenge(&challenge, "alice", "secret");
+    let auth = answer_challenge(&challenge, "REGISTER", "sip:pbx.test", "alice", "secret");
     cseq += 1;
     let ok = exchange(
         &phone,
@@ -82,19 +81,13 @@ async fn a_node_on_port_zero_listeners_registers_a_phone() {
     // 404 through the INVITE's transaction.
     let challenge = exchange(&phone, node.sip_addr, &invite(me, "i1", None)).await;
     assert_eq!(challenge.status(), Some(407));
-    let ch = AuthHeader::parse(challenge.header(&HeaderName::ProxyAuthenticate).unwrap()).unwrap();
-    let auth = ClientAuth {
-        algorithm: Algorithm::parse(ch.get("algorithm")).unwrap(),
-        user: "alice",
-        password: "secret",
-        realm: ch.get("realm").unwrap(),
-        nonce: ch.get("nonce").unwrap(),
-        method: "INVITE",
-        uri: "sip:nobody@pbx.test",
-        nc: 1,
-        cnonce: "0a4f113c",
-    }
-    .header_value();
+    let auth = answer_challenge(
+        &challenge,
+        "INVITE",
+        "sip:nobody@pbx.test",
+        "alice",
+        "secret",
+    );
     let mut answer = exchange(&phone, node.sip_addr, &invite(me, "i2", Some(&auth))).await;
     while answer.status().is_some_and(|s| s < 200) {
         let mut buf = vec![0u8; 65_536];

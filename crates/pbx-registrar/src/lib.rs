@@ -133,6 +133,13 @@ pub struct PendingRegister {
     outbound: bool,
 }
 
+impl PendingRegister {
+    /// The REGISTER's Call-ID.
+    pub fn call_id(&self) -> &str {
+        self.head.call_id()
+    }
+}
+
 enum AuthResult {
     Authenticated,
     Challenge { stale: bool },

@@ -34,6 +34,11 @@ fn stable_tag(parts: &[&str]) -> String {
 }
 
 impl ReplyHead {
+    /// The request's Call-ID (for log spans).
+    pub fn call_id(&self) -> &str {
+        &self.call_id
+    }
+
     /// The head for responses to the request with these core headers, received from
     /// `source`; `server` is the Server header's value.
     pub fn new(core: &CoreHeaders, source: SocketAddr, server: &str) -> Self {

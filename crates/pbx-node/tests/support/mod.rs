@@ -59,17 +59,29 @@ pub fn register_request(
     )
 }
 
-/// The Authorization value answering the challenge in `challenge` (a 401).
-pub fn answer_challenge(challenge: &SipMessage, user: &str, password: &str) -> String {
-    let ch = AuthHeader::parse(challenge.header(&HeaderName::WwwAuthenticate).unwrap()).unwrap();
+/// The credentials answering the digest challenge in `challenge` (a 401's
+/// WWW-Authenticate or a 407's Proxy-Authenticate) for `method` on `uri`.
+pub fn answer_challenge(
+    challenge: &SipMessage,
+    method: &str,
+    uri: &str,
+    user: &str,
+    password: &str,
+) -> String {
+    let header = if challenge.status() == Some(407) {
+        HeaderName::ProxyAuthenticate
+    } else {
+        HeaderName::WwwAuthenticate
+    };
+    let ch = AuthHeader::parse(challenge.header(&header).unwrap()).unwrap();
     ClientAuth {
         algorithm: Algorithm::parse(ch.get("algorithm")).unwrap(),
         user,
         password,
         realm: ch.get("realm").unwrap(),
         nonce: ch.get("nonce").unwrap(),
-        method: "REGISTER",
-        uri: "sip:pbx.test",
+        method,
+        uri,
         nc: 1,
         cnonce: "0a4f113b",
     }
@@ -113,7 +125,13 @@ impl Phone {
         if challenge.status() != Some(401) {
             return challenge;
         }
-        let auth = answer_challenge(&challenge, &self.user, &self.password);
+        let auth = answer_challenge(
+            &challenge,
+            "REGISTER",
+            "sip:pbx.test",
+            &self.user,
+            &self.password,
+        );
         self.cseq += 1;
         let second = register_request(
             self.addr,
