@@ -562,6 +562,64 @@ impl Drop for Baresip {
     }
 }
 
+/// Node `n` cut off from the other nodes on the peer link only (TCP to and from their peer
+/// port, both ways): SIP, RTP and the admin API still reach every node. An nftables table
+/// of this test's own (named after its /24), removed on drop. Needs root and `nft`.
+pub struct PeerPartition {
+    table: String,
+}
+
+impl PeerPartition {
+    pub fn isolate(c: &LocalCluster, n: usize) -> PeerPartition {
+        let slot = c.prefix.rsplit('.').next().unwrap_or("0");
+        let table = format!("pbx_peer_{slot}");
+        let split = |m: usize| -> (String, String) {
+            let addr = c.peer_addr(m);
+            let (ip, port) = addr.rsplit_once(':').expect("ip:port");
+            (ip.to_string(), port.to_string())
+        };
+        let (me, port) = split(n);
+        let others: Vec<String> = (1..=c.nodes)
+            .filter(|&m| m != n)
+            .map(|m| split(m).0)
+            .collect();
+        let set = others.join(", ");
+        // Peer connections come from the node's own IP (pbx-peer binds it).
+        let rules = format!(
+            "table inet {table} {{\n chain output {{\n  type filter hook output priority 0; policy accept;\n  \
+             ip saddr {me} ip daddr {{ {set} }} tcp dport {port} drop\n  \
+             ip saddr {me} ip daddr {{ {set} }} tcp sport {port} drop\n  \
+             ip saddr {{ {set} }} ip daddr {me} tcp dport {port} drop\n  \
+             ip saddr {{ {set} }} ip daddr {me} tcp sport {port} drop\n }}\n}}\n"
+        );
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("nft stdin")
+            .write_all(rules.as_bytes())
+            .expect("writing the nft rules");
+        assert!(
+            child.wait().map(|s| s.success()).unwrap_or(false),
+            "nft refused the peer partition rules (root needed):\n{rules}"
+        );
+        PeerPartition { table }
+    }
+}
+
+impl Drop for PeerPartition {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
+    }
+}
+
 /// A port free on `ip` right now (bound, then released) for a SIPp that must be reached
 /// at a known address.
 pub fn free_udp_port(ip: &str) -> u16 {

@@ -738,6 +738,34 @@ impl Admin for AdminService {
             )
             .await?;
             tracing::info!(node, drain = r.drain, "drain changed through the admin API");
+            if r.drain && r.migrate {
+                // The calls go to the live members that are not drained (ADR 0010).
+                let to = {
+                    let state = self.cluster.read();
+                    state.call_takers(node, &self.cluster.voters(), |n| {
+                        self.cluster.peer_state(n) != pbx_peer::PeerState::Dead
+                    })
+                };
+                if to.is_empty() {
+                    return Err(AdminError::Invalid(format!(
+                        "node {node}: no other live member to take its calls"
+                    ))
+                    .into());
+                }
+                let action = format!("node drain {node} --migrate (calls to {to:?})");
+                self.propose(
+                    &actor,
+                    action,
+                    Command::AdoptCalls {
+                        from: node,
+                        to,
+                        only: None,
+                        now_ms: pbx_peer::unix_ms(),
+                    },
+                )
+                .await?;
+                tracing::info!(node, "calls migrating through the admin API");
+            }
         }
         let state = self.cluster.read();
         Ok(tonic::Response::new(NodeDrainReply {

@@ -14,11 +14,15 @@ use pbx_sip_core::{
     ClientInvite, ClientNonInvite, ResponseAction, TimerOutcome, Timers, TransactionKey,
 };
 use pbx_sip_msg::{CoreHeaders, HeaderName, MessageWriter, Method, ReplyHead, SipMessage, ALLOW};
-use pbx_state::{CallRecord, LegRecord};
+use pbx_state::{Activity, CallRecord, LegRecord, CSEQ_HEADROOM};
 
 use crate::dialog::{
     contact_uri, record_routes, Destination, Dialog, Local, Retransmit2xx, RetransmitDue,
 };
+
+mod resume;
+
+pub use resume::streams_needed;
 
 const SDP: &str = "application/sdp";
 
@@ -175,8 +179,10 @@ enum Cancel {
 }
 
 struct ALeg<D> {
-    key: TransactionKey,
-    head: ReplyHead,
+    /// The caller's INVITE transaction and what its responses repeat (`None` for a call
+    /// resumed on another node: its INVITE was answered long ago).
+    key: Option<TransactionKey>,
+    head: Option<ReplyHead>,
     dialog: Dialog<D>,
     invite_cseq: u32,
     max_forwards: u32,
@@ -193,7 +199,8 @@ struct BLeg<D> {
     /// Which Dial this leg belongs to.
     generation: u32,
     dialog: Dialog<D>,
-    tx: ClientInvite,
+    /// The INVITE's client transaction (`None` for a resumed call's callee leg).
+    tx: Option<ClientInvite>,
     invite: Bytes,
     state: LegState,
     cancel: Cancel,
@@ -229,6 +236,9 @@ struct Pending<D> {
     tx: ClientTx,
     origin: Option<Origin>,
     answered: bool,
+    /// A re-INVITE that moves the leg to this node (a resumed call): its answer
+    /// tells the relay where the phone is, its failure ends the call.
+    reanchor: bool,
 }
 
 /// One call through the B2BUA. `D` is the driver's destination type.
@@ -249,8 +259,35 @@ pub struct Call<D> {
     app_pt: Option<u8>,
     /// Per side: the SDP we anchored last and the version we sent it with.
     sdp_sent: [(String, u64); 2],
+    /// The `o=` session id of our descriptions (kept by a node resuming the call).
+    session: u64,
+    /// Per side: the description we sent last, and where the side receives media.
+    sdp_body: [String; 2],
+    media_targets: [Vec<Option<SocketAddr>>; 2],
+    /// The node's application that answered the caller, while no leg is bridged.
+    app_name: Option<&'static str>,
     hangup_at: Option<Instant>,
     answered_at: Option<Instant>,
+    answered_at_ms: u64,
+    /// The record's adoption count and earlier owners (see [`CallRecord`]).
+    epoch: u32,
+    history: Vec<(u64, u64)>,
+    /// What the replicated record last said; a difference is recorded again (see
+    /// [`Call::poll_output`]).
+    recorded: Option<Recorded>,
+    /// Moving re-INVITEs refused by glare (491): when to send them again, and how many
+    /// were refused so far.
+    reanchor_retry: Vec<(Instant, LegRef)>,
+    glare_tries: u32,
+}
+
+/// What the replicated record of a call last said, of what changes while it runs.
+#[derive(Debug, Clone, PartialEq)]
+struct Recorded {
+    /// The local CSeqs of the caller's and the callee's dialog.
+    cseqs: [u32; 2],
+    sdp: [String; 2],
+    app: Option<&'static str>,
 }
 
 fn side_of(leg: LegRef) -> Side {
@@ -308,8 +345,8 @@ impl<D: Destination> Call<D> {
             exec,
             out: VecDeque::new(),
             a: ALeg {
-                key,
-                head,
+                key: Some(key),
+                head: Some(head),
                 dialog,
                 invite_cseq: core.cseq.seq,
                 max_forwards: core.max_forwards.unwrap_or(70),
@@ -331,8 +368,18 @@ impl<D: Destination> Call<D> {
             pending: Vec::new(),
             app_pt: None,
             sdp_sent: Default::default(),
+            session: params.seed & 0xffff_ffff,
+            sdp_body: Default::default(),
+            media_targets: Default::default(),
+            app_name: None,
             hangup_at: None,
             answered_at: None,
+            answered_at_ms: 0,
+            epoch: 0,
+            history: Vec::new(),
+            recorded: None,
+            reanchor_retry: Vec::new(),
+            glare_tries: 0,
             p: params,
         };
         call.respond_a(100, None, &[]);
@@ -346,7 +393,15 @@ impl<D: Destination> Call<D> {
     }
 
     pub fn poll_output(&mut self) -> Option<Output<D>> {
+        if self.out.is_empty() {
+            self.record_if_changed();
+        }
         self.out.pop_front()
+    }
+
+    /// How many times the call was adopted (its record's epoch).
+    pub fn epoch(&self) -> u32 {
+        self.epoch
     }
 
     /// The call is over and no transaction of it needs the driver any more.
@@ -356,7 +411,7 @@ impl<D: Destination> Call<D> {
             && self.a.dialog.retransmit.is_none()
             && self.legs.iter().all(|l| {
                 matches!(l.state, LegState::Done(_))
-                    && l.tx.poll_timeout().is_none()
+                    && l.tx.as_ref().and_then(ClientInvite::poll_timeout).is_none()
                     && l.dialog.retransmit.is_none()
             })
     }
@@ -396,7 +451,10 @@ impl<D: Destination> Call<D> {
     fn run(&mut self, now: Instant) {
         while self.phase == Phase::Running {
             match self.exec.next_action() {
-                Action::Answer => self.answer_with_app(now),
+                Action::Answer => {
+                    self.app_name = Some("Answer");
+                    self.answer_with_app(now)
+                }
                 Action::Ringing => {
                     if !self.a.final_sent && !self.a.ringing_sent {
                         self.a.ringing_sent = true;
@@ -426,6 +484,7 @@ impl<D: Destination> Call<D> {
                             self.respond_a(183, body.as_deref(), &[]);
                         }
                     } else {
+                        self.app_name = Some("Playback");
                         self.answer_with_app(now);
                     }
                     if self.phase != Phase::Running {
@@ -447,6 +506,7 @@ impl<D: Destination> Call<D> {
                     }
                 }
                 Action::Echo => {
+                    self.app_name = Some("Echo");
                     self.answer_with_app(now);
                     if self.phase == Phase::Running {
                         self.phase = Phase::Echo;
@@ -532,7 +592,7 @@ impl<D: Destination> Call<D> {
             transport.is_connection_bound(),
             self.p.timers,
         ) {
-            Ok(tx) => tx,
+            Ok(tx) => Some(tx),
             Err(e) => {
                 return self.log(LogLevel::Warning, format!("cannot call {}: {e}", c.uri));
             }
@@ -633,12 +693,15 @@ impl<D: Destination> Call<D> {
         if self.sdp_sent[i].0 != source {
             self.sdp_sent[i] = (source, self.sdp_sent[i].1 + 1);
         }
-        sdp.anchored(ip, &ports, self.p.seed & 0xffff_ffff, self.sdp_sent[i].1)
-            .into_bytes()
+        let body = sdp.anchored(ip, &ports, self.session, self.sdp_sent[i].1);
+        self.sdp_body[i].clone_from(&body);
+        body.into_bytes()
     }
 
     /// Tells the relay where `side` receives media according to its SDP.
     fn learn_media(&mut self, side: Side, sdp: &Sdp) {
+        let k = if side == Side::A { 0 } else { 1 };
+        self.media_targets[k] = sdp.media.iter().map(|m| m.rtp_target()).collect();
         let Some(m) = &self.p.media else { return };
         let n = m.streams.len();
         for (i, media) in sdp.media.iter().enumerate().take(n) {
@@ -660,10 +723,9 @@ impl<D: Destination> Call<D> {
             None => {
                 let (ip, ports) = self.media_ports(Side::B)?;
                 let port = *ports.first()?;
-                Some((
-                    SDP,
-                    pbx_sdp::offer_g711(ip, port, self.p.seed & 0xffff_ffff, 1).into_bytes(),
-                ))
+                let body = pbx_sdp::offer_g711(ip, port, self.session, 1);
+                self.sdp_body[1].clone_from(&body);
+                Some((SDP, body.into_bytes()))
             }
         }
     }
@@ -685,23 +747,22 @@ impl<D: Destination> Call<D> {
         let (port, _) = *m.streams.get(stream)?;
         match self.a.offer.clone() {
             Some(offer) => {
-                let (sdp, pt) = offer.answer_g711(m.ip, port, self.p.seed & 0xffff_ffff)?;
+                let (sdp, pt) = offer.answer_g711(m.ip, port, self.session)?;
                 self.app_pt = Some(pt);
+                self.media_targets[0] = offer.media.iter().map(|m| m.rtp_target()).collect();
                 self.out.push_back(Output::Media(MediaOp::Remote {
                     stream,
                     side: Side::A,
                     addr: offer.media.get(stream).and_then(|s| s.rtp_target()),
                 }));
+                self.sdp_body[0].clone_from(&sdp);
                 Some(sdp)
             }
             None => {
                 self.app_pt = Some(0);
-                Some(pbx_sdp::offer_g711(
-                    m.ip,
-                    port,
-                    self.p.seed & 0xffff_ffff,
-                    1,
-                ))
+                let sdp = pbx_sdp::offer_g711(m.ip, port, self.session, 1);
+                self.sdp_body[0].clone_from(&sdp);
+                Some(sdp)
             }
         }
     }
@@ -710,8 +771,11 @@ impl<D: Destination> Call<D> {
 
     /// A response to the caller's INVITE.
     fn respond_a(&mut self, status: u16, sdp: Option<&str>, extra: &[(&str, &str)]) {
+        let (Some(key), Some(head)) = (self.a.key.clone(), self.a.head.as_ref()) else {
+            return; // a resumed call: its INVITE was answered on another node
+        };
         let mut w = MessageWriter::response(status);
-        self.a.head.write(&mut w, status);
+        head.write(&mut w, status);
         if status > 100 && status < 300 {
             w.header(
                 "Contact",
@@ -732,11 +796,7 @@ impl<D: Destination> Call<D> {
         if status >= 200 {
             self.a.final_sent = true;
         }
-        self.out.push_back(Output::Respond {
-            key: self.a.key.clone(),
-            status,
-            bytes,
-        });
+        self.out.push_back(Output::Respond { key, status, bytes });
     }
 
     /// A 2xx to the caller's INVITE, retransmitted until its ACK.
@@ -780,18 +840,77 @@ impl<D: Destination> Call<D> {
     }
 
     fn record(&mut self, now: Instant, winner: Option<usize>) {
-        let mut legs = vec![leg_record(&self.a.dialog)];
-        if let Some(w) = winner {
-            legs.push(leg_record(&self.legs[w].dialog));
+        self.answered_at_ms = self.now_ms(now);
+        if winner.is_some() {
+            self.app_name = None;
         }
+        self.push_record();
+    }
+
+    /// The call's replicated record as it stands (answered calls only).
+    fn push_record(&mut self) {
+        let transport = |d: &Dialog<D>| d.dest.transport();
+        let mut legs = vec![leg_record(
+            &self.a.dialog,
+            self.local.contact(transport(&self.a.dialog)),
+            &self.sdp_body[0],
+            &self.media_targets[0],
+        )];
+        if let Phase::Bridged(w) = self.phase {
+            let d = &self.legs[w].dialog;
+            legs.push(leg_record(
+                d,
+                self.local.contact(transport(d)),
+                &self.sdp_body[1],
+                &self.media_targets[1],
+            ));
+        }
+        let b_cseq = legs.get(1).map_or(0, |l| l.local_cseq);
+        self.recorded = Some(Recorded {
+            cseqs: [legs[0].local_cseq, b_cseq],
+            sdp: self.sdp_body.clone(),
+            app: self.app_name,
+        });
+        let activity = match self.app_name {
+            Some(app) if legs.len() == 1 => Activity::Application(app.to_string()),
+            _ => Activity::Bridged,
+        };
         self.out.push_back(Output::Record(Box::new(CallRecord {
             id: self.a.dialog.call_id.clone(),
             owner: self.p.node_id,
+            epoch: self.epoch,
+            history: self.history.clone(),
             caller: self.p.caller_user.clone(),
             callee: self.a.exten.clone(),
-            answered_at_ms: self.now_ms(now),
+            answered_at_ms: self.answered_at_ms,
+            activity,
             legs,
         })));
+    }
+
+    /// Records the call again when what another node needs to resume it changed: a
+    /// description sent on a leg (hold, resume, a new codec), or a local CSeq halfway
+    /// through the headroom a survivor adds (RFC 3261 §12.2.1.1: it must continue above
+    /// anything this node sent).
+    fn record_if_changed(&mut self) {
+        let Some(r) = &self.recorded else {
+            return;
+        };
+        if self.phase == Phase::Ended {
+            return;
+        }
+        let b_cseq = match self.phase {
+            Phase::Bridged(w) => self.legs[w].dialog.local_cseq,
+            _ => r.cseqs[1],
+        };
+        let moved = |now: u32, then: u32| now.saturating_sub(then) >= CSEQ_HEADROOM / 2;
+        if r.sdp != self.sdp_body
+            || r.app != self.app_name
+            || moved(self.a.dialog.local_cseq, r.cseqs[0])
+            || moved(b_cseq, r.cseqs[1])
+        {
+            self.push_record();
+        }
     }
 
     // ----- ending -------------------------------------------------------------------
@@ -878,6 +997,7 @@ impl<D: Destination> Call<D> {
             tx: ClientTx::NonInvite(ClientNonInvite::new(now, bytes, reliable, self.p.timers)),
             origin: None,
             answered: false,
+            reanchor: false,
         });
     }
 
@@ -934,6 +1054,7 @@ impl<D: Destination> Call<D> {
             tx,
             origin,
             answered: false,
+            reanchor: false,
         });
     }
 
@@ -1238,6 +1359,9 @@ impl<D: Destination> Call<D> {
             return;
         }
         self.pending[idx].answered = true;
+        if self.pending[idx].reanchor {
+            return self.on_reanchor_answer(now, leg, status, &msg.body);
+        }
         let Some(origin) = self.pending[idx].origin.take() else {
             if method == Method::Bye || method == Method::Cancel {
                 self.pending.remove(idx);
@@ -1288,7 +1412,10 @@ impl<D: Destination> Call<D> {
     ) {
         // The target answers: no failover to the next one any more.
         self.legs[i].failover_at = None;
-        let action = self.legs[i].tx.on_response(now, status, &core.to.raw);
+        let Some(tx) = self.legs[i].tx.as_mut() else {
+            return; // a resumed leg: its INVITE was answered on another node
+        };
+        let action = tx.on_response(now, status, &core.to.raw);
         let dest = self.legs[i].dialog.dest.clone();
         match action {
             ResponseAction::Absorb => return,
@@ -1432,6 +1559,20 @@ impl<D: Destination> Call<D> {
     /// handshake failed): RFC 3263 §4.3 treats it like a 503, so a leg still waiting for
     /// its first response there moves on to the next target at once.
     pub fn on_transport_error(&mut self, now: Instant, dest: &D) {
+        // A leg this call is being moved to cannot be reached from here.
+        if let Some(p) = self
+            .pending
+            .iter_mut()
+            .find(|p| p.reanchor && !p.answered && &p.dest == dest)
+        {
+            p.answered = true;
+            let leg = p.leg;
+            self.log(
+                LogLevel::Notice,
+                format!("{}: transport error", dest.describe()),
+            );
+            self.on_reanchor_answer(now, leg, 0, &[]);
+        }
         for i in 0..self.legs.len() {
             let leg = &self.legs[i];
             if leg.state == LegState::Trying && &leg.dialog.dest == dest {
@@ -1480,7 +1621,7 @@ impl<D: Destination> Call<D> {
             }
         };
         for l in &self.legs {
-            take(l.tx.poll_timeout());
+            take(l.tx.as_ref().and_then(ClientInvite::poll_timeout));
             if !matches!(l.state, LegState::Done(_)) {
                 take(l.give_up_at);
                 take(l.failover_at);
@@ -1507,13 +1648,20 @@ impl<D: Destination> Call<D> {
         }
         if self.phase != Phase::Ended {
             take(self.hangup_at);
+            for (at, _) in &self.reanchor_retry {
+                take(Some(*at));
+            }
         }
         t
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         for i in 0..self.legs.len() {
-            match self.legs[i].tx.handle_timeout(now) {
+            let outcome = self.legs[i]
+                .tx
+                .as_mut()
+                .map_or(TimerOutcome::Idle, |tx| tx.handle_timeout(now));
+            match outcome {
                 // A leg given up for the next target stops retransmitting.
                 TimerOutcome::Retransmit(_) if self.legs[i].state == LegState::Done(0) => {}
                 TimerOutcome::Retransmit(bytes) => {
@@ -1566,6 +1714,9 @@ impl<D: Destination> Call<D> {
                         // The other leg never answered the relayed request.
                         self.respond_to(&o, 408, &[], None);
                     }
+                    if p.reanchor && !p.answered {
+                        self.on_reanchor_answer(now, p.leg, 0, &[]);
+                    }
                 }
                 TimerOutcome::Idle => k += 1,
             }
@@ -1580,6 +1731,7 @@ impl<D: Destination> Call<D> {
             }
             _ => {}
         }
+        self.retry_reanchor(now);
         if self.hangup_at.is_some_and(|at| now >= at) && self.phase != Phase::Ended {
             self.hangup_at = None;
             self.hangup(now, 16, None);
@@ -1619,8 +1771,16 @@ fn best_failure(codes: &[u16]) -> Option<u16> {
         .or_else(|| class(300, 400))
 }
 
-fn leg_record<D: Destination>(d: &Dialog<D>) -> LegRecord {
+fn leg_record<D: Destination>(
+    d: &Dialog<D>,
+    contact: String,
+    sdp_sent: &str,
+    media_targets: &[Option<SocketAddr>],
+) -> LegRecord {
     LegRecord {
+        contact,
+        sdp_sent: sdp_sent.to_string(),
+        media_targets: media_targets.to_vec(),
         call_id: d.call_id.clone(),
         local: d.local.clone(),
         remote: d.remote.clone(),

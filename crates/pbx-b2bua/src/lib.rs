@@ -13,9 +13,18 @@ mod call;
 mod dialog;
 
 pub use call::{
-    Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Output, FAILOVER_SILENCE,
+    streams_needed, Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Output,
+    FAILOVER_SILENCE,
 };
 pub use dialog::Destination;
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum B2buaError {
+    /// A replicated call record that cannot be resumed.
+    #[error("call {call_id}: cannot resume: {why}")]
+    Record { call_id: String, why: String },
+}
 
 #[cfg(test)]
 mod tests;

@@ -775,3 +775,255 @@ fn a_tls_leg_names_the_tls_listener_in_via_and_contact() {
         .starts_with("SIP/2.0/TCP 127.0.0.11:5060;"));
     assert_eq!(l.contact(Transport::Udp), "<sip:pbx@127.0.0.11:5060>");
 }
+
+/// The record a bridged call replicates, taken from its outputs.
+fn record_of(out: &[Output<Udp>]) -> pbx_state::CallRecord {
+    out.iter()
+        .rev()
+        .find_map(|o| match o {
+            Output::Record(r) => Some((**r).clone()),
+            _ => None,
+        })
+        .expect("a record")
+}
+
+fn resumed_on_node_2(record: &pbx_state::CallRecord) -> Harness {
+    let mut record = record.clone();
+    record.owner = 2;
+    record.epoch = 1;
+    record.history.push((1, 5_000));
+    let params = CallParams {
+        node_id: 2,
+        local: addr("127.0.0.12:5060"),
+        tls_local: None,
+        domain: "pbx.test".into(),
+        server_name: "pbxd".into(),
+        timers: Timers::default(),
+        seed: 0xdef0000,
+        media: Some(MediaPorts {
+            ip: "127.0.0.12".parse().unwrap(),
+            streams: vec![(41000, 41002)],
+        }),
+        caller_user: record.caller.clone(),
+        now_ms: 9_000,
+    };
+    let dests = record
+        .legs
+        .iter()
+        .map(|l| Udp(l.peer.parse().unwrap()))
+        .collect();
+    let now = Instant::now();
+    let call = Call::resume(now, params, &record, dests).unwrap();
+    let mut h = Harness {
+        call,
+        now,
+        out: Vec::new(),
+    };
+    h.drain();
+    h
+}
+
+#[test]
+fn a_bridged_call_is_resumed_on_another_node_by_one_reinvite_per_leg() {
+    let (mut h, tag) = bridged_with_bob1();
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    h.take();
+    // A hold relayed to bob changes what the record says: recorded again.
+    let hold = SDP_A.replace("PCMU/8000\r\n", "PCMU/8000\r\na=sendonly\r\n");
+    h.request(
+        &in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold),
+        ALICE,
+    );
+    let out = h.take();
+    let reinv = Harness::sent(&out, BOB1);
+    let held = SDP_B.replace("PCMU/8000\r\n", "PCMU/8000\r\na=recvonly\r\n");
+    h.response(&response_to(&reinv[0].1, 200, "b1", BOB1, &held));
+    let record = record_of(&h.take());
+    assert_eq!((record.owner, record.epoch), (1, 0));
+    assert_eq!(record.activity, pbx_state::Activity::Bridged);
+    assert_eq!(record.legs.len(), 2);
+    let (a, b) = (&record.legs[0], &record.legs[1]);
+    assert!(a.sdp_sent.contains("a=recvonly") && a.sdp_sent.contains("o=pbxd 2748 2 "));
+    assert!(b.sdp_sent.contains("a=sendonly") && b.sdp_sent.contains("o=pbxd 2748 2 "));
+    assert_eq!(a.media_targets, vec![Some(addr("127.0.0.1:6000"))]);
+    assert_eq!(b.media_targets, vec![Some(addr("127.0.0.2:7000"))]);
+    assert_eq!(a.contact, "<sip:pbx@127.0.0.11:5060>");
+
+    // Node 2 takes the call over.
+    let mut n2 = resumed_on_node_2(&record);
+    let out = n2.take();
+    let claims: Vec<&String> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::ClaimCallId(id) => Some(id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(claims, [&b.call_id], "the caller's is routed by the driver");
+    let remotes: Vec<(Side, Option<SocketAddr>)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Media(MediaOp::Remote { side, addr, .. }) => Some((*side, *addr)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        remotes,
+        [
+            (Side::A, Some(addr("127.0.0.1:6000"))),
+            (Side::B, Some(addr("127.0.0.2:7000")))
+        ],
+        "media flows at once where each side was"
+    );
+    assert!(out.contains(&Output::Media(MediaOp::Mode(Mode::Bridge))));
+    let to_alice = Harness::sent(&out, ALICE);
+    let to_bob = Harness::sent(&out, BOB1);
+    assert_eq!(
+        (to_alice.len(), to_bob.len()),
+        (1, 1),
+        "one re-INVITE per leg"
+    );
+    let (am, ac) = parse(&to_alice[0].1);
+    assert_eq!(am.method(), Some(&Method::Invite));
+    assert_eq!(am.request_uri(), Some("sip:alice@127.0.0.1:5061"));
+    assert_eq!(
+        (ac.from.tag(), ac.to.tag()),
+        (Some(tag.as_str()), Some("at"))
+    );
+    assert_eq!(ac.call_id, "a-call");
+    assert_eq!(ac.cseq.seq, a.local_cseq + pbx_state::CSEQ_HEADROOM + 1);
+    assert_eq!(
+        am.header(&HeaderName::Contact),
+        Some("<sip:pbx@127.0.0.12:5060>"),
+        "target refresh to the adopter"
+    );
+    let body = String::from_utf8_lossy(&am.body);
+    assert!(
+        body.contains("o=pbxd 2748 3 IN IP4 127.0.0.12")
+            && body.contains("m=audio 41000 ")
+            && body.contains("a=recvonly"),
+        "same session, next version, the adopter's relay, the direction kept: {body}"
+    );
+    let (bm, bc) = parse(&to_bob[0].1);
+    assert_eq!(
+        (bc.to.tag(), bc.call_id.as_str()),
+        (Some("b1"), b.call_id.as_str())
+    );
+    assert!(bc.cseq.seq > b.local_cseq + pbx_state::CSEQ_HEADROOM);
+    let body = String::from_utf8_lossy(&bm.body);
+    assert!(
+        body.contains("m=audio 41002 ") && body.contains("a=sendonly"),
+        "{body}"
+    );
+    // Recorded at once with the new contact and descriptions.
+    let r2 = record_of(&out);
+    assert_eq!((r2.owner, r2.epoch), (2, 1));
+    assert_eq!(r2.legs[0].contact, "<sip:pbx@127.0.0.12:5060>");
+    assert!(r2.legs[0].local_cseq > a.local_cseq + pbx_state::CSEQ_HEADROOM);
+
+    // Both answer (alice from a new port): ACKed, the relay learns.
+    let alice_moved = SDP_A.replace("6000", "6100");
+    n2.response(&response_to(&to_alice[0].1, 200, "at", ALICE, &alice_moved));
+    n2.response(&response_to(&to_bob[0].1, 200, "b1", BOB1, SDP_B));
+    let out = n2.take();
+    assert_eq!(Harness::sent(&out, ALICE)[0].0, Method::Ack);
+    assert_eq!(Harness::sent(&out, BOB1)[0].0, Method::Ack);
+    assert!(out.contains(&Output::Media(MediaOp::Remote {
+        stream: 0,
+        side: Side::A,
+        addr: Some(addr("127.0.0.1:6100")),
+    })));
+
+    // alice hangs up on node 2: bob gets a BYE above the re-INVITE's CSeq.
+    n2.request(
+        &in_dialog("BYE", 3, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    let out = n2.take();
+    assert_eq!(Harness::responses(&out), vec![200]);
+    let bye = Harness::sent(&out, BOB1);
+    assert_eq!(bye[0].0, Method::Bye);
+    assert_eq!(parse(&bye[0].1).1.cseq.seq, bc.cseq.seq + 1);
+    assert!(out.contains(&Output::Ended {
+        cause: 16,
+        answered: true
+    }));
+}
+
+#[test]
+fn a_leg_refusing_the_move_ends_the_call_cleanly() {
+    let mut h = Harness::start("bob", SDP_A);
+    h.take();
+    h.resolve(&[BOB1]);
+    let inv = Harness::sent(&h.take(), BOB1);
+    h.response(&response_to(&inv[0].1, 200, "b1", BOB1, SDP_B));
+    let record = record_of(&h.take());
+    let mut n2 = resumed_on_node_2(&record);
+    let out = n2.take();
+    let to_bob = Harness::sent(&out, BOB1);
+    let to_alice = Harness::sent(&out, ALICE);
+    n2.response(&response_to(&to_alice[0].1, 200, "at", ALICE, SDP_A));
+    n2.take();
+    n2.response(&response_to(&to_bob[0].1, 488, "b1", BOB1, ""));
+    let out = n2.take();
+    assert_eq!(Harness::sent(&out, ALICE)[0].0, Method::Bye);
+    assert!(Harness::sent(&out, BOB1)
+        .iter()
+        .any(|(m, _)| *m == Method::Bye));
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Ended { answered: true, .. })));
+
+    // Glare: 491 is tried again later, not the end of the call.
+    let mut n2 = resumed_on_node_2(&record);
+    let out = n2.take();
+    let to_alice = Harness::sent(&out, ALICE);
+    n2.response(&response_to(&to_alice[0].1, 491, "at", ALICE, ""));
+    assert!(Harness::sent(&n2.take(), ALICE)
+        .iter()
+        .all(|(m, _)| *m == Method::Ack));
+    n2.advance(Duration::from_millis(1200));
+    let again = Harness::sent(&n2.take(), ALICE);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].0, Method::Invite);
+
+    // Silence from a leg: Timer B, then the call ends.
+    let mut n2 = resumed_on_node_2(&record);
+    n2.take();
+    n2.advance(Duration::from_secs(40));
+    let out = n2.take();
+    assert!(Harness::sent(&out, ALICE)
+        .iter()
+        .any(|(m, _)| *m == Method::Bye));
+}
+
+#[test]
+fn a_call_inside_an_application_is_ended_not_replayed() {
+    let mut h = Harness::start("600", SDP_A);
+    h.take();
+    h.call.on_media(h.now, MediaNotice::PlaybackDone);
+    let record = record_of(&h.take());
+    assert_eq!(
+        record.activity,
+        pbx_state::Activity::Application("Echo".into())
+    );
+    assert_eq!(record.legs.len(), 1);
+    // Echo is stateless: moved by one re-INVITE to the caller, echoing on node 2.
+    let mut n2 = resumed_on_node_2(&record);
+    let out = n2.take();
+    assert!(out.contains(&Output::Media(MediaOp::Mode(Mode::Echo))));
+    assert_eq!(Harness::sent(&out, ALICE)[0].0, Method::Invite);
+
+    let mut playing = record.clone();
+    playing.activity = pbx_state::Activity::Application("Playback".into());
+    let mut n2 = resumed_on_node_2(&playing);
+    let out = n2.take();
+    assert_eq!(Harness::sent(&out, ALICE)[0].0, Method::Bye);
+    assert!(out.contains(&Output::Ended {
+        cause: 41,
+        answered: true
+    }));
+}

@@ -380,6 +380,21 @@ impl Execution {
         })
     }
 
+    /// An execution with nothing left to run: for a call resumed on another node, where
+    /// the dialplan's position was not replicated (the call was already bridged).
+    pub fn finished(caller: CallerId) -> Execution {
+        Execution {
+            plan: Arc::new(Dialplan::default()),
+            context: String::new(),
+            exten: String::new(),
+            priority: 1,
+            vars: HashMap::new(),
+            caller,
+            finished: true,
+            queued: Default::default(),
+        }
+    }
+
     pub fn set_var(&mut self, name: &str, value: &str) {
         self.vars.insert(name.to_string(), value.to_string());
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use pbx_b2bua::Contact;
 use pbx_dialplan::{CallerId, DialTarget, Dialplan, Execution};
 use pbx_sip_msg::{CoreHeaders, SipMessage, Uri};
-use pbx_state::{State, Transport};
+use pbx_state::{LegRecord, State, Transport};
 
 use crate::Dest;
 
@@ -212,4 +212,34 @@ pub(crate) fn contacts(
         out.unreachable = 480;
     }
     out
+}
+
+/// Where a resumed call's recorded leg is reached from node `node_id` (ADR 0010): a UDP
+/// phone at its address; a phone on TCP or TLS through the node that holds its
+/// connection now (its newest binding with the same Contact or source), or over a new
+/// connection from here when none does.
+pub fn resume_dest(state: &State, leg: &LegRecord, node_id: u64, now_ms: u64) -> Option<Dest> {
+    // `peer` is what the owner's destination said: the address first.
+    let addr: SocketAddr = leg.peer.split_whitespace().next()?.parse().ok()?;
+    if leg.transport == Transport::Udp {
+        return Some(Dest::Udp(addr));
+    }
+    let binding = state
+        .bindings
+        .values()
+        .flatten()
+        .filter(|b| b.is_live(now_ms) && b.transport == leg.transport)
+        .filter(|b| b.uri == leg.remote_target || b.source == addr.to_string())
+        .max_by_key(|b| b.registered_at_ms);
+    Some(match binding {
+        Some(b) => {
+            let at = b.source.parse().unwrap_or(addr);
+            if b.node_id == node_id {
+                Dest::Conn(0, at, b.transport)
+            } else {
+                Dest::Peer(b.node_id, at, b.transport)
+            }
+        }
+        None => Dest::Conn(0, addr, leg.transport),
+    })
 }

@@ -50,6 +50,20 @@ pub(crate) enum CallInput {
         hangup: bool,
         reply: oneshot::Sender<Vec<MediaCounters>>,
     },
+    /// The call runs elsewhere now, or must not run here any more (fencing): stop
+    /// without a word to the phones, keeping the relay running for `grace` (so media
+    /// flows until the new owner's re-INVITEs have moved the phones).
+    Release { grace: Duration },
+}
+
+/// What became of a call this process ran (see [`CallLayer::fate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    Running,
+    /// Ended here (its end is on its way to the replicated state).
+    Ended,
+    /// Stopped without ending: it is someone else's now, or must become so.
+    Released,
 }
 
 /// Q.850 cause of a call hung up by an operator (normal clearing, as Asterisk's
@@ -108,6 +122,10 @@ pub(crate) struct CallLayer {
     resolvers: Vec<SocketAddr>,
     /// Servers that timed out or answered 503 recently: tried last.
     dead: Mutex<DeadTargets>,
+    /// The answered calls this process ran, by id: the record's epoch and what became
+    /// of the call (ADR 0010).
+    fates: Mutex<HashMap<String, (u32, Fate)>>,
+    domain: String,
 }
 
 impl CallLayer {
@@ -153,7 +171,44 @@ impl CallLayer {
             dead: Mutex::new(DeadTargets::new(Duration::from_secs(
                 config.dns.dead_target_secs,
             ))),
+            fates: Mutex::new(HashMap::new()),
+            domain: config.cluster.domain.clone(),
         })
+    }
+
+    pub(crate) fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// What became of call `id` in this process, at which epoch of its record.
+    pub(crate) fn fate(&self, id: &str) -> Option<(u32, Fate)> {
+        lock(&self.fates).get(id).copied()
+    }
+
+    fn set_fate(&self, id: &str, epoch: u32, fate: Fate) {
+        lock(&self.fates).insert(id.to_string(), (epoch, fate));
+    }
+
+    /// Forgets the fates of calls that are no longer recorded (and not running).
+    pub(crate) fn forget_fates(&self, recorded: impl Fn(&str) -> bool) {
+        lock(&self.fates).retain(|id, (_, f)| *f == Fate::Running || recorded(id));
+    }
+
+    /// Stops call `id` without a word to the phones (see [`CallInput::Release`]).
+    pub(crate) fn release(&self, id: &str, grace: Duration) -> bool {
+        let Some(tx) = self.endpoint.call(id) else {
+            return false;
+        };
+        tx.send(CallInput::Release { grace }).is_ok()
+    }
+
+    /// The answered calls running here.
+    pub(crate) fn running(&self) -> Vec<String> {
+        lock(&self.fates)
+            .iter()
+            .filter(|(_, (_, f))| *f == Fate::Running)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Sends a call's response through its server transaction `key`.
@@ -289,6 +344,7 @@ async fn run_call(
         active: true,
         secure,
     };
+    let mut released = None;
     loop {
         while let Some(out) = call.poll_output() {
             carry_out(&layer, &mut call, out, &mut task);
@@ -320,6 +376,10 @@ async fn run_call(
                             call.hangup_now(now, CAUSE_ADMIN_HANGUP);
                         }
                     }
+                    Some(CallInput::Release { grace }) => {
+                        released = Some(grace);
+                        break;
+                    }
                     None => break,
                 }
             }
@@ -337,6 +397,23 @@ async fn run_call(
         layer.endpoint.call_ended();
     }
     layer.endpoint.release_call_ids(&task.claimed);
+    if let Some(grace) = released {
+        tracing::info!(
+            call = call.id(),
+            epoch = call.epoch(),
+            "call released: it runs elsewhere"
+        );
+        layer.set_fate(call.id(), call.epoch(), Fate::Released);
+        // Make before break: the relay keeps forwarding while the new owner moves the
+        // phones (a drained node's calls); none at all for a fenced node.
+        let streams = std::mem::take(&mut task.streams);
+        if !grace.is_zero() && !streams.is_empty() {
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                drop(streams);
+            });
+        }
+    }
 }
 
 /// What the task of one call keeps beside the call itself.
@@ -446,6 +523,7 @@ fn carry_out(
             LogLevel::Debug => tracing::debug!(call = call.id(), "{message}"),
         },
         Output::Record(record) => {
+            layer.set_fate(&record.id, record.epoch, Fate::Running);
             let _ = layer.records.send(Command::CallAnswered(*record));
         }
         Output::Ended { cause, answered } => {
@@ -457,12 +535,78 @@ fn carry_out(
             // Dropping the streams stops the relay and frees the ports.
             streams.clear();
             if answered {
+                layer.set_fate(call.id(), call.epoch(), Fate::Ended);
                 let _ = layer.records.send(Command::CallEnded {
                     id: call.id().to_string(),
+                    owner: Some(layer.node_id),
+                    epoch: call.epoch(),
                 });
             }
         }
     }
+}
+
+/// Starts a call adopted from its record (ADR 0010): opens its relay streams and its
+/// task, which moves the phones here by re-INVITEs. False when it cannot (no ports, a
+/// record that cannot be resumed): the call is then left to end on its own.
+pub(crate) fn start_resumed(layer: &Arc<CallLayer>, record: &pbx_state::CallRecord) -> bool {
+    layer.set_fate(&record.id, record.epoch, Fate::Running);
+    let mut streams = Vec::new();
+    let media = match &layer.relay {
+        Some(relay) => {
+            for _ in 0..pbx_b2bua::streams_needed(record) {
+                match relay.open(Mode::Bridge) {
+                    Ok(s) => streams.push(s),
+                    Err(e) => {
+                        tracing::warn!(call = %record.id, error = %e, "no RTP ports to adopt a call");
+                        layer.set_fate(&record.id, record.epoch, Fate::Released);
+                        return false;
+                    }
+                }
+            }
+            Some(MediaPorts {
+                ip: relay.ip(),
+                streams: streams.iter().map(|s| (s.port_a, s.port_b)).collect(),
+            })
+        }
+        None => None,
+    };
+    let dests: Option<Vec<Dest>> = {
+        let state = layer.cluster.read();
+        record
+            .legs
+            .iter()
+            .map(|l| pbx_endpoint::resume_dest(&state, l, layer.node_id, unix_ms()))
+            .collect()
+    };
+    let params = CallParams {
+        node_id: layer.node_id,
+        local: layer.io.local_addr,
+        tls_local: layer.io.tls_addr,
+        domain: layer.domain.clone(),
+        server_name: layer.endpoint.server_name().to_string(),
+        timers: Timers::default(),
+        seed: layer.seed.fetch_add(1 << 16, Ordering::Relaxed),
+        media,
+        caller_user: record.caller.clone(),
+        now_ms: unix_ms(),
+    };
+    let resumed = dests
+        .ok_or_else(|| "a leg's address cannot be read".to_string())
+        .and_then(|d| Call::resume(Instant::now(), params, record, d).map_err(|e| e.to_string()));
+    let call = match resumed {
+        Ok(call) => call,
+        Err(e) => {
+            tracing::warn!(call = %record.id, error = %e, "adopted call not resumed");
+            layer.set_fate(&record.id, record.epoch, Fate::Released);
+            return false;
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    layer.endpoint.start_call(&record.id, tx.clone());
+    let span = tracing::info_span!("call", call_id = %record.id, epoch = record.epoch);
+    tokio::spawn(run_call(layer.clone(), call, tx, rx, streams, false).instrument(span));
+    true
 }
 
 /// A target in another domain, located by RFC 3263 over UDP, TCP and (with CA roots)
@@ -572,9 +716,11 @@ async fn record_writer(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Command
         let mut batch: Vec<Option<Command>> = Vec::new();
         let mut answered: HashMap<String, usize> = HashMap::new();
         let mut add = |cmd: Command, batch: &mut Vec<Option<Command>>| match cmd {
-            Command::CallEnded { id } => match answered.remove(&id) {
-                Some(i) => batch[i] = None,
-                None => batch.push(Some(Command::CallEnded { id })),
+            Command::CallEnded { id, owner, epoch } => match answered.remove(&id) {
+                // Answered and ended within one batch: neither reaches the log (unless
+                // it was adopted: the adopter's end must replace the old record).
+                Some(i) if epoch == 0 => batch[i] = None,
+                _ => batch.push(Some(Command::CallEnded { id, owner, epoch })),
             },
             Command::CallAnswered(r) => {
                 answered.insert(r.id.clone(), batch.len());

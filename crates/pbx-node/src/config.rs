@@ -78,6 +78,20 @@ pub struct ClusterSection {
     /// How long a REGISTER may wait for a leader and a majority before it gets 503.
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
+    /// Liveness probes of the other members (ADR 0010): how often; a member whose
+    /// connection is refused this long is dead (its process is gone), one that is
+    /// silent this long is dead (or cut off) too. Their calls are then adopted.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    #[serde(default = "default_dead_after_refused_ms")]
+    pub dead_after_refused_ms: u64,
+    #[serde(default = "default_dead_after_silence_ms")]
+    pub dead_after_silence_ms: u64,
+    /// A node without a majority this long stops its answered calls (no signalling, no
+    /// media) so that they run nowhere twice once adopted; less than
+    /// `dead_after_silence_ms`.
+    #[serde(default = "default_fence_after_ms")]
+    pub fence_after_ms: u64,
     /// Retry-After (seconds) on a 503 for a write that could not be committed.
     #[serde(default = "default_retry_after")]
     pub retry_after: u32,
@@ -119,8 +133,27 @@ fn default_election_timeout_max_ms() -> u64 {
 fn default_write_timeout_ms() -> u64 {
     3000
 }
+fn default_probe_interval_ms() -> u64 {
+    100
+}
+fn default_dead_after_refused_ms() -> u64 {
+    300
+}
+fn default_dead_after_silence_ms() -> u64 {
+    3000
+}
+fn default_fence_after_ms() -> u64 {
+    1500
+}
 fn default_retry_after() -> u32 {
     5
+}
+
+impl ClusterSection {
+    /// A probe without an answer by then counts as silence.
+    pub fn probe_timeout_ms(&self) -> u64 {
+        (self.probe_interval_ms * 5).min(1000)
+    }
 }
 
 impl Default for ClusterSection {
@@ -132,6 +165,10 @@ impl Default for ClusterSection {
             election_timeout_min_ms: default_election_timeout_min_ms(),
             election_timeout_max_ms: default_election_timeout_max_ms(),
             write_timeout_ms: default_write_timeout_ms(),
+            probe_interval_ms: default_probe_interval_ms(),
+            dead_after_refused_ms: default_dead_after_refused_ms(),
+            dead_after_silence_ms: default_dead_after_silence_ms(),
+            fence_after_ms: default_fence_after_ms(),
             retry_after: default_retry_after(),
             domain: "pbx.test".into(),
             realm: None,
@@ -550,6 +587,22 @@ impl Config {
         if c.write_timeout_ms < 100 {
             return Err("cluster.write_timeout_ms: must be at least 100".into());
         }
+        if c.probe_interval_ms < 20 || c.dead_after_refused_ms < c.probe_interval_ms {
+            return Err("cluster.probe_interval_ms: must be at least 20, and \
+                 dead_after_refused_ms at least one probe interval"
+                .into());
+        }
+        // A cut-off node notices after a probe timeout and interval, then waits
+        // fence_after: it must have stopped its calls before the others adopt them.
+        if c.fence_after_ms + c.probe_timeout_ms() + c.probe_interval_ms >= c.dead_after_silence_ms
+        {
+            return Err(
+                "cluster.fence_after_ms: must be less than dead_after_silence_ms \
+                 by more than a probe timeout and interval (a cut-off node stops its \
+                 calls before they are adopted)"
+                    .into(),
+            );
+        }
         let mut ids = std::collections::BTreeSet::new();
         let mut peers = std::collections::BTreeSet::new();
         for m in &c.members {
@@ -698,6 +751,12 @@ impl Config {
             write_timeout: Duration::from_millis(c.write_timeout_ms),
             connect_timeout: Duration::from_millis(c.heartbeat_ms.max(500)),
             faults: pbx_peer::LinkFaults::default(),
+            liveness: pbx_peer::LivenessConfig {
+                probe_every: Duration::from_millis(c.probe_interval_ms),
+                probe_timeout: Duration::from_millis(c.probe_timeout_ms()),
+                dead_after_refused: Duration::from_millis(c.dead_after_refused_ms),
+                dead_after_silence: Duration::from_millis(c.dead_after_silence_ms),
+            },
         }
     }
 

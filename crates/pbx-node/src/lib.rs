@@ -6,6 +6,7 @@ mod calls;
 pub mod config;
 mod dns;
 mod sip;
+mod survival;
 mod tls;
 mod transport;
 
@@ -252,11 +253,18 @@ async fn bootstrap_once(
             other => tracing::error!(?other, "initial dialplan refused"),
         }
     }
-    // Calls this node ran before it (re)started died with its process. Proposed on
-    // every start: this node's view of the list may still be behind.
+    // Calls this node ran before it (re)started lost their process here: the others
+    // resume them (ADR 0010); nobody else: they are dropped. Proposed on every start,
+    // before this node takes calls of its own: any call recorded as this node's
+    // afterwards was given to it in this life.
+    let me = config.node.id;
+    let to = cluster.read().call_takers(me, &cluster.voters(), |_| true);
     cluster
-        .propose(Command::CallsOfOwnerEnded {
-            owner: config.node.id,
+        .propose(Command::AdoptCalls {
+            from: me,
+            to,
+            only: None,
+            now_ms: unix_ms(),
         })
         .await?;
     if let Some(path) = &config.cluster.users_file {

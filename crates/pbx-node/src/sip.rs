@@ -83,6 +83,11 @@ pub(crate) fn serve(
     cluster.set_call_control(Arc::new(CallControlHook(Arc::downgrade(&calls))));
     let mut tasks = io.serve(sip, tcp, tls, config.transport.udp_workers);
     tasks.push(tokio::spawn(timer(endpoint, io, wake)));
+    tasks.push(tokio::spawn(crate::survival::run(
+        calls,
+        cluster.clone(),
+        std::time::Duration::from_millis(config.cluster.fence_after_ms),
+    )));
     Ok(tasks)
 }
 

@@ -243,3 +243,318 @@ async fn a_cut_off_leader_stops_taking_writes_and_follows_the_new_one_after_heal
     c.wait_binding(old, "bob").await;
     c.shutdown().await;
 }
+
+/// alice calls bob through node `via` (digest on the INVITE, bob answers, alice ACKs).
+/// Returns alice's dialog headers (From, To with the node's tag) and bob's INVITE.
+async fn answered_call(
+    c: &TestCluster,
+    via: u64,
+    alice: &Phone,
+    bob: &Phone,
+) -> (String, String, pbx_sip_msg::SipMessage) {
+    let node = c.node(via).sip_addr;
+    let invite = |cseq: u32, auth: Option<String>| {
+        let sdp = support::phone_sdp(alice.addr, 30_000, 1);
+        let auth = auth.map_or(String::new(), |a| format!("Proxy-Authorization: {a}\r\n"));
+        format!(
+            "INVITE sip:bob@pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP {a};rport;branch=z9hG4bKinv{cseq}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:alice@pbx.test>;tag=al\r\nTo: <sip:bob@pbx.test>\r\n\
+             Call-ID: survive-1\r\nCSeq: {cseq} INVITE\r\nContact: <sip:alice@{a}>\r\n{auth}\
+             Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            sdp.len(),
+            a = alice.addr
+        )
+    };
+    alice
+        .socket
+        .send_to(invite(1, None).as_bytes(), node)
+        .await
+        .unwrap();
+    let (challenge, _) =
+        support::recv_until(&alice.socket, "407", LIMIT, |m| m.status() == Some(407)).await;
+    // §17.1.1.3: the 407 is acknowledged in its transaction (else it is resent).
+    let ack407 = format!(
+        "ACK sip:bob@pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP {a};rport;branch=z9hG4bKinv1\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@pbx.test>;tag=al\r\nTo: {to}\r\n\
+         Call-ID: survive-1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        a = alice.addr,
+        to = challenge.header(&HeaderName::To).unwrap()
+    );
+    alice.socket.send_to(ack407.as_bytes(), node).await.unwrap();
+    let auth = support::answer_challenge(
+        &challenge,
+        "INVITE",
+        "sip:bob@pbx.test",
+        "alice",
+        "alice-pw",
+    );
+    alice
+        .socket
+        .send_to(invite(2, Some(auth)).as_bytes(), node)
+        .await
+        .unwrap();
+    let (to_bob, from) = support::recv_until(&bob.socket, "INVITE to bob", LIMIT, |m| {
+        m.method() == Some(&pbx_sip_msg::Method::Invite)
+    })
+    .await;
+    let ok = support::response_to(
+        &to_bob,
+        200,
+        "bt",
+        bob.addr,
+        &support::phone_sdp(bob.addr, 31_000, 1),
+    );
+    bob.socket.send_to(ok.as_bytes(), from).await.unwrap();
+    let (answer, _) = support::recv_until(&alice.socket, "200 to alice", LIMIT, |m| {
+        m.status() == Some(200)
+    })
+    .await;
+    let from_h = answer.header(&HeaderName::From).unwrap().to_string();
+    let to_h = answer.header(&HeaderName::To).unwrap().to_string();
+    let ack = format!(
+        "ACK sip:pbx@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {a};rport;branch=z9hG4bKack\r\n\
+         Max-Forwards: 70\r\nFrom: {from_h}\r\nTo: {to_h}\r\nCall-ID: survive-1\r\nCSeq: 2 ACK\r\n\
+         Content-Length: 0\r\n\r\n",
+        a = alice.addr
+    );
+    alice.socket.send_to(ack.as_bytes(), node).await.unwrap();
+    (from_h, to_h, to_bob)
+}
+
+/// The re-INVITE a survivor sends a phone to move its call: answered 200 with the phone's
+/// description; returns it and the address it came from.
+async fn answer_reinvite(phone: &Phone, port: u16) -> (pbx_sip_msg::SipMessage, SocketAddr) {
+    let (reinvite, from) = support::recv_until(&phone.socket, "re-INVITE", LIMIT, |m| {
+        m.method() == Some(&pbx_sip_msg::Method::Invite)
+    })
+    .await;
+    let ok = support::response_to(
+        &reinvite,
+        200,
+        "x",
+        phone.addr,
+        &support::phone_sdp(phone.addr, port, 2),
+    );
+    phone.socket.send_to(ok.as_bytes(), from).await.unwrap();
+    support::recv_until(&phone.socket, "ACK of the re-INVITE", LIMIT, |m| {
+        m.method() == Some(&pbx_sip_msg::Method::Ack)
+    })
+    .await;
+    (reinvite, from)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_call_survives_its_node_and_is_hung_up_on_the_adopter() {
+    let mut c = TestCluster::start().await;
+    let leader = c.wait_leader_among(&[1, 2, 3], None).await;
+    let owner = others(leader)[0];
+    let mut alice = Phone::new("alice", "alice-pw").await;
+    let mut bob = Phone::new("bob", "bob-pw").await;
+    c.register_ok(&mut alice, owner).await;
+    c.register_ok(&mut bob, owner).await;
+    c.wait_binding(owner, "bob").await;
+    let (from_h, to_h, _) = answered_call(&c, owner, &alice, &bob).await;
+    wait_until("the call recorded on every node", LIMIT, || async {
+        (1..=3)
+            .all(|id| {
+                c.node(id)
+                    .cluster
+                    .read()
+                    .calls
+                    .get("survive-1")
+                    .is_some_and(|r| r.owner == owner && r.legs.len() == 2)
+            })
+            .then_some(())
+    })
+    .await;
+
+    c.stop(owner).await;
+    // Each phone gets one re-INVITE from the same survivor: a target refresh there,
+    // with the call's media at its relay.
+    let (to_alice, adopter_addr) = answer_reinvite(&alice, 30_002).await;
+    let (to_bob, bob_from) = answer_reinvite(&bob, 31_002).await;
+    assert_eq!(adopter_addr, bob_from, "one adopter moves both legs");
+    let adopter = others(owner)
+        .into_iter()
+        .find(|&id| c.node(id).sip_addr == adopter_addr)
+        .expect("a survivor adopted the call");
+    assert_eq!(
+        to_alice.header(&HeaderName::Contact),
+        Some(format!("<sip:pbx@{adopter_addr}>").as_str())
+    );
+    let ac = pbx_sip_msg::CoreHeaders::extract(&to_alice).unwrap();
+    assert_eq!(ac.call_id, "survive-1");
+    assert!(ac.cseq.seq > pbx_state::CSEQ_HEADROOM);
+    let body = String::from_utf8_lossy(&to_alice.body);
+    assert!(
+        body.contains(&format!("c=IN IP4 {}", adopter_addr.ip())),
+        "{body}"
+    );
+    let bob_body = String::from_utf8_lossy(&to_bob.body);
+    assert!(bob_body.contains("m=audio "), "{bob_body}");
+    for id in others(owner) {
+        wait_until("the record names the adopter", LIMIT, || async {
+            c.node(id)
+                .cluster
+                .read()
+                .calls
+                .get("survive-1")
+                .is_some_and(|r| r.owner == adopter && r.epoch == 1 && r.history[0].0 == owner)
+                .then_some(())
+        })
+        .await;
+    }
+    // No second re-INVITE comes (one decision, one adopter).
+    assert!(
+        support::recv_from(&alice.socket, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "nothing more for alice"
+    );
+
+    // alice hangs up on the adopter: bob gets the BYE, the record ends.
+    let bye = format!(
+        "BYE sip:pbx@{adopter_addr} SIP/2.0\r\nVia: SIP/2.0/UDP {a};rport;branch=z9hG4bKbye\r\n\
+         Max-Forwards: 70\r\nFrom: {from_h}\r\nTo: {to_h}\r\nCall-ID: survive-1\r\nCSeq: 3 BYE\r\n\
+         Content-Length: 0\r\n\r\n",
+        a = alice.addr
+    );
+    alice
+        .socket
+        .send_to(bye.as_bytes(), adopter_addr)
+        .await
+        .unwrap();
+    support::recv_until(&alice.socket, "200 to the BYE", LIMIT, |m| {
+        m.status() == Some(200)
+    })
+    .await;
+    let (bye_to_bob, from) = support::recv_until(&bob.socket, "BYE to bob", LIMIT, |m| {
+        m.method() == Some(&pbx_sip_msg::Method::Bye)
+    })
+    .await;
+    let ok = support::response_to(&bye_to_bob, 200, "x", bob.addr, "");
+    bob.socket.send_to(ok.as_bytes(), from).await.unwrap();
+    for id in others(owner) {
+        wait_until("the call's record gone", LIMIT, || async {
+            (!c.node(id).cluster.read().calls.contains_key("survive-1")).then_some(())
+        })
+        .await;
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_owner_fences_its_call_and_one_survivor_adopts_it_once() {
+    let c = TestCluster::start().await;
+    let leader = c.wait_leader_among(&[1, 2, 3], None).await;
+    let owner = others(leader)[0];
+    let mut alice = Phone::new("alice", "alice-pw").await;
+    let mut bob = Phone::new("bob", "bob-pw").await;
+    c.register_ok(&mut alice, owner).await;
+    c.register_ok(&mut bob, owner).await;
+    c.wait_binding(owner, "bob").await;
+    answered_call(&c, owner, &alice, &bob).await;
+    wait_until("the call recorded on the leader", LIMIT, || async {
+        c.node(leader)
+            .cluster
+            .read()
+            .calls
+            .contains_key("survive-1")
+            .then_some(())
+    })
+    .await;
+
+    // Silence, not refusal: the links to and from the owner hang (a network cut).
+    let hang = pbx_peer::Fault::Delay(Duration::from_secs(3600));
+    for other in others(owner) {
+        c.net.set(owner, other, hang);
+        c.net.set(other, owner, hang);
+    }
+    let (_, adopter_addr) = answer_reinvite(&alice, 30_002).await;
+    let (_, bob_from) = answer_reinvite(&bob, 31_002).await;
+    eprintln!(
+        "adopter {adopter_addr} nodes {:?}",
+        (1..=3).map(|i| c.node(i).sip_addr).collect::<Vec<_>>()
+    );
+    assert_eq!(adopter_addr, bob_from);
+    assert_ne!(adopter_addr, c.node(owner).sip_addr);
+    // The cut-off owner had stopped the call before it was adopted: it no longer
+    // counts it, and nothing comes from it after the partition heals.
+    assert!(
+        c.node(owner).cluster.cut_off_for() > Duration::from_millis(1500),
+        "adopted only after the owner fenced itself"
+    );
+    c.net.heal();
+    wait_until("the old owner follows the adoption", LIMIT, || async {
+        c.node(owner)
+            .cluster
+            .read()
+            .calls
+            .get("survive-1")
+            .is_some_and(|r| r.owner != owner && r.epoch == 1)
+            .then_some(())
+    })
+    .await;
+    for phone in [&alice, &bob] {
+        if let Some((m, from)) = support::recv_from(&phone.socket, Duration::from_millis(700)).await
+        {
+            panic!("unexpected {m:?} from {from} after the adoption");
+        }
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_hands_its_call_over_without_ending_it() {
+    let c = TestCluster::start().await;
+    let leader = c.wait_leader_among(&[1, 2, 3], None).await;
+    let owner = others(leader)[0];
+    let mut alice = Phone::new("alice", "alice-pw").await;
+    let mut bob = Phone::new("bob", "bob-pw").await;
+    c.register_ok(&mut alice, owner).await;
+    c.register_ok(&mut bob, owner).await;
+    c.wait_binding(owner, "bob").await;
+    answered_call(&c, owner, &alice, &bob).await;
+    wait_until("the call recorded", LIMIT, || async {
+        c.node(leader)
+            .cluster
+            .read()
+            .calls
+            .contains_key("survive-1")
+            .then_some(())
+    })
+    .await;
+    // What `pbxctl node drain --migrate` commits.
+    let to = c
+        .node(leader)
+        .cluster
+        .read()
+        .call_takers(owner, &[1, 2, 3], |_| true);
+    let moved = c
+        .node(leader)
+        .cluster
+        .propose(pbx_state::Command::AdoptCalls {
+            from: owner,
+            to,
+            only: None,
+            now_ms: unix_ms(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(moved, pbx_state::Response::Swept(1));
+    let (_, adopter_addr) = answer_reinvite(&alice, 30_002).await;
+    let (_, bob_from) = answer_reinvite(&bob, 31_002).await;
+    assert_eq!(adopter_addr, bob_from);
+    assert_ne!(
+        adopter_addr,
+        c.node(owner).sip_addr,
+        "moved off the drained node"
+    );
+    for phone in [&alice, &bob] {
+        if let Some((m, from)) = support::recv_from(&phone.socket, Duration::from_millis(700)).await
+        {
+            panic!("unexpected {m:?} from {from}: the old owner hands over silently");
+        }
+    }
+    c.shutdown().await;
+}

@@ -51,6 +51,8 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
     /// Faults injected into this node's outgoing peer RPCs (tests; default: none).
     pub faults: LinkFaults,
+    /// How the other members are probed, and when one counts as dead.
+    pub liveness: crate::LivenessConfig,
 }
 
 pub(crate) enum LeaderCommitError {
@@ -86,6 +88,10 @@ pub(crate) struct Shared {
     /// Held shared by every commit on the leader, exclusively while it hands leadership
     /// over (writes wait, then go to the new leader).
     pub(crate) write_gate: tokio::sync::RwLock<()>,
+    /// What the probes of the other members found.
+    pub(crate) probes: Arc<std::sync::Mutex<crate::liveness::Probes>>,
+    /// Set once at shutdown: the peer-link server and the probes stop.
+    pub(crate) stopped: tokio::sync::watch::Sender<bool>,
 }
 
 fn role(state: ServerState) -> &'static str {
@@ -120,6 +126,12 @@ impl Shared {
             return true;
         }
         candidate_last_log.unwrap_or(0) == 0
+    }
+
+    /// Time since the last append accepted from a leader (since start when none).
+    pub(crate) fn since_leader_contact(&self) -> Duration {
+        let last = self.leader_contact.load(Ordering::Relaxed);
+        Duration::from_millis(self.now_ms().saturating_sub(last))
     }
 
     pub(crate) fn heard_from_leader(&self) {
@@ -428,6 +440,7 @@ impl Cluster {
             config.write_timeout,
             config.faults.clone(),
         )?;
+        let config_liveness = config.liveness;
         let raft = Raft::new(config.node_id, Arc::new(raft_config), pool.clone(), log, sm)
             .await
             .map_err(|e| PeerError::Raft(e.to_string()))?;
@@ -446,14 +459,23 @@ impl Cluster {
             sip_relay: std::sync::OnceLock::new(),
             call_control: std::sync::OnceLock::new(),
             write_gate: tokio::sync::RwLock::new(()),
+            probes: Arc::new(std::sync::Mutex::new(crate::liveness::Probes::new(
+                config_liveness,
+                Instant::now(),
+            ))),
+            stopped: tokio::sync::watch::channel(false).0,
         });
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(PeerService::server(shared.clone()));
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut stopped = shared.stopped.subscribe();
+        let stop = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
         tokio::spawn(async move {
-            if let Err(e) = server.serve_with_incoming(incoming).await {
+            if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
                 tracing::error!(error = %e, "peer link server stopped");
             }
         });
@@ -471,6 +493,7 @@ impl Cluster {
         }
         tokio::spawn(form(shared.clone()));
         tokio::spawn(watch_serving(shared.clone()));
+        tokio::spawn(crate::liveness::run(shared.clone(), shared.probes.clone()));
         let (tx, rx) = mpsc::channel(65_536);
         tokio::spawn(batcher(shared.clone(), rx));
         Ok(Cluster {
@@ -491,6 +514,33 @@ impl Cluster {
             .map_err(|_| PeerError::Unavailable("proposer stopped".into()))?;
         rx.await
             .map_err(|_| PeerError::Unavailable("proposer stopped".into()))?
+    }
+
+    /// What this node's probes say of member `node` (ADR 0010).
+    pub fn peer_state(&self, node: NodeId) -> crate::PeerState {
+        if node == self.shared.config.node_id {
+            return crate::PeerState::Alive;
+        }
+        crate::lock(&self.shared.probes).state(node, Instant::now())
+    }
+
+    /// The voting members, by id.
+    pub fn voters(&self) -> Vec<NodeId> {
+        self.shared
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// How long no majority of the voters (this node included) has answered this
+    /// node's probes: past `fence_after` its calls may be adopted by the others, so it
+    /// stops acting on them (fencing, ADR 0010). Zero while a majority answers.
+    pub fn cut_off_for(&self) -> Duration {
+        crate::lock(&self.shared.probes).cut_off_for(Instant::now())
     }
 
     /// The applied state (local read: every node answers for every user).
@@ -559,6 +609,11 @@ impl Cluster {
             .await
             .map_err(|s| PeerError::from_status(node, s))?;
         Ok(reply.into_inner().delivered)
+    }
+
+    /// Whether the node's start-up writes are done ([`Cluster::set_ready`]).
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Relaxed)
     }
 
     /// Marks the node's start-up writes as done (see [`NodeStatus::ready`]).
@@ -633,6 +688,7 @@ impl Cluster {
 
     pub async fn shutdown(&self) {
         let _ = self.shared.raft.shutdown().await;
+        self.shared.stopped.send_replace(true);
     }
 }
 

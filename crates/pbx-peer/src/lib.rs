@@ -8,6 +8,7 @@
 //!   `RaftNetwork`;
 //! - [`service`]: the server side: Raft RPCs, forwarded writes, relay, call control,
 //!   management, status;
+//! - [`liveness`]: probes of the other members: which are alive, which are dead;
 //! - [`faults`]: drop, delay or partition chosen links, for in-process cluster tests;
 //! - [`hooks`]: what the node plugs in (SIP relay, call control);
 //! - [`status`]: one node's status and its one conversion to and from the proto;
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod error;
 pub mod faults;
 pub mod hooks;
+pub mod liveness;
 pub mod manage;
 pub mod network;
 pub mod service;
@@ -29,14 +31,21 @@ pub use cluster::{Cluster, ClusterConfig, StateGuard};
 pub use error::PeerError;
 pub use faults::{Fault, LinkFaults};
 pub use hooks::{BoxFuture, CallControl, CallMedia, MediaCounters, SipRelay};
+pub use liveness::{LivenessConfig, PeerState};
 pub use manage::ManageOp;
 pub use pbx_raft::{unix_ms, CommitReport, CommitStats, Member, NodeId};
 pub use pbx_storage::{LogStore, MemStore};
 pub use status::NodeStatus;
 
+/// Locks a mutex, also after a panic elsewhere (the data stays usable here).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Version of the peer-link protocol: the proto messages and the bincode shape of the
 /// openraft types and state commands inside them. Nodes refuse peers that speak another
 /// version. 2: call records in the commands, the Relay RPC. 3: Manage and CallControl.
 /// 4: status, members and media counters as the messages shared with the admin API
-/// (`pbx.common.v1`).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// (`pbx.common.v1`). 5: the Ping probe; call records that can be resumed elsewhere
+/// (epoch, activity, each leg's contact and media) and `AdoptCalls`.
+pub const PROTOCOL_VERSION: u32 = 5;

@@ -23,7 +23,7 @@ use tonic::transport::Endpoint;
 
 use pbx_proto::peer::peer_link_client::PeerLinkClient;
 use pbx_proto::peer::{
-    ForwardReply, ForwardRequest, HandshakeReply, HandshakeRequest, RaftPayload,
+    ForwardReply, ForwardRequest, HandshakeReply, HandshakeRequest, PingRequest, RaftPayload,
 };
 use pbx_raft::TypeConfig;
 
@@ -168,6 +168,25 @@ impl PeerPool {
             )));
         }
         Ok(reply)
+    }
+
+    /// The liveness probe ([`crate::liveness`]).
+    pub async fn ping(&self, id: NodeId, addr: &str, timeout: Duration) -> Result<(), PeerError> {
+        let mut client = self
+            .client(id, addr)
+            .map_err(|e| PeerError::Unreachable(e.to_string()))?;
+        let mut req = tonic::Request::new(PingRequest {});
+        req.set_timeout(timeout);
+        let reply = client
+            .ping(req)
+            .await
+            .map_err(|s| PeerError::from_status(id, s))?;
+        if reply.into_inner().node_id != id {
+            return Err(PeerError::Transport(format!(
+                "another node answers for {id}"
+            )));
+        }
+        Ok(())
     }
 
     /// Hands an encoded command to the leader. [`PeerError::Unreachable`] means the

@@ -15,8 +15,8 @@ use pbx_proto::peer::forward_reply::Result as ForwardResult;
 use pbx_proto::peer::peer_link_server::{PeerLink, PeerLinkServer};
 use pbx_proto::peer::{
     CallControlReply, CallControlRequest, ForwardReply, ForwardRequest, HandshakeReply,
-    HandshakeRequest, ManageRequest, NotLeader, RaftPayload, RelayReply, RelayRequest,
-    StatusRequest,
+    HandshakeRequest, ManageRequest, NotLeader, PingReply, PingRequest, RaftPayload, RelayReply,
+    RelayRequest, StatusRequest,
 };
 
 use crate::cluster::{LeaderCommitError, Shared};
@@ -133,6 +133,13 @@ impl PeerLink for PeerService {
             protocol_version: PROTOCOL_VERSION,
             node_id: self.shared.config.node_id,
             initialized: self.shared.has_raft_state().await,
+        }))
+    }
+
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        self.check.request(&request)?;
+        Ok(Response::new(PingReply {
+            node_id: self.shared.config.node_id,
         }))
     }
 

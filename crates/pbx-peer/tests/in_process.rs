@@ -47,6 +47,7 @@ async fn start(n: u64, faults: &LinkFaults) -> Vec<Cluster> {
             write_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_millis(500),
             faults: faults.clone(),
+            liveness: Default::default(),
         };
         let store = Arc::new(MemStore::new());
         clusters.push(Cluster::start_on(config, store, listener).await.unwrap());

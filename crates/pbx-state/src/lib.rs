@@ -106,15 +106,32 @@ pub enum Command {
     /// Several commands committed as one log entry (group commit); applied in order,
     /// answered one response each.
     Batch(Vec<Command>),
-    /// A call was answered on its owner node: both dialogs, for the call-survival work
-    /// and the admin's call list.
+    /// A call was answered on its owner node, or its record changed there (new SDP, a
+    /// CSeq beyond the recorded headroom): both dialogs and their media, enough for
+    /// another node to resume the call. Ignored when the call has moved to another
+    /// owner or a later adoption meanwhile (a stale owner cannot take it back).
     CallAnswered(CallRecord),
+    /// The call ended on `owner` (`None`: whoever owns it; an operator's cleanup).
+    /// Ignored when the call has moved to another owner meanwhile.
     CallEnded {
         id: String,
+        owner: Option<u64>,
+        epoch: u32,
     },
-    /// A node (re)started: the calls it owned are gone with its process.
+    /// The calls of a node that left the cluster (removed): their records are dropped.
     CallsOfOwnerEnded {
         owner: u64,
+    },
+    /// The calls of `from` (all of them, or those named in `only`) move to the nodes in
+    /// `to`, spread over them in call-id order: one decision, the same on every node.
+    /// A call that is no longer `from`'s is left alone, so the same adoption twice moves
+    /// nothing. With `to` empty, the calls are dropped (nobody can take them).
+    AdoptCalls {
+        from: u64,
+        to: Vec<u64>,
+        only: Option<Vec<String>>,
+        /// The leader's clock, for the record's history.
+        now_ms: u64,
     },
     /// An administrator removes an AOR's bindings: all, or those with this contact URI.
     RemoveBindings {
@@ -156,7 +173,9 @@ impl Command {
                     updates.iter_mut().for_each(|u| u.stamp(now_ms));
                 }
             }
-            Command::SetDialplan { now_ms: at, .. } => *at = now_ms,
+            Command::SetDialplan { now_ms: at, .. } | Command::AdoptCalls { now_ms: at, .. } => {
+                *at = now_ms
+            }
             Command::Audit(e) => e.at_ms = now_ms,
             Command::Batch(list) => list.iter_mut().for_each(|c| c.stamp(now_ms)),
             Command::Initialize(_)
@@ -180,14 +199,36 @@ pub struct CallRecord {
     pub id: String,
     /// The node that runs the call (holds its transactions and media).
     pub owner: u64,
+    /// How many times the call was adopted: an owner's record of an older epoch is
+    /// stale and ignored.
+    pub epoch: u32,
+    /// The nodes that ran the call before its owner, oldest first, with the time each
+    /// handed it on (the leader's clock).
+    pub history: Vec<(u64, u64)>,
     pub caller: String,
     /// The extension dialled.
     pub callee: String,
     pub answered_at_ms: u64,
+    /// What the call is doing.
+    pub activity: Activity,
     /// The caller's leg first, then the callee's (none for the node's own
     /// applications).
     pub legs: Vec<LegRecord>,
 }
+
+/// What an answered call is doing, for whoever resumes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activity {
+    /// The two legs talk through the relay.
+    Bridged,
+    /// The node's own application (Echo, Playback, ...) with the caller.
+    Application(String),
+}
+
+/// How far beyond a recorded local CSeq a node resuming a dialog starts: the owner
+/// records the dialog again before its CSeq passes half of it, so a survivor's requests
+/// are always above anything the dead owner can have sent (RFC 3261 §12.2.1.1).
+pub const CSEQ_HEADROOM: u32 = 1000;
 
 /// One dialog of a call, as the node sees it (RFC 3261 §12 dialog state).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +245,13 @@ pub struct LegRecord {
     /// Where the peer's messages come from / go to.
     pub peer: String,
     pub transport: Transport,
+    /// The Contact URI this node gave the peer (a target refresh changes it).
+    pub contact: String,
+    /// The last SDP this node sent on the leg (its `o=` session id and version, the
+    /// codecs and payload types agreed); empty when none.
+    pub sdp_sent: String,
+    /// Per media stream, where the peer receives RTP (from its last SDP).
+    pub media_targets: Vec<Option<std::net::SocketAddr>>,
 }
 
 /// The dialplan as committed: its source text and version (1, 2, … in commit order).
@@ -230,6 +278,8 @@ pub enum Response {
     Batch(Vec<Response>),
     /// The dialplan was refused: each problem as `line N: reason`.
     InvalidDialplan(Vec<String>),
+    /// A call's record from a node that no longer owns it: ignored.
+    Stale,
 }
 
 /// Everything the cluster agrees on.
@@ -326,12 +376,57 @@ impl State {
                 Response::Batch(list.into_iter().map(|c| self.apply(c)).collect())
             }
             Command::CallAnswered(record) => {
+                let stale = self
+                    .calls
+                    .get(&record.id)
+                    .is_some_and(|c| (c.epoch, c.owner) != (record.epoch, record.owner));
+                if stale {
+                    return Response::Stale;
+                }
                 self.calls.insert(record.id.clone(), record);
                 Response::Done
             }
-            Command::CallEnded { id } => {
+            Command::CallEnded { id, owner, epoch } => {
+                let ours = self
+                    .calls
+                    .get(&id)
+                    .is_some_and(|c| owner.is_none_or(|o| o == c.owner && epoch == c.epoch));
+                if !ours {
+                    return Response::Stale;
+                }
                 self.calls.remove(&id);
                 Response::Done
+            }
+            Command::AdoptCalls {
+                from,
+                to,
+                only,
+                now_ms,
+            } => {
+                let mut moved = 0;
+                let mut next = 0;
+                let ids: Vec<String> = self
+                    .calls
+                    .values()
+                    .filter(|c| c.owner == from)
+                    .filter(|c| only.as_ref().is_none_or(|o| o.contains(&c.id)))
+                    .map(|c| c.id.clone())
+                    .collect();
+                for id in ids {
+                    if to.is_empty() {
+                        self.calls.remove(&id);
+                        moved += 1;
+                        continue;
+                    }
+                    if let Some(c) = self.calls.get_mut(&id) {
+                        c.history.push((c.owner, now_ms));
+                        c.owner = to[next % to.len()];
+                        c.epoch += 1;
+                        next += 1;
+                        moved += 1;
+                    }
+                }
+                Response::Swept(moved)
             }
             Command::Audit(entry) => {
                 self.audit.push_back(entry);
@@ -390,6 +485,26 @@ impl State {
         response
     }
 
+    /// The nodes that may take over `from`'s calls: the voters other than `from` that
+    /// are alive and not being drained (drained ones too when nobody else is left).
+    pub fn call_takers(&self, from: u64, voters: &[u64], alive: impl Fn(u64) -> bool) -> Vec<u64> {
+        let candidates: Vec<u64> = voters
+            .iter()
+            .copied()
+            .filter(|v| *v != from && alive(*v))
+            .collect();
+        let undrained: Vec<u64> = candidates
+            .iter()
+            .copied()
+            .filter(|v| !self.draining.contains(v))
+            .collect();
+        if undrained.is_empty() {
+            candidates
+        } else {
+            undrained
+        }
+    }
+
     /// The AOR's bindings that are live at `now_ms` (expired ones are invisible at once).
     pub fn bindings_of(&self, aor: &str, now_ms: u64) -> Vec<Binding> {
         self.bindings
@@ -436,7 +551,8 @@ impl State {
 
 const SNAPSHOT_MAGIC: &[u8] = b"PBXS";
 /// Bumped whenever [`State`]'s encoding changes.
-const SNAPSHOT_FORMAT: u16 = 3;
+/// 4: call records with epoch, history, activity and each leg's contact and media.
+const SNAPSHOT_FORMAT: u16 = 4;
 
 impl Command {
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
@@ -749,5 +865,88 @@ mod tests {
         }
         assert_eq!(a, b);
         assert_eq!(State::decode(&a.encode().unwrap()).unwrap(), a);
+    }
+
+    fn call(id: &str, owner: u64) -> CallRecord {
+        CallRecord {
+            id: id.into(),
+            owner,
+            epoch: 0,
+            history: Vec::new(),
+            caller: "1000".into(),
+            callee: "1001".into(),
+            answered_at_ms: 5,
+            activity: Activity::Bridged,
+            legs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn adoption_spreads_a_nodes_calls_once_and_fences_the_old_owner() {
+        let mut st = State::default();
+        for (id, owner) in [("a", 1), ("b", 1), ("c", 1), ("d", 2)] {
+            assert_eq!(
+                st.apply(Command::CallAnswered(call(id, owner))),
+                Response::Done
+            );
+        }
+        let adopt = Command::AdoptCalls {
+            from: 1,
+            to: vec![2, 3],
+            only: None,
+            now_ms: 77,
+        };
+        assert_eq!(st.apply(adopt.clone()), Response::Swept(3));
+        let owners: Vec<(u64, u32)> = st.calls.values().map(|c| (c.owner, c.epoch)).collect();
+        assert_eq!(
+            owners,
+            [(2, 1), (3, 1), (2, 1), (2, 0)],
+            "a b c spread, d untouched"
+        );
+        assert_eq!(st.calls["a"].history, [(1, 77)]);
+        // The same decision again (two proposers) moves nothing.
+        assert_eq!(st.apply(adopt), Response::Swept(0));
+
+        // The old owner's late record and end are stale: the call stays adopted.
+        assert_eq!(
+            st.apply(Command::CallAnswered(call("a", 1))),
+            Response::Stale
+        );
+        let end_old = Command::CallEnded {
+            id: "a".into(),
+            owner: Some(1),
+            epoch: 0,
+        };
+        assert_eq!(st.apply(end_old), Response::Stale);
+        assert_eq!(st.calls["a"].owner, 2);
+        // The adopter's record and end are not.
+        let mut newer = call("a", 2);
+        newer.epoch = 1;
+        assert_eq!(st.apply(Command::CallAnswered(newer)), Response::Done);
+        let end = Command::CallEnded {
+            id: "a".into(),
+            owner: Some(2),
+            epoch: 1,
+        };
+        assert_eq!(st.apply(end), Response::Done);
+        assert!(!st.calls.contains_key("a"));
+
+        // Named calls only; nobody to take them: dropped.
+        let only = Command::AdoptCalls {
+            from: 2,
+            to: vec![3],
+            only: Some(vec!["d".into()]),
+            now_ms: 80,
+        };
+        assert_eq!(st.apply(only), Response::Swept(1));
+        assert_eq!((st.calls["d"].owner, st.calls["c"].owner), (3, 2));
+        let none = Command::AdoptCalls {
+            from: 2,
+            to: vec![],
+            only: None,
+            now_ms: 81,
+        };
+        assert_eq!(st.apply(none), Response::Swept(1));
+        assert!(!st.calls.contains_key("c"));
     }
 }

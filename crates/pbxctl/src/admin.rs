@@ -924,6 +924,7 @@ pub async fn node_drain(
     drain: bool,
     query: bool,
     wait: Option<f64>,
+    migrate: bool,
 ) -> Result<ExitCode, Failure> {
     use pbx_proto::admin::NodeDrainRequest;
     let mut client = t.connect().await?;
@@ -932,6 +933,7 @@ pub async fn node_drain(
             node_id: node,
             drain,
             query,
+            migrate,
         })
         .await?
         .into_inner();
@@ -952,6 +954,7 @@ pub async fn node_drain(
                     node_id: r.node_id,
                     drain: false,
                     query: true,
+                    migrate: false,
                 })
                 .await?
                 .into_inner();

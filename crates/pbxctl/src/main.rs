@@ -224,13 +224,16 @@ enum RegistrationsCmd {
 #[derive(Subcommand, Debug)]
 enum NodeCmd {
     /// Stop taking new calls and registrations (503: phones move to the next server);
-    /// running calls finish. --wait follows the progress until none is left.
+    /// running calls finish, or with --migrate move to the other members at once
+    /// (re-INVITEs, no gap). --wait follows the progress until none is left.
     Drain {
         /// The node (default: the one answering).
         #[arg(long, default_value_t = 0)]
         node: u64,
         #[arg(long)]
         wait: Option<f64>,
+        #[arg(long)]
+        migrate: bool,
     },
     /// Take calls and registrations again.
     Undrain {
@@ -566,15 +569,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Node { command } => {
             let t = admin_target(&cli)?;
             match command {
-                NodeCmd::Drain { node, wait } => {
-                    admin_call(&t, |t| admin::node_drain(t, *node, true, false, *wait))
-                }
-                NodeCmd::Undrain { node } => {
-                    admin_call(&t, |t| admin::node_drain(t, *node, false, false, None))
-                }
-                NodeCmd::Status { node } => {
-                    admin_call(&t, |t| admin::node_drain(t, *node, false, true, None))
-                }
+                NodeCmd::Drain {
+                    node,
+                    wait,
+                    migrate,
+                } => admin_call(&t, |t| {
+                    admin::node_drain(t, *node, true, false, *wait, *migrate)
+                }),
+                NodeCmd::Undrain { node } => admin_call(&t, |t| {
+                    admin::node_drain(t, *node, false, false, None, false)
+                }),
+                NodeCmd::Status { node } => admin_call(&t, |t| {
+                    admin::node_drain(t, *node, false, true, None, false)
+                }),
             }
         }
         _ => run_local(cli),

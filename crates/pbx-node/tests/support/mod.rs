@@ -143,3 +143,73 @@ impl Phone {
         exchange(&self.socket, node, &second).await
     }
 }
+
+/// What a phone receives: the message and where it came from.
+pub async fn recv_from(phone: &UdpSocket, limit: Duration) -> Option<(SipMessage, SocketAddr)> {
+    let mut buf = vec![0u8; 65_536];
+    let (n, from) = tokio::time::timeout(limit, phone.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    Some((parse_datagram(&buf[..n], &Limits::default()).ok()?, from))
+}
+
+/// Receives until a message satisfying `want` arrives (others are skipped: provisional
+/// responses, retransmissions); panics after `limit`.
+pub async fn recv_until(
+    phone: &UdpSocket,
+    what: &str,
+    limit: Duration,
+    want: impl Fn(&SipMessage) -> bool,
+) -> (SipMessage, SocketAddr) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match recv_from(phone, left).await {
+            Some((m, from)) if want(&m) => return (m, from),
+            Some(_) => {}
+            None => panic!("{what}: nothing within {limit:?}"),
+        }
+    }
+}
+
+/// A response to `request` as a phone sends it: its Via, From, Call-ID and CSeq, the To
+/// with `to_tag` added when it has none, a Contact at `contact`, and `sdp` as body.
+pub fn response_to(
+    request: &SipMessage,
+    status: u16,
+    to_tag: &str,
+    contact: SocketAddr,
+    sdp: &str,
+) -> String {
+    let mut out = format!("SIP/2.0 {status} X\r\n");
+    for v in request.header_values(&HeaderName::Via) {
+        out.push_str(&format!("Via: {v}\r\n"));
+    }
+    let to = request.header(&HeaderName::To).unwrap_or("");
+    let to = if to.contains("tag=") {
+        to.to_string()
+    } else {
+        format!("{to};tag={to_tag}")
+    };
+    out.push_str(&format!(
+        "From: {}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {}\r\nContact: <sip:phone@{contact}>\r\n",
+        request.header(&HeaderName::From).unwrap_or(""),
+        request.header(&HeaderName::CallId).unwrap_or(""),
+        request.header(&HeaderName::CSeq).unwrap_or(""),
+    ));
+    if !sdp.is_empty() {
+        out.push_str("Content-Type: application/sdp\r\n");
+    }
+    out.push_str(&format!("Content-Length: {}\r\n\r\n{sdp}", sdp.len()));
+    out
+}
+
+/// An audio offer or answer of a phone at `addr`, PCMU on `port`.
+pub fn phone_sdp(addr: SocketAddr, port: u16, version: u32) -> String {
+    let ip = addr.ip();
+    format!(
+        "v=0\r\no=phone 7 {version} IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
+         m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+    )
+}

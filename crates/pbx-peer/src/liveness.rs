@@ -1,0 +1,337 @@
+//! Which other members are alive: every node probes every other one over the peer link
+//! a few times a second (the `Ping` RPC, on the connection Raft uses).
+//!
+//! Two kinds of failure tell different stories (ADR 0010):
+//! - **refused** — the connection is refused or reset at once: nothing listens at the
+//!   node's address, its process is gone (a kill, a crash, a restart). Declared dead
+//!   after [`LivenessConfig::dead_after_refused`], short: a dead process cannot act.
+//! - **silent** — no answer within the probe timeout: the node or the network is
+//!   down, or the node is cut off and may still be running. Declared dead only after
+//!   [`LivenessConfig::dead_after_silence`], longer than the time a cut-off node takes
+//!   to fence itself (stop its calls), so its calls are never run twice.
+//!
+//! A single answer makes a node alive again.
+//!
+//! The same probes tell a node whether *it* is cut off: when fewer than a majority of
+//! the voters (itself included) answered lately, it does not campaign for leadership
+//! (it could not win, and the higher term it would bring back would depose a healthy
+//! leader: what Raft's pre-vote prevents), and past `fence_after` it stops its calls.
+//!
+//! The verdicts are [`Probes`]'s, pure and tested on virtual time; the task that sends
+//! the probes is [`run`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::cluster::Shared;
+use crate::{NodeId, PeerError};
+
+/// How members are probed and when one counts as dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LivenessConfig {
+    pub probe_every: Duration,
+    /// A probe without an answer by then is a silent one.
+    pub probe_timeout: Duration,
+    pub dead_after_refused: Duration,
+    pub dead_after_silence: Duration,
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        LivenessConfig {
+            probe_every: Duration::from_millis(100),
+            probe_timeout: Duration::from_millis(500),
+            dead_after_refused: Duration::from_millis(300),
+            dead_after_silence: Duration::from_millis(3000),
+        }
+    }
+}
+
+/// What one probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Answered,
+    Refused,
+    Silent,
+}
+
+/// A member as this node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    /// Answered its last probe (or has not been probed yet).
+    Alive,
+    /// Failing, not long enough to be declared dead.
+    Suspect,
+    /// Refused for `dead_after_refused`, or silent for `dead_after_silence`.
+    Dead,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Health {
+    /// When the current run of failures began; `None` while it answers.
+    failing_since: Option<Instant>,
+    /// Every failure of the run was a refusal.
+    only_refused: bool,
+    last_answer: Option<Instant>,
+}
+
+/// The probe results of every member, and the verdicts on them and on this node.
+#[derive(Debug)]
+pub struct Probes {
+    config: LivenessConfig,
+    peers: HashMap<NodeId, Health>,
+    /// The last time a majority of the voters answered (this node counting as one).
+    majority_at: Instant,
+}
+
+impl Probes {
+    pub fn new(config: LivenessConfig, now: Instant) -> Probes {
+        Probes {
+            config,
+            peers: HashMap::new(),
+            majority_at: now,
+        }
+    }
+
+    /// A member answered lately: within a probe timeout and interval.
+    fn answers(&self, node: NodeId, now: Instant) -> bool {
+        let window = self.config.probe_timeout + self.config.probe_every;
+        self.peers
+            .get(&node)
+            .and_then(|h| h.last_answer)
+            .is_some_and(|at| now.saturating_duration_since(at) <= window)
+    }
+
+    /// Whether a majority of `voters` answered lately, `me` counting as one (a node
+    /// that is not a voter never has one); remembered for [`Probes::cut_off_for`].
+    pub fn reaches_majority(&mut self, now: Instant, me: NodeId, voters: &[NodeId]) -> bool {
+        let reached = voters
+            .iter()
+            .filter(|v| **v == me || self.answers(**v, now))
+            .count();
+        let ok = reached * 2 > voters.len();
+        if ok {
+            self.majority_at = now;
+        }
+        ok
+    }
+
+    /// How long no majority has answered (zero while one does).
+    pub fn cut_off_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.majority_at)
+    }
+
+    pub fn record(&mut self, node: NodeId, now: Instant, probe: Probe) {
+        let h = self.peers.entry(node).or_default();
+        match probe {
+            Probe::Answered => {
+                *h = Health {
+                    last_answer: Some(now),
+                    ..Health::default()
+                }
+            }
+            Probe::Refused | Probe::Silent => {
+                if h.failing_since.is_none() {
+                    h.failing_since = Some(now);
+                    h.only_refused = true;
+                }
+                h.only_refused &= probe == Probe::Refused;
+            }
+        }
+    }
+
+    pub fn state(&self, node: NodeId, now: Instant) -> PeerState {
+        let Some(h) = self.peers.get(&node) else {
+            return PeerState::Alive;
+        };
+        let Some(since) = h.failing_since else {
+            return PeerState::Alive;
+        };
+        let failing = now.saturating_duration_since(since);
+        let limit = if h.only_refused {
+            self.config.dead_after_refused
+        } else {
+            self.config.dead_after_silence
+        };
+        if failing >= limit {
+            PeerState::Dead
+        } else {
+            PeerState::Suspect
+        }
+    }
+
+    /// Forgets nodes that are no longer members.
+    pub fn retain(&mut self, members: &[NodeId]) {
+        self.peers.retain(|n, _| members.contains(n));
+    }
+}
+
+/// Probes every other member every `probe_every`, one probe in flight per member.
+pub(crate) async fn run(shared: Arc<Shared>, probes: Arc<Mutex<Probes>>) {
+    let config = shared.config.liveness;
+    let mut tick = tokio::time::interval(config.probe_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let in_flight: Arc<Mutex<std::collections::HashSet<NodeId>>> = Arc::default();
+    let mut stopped = shared.stopped.subscribe();
+    let mut campaigning = true;
+    let mut elect_asked: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        let me = shared.config.node_id;
+        let (members, voters): (Vec<(NodeId, String)>, Vec<NodeId>) = {
+            let m = shared.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            (
+                membership
+                    .nodes()
+                    .filter(|(id, _)| **id != me)
+                    .map(|(id, n)| (*id, n.peer_addr.clone()))
+                    .collect(),
+                membership.voter_ids().collect(),
+            )
+        };
+        let reaches = {
+            let ids: Vec<NodeId> = members.iter().map(|(id, _)| *id).collect();
+            let mut p = crate::lock(&probes);
+            p.retain(&ids);
+            p.reaches_majority(Instant::now(), me, &voters)
+        };
+        // A node that cannot reach a majority does not campaign: it cannot win, and the
+        // term it would raise would depose the healthy leader when it comes back.
+        if reaches != campaigning {
+            campaigning = reaches;
+            shared.raft.runtime_config().elect(reaches);
+            if reaches {
+                tracing::info!("a majority answers probes: taking part in elections");
+            } else {
+                tracing::warn!("no majority answers probes: not campaigning for leadership");
+            }
+        }
+        if reaches {
+            hasten_election(&shared, &probes, &mut elect_asked);
+        }
+        for (id, addr) in members {
+            if !crate::lock(&in_flight).insert(id) {
+                continue;
+            }
+            let (shared, probes, in_flight) = (shared.clone(), probes.clone(), in_flight.clone());
+            tokio::spawn(async move {
+                let sent = Instant::now();
+                let outcome = tokio::time::timeout(
+                    config.probe_timeout,
+                    shared.pool.ping(id, &addr, config.probe_timeout),
+                )
+                .await;
+                let probe = match outcome {
+                    Ok(Ok(())) => Probe::Answered,
+                    // Refused or reset before the timeout: nobody listens there.
+                    Ok(Err(PeerError::Unreachable(_)))
+                        if sent.elapsed() < config.probe_timeout / 2 =>
+                    {
+                        Probe::Refused
+                    }
+                    Ok(Err(_)) | Err(_) => Probe::Silent,
+                };
+                let was = {
+                    let mut p = crate::lock(&probes);
+                    let was = p.state(id, Instant::now());
+                    p.record(id, Instant::now(), probe);
+                    was
+                };
+                if probe == Probe::Answered && was != PeerState::Alive {
+                    tracing::info!(node = id, "peer answers probes again");
+                } else if probe != Probe::Answered && was == PeerState::Alive {
+                    tracing::info!(node = id, ?probe, "peer stopped answering probes");
+                }
+                crate::lock(&in_flight).remove(&id);
+            });
+        }
+    }
+}
+
+/// A follower whose leader's process is gone (its probes are refused) campaigns as soon
+/// as the leader's lease has run out everywhere, instead of waiting for its election
+/// timer to fire after that (which adds up to another election timeout). Nodes start
+/// a few tens of milliseconds apart (by id) so that one of them usually wins at once.
+fn hasten_election(shared: &Arc<Shared>, probes: &Arc<Mutex<Probes>>, asked: &mut Option<Instant>) {
+    let m = shared.raft.metrics().borrow().clone();
+    let Some(leader) = m.current_leader else {
+        return;
+    };
+    if m.state != openraft::ServerState::Follower || leader == shared.config.node_id {
+        return;
+    }
+    let dead = crate::lock(probes).state(leader, Instant::now()) == PeerState::Dead;
+    let stagger = Duration::from_millis(30 * (shared.config.node_id % 8));
+    let due = shared.since_leader_contact() > shared.config.election_timeout_max + stagger;
+    let again = asked.is_none_or(|at| at.elapsed() > shared.config.election_timeout_min);
+    if dead && due && again {
+        *asked = Some(Instant::now());
+        tracing::info!(
+            leader,
+            "leader's process is gone and its lease ran out: campaigning now"
+        );
+        let raft = shared.raft.clone();
+        tokio::spawn(async move {
+            let _ = raft.trigger().elect().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_is_dead_soon_silence_only_later_and_one_answer_revives() {
+        let config = LivenessConfig::default();
+        let t0 = Instant::now();
+        let mut p = Probes::new(config, t0);
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert_eq!(p.state(2, t0), PeerState::Alive, "not probed yet");
+        // Node 2's process is gone: refusals.
+        p.record(2, ms(0), Probe::Refused);
+        assert_eq!(p.state(2, ms(100)), PeerState::Suspect);
+        p.record(2, ms(200), Probe::Refused);
+        assert_eq!(p.state(2, ms(300)), PeerState::Dead);
+        // Node 3 is cut off: silence, dead only after the longer delay.
+        p.record(3, ms(0), Probe::Silent);
+        p.record(3, ms(500), Probe::Refused);
+        assert_eq!(p.state(3, ms(2999)), PeerState::Suspect, "silence seen");
+        assert_eq!(p.state(3, ms(3000)), PeerState::Dead);
+        // An answer makes it alive at once.
+        p.record(3, ms(3100), Probe::Answered);
+        assert_eq!(p.state(3, ms(3100)), PeerState::Alive);
+        p.retain(&[3]);
+        assert_eq!(p.state(2, ms(4000)), PeerState::Alive, "forgotten");
+    }
+
+    #[test]
+    fn a_node_that_reaches_no_majority_knows_for_how_long() {
+        let config = LivenessConfig::default();
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut p = Probes::new(config, t0);
+        let voters = [1, 2, 3];
+        p.record(2, ms(0), Probe::Answered);
+        assert!(p.reaches_majority(ms(10), 1, &voters), "itself and node 2");
+        // Node 2 stops answering; node 3 never did.
+        p.record(2, ms(100), Probe::Silent);
+        assert!(
+            p.reaches_majority(ms(600), 1, &voters),
+            "2's answer is recent"
+        );
+        assert!(!p.reaches_majority(ms(700), 1, &voters));
+        assert_eq!(p.cut_off_for(ms(2700)), Duration::from_millis(2100));
+        p.record(3, ms(2800), Probe::Answered);
+        assert!(p.reaches_majority(ms(2800), 1, &voters));
+        assert_eq!(p.cut_off_for(ms(2800)), Duration::ZERO);
+        // A single voter is its own majority.
+        assert!(p.reaches_majority(ms(9000), 1, &[1]));
+    }
+}
