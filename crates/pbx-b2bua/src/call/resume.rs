@@ -170,7 +170,7 @@ impl<D: Destination> Call<D> {
             glare_tries: 0,
             p: params,
         };
-        call.out.push_back(Output::ClaimCallId(record.id.clone()));
+        // The caller's Call-ID is the call's: the driver routes it when it starts the call.
         if let Some(dialog) = b {
             call.out
                 .push_back(Output::ClaimCallId(dialog.call_id.clone()));
