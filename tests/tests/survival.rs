@@ -481,7 +481,11 @@ fn survive(slot: u8, victim: Victim, fault: Fault) {
             Duration::from_secs(30),
             || (c.status(owner)?.get("calls")? == "0").then_some(()),
         )
-        .unwrap();
+        .unwrap_or_else(|e| {
+            let log = c.log(owner);
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!("{e}: {:?}\n{}", c.status(owner), tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+        });
     }
 }
 
