@@ -126,6 +126,10 @@ pub struct MediaCounters {
     pub b_bytes: u64,
     pub b_lost: u64,
     pub b_jitter_ms: f64,
+    /// Wall clock (Unix ms) of the first RTP packet from each side; 0: none yet. On a
+    /// call's new owner, when media flowed again after the move.
+    pub a_first_ms: u64,
+    pub b_first_ms: u64,
 }
 
 /// What a relay does with the packets of a side.

@@ -49,6 +49,8 @@ pub struct StreamCounters {
     pub from_a: StreamStats,
     /// What side B (callee) sent us.
     pub from_b: StreamStats,
+    /// Unix ms of the first RTP packet from A and from B (0: none yet).
+    pub first_ms: [u64; 2],
 }
 
 impl From<StreamCounters> for MediaCounters {
@@ -63,6 +65,8 @@ impl From<StreamCounters> for MediaCounters {
             b_bytes: c.from_b.bytes,
             b_lost: c.from_b.lost,
             b_jitter_ms: c.from_b.jitter_ms(8000),
+            a_first_ms: c.first_ms[0],
+            b_first_ms: c.first_ms[1],
         }
     }
 }
@@ -271,6 +275,7 @@ async fn run_stream(
     let mut reported_dead = false;
     let mut play: Option<Playback> = None;
     let mut frame = [0u8; 12 + FRAME];
+    let mut first_ms = [0u64; 2];
     // Each prompt gets a new SSRC (RFC 3550 §8: a new source); seeded from our ports.
     let mut ssrc = sockets[0]
         .local_addr()
@@ -351,6 +356,7 @@ async fn run_stream(
                 counters.send_replace(StreamCounters {
                     from_a: *rtp.stats(Side::A),
                     from_b: *rtp.stats(Side::B),
+                    first_ms,
                 });
                 if !reported_dead && rtp.idle(now) >= no_media_timeout {
                     reported_dead = true;
@@ -373,6 +379,13 @@ async fn run_stream(
         };
         if !is_rtcp {
             reported_dead = false;
+            // Once per side and stream: when media (re)started through this relay.
+            let k = if side == Side::A { 0 } else { 1 };
+            if first_ms[k] == 0 {
+                first_ms[k] = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_millis() as u64);
+            }
         }
         // Out through the socket of the side the packet goes to (echo: the same side),
         // so the phone sees it come from the address its SDP names.

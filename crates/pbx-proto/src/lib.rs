@@ -41,6 +41,8 @@ impl From<&pbx_media_core::MediaCounters> for common::MediaStream {
             b_bytes: c.b_bytes,
             b_lost: c.b_lost,
             b_jitter_ms: c.b_jitter_ms,
+            a_first_ms: c.a_first_ms,
+            b_first_ms: c.b_first_ms,
         }
     }
 }
@@ -56,6 +58,8 @@ impl From<common::MediaStream> for pbx_media_core::MediaCounters {
             b_bytes: c.b_bytes,
             b_lost: c.b_lost,
             b_jitter_ms: c.b_jitter_ms,
+            a_first_ms: c.a_first_ms,
+            b_first_ms: c.b_first_ms,
         }
     }
 }

@@ -753,6 +753,7 @@ fn media_json(m: &pbx_proto::common::MediaStream) -> serde_json::Value {
         "a_packets": m.a_packets, "a_bytes": m.a_bytes, "a_lost": m.a_lost,
         "a_jitter_ms": m.a_jitter_ms, "b_packets": m.b_packets, "b_bytes": m.b_bytes,
         "b_lost": m.b_lost, "b_jitter_ms": m.b_jitter_ms,
+        "a_first_ms": m.a_first_ms, "b_first_ms": m.b_first_ms,
     })
 }
 
