@@ -448,3 +448,94 @@ fn dial_to_another_domain_fails_over_to_the_next_srv_target() {
         second.as_secs_f64()
     );
 }
+
+/// RFC 5626 flow recovery: baresip over TCP with `sipnat=outbound` and only the domain as
+/// its outbound proxy registers through the cluster DNS; its node (holding the flow) is
+/// SIGKILLed; the phone sees its connection close, registers again through a survivor
+/// long before its 600 s refresh, and a call reaches it there. Prints the time from the
+/// kill to the new flow.
+#[test]
+fn a_tcp_softphone_with_outbound_registers_again_on_a_survivor() {
+    require_tool("dig", "bind9-dnsutils");
+    require_tool("baresip", "baresip-core");
+    require_tool("sipp", "sip-tester");
+    let users = Users { count: 2 };
+    let c = LocalCluster::up(56, 3, &users, "[auth]\nchallenge_algorithms = [\"MD5\"]\n").unwrap();
+    let dns: Vec<std::net::SocketAddr> = (1..=3).map(|n| c.dns_addr(n).unwrap()).collect();
+    let _phone = Baresip::start(
+        &c.dir.path().join("baresip"),
+        &c.client_ip(50),
+        5070,
+        &dns,
+        &format!(
+            "<sip:{}@pbx.test;transport=tcp>;auth_pass={};outbound=\"sip:pbx.test;transport=tcp\";\
+             sipnat=outbound;regint=600;answermode=auto;audio_codecs=PCMU",
+            Users::name(1),
+            Users::password(1)
+        ),
+    );
+    let home = wait_for(
+        "the softphone registered over TCP through DNS",
+        Duration::from_secs(20),
+        || bound_via(&c, &Users::name(1)).first().copied(),
+    )
+    .unwrap() as usize;
+    let killed_at = std::time::Instant::now();
+    c.kill(home).unwrap();
+    let survivor = (1..=3).find(|&n| n != home).unwrap();
+    let again = wait_for(
+        "the softphone registered again through a survivor",
+        Duration::from_secs(120),
+        || {
+            let (code, text) = c
+                .admin(
+                    &[survivor],
+                    &[
+                        "registrations",
+                        "list",
+                        "--user",
+                        &Users::name(1),
+                        "--output",
+                        "json",
+                    ],
+                )
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (code == 0
+                && v.as_array()?
+                    .iter()
+                    .any(|r| r["node_id"].as_u64().is_some_and(|n| n as usize != home)))
+            .then(|| killed_at.elapsed())
+        },
+    )
+    .unwrap();
+    eprintln!(
+        "TCP phone with outbound: its node killed, registered again through a survivor after {} ms",
+        again.as_millis()
+    );
+    // Reachable there: a call from u2 through the survivor rings it over the new flow.
+    let inf = c.dir.path().join("call.csv");
+    std::fs::write(
+        &inf,
+        format!(
+            "SEQUENTIAL\n{};pbx.test;{};{};{}.99;9\n",
+            Users::name(2),
+            Users::password(2),
+            Users::name(1),
+            c.prefix
+        ),
+    )
+    .unwrap();
+    let call = pbx_tests::Sipp {
+        scenario: "uac_call.xml",
+        target: c.node_addr(survivor),
+        local_ip: c.client_ip(60),
+        inf: &inf,
+        calls: 1,
+        rate: 1,
+        transport: "u1",
+    }
+    .run()
+    .unwrap();
+    pbx_tests::assert_all_ok(&call, 1, "call to the TCP softphone on its new flow");
+}

@@ -46,6 +46,8 @@ enum Fault {
     /// nftables drops the owner's peer-link traffic; it keeps running and phones still
     /// reach it. Healed once the calls are re-owned, while they are still up.
     Partition,
+    /// A planned move: `pbxctl node drain --migrate` (make before break).
+    Migrate,
 }
 
 /// One answered call's replicated record (`pbxctl calls list --no-media --output json`).
@@ -352,6 +354,14 @@ fn survive(slot: u8, victim: Victim, fault: Fault) {
             None
         }
         Fault::Partition => Some(PeerPartition::isolate(&c, owner)),
+        Fault::Migrate => {
+            let node = owner.to_string();
+            let (code, text) = c
+                .admin(&[owner], &["node", "drain", "--node", &node, "--migrate"])
+                .unwrap();
+            assert_eq!(code, 0, "drain --migrate: {text}");
+            None
+        }
     };
     let budget = (placed + hold).saturating_duration_since(faulted);
     let after = wait_for(
@@ -490,7 +500,7 @@ fn survive(slot: u8, victim: Victim, fault: Fault) {
     // The ended calls' records go, on every node running.
     let running: Vec<usize> = match fault {
         Fault::Kill => survivors.clone(),
-        Fault::Partition => vec![1, 2, 3],
+        Fault::Partition | Fault::Migrate => vec![1, 2, 3],
     };
     wait_for(
         "the ended calls' records gone",
@@ -537,4 +547,9 @@ fn calls_survive_their_node_being_killed_leader_killed() {
 #[test]
 fn calls_survive_a_partitioned_owner() {
     survive(62, Victim::Follower, Fault::Partition);
+}
+
+#[test]
+fn calls_move_off_a_drained_node_without_ending() {
+    survive(63, Victim::Follower, Fault::Migrate);
 }

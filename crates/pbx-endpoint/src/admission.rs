@@ -8,7 +8,7 @@ use std::sync::Arc;
 use pbx_b2bua::Contact;
 use pbx_dialplan::{CallerId, DialTarget, Dialplan, Execution};
 use pbx_sip_msg::{CoreHeaders, SipMessage, Uri};
-use pbx_state::{LegRecord, State, Transport};
+use pbx_state::{Binding, LegRecord, State, Transport};
 
 use crate::Dest;
 
@@ -214,24 +214,38 @@ pub(crate) fn contacts(
     out
 }
 
-/// Where a resumed call's recorded leg is reached from node `node_id` (ADR 0010): a UDP
-/// phone at its address; a phone on TCP or TLS through the node that holds its
-/// connection now (its newest binding with the same Contact or source), or over a new
-/// connection from here when none does.
-pub fn resume_dest(state: &State, leg: &LegRecord, node_id: u64, now_ms: u64) -> Option<Dest> {
-    // `peer` is what the owner's destination said: the address first.
-    let addr: SocketAddr = leg.peer.split_whitespace().next()?.parse().ok()?;
-    if leg.transport == Transport::Udp {
-        return Some(Dest::Udp(addr));
-    }
-    let binding = state
+/// The live binding a resumed call's connection-bound leg is reached through now: the
+/// newest one of the same transport with the leg's Contact or address.
+fn leg_binding<'a>(
+    state: &'a State,
+    leg: &LegRecord,
+    addr: SocketAddr,
+    now_ms: u64,
+) -> Option<&'a Binding> {
+    state
         .bindings
         .values()
         .flatten()
         .filter(|b| b.is_live(now_ms) && b.transport == leg.transport)
         .filter(|b| b.uri == leg.remote_target || b.source == addr.to_string())
-        .max_by_key(|b| b.registered_at_ms);
-    Some(match binding {
+        .max_by_key(|b| b.registered_at_ms)
+}
+
+/// The address a leg's record names (`peer` as the owner's destination described it).
+fn leg_addr(leg: &LegRecord) -> Option<SocketAddr> {
+    leg.peer.split_whitespace().next()?.parse().ok()
+}
+
+/// Where a resumed call's recorded leg is reached from node `node_id` (ADR 0010): a UDP
+/// phone at its address; a phone on TCP or TLS through the node that holds its
+/// connection now (its newest binding with the same Contact or source), or over a new
+/// connection from here when none does.
+pub fn resume_dest(state: &State, leg: &LegRecord, node_id: u64, now_ms: u64) -> Option<Dest> {
+    let addr = leg_addr(leg)?;
+    if leg.transport == Transport::Udp {
+        return Some(Dest::Udp(addr));
+    }
+    Some(match leg_binding(state, leg, addr, now_ms) {
         Some(b) => {
             let at = b.source.parse().unwrap_or(addr);
             if b.node_id == node_id {
@@ -242,4 +256,23 @@ pub fn resume_dest(state: &State, leg: &LegRecord, node_id: u64, now_ms: u64) ->
         }
         None => Dest::Conn(0, addr, leg.transport),
     })
+}
+
+/// Whether every leg of a call to resume can be reached now: UDP legs always; a TCP or
+/// TLS phone once a live node holds its connection (`alive`), i.e. once a phone whose
+/// connection died with the old owner has registered again through a survivor (RFC 5626
+/// flow recovery). Until then the adopter waits rather than fail the call.
+pub fn legs_reachable(
+    state: &State,
+    legs: &[LegRecord],
+    now_ms: u64,
+    alive: impl Fn(u64) -> bool,
+) -> bool {
+    legs.iter()
+        .filter(|l| l.transport.is_connection_bound())
+        .all(|l| {
+            leg_addr(l)
+                .and_then(|addr| leg_binding(state, l, addr, now_ms))
+                .is_some_and(|b| alive(b.node_id))
+        })
 }

@@ -137,6 +137,15 @@ impl<C: Clone> Endpoint<C> {
         if link == Link::Udp && data.iter().all(|b| b.is_ascii_whitespace()) {
             return None; // UDP keep-alive (CRLF), nothing to answer
         }
+        if link == Link::Udp && crate::stun::is_stun(data) {
+            // RFC 5626 §4.4.2 keep-alive: a STUN Binding request on the SIP port.
+            return crate::stun::binding_response(data, source).map(|bytes| {
+                Event::Transmit(Transmit {
+                    dest: Dest::Udp(source),
+                    bytes: bytes.into(),
+                })
+            });
+        }
         let parsed = if link == Link::Udp {
             parse_datagram(data, &self.config.limits)
         } else {

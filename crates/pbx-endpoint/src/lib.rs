@@ -19,6 +19,7 @@
 mod admission;
 mod endpoint;
 mod relayed;
+mod stun;
 #[cfg(test)]
 mod tests;
 
@@ -30,7 +31,7 @@ use pbx_sip_core::TransactionKey;
 use pbx_sip_msg::{CoreHeaders, SipMessage};
 use pbx_state::{Command, Transport};
 
-pub use admission::{resume_dest, Contacts, Refused, SkipReason, Skipped};
+pub use admission::{legs_reachable, resume_dest, Contacts, Refused, SkipReason, Skipped};
 pub use endpoint::{lock, CommitToken, Endpoint, EndpointConfig};
 
 /// Errors of this crate (configuration that cannot work).

@@ -507,6 +507,12 @@ fn unparseable_messages_are_answered_when_they_can_be() {
     ));
     // A keep-alive is nothing.
     assert!(h.udp(0, b"\r\n\r\n").is_none());
+    // A STUN Binding request (RFC 5626 keep-alive) gets its Binding success.
+    let mut stun = vec![0x00, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42];
+    stun.extend_from_slice(b"txid-0123456");
+    let t = transmitted(h.udp(0, &stun));
+    assert_eq!(&t.bytes[0..2], &[0x01, 0x01]);
+    assert_eq!(&t.bytes[8..20], b"txid-0123456");
 }
 
 #[test]
@@ -515,4 +521,80 @@ fn a_failed_send_of_a_calls_request_finds_the_call() {
     h.ep.start_call("c7", 9);
     assert_eq!(h.ep.call_of_unsent(&invite("bob", "c7")), Some(9));
     assert_eq!(h.ep.call_of_unsent(&invite("bob", "other")), None);
+}
+
+fn leg(remote_target: &str, peer: &str, transport: Transport) -> pbx_state::LegRecord {
+    pbx_state::LegRecord {
+        call_id: "c1".into(),
+        local: "<sip:bob@pbx.test>;tag=n".into(),
+        remote: "<sip:alice@pbx.test>;tag=a".into(),
+        remote_target: remote_target.into(),
+        route_set: Vec::new(),
+        local_cseq: 3,
+        remote_cseq: 2,
+        peer: peer.into(),
+        transport,
+        contact: "<sip:pbx@192.0.2.1:5060>".into(),
+        sdp_sent: String::new(),
+        media_targets: Vec::new(),
+    }
+}
+
+#[test]
+fn a_resumed_leg_is_reached_where_its_phone_is_connected_now() {
+    let mut st = State::default();
+    let udp = leg(
+        "sip:alice@192.0.2.10:5060",
+        "192.0.2.10:5060",
+        Transport::Udp,
+    );
+    let tcp = leg(
+        "sip:bob@tcp",
+        "192.0.2.11:40000 (TCP) via node 2",
+        Transport::Tcp,
+    );
+    assert_eq!(
+        crate::resume_dest(&st, &udp, 3, NOW_MS),
+        Some(Dest::Udp("192.0.2.10:5060".parse().unwrap()))
+    );
+    // bob's connection was held by node 2, which died: not reachable until he registers
+    // again through a live node.
+    st.bindings.insert(
+        "bob".into(),
+        vec![binding(
+            "sip:bob@tcp",
+            "192.0.2.11:40000",
+            Transport::Tcp,
+            2,
+        )],
+    );
+    let alive = |n: u64| n != 2;
+    let legs = [udp.clone(), tcp.clone()];
+    assert!(!crate::legs_reachable(&st, &legs, NOW_MS, alive));
+    assert!(
+        crate::legs_reachable(&st, &legs[..1], NOW_MS, alive),
+        "UDP: always"
+    );
+    // He registered again through node 3 (a new connection, a new port).
+    let mut again = binding("sip:bob@tcp", "192.0.2.11:40999", Transport::Tcp, 3);
+    again.registered_at_ms = NOW_MS + 1;
+    st.bindings.get_mut("bob").unwrap().push(again);
+    assert!(crate::legs_reachable(&st, &legs, NOW_MS, alive));
+    assert_eq!(
+        crate::resume_dest(&st, &tcp, 3, NOW_MS),
+        Some(Dest::Conn(
+            0,
+            "192.0.2.11:40999".parse().unwrap(),
+            Transport::Tcp
+        )),
+        "node 3 holds the new flow"
+    );
+    assert_eq!(
+        crate::resume_dest(&st, &tcp, 1, NOW_MS),
+        Some(Dest::Peer(
+            3,
+            "192.0.2.11:40999".parse().unwrap(),
+            Transport::Tcp
+        ))
+    );
 }

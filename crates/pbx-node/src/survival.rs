@@ -24,12 +24,18 @@ use crate::unix_ms;
 const TICK: Duration = Duration::from_millis(50);
 /// A proposal about one node's calls is not repeated sooner than this.
 const PROPOSE_EVERY: Duration = Duration::from_secs(1);
+/// How long an adopted call waits for a TCP/TLS phone whose connection died with the
+/// old owner to register again through a live node (RFC 5626 flow recovery, with the
+/// registrar's Flow-Timer of 30 s) before it is resumed anyway (and that leg fails).
+const FLOW_WAIT: Duration = Duration::from_secs(60);
 /// A call moved away while it runs here keeps its relay this long (make before break:
 /// the new owner's re-INVITEs move the phones meanwhile).
 pub(crate) const HANDOVER_GRACE: Duration = Duration::from_secs(2);
 
 pub(crate) async fn run(layer: Arc<CallLayer>, cluster: Cluster, fence_after: Duration) {
-    while !cluster.is_ready() {
+    // Decisions are taken on the local state: it must not be one a restart left behind
+    // (calls recorded as this node's that the others took over meanwhile).
+    while !(cluster.is_ready() && cluster.catch_up(Duration::from_secs(5)).await) {
         tokio::time::sleep(TICK).await;
     }
     let me = layer.node_id();
@@ -38,6 +44,8 @@ pub(crate) async fn run(layer: Arc<CallLayer>, cluster: Cluster, fence_after: Du
     let mut fenced = false;
     let mut proposed: HashMap<u64, Instant> = HashMap::new();
     let mut last_forget = Instant::now();
+    // Adopted calls waiting for a connection-bound phone to come back, since when.
+    let mut waiting: HashMap<String, Instant> = HashMap::new();
     loop {
         tick.tick().await;
         let cut_off = cluster.cut_off_for();
@@ -57,6 +65,10 @@ pub(crate) async fn run(layer: Arc<CallLayer>, cluster: Cluster, fence_after: Du
             continue;
         }
         if fenced && cut_off.is_zero() {
+            // Back: what happened meanwhile must be applied before acting on it.
+            if !cluster.catch_up(Duration::from_secs(5)).await {
+                continue;
+            }
             fenced = false;
             tracing::info!("majority reached again: calls handled again");
         }
@@ -94,7 +106,24 @@ pub(crate) async fn run(layer: Arc<CallLayer>, cluster: Cluster, fence_after: Du
             tracing::info!(call = %id, "call adopted by another node: released here");
             layer.release(&id, HANDOVER_GRACE);
         }
+        waiting.retain(|id, _| adopt.iter().any(|r| &r.id == id));
         for record in adopt {
+            let reachable = {
+                let state = cluster.read();
+                pbx_endpoint::legs_reachable(&state, &record.legs, unix_ms(), |n| {
+                    n == me || cluster.peer_state(n) != PeerState::Dead
+                })
+            };
+            if !reachable {
+                let since = *waiting.entry(record.id.clone()).or_insert_with(|| {
+                    tracing::info!(call = %record.id, "adopted call waits for its TCP/TLS phone to register again");
+                    Instant::now()
+                });
+                if since.elapsed() < FLOW_WAIT {
+                    continue;
+                }
+            }
+            waiting.remove(&record.id);
             if calls::start_resumed(&layer, &record) {
                 tracing::info!(call = %record.id, epoch = record.epoch, "adopting call");
             }

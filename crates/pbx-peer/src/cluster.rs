@@ -653,6 +653,31 @@ impl Cluster {
         Ok(reply.into_inner().into())
     }
 
+    /// A read barrier: waits (up to `limit`) until this node has applied everything the
+    /// leader had applied when asked, so that decisions taken on the local state (which
+    /// calls are this node's) are not taken on a state a restart left behind. True once
+    /// caught up; false without a leader or in time.
+    pub async fn catch_up(&self, limit: Duration) -> bool {
+        let Some(leader) = self.shared.current_leader() else {
+            return false;
+        };
+        let target = if leader == self.shared.config.node_id {
+            return true; // the leader applies what it commits before anyone else
+        } else {
+            match self.peer_status(leader, limit).await {
+                Ok(s) => s.applied_index,
+                Err(_) => return false,
+            }
+        };
+        let mut metrics = self.metrics();
+        tokio::time::timeout(
+            limit,
+            metrics.wait_for(|m| m.last_applied.is_some_and(|l| l.index >= target)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    }
+
     /// Installs the node's call control (once).
     pub fn set_call_control(&self, control: Arc<dyn CallControl>) {
         let _ = self.shared.call_control.set(control);

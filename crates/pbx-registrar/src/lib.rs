@@ -29,6 +29,13 @@ pub enum RegistrarError {
     Config(String),
 }
 
+/// RFC 5626 §5.4: how often (seconds) a phone with an outbound flow must send a
+/// keep-alive (CRLFCRLF on a stream, a STUN Binding request over UDP; both answered).
+/// Short, so that a phone whose node died silently notices within ~40 s (no pong within
+/// 10 s, §4.4.1) and registers again through another node, rather than after the
+/// 120 s default.
+pub const FLOW_TIMER_SECS: u32 = 30;
+
 /// Option tags we support (RFC 3327 Path, RFC 5626 outbound).
 pub const SUPPORTED: &str = "path, outbound";
 const SUPPORTED_TAGS: &[&str] = &["path", "outbound"];
@@ -640,6 +647,7 @@ fn ok_with_bindings(
     }
     if outbound {
         w.header("Require", "outbound");
+        w.header_fmt("Flow-Timer", format_args!("{FLOW_TIMER_SECS}"));
     }
     w.header("Supported", SUPPORTED);
     (200, w.finish(b""))

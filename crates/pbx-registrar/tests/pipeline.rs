@@ -530,6 +530,11 @@ fn binding_records_source_transport_node_instance_and_path() {
         Some("<sip:edge.example.com;lr>")
     );
     assert_eq!(a.msg().header(&HeaderName::Require), Some("outbound"));
+    assert_eq!(
+        a.msg().header(&HeaderName::Other("Flow-Timer".into())),
+        Some("30"),
+        "RFC 5626 §5.4: how often the phone keeps its flow alive"
+    );
     let b = &h.state.bindings_of("carol", h.now_ms)[0];
     assert_eq!(b.uri, "sip:carol@10.1.1.1:5070;transport=tcp");
     assert_eq!(

@@ -293,11 +293,18 @@ pub struct State {
     pub dialplan_history: Vec<StoredDialplan>,
     /// Answered calls in progress, by id.
     pub calls: BTreeMap<String, CallRecord>,
+    /// The ids of the calls that ended last, oldest first (at most [`ENDED_KEPT`]): a
+    /// late record of one of them (from a node that ran it before it moved) is stale.
+    ended_calls: std::collections::VecDeque<String>,
+    ended_set: std::collections::BTreeSet<String>,
     /// Nodes being drained: they take no new calls or registrations.
     pub draining: std::collections::BTreeSet<u64>,
     /// Administrators' changes, oldest first, at most [`AUDIT_KEPT`].
     pub audit: std::collections::VecDeque<AuditEntry>,
 }
+
+/// How many ended calls' ids a [`State`] remembers, to refuse their late records.
+pub const ENDED_KEPT: usize = 10_000;
 
 /// How many replaced dialplans are kept (for show, diff and rollback).
 pub const DIALPLAN_HISTORY: usize = 20;
@@ -376,10 +383,12 @@ impl State {
                 Response::Batch(list.into_iter().map(|c| self.apply(c)).collect())
             }
             Command::CallAnswered(record) => {
-                let stale = self
-                    .calls
-                    .get(&record.id)
-                    .is_some_and(|c| (c.epoch, c.owner) != (record.epoch, record.owner));
+                let stale = match self.calls.get(&record.id) {
+                    Some(c) => (c.epoch, c.owner) != (record.epoch, record.owner),
+                    // Only a new call's first record creates one: an adopted call's
+                    // record, or one of a call that ended, comes too late.
+                    None => record.epoch > 0 || self.ended_set.contains(&record.id),
+                };
                 if stale {
                     return Response::Stale;
                 }
@@ -395,6 +404,7 @@ impl State {
                     return Response::Stale;
                 }
                 self.calls.remove(&id);
+                self.remember_ended(id);
                 Response::Done
             }
             Command::AdoptCalls {
@@ -415,6 +425,7 @@ impl State {
                 for id in ids {
                     if to.is_empty() {
                         self.calls.remove(&id);
+                        self.remember_ended(id);
                         moved += 1;
                         continue;
                     }
@@ -462,6 +473,17 @@ impl State {
                 let before = self.calls.len();
                 self.calls.retain(|_, c| c.owner != owner);
                 Response::Swept(before - self.calls.len())
+            }
+        }
+    }
+
+    fn remember_ended(&mut self, id: String) {
+        if self.ended_set.insert(id.clone()) {
+            self.ended_calls.push_back(id);
+        }
+        while self.ended_calls.len() > ENDED_KEPT {
+            if let Some(old) = self.ended_calls.pop_front() {
+                self.ended_set.remove(&old);
             }
         }
     }
@@ -929,6 +951,16 @@ mod tests {
             epoch: 1,
         };
         assert_eq!(st.apply(end), Response::Done);
+        assert!(!st.calls.contains_key("a"));
+        // Records that come after the end (the adopter's, or a node's that ran the call
+        // before) do not bring it back.
+        let mut late = call("a", 2);
+        late.epoch = 1;
+        assert_eq!(st.apply(Command::CallAnswered(late)), Response::Stale);
+        assert_eq!(
+            st.apply(Command::CallAnswered(call("a", 1))),
+            Response::Stale
+        );
         assert!(!st.calls.contains_key("a"));
 
         // Named calls only; nobody to take them: dropped.
