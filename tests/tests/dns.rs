@@ -462,8 +462,11 @@ fn a_tcp_softphone_with_outbound_registers_again_on_a_survivor() {
     let users = Users { count: 2 };
     let c = LocalCluster::up(56, 3, &users, "[auth]\nchallenge_algorithms = [\"MD5\"]\n").unwrap();
     let dns: Vec<std::net::SocketAddr> = (1..=3).map(|n| c.dns_addr(n).unwrap()).collect();
-    let _phone = Baresip::start(
-        &c.dir.path().join("baresip"),
+    // Outbound needs the phone's instance id (+sip.instance): baresip's uuid module
+    // makes one (in `uuid` in its directory).
+    let phone_dir = c.dir.path().join("baresip");
+    let _phone = Baresip::start_with(
+        &phone_dir,
         &c.client_ip(50),
         5070,
         &dns,
@@ -473,13 +476,17 @@ fn a_tcp_softphone_with_outbound_registers_again_on_a_survivor() {
             Users::name(1),
             Users::password(1)
         ),
+        "module_tmp uuid.so\n",
     );
     let home = wait_for(
         "the softphone registered over TCP through DNS",
         Duration::from_secs(20),
         || bound_via(&c, &Users::name(1)).first().copied(),
     )
-    .unwrap() as usize;
+    .unwrap_or_else(|e| {
+        let out = std::fs::read_to_string(c.dir.path().join("baresip/out.log")).unwrap_or_default();
+        panic!("{e}:\n{out}")
+    }) as usize;
     let killed_at = std::time::Instant::now();
     c.kill(home).unwrap();
     let survivor = (1..=3).find(|&n| n != home).unwrap();
