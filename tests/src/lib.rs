@@ -562,11 +562,50 @@ impl Drop for Baresip {
     }
 }
 
+/// An nftables table of a test's own, loaded from `rules` and deleted on drop. Needs
+/// root and `nft`.
+pub struct NftTable {
+    name: String,
+}
+
+impl NftTable {
+    /// Loads `rules` (which define `table inet NAME`); panics when nft refuses them.
+    pub fn load(name: &str, rules: &str) -> NftTable {
+        use std::io::Write;
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft");
+        child
+            .stdin
+            .take()
+            .expect("nft stdin")
+            .write_all(rules.as_bytes())
+            .expect("writing the nft rules");
+        assert!(
+            child.wait().map(|s| s.success()).unwrap_or(false),
+            "nft refused the rules of table {name} (root needed):\n{rules}"
+        );
+        NftTable {
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.name])
+            .status();
+    }
+}
+
 /// Node `n` cut off from the other nodes on the peer link only (TCP to and from their peer
 /// port, both ways): SIP, RTP and the admin API still reach every node. An nftables table
-/// of this test's own (named after its /24), removed on drop. Needs root and `nft`.
+/// of this test's own (named after its /24), removed on drop.
 pub struct PeerPartition {
-    table: String,
+    _table: NftTable,
 }
 
 impl PeerPartition {
@@ -592,31 +631,9 @@ impl PeerPartition {
              ip saddr {{ {set} }} ip daddr {me} tcp dport {port} drop\n  \
              ip saddr {{ {set} }} ip daddr {me} tcp sport {port} drop\n }}\n}}\n"
         );
-        let mut child = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("nft");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("nft stdin")
-            .write_all(rules.as_bytes())
-            .expect("writing the nft rules");
-        assert!(
-            child.wait().map(|s| s.success()).unwrap_or(false),
-            "nft refused the peer partition rules (root needed):\n{rules}"
-        );
-        PeerPartition { table }
-    }
-}
-
-impl Drop for PeerPartition {
-    fn drop(&mut self) {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "inet", &self.table])
-            .status();
+        PeerPartition {
+            _table: NftTable::load(&table, &rules),
+        }
     }
 }
 

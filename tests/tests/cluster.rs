@@ -7,7 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pbx_tests::{assert_all_ok, require_tool, wait_for, LocalCluster, Sipp, Users};
@@ -366,7 +365,7 @@ fn wiped_node_does_not_vote_until_caught_up() {
 /// Drops all traffic between node `n` and the other nodes (both directions) with an
 /// nftables table of this test's own; removed on drop.
 struct Partition {
-    table: String,
+    _table: pbx_tests::NftTable,
 }
 
 impl Partition {
@@ -381,31 +380,9 @@ impl Partition {
         let rules = format!(
             "table inet {table} {{\n chain output {{\n  type filter hook output priority 0; policy accept;\n  ip saddr {me} ip daddr {{ {set} }} drop\n  ip saddr {{ {set} }} ip daddr {me} drop\n }}\n}}\n"
         );
-        let mut child = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("nft");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(rules.as_bytes())
-            .unwrap();
-        assert!(
-            child.wait().unwrap().success(),
-            "nft refused the partition rules"
-        );
-        Partition { table }
-    }
-}
-
-impl Drop for Partition {
-    fn drop(&mut self) {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "inet", &self.table])
-            .status();
+        Partition {
+            _table: pbx_tests::NftTable::load(&table, &rules),
+        }
     }
 }
 

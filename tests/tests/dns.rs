@@ -201,6 +201,33 @@ enum Dns {
 /// registers through NAPTR/SRV; its node is killed; a call to it through a surviving
 /// node connects at once (its binding was replicated), and it re-registers through
 /// another node. Prints both times.
+/// One SIPp call from user 2 to user 1 (the softphone) through `node`.
+fn call_user_1(c: &LocalCluster, node: usize) -> pbx_tests::SippRun {
+    let inf = c.dir.path().join("call.csv");
+    std::fs::write(
+        &inf,
+        format!(
+            "SEQUENTIAL\n{};pbx.test;{};{};{}.99;9\n",
+            Users::name(2),
+            Users::password(2),
+            Users::name(1),
+            c.prefix
+        ),
+    )
+    .unwrap();
+    pbx_tests::Sipp {
+        scenario: "uac_call.xml",
+        target: c.node_addr(node),
+        local_ip: c.client_ip(60),
+        inf: &inf,
+        calls: 1,
+        rate: 1,
+        transport: "u1",
+    }
+    .run()
+    .unwrap()
+}
+
 fn softphone_failover(slot: u8, source: Dns) {
     require_tool("dig", "bind9-dnsutils");
     require_tool("baresip", "baresip-core");
@@ -280,29 +307,7 @@ fn softphone_failover(slot: u8, source: Dns) {
     }
 
     // A call from u2 through a surviving node: the replicated binding reaches the phone.
-    let inf = c.dir.path().join("call.csv");
-    std::fs::write(
-        &inf,
-        format!(
-            "SEQUENTIAL\n{};pbx.test;{};{};{}.99;9\n",
-            Users::name(2),
-            Users::password(2),
-            Users::name(1),
-            c.prefix
-        ),
-    )
-    .unwrap();
-    let call = pbx_tests::Sipp {
-        scenario: "uac_call.xml",
-        target: c.node_addr(survivor),
-        local_ip: c.client_ip(60),
-        inf: &inf,
-        calls: 1,
-        rate: 1,
-        transport: "u1",
-    }
-    .run()
-    .unwrap();
+    let call = call_user_1(&c, survivor);
     let call_after = killed_at.elapsed();
     pbx_tests::assert_all_ok(&call, 1, "call to the softphone through a surviving node");
 
@@ -521,28 +526,6 @@ fn a_tcp_softphone_with_outbound_registers_again_on_a_survivor() {
         again.as_millis()
     );
     // Reachable there: a call from u2 through the survivor rings it over the new flow.
-    let inf = c.dir.path().join("call.csv");
-    std::fs::write(
-        &inf,
-        format!(
-            "SEQUENTIAL\n{};pbx.test;{};{};{}.99;9\n",
-            Users::name(2),
-            Users::password(2),
-            Users::name(1),
-            c.prefix
-        ),
-    )
-    .unwrap();
-    let call = pbx_tests::Sipp {
-        scenario: "uac_call.xml",
-        target: c.node_addr(survivor),
-        local_ip: c.client_ip(60),
-        inf: &inf,
-        calls: 1,
-        rate: 1,
-        transport: "u1",
-    }
-    .run()
-    .unwrap();
+    let call = call_user_1(&c, survivor);
     pbx_tests::assert_all_ok(&call, 1, "call to the TCP softphone on its new flow");
 }

@@ -335,7 +335,33 @@ impl<D: Destination> Call<D> {
         let offer = (!invite.body.is_empty())
             .then(|| Sdp::parse(&invite.body).ok())
             .flatten();
-        let mut call = Call {
+        let a = ALeg {
+            key: Some(key),
+            head: Some(head),
+            dialog,
+            invite_cseq: core.cseq.seq,
+            max_forwards: core.max_forwards.unwrap_or(70),
+            exten,
+            offer_raw: if offer.is_some() {
+                invite.body.clone()
+            } else {
+                Bytes::new()
+            },
+            offer,
+            final_sent: false,
+            answered: false,
+            ringing_sent: false,
+        };
+        let mut call = Call::with_caller(now, params, exec, a);
+        call.respond_a(100, None, &[]);
+        call.run(now);
+        call
+    }
+
+    /// A call with its caller's leg, before anything happened: the state both a new
+    /// call and a resumed one start from.
+    fn with_caller(now: Instant, params: CallParams, exec: Execution, a: ALeg<D>) -> Call<D> {
+        Call {
             local: Local {
                 addr: params.local,
                 tls_addr: params.tls_local,
@@ -344,23 +370,7 @@ impl<D: Destination> Call<D> {
             next_id: 0,
             exec,
             out: VecDeque::new(),
-            a: ALeg {
-                key: Some(key),
-                head: Some(head),
-                dialog,
-                invite_cseq: core.cseq.seq,
-                max_forwards: core.max_forwards.unwrap_or(70),
-                exten,
-                offer_raw: if offer.is_some() {
-                    invite.body.clone()
-                } else {
-                    Bytes::new()
-                },
-                offer,
-                final_sent: false,
-                answered: false,
-                ringing_sent: false,
-            },
+            a,
             legs: Vec::new(),
             generation: 0,
             dial: None,
@@ -381,10 +391,7 @@ impl<D: Destination> Call<D> {
             reanchor_retry: Vec::new(),
             glare_tries: 0,
             p: params,
-        };
-        call.respond_a(100, None, &[]);
-        call.run(now);
-        call
+        }
     }
 
     /// The caller's Call-ID.

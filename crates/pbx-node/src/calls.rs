@@ -256,30 +256,18 @@ impl CallLayer {
 /// when no ports are free) and its task.
 pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
     // One relay stream per m-line the caller offers (at least one, for our own offer).
-    let mut streams = Vec::new();
-    let media = match &layer.relay {
-        Some(relay) => {
-            let n = Sdp::parse(&new.msg.body).map_or(1, |s| s.media.len().max(1));
-            for _ in 0..n {
-                match relay.open(Mode::Bridge) {
-                    Ok(s) => streams.push(s),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "no RTP ports: 503");
-                        layer.send_answer(layer.endpoint.refuse(
-                            Instant::now(),
-                            &new,
-                            &Refused::NoMediaPorts,
-                        ));
-                        return;
-                    }
-                }
-            }
-            Some(MediaPorts {
-                ip: relay.ip(),
-                streams: streams.iter().map(|s| (s.port_a, s.port_b)).collect(),
-            })
+    let n = Sdp::parse(&new.msg.body).map_or(1, |s| s.media.len().max(1));
+    let (streams, media) = match open_streams(layer, n) {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::warn!(error = %e, "no RTP ports: 503");
+            layer.send_answer(
+                layer
+                    .endpoint
+                    .refuse(Instant::now(), &new, &Refused::NoMediaPorts),
+            );
+            return;
         }
-        None => None,
     };
     let NewCall {
         msg,
@@ -546,30 +534,37 @@ fn carry_out(
     }
 }
 
+/// Opens `n` relay streams (none without a relay): the streams and the ports the call
+/// writes into its SDP. An error when the port pool is exhausted (the streams opened
+/// are closed again).
+fn open_streams(layer: &CallLayer, n: usize) -> Result<(Vec<Stream>, Option<MediaPorts>), String> {
+    let Some(relay) = &layer.relay else {
+        return Ok((Vec::new(), None));
+    };
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        streams.push(relay.open(Mode::Bridge).map_err(|e| e.to_string())?);
+    }
+    let ports = MediaPorts {
+        ip: relay.ip(),
+        streams: streams.iter().map(|s| (s.port_a, s.port_b)).collect(),
+    };
+    Ok((streams, Some(ports)))
+}
+
 /// Starts a call adopted from its record (ADR 0010): opens its relay streams and its
 /// task, which moves the phones here by re-INVITEs. False when it cannot (no ports, a
-/// record that cannot be resumed): the call is then left to end on its own.
+/// record that cannot be resumed): the call counts as released here, so the survival
+/// watcher hands it on to another node.
 pub(crate) fn start_resumed(layer: &Arc<CallLayer>, record: &pbx_state::CallRecord) -> bool {
     layer.set_fate(&record.id, record.epoch, Fate::Running);
-    let mut streams = Vec::new();
-    let media = match &layer.relay {
-        Some(relay) => {
-            for _ in 0..pbx_b2bua::streams_needed(record) {
-                match relay.open(Mode::Bridge) {
-                    Ok(s) => streams.push(s),
-                    Err(e) => {
-                        tracing::warn!(call = %record.id, error = %e, "no RTP ports to adopt a call");
-                        layer.set_fate(&record.id, record.epoch, Fate::Released);
-                        return false;
-                    }
-                }
-            }
-            Some(MediaPorts {
-                ip: relay.ip(),
-                streams: streams.iter().map(|s| (s.port_a, s.port_b)).collect(),
-            })
+    let (streams, media) = match open_streams(layer, pbx_b2bua::streams_needed(record)) {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::warn!(call = %record.id, error = %e, "no RTP ports to adopt a call: handed on");
+            layer.set_fate(&record.id, record.epoch, Fate::Released);
+            return false;
         }
-        None => None,
     };
     let dests: Option<Vec<Dest>> = {
         let state = layer.cluster.read();

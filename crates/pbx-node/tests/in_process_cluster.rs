@@ -343,9 +343,19 @@ async fn answer_reinvite(phone: &Phone, port: u16) -> (pbx_sip_msg::SipMessage, 
     (reinvite, from)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answered_call_survives_its_node_and_is_hung_up_on_the_adopter() {
-    let mut c = TestCluster::start().await;
+/// alice and bob registered through a follower, and alice's answered call to bob
+/// through it, recorded (both legs) on every node.
+struct FollowerCall {
+    leader: u64,
+    owner: u64,
+    alice: Phone,
+    bob: Phone,
+    /// alice's From and To in her dialog with the node.
+    from_h: String,
+    to_h: String,
+}
+
+async fn call_on_a_follower(c: &TestCluster) -> FollowerCall {
     let leader = c.wait_leader_among(&[1, 2, 3], None).await;
     let owner = others(leader)[0];
     let mut alice = Phone::new("alice", "alice-pw").await;
@@ -353,7 +363,7 @@ async fn an_answered_call_survives_its_node_and_is_hung_up_on_the_adopter() {
     c.register_ok(&mut alice, owner).await;
     c.register_ok(&mut bob, owner).await;
     c.wait_binding(owner, "bob").await;
-    let (from_h, to_h, _) = answered_call(&c, owner, &alice, &bob).await;
+    let (from_h, to_h, _) = answered_call(c, owner, &alice, &bob).await;
     wait_until("the call recorded on every node", LIMIT, || async {
         (1..=3)
             .all(|id| {
@@ -367,6 +377,27 @@ async fn an_answered_call_survives_its_node_and_is_hung_up_on_the_adopter() {
             .then_some(())
     })
     .await;
+    FollowerCall {
+        leader,
+        owner,
+        alice,
+        bob,
+        from_h,
+        to_h,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_call_survives_its_node_and_is_hung_up_on_the_adopter() {
+    let mut c = TestCluster::start().await;
+    let FollowerCall {
+        owner,
+        alice,
+        bob,
+        from_h,
+        to_h,
+        ..
+    } = call_on_a_follower(&c).await;
 
     c.stop(owner).await;
     // Each phone gets one re-INVITE from the same survivor: a target refresh there,
@@ -446,23 +477,9 @@ async fn an_answered_call_survives_its_node_and_is_hung_up_on_the_adopter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_owner_fences_its_call_and_one_survivor_adopts_it_once() {
     let c = TestCluster::start().await;
-    let leader = c.wait_leader_among(&[1, 2, 3], None).await;
-    let owner = others(leader)[0];
-    let mut alice = Phone::new("alice", "alice-pw").await;
-    let mut bob = Phone::new("bob", "bob-pw").await;
-    c.register_ok(&mut alice, owner).await;
-    c.register_ok(&mut bob, owner).await;
-    c.wait_binding(owner, "bob").await;
-    answered_call(&c, owner, &alice, &bob).await;
-    wait_until("the call recorded on the leader", LIMIT, || async {
-        c.node(leader)
-            .cluster
-            .read()
-            .calls
-            .contains_key("survive-1")
-            .then_some(())
-    })
-    .await;
+    let FollowerCall {
+        owner, alice, bob, ..
+    } = call_on_a_follower(&c).await;
 
     // Silence, not refusal: the links to and from the owner hang (a network cut).
     let hang = pbx_peer::Fault::Delay(Duration::from_secs(3600));
@@ -472,10 +489,6 @@ async fn a_cut_off_owner_fences_its_call_and_one_survivor_adopts_it_once() {
     }
     let (_, adopter_addr) = answer_reinvite(&alice, 30_002).await;
     let (_, bob_from) = answer_reinvite(&bob, 31_002).await;
-    eprintln!(
-        "adopter {adopter_addr} nodes {:?}",
-        (1..=3).map(|i| c.node(i).sip_addr).collect::<Vec<_>>()
-    );
     assert_eq!(adopter_addr, bob_from);
     assert_ne!(adopter_addr, c.node(owner).sip_addr);
     // The cut-off owner had stopped the call before it was adopted: it no longer
@@ -507,23 +520,13 @@ async fn a_cut_off_owner_fences_its_call_and_one_survivor_adopts_it_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_node_hands_its_call_over_without_ending_it() {
     let c = TestCluster::start().await;
-    let leader = c.wait_leader_among(&[1, 2, 3], None).await;
-    let owner = others(leader)[0];
-    let mut alice = Phone::new("alice", "alice-pw").await;
-    let mut bob = Phone::new("bob", "bob-pw").await;
-    c.register_ok(&mut alice, owner).await;
-    c.register_ok(&mut bob, owner).await;
-    c.wait_binding(owner, "bob").await;
-    answered_call(&c, owner, &alice, &bob).await;
-    wait_until("the call recorded", LIMIT, || async {
-        c.node(leader)
-            .cluster
-            .read()
-            .calls
-            .contains_key("survive-1")
-            .then_some(())
-    })
-    .await;
+    let FollowerCall {
+        leader,
+        owner,
+        alice,
+        bob,
+        ..
+    } = call_on_a_follower(&c).await;
     // What `pbxctl node drain --migrate` commits.
     let to = c
         .node(leader)

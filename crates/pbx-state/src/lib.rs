@@ -415,6 +415,9 @@ impl State {
             } => {
                 let mut moved = 0;
                 let mut next = 0;
+                // A set: a node handing back a thousand calls names them all.
+                let only: Option<std::collections::BTreeSet<String>> =
+                    only.map(|o| o.into_iter().collect());
                 let ids: Vec<String> = self
                     .calls
                     .values()

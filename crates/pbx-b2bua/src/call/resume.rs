@@ -4,18 +4,18 @@
 //! old owner can have sent, and the description the leg had, at this node's relay, with
 //! the same `o=` session id and the version incremented (RFC 3264 §8).
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pbx_dialplan::{CallerId, Execution, LogLevel};
 use pbx_media_core::{Mode, Side};
 use pbx_sdp::Sdp;
+use pbx_sip_msg::NameAddr;
 use pbx_state::{Activity, CallRecord, LegRecord, CSEQ_HEADROOM};
 
 use super::{ALeg, BLeg, Call, CallParams, Contact, LegRef, LegState, MediaOp, Output, Phase};
 use super::{Cancel, SDP};
-use crate::dialog::{Destination, Dialog, Local};
+use crate::dialog::{Destination, Dialog};
 use crate::B2buaError;
 
 /// Q.850 41 (temporary failure): a resumed call that cannot go on.
@@ -37,13 +37,12 @@ pub fn streams_needed(record: &CallRecord) -> usize {
         .map_or(1, |s| s.media.len().max(1))
 }
 
+/// The tag of a recorded From/To value.
 fn tag_of(value: &str) -> Option<String> {
-    value.split(';').skip(1).find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("tag")
-            .then(|| v.trim().trim_end_matches('>').to_string())
-    })
+    NameAddr::parse_single(value)
+        .ok()?
+        .tag()
+        .map(str::to_string)
 }
 
 fn dialog_from<D>(leg: &LegRecord, dest: D) -> Result<Dialog<D>, B2buaError> {
@@ -116,60 +115,39 @@ impl<D: Destination> Call<D> {
             num: record.caller.clone(),
             name: String::new(),
         };
-        let mut call = Call {
-            local: Local {
-                addr: params.local,
-                tls_addr: params.tls_local,
-            },
-            started: now,
-            next_id: 0,
-            exec: Execution::finished(caller),
-            out: VecDeque::new(),
-            a: ALeg {
-                key: None,
-                head: None,
-                dialog: a_dialog,
-                invite_cseq: 0,
-                max_forwards: 70,
-                exten: record.callee.clone(),
-                offer_raw: Bytes::from(a_rec.sdp_sent.clone()),
-                offer: a_sdp.clone(),
-                final_sent: true,
-                answered: true,
-                ringing_sent: true,
-            },
-            legs: Vec::new(),
-            generation: 1,
-            dial: None,
-            phase: Phase::Running,
-            pending: Vec::new(),
-            app_pt: None,
-            sdp_sent: Default::default(),
-            session,
-            sdp_body: Default::default(),
-            media_targets: [
-                a_rec.media_targets.clone(),
-                record
-                    .legs
-                    .get(1)
-                    .map(|l| l.media_targets.clone())
-                    .unwrap_or_default(),
-            ],
-            app_name: match &record.activity {
-                Activity::Application(app) if app == "Echo" => Some("Echo"),
-                Activity::Application(_) => Some("Answer"),
-                Activity::Bridged => None,
-            },
-            hangup_at: None,
-            answered_at: Some(now),
-            answered_at_ms: record.answered_at_ms,
-            epoch: record.epoch,
-            history: record.history.clone(),
-            recorded: None,
-            reanchor_retry: Vec::new(),
-            glare_tries: 0,
-            p: params,
+        let a = ALeg {
+            key: None,
+            head: None,
+            dialog: a_dialog,
+            invite_cseq: 0,
+            max_forwards: 70,
+            exten: record.callee.clone(),
+            offer_raw: Bytes::from(a_rec.sdp_sent.clone()),
+            offer: a_sdp.clone(),
+            final_sent: true,
+            answered: true,
+            ringing_sent: true,
         };
+        let mut call = Call::with_caller(now, params, Execution::finished(caller), a);
+        call.generation = 1;
+        call.session = session;
+        call.media_targets = [
+            a_rec.media_targets.clone(),
+            record
+                .legs
+                .get(1)
+                .map(|l| l.media_targets.clone())
+                .unwrap_or_default(),
+        ];
+        call.app_name = match &record.activity {
+            Activity::Application(app) if app == "Echo" => Some("Echo"),
+            Activity::Application(_) => Some("Answer"),
+            Activity::Bridged => None,
+        };
+        call.answered_at = Some(now);
+        call.answered_at_ms = record.answered_at_ms;
+        call.epoch = record.epoch;
+        call.history = record.history.clone();
         // The caller's Call-ID is the call's: the driver routes it when it starts the call.
         if let Some(dialog) = b {
             call.out
