@@ -555,6 +555,77 @@ impl Baresip {
     }
 }
 
+impl Baresip {
+    /// Config lines for baresip's `ctrl_tcp` module listening on `addr` (for
+    /// [`Baresip::command`]): the test's keyboard, since baresip runs without a terminal.
+    pub fn control_config(addr: SocketAddr) -> String {
+        format!("module ctrl_tcp.so\nctrl_tcp_listen {addr}\n")
+    }
+
+    /// Runs a menu command (`dial`, `hangup`, …) through `ctrl_tcp` at `addr` (a JSON
+    /// netstring); returns baresip's answer.
+    pub fn command(addr: SocketAddr, command: &str, params: &str) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let body =
+            serde_json::json!({"command": command, "params": params, "token": "t"}).to_string();
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(format!("{}:{},", body.len(), body).as_bytes())?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        // One netstring back: "len:{...},".
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.ends_with(b",") {
+                break;
+            }
+        }
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    }
+}
+
+/// A phone's RTP counters as baresip prints them on its status line while a call is up
+/// (`[0:00:05] audio=TX/RX (bit/s)`, a few times a second, over the last second).
+pub struct RtpRates {
+    /// (sent, received) bits per second, oldest first.
+    pub rates: Vec<(u64, u64)>,
+}
+
+impl RtpRates {
+    /// G.711 at 50 packets/s is 64 kbit/s: below this the phone hears gaps.
+    pub const FULL: u64 = 60_000;
+
+    /// Parses the status lines in `log` from byte `from` on.
+    pub fn parse(log: &str, from: usize) -> RtpRates {
+        let rates = log
+            .get(from..)
+            .unwrap_or_default()
+            .split("audio=")
+            .skip(1)
+            .filter_map(|s| {
+                let (tx, rest) = s.split_once('/')?;
+                let rx: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                Some((tx.parse().ok()?, rx.parse().ok()?))
+            })
+            .collect();
+        RtpRates { rates }
+    }
+
+    /// Received at the full rate in the last status line.
+    pub fn receiving(&self) -> bool {
+        self.rates.last().is_some_and(|&(_, rx)| rx >= Self::FULL)
+    }
+
+    /// Received less than the full rate at some point (a gap).
+    pub fn dipped(&self) -> bool {
+        self.rates.iter().any(|&(_, rx)| rx < Self::FULL)
+    }
+}
+
 impl Drop for Baresip {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -644,6 +715,14 @@ pub fn free_udp_port(ip: &str) -> u16 {
         .and_then(|s| s.local_addr())
         .map(|a| a.port())
         .expect("a free UDP port")
+}
+
+/// A TCP port free on `ip` right now (bound, then released).
+pub fn free_tcp_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free TCP port")
 }
 
 /// SIPp phones of one test: registrations, callees and callers, each run from its own

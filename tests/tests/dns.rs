@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pbx_tests::{require_tool, wait_for, Baresip, LocalCluster, Named, Users};
+use pbx_tests::{require_tool, wait_for, Baresip, LocalCluster, Named, RtpRates, Users};
 
 /// `dig @node -p port TYPE name` → (status, answer lines).
 fn dig(c: &LocalCluster, node: usize, rtype: &str, name: &str) -> (String, Vec<String>) {
@@ -455,12 +455,14 @@ fn dial_to_another_domain_fails_over_to_the_next_srv_target() {
 }
 
 /// RFC 5626 flow recovery: baresip over TCP with `sipnat=outbound` and only the domain as
-/// its outbound proxy registers through the cluster DNS; its node (holding the flow) is
-/// SIGKILLed; the phone sees its connection close, registers again through a survivor
-/// long before its 600 s refresh, and a call reaches it there. Prints the time from the
-/// kill to the new flow.
+/// its outbound proxy registers through the cluster DNS and is called (SIPp over UDP,
+/// RTP both ways) through the node holding its flow; that node is SIGKILLed with the
+/// call up. The phone sees its connection close and registers again through a survivor
+/// long before its 600 s refresh; the adopted call waits for that new flow, is
+/// re-INVITEd over it and carries media again; the caller's BYE ends it there; and a new
+/// call reaches the phone. Prints the times from the kill.
 #[test]
-fn a_tcp_softphone_with_outbound_registers_again_on_a_survivor() {
+fn a_tcp_softphone_with_outbound_keeps_its_call_through_a_survivor() {
     require_tool("dig", "bind9-dnsutils");
     require_tool("baresip", "baresip-core");
     require_tool("sipp", "sip-tester");
@@ -470,6 +472,7 @@ fn a_tcp_softphone_with_outbound_registers_again_on_a_survivor() {
     // Outbound needs the phone's instance id (+sip.instance): baresip's uuid module
     // makes one (in `uuid` in its directory).
     let phone_dir = c.dir.path().join("baresip");
+    let out_log = || std::fs::read_to_string(phone_dir.join("out.log")).unwrap_or_default();
     let _phone = Baresip::start_with(
         &phone_dir,
         &c.client_ip(50),
@@ -488,10 +491,47 @@ fn a_tcp_softphone_with_outbound_registers_again_on_a_survivor() {
         Duration::from_secs(20),
         || bound_via(&c, &Users::name(1)).first().copied(),
     )
-    .unwrap_or_else(|e| {
-        let out = std::fs::read_to_string(c.dir.path().join("baresip/out.log")).unwrap_or_default();
-        panic!("{e}:\n{out}")
-    }) as usize;
+    .unwrap_or_else(|e| panic!("{e}:\n{}", out_log())) as usize;
+
+    // u2 calls the phone through its home node and plays audio for 100 s.
+    let sipp_dir = c.dir.path().join("caller");
+    std::fs::create_dir_all(&sipp_dir).unwrap();
+    std::fs::copy(
+        pbx_tests::repo_root().join("deploy/sounds/hello-world.ulaw"),
+        sipp_dir.join("survive.ulaw"),
+    )
+    .unwrap();
+    let inf = sipp_dir.join("caller.csv");
+    std::fs::write(
+        &inf,
+        format!(
+            "SEQUENTIAL\n{};pbx.test;{};{}\n",
+            Users::name(2),
+            Users::password(2),
+            Users::name(1)
+        ),
+    )
+    .unwrap();
+    let caller = pbx_tests::Sipp {
+        scenario: "uac_call_survive.xml",
+        target: c.node_addr(home),
+        local_ip: c.client_ip(61),
+        inf: &inf,
+        calls: 1,
+        rate: 1,
+        transport: "u1",
+    }
+    .spawn(&["-d", "100000", "-timeout", "200s", "-trace_err"])
+    .unwrap();
+    let rates = |from: usize| RtpRates::parse(&out_log(), from);
+    wait_for(
+        "the call answered, audio at the phone",
+        Duration::from_secs(20),
+        || rates(0).receiving().then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}:\n{}", out_log()));
+
+    let at_kill = out_log().len();
     let killed_at = std::time::Instant::now();
     c.kill(home).unwrap();
     let survivor = (1..=3).find(|&n| n != home).unwrap();
@@ -499,33 +539,41 @@ fn a_tcp_softphone_with_outbound_registers_again_on_a_survivor() {
         "the softphone registered again through a survivor",
         Duration::from_secs(120),
         || {
-            let (code, text) = c
-                .admin(
-                    &[survivor],
-                    &[
-                        "registrations",
-                        "list",
-                        "--user",
-                        &Users::name(1),
-                        "--output",
-                        "json",
-                    ],
-                )
-                .ok()?;
-            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-            (code == 0
-                && v.as_array()?
-                    .iter()
-                    .any(|r| r["node_id"].as_u64().is_some_and(|n| n as usize != home)))
-            .then(|| killed_at.elapsed())
+            bound_via(&c, &Users::name(1))
+                .iter()
+                .any(|&n| n as usize != home)
+                .then(|| killed_at.elapsed())
         },
     )
     .unwrap();
+    // The adopted call waited for the new flow: re-INVITEd over it, audio again.
+    let media_back = wait_for(
+        "the call re-anchored over the new flow, audio at the phone again",
+        Duration::from_secs(100),
+        || {
+            let r = rates(at_kill);
+            (r.dipped() && r.receiving()).then(|| killed_at.elapsed())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}:\n{}\n{}", out_log(), c.log(survivor)));
     eprintln!(
-        "TCP phone with outbound: its node killed, registered again through a survivor after {} ms",
-        again.as_millis()
+        "TCP phone with outbound, called through its node, which is killed: registered again \
+         through a survivor after {} ms, its call re-anchored over the new flow with audio \
+         after {} ms",
+        again.as_millis(),
+        media_back.as_millis()
     );
-    // Reachable there: a call from u2 through the survivor rings it over the new flow.
+    // The caller's BYE (after its 100 s) reaches the phone over the new flow.
+    let run = caller.wait().unwrap();
+    pbx_tests::assert_all_ok(&run, 1, "the caller's call across the kill");
+    wait_for(
+        "the phone's call ended by the BYE",
+        Duration::from_secs(10),
+        || out_log()[at_kill..].contains("terminated").then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}:\n{}", out_log()));
+
+    // Reachable there: a new call from u2 through the survivor rings it over the new flow.
     let call = call_user_1(&c, survivor);
     pbx_tests::assert_all_ok(&call, 1, "call to the TCP softphone on its new flow");
 }

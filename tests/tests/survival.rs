@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pbx_tests::{
-    assert_all_ok, free_udp_port, repo_root, require_tool, wait_for, LocalCluster, PeerPartition,
-    Phones, Sipp, SippRun, Users,
+    assert_all_ok, free_tcp_port, free_udp_port, repo_root, require_tool, wait_for, Baresip,
+    LocalCluster, PeerPartition, Phones, RtpRates, Sipp, SippRun, Users,
 };
 
 const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]\n";
@@ -552,4 +552,146 @@ fn calls_survive_a_partitioned_owner() {
 #[test]
 fn calls_move_off_a_drained_node_without_ending() {
     survive(63, Victim::Follower, Fault::Migrate);
+}
+
+/// The nodes holding `user`'s bindings, as the first of `nodes` that answers sees them.
+fn bound_via(c: &LocalCluster, nodes: &[usize], user: &str) -> Vec<u64> {
+    let Ok((0, text)) = c.admin(
+        nodes,
+        &["registrations", "list", "--user", user, "--output", "json"],
+    ) else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v.as_array()
+        .map(|a| a.iter().filter_map(|r| r["node_id"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// Two real softphones (baresip, UDP) that know only `sip:USER@pbx.test` and the cluster's
+/// DNS: u1 calls u2, both send a tone; the node running the call is SIGKILLed. The call
+/// stays up on both phones, each hears the other again after a gap (what each heard is
+/// in a WAV baresip writes in real time), and u2's hang-up goes to the adopter, which
+/// ends u1's leg and the record. Prints the gap each phone heard.
+#[test]
+fn a_call_between_softphones_survives_its_node() {
+    require_tool("baresip", "baresip-core");
+    require_tool("dig", "bind9-dnsutils");
+    let users = Users { count: 2 };
+    let c = LocalCluster::up(64, 3, &users, MD5_ONLY).unwrap();
+    let dns: Vec<std::net::SocketAddr> = (1..=3).map(|n| c.dns_addr(n).unwrap()).collect();
+    let phone = |user: usize, host: u8| {
+        let ip = c.client_ip(host);
+        let control: std::net::SocketAddr = format!("{ip}:{}", free_tcp_port(&ip)).parse().unwrap();
+        let dir = c.dir.path().join(format!("baresip-u{user}"));
+        let b = Baresip::start_with(
+            &dir,
+            &ip,
+            5070,
+            &dns,
+            &format!(
+                "<sip:{}@pbx.test>;auth_pass={};regint=600;answermode=auto;audio_codecs=PCMU",
+                Users::name(user),
+                Users::password(user)
+            ),
+            &Baresip::control_config(control),
+        );
+        (b, dir, control)
+    };
+    let out_log = |dir: &Path| std::fs::read_to_string(dir.join("out.log")).unwrap_or_default();
+    let (_alice, a_dir, a_control) = phone(1, 50);
+    let (_bob, b_dir, b_control) = phone(2, 51);
+    for (user, dir) in [(1, &a_dir), (2, &b_dir)] {
+        wait_for(
+            &format!("u{user} registered through DNS"),
+            Duration::from_secs(20),
+            || (!bound_via(&c, &[1, 2, 3], &Users::name(user)).is_empty()).then_some(()),
+        )
+        .unwrap_or_else(|e| panic!("{e}:\n{}", out_log(dir)));
+    }
+
+    Baresip::command(
+        a_control,
+        "dial",
+        &format!("sip:{}@pbx.test", Users::name(2)),
+    )
+    .unwrap();
+    let call = wait_for("the call answered", Duration::from_secs(20), || {
+        records(&c, &[1, 2, 3]).and_then(|l| l.into_iter().next())
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}\n{}", out_log(&a_dir), out_log(&b_dir)));
+    let owner = call.owner as usize;
+    let survivors: Vec<usize> = (1..=3).filter(|&n| n != owner).collect();
+    let rates = |dir: &Path, from: usize| RtpRates::parse(&out_log(dir), from);
+    wait_for("both phones receive RTP", Duration::from_secs(20), || {
+        (rates(&a_dir, 0).receiving() && rates(&b_dir, 0).receiving()).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}\n{}", out_log(&a_dir), out_log(&b_dir)));
+
+    let at_kill = [&a_dir, &b_dir].map(|d| out_log(d).len());
+    let leader = c.leader_among(&[1, 2, 3]);
+    let killed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    c.kill(owner).unwrap();
+    let adopter = wait_for(
+        "the call adopted by a survivor",
+        Duration::from_secs(30),
+        || {
+            let l = records(&c, &survivors)?;
+            l.iter()
+                .find(|r| r.id == call.id && r.owner as usize != owner)
+                .map(|r| r.owner as usize)
+        },
+    )
+    .unwrap();
+    // The adopter's relay gets both phones' RTP: the gap is from the kill to the later
+    // of their first packets there.
+    let gap = wait_for(
+        "media both ways through the adopter's relay",
+        Duration::from_secs(15),
+        || {
+            let (code, text) = c
+                .admin(&[adopter], &["calls", "list", "--output", "json"])
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            let s = v.as_array()?.first()?["media"].as_array()?.first()?.clone();
+            let (a, b) = (s["a_first_ms"].as_u64()?, s["b_first_ms"].as_u64()?);
+            (code == 0 && a > 0 && b > 0).then(|| a.max(b).saturating_sub(killed_ms))
+        },
+    )
+    .unwrap();
+    // Both phones' counters: a dip after the kill, then the full rate again.
+    wait_for(
+        "both phones receive RTP again",
+        Duration::from_secs(20),
+        || {
+            let (a, b) = (rates(&a_dir, at_kill[0]), rates(&b_dir, at_kill[1]));
+            (a.dipped() && b.dipped() && a.receiving() && b.receiving()).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}:\n{}\n{}", out_log(&a_dir), out_log(&b_dir)));
+    eprintln!(
+        "baresip <-> baresip (UDP): node {owner} (the leader: {}) killed; call adopted by node \
+         {adopter}; media both ways on its relay {gap} ms after the kill; both phones \
+         receive 64 kbit/s again",
+        leader == Some(owner),
+    );
+
+    // The callee hangs up: its BYE goes to the adopter (the Contact of the re-INVITE),
+    // which ends the caller's leg and the call's record.
+    Baresip::command(b_control, "hangup", "").unwrap();
+    wait_for("the record ended", Duration::from_secs(15), || {
+        records(&c, &survivors)?.is_empty().then_some(())
+    })
+    .unwrap();
+    let ended = wait_for("the caller's leg ended", Duration::from_secs(15), || {
+        out_log(&a_dir)
+            .lines()
+            .find(|l| l.contains("terminated"))
+            .map(str::to_string)
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}", out_log(&a_dir)));
+    eprintln!("the caller: {ended}");
 }

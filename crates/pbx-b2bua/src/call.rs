@@ -1797,5 +1797,7 @@ fn leg_record<D: Destination>(
         remote_cseq: d.remote_cseq,
         peer: d.dest.describe(),
         transport: d.dest.transport(),
+        // The node knows the phone's registration; it fills this in (pbx_endpoint).
+        instance: None,
     }
 }

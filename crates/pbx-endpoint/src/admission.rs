@@ -227,8 +227,34 @@ fn leg_binding<'a>(
         .values()
         .flatten()
         .filter(|b| b.is_live(now_ms) && b.transport == leg.transport)
-        .filter(|b| b.uri == leg.remote_target || b.source == addr.to_string())
+        .filter(|b| {
+            b.uri == leg.remote_target
+                || b.source == addr.to_string()
+                || (leg.instance.is_some() && b.instance == leg.instance)
+        })
         .max_by_key(|b| b.registered_at_ms)
+}
+
+/// The `+sip.instance` of the phone a connection-bound leg reaches, from its binding
+/// (by Contact or source address); for a leg without one now, the instance the call's
+/// previous record knew. What lets an adopter find the phone's new flow (ADR 0010).
+pub fn leg_instance(
+    state: &State,
+    leg: &LegRecord,
+    previous: Option<&LegRecord>,
+    now_ms: u64,
+) -> Option<String> {
+    if !leg.transport.is_connection_bound() {
+        return None;
+    }
+    leg.instance
+        .clone()
+        .or_else(|| {
+            leg_addr(leg)
+                .and_then(|addr| leg_binding(state, leg, addr, now_ms))
+                .and_then(|b| b.instance.clone())
+        })
+        .or_else(|| previous.and_then(|p| p.instance.clone()))
 }
 
 /// The address a leg's record names (`peer` as the owner's destination described it).

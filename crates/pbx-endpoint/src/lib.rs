@@ -31,7 +31,9 @@ use pbx_sip_core::TransactionKey;
 use pbx_sip_msg::{CoreHeaders, SipMessage};
 use pbx_state::{Command, Transport};
 
-pub use admission::{legs_reachable, resume_dest, Contacts, Refused, SkipReason, Skipped};
+pub use admission::{
+    leg_instance, legs_reachable, resume_dest, Contacts, Refused, SkipReason, Skipped,
+};
 pub use endpoint::{lock, CommitToken, Endpoint, EndpointConfig};
 
 /// Errors of this crate (configuration that cannot work).

@@ -537,6 +537,7 @@ fn leg(remote_target: &str, peer: &str, transport: Transport) -> pbx_state::LegR
         contact: "<sip:pbx@192.0.2.1:5060>".into(),
         sdp_sent: String::new(),
         media_targets: Vec::new(),
+        instance: None,
     }
 }
 
@@ -596,5 +597,72 @@ fn a_resumed_leg_is_reached_where_its_phone_is_connected_now() {
             "192.0.2.11:40999".parse().unwrap(),
             Transport::Tcp
         ))
+    );
+}
+
+#[test]
+fn a_resumed_leg_finds_an_outbound_phone_by_its_instance_on_a_new_flow() {
+    let mut st = State::default();
+    const INSTANCE: &str = "<urn:uuid:00000000-0000-0000-0000-00000000b0b0>";
+    let tcp = leg(
+        "sip:bob-x@192.0.2.11:40000;transport=tcp;ob",
+        "192.0.2.11:40000 (TCP) via node 2",
+        Transport::Tcp,
+    );
+    let mut old = binding(
+        "sip:bob-x@192.0.2.11:40000;transport=tcp;ob",
+        "192.0.2.11:40000",
+        Transport::Tcp,
+        2,
+    );
+    old.instance = Some(INSTANCE.into());
+    old.reg_id = Some(1);
+    st.bindings.insert("bob".into(), vec![old]);
+    // When the call is recorded, its leg is named by the binding's instance.
+    let named = pbx_state::LegRecord {
+        instance: crate::leg_instance(&st, &tcp, None, NOW_MS),
+        ..tcp.clone()
+    };
+    assert_eq!(named.instance.as_deref(), Some(INSTANCE));
+    assert_eq!(
+        crate::leg_instance(&State::default(), &tcp, Some(&named), NOW_MS).as_deref(),
+        Some(INSTANCE),
+        "a later record keeps it when the binding is gone"
+    );
+    let alive = |n: u64| n != 2;
+    assert!(!crate::legs_reachable(
+        &st,
+        std::slice::from_ref(&named),
+        NOW_MS,
+        alive
+    ));
+    // Node 2 died; the phone registers again through node 3 from a new port, with a new
+    // Contact: the same instance and reg-id replace the old flow's binding.
+    let mut again = binding(
+        "sip:bob-x@192.0.2.11:40999;transport=tcp;ob",
+        "192.0.2.11:40999",
+        Transport::Tcp,
+        3,
+    );
+    again.instance = Some(INSTANCE.into());
+    again.reg_id = Some(1);
+    st.bindings.insert("bob".into(), vec![again]);
+    assert!(crate::legs_reachable(
+        &st,
+        std::slice::from_ref(&named),
+        NOW_MS,
+        alive
+    ));
+    assert_eq!(
+        crate::resume_dest(&st, &named, 1, NOW_MS),
+        Some(Dest::Peer(
+            3,
+            "192.0.2.11:40999".parse().unwrap(),
+            Transport::Tcp
+        ))
+    );
+    assert!(
+        !crate::legs_reachable(&st, &[tcp], NOW_MS, alive),
+        "without its instance the leg cannot be matched"
     );
 }

@@ -706,6 +706,27 @@ const RECORD_BATCH_MAX: usize = 2000;
 /// Raft; a batch that cannot be committed is retried, then dropped with a warning (the
 /// records are the list of calls, not the calls: a stale one goes when its owner
 /// restarts).
+/// Names a record's connection-bound phones by their RFC 5626 instance, from their
+/// bindings or the call's previous record: an adopter finds them by it on a new flow.
+fn with_instances(cluster: &Cluster, r: &mut pbx_state::CallRecord) {
+    if !r
+        .legs
+        .iter()
+        .any(|l| l.transport.is_connection_bound() && l.instance.is_none())
+    {
+        return;
+    }
+    let state = cluster.read();
+    let previous = state.calls.get(&r.id);
+    let now = unix_ms();
+    for (i, leg) in r.legs.iter_mut().enumerate() {
+        let prev = previous
+            .and_then(|p| p.legs.get(i))
+            .filter(|p| p.call_id == leg.call_id);
+        leg.instance = pbx_endpoint::leg_instance(&state, leg, prev, now);
+    }
+}
+
 async fn record_writer(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Command>) {
     while let Some(first) = rx.recv().await {
         let mut batch: Vec<Option<Command>> = Vec::new();
@@ -717,7 +738,8 @@ async fn record_writer(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Command
                 Some(i) if epoch == 0 => batch[i] = None,
                 _ => batch.push(Some(Command::CallEnded { id, owner, epoch })),
             },
-            Command::CallAnswered(r) => {
+            Command::CallAnswered(mut r) => {
+                with_instances(&cluster, &mut r);
                 answered.insert(r.id.clone(), batch.len());
                 batch.push(Some(Command::CallAnswered(r)));
             }

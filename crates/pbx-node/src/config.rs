@@ -122,13 +122,13 @@ fn default_cluster_id() -> String {
     "pbx".into()
 }
 fn default_heartbeat_ms() -> u64 {
-    200
+    100
 }
 fn default_election_timeout_min_ms() -> u64 {
-    1000
+    500
 }
 fn default_election_timeout_max_ms() -> u64 {
-    2000
+    1000
 }
 fn default_write_timeout_ms() -> u64 {
     3000
@@ -1000,7 +1000,7 @@ mod tests {
         let e = parse(&cfg(vec![m(1, 9), m(2, 2)])).unwrap_err();
         assert!(e.contains("node.peer_addr"), "{e}");
         let e = parse(&format!(
-            "{MIN}[cluster]\ndomain = \"d\"\nelection_timeout_min_ms = 300\n"
+            "{MIN}[cluster]\ndomain = \"d\"\nelection_timeout_min_ms = 150\n"
         ))
         .unwrap_err();
         assert!(e.contains("cluster.election_timeout_min_ms"), "{e}");

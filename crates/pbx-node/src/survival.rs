@@ -25,9 +25,10 @@ const TICK: Duration = Duration::from_millis(50);
 /// A proposal about one node's calls is not repeated sooner than this.
 const PROPOSE_EVERY: Duration = Duration::from_secs(1);
 /// How long an adopted call waits for a TCP/TLS phone whose connection died with the
-/// old owner to register again through a live node (RFC 5626 flow recovery, with the
-/// registrar's Flow-Timer of 30 s) before it is resumed anyway (and that leg fails).
-const FLOW_WAIT: Duration = Duration::from_secs(60);
+/// old owner to register again through a live node before it is resumed anyway (and
+/// that leg fails). RFC 5626 §4.5 flow recovery waits a random 50–100 % of 30 s × 2 after
+/// the first failure (baresip: 30–60 s); the rest is margin for DNS and the REGISTER.
+const FLOW_WAIT: Duration = Duration::from_secs(90);
 /// A call moved away while it runs here keeps its relay this long (make before break:
 /// the new owner's re-INVITEs move the phones meanwhile).
 pub(crate) const HANDOVER_GRACE: Duration = Duration::from_secs(2);
@@ -108,10 +109,17 @@ pub(crate) async fn run(layer: Arc<CallLayer>, cluster: Cluster, fence_after: Du
         }
         waiting.retain(|id, _| adopt.iter().any(|r| &r.id == id));
         for record in adopt {
+            // The node the call was taken from holds a phone's connection only if it
+            // answers probes (a drained node): after a death this node's own probes may
+            // not have called it dead yet.
+            let from = record.history.last().map(|(n, _)| *n);
             let reachable = {
                 let state = cluster.read();
                 pbx_endpoint::legs_reachable(&state, &record.legs, unix_ms(), |n| {
-                    n == me || cluster.peer_state(n) != PeerState::Dead
+                    let seen = cluster.peer_state(n);
+                    n == me
+                        || seen == PeerState::Alive
+                        || (Some(n) != from && seen != PeerState::Dead)
                 })
             };
             if !reachable {

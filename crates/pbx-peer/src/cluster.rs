@@ -383,6 +383,39 @@ pub struct Cluster {
     tx: mpsc::Sender<Proposal>,
     /// The peer link's bound address.
     pub peer_addr: SocketAddr,
+    _runtime: Arc<PeerRuntime>,
+}
+
+/// Raft, the peer link (server and client connections), the probes and the proposal
+/// batcher run on a runtime of their own: SIP work that saturates the node's main
+/// runtime must not delay heartbeats and probe answers, or a busy node would look dead
+/// to the others (and cut off to itself) and its calls would move under load. The OS
+/// shares the cores between both runtimes' threads. Stopped with the last `Cluster`.
+struct PeerRuntime(Option<tokio::runtime::Runtime>);
+
+impl PeerRuntime {
+    fn new(node: NodeId) -> Result<PeerRuntime, PeerError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("raft-{node}"))
+            .enable_all()
+            .build()
+            .map(|rt| PeerRuntime(Some(rt)))
+            .map_err(|e| PeerError::Transport(format!("peer link runtime: {e}")))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("running until dropped").handle()
+    }
+}
+
+impl Drop for PeerRuntime {
+    fn drop(&mut self) {
+        // Dropped from async code: a blocking shutdown would panic there.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Read access to the applied state.
@@ -404,6 +437,27 @@ impl Cluster {
         store: Arc<dyn LogStore>,
         listener: std::net::TcpListener,
     ) -> Result<Cluster, PeerError> {
+        let runtime = PeerRuntime::new(config.node_id)?;
+        let (shared, tx, peer_addr) = runtime
+            .handle()
+            .spawn(Self::start_here(config, store, listener))
+            .await
+            .map_err(|e| PeerError::Transport(format!("peer link runtime: {e}")))??;
+        Ok(Cluster {
+            shared,
+            tx,
+            peer_addr,
+            _runtime: Arc::new(runtime),
+        })
+    }
+
+    /// Starts Raft, the peer-link server and the background tasks on the current
+    /// runtime (the peer link's own).
+    async fn start_here(
+        config: ClusterConfig,
+        store: Arc<dyn LogStore>,
+        listener: std::net::TcpListener,
+    ) -> Result<(Arc<Shared>, mpsc::Sender<Proposal>, SocketAddr), PeerError> {
         let started = Instant::now();
         let peer_addr = listener
             .local_addr()
@@ -467,6 +521,10 @@ impl Cluster {
         });
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // Probes that time out reset their streams; h2's default allows 20 pending
+            // such resets before it drops the connection (rapid-reset protection),
+            // which a member's burst of late probes must not reach.
+            .http2_max_pending_accept_reset_streams(Some(1024))
             .add_service(PeerService::server(shared.clone()));
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -496,11 +554,7 @@ impl Cluster {
         tokio::spawn(crate::liveness::run(shared.clone(), shared.probes.clone()));
         let (tx, rx) = mpsc::channel(65_536);
         tokio::spawn(batcher(shared.clone(), rx));
-        Ok(Cluster {
-            shared,
-            tx,
-            peer_addr,
-        })
+        Ok((shared, tx, peer_addr))
     }
 
     /// Commits a command through Raft; the response comes once it is committed on a

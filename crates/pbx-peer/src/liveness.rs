@@ -16,6 +16,10 @@
 //! the voters (itself included) answered lately, it does not campaign for leadership
 //! (it could not win, and the higher term it would bring back would depose a healthy
 //! leader: what Raft's pre-vote prevents), and past `fence_after` it stops its calls.
+//! Nor does a follower campaign while its leader still answers its probes: heartbeats
+//! that arrive late because the cores are busy are not a failure (a leader that answers
+//! probes but sends no heartbeats for [`STUCK_LEADER_LEASES`] leases is one). This is
+//! what lets the election timeout be short without spurious elections.
 //!
 //! The verdicts are [`Probes`]'s, pure and tested on virtual time; the task that sends
 //! the probes is [`run`].
@@ -96,7 +100,15 @@ impl Probes {
 
     /// A member answered lately: within a probe timeout and interval.
     fn answers(&self, node: NodeId, now: Instant) -> bool {
-        let window = self.config.probe_timeout + self.config.probe_every;
+        self.answered_within(
+            node,
+            now,
+            self.config.probe_timeout + self.config.probe_every,
+        )
+    }
+
+    /// Whether `node` answered a probe within `window` before `now`.
+    pub fn answered_within(&self, node: NodeId, now: Instant, window: Duration) -> bool {
         self.peers
             .get(&node)
             .and_then(|h| h.last_answer)
@@ -167,6 +179,10 @@ impl Probes {
     }
 }
 
+/// How many leases a follower waits for heartbeats from a leader that still answers its
+/// probes before it campaigns anyway (the leader's Raft is stuck, its peer link is not).
+pub const STUCK_LEADER_LEASES: u32 = 3;
+
 /// Probes every other member every `probe_every`, one probe in flight per member.
 pub(crate) async fn run(shared: Arc<Shared>, probes: Arc<Mutex<Probes>>) {
     let config = shared.config.liveness;
@@ -195,21 +211,31 @@ pub(crate) async fn run(shared: Arc<Shared>, probes: Arc<Mutex<Probes>>) {
                 membership.voter_ids().collect(),
             )
         };
-        let reaches = {
+        let leader = shared.raft.metrics().borrow().current_leader;
+        let (reaches, leader_answers) = {
             let ids: Vec<NodeId> = members.iter().map(|(id, _)| *id).collect();
             let mut p = crate::lock(&probes);
             p.retain(&ids);
-            p.reaches_majority(Instant::now(), me, &voters)
+            let now = Instant::now();
+            let leader_answers = leader
+                .filter(|l| *l != me)
+                .is_some_and(|l| p.answered_within(l, now, shared.config.election_timeout_min));
+            (p.reaches_majority(now, me, &voters), leader_answers)
         };
+        let stuck_leader = shared.since_leader_contact()
+            > shared.config.election_timeout_max * STUCK_LEADER_LEASES;
         // A node that cannot reach a majority does not campaign: it cannot win, and the
         // term it would raise would depose the healthy leader when it comes back.
-        if reaches != campaigning {
-            campaigning = reaches;
-            shared.raft.runtime_config().elect(reaches);
-            if reaches {
-                tracing::info!("a majority answers probes: taking part in elections");
-            } else {
+        let campaign = reaches && (!leader_answers || stuck_leader);
+        if campaign != campaigning {
+            campaigning = campaign;
+            shared.raft.runtime_config().elect(campaign);
+            if campaign {
+                tracing::info!("taking part in elections again");
+            } else if !reaches {
                 tracing::warn!("no majority answers probes: not campaigning for leadership");
+            } else {
+                tracing::debug!(?leader, "the leader answers probes: not campaigning");
             }
         }
         if reaches {
@@ -333,5 +359,19 @@ mod tests {
         assert_eq!(p.cut_off_for(ms(2800)), Duration::ZERO);
         // A single voter is its own majority.
         assert!(p.reaches_majority(ms(9000), 1, &[1]));
+    }
+
+    #[test]
+    fn a_leader_that_answered_lately_holds_elections_off() {
+        let config = LivenessConfig::default();
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut p = Probes::new(config, t0);
+        let window = Duration::from_millis(500);
+        assert!(!p.answered_within(2, t0, window), "never probed");
+        p.record(2, ms(100), Probe::Answered);
+        p.record(2, ms(200), Probe::Refused);
+        assert!(p.answered_within(2, ms(600), window));
+        assert!(!p.answered_within(2, ms(601), window));
     }
 }

@@ -76,6 +76,9 @@ pub struct PeerPool {
     request_timeout: Duration,
     faults: LinkFaults,
     channels: Arc<Mutex<HashMap<NodeId, (String, PeerClient)>>>,
+    /// The runtime the channels' connection tasks run on: the peer link's own (see
+    /// `Cluster::start_on`), whichever runtime first asks for a client.
+    runtime: tokio::runtime::Handle,
 }
 
 impl PeerPool {
@@ -102,6 +105,7 @@ impl PeerPool {
             request_timeout,
             faults,
             channels: Arc::new(Mutex::new(HashMap::new())),
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -122,7 +126,10 @@ impl PeerPool {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
         let channel = FaultyChannel::new(
-            endpoint.connect_lazy(),
+            {
+                let _on = self.runtime.enter();
+                endpoint.connect_lazy()
+            },
             self.faults.clone(),
             self.identity.node_id,
             id,

@@ -252,6 +252,10 @@ pub struct LegRecord {
     pub sdp_sent: String,
     /// Per media stream, where the peer receives RTP (from its last SDP).
     pub media_targets: Vec<Option<std::net::SocketAddr>>,
+    /// A connection-bound phone's RFC 5626 `+sip.instance` (from its binding): how its
+    /// new flow is found when it registers again, from a new port and often with a new
+    /// Contact, after the node holding its connection died.
+    pub instance: Option<String>,
 }
 
 /// The dialplan as committed: its source text and version (1, 2, … in commit order).
@@ -577,7 +581,7 @@ impl State {
 const SNAPSHOT_MAGIC: &[u8] = b"PBXS";
 /// Bumped whenever [`State`]'s encoding changes.
 /// 4: call records with epoch, history, activity and each leg's contact and media.
-const SNAPSHOT_FORMAT: u16 = 4;
+const SNAPSHOT_FORMAT: u16 = 5;
 
 impl Command {
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
