@@ -177,7 +177,11 @@ impl LocalCluster {
         dialplan: Option<PathBuf>,
         env: &[(&str, &str)],
     ) -> anyhow::Result<LocalCluster> {
-        let dir = tempfile::Builder::new().prefix("pbx-test-").tempdir()?;
+        // PBX_TEST_KEEP=1 keeps the directory (logs, phones' output) for a post-mortem.
+        let dir = tempfile::Builder::new()
+            .prefix("pbx-test-")
+            .disable_cleanup(std::env::var_os("PBX_TEST_KEEP").is_some())
+            .tempdir()?;
         users.write_users_file(&dir.path().join("users.csv"))?;
         let c = LocalCluster {
             prefix: format!("127.0.{slot}"),
@@ -359,6 +363,18 @@ impl LocalCluster {
     pub fn start_no_wait(&self, n: usize) -> anyhow::Result<()> {
         self.launcher(&["start", &n.to_string(), "--no-wait"])
             .map(|_| ())
+    }
+
+    /// CPU time (user + system) node n's process has used so far, in ms.
+    pub fn cpu_ms(&self, n: usize) -> Option<u64> {
+        let pid = std::fs::read_to_string(self.run_dir().join(format!("node{n}.pid"))).ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).ok()?;
+        // After "pid (comm) ": state is field 3; utime and stime are 14 and 15, in
+        // USER_HZ (100 per second on Linux).
+        let rest = stat.rsplit_once(") ")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        Some(ticks * 10)
     }
 
     /// True while node n's process is alive.

@@ -343,6 +343,8 @@ fn survive(slot: u8, victim: Victim, fault: Fault) {
     );
 
     // The fault. The first calls hang up `hold` after `placed`: adoption must be done by then.
+    let survivors_cpu = || survivors.iter().filter_map(|&n| c.cpu_ms(n)).sum::<u64>();
+    let cpu_before = survivors_cpu();
     let faulted = Instant::now();
     let faulted_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -425,6 +427,15 @@ fn survive(slot: u8, victim: Victim, fault: Fault) {
             text.lines().take(20).collect::<Vec<_>>().join("\n")
         )
     });
+
+    // What adopting cost: the survivors' CPU from the fault until media flowed on every
+    // call (adoption, re-INVITEs, relaying since, and this test's polling of calls list).
+    let cpu = survivors_cpu().saturating_sub(cpu_before);
+    eprintln!(
+        "survivors' CPU from the fault to media on every call: {cpu} ms in {} ms ({} µs per call)",
+        faulted.elapsed().as_millis(),
+        cpu * 1000 / calls as u64
+    );
 
     // The media gap of each call: from the fault to the first packet from both sides on
     // its new owner's relay (printed, not asserted: speed is the benchmark's business).
