@@ -20,6 +20,14 @@ pub enum MediaError {
     NoPorts { ip: IpAddr, min: u16, max: u16 },
     #[error("invalid RTP port range {0}-{1}: need an even start and at least one pair")]
     BadRange(u16, u16),
+    /// Not a port someone else holds: the process is out of descriptors (EMFILE) or
+    /// the system of buffers; no other port would do better now.
+    #[error("cannot bind an RTP socket on {ip}: {source}")]
+    Bind {
+        ip: IpAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Relay settings (from the node config).
@@ -199,16 +207,30 @@ impl MediaRelay {
             else {
                 break;
             };
-            let rtp = std::net::UdpSocket::bind((self.config.ip, port));
-            let rtcp = std::net::UdpSocket::bind((self.config.ip, port + 1));
-            match (rtp, rtcp) {
-                (Ok(a), Ok(b)) => return Ok((port, a, b)),
-                _ => {
+            let bound = std::net::UdpSocket::bind((self.config.ip, port)).and_then(|rtp| {
+                std::net::UdpSocket::bind((self.config.ip, port + 1)).map(|rtcp| (rtp, rtcp))
+            });
+            match bound {
+                Ok((a, b)) => return Ok((port, a, b)),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                     // Taken by someone else: try it again later, after the others.
                     self.free
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push_back(port);
+                }
+                Err(source) => {
+                    // Out of descriptors: trying every other port would fail the same
+                    // way, twice a port, on every call offered (a busy loop exactly
+                    // when the node is overloaded).
+                    self.free
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_front(port);
+                    return Err(MediaError::Bind {
+                        ip: self.config.ip,
+                        source,
+                    });
                 }
             }
         }
@@ -466,6 +488,27 @@ mod tests {
         })
         .await
         .expect("counters published");
+    }
+
+    #[tokio::test]
+    async fn a_bind_failure_other_than_port_in_use_fails_at_once_and_keeps_the_ports() {
+        // An address this host does not have: every port would fail the same way (as
+        // they all do when the process is out of descriptors).
+        let r = MediaRelay::new(MediaConfig {
+            ip: "192.0.2.1".parse().unwrap(),
+            port_min: 41200,
+            port_max: 41240,
+            no_media_timeout: Duration::from_secs(60),
+        })
+        .unwrap();
+        let before = r.available();
+        assert!(matches!(r.open(Mode::Bridge), Err(MediaError::Bind { .. })));
+        assert_eq!(r.available(), before, "no port lost");
+        // A port someone else holds is skipped, and the next one used.
+        let r = relay(41400, 60_000);
+        let _held = std::net::UdpSocket::bind(("127.0.0.1", 41400)).unwrap();
+        let s = r.open(Mode::Bridge).unwrap();
+        assert_ne!(s.port_a, 41400);
     }
 
     #[tokio::test]

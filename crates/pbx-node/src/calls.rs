@@ -66,6 +66,10 @@ pub(crate) enum Fate {
     Released,
 }
 
+/// How long the fate of a call that ended or left is kept once it is not recorded:
+/// longer than its records can take to be committed (the record writer tries for ~20 s).
+const FATE_MEMORY: Duration = Duration::from_secs(60);
+
 /// Q.850 cause of a call hung up by an operator (normal clearing, as Asterisk's
 /// `channel request hangup`).
 const CAUSE_ADMIN_HANGUP: u16 = 16;
@@ -122,9 +126,9 @@ pub(crate) struct CallLayer {
     resolvers: Vec<SocketAddr>,
     /// Servers that timed out or answered 503 recently: tried last.
     dead: Mutex<DeadTargets>,
-    /// The answered calls this process ran, by id: the record's epoch and what became
-    /// of the call (ADR 0010).
-    fates: Mutex<HashMap<String, (u32, Fate)>>,
+    /// The answered calls this process ran, by id: the record's epoch, what became of
+    /// the call (ADR 0010) and since when.
+    fates: Mutex<HashMap<String, (u32, Fate, Instant)>>,
     domain: String,
 }
 
@@ -182,16 +186,23 @@ impl CallLayer {
 
     /// What became of call `id` in this process, at which epoch of its record.
     pub(crate) fn fate(&self, id: &str) -> Option<(u32, Fate)> {
-        lock(&self.fates).get(id).copied()
+        lock(&self.fates)
+            .get(id)
+            .map(|(epoch, fate, _)| (*epoch, *fate))
     }
 
     fn set_fate(&self, id: &str, epoch: u32, fate: Fate) {
-        lock(&self.fates).insert(id.to_string(), (epoch, fate));
+        lock(&self.fates).insert(id.to_string(), (epoch, fate, Instant::now()));
     }
 
-    /// Forgets the fates of calls that are no longer recorded (and not running).
+    /// Forgets the fates of calls that are not running, not recorded, and settled for
+    /// [`FATE_MEMORY`]: a call that ended before its answer record was committed must
+    /// not look, once that record lands, like a call of this node nobody runs (which
+    /// the survival watcher would adopt).
     pub(crate) fn forget_fates(&self, recorded: impl Fn(&str) -> bool) {
-        lock(&self.fates).retain(|id, (_, f)| *f == Fate::Running || recorded(id));
+        lock(&self.fates).retain(|id, (_, f, at)| {
+            *f == Fate::Running || recorded(id) || at.elapsed() < FATE_MEMORY
+        });
     }
 
     /// Stops call `id` without a word to the phones (see [`CallInput::Release`]).
@@ -206,7 +217,7 @@ impl CallLayer {
     pub(crate) fn running(&self) -> Vec<String> {
         lock(&self.fates)
             .iter()
-            .filter(|(_, (_, f))| *f == Fate::Running)
+            .filter(|(_, (_, f, _))| *f == Fate::Running)
             .map(|(id, _)| id.clone())
             .collect()
     }

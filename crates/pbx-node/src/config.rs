@@ -371,10 +371,47 @@ pub struct CallsSection {
     pub sounds_dir: PathBuf,
 }
 
+/// Sockets a relayed call holds: RTP and RTCP on each side of its stream.
+pub const SOCKETS_PER_CALL: u64 = 4;
+
+impl CallsSection {
+    /// The calls this node admits at once: `max_calls`, or fewer where the RTP port
+    /// range or the process's descriptor limit (`fd_limit`) cannot hold that many
+    /// single-stream calls — with the reason then. Past it a call is answered 503 at
+    /// once; without it, an overload would run the process out of descriptors, and
+    /// then storage writes fail with the calls (issue 15's overload runs).
+    pub fn capacity(&self, fd_limit: u64) -> (usize, Option<String>) {
+        if !self.relay_media {
+            return (self.max_calls, None);
+        }
+        let ports = u64::from(self.rtp_port_max.saturating_sub(self.rtp_port_min)) / 4;
+        // Kept for SIP connections, peer links, storage and the rest.
+        let reserve = (fd_limit / 4).clamp(256, 16_384);
+        let descriptors = fd_limit.saturating_sub(reserve) / SOCKETS_PER_CALL;
+        let max = self.max_calls as u64;
+        let limit = max.min(ports).min(descriptors);
+        let reason = (limit < max).then(|| {
+            if limit == ports {
+                format!(
+                    "the RTP port range {}-{} holds {ports} relayed calls",
+                    self.rtp_port_min, self.rtp_port_max
+                )
+            } else {
+                format!(
+                    "{fd_limit} open files allowed (ulimit -n / LimitNOFILE), {reserve} kept \
+                     for connections and storage, {SOCKETS_PER_CALL} sockets per relayed call"
+                )
+            }
+        });
+        (limit as usize, reason)
+    }
+}
+
 impl Default for CallsSection {
     fn default() -> Self {
         CallsSection {
-            max_calls: 4000,
+            // What the default port range holds (four ports per relayed call).
+            max_calls: 2500,
             relay_media: true,
             rtp_ip: None,
             rtp_port_min: 20_000,
@@ -858,6 +895,29 @@ mod tests {
 
     fn parse(t: &str) -> Result<Config, String> {
         Config::parse(t, Path::new("n.toml"), PathBuf::from(".")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn calls_admitted_fit_the_port_range_and_the_descriptors() {
+        let calls = CallsSection::default();
+        // 20000-30000: 5,000 RTP pairs, two per call.
+        assert_eq!(calls.capacity(1 << 20).0, 2500);
+        let (n, why) = calls.capacity(1024);
+        assert_eq!(n, (1024 - 256) / 4, "Debian's default soft limit");
+        assert!(why.unwrap().contains("1024 open files"));
+        let wide = CallsSection {
+            rtp_port_max: 60_000,
+            max_calls: 10_000,
+            ..CallsSection::default()
+        };
+        assert_eq!(wide.capacity(20_000).0, 3750, "20,000 fds: 5,000 kept");
+        let (n, why) = wide.capacity(1 << 20);
+        assert_eq!((n, why), (10_000, None));
+        let direct = CallsSection {
+            relay_media: false,
+            ..CallsSection::default()
+        };
+        assert_eq!(direct.capacity(1024), (2500, None), "no relay, no sockets");
     }
 
     #[test]

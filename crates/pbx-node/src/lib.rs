@@ -5,6 +5,7 @@
 mod calls;
 pub mod config;
 mod dns;
+mod process;
 mod sip;
 mod survival;
 mod tls;

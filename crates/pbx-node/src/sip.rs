@@ -29,6 +29,35 @@ struct Sip {
     /// Wakes the timer when a response started a timer sooner than it sleeps for.
     wake: Arc<Notify>,
     node_id: u64,
+    /// Calls refused at the limit, logged once a second.
+    shed_log: EverySecond,
+}
+
+/// Counts an event that can happen thousands of times a second and says, at most once
+/// a second, how many happened since it last said.
+#[derive(Default)]
+struct EverySecond {
+    count: std::sync::atomic::AtomicU64,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl EverySecond {
+    /// Counts one; the count to log when a second has passed since the last log.
+    fn tick(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.count.fetch_add(1, Relaxed);
+        let now = unix_ms();
+        let last = self.last_ms.load(Relaxed);
+        if now.saturating_sub(last) < 1000
+            || self
+                .last_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        Some(self.count.swap(0, Relaxed))
+    }
 }
 
 /// Starts SIP on the bound sockets of [`Listeners`] (`tls`: the certificate, when TLS
@@ -53,13 +82,23 @@ pub(crate) fn serve(
     };
     let tls_addr = tls.as_ref().and_then(|(l, _)| l.local_addr().ok());
     let io = Arc::new(Io::new(udp, tls_addr, tls_client, cluster.clone(), config));
+    let fd_limit = crate::process::raise_fd_limit();
+    let (max_calls, fewer) = config.calls.capacity(fd_limit);
+    match fewer {
+        Some(why) => tracing::warn!(
+            max_calls,
+            configured = config.calls.max_calls,
+            "fewer calls admitted at once than calls.max_calls: {why}"
+        ),
+        None => tracing::info!(max_calls, fd_limit, "call capacity"),
+    }
     let endpoint = Arc::new(Endpoint::new(EndpointConfig {
         node_id: config.node.id,
         local_addr: io.local_addr,
         limits: crate::transport::limits(config),
         timers: Timers::default(),
         retry_after: config.cluster.retry_after,
-        max_calls: config.calls.max_calls,
+        max_calls,
         relayed_call_idle: EndpointConfig::DEFAULT_RELAYED_CALL_IDLE,
         handler,
     })?);
@@ -78,6 +117,7 @@ pub(crate) fn serve(
         calls: calls.clone(),
         wake: wake.clone(),
         node_id: config.node.id,
+        shed_log: EverySecond::default(),
     });
     cluster.set_sip_relay(Arc::new(RelayHook(Arc::downgrade(&sip))));
     cluster.set_call_control(Arc::new(CallControlHook(Arc::downgrade(&calls))));
@@ -152,7 +192,10 @@ impl Sip {
             Event::CallRefused { transmit, reason } => {
                 match &reason {
                     Refused::CallLimit { limit } => {
-                        tracing::warn!(limit, "call limit reached: 503")
+                        // Under overload this is every new call: once a second, counted.
+                        if let Some(refused) = self.shed_log.tick() {
+                            tracing::warn!(limit, refused, "call limit reached: 503");
+                        }
                     }
                     Refused::NoDialplan => tracing::warn!("no dialplan yet: 503"),
                     Refused::NoRoute {
