@@ -483,3 +483,47 @@ fn full_restart_keeps_everything_committed() {
         assert_bound_on(&c, node, &all, "restarted");
     }
 }
+
+/// A planned stop of the leader (SIGTERM: an upgrade, a reboot) hands leadership to
+/// another node before the process exits, so writes wait for the hand-over instead of
+/// failing until an election; REGISTERs through the survivors are accepted right after.
+#[test]
+fn a_leader_stopped_with_sigterm_hands_over_first() {
+    let users = Users { count: 2 };
+    let c = LocalCluster::up(65, 3, &users, MD5_ONLY).unwrap();
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        c.leader_among(&[1, 2, 3])
+    })
+    .unwrap();
+    let others: Vec<usize> = (1..=3).filter(|&n| n != leader).collect();
+    // Every member answering the others' probes (the leader hands over only then).
+    wait_converged(&c, &[1, 2, 3], Duration::from_secs(10));
+    let t = Instant::now();
+    c.launcher(&["stop", &leader.to_string()]).unwrap();
+    eprintln!(
+        "leader {leader} stopped (SIGTERM) in {} ms",
+        t.elapsed().as_millis()
+    );
+    let log = c.log(leader);
+    assert!(
+        log.contains("leadership handed over before stopping"),
+        "node {leader} stopped without handing over:\n{}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+    let new = c.leader_among(&others);
+    assert!(new.is_some(), "a survivor leads as the old leader exits");
+    let (registered, out) = pbx_tests::pbxctl(&[
+        "register",
+        &c.node_addr(others[0]).to_string(),
+        "--user",
+        &Users::name(1),
+        "--password",
+        &Users::password(1),
+    ])
+    .unwrap();
+    assert!(registered, "REGISTER after the hand-over: {out}");
+    eprintln!(
+        "registered {} ms after the stop began",
+        t.elapsed().as_millis()
+    );
+}

@@ -193,6 +193,18 @@ impl Node {
         })
     }
 
+    /// A planned stop (SIGTERM): a leader hands leadership over first (bounded by
+    /// [`HAND_OVER_LIMIT`]), then the node stops.
+    pub async fn shut_down(self) {
+        match tokio::time::timeout(HAND_OVER_LIMIT, self.cluster.hand_over_leadership()).await {
+            Ok(Ok(true)) => tracing::info!("leadership handed over before stopping"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not hand leadership over"),
+            Err(_) => tracing::warn!("leadership hand-over timed out"),
+        }
+        self.stop().await;
+    }
+
     /// Stops every task of the node.
     pub async fn stop(self) {
         for t in self.tasks {
@@ -364,6 +376,10 @@ pub fn init_tracing(filter: &str) {
         .try_init();
 }
 
+/// How long a stopping leader tries to hand leadership over (a transfer takes one
+/// lease, 1.1 s by default; the launcher and systemd wait longer before SIGKILL).
+const HAND_OVER_LIMIT: Duration = Duration::from_secs(4);
+
 /// Runs a node until `shutdown` completes.
 pub async fn run(
     config: Config,
@@ -373,6 +389,6 @@ pub async fn run(
     let node = Node::start(config, listeners).await?;
     shutdown.await;
     tracing::info!("shutting down");
-    node.stop().await;
+    node.shut_down().await;
     Ok(())
 }

@@ -619,6 +619,23 @@ impl Cluster {
         self.shared.current_leader() == Some(self.shared.config.node_id)
     }
 
+    /// Before a planned stop (SIGTERM): a leader hands leadership to the most caught-up
+    /// other voter, so writes wait about one lease and go to the new leader, instead of
+    /// failing until an election after the process is gone. False when this node does
+    /// not lead or no other voter answers its probes (a cluster going down as a whole).
+    pub async fn hand_over_leadership(&self) -> Result<bool, PeerError> {
+        let me = self.shared.config.node_id;
+        if !self.is_leader()
+            || !self
+                .voters()
+                .into_iter()
+                .any(|v| v != me && self.peer_state(v) == crate::PeerState::Alive)
+        {
+            return Ok(false);
+        }
+        self.shared.transfer_leadership(None).await.map(|()| true)
+    }
+
     /// Whether a write sent here now would be committed (leader with a recent majority,
     /// or follower in recent contact with one).
     pub fn serving_writes(&self) -> bool {
