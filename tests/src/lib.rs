@@ -365,6 +365,25 @@ impl LocalCluster {
             .map(|_| ())
     }
 
+    /// The nodes holding `user`'s bindings, as the first of `nodes` that answers sees
+    /// them (admin API), sorted; empty when none answers.
+    pub fn bound_via(&self, nodes: &[usize], user: &str) -> Vec<u64> {
+        let Ok((0, text)) = self.admin(
+            nodes,
+            &["registrations", "list", "--user", user, "--output", "json"],
+        ) else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let mut bound: Vec<u64> = v
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| r["node_id"].as_u64()).collect())
+            .unwrap_or_default();
+        bound.sort_unstable();
+        bound.dedup();
+        bound
+    }
+
     /// CPU time (user + system) node n's process has used so far, in ms.
     pub fn cpu_ms(&self, n: usize) -> Option<u64> {
         let pid = std::fs::read_to_string(self.run_dir().join(format!("node{n}.pid"))).ok()?;

@@ -170,24 +170,6 @@ fn cluster_dns_follows_the_live_members() {
     .unwrap();
 }
 
-/// The node holding `user`'s binding(s), from the admin API.
-fn bound_via(c: &LocalCluster, user: &str) -> Vec<u64> {
-    let Ok((0, text)) = c.admin(
-        &[1, 2, 3],
-        &["registrations", "list", "--user", user, "--output", "json"],
-    ) else {
-        return Vec::new();
-    };
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let mut nodes: Vec<u64> = v
-        .as_array()
-        .map(|a| a.iter().filter_map(|r| r["node_id"].as_u64()).collect())
-        .unwrap_or_default();
-    nodes.sort_unstable();
-    nodes.dedup();
-    nodes
-}
-
 /// Where the softphone's DNS comes from.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Dns {
@@ -290,7 +272,7 @@ fn softphone_failover(slot: u8, source: Dns) {
     let home = wait_for(
         "the softphone registered through DNS",
         Duration::from_secs(15),
-        || bound_via(&c, &Users::name(1)).first().copied(),
+        || c.bound_via(&[1, 2, 3], &Users::name(1)).first().copied(),
     )
     .unwrap() as usize;
     let killed_at = std::time::Instant::now();
@@ -318,7 +300,7 @@ fn softphone_failover(slot: u8, source: Dns) {
         Dns::Bind => Duration::from_secs(180),
     };
     let moved = wait_for("re-registered through another node", limit, || {
-        let nodes = bound_via(&c, &Users::name(1));
+        let nodes = c.bound_via(&[1, 2, 3], &Users::name(1));
         nodes.iter().any(|&n| n as usize != home).then_some(nodes)
     })
     .unwrap();
@@ -489,7 +471,7 @@ fn a_tcp_softphone_with_outbound_keeps_its_call_through_a_survivor() {
     let home = wait_for(
         "the softphone registered over TCP through DNS",
         Duration::from_secs(20),
-        || bound_via(&c, &Users::name(1)).first().copied(),
+        || c.bound_via(&[1, 2, 3], &Users::name(1)).first().copied(),
     )
     .unwrap_or_else(|e| panic!("{e}:\n{}", out_log())) as usize;
 
@@ -539,7 +521,7 @@ fn a_tcp_softphone_with_outbound_keeps_its_call_through_a_survivor() {
         "the softphone registered again through a survivor",
         Duration::from_secs(120),
         || {
-            bound_via(&c, &Users::name(1))
+            c.bound_via(&[1, 2, 3], &Users::name(1))
                 .iter()
                 .any(|&n| n as usize != home)
                 .then(|| killed_at.elapsed())

@@ -565,20 +565,6 @@ fn calls_move_off_a_drained_node_without_ending() {
     survive(63, Victim::Follower, Fault::Migrate);
 }
 
-/// The nodes holding `user`'s bindings, as the first of `nodes` that answers sees them.
-fn bound_via(c: &LocalCluster, nodes: &[usize], user: &str) -> Vec<u64> {
-    let Ok((0, text)) = c.admin(
-        nodes,
-        &["registrations", "list", "--user", user, "--output", "json"],
-    ) else {
-        return Vec::new();
-    };
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    v.as_array()
-        .map(|a| a.iter().filter_map(|r| r["node_id"].as_u64()).collect())
-        .unwrap_or_default()
-}
-
 /// Two real softphones (baresip, UDP) that know only `sip:USER@pbx.test` and the cluster's
 /// DNS: u1 calls u2, both send a tone; the node running the call is SIGKILLed. The call
 /// stays up on both phones, each hears the other again after a gap (what each heard is
@@ -616,7 +602,7 @@ fn a_call_between_softphones_survives_its_node() {
         wait_for(
             &format!("u{user} registered through DNS"),
             Duration::from_secs(20),
-            || (!bound_via(&c, &[1, 2, 3], &Users::name(user)).is_empty()).then_some(()),
+            || (!c.bound_via(&[1, 2, 3], &Users::name(user)).is_empty()).then_some(()),
         )
         .unwrap_or_else(|e| panic!("{e}:\n{}", out_log(dir)));
     }

@@ -384,7 +384,9 @@ impl CallsSection {
         if !self.relay_media {
             return (self.max_calls, None);
         }
-        let ports = u64::from(self.rtp_port_max.saturating_sub(self.rtp_port_min)) / 4;
+        // One port per socket.
+        let ports =
+            u64::from(self.rtp_port_max.saturating_sub(self.rtp_port_min)) / SOCKETS_PER_CALL;
         // Kept for SIP connections, peer links, storage and the rest.
         let reserve = (fd_limit / 4).clamp(256, 16_384);
         let descriptors = fd_limit.saturating_sub(reserve) / SOCKETS_PER_CALL;

@@ -115,6 +115,34 @@ impl Probes {
             .is_some_and(|at| now.saturating_duration_since(at) <= window)
     }
 
+    /// Whether this node (`me`) may campaign for leadership now (see the module doc):
+    /// only when a majority of `voters` answers it, and not while `leader` answered one
+    /// of its probes within `hold` — unless no heartbeat came for `stuck` (`silent`: time
+    /// since the leader's last append reached this node).
+    #[allow(clippy::too_many_arguments)]
+    pub fn campaign(
+        &mut self,
+        now: Instant,
+        me: NodeId,
+        voters: &[NodeId],
+        leader: Option<NodeId>,
+        hold: Duration,
+        silent: Duration,
+        stuck: Duration,
+    ) -> Campaign {
+        if !self.reaches_majority(now, me, voters) {
+            return Campaign::NoMajority;
+        }
+        let answers = leader
+            .filter(|l| *l != me)
+            .is_some_and(|l| self.answered_within(l, now, hold));
+        if answers && silent <= stuck {
+            Campaign::LeaderAnswers
+        } else {
+            Campaign::Yes
+        }
+    }
+
     /// Whether a majority of `voters` answered lately, `me` counting as one (a node
     /// that is not a voter never has one); remembered for [`Probes::cut_off_for`].
     pub fn reaches_majority(&mut self, now: Instant, me: NodeId, voters: &[NodeId]) -> bool {
@@ -179,6 +207,17 @@ impl Probes {
     }
 }
 
+/// [`Probes::campaign`]'s verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Campaign {
+    Yes,
+    /// It could not win, and the term it would raise would depose the healthy leader
+    /// when it comes back.
+    NoMajority,
+    /// Late heartbeats from a leader that answers probes are load, not failure.
+    LeaderAnswers,
+}
+
 /// How many leases a follower waits for heartbeats from a leader that still answers its
 /// probes before it campaigns anyway (the leader's Raft is stuck, its peer link is not).
 pub const STUCK_LEADER_LEASES: u32 = 3;
@@ -212,33 +251,35 @@ pub(crate) async fn run(shared: Arc<Shared>, probes: Arc<Mutex<Probes>>) {
             )
         };
         let leader = shared.raft.metrics().borrow().current_leader;
-        let (reaches, leader_answers) = {
+        let verdict = {
             let ids: Vec<NodeId> = members.iter().map(|(id, _)| *id).collect();
             let mut p = crate::lock(&probes);
             p.retain(&ids);
-            let now = Instant::now();
-            let leader_answers = leader
-                .filter(|l| *l != me)
-                .is_some_and(|l| p.answered_within(l, now, shared.config.election_timeout_min));
-            (p.reaches_majority(now, me, &voters), leader_answers)
+            p.campaign(
+                Instant::now(),
+                me,
+                &voters,
+                leader,
+                shared.config.election_timeout_min,
+                shared.since_leader_contact(),
+                shared.config.election_timeout_max * STUCK_LEADER_LEASES,
+            )
         };
-        let stuck_leader = shared.since_leader_contact()
-            > shared.config.election_timeout_max * STUCK_LEADER_LEASES;
-        // A node that cannot reach a majority does not campaign: it cannot win, and the
-        // term it would raise would depose the healthy leader when it comes back.
-        let campaign = reaches && (!leader_answers || stuck_leader);
+        let campaign = verdict == Campaign::Yes;
         if campaign != campaigning {
             campaigning = campaign;
             shared.raft.runtime_config().elect(campaign);
-            if campaign {
-                tracing::info!("taking part in elections again");
-            } else if !reaches {
-                tracing::warn!("no majority answers probes: not campaigning for leadership");
-            } else {
-                tracing::debug!(?leader, "the leader answers probes: not campaigning");
+            match verdict {
+                Campaign::Yes => tracing::info!("taking part in elections again"),
+                Campaign::NoMajority => {
+                    tracing::warn!("no majority answers probes: not campaigning for leadership")
+                }
+                Campaign::LeaderAnswers => {
+                    tracing::debug!(?leader, "the leader answers probes: not campaigning")
+                }
             }
         }
-        if reaches {
+        if verdict != Campaign::NoMajority {
             hasten_election(&shared, &probes, &mut elect_asked);
         }
         for (id, addr) in members {
@@ -366,12 +407,44 @@ mod tests {
         let config = LivenessConfig::default();
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
+        let (hold, stuck) = (Duration::from_millis(500), Duration::from_millis(3000));
+        let quiet = |n| Duration::from_millis(n);
+        let voters = [1, 2, 3];
         let mut p = Probes::new(config, t0);
-        let window = Duration::from_millis(500);
-        assert!(!p.answered_within(2, t0, window), "never probed");
         p.record(2, ms(100), Probe::Answered);
-        p.record(2, ms(200), Probe::Refused);
-        assert!(p.answered_within(2, ms(600), window));
-        assert!(!p.answered_within(2, ms(601), window));
+        p.record(3, ms(100), Probe::Answered);
+        // Node 1 follows leader 2, whose heartbeats are late but whose probes answer.
+        assert_eq!(
+            p.campaign(ms(200), 1, &voters, Some(2), hold, quiet(1500), stuck),
+            Campaign::LeaderAnswers
+        );
+        // Its Raft stuck: no heartbeat for longer than `stuck`, probes still answered.
+        assert_eq!(
+            p.campaign(ms(200), 1, &voters, Some(2), hold, quiet(3001), stuck),
+            Campaign::Yes
+        );
+        // The leader's process is gone: refusals, no answer within `hold`.
+        p.record(2, ms(300), Probe::Refused);
+        p.record(3, ms(550), Probe::Answered);
+        assert_eq!(
+            p.campaign(ms(600), 1, &voters, Some(2), hold, quiet(600), stuck),
+            Campaign::LeaderAnswers,
+            "its last answer is 500 ms old"
+        );
+        assert_eq!(
+            p.campaign(ms(601), 1, &voters, Some(2), hold, quiet(601), stuck),
+            Campaign::Yes
+        );
+        assert_eq!(
+            p.campaign(ms(601), 2, &voters, Some(2), hold, quiet(0), stuck),
+            Campaign::Yes,
+            "the leader's own view"
+        );
+        // Cut off from both: no campaign, whatever the leader does.
+        p.record(3, ms(700), Probe::Silent);
+        assert_eq!(
+            p.campaign(ms(1300), 1, &voters, Some(2), hold, quiet(1300), stuck),
+            Campaign::NoMajority
+        );
     }
 }
