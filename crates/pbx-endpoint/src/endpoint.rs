@@ -18,6 +18,7 @@ use pbx_sip_msg::{
 use pbx_state::{Response, State, Transport};
 
 use crate::admission::{self, Contacts, PlanCache, Refused};
+use crate::overload::{Overload, OverloadConfig, ShedCounts, Verdict};
 use crate::relayed::RelayedCalls;
 use crate::{CallMessage, Dest, EndpointError, Event, Link, NewCall, Transmit};
 
@@ -39,6 +40,8 @@ pub struct EndpointConfig {
     pub relayed_call_idle: Duration,
     /// The request pipeline's configuration (registrar rules, digest, throttling).
     pub handler: HandlerConfig,
+    /// What new work is shed under overload, and floods from one address.
+    pub overload: OverloadConfig,
 }
 
 impl EndpointConfig {
@@ -53,6 +56,8 @@ pub struct CommitToken {
     key: TransactionKey,
     dest: Dest,
     pending: PendingRegister,
+    /// When the commit was handed out (its delay feeds overload control).
+    started: Instant,
 }
 
 impl CommitToken {
@@ -83,6 +88,7 @@ pub struct Endpoint<C> {
     /// A final response to an INVITE started a retransmission timer (Timer G) that may
     /// be sooner than what the driver sleeps for.
     timers_moved: AtomicBool,
+    overload: Overload,
 }
 
 /// Locks `m`, taking over a lock a panicking holder poisoned: every critical section
@@ -105,12 +111,29 @@ impl<C: Clone> Endpoint<C> {
             plan: Mutex::new(PlanCache::default()),
             transmits: Mutex::new(VecDeque::new()),
             timers_moved: AtomicBool::new(false),
+            overload: Overload::new(config.overload),
             config,
         })
     }
 
     pub fn config(&self) -> &EndpointConfig {
         &self.config
+    }
+
+    /// The driver read a datagram (`waiting`) or found its UDP socket empty: a socket
+    /// that stays non-empty is a receive backlog (overload control).
+    pub fn udp_queue(&self, now: Instant, waiting: bool) {
+        self.overload.receive_queue(now, waiting);
+    }
+
+    /// What overload control shed so far.
+    pub fn shed_counts(&self) -> ShedCounts {
+        self.overload.counts()
+    }
+
+    /// REGISTER commits handed to the cluster and not finished yet.
+    pub fn pending_commits(&self) -> usize {
+        self.overload.pending_commits()
     }
 
     /// The name this node puts in Server headers.
@@ -239,6 +262,24 @@ impl<C: Clone> Endpoint<C> {
                 },
             ));
         }
+        // New work only from here on: retransmissions and the requests of running
+        // calls were served above, whatever the load.
+        if method != Method::Ack {
+            let starts_call = method == Method::Invite && core.to.tag().is_none();
+            match self
+                .overload
+                .admit(now, source.ip(), method == Method::Register, starts_call)
+            {
+                Verdict::Admit => {}
+                Verdict::Drop => return None,
+                Verdict::Shed => {
+                    return Some(Event::Transmit(Transmit {
+                        dest,
+                        bytes: self.overloaded(&core, source),
+                    }))
+                }
+            }
+        }
         let state = state();
         let outcome = self.handler.handle(
             Inbound {
@@ -281,12 +322,29 @@ impl<C: Clone> Endpoint<C> {
             Outcome::Commit { command, pending } => {
                 // The transaction absorbs retransmissions while the command commits.
                 lock(&self.table).create(key.clone(), &method, reliable, dest);
+                self.overload.commit_started();
                 Some(Event::Commit {
                     command,
-                    token: CommitToken { key, dest, pending },
+                    token: CommitToken {
+                        key,
+                        dest,
+                        pending,
+                        started: now,
+                    },
                 })
             }
         }
+    }
+
+    /// The 503 for new work shed under overload: stateless (a retransmission gets
+    /// another), Retry-After, and a Warning saying why.
+    fn overloaded(&self, core: &CoreHeaders, source: SocketAddr) -> Bytes {
+        let head = ReplyHead::new(core, source, self.server_name());
+        let mut w = MessageWriter::response(503);
+        head.write(&mut w, 503);
+        w.header("Retry-After", &self.config.retry_after.to_string());
+        w.header("Warning", "399 pbxd \"overloaded: new work is shed\"");
+        Bytes::from(w.finish(b""))
     }
 
     /// Answers what can be answered; [`Event::Unanswerable`] when nothing can be (no
@@ -391,7 +449,14 @@ impl<C: Clone> Endpoint<C> {
         token: CommitToken,
         result: Result<Response, E>,
     ) -> Option<Transmit> {
-        let CommitToken { key, dest, pending } = token;
+        let CommitToken {
+            key,
+            dest,
+            pending,
+            started,
+        } = token;
+        self.overload
+            .commit_finished(now, now.saturating_duration_since(started));
         let (status, bytes) = match result {
             Ok(resp) => self.handler.finish_register(pending, resp, now_ms),
             Err(_) => self.handler.unavailable(pending, self.config.retry_after),

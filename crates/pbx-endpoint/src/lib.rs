@@ -18,6 +18,7 @@
 
 mod admission;
 mod endpoint;
+mod overload;
 mod relayed;
 mod stun;
 #[cfg(test)]
@@ -35,6 +36,7 @@ pub use admission::{
     leg_instance, legs_reachable, resume_dest, Contacts, Refused, SkipReason, Skipped,
 };
 pub use endpoint::{lock, CommitToken, Endpoint, EndpointConfig};
+pub use overload::{OverloadConfig, ShedCounts};
 
 /// Errors of this crate (configuration that cannot work).
 #[derive(Debug, thiserror::Error)]

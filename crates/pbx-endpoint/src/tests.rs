@@ -38,11 +38,24 @@ fn config(max_calls: usize) -> EndpointConfig {
         max_calls,
         relayed_call_idle: EndpointConfig::DEFAULT_RELAYED_CALL_IDLE,
         handler: HandlerConfig::default(),
+        overload: overload_without_flood_limit(),
+    }
+}
+
+/// Tests send everything from one address: no flood limit.
+fn overload_without_flood_limit() -> crate::OverloadConfig {
+    crate::OverloadConfig {
+        per_source_rate: 0,
+        ..crate::OverloadConfig::default()
     }
 }
 
 impl Harness {
     fn new(max_calls: usize) -> Self {
+        Self::with(config(max_calls))
+    }
+
+    fn with(config: EndpointConfig) -> Self {
         let mut state = State::default();
         state.apply(Command::Initialize(ClusterSettings {
             domain: "pbx.test".into(),
@@ -64,7 +77,7 @@ impl Harness {
             now_ms: NOW_MS,
         });
         Harness {
-            ep: Endpoint::new(config(max_calls)).unwrap(),
+            ep: Endpoint::new(config).unwrap(),
             state,
             t0: Instant::now(),
         }
@@ -665,4 +678,91 @@ fn a_resumed_leg_finds_an_outbound_phone_by_its_instance_on_a_new_flow() {
         !crate::legs_reachable(&st, &[tcp], NOW_MS, alive),
         "without its instance the leg cannot be matched"
     );
+}
+
+#[test]
+fn a_standing_commit_queue_sheds_new_work_and_still_serves_running_calls() {
+    let h = Harness::with(EndpointConfig {
+        overload: crate::OverloadConfig {
+            commit_delay_target: Duration::from_millis(50),
+            interval: Duration::from_millis(100),
+            min_pending: 2,
+            ..overload_without_flood_limit()
+        },
+        ..config(10)
+    });
+    h.ep.start_call("running", 7);
+    // Three REGISTERs wait for their commits, none finishes.
+    let tokens: Vec<_> = (1..=3)
+        .map(
+            |i| match h.authenticated(0, &register(&format!("q{i}"), 1), "alice", "pw") {
+                Some(Event::Commit { token, .. }) => token,
+                other => panic!("expected a commit, got {other:?}"),
+            },
+        )
+        .collect();
+    assert_eq!(h.ep.pending_commits(), 3);
+    // An interval later the queue stands: new REGISTERs and INVITEs get 503 at once.
+    for (bytes, what) in [
+        (register("new", 1), "REGISTER"),
+        (invite("bob", "c9"), "INVITE"),
+    ] {
+        let shed = transmitted(h.udp(150, &bytes));
+        let msg = parse(&shed.bytes);
+        assert_eq!(msg.status(), Some(503), "{what}");
+        assert_eq!(msg.header(&HeaderName::RetryAfter), Some("7"));
+        assert!(msg.header(&HeaderName::To).unwrap().contains("tag="));
+        assert!(msg
+            .header(&HeaderName::parse("Warning"))
+            .unwrap()
+            .contains("overloaded"));
+    }
+    // The running call's requests are served.
+    let bye = String::from_utf8(invite("bob", "running"))
+        .unwrap()
+        .replace("INVITE sip:", "BYE sip:")
+        .replace("1 INVITE", "2 BYE")
+        .replace("To: <sip:bob@pbx.test>", "To: <sip:bob@pbx.test>;tag=t1");
+    assert!(matches!(
+        h.udp(160, bye.as_bytes()),
+        Some(Event::ToCall(7, CallMessage::Request { .. }))
+    ));
+    // The queue drains: new work is admitted again from the next interval.
+    for t in tokens {
+        h.ep.commit_done(h.at(170), NOW_MS + 170, t, Err("slow"));
+    }
+    assert_eq!(h.ep.pending_commits(), 0);
+    assert_eq!(status(&transmitted(h.udp(300, &register("new2", 1)))), 401);
+    let shed = h.ep.shed_counts();
+    assert_eq!((shed.registers, shed.invites), (1, 1));
+}
+
+#[test]
+fn a_source_flooding_new_requests_is_dropped_and_its_calls_are_not() {
+    let h = Harness::with(EndpointConfig {
+        overload: crate::OverloadConfig {
+            per_source_rate: 2,
+            ..crate::OverloadConfig::default()
+        },
+        ..config(10)
+    });
+    h.ep.start_call("running", 7);
+    // A burst of twice the rate is answered; the rest of the same moment is dropped.
+    let answered = (0..10)
+        .filter(|i| h.udp(0, &register(&format!("f{i}"), 1)).is_some())
+        .count();
+    assert_eq!(answered, 4);
+    assert_eq!(h.ep.shed_counts().flood_dropped, 6);
+    // Tokens come back at the rate.
+    assert!(h.udp(100, &register("f10", 1)).is_none());
+    assert_eq!(status(&transmitted(h.udp(500, &register("f11", 1)))), 401);
+    // A request of a running call from the same source is served.
+    let bye = String::from_utf8(invite("bob", "running"))
+        .unwrap()
+        .replace("INVITE sip:", "BYE sip:")
+        .replace("1 INVITE", "2 BYE");
+    assert!(matches!(
+        h.udp(2, bye.as_bytes()),
+        Some(Event::ToCall(7, CallMessage::Request { .. }))
+    ));
 }

@@ -28,6 +28,8 @@ pub struct Config {
     #[serde(default)]
     pub calls: CallsSection,
     #[serde(default)]
+    pub overload: OverloadSection,
+    #[serde(default)]
     pub admin: AdminSection,
     #[serde(default)]
     pub dns: DnsSection,
@@ -137,7 +139,7 @@ fn default_probe_interval_ms() -> u64 {
     100
 }
 fn default_dead_after_refused_ms() -> u64 {
-    300
+    200
 }
 fn default_dead_after_silence_ms() -> u64 {
     3000
@@ -409,6 +411,66 @@ impl CallsSection {
     }
 }
 
+/// Overload control (`pbx_endpoint::overload`): new work shed when the commit queue
+/// stands, floods from one address dropped.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverloadSection {
+    /// Shed new REGISTERs and calls while even the quickest commit of an interval takes
+    /// longer than this.
+    pub commit_delay_target_ms: u64,
+    pub interval_ms: u64,
+    /// No shedding below this many commits in flight (an election stalls a few).
+    pub min_pending_commits: usize,
+    /// Shed whatever the delay beyond this many commits in flight.
+    pub max_pending_commits: usize,
+    /// Shed new REGISTERs and calls while the UDP socket has not been found empty for
+    /// this long (datagrams queue in the kernel's buffer).
+    pub backlog_target_ms: u64,
+    /// New requests per second one source IP may send (bursts of twice that); beyond,
+    /// they are dropped unanswered. 0: no limit (a lab driving load from one address).
+    pub per_source_rate: u32,
+}
+
+impl Default for OverloadSection {
+    fn default() -> Self {
+        let d = pbx_endpoint::OverloadConfig::default();
+        OverloadSection {
+            commit_delay_target_ms: d.commit_delay_target.as_millis() as u64,
+            interval_ms: d.interval.as_millis() as u64,
+            min_pending_commits: d.min_pending,
+            max_pending_commits: d.max_pending,
+            backlog_target_ms: d.backlog_target.as_millis() as u64,
+            per_source_rate: d.per_source_rate,
+        }
+    }
+}
+
+impl OverloadSection {
+    pub fn endpoint_config(&self) -> pbx_endpoint::OverloadConfig {
+        pbx_endpoint::OverloadConfig {
+            commit_delay_target: std::time::Duration::from_millis(self.commit_delay_target_ms),
+            interval: std::time::Duration::from_millis(self.interval_ms),
+            min_pending: self.min_pending_commits,
+            max_pending: self.max_pending_commits,
+            backlog_target: std::time::Duration::from_millis(self.backlog_target_ms),
+            per_source_rate: self.per_source_rate,
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.interval_ms == 0 {
+            return Err("overload.interval_ms: must be > 0".into());
+        }
+        if self.max_pending_commits == 0 || self.min_pending_commits > self.max_pending_commits {
+            return Err(
+                "overload.max_pending_commits: must be > 0 and at least min_pending_commits".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for CallsSection {
     fn default() -> Self {
         CallsSection {
@@ -505,6 +567,7 @@ impl Config {
         if self.node.id == 0 {
             return Err("node.id: must be greater than 0".into());
         }
+        self.overload.validate()?;
         let d = &self.cluster.domain;
         if d.is_empty()
             || !d

@@ -98,6 +98,7 @@ pub(crate) fn serve(
         limits: crate::transport::limits(config),
         timers: Timers::default(),
         retry_after: config.cluster.retry_after,
+        overload: config.overload.endpoint_config(),
         max_calls,
         relayed_call_idle: EndpointConfig::DEFAULT_RELAYED_CALL_IDLE,
         handler,
@@ -122,6 +123,7 @@ pub(crate) fn serve(
     cluster.set_sip_relay(Arc::new(RelayHook(Arc::downgrade(&sip))));
     cluster.set_call_control(Arc::new(CallControlHook(Arc::downgrade(&calls))));
     let mut tasks = io.serve(sip, tcp, tls, config.transport.udp_workers);
+    tasks.push(tokio::spawn(shed_report(endpoint.clone())));
     tasks.push(tokio::spawn(timer(endpoint, io, wake)));
     tasks.push(tokio::spawn(crate::survival::run(
         calls,
@@ -146,6 +148,10 @@ impl Inbox for Sip {
             self.wake.notify_one();
         }
         answerable
+    }
+
+    fn on_udp_queue(&self, waiting: bool) {
+        self.endpoint.udp_queue(Instant::now(), waiting);
     }
 
     fn on_send_failed(&self, dest: Dest, bytes: &[u8]) {
@@ -281,6 +287,30 @@ async fn timer(endpoint: Arc<SipEndpoint>, io: Arc<Io>, wake: Arc<Notify>) {
         endpoint.handle_timeout(Instant::now());
         while let Some(t) = endpoint.poll_transmit() {
             io.send(t.dest, t.bytes);
+        }
+    }
+}
+
+/// What overload control shed, logged once a second while it sheds (counters since
+/// start, and the commits in flight).
+async fn shed_report(endpoint: Arc<SipEndpoint>) {
+    let mut last = pbx_endpoint::ShedCounts::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = endpoint.shed_counts();
+        if now != last {
+            tracing::warn!(
+                registers_503 = now.registers - last.registers,
+                invites_503 = now.invites - last.invites,
+                flood_dropped = now.flood_dropped - last.flood_dropped,
+                total_registers_503 = now.registers,
+                total_invites_503 = now.invites,
+                total_flood_dropped = now.flood_dropped,
+                pending_commits = endpoint.pending_commits(),
+                "overload: new work shed in the last second"
+            );
+            last = now;
         }
     }
 }

@@ -31,6 +31,9 @@ pub(crate) trait Inbox: Send + Sync {
     /// `bytes` could not be sent to `dest` (no connection, TLS failed, the phone's node
     /// could not relay them).
     fn on_send_failed(&self, dest: Dest, bytes: &[u8]);
+    /// Whether the UDP socket had a datagram waiting (`true`) or was found empty: how
+    /// long it stays non-empty is the node's receive backlog (overload control).
+    fn on_udp_queue(&self, waiting: bool);
 }
 
 /// The node's SIP sockets, bound before anything else starts.
@@ -341,9 +344,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 async fn udp_worker(udp: Arc<UdpSocket>, inbox: Arc<dyn Inbox>) {
     let mut buf = vec![0u8; 65_536];
     loop {
-        match udp.recv_from(&mut buf).await {
+        match udp.try_recv_from(&mut buf) {
             Ok((n, src)) => {
+                inbox.on_udp_queue(true);
                 inbox.on_message(&buf[..n], src, Link::Udp);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                inbox.on_udp_queue(false);
+                if let Err(e) = udp.readable().await {
+                    tracing::warn!(error = %e, "udp socket");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
             // ICMP port unreachable from an earlier send shows up here on Linux: ignore.
             Err(e) => tracing::trace!(error = %e, "udp recv"),

@@ -244,6 +244,36 @@ async fn a_cut_off_leader_stops_taking_writes_and_follows_the_new_one_after_heal
     c.shutdown().await;
 }
 
+/// openraft 0.9 has no transfer message: the target wins its first campaign because
+/// the old leader grants its vote at once (ADR 0011). Should an openraft upgrade change
+/// that, transfers fall back to waiting out a lease, and this test says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_moves_in_one_round_and_writes_follow_it() {
+    use pbx_peer::HandOver;
+    let c = TestCluster::start().await;
+    let first = c.wait_leader_among(&[1, 2, 3], None).await;
+    let mut alice = Phone::new("alice", "alice-pw").await;
+    c.register_ok(&mut alice, first).await;
+    let mut leader = first;
+    for _ in 0..2 {
+        let target = others(leader)[0];
+        let how = c
+            .node(leader)
+            .cluster
+            .transfer_leadership(Some(target))
+            .await
+            .expect("transfer");
+        assert_eq!(how, HandOver::OneRound, "{leader} -> {target}");
+        assert_eq!(c.wait_leader_among(&[1, 2, 3], Some(leader)).await, target);
+        // Writes through the old leader go to the new one.
+        let mut bob = Phone::new("bob", "bob-pw").await;
+        c.register_ok(&mut bob, leader).await;
+        c.wait_binding(target, "bob").await;
+        leader = target;
+    }
+    c.shutdown().await;
+}
+
 /// alice calls bob through node `via` (digest on the INVITE, bob answers, alice ACKs).
 /// Returns alice's dialog headers (From, To with the node's tag) and bob's INVITE.
 async fn answered_call(

@@ -74,6 +74,9 @@ pub(crate) struct Shared {
     /// Milliseconds since `epoch` when this node stopped serving writes (+1; 0 = it is
     /// serving).
     not_serving_since: AtomicU64,
+    /// Milliseconds since `epoch` when this node last became leader (+1; 0 = never):
+    /// the others refuse votes for a lease after it (see `hand_over`).
+    pub(crate) leading_since: AtomicU64,
     stats: Arc<CommitStats>,
     /// Set by the node once its own start-up writes (settings, users) are committed.
     ready: AtomicBool,
@@ -105,7 +108,7 @@ fn role(state: ServerState) -> &'static str {
 }
 
 impl Shared {
-    fn now_ms(&self) -> u64 {
+    pub(crate) fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
@@ -129,6 +132,10 @@ impl Shared {
     }
 
     /// Time since the last append accepted from a leader (since start when none).
+    pub(crate) fn last_log_index(&self) -> u64 {
+        self.raft.metrics().borrow().last_log_index.unwrap_or(0)
+    }
+
     pub(crate) fn since_leader_contact(&self) -> Duration {
         let last = self.leader_contact.load(Ordering::Relaxed);
         Duration::from_millis(self.now_ms().saturating_sub(last))
@@ -331,16 +338,22 @@ impl Shared {
                         }
                     };
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    match self
-                        .pool
-                        .forward(
-                            id,
-                            &leader_addr,
-                            bytes,
-                            remaining.max(Duration::from_millis(1)),
-                        )
-                        .await
-                    {
+                    let forwarded = self.pool.forward(
+                        id,
+                        &leader_addr,
+                        bytes,
+                        remaining.max(Duration::from_millis(1)),
+                    );
+                    let outcome = tokio::select! {
+                        r = forwarded => r,
+                        () = self.replaced_while_silent(id) => {
+                            return Err(format!(
+                                "leader {id} was replaced while the write was in flight \
+                                 (not known to be committed)"
+                            ));
+                        }
+                    };
+                    match outcome {
                         Ok(reply) => match reply.result {
                             Some(ForwardResult::Response(b)) => {
                                 return bincode::deserialize(&b).map_err(|e| e.to_string());
@@ -367,6 +380,36 @@ impl Shared {
             let _ =
                 tokio::time::timeout(remaining.min(Duration::from_millis(100)), metrics.changed())
                     .await;
+        }
+    }
+}
+
+impl Shared {
+    /// Returns once another node leads and `old` has not answered a probe lately: a
+    /// hung leader would hold a write forwarded to it until the write timeout; the
+    /// answer is then "not known to be committed" at once (the old leader may have
+    /// replicated it before it hung, so it is not sent again). A leader that answers
+    /// (a planned hand-over) finishes its forwards itself: held writes come back "not
+    /// the leader" and go to the new one.
+    async fn replaced_while_silent(&self, old: NodeId) {
+        // Checked on a timer, not on every metrics change: forwards normally finish
+        // long before the first tick.
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let other = self
+                .raft
+                .metrics()
+                .borrow()
+                .current_leader
+                .is_some_and(|l| l != old);
+            let silent = !crate::lock(&self.probes).answered_within(
+                old,
+                Instant::now(),
+                self.config.election_timeout_min,
+            );
+            if other && silent {
+                return;
+            }
         }
     }
 }
@@ -507,6 +550,7 @@ impl Cluster {
             epoch: Instant::now(),
             leader_contact: AtomicU64::new(0),
             not_serving_since: AtomicU64::new(1),
+            leading_since: AtomicU64::new(0),
             stats: Arc::new(CommitStats::default()),
             ready: AtomicBool::new(false),
             started_empty: AtomicBool::new(!has_state),
@@ -633,7 +677,19 @@ impl Cluster {
         {
             return Ok(false);
         }
-        self.shared.transfer_leadership(None).await.map(|()| true)
+        self.shared.transfer_leadership(None).await.map(|_| true)
+    }
+
+    /// Hands leadership to `to` (or the most caught-up other voter); this node must
+    /// lead (`pbxctl cluster transfer-leader` reaches it through the Manage RPC).
+    pub async fn transfer_leadership(
+        &self,
+        to: Option<NodeId>,
+    ) -> Result<crate::HandOver, PeerError> {
+        if !self.is_leader() {
+            return Err(PeerError::NotLeader(self.shared.current_leader()));
+        }
+        self.shared.transfer_leadership(to).await
     }
 
     /// Whether a write sent here now would be committed (leader with a recent majority,
@@ -937,6 +993,11 @@ async fn watch_serving(shared: Arc<Shared>) {
         }
         let r = role(m.state);
         if r != last_role {
+            if m.state == ServerState::Leader {
+                shared
+                    .leading_since
+                    .store(shared.now_ms(), Ordering::Relaxed);
+            }
             tracing::info!(role = r, term = m.current_term, leader = ?m.current_leader, "raft role");
             last_role = r;
         }

@@ -32,7 +32,7 @@ pub use error::PeerError;
 pub use faults::{Fault, LinkFaults};
 pub use hooks::{BoxFuture, CallControl, CallMedia, MediaCounters, SipRelay};
 pub use liveness::{LivenessConfig, PeerState};
-pub use manage::ManageOp;
+pub use manage::{HandOver, ManageOp};
 pub use pbx_raft::{unix_ms, CommitReport, CommitStats, Member, NodeId};
 pub use pbx_storage::{LogStore, MemStore};
 pub use status::NodeStatus;

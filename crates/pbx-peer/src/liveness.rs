@@ -46,7 +46,7 @@ impl Default for LivenessConfig {
         LivenessConfig {
             probe_every: Duration::from_millis(100),
             probe_timeout: Duration::from_millis(500),
-            dead_after_refused: Duration::from_millis(300),
+            dead_after_refused: Duration::from_millis(200),
             dead_after_silence: Duration::from_millis(3000),
         }
     }
@@ -78,6 +78,8 @@ struct Health {
     /// Every failure of the run was a refusal.
     only_refused: bool,
     last_answer: Option<Instant>,
+    /// The last log index its last answer reported.
+    last_log: u64,
 }
 
 /// The probe results of every member, and the verdicts on them and on this node.
@@ -133,9 +135,9 @@ impl Probes {
         if !self.reaches_majority(now, me, voters) {
             return Campaign::NoMajority;
         }
-        let answers = leader
-            .filter(|l| *l != me)
-            .is_some_and(|l| self.answered_within(l, now, hold));
+        let answers = leader.filter(|l| *l != me).is_some_and(|l| {
+            self.answered_within(l, now, hold) && self.state(l, now) != PeerState::Dead
+        });
         if answers && silent <= stuck {
             Campaign::LeaderAnswers
         } else {
@@ -168,6 +170,7 @@ impl Probes {
             Probe::Answered => {
                 *h = Health {
                     last_answer: Some(now),
+                    last_log: h.last_log,
                     ..Health::default()
                 }
             }
@@ -201,6 +204,31 @@ impl Probes {
         }
     }
 
+    /// Notes the last log index a member's answer reported.
+    pub fn note_log(&mut self, node: NodeId, last_log_index: u64) {
+        self.peers.entry(node).or_default().last_log = last_log_index;
+    }
+
+    /// Whether a member other than `except` that answered within `window` reported a
+    /// log beyond `mine`: it can win an election this node cannot (its log is more up
+    /// to date), and this node's campaigns would only delay it. Reports are at most a
+    /// probe old and logs only grow, so "beyond" is a fact, never a guess.
+    pub fn log_behind(&self, mine: u64, now: Instant, window: Duration, except: NodeId) -> bool {
+        self.peers.iter().any(|(id, h)| {
+            *id != except
+                && h.last_log > mine
+                && h.last_answer
+                    .is_some_and(|at| now.saturating_duration_since(at) <= window)
+        })
+    }
+
+    /// Whether `node`'s process is gone: dead by refusals only (nothing listens at its
+    /// address), not by silence (which a partition also explains).
+    pub fn gone(&self, node: NodeId, now: Instant) -> bool {
+        self.state(node, now) == PeerState::Dead
+            && self.peers.get(&node).is_some_and(|h| h.only_refused)
+    }
+
     /// Forgets nodes that are no longer members.
     pub fn retain(&mut self, members: &[NodeId]) {
         self.peers.retain(|n, _| members.contains(n));
@@ -230,7 +258,7 @@ pub(crate) async fn run(shared: Arc<Shared>, probes: Arc<Mutex<Probes>>) {
     let in_flight: Arc<Mutex<std::collections::HashSet<NodeId>>> = Arc::default();
     let mut stopped = shared.stopped.subscribe();
     let mut campaigning = true;
-    let mut elect_asked: Option<Instant> = None;
+    let mut hasten = Hasten::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -280,7 +308,7 @@ pub(crate) async fn run(shared: Arc<Shared>, probes: Arc<Mutex<Probes>>) {
             }
         }
         if verdict != Campaign::NoMajority {
-            hasten_election(&shared, &probes, &mut elect_asked);
+            hasten.election(&shared, &probes);
         }
         for (id, addr) in members {
             if !crate::lock(&in_flight).insert(id) {
@@ -295,9 +323,15 @@ pub(crate) async fn run(shared: Arc<Shared>, probes: Arc<Mutex<Probes>>) {
                 )
                 .await;
                 let probe = match outcome {
-                    Ok(Ok(())) => Probe::Answered,
-                    // Refused or reset before the timeout: nobody listens there.
-                    Ok(Err(PeerError::Unreachable(_)))
+                    Ok(Ok(last_log)) => {
+                        crate::lock(&probes).note_log(id, last_log);
+                        Probe::Answered
+                    }
+                    // Refused, or the connection reset under a probe in flight, well
+                    // before the timeout: nobody listens there (any more). A live node
+                    // answers the next probe, and only refusals for
+                    // `dead_after_refused` make it dead.
+                    Ok(Err(PeerError::Unreachable(_) | PeerError::Transport(_)))
                         if sent.elapsed() < config.probe_timeout / 2 =>
                     {
                         Probe::Refused
@@ -321,32 +355,105 @@ pub(crate) async fn run(shared: Arc<Shared>, probes: Arc<Mutex<Probes>>) {
     }
 }
 
-/// A follower whose leader's process is gone (its probes are refused) campaigns as soon
-/// as the leader's lease has run out everywhere, instead of waiting for its election
-/// timer to fire after that (which adds up to another election timeout). Nodes start
-/// a few tens of milliseconds apart (by id) so that one of them usually wins at once.
-fn hasten_election(shared: &Arc<Shared>, probes: &Arc<Mutex<Probes>>, asked: &mut Option<Instant>) {
-    let m = shared.raft.metrics().borrow().clone();
-    let Some(leader) = m.current_leader else {
-        return;
-    };
-    if m.state != openraft::ServerState::Follower || leader == shared.config.node_id {
-        return;
-    }
-    let dead = crate::lock(probes).state(leader, Instant::now()) == PeerState::Dead;
-    let stagger = Duration::from_millis(30 * (shared.config.node_id % 8));
-    let due = shared.since_leader_contact() > shared.config.election_timeout_max + stagger;
-    let again = asked.is_none_or(|at| at.elapsed() > shared.config.election_timeout_min);
-    if dead && due && again {
-        *asked = Some(Instant::now());
-        tracing::info!(
-            leader,
-            "leader's process is gone and its lease ran out: campaigning now"
-        );
-        let raft = shared.raft.clone();
-        tokio::spawn(async move {
-            let _ = raft.trigger().elect().await;
-        });
+/// Elections after a leader's failure, sooner than openraft's timers would hold them.
+///
+/// - **The leader's process is gone** ([`Probes::gone`]): campaign at once, and again
+///   every probe interval (staggered by node id) while no live leader is known. The
+///   first round is refused by the followers whose lease still runs (openraft 0.9
+///   refuses votes for `election_timeout_max` after the last append), but each follower
+///   that campaigns turns its own vote into an uncommitted one, which the lease does not
+///   protect: the next round, one term higher, wins. Only a follower whose log is not
+///   behind another's campaigns again (a follower behind cannot win, and its rising
+///   term would keep the one ahead from winning). Leader death to a new leader is then
+///   the time to see the refusals plus a round or two, not a lease. Safe for Raft: terms
+///   and logs decide, the lease only delays; and a process that is gone leads nothing.
+/// - **The leader stopped answering our probes and sending appends** for
+///   `election_timeout_min` (hung, or cut off from us): the same. Followers that still
+///   hear it keep refusing (their lease runs), so a follower cut off alone raises only
+///   its own term; after [`QUICK_ROUNDS`] rounds it campaigns once per
+///   `election_timeout_min`.
+#[derive(Debug, Default)]
+struct Hasten {
+    /// The leader this node last knew (candidates know none).
+    leader: Option<NodeId>,
+    asked: Option<Instant>,
+    /// Campaigns since the leader was last seen alive.
+    rounds: u32,
+}
+
+/// Campaigns a node starts in quick succession after its leader failed; the second
+/// normally wins (see [`Hasten`]).
+const QUICK_ROUNDS: u32 = 3;
+
+impl Hasten {
+    fn election(&mut self, shared: &Arc<Shared>, probes: &Arc<Mutex<Probes>>) {
+        let me = shared.config.node_id;
+        let (state, current) = {
+            let m = shared.raft.metrics();
+            let m = m.borrow();
+            (m.state, m.current_leader)
+        };
+        if !matches!(
+            state,
+            openraft::ServerState::Follower | openraft::ServerState::Candidate
+        ) || current == Some(me)
+        {
+            self.leader = None;
+            self.rounds = 0;
+            return;
+        }
+        if current.is_some() {
+            self.leader = current;
+        }
+        let Some(leader) = self.leader else {
+            return;
+        };
+        let now = Instant::now();
+        let (gone, answers) = {
+            let p = crate::lock(probes);
+            (
+                p.gone(leader, now),
+                p.answered_within(leader, now, shared.config.election_timeout_min),
+            )
+        };
+        let hold = shared.config.election_timeout_min;
+        let stagger = Duration::from_millis(30 * (me % 8));
+        let due = gone || (!answers && shared.since_leader_contact() > hold + stagger);
+        if !due {
+            self.rounds = 0;
+            return;
+        }
+        // Long enough for the other followers to have seen the leader fail and
+        // campaigned once themselves (probes are half a probe interval apart on average).
+        let retry = if self.rounds < QUICK_ROUNDS {
+            shared.config.liveness.probe_every / 2 + stagger
+        } else {
+            hold + stagger
+        };
+        // Every follower campaigns once (that is what frees its vote from the lease);
+        // after that only those whose log is not behind another live member's.
+        let behind = self.rounds > 0
+            && crate::lock(probes).log_behind(
+                shared.last_log_index(),
+                now,
+                shared.config.election_timeout_min,
+                leader,
+            );
+        if !behind && self.asked.is_none_or(|at| at.elapsed() > retry) {
+            if self.rounds == 0 {
+                tracing::info!(
+                    leader,
+                    gone,
+                    "the leader is gone or silent: campaigning now"
+                );
+            }
+            self.rounds += 1;
+            self.asked = Some(now);
+            let raft = shared.raft.clone();
+            tokio::spawn(async move {
+                let _ = raft.trigger().elect().await;
+            });
+        }
     }
 }
 
@@ -423,18 +530,21 @@ mod tests {
             p.campaign(ms(200), 1, &voters, Some(2), hold, quiet(3001), stuck),
             Campaign::Yes
         );
-        // The leader's process is gone: refusals, no answer within `hold`.
+        // The leader's process is gone: refusals. Suspect at first (its last answer is
+        // recent), a campaign as soon as the refusals make it dead, before `hold`.
         p.record(2, ms(300), Probe::Refused);
-        p.record(3, ms(550), Probe::Answered);
+        p.record(3, ms(450), Probe::Answered);
         assert_eq!(
-            p.campaign(ms(600), 1, &voters, Some(2), hold, quiet(600), stuck),
+            p.campaign(ms(450), 1, &voters, Some(2), hold, quiet(450), stuck),
             Campaign::LeaderAnswers,
-            "its last answer is 500 ms old"
+            "refused for 150 ms only"
         );
+        assert!(!p.gone(2, ms(450)));
         assert_eq!(
-            p.campaign(ms(601), 1, &voters, Some(2), hold, quiet(601), stuck),
+            p.campaign(ms(500), 1, &voters, Some(2), hold, quiet(500), stuck),
             Campaign::Yes
         );
+        assert!(p.gone(2, ms(500)));
         assert_eq!(
             p.campaign(ms(601), 2, &voters, Some(2), hold, quiet(0), stuck),
             Campaign::Yes,
@@ -446,5 +556,67 @@ mod tests {
             p.campaign(ms(1300), 1, &voters, Some(2), hold, quiet(1300), stuck),
             Campaign::NoMajority
         );
+    }
+
+    #[test]
+    fn silence_is_never_gone_and_a_hung_leader_is_left_after_hold() {
+        let config = LivenessConfig::default();
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let (hold, stuck) = (Duration::from_millis(500), Duration::from_millis(3000));
+        let voters = [1, 2, 3];
+        let mut p = Probes::new(config, t0);
+        p.record(2, ms(100), Probe::Answered);
+        p.record(3, ms(100), Probe::Answered);
+        // Leader 2 hangs: probes time out.
+        p.record(2, ms(700), Probe::Silent);
+        p.record(3, ms(700), Probe::Answered);
+        assert_eq!(
+            p.campaign(
+                ms(700),
+                1,
+                &voters,
+                Some(2),
+                hold,
+                Duration::from_millis(700),
+                stuck
+            ),
+            Campaign::Yes,
+            "no answer within hold"
+        );
+        assert!(!p.gone(2, ms(9000)), "silence may be a partition");
+        assert_eq!(p.state(2, ms(3700)), PeerState::Dead, "dead for adoption");
+        // A refusal after silence does not make the run a refusal-only one.
+        p.record(2, ms(3800), Probe::Refused);
+        assert!(!p.gone(2, ms(9000)));
+    }
+
+    #[test]
+    fn a_follower_behind_another_live_one_knows_it() {
+        let config = LivenessConfig::default();
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let window = Duration::from_millis(500);
+        let mut p = Probes::new(config, t0);
+        p.record(2, ms(0), Probe::Answered);
+        p.note_log(2, 120);
+        p.record(3, ms(0), Probe::Answered);
+        p.note_log(3, 100);
+        assert!(p.log_behind(110, ms(100), window, 9), "node 2 has 120");
+        assert!(
+            !p.log_behind(120, ms(100), window, 9),
+            "equal is not behind"
+        );
+        assert!(
+            !p.log_behind(110, ms(100), window, 2),
+            "the dead leader does not count"
+        );
+        assert!(
+            !p.log_behind(110, ms(600), window, 9),
+            "node 2's answer is too old"
+        );
+        // A later answer keeps the reported log until the next report.
+        p.record(2, ms(700), Probe::Answered);
+        assert!(p.log_behind(110, ms(700), window, 9));
     }
 }

@@ -78,6 +78,22 @@ impl ManageOp {
 /// commit while it catches up).
 const PROMOTE_MAX_LAG: u64 = 1000;
 
+/// How a leadership transfer went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOver {
+    /// The target won its first campaign: writes were held for about a round trip.
+    OneRound,
+    /// The followers' leases had to run out first (more voters than the target and
+    /// this node make a majority): writes were held for about a lease.
+    AfterLease,
+    /// This node was the target.
+    Stayed,
+}
+
+/// Slack on a lease measured from our own metrics watcher (it sees leadership a little
+/// after openraft stamped it).
+const LEASE_MARGIN_MS: u64 = 20;
+
 fn change_error(e: OpenraftError<NodeId, ClientWriteError<NodeId, Member>>) -> PeerError {
     match e {
         OpenraftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
@@ -256,6 +272,9 @@ impl Shared {
             ManageOp::Snapshot => {
                 self.snapshot_now().await?;
             }
+            ManageOp::Campaign if self.raft.metrics().borrow().state == ServerState::Leader => {
+                tracing::info!("asked to take over leadership: leading already");
+            }
             ManageOp::Campaign => {
                 tracing::info!("asked to take over leadership: starting an election");
                 self.raft
@@ -318,13 +337,18 @@ impl Shared {
 
     /// Hands leadership to `to` (or to the voter furthest ahead).
     ///
-    /// openraft 0.9 has no transfer message, and a follower refuses to vote while its
-    /// leader's lease (election_timeout_max since the last append) runs. So the leader
-    /// holds new writes (they wait, then go to the new leader), lets the target catch
-    /// up, stops its heartbeats until the lease has run out everywhere, and asks the
-    /// target to campaign. The other followers' own election timers run lease + a
-    /// random timeout, so the target is first. Writes wait about one lease; none fails.
-    pub(crate) async fn transfer_leadership(&self, to: Option<NodeId>) -> Result<(), PeerError> {
+    /// openraft 0.9 has no transfer message. The leader holds new writes (they wait,
+    /// then go to the new leader), lets the target catch up and asks it to campaign at
+    /// once: the old leader grants that vote (its own vote was last refreshed when it was
+    /// elected, so no lease holds it back) and steps down, which is a majority of three.
+    /// The other followers refuse while their leader's lease (election_timeout_max since
+    /// the last append) runs; where their votes are needed (more voters, or a leader
+    /// elected less than a lease ago), the leader stops its heartbeats until the lease
+    /// has run out everywhere and the target campaigns again.
+    pub(crate) async fn transfer_leadership(
+        &self,
+        to: Option<NodeId>,
+    ) -> Result<HandOver, PeerError> {
         let me = self.config.node_id;
         let status = self.status();
         let voters: BTreeMap<NodeId, Option<u64>> = status
@@ -334,7 +358,7 @@ impl Shared {
             .map(|(id, _, _)| (*id, status.lag_of(*id)))
             .collect();
         let target = match to {
-            Some(t) if t == me => return Ok(()),
+            Some(t) if t == me => return Ok(HandOver::Stayed),
             Some(t) => {
                 if !voters.contains_key(&t) {
                     return Err(if status.members.iter().any(|(id, _, _)| *id == t) {
@@ -361,14 +385,13 @@ impl Shared {
         self.raft.runtime_config().heartbeat(true);
         drop(gate);
         match &result {
-            Ok(()) => tracing::info!(to = target, "leadership handed over"),
+            Ok(how) => tracing::info!(to = target, ?how, "leadership handed over"),
             Err(e) => tracing::warn!(to = target, error = %e, "leadership transfer failed"),
         }
         result
     }
 
-    async fn hand_over(&self, target: NodeId) -> Result<(), PeerError> {
-        let me = self.config.node_id;
+    async fn hand_over(&self, target: NodeId) -> Result<HandOver, PeerError> {
         // Every entry on the target first, so its vote request wins.
         let caught_up = self
             .wait_metrics(Duration::from_secs(2), |m| {
@@ -385,22 +408,69 @@ impl Shared {
                 "node {target} did not catch up within 2 s"
             )));
         }
+        // This node's vote was refreshed when it was elected: it grants nothing for a
+        // lease after that.
+        let since = self
+            .leading_since
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let lease_ms = self.config.election_timeout_max.as_millis() as u64;
+        let young = (since + lease_ms + LEASE_MARGIN_MS).saturating_sub(self.now_ms());
+        if since > 0 && young > 0 {
+            tokio::time::sleep(Duration::from_millis(young)).await;
+        }
+        self.manage_remote(target, &ManageOp::Campaign).await?;
+        if self
+            .handed_to(target, self.config.election_timeout_min)
+            .await
+        {
+            return Ok(HandOver::OneRound);
+        }
+        tracing::info!(
+            to = target,
+            "the first campaign did not win: waiting for the followers' leases"
+        );
         // The followers' leases run from the last append they got.
         let lease = self.config.election_timeout_max + self.config.heartbeat;
         tokio::time::sleep(lease).await;
+        if self.handed_to(target, Duration::ZERO).await {
+            return Ok(HandOver::AfterLease);
+        }
         self.manage_remote(target, &ManageOp::Campaign).await?;
-        // Leadership moved when another node leads (normally the target).
-        let moved = self
-            .wait_metrics(self.config.election_timeout_max, |m| {
-                m.current_leader.is_some_and(|l| l != me) && m.state != ServerState::Leader
-            })
-            .await;
-        if moved {
-            Ok(())
+        if self
+            .handed_to(target, self.config.election_timeout_max)
+            .await
+        {
+            Ok(HandOver::AfterLease)
         } else {
             Err(PeerError::Unavailable(format!(
                 "node {target} did not win the election"
             )))
+        }
+    }
+
+    /// Waits (up to `limit`) until another node leads: this node heard from it, or the
+    /// target says it leads (a busy new leader's first append can take a while).
+    async fn handed_to(&self, target: NodeId, limit: Duration) -> bool {
+        let me = self.config.node_id;
+        let deadline = Instant::now() + limit;
+        loop {
+            let led_by_other = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                m.current_leader.is_some_and(|l| l != me) && m.state != ServerState::Leader
+            };
+            if led_by_other
+                || matches!(
+                    self.manage_remote(target, &ManageOp::Status).await,
+                    Ok(s) if s.role == "leader"
+                )
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

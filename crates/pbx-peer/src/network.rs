@@ -177,8 +177,8 @@ impl PeerPool {
         Ok(reply)
     }
 
-    /// The liveness probe ([`crate::liveness`]).
-    pub async fn ping(&self, id: NodeId, addr: &str, timeout: Duration) -> Result<(), PeerError> {
+    /// The liveness probe ([`crate::liveness`]): the node's last log index.
+    pub async fn ping(&self, id: NodeId, addr: &str, timeout: Duration) -> Result<u64, PeerError> {
         let mut client = self
             .client(id, addr)
             .map_err(|e| PeerError::Unreachable(e.to_string()))?;
@@ -188,12 +188,13 @@ impl PeerPool {
             .ping(req)
             .await
             .map_err(|s| PeerError::from_status(id, s))?;
-        if reply.into_inner().node_id != id {
+        let reply = reply.into_inner();
+        if reply.node_id != id {
             return Err(PeerError::Transport(format!(
                 "another node answers for {id}"
             )));
         }
-        Ok(())
+        Ok(reply.last_log_index)
     }
 
     /// Hands an encoded command to the leader. [`PeerError::Unreachable`] means the

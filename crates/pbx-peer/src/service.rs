@@ -140,6 +140,7 @@ impl PeerLink for PeerService {
         self.check.request(&request)?;
         Ok(Response::new(PingReply {
             node_id: self.shared.config.node_id,
+            last_log_index: self.shared.last_log_index(),
         }))
     }
 
