@@ -394,3 +394,55 @@ fn password_guesser_gets_banned() {
         Some(200)
     );
 }
+
+/// A source sending new requests faster than `[overload] per_source_rate` allows gets
+/// its burst answered and the rest dropped unanswered (counted and logged); other
+/// addresses are served as usual.
+#[test]
+fn a_flooding_source_is_dropped_and_others_are_served() {
+    let users = Users { count: 3 };
+    let c = LocalCluster::up(
+        66,
+        1,
+        &users,
+        &format!("{MD5_ONLY}[overload]\nper_source_rate = 20\n"),
+    )
+    .unwrap();
+    let flood_ip = c.client_ip(70);
+    let sock = UdpSocket::bind(format!("{flood_ip}:0")).unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let sent = 400;
+    for i in 0..sent {
+        let probe = format!(
+            "OPTIONS sip:pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP {flood_ip}:{port};rport;branch=z9hG4bKfl{i}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:x@pbx.test>;tag=f{i}\r\nTo: <sip:pbx.test>\r\n\
+             Call-ID: flood-{i}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        );
+        sock.send_to(probe.as_bytes(), c.node_addr(1)).unwrap();
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut answered = 0;
+    let mut buf = vec![0u8; 65_536];
+    while sock.recv_from(&mut buf).is_ok() {
+        answered += 1;
+    }
+    // The burst (twice the rate) and what the rate refilled while they arrived.
+    assert!(
+        (40..sent / 2).contains(&answered),
+        "{answered} of {sent} answered"
+    );
+    let dropped = wait_for("the shed report", Duration::from_secs(10), || {
+        let log = c.log(1);
+        let key = "total_flood_dropped=";
+        let n: u64 = log[log.rfind(key)? + key.len()..]
+            .split(|ch: char| !ch.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()?;
+        (n > 0).then_some(n)
+    })
+    .unwrap();
+    assert_eq!(dropped, (sent - answered) as u64, "{}", c.log(1));
+    healthy(&c);
+}
