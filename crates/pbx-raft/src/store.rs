@@ -503,4 +503,156 @@ mod tests {
     fn openraft_storage_suite_in_memory() {
         Suite::test_all(Mem).unwrap();
     }
+
+    // Durability: what openraft was told is stored must survive a power loss (the
+    // MemStore keeps what a disk would hold after the last sync).
+
+    /// A single voter needs no peers: every entry it commits was flushed first.
+    struct NoPeers;
+
+    fn unreachable<E: std::error::Error>() -> openraft::error::RPCError<NodeId, Member, E> {
+        openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(&AnyError::error(
+            "a single voter has no peers",
+        )))
+    }
+
+    impl openraft::network::RaftNetworkFactory<TypeConfig> for NoPeers {
+        type Network = NoPeers;
+        async fn new_client(&mut self, _target: NodeId, _node: &Member) -> NoPeers {
+            NoPeers
+        }
+    }
+
+    impl openraft::network::RaftNetwork<TypeConfig> for NoPeers {
+        async fn append_entries(
+            &mut self,
+            _rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
+            _option: openraft::network::RPCOption,
+        ) -> Result<
+            openraft::raft::AppendEntriesResponse<NodeId>,
+            openraft::error::RPCError<NodeId, Member, openraft::error::RaftError<NodeId>>,
+        > {
+            Err(unreachable())
+        }
+
+        async fn install_snapshot(
+            &mut self,
+            _rpc: openraft::raft::InstallSnapshotRequest<TypeConfig>,
+            _option: openraft::network::RPCOption,
+        ) -> Result<
+            openraft::raft::InstallSnapshotResponse<NodeId>,
+            openraft::error::RPCError<
+                NodeId,
+                Member,
+                openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
+            >,
+        > {
+            Err(unreachable())
+        }
+
+        async fn vote(
+            &mut self,
+            _rpc: openraft::raft::VoteRequest<NodeId>,
+            _option: openraft::network::RPCOption,
+        ) -> Result<
+            openraft::raft::VoteResponse<NodeId>,
+            openraft::error::RPCError<NodeId, Member, openraft::error::RaftError<NodeId>>,
+        > {
+            Err(unreachable())
+        }
+    }
+
+    fn log_id(term: u64, index: u64) -> LogId<NodeId> {
+        LogId::new(openraft::CommittedLeaderId::new(term, 1), index)
+    }
+
+    /// Every entry a client write was acknowledged for (committed: flushed on the
+    /// single voter), and the vote that elected it, are on the disk after a power loss.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acknowledged_writes_and_the_vote_survive_a_power_loss() {
+        let mem = Arc::new(MemStore::new());
+        let (log, sm) = stores(mem.clone());
+        let config = openraft::Config {
+            heartbeat_interval: 50,
+            election_timeout_min: 150,
+            election_timeout_max: 300,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let raft = crate::Raft::new(1, Arc::new(config), NoPeers, log, sm)
+            .await
+            .unwrap();
+        raft.initialize(std::collections::BTreeMap::from([(1, Member::default())]))
+            .await
+            .unwrap();
+        raft.wait(Some(std::time::Duration::from_secs(10)))
+            .state(openraft::ServerState::Leader, "a single voter leads")
+            .await
+            .unwrap();
+        for i in 0..50 {
+            raft.client_write(pbx_state::Command::SweepExpired { now_ms: i })
+                .await
+                .unwrap();
+        }
+        let (acked, vote) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.last_log_index.unwrap(), m.vote)
+        };
+        raft.shutdown().await.unwrap();
+        mem.power_loss();
+        let (mut log, _) = stores(mem.clone());
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        let on_disk = log.get_log_state().await.unwrap().last_log_id.unwrap();
+        assert!(on_disk.index >= acked, "{on_disk} < {acked}");
+        assert_eq!(
+            log.try_get_log_entries(1..=acked).await.unwrap().len() as u64,
+            acked
+        );
+    }
+
+    /// A vote is durable when `save_vote` returns; a truncation when `truncate` does;
+    /// a purge's point when `purge` does (the entries behind it may come back: harmless,
+    /// nothing reads them).
+    #[tokio::test]
+    async fn vote_truncate_and_purge_are_durable_when_they_return() {
+        let mem = Arc::new(MemStore::new());
+        let (mut log, _sm) = stores(mem.clone());
+        log.save_vote(&Vote::new(7, 2)).await.unwrap();
+        mem.power_loss();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(7, 2)));
+
+        let entries: Vec<(u64, Vec<u8>)> = (1..=5)
+            .map(|i| {
+                let e = Entry::<TypeConfig> {
+                    log_id: log_id(1, i),
+                    payload: EntryPayload::Blank,
+                };
+                (i, encode(&e).unwrap())
+            })
+            .collect();
+        mem.append(&entries).unwrap();
+        log.truncate(log_id(1, 4)).await.unwrap();
+        mem.power_loss();
+        assert_eq!(
+            log.get_log_state().await.unwrap().last_log_id,
+            Some(log_id(1, 3)),
+            "truncated entries must not come back"
+        );
+
+        log.purge(log_id(1, 2)).await.unwrap();
+        mem.power_loss();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 2)));
+        assert_eq!(state.last_log_id, Some(log_id(1, 3)));
+        let after: Vec<u64> = log
+            .try_get_log_entries(3..4)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(after, vec![3]);
+    }
 }
