@@ -53,7 +53,9 @@ impl Default for OverloadConfig {
             interval: Duration::from_millis(200),
             min_pending: 256,
             max_pending: 8192,
-            backlog_target: Duration::from_millis(200),
+            // 200 ms shed calls too late (bench/calls at 5,000/s: 2,100 completed/s),
+            // 50 ms already at 3,000/s; docs/benchmarks.md.
+            backlog_target: Duration::from_millis(100),
             per_source_rate: 200,
         }
     }
