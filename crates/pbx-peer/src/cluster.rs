@@ -131,11 +131,12 @@ impl Shared {
         candidate_last_log.unwrap_or(0) == 0
     }
 
-    /// Time since the last append accepted from a leader (since start when none).
+    /// The index of the last entry in this node's log (0: none).
     pub(crate) fn last_log_index(&self) -> u64 {
         self.raft.metrics().borrow().last_log_index.unwrap_or(0)
     }
 
+    /// Time since the last append accepted from a leader (since start when none).
     pub(crate) fn since_leader_contact(&self) -> Duration {
         let last = self.leader_contact.load(Ordering::Relaxed);
         Duration::from_millis(self.now_ms().saturating_sub(last))
@@ -382,9 +383,7 @@ impl Shared {
                     .await;
         }
     }
-}
 
-impl Shared {
     /// Returns once another node leads and `old` has not answered a probe lately: a
     /// hung leader would hold a write forwarded to it until the write timeout; the
     /// answer is then "not known to be committed" at once (the old leader may have

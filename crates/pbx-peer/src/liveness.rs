@@ -358,7 +358,7 @@ pub(crate) async fn run(shared: Arc<Shared>, probes: Arc<Mutex<Probes>>) {
 /// Elections after a leader's failure, sooner than openraft's timers would hold them.
 ///
 /// - **The leader's process is gone** ([`Probes::gone`]): campaign at once, and again
-///   every probe interval (staggered by node id) while no live leader is known. The
+///   every half probe interval (staggered by node id) while no live leader is known. The
 ///   first round is refused by the followers whose lease still runs (openraft 0.9
 ///   refuses votes for `election_timeout_max` after the last append), but each follower
 ///   that campaigns turns its own vote into an uncommitted one, which the lease does not
@@ -409,14 +409,11 @@ impl Hasten {
             return;
         };
         let now = Instant::now();
+        let hold = shared.config.election_timeout_min;
         let (gone, answers) = {
             let p = crate::lock(probes);
-            (
-                p.gone(leader, now),
-                p.answered_within(leader, now, shared.config.election_timeout_min),
-            )
+            (p.gone(leader, now), p.answered_within(leader, now, hold))
         };
-        let hold = shared.config.election_timeout_min;
         let stagger = Duration::from_millis(30 * (me % 8));
         let due = gone || (!answers && shared.since_leader_contact() > hold + stagger);
         if !due {
@@ -433,12 +430,7 @@ impl Hasten {
         // Every follower campaigns once (that is what frees its vote from the lease);
         // after that only those whose log is not behind another live member's.
         let behind = self.rounds > 0
-            && crate::lock(probes).log_behind(
-                shared.last_log_index(),
-                now,
-                shared.config.election_timeout_min,
-                leader,
-            );
+            && crate::lock(probes).log_behind(shared.last_log_index(), now, hold, leader);
         if !behind && self.asked.is_none_or(|at| at.elapsed() > retry) {
             if self.rounds == 0 {
                 tracing::info!(

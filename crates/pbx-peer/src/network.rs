@@ -190,9 +190,9 @@ impl PeerPool {
             .map_err(|s| PeerError::from_status(id, s))?;
         let reply = reply.into_inner();
         if reply.node_id != id {
-            return Err(PeerError::Transport(format!(
-                "another node answers for {id}"
-            )));
+            // Something lives there, just not that node: not "gone" (a fast Transport
+            // error would count as a refusal).
+            return Err(PeerError::Refused(format!("another node answers for {id}")));
         }
         Ok(reply.last_log_index)
     }

@@ -92,7 +92,8 @@ impl MemStore {
     }
 
     /// Writes not made durable yet.
-    pub fn unsynced_writes(&self) -> usize {
+    #[cfg(test)]
+    fn unsynced_writes(&self) -> usize {
         self.disk().unsynced.len()
     }
 }
