@@ -459,16 +459,10 @@ impl Shared {
                 let m = m.borrow();
                 m.current_leader.is_some_and(|l| l != me) && m.state != ServerState::Leader
             };
-            // Bounded: a target that hangs must not hold the transfer (and its write
-            // gate) for the RPC's own 30 s.
             if led_by_other
                 || matches!(
-                    tokio::time::timeout(
-                        Duration::from_millis(200),
-                        self.manage_remote(target, &ManageOp::Status)
-                    )
-                    .await,
-                    Ok(Ok(s)) if s.role == "leader"
+                    self.manage_remote(target, &ManageOp::Status).await,
+                    Ok(s) if s.role == "leader"
                 )
             {
                 return true;
