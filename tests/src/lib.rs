@@ -290,6 +290,30 @@ impl LocalCluster {
         listen.trim_matches('"').parse().ok()
     }
 
+    /// Node n's metrics and health listener, from the config the launcher wrote.
+    pub fn metrics_addr(&self, n: usize) -> Option<SocketAddr> {
+        let text = std::fs::read_to_string(self.run_dir().join(format!("node{n}.toml"))).ok()?;
+        let section = text.split("[metrics]").nth(1)?;
+        let listen = section
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("listen = "))?;
+        listen.trim_matches('"').parse().ok()
+    }
+
+    /// GET `path` from node n's metrics listener: (status, body); None when it does not
+    /// answer.
+    pub fn http(&self, n: usize, path: &str) -> Option<(u16, String)> {
+        http_get(self.metrics_addr(n)?, path)
+    }
+
+    /// Node n's /metrics, parsed.
+    pub fn scrape(&self, n: usize) -> Option<Scrape> {
+        match self.http(n, "/metrics")? {
+            (200, body) => Some(Scrape::parse(&body)),
+            _ => None,
+        }
+    }
+
     pub fn peer_addr(&self, n: usize) -> String {
         format!("{}.{}:7001", self.prefix, 10 + n)
     }
@@ -1011,5 +1035,57 @@ impl ProviderDomain {
             dir,
             _named: named,
         }
+    }
+}
+
+/// A plain HTTP/1.0 GET (the metrics and health endpoints): (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", addr.ip()).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// A Prometheus text exposition, as series (`name{labels}` as printed) to values.
+#[derive(Debug, Clone, Default)]
+pub struct Scrape {
+    pub text: String,
+    series: std::collections::HashMap<String, f64>,
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Scrape {
+        let series = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect();
+        Scrape {
+            text: text.to_string(),
+            series,
+        }
+    }
+
+    /// The value of one series, e.g. `pbx_register_requests_total{code="200"}` (0 when
+    /// it is not there).
+    pub fn get(&self, series: &str) -> f64 {
+        self.series.get(series).copied().unwrap_or(0.0)
+    }
+
+    /// Whether a metric family of this name is exposed (histograms by their base name).
+    pub fn has_family(&self, name: &str) -> bool {
+        self.text.lines().any(|l| {
+            l.strip_prefix("# TYPE ")
+                .and_then(|t| t.split_whitespace().next())
+                == Some(name)
+        })
     }
 }

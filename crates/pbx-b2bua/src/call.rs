@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use pbx_dialplan::{
-    cause_to_sip, Action, DialRequest, DialStatus, DialTarget, Execution, LogLevel,
+    cause_to_sip, Action, DialRequest, DialStatus, DialTarget, Disposition, Execution, LogLevel,
 };
 use pbx_media_core::{Mode, Side};
 use pbx_sdp::Sdp;
@@ -1616,6 +1616,12 @@ impl<D: Destination> Call<D> {
     }
 
     /// Hangs up from outside (admin, node shutdown).
+    /// How the call ended as Asterisk's CDR would say it, given the cause it ended
+    /// with (see [`Disposition::of`]).
+    pub fn disposition(&self, cause: u16) -> Disposition {
+        Disposition::of(cause, self.a.answered, self.exec.var("DIALSTATUS"))
+    }
+
     pub fn hangup_now(&mut self, now: Instant, cause: u16) {
         self.hangup(now, cause, None);
     }

@@ -112,6 +112,71 @@ pub fn cause_to_sip(cause: u16) -> u16 {
     }
 }
 
+/// How a call ended, as Asterisk's CDR `disposition` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Answered,
+    NoAnswer,
+    Busy,
+    Congestion,
+    Failed,
+}
+
+impl Disposition {
+    pub const ALL: [Disposition; 5] = [
+        Disposition::Answered,
+        Disposition::NoAnswer,
+        Disposition::Busy,
+        Disposition::Congestion,
+        Disposition::Failed,
+    ];
+
+    /// As Asterisk decides it: answered, else what the call's last Dial found
+    /// (`DIALSTATUS`; whatever the dialplan did after it), else the call's Q.850 hangup
+    /// cause: busy (17), congested (network/resource causes), not answered (ringing
+    /// ran out, the caller gave up: 16, 18–20); anything else failed.
+    pub fn of(cause: u16, answered: bool, dial_status: Option<&str>) -> Disposition {
+        if answered {
+            return Disposition::Answered;
+        }
+        match dial_status {
+            Some("BUSY") => return Disposition::Busy,
+            Some("NOANSWER") | Some("CANCEL") => return Disposition::NoAnswer,
+            Some("CONGESTION") => return Disposition::Congestion,
+            Some("CHANUNAVAIL") | Some("INVALIDARGS") => return Disposition::Failed,
+            _ => {}
+        }
+        match cause {
+            17 => Disposition::Busy,
+            16 | 18..=20 => Disposition::NoAnswer,
+            34 | 38 | 41 | 42 | 44 | 47 | 58 => Disposition::Congestion,
+            _ => Disposition::Failed,
+        }
+    }
+
+    /// Asterisk's spelling (`ANSWERED`, `NO ANSWER`, …).
+    pub fn cdr_name(self) -> &'static str {
+        match self {
+            Disposition::Answered => "ANSWERED",
+            Disposition::NoAnswer => "NO ANSWER",
+            Disposition::Busy => "BUSY",
+            Disposition::Congestion => "CONGESTION",
+            Disposition::Failed => "FAILED",
+        }
+    }
+
+    /// A metric label value (`no_answer`, …).
+    pub fn label(self) -> &'static str {
+        match self {
+            Disposition::Answered => "answered",
+            Disposition::NoAnswer => "no_answer",
+            Disposition::Busy => "busy",
+            Disposition::Congestion => "congestion",
+            Disposition::Failed => "failed",
+        }
+    }
+}
+
 /// One target of a Dial: a user of this cluster, or a SIP URI elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DialTarget {
@@ -650,6 +715,36 @@ impl Execution {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dispositions_as_asterisk_names_them() {
+        let d = |cause, answered| Disposition::of(cause, answered, None).cdr_name();
+        assert_eq!(d(16, true), "ANSWERED");
+        assert_eq!(d(17, true), "ANSWERED", "answered whatever ended it");
+        assert_eq!(d(17, false), "BUSY");
+        assert_eq!(
+            d(16, false),
+            "NO ANSWER",
+            "the caller hung up while it rang"
+        );
+        assert_eq!(d(19, false), "NO ANSWER");
+        assert_eq!(d(34, false), "CONGESTION");
+        assert_eq!(d(1, false), "FAILED");
+        let after_dial = |status| Disposition::of(21, false, Some(status)).cdr_name();
+        assert_eq!(
+            after_dial("BUSY"),
+            "BUSY",
+            "the dial's outcome, not the plan's Hangup(21)"
+        );
+        assert_eq!(after_dial("NOANSWER"), "NO ANSWER");
+        assert_eq!(after_dial("CANCEL"), "NO ANSWER");
+        assert_eq!(after_dial("CONGESTION"), "CONGESTION");
+        assert_eq!(after_dial("CHANUNAVAIL"), "FAILED");
+        assert_eq!(
+            Disposition::of(16, true, Some("BUSY")).cdr_name(),
+            "ANSWERED"
+        );
+    }
 
     fn run(src: &str, ctx: &str, exten: &str) -> Execution {
         let plan = Arc::new(Dialplan::parse(src).unwrap());

@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 pub use exec::{
-    cause_to_sip, sip_to_cause, Action, CallerId, DialRequest, DialStatus, DialTarget, Execution,
-    LogLevel,
+    cause_to_sip, sip_to_cause, Action, CallerId, DialRequest, DialStatus, DialTarget, Disposition,
+    Execution, LogLevel,
 };
 pub use expr::evaluate as evaluate_expression;
 pub use pattern::Pattern;

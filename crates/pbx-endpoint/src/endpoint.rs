@@ -18,6 +18,7 @@ use pbx_sip_msg::{
 use pbx_state::{Response, State, Transport};
 
 use crate::admission::{self, Contacts, PlanCache, Refused};
+use crate::outcomes::RegisterOutcomes;
 use crate::overload::{Overload, OverloadConfig, ShedCounts, Verdict};
 use crate::relayed::RelayedCalls;
 use crate::{CallMessage, Dest, EndpointError, Event, Link, NewCall, Transmit};
@@ -89,6 +90,7 @@ pub struct Endpoint<C> {
     /// be sooner than what the driver sleeps for.
     timers_moved: AtomicBool,
     overload: Overload,
+    registers: RegisterOutcomes,
 }
 
 /// Locks `m`, taking over a lock a panicking holder poisoned: every critical section
@@ -112,6 +114,7 @@ impl<C: Clone> Endpoint<C> {
             transmits: Mutex::new(VecDeque::new()),
             timers_moved: AtomicBool::new(false),
             overload: Overload::new(config.overload),
+            registers: RegisterOutcomes::default(),
             config,
         })
     }
@@ -129,6 +132,21 @@ impl<C: Clone> Endpoint<C> {
     /// What overload control shed so far.
     pub fn shed_counts(&self) -> ShedCounts {
         self.overload.counts()
+    }
+
+    /// How the REGISTERs taken so far were answered.
+    pub fn register_outcomes(&self) -> &RegisterOutcomes {
+        &self.registers
+    }
+
+    /// (sources banned now for failed authentication, bans started since start).
+    pub fn bans(&self, now_ms: u64) -> (usize, u64) {
+        self.handler.bans(now_ms)
+    }
+
+    /// Server transactions in the table (in flight or absorbing retransmissions).
+    pub fn transactions(&self) -> usize {
+        lock(&self.table).len()
     }
 
     /// REGISTER commits handed to the cluster and not finished yet.
@@ -264,19 +282,25 @@ impl<C: Clone> Endpoint<C> {
         }
         // New work only from here on: retransmissions and the requests of running
         // calls were served above, whatever the load.
+        let register = method == Method::Register;
         if method != Method::Ack {
             let starts_call = method == Method::Invite && core.to.tag().is_none();
-            match self
-                .overload
-                .admit(now, source.ip(), method == Method::Register, starts_call)
-            {
+            match self.overload.admit(now, source.ip(), register, starts_call) {
                 Verdict::Admit => {}
-                Verdict::Drop => return None,
+                Verdict::Drop => {
+                    if register {
+                        self.registers.dropped();
+                    }
+                    return None;
+                }
                 Verdict::Shed => {
+                    if register {
+                        self.registers.answered(503);
+                    }
                     return Some(Event::Transmit(Transmit {
                         dest,
                         bytes: self.overloaded(&core, source),
-                    }))
+                    }));
                 }
             }
         }
@@ -291,6 +315,14 @@ impl<C: Clone> Endpoint<C> {
             &state,
             now_ms,
         );
+        if register {
+            match &outcome {
+                Outcome::Drop => self.registers.dropped(),
+                Outcome::Reply { status, .. } => self.registers.answered(*status),
+                // Counted when the commit is done.
+                Outcome::Commit { .. } | Outcome::Call { .. } => {}
+            }
+        }
         match outcome {
             Outcome::Drop => None,
             Outcome::Call { caller } => {
@@ -461,6 +493,7 @@ impl<C: Clone> Endpoint<C> {
             Ok(resp) => self.handler.finish_register(pending, resp, now_ms),
             Err(_) => self.handler.unavailable(pending, self.config.retry_after),
         };
+        self.registers.answered(status);
         let bytes = lock(&self.table)
             .respond(now, &key, status, Bytes::from(bytes))
             .ok()?;

@@ -18,6 +18,7 @@
 
 mod admission;
 mod endpoint;
+mod outcomes;
 mod overload;
 mod relayed;
 mod stun;
@@ -36,6 +37,7 @@ pub use admission::{
     leg_instance, legs_reachable, resume_dest, Contacts, Refused, SkipReason, Skipped,
 };
 pub use endpoint::{lock, CommitToken, Endpoint, EndpointConfig};
+pub use outcomes::RegisterOutcomes;
 pub use overload::{OverloadConfig, ShedCounts};
 
 /// Errors of this crate (configuration that cannot work).

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,67 @@ pub struct MediaConfig {
     pub port_max: u16,
     /// A stream with no packet for this long is reported as dead.
     pub no_media_timeout: Duration,
+}
+
+/// What every stream of the relay forwarded since the node started (the metrics'
+/// relay counters), added by each stream task once a second and when it ends.
+#[derive(Debug, Default)]
+pub struct RelayTotals {
+    /// RTP packets and bytes received from phones (and forwarded unless dropped).
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    /// RTP packets missing by sequence number (RFC 3550 A.3).
+    pub lost: AtomicU64,
+    /// Datagrams that were not RTP or came from an unexpected source.
+    pub dropped: AtomicU64,
+    /// Streams opened since start.
+    pub streams: AtomicU64,
+    /// Interarrival jitter of each stream side, sampled once a second while it
+    /// receives: counts at most [`RelayTotals::JITTER_BOUNDS_MS`], plus their sum (µs).
+    jitter_le: [AtomicU64; 7],
+    jitter_count: AtomicU64,
+    jitter_sum_us: AtomicU64,
+}
+
+impl RelayTotals {
+    pub const JITTER_BOUNDS_MS: [f64; 7] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0];
+
+    fn add(&self, now: &StreamStats, then: &StreamStats) {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        self.packets
+            .fetch_add(d(now.packets, then.packets), Ordering::Relaxed);
+        self.bytes
+            .fetch_add(d(now.bytes, then.bytes), Ordering::Relaxed);
+        self.lost
+            .fetch_add(d(now.lost, then.lost), Ordering::Relaxed);
+        self.dropped
+            .fetch_add(d(now.dropped, then.dropped), Ordering::Relaxed);
+        if now.packets > then.packets {
+            let ms = now.jitter_ms(8000);
+            for (i, le) in Self::JITTER_BOUNDS_MS.iter().enumerate() {
+                if ms <= *le {
+                    self.jitter_le[i].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.jitter_count.fetch_add(1, Ordering::Relaxed);
+            self.jitter_sum_us
+                .fetch_add((ms * 1000.0) as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The jitter histogram: (sum in seconds, count, cumulative (bound in seconds, count)).
+    pub fn jitter(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let buckets = Self::JITTER_BOUNDS_MS
+            .iter()
+            .zip(self.jitter_le.iter())
+            .map(|(le, n)| (le / 1000.0, n.load(Ordering::Relaxed)))
+            .collect();
+        (
+            self.jitter_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+            self.jitter_count.load(Ordering::Relaxed),
+            buckets,
+        )
+    }
 }
 
 /// What a stream task reports.
@@ -171,6 +233,7 @@ pub struct MediaRelay {
     /// Free even ports, least recently used first (a port is not reused at once, so
     /// late packets of an old call do not land in a new one).
     free: Arc<Mutex<VecDeque<u16>>>,
+    totals: Arc<RelayTotals>,
 }
 
 impl MediaRelay {
@@ -183,6 +246,7 @@ impl MediaRelay {
         Ok(MediaRelay {
             config,
             free: Arc::new(Mutex::new(free)),
+            totals: Arc::new(RelayTotals::default()),
         })
     }
 
@@ -190,7 +254,20 @@ impl MediaRelay {
         self.config.ip
     }
 
-    /// Free port pairs left.
+    /// What the relay's streams forwarded since start.
+    pub fn totals(&self) -> &RelayTotals {
+        &self.totals
+    }
+
+    /// (free, all) RTP/RTCP port pairs of the range; a stream takes two pairs, one per
+    /// side.
+    pub fn port_pairs(&self) -> (usize, usize) {
+        let free = self.free.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let all = usize::from((self.config.port_max - self.config.port_min) / 2);
+        (free, all)
+    }
+
+    /// Streams that can still be opened (free port pairs / 2).
     pub fn available(&self) -> usize {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).len() / 2
     }
@@ -263,8 +340,19 @@ impl MediaRelay {
         let (events_tx, events) = mpsc::unbounded_channel();
         let free = self.free.clone();
         let timeout = self.config.no_media_timeout;
+        let totals = self.totals.clone();
+        totals.streams.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            run_stream(sockets, mode, ctl_rx, counters_tx, events_tx, timeout).await;
+            run_stream(
+                sockets,
+                mode,
+                ctl_rx,
+                counters_tx,
+                events_tx,
+                timeout,
+                totals,
+            )
+            .await;
             free.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .extend([port_a, port_b]);
@@ -288,7 +376,18 @@ async fn run_stream(
     counters: watch::Sender<StreamCounters>,
     events: mpsc::UnboundedSender<MediaEvent>,
     no_media_timeout: Duration,
+    totals: Arc<RelayTotals>,
 ) {
+    // What was last added to the relay's totals, per side (the rest is added when
+    // the stream ends).
+    let mut added = [StreamStats::default(), StreamStats::default()];
+    let flush = |rtp: &RelaySession, added: &mut [StreamStats; 2]| {
+        for (k, side) in [Side::A, Side::B].into_iter().enumerate() {
+            let now = rtp.stats(side);
+            totals.add(now, &added[k]);
+            added[k] = *now;
+        }
+    };
     let now = Instant::now();
     let mut rtp = RelaySession::new(now, mode, true);
     let mut rtcp = RelaySession::new(now, mode, false);
@@ -335,6 +434,7 @@ async fn run_stream(
                         });
                     }
                     None => {
+                        flush(&rtp, &mut added);
                         let (a, b) = (rtp.stats(Side::A), rtp.stats(Side::B));
                         let port_a = sockets[0].local_addr().map_or(0, |x| x.port());
                         let port_b = sockets[2].local_addr().map_or(0, |x| x.port());
@@ -375,6 +475,7 @@ async fn run_stream(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
+                flush(&rtp, &mut added);
                 counters.send_replace(StreamCounters {
                     from_a: *rtp.stats(Side::A),
                     from_b: *rtp.stats(Side::B),
@@ -488,6 +589,23 @@ mod tests {
         })
         .await
         .expect("counters published");
+        // The relay's totals: what the stream added by its tick, all of it once it ends.
+        drop(s);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while r.totals().packets.load(Ordering::Relaxed) < 11 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("totals added");
+        let t = r.totals();
+        assert_eq!(t.packets.load(Ordering::Relaxed), 11);
+        assert_eq!(t.bytes.load(Ordering::Relaxed), 11 * 172);
+        assert_eq!(t.lost.load(Ordering::Relaxed), 0);
+        assert_eq!(t.streams.load(Ordering::Relaxed), 1);
+        let (_, count, buckets) = t.jitter();
+        assert!(count >= 2, "each side sampled once at least");
+        assert_eq!(buckets.last().unwrap().1, count, "jitter under 100 ms here");
     }
 
     #[tokio::test]

@@ -116,6 +116,8 @@ pub(crate) struct CallLayer {
     /// Wakes the endpoint's timer when a call's response started a sooner timer.
     wake: Arc<Notify>,
     relay: Option<MediaRelay>,
+    /// Calls started, answered and ended, and their set-up times (metrics).
+    counts: Arc<crate::metrics::NodeCounts>,
     sounds_dir: PathBuf,
     prompts: Mutex<PromptCache>,
     seed: AtomicU64,
@@ -139,6 +141,7 @@ impl CallLayer {
         io: Arc<Io>,
         cluster: Cluster,
         wake: Arc<Notify>,
+        counts: Arc<crate::metrics::NodeCounts>,
     ) -> Result<CallLayer, NodeError> {
         let c = &config.calls;
         let relay = if c.relay_media {
@@ -167,6 +170,7 @@ impl CallLayer {
             cluster,
             wake,
             relay,
+            counts,
             sounds_dir: config.resolve(&c.sounds_dir),
             prompts: Mutex::new(HashMap::new()),
             seed: AtomicU64::new(rand::random::<u64>() & !0xffff | config.node.id),
@@ -182,6 +186,11 @@ impl CallLayer {
 
     pub(crate) fn node_id(&self) -> u64 {
         self.node_id
+    }
+
+    /// The media relay (None: media goes phone to phone).
+    pub(crate) fn relay(&self) -> Option<&MediaRelay> {
+        self.relay.as_ref()
     }
 
     /// What became of call `id` in this process, at which epoch of its record.
@@ -308,8 +317,10 @@ pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
     layer.endpoint.start_call(&core.call_id, tx.clone());
     let call = Call::new(Instant::now(), params, &msg, &core, key, source, dest, exec);
     tracing::info!(%caller, %exten, "call started");
+    layer.counts.calls.started.fetch_add(1, Ordering::Relaxed);
     let span = tracing::Span::current();
-    tokio::spawn(run_call(layer.clone(), call, tx, rx, streams, secure).instrument(span));
+    let setup = Some(Instant::now());
+    tokio::spawn(run_call(layer.clone(), call, tx, rx, streams, secure, setup).instrument(span));
 }
 
 /// The task of one call: feeds it messages, timer ticks and media events, carries out
@@ -321,6 +332,7 @@ async fn run_call(
     mut rx: mpsc::UnboundedReceiver<CallInput>,
     mut streams: Vec<Stream>,
     secure: bool,
+    setup: Option<Instant>,
 ) {
     let claimed = vec![call.id().to_string()];
     let (media_tx, mut media_rx) = mpsc::unbounded_channel();
@@ -342,6 +354,7 @@ async fn run_call(
         streams,
         active: true,
         secure,
+        setup,
     };
     let mut released = None;
     loop {
@@ -426,6 +439,9 @@ struct CallTask {
     active: bool,
     /// A `sips:` call: only TLS targets.
     secure: bool,
+    /// When the INVITE of a call started here came in, until it is answered (None for
+    /// a call adopted from another node: counted where it started).
+    setup: Option<Instant>,
 }
 
 fn carry_out(
@@ -440,6 +456,7 @@ fn carry_out(
         streams,
         active,
         secure,
+        setup,
     } = task;
     let secure = *secure;
     match out {
@@ -522,11 +539,24 @@ fn carry_out(
             LogLevel::Debug => tracing::debug!(call = call.id(), "{message}"),
         },
         Output::Record(record) => {
+            if let Some(started) = setup.take() {
+                let c = &layer.counts.calls;
+                c.answered.fetch_add(1, Ordering::Relaxed);
+                c.setup.observe(started.elapsed().as_secs_f64());
+            }
             layer.set_fate(&record.id, record.epoch, Fate::Running);
             let _ = layer.records.send(Command::CallAnswered(*record));
         }
         Output::Ended { cause, answered } => {
-            tracing::info!(call = call.id(), cause, answered, "call ended");
+            let disposition = call.disposition(cause);
+            tracing::info!(
+                call = call.id(),
+                cause,
+                answered,
+                disposition = disposition.cdr_name(),
+                "call ended"
+            );
+            layer.counts.calls.ended(disposition);
             if *active {
                 *active = false;
                 layer.endpoint.call_ended();
@@ -610,8 +640,8 @@ pub(crate) fn start_resumed(layer: &Arc<CallLayer>, record: &pbx_state::CallReco
     };
     let (tx, rx) = mpsc::unbounded_channel();
     layer.endpoint.start_call(&record.id, tx.clone());
-    let span = tracing::info_span!("call", call_id = %record.id, epoch = record.epoch);
-    tokio::spawn(run_call(layer.clone(), call, tx, rx, streams, false).instrument(span));
+    let span = tracing::info_span!("call", node = layer.node_id, call_id = %record.id, epoch = record.epoch);
+    tokio::spawn(run_call(layer.clone(), call, tx, rx, streams, false, None).instrument(span));
     true
 }
 

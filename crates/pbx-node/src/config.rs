@@ -39,6 +39,8 @@ pub struct Config {
     pub storage: StorageSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
     /// Directory relative paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -518,14 +520,33 @@ impl Default for StorageSection {
 pub struct LogSection {
     /// A tracing filter, e.g. "info" or "pbx_node=debug".
     pub level: String,
+    /// `text` (default) or `json`: one JSON object a line for log shippers, with the
+    /// fields of the line's spans (call_id, node) in it.
+    pub format: LogFormat,
 }
 
 impl Default for LogSection {
     fn default() -> Self {
         LogSection {
             level: "info".into(),
+            format: LogFormat::Text,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Prometheus metrics and the health endpoints (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Where the HTTP listener binds (None: off).
+    pub listen: Option<SocketAddr>,
 }
 
 impl Config {

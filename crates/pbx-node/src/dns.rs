@@ -28,6 +28,8 @@ struct ClusterDns {
     /// This node's SIP-over-TLS port, published for every member (they share it).
     tls_port: Option<u16>,
     alive: Arc<RwLock<BTreeSet<u64>>>,
+    /// Answers by response code (metrics).
+    counts: Arc<crate::metrics::NodeCounts>,
 }
 
 impl ClusterDns {
@@ -124,6 +126,26 @@ fn query_type(t: RecordType) -> QueryType {
 #[tonic::async_trait]
 impl RequestHandler for ClusterDns {
     async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        let info = self.answer(request, response_handle).await;
+        let rcode = match info.response_code {
+            ResponseCode::NoError => "noerror",
+            ResponseCode::NXDomain => "nxdomain",
+            ResponseCode::Refused => "refused",
+            ResponseCode::ServFail => "servfail",
+            ResponseCode::FormErr => "formerr",
+            _ => "other",
+        };
+        self.counts.dns.answered(rcode);
+        info
+    }
+}
+
+impl ClusterDns {
+    async fn answer<R: ResponseHandler>(
         &self,
         request: &Request,
         mut response_handle: R,
@@ -257,6 +279,7 @@ pub(crate) async fn serve(
     domain: String,
     tls_port: Option<u16>,
     cluster: Cluster,
+    counts: Arc<crate::metrics::NodeCounts>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, NodeError> {
     let bind = |source| NodeError::Bind { addr, source };
     let udp = tokio::net::UdpSocket::bind(addr).await.map_err(bind)?;
@@ -270,6 +293,7 @@ pub(crate) async fn serve(
         domain: domain.trim_end_matches('.').to_ascii_lowercase(),
         tls_port,
         alive,
+        counts,
     };
     let mut server = Server::new(handler);
     server.register_socket(udp);

@@ -5,6 +5,7 @@
 mod calls;
 pub mod config;
 mod dns;
+mod metrics;
 mod process;
 mod sip;
 mod survival;
@@ -59,6 +60,8 @@ pub struct Node {
     pub peer_addr: SocketAddr,
     /// The admin API's address (None: no token configured, not served).
     pub admin_addr: Option<SocketAddr>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (None: off).
+    pub metrics_addr: Option<SocketAddr>,
     pub cluster: Cluster,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -110,7 +113,10 @@ impl Node {
             tls,
             admin: admin_listener,
             peer,
+            metrics: metrics_listener,
         } = listeners;
+        let started_ms = unix_ms();
+        let counts = Arc::new(metrics::NodeCounts::default());
         let mut cluster_config = config.cluster_config(sip_addr);
         cluster_config.faults = network;
         let cluster = Cluster::start_on(cluster_config, store, peer).await?;
@@ -119,14 +125,37 @@ impl Node {
         let mut local_hosts = vec![sip_addr.ip().to_string(), sip_addr.to_string()];
         local_hosts.extend(tls_addr.map(|a| a.to_string()));
         local_hosts.extend(config.node.aliases.iter().cloned());
-        let mut tasks = sip::serve(
+        let (mut tasks, parts) = sip::serve(
             (udp, tcp, tls),
             sip_tls,
             tls_client,
             config.handler_config(local_hosts),
             cluster.clone(),
             &config,
+            counts.clone(),
         )?;
+        let metrics_addr = match metrics_listener {
+            Some(listener) => {
+                let addr = listener.local_addr().ok();
+                let http = metrics::Http::new(metrics::NodeCollector {
+                    counts: counts.clone(),
+                    cluster: cluster.clone(),
+                    endpoint: parts.endpoint,
+                    io: parts.io,
+                    calls: parts.calls,
+                    started_ms,
+                });
+                tasks.push(
+                    metrics::serve(listener, http).map_err(|source| NodeError::Bind {
+                        addr: config.metrics.listen.unwrap_or(sip_addr),
+                        source,
+                    })?,
+                );
+                tracing::info!(addr = ?addr, "metrics and health endpoints listening (HTTP)");
+                addr
+            }
+            None => None,
+        };
         tasks.push(tokio::spawn(bootstrap(
             config.clone(),
             initial_dialplan,
@@ -171,6 +200,7 @@ impl Node {
                     config.cluster.domain.clone(),
                     tls_addr.map(|a| a.port()),
                     cluster.clone(),
+                    counts.clone(),
                 )
                 .await?,
             );
@@ -188,6 +218,7 @@ impl Node {
             tls_addr,
             peer_addr,
             admin_addr,
+            metrics_addr,
             cluster,
             tasks,
         })
@@ -357,11 +388,13 @@ async fn commit_reporter(cluster: Cluster) {
     }
 }
 
-/// Installs the tracing subscriber for a binary.
-pub fn init_tracing(filter: &str) {
+/// Installs the tracing subscriber for a binary: `[log] level` (or `PBX_LOG`) as the
+/// filter, text or one JSON object a line (`[log] format`), each line with the fields
+/// of its spans (a call's lines carry its `call_id` and `node`).
+pub fn init_tracing(log: &config::LogSection) {
     // openraft logs routine events (elections, unreachable peers) at INFO..ERROR; our
     // own log lines say what matters (role changes, serving writes or not).
-    let filter = std::env::var("PBX_LOG").unwrap_or_else(|_| filter.to_string());
+    let filter = std::env::var("PBX_LOG").unwrap_or_else(|_| log.level.clone());
     let filter = if filter.contains("openraft") {
         filter
     } else {
@@ -369,11 +402,20 @@ pub fn init_tracing(filter: &str) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=off"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_target(false);
+    let _ = match log.format {
+        config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .try_init(),
+        config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 /// How long a stopping leader tries to hand leadership over (a transfer takes one

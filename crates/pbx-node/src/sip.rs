@@ -31,6 +31,14 @@ struct Sip {
     node_id: u64,
     /// Calls refused at the limit, logged once a second.
     shed_log: EverySecond,
+    counts: Arc<crate::metrics::NodeCounts>,
+}
+
+/// What the metrics read from the SIP side of a node.
+pub(crate) struct SipParts {
+    pub(crate) endpoint: Arc<SipEndpoint>,
+    pub(crate) io: Arc<Io>,
+    pub(crate) calls: Arc<CallLayer>,
 }
 
 /// Counts an event that can happen thousands of times a second and says, at most once
@@ -69,7 +77,8 @@ pub(crate) fn serve(
     handler: pbx_registrar::HandlerConfig,
     cluster: Cluster,
     config: &Config,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, NodeError> {
+    counts: Arc<crate::metrics::NodeCounts>,
+) -> Result<(Vec<tokio::task::JoinHandle<()>>, SipParts), NodeError> {
     let tls = match (tls, tls_listener) {
         (Some(tls), Some(listener)) => Some((listener, tls)),
         (None, _) => None,
@@ -81,7 +90,14 @@ pub(crate) fn serve(
         }
     };
     let tls_addr = tls.as_ref().and_then(|(l, _)| l.local_addr().ok());
-    let io = Arc::new(Io::new(udp, tls_addr, tls_client, cluster.clone(), config));
+    let io = Arc::new(Io::new(
+        udp,
+        tls_addr,
+        tls_client,
+        cluster.clone(),
+        config,
+        counts.clone(),
+    ));
     let fd_limit = crate::process::raise_fd_limit();
     let (max_calls, fewer) = config.calls.capacity(fd_limit);
     match fewer {
@@ -110,6 +126,7 @@ pub(crate) fn serve(
         io.clone(),
         cluster.clone(),
         wake.clone(),
+        counts.clone(),
     )?);
     let sip = Arc::new(Sip {
         endpoint: endpoint.clone(),
@@ -119,22 +136,31 @@ pub(crate) fn serve(
         wake: wake.clone(),
         node_id: config.node.id,
         shed_log: EverySecond::default(),
+        counts,
     });
     cluster.set_sip_relay(Arc::new(RelayHook(Arc::downgrade(&sip))));
     cluster.set_call_control(Arc::new(CallControlHook(Arc::downgrade(&calls))));
     let mut tasks = io.serve(sip, tcp, tls, config.transport.udp_workers);
     tasks.push(tokio::spawn(shed_report(endpoint.clone())));
-    tasks.push(tokio::spawn(timer(endpoint, io, wake)));
+    tasks.push(tokio::spawn(timer(endpoint.clone(), io.clone(), wake)));
     tasks.push(tokio::spawn(crate::survival::run(
-        calls,
+        calls.clone(),
         cluster.clone(),
         std::time::Duration::from_millis(config.cluster.fence_after_ms),
     )));
-    Ok(tasks)
+    Ok((
+        tasks,
+        SipParts {
+            endpoint,
+            io,
+            calls,
+        },
+    ))
 }
 
 impl Inbox for Sip {
     fn on_message(&self, data: &[u8], source: SocketAddr, link: Link) -> bool {
+        self.counts.sip.received(data);
         let event = self
             .endpoint
             .handle(Instant::now(), unix_ms(), source, link, data, || {
@@ -191,7 +217,7 @@ impl Sip {
             }
             Event::StartCall(call) => {
                 let span =
-                    tracing::debug_span!("sip", node = self.node_id, call_id = %call.core.call_id);
+                    tracing::info_span!("call", node = self.node_id, call_id = %call.core.call_id);
                 let _g = span.enter();
                 start_call(&self.calls, *call);
             }

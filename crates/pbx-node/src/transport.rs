@@ -48,6 +48,8 @@ pub struct Listeners {
     pub admin: Option<std::net::TcpListener>,
     /// The peer link (Raft and the other node-to-node RPCs).
     pub peer: std::net::TcpListener,
+    /// Metrics and health endpoints (HTTP), when `[metrics] listen` is set.
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -72,12 +74,20 @@ impl Listeners {
         let want = config.peer_addr();
         let peer = std::net::TcpListener::bind(want)
             .map_err(|source| NodeError::Bind { addr: want, source })?;
+        let metrics = match config.metrics.listen {
+            Some(want) => Some(
+                std::net::TcpListener::bind(want)
+                    .map_err(|source| NodeError::Bind { addr: want, source })?,
+            ),
+            None => None,
+        };
         Ok(Listeners {
             udp,
             tcp,
             tls,
             admin,
             peer,
+            metrics,
         })
     }
 }
@@ -145,10 +155,14 @@ pub(crate) struct Io {
     conns: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
     conn_by_peer: Mutex<HashMap<SocketAddr, u64>>,
     open_conns: AtomicUsize,
+    /// Open connections by transport: TCP, TLS (metrics).
+    open_by_transport: [AtomicUsize; 2],
     next_conn: AtomicU64,
     limits: Limits,
     tcp_idle: Duration,
     max_conns: usize,
+    /// What was sent, counted (metrics).
+    counts: Arc<crate::metrics::NodeCounts>,
 }
 
 impl Io {
@@ -158,6 +172,7 @@ impl Io {
         tls_client: Option<tokio_rustls::TlsConnector>,
         cluster: Cluster,
         config: &Config,
+        counts: Arc<crate::metrics::NodeCounts>,
     ) -> Io {
         Io {
             local_addr: udp.local_addr().unwrap_or(config.node.sip_addr),
@@ -170,10 +185,12 @@ impl Io {
             conns: Mutex::new(HashMap::new()),
             conn_by_peer: Mutex::new(HashMap::new()),
             open_conns: AtomicUsize::new(0),
+            open_by_transport: [AtomicUsize::new(0), AtomicUsize::new(0)],
             next_conn: AtomicU64::new(1),
             limits: limits(config),
             tcp_idle: Duration::from_secs(config.transport.tcp_idle_timeout),
             max_conns: config.transport.max_tcp_connections,
+            counts,
         }
     }
 
@@ -209,6 +226,14 @@ impl Io {
         tasks
     }
 
+    /// Open SIP connections: (TCP, TLS).
+    pub(crate) fn open_connections(&self) -> (usize, usize) {
+        (
+            self.open_by_transport[0].load(Ordering::Relaxed),
+            self.open_by_transport[1].load(Ordering::Relaxed),
+        )
+    }
+
     /// Whether this node can call servers over TLS (it has CA roots).
     pub(crate) fn tls_client(&self) -> bool {
         self.tls_client.is_some()
@@ -233,6 +258,7 @@ impl Io {
 
     /// Sends bytes toward a destination without blocking the caller.
     pub(crate) fn send(self: &Arc<Self>, dest: Dest, bytes: Bytes) {
+        self.counts.sip.sent(&bytes);
         match dest {
             Dest::Udp(addr) => match self.udp.try_send_to(&bytes, addr) {
                 Ok(_) => {}
@@ -441,6 +467,8 @@ where
     lock(&io.conns).insert(id, tx.clone());
     lock(&io.conn_by_peer).insert(peer, id);
     io.open_conns.fetch_add(1, Ordering::Relaxed);
+    let by_transport = usize::from(transport == Transport::Tls);
+    io.open_by_transport[by_transport].fetch_add(1, Ordering::Relaxed);
     let (mut rd, mut wr) = tokio::io::split(stream);
     tokio::spawn(async move {
         while let Some(b) = rx.recv().await {
@@ -499,6 +527,7 @@ where
             }
         }
         io.open_conns.fetch_sub(1, Ordering::Relaxed);
+        io.open_by_transport[by_transport].fetch_sub(1, Ordering::Relaxed);
     });
     tx
 }

@@ -78,6 +78,11 @@ pub(crate) struct Shared {
     /// the others refuse votes for a lease after it (see `hand_over`).
     pub(crate) leading_since: AtomicU64,
     stats: Arc<CommitStats>,
+    /// The peer-link RPCs served, by method and status.
+    pub(crate) rpcs: crate::RpcCounts,
+    /// Elections this node saw start (its term rose) and leaders it saw take over.
+    pub(crate) elections: AtomicU64,
+    pub(crate) leader_changes: AtomicU64,
     /// Set by the node once its own start-up writes (settings, users) are committed.
     ready: AtomicBool,
     /// This node started with no Raft state and has not applied anything from a leader
@@ -551,6 +556,9 @@ impl Cluster {
             not_serving_since: AtomicU64::new(1),
             leading_since: AtomicU64::new(0),
             stats: Arc::new(CommitStats::default()),
+            rpcs: crate::RpcCounts::default(),
+            elections: AtomicU64::new(0),
+            leader_changes: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             started_empty: AtomicBool::new(!has_state),
             sip_relay: std::sync::OnceLock::new(),
@@ -652,6 +660,28 @@ impl Cluster {
 
     pub fn stats(&self) -> &Arc<CommitStats> {
         &self.shared.stats
+    }
+
+    /// The snapshot this node holds, if any.
+    pub fn snapshot_info(&self) -> Option<pbx_raft::store::SnapshotInfo> {
+        self.shared
+            .applied
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot
+    }
+
+    /// The peer-link RPCs this node served, by method and status.
+    pub fn rpc_counts(&self) -> &crate::RpcCounts {
+        &self.shared.rpcs
+    }
+
+    /// (elections seen, leader changes seen) since this node started.
+    pub fn elections_seen(&self) -> (u64, u64) {
+        (
+            self.shared.elections.load(Ordering::Relaxed),
+            self.shared.leader_changes.load(Ordering::Relaxed),
+        )
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -965,10 +995,25 @@ async fn watch_serving(shared: Arc<Shared>) {
     let mut metrics = shared.raft.metrics();
     let mut was: Option<bool> = None;
     let mut last_role = "";
+    // The first look sets the baseline: what happened before this process is not seen.
+    let mut last_term: Option<u64> = None;
+    let mut last_leader: Option<NodeId> = None;
     loop {
         let m = metrics.borrow_and_update().clone();
         if matches!(m.state, ServerState::Shutdown) {
             return;
+        }
+        if let Some(t) = last_term {
+            shared
+                .elections
+                .fetch_add(m.current_term.saturating_sub(t), Ordering::Relaxed);
+        }
+        last_term = Some(last_term.unwrap_or(0).max(m.current_term));
+        if let Some(leader) = m.current_leader {
+            if last_leader.is_some_and(|l| l != leader) {
+                shared.leader_changes.fetch_add(1, Ordering::Relaxed);
+            }
+            last_leader = Some(leader);
         }
         let serving = shared.serving_writes_in(&m);
         if was != Some(serving) {

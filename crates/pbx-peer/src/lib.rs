@@ -24,6 +24,7 @@ pub mod hooks;
 pub mod liveness;
 pub mod manage;
 pub mod network;
+pub mod rpc_counts;
 pub mod service;
 pub mod status;
 
@@ -33,8 +34,9 @@ pub use faults::{Fault, LinkFaults};
 pub use hooks::{BoxFuture, CallControl, CallMedia, MediaCounters, SipRelay};
 pub use liveness::{LivenessConfig, PeerState};
 pub use manage::{HandOver, ManageOp};
-pub use pbx_raft::{unix_ms, CommitReport, CommitStats, Member, NodeId};
+pub use pbx_raft::{unix_ms, CommitHistogram, CommitReport, CommitStats, Member, NodeId};
 pub use pbx_storage::{LogStore, MemStore};
+pub use rpc_counts::RpcCounts;
 pub use status::NodeStatus;
 
 /// Locks a mutex, also after a panic elsewhere (the data stays usable here).

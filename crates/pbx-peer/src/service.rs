@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::rpc_counts::Rpc;
 use pbx_state::Command;
 use tonic::{Request, Response, Status};
 
@@ -124,141 +125,189 @@ impl PeerLink for PeerService {
         &self,
         request: Request<HandshakeRequest>,
     ) -> Result<Response<HandshakeReply>, Status> {
-        let r = request.into_inner();
-        self.check
-            .check(&r.cluster_id, r.protocol_version, &r.node_id.to_string())?;
-        tracing::debug!(peer = r.node_id, "handshake");
-        Ok(Response::new(HandshakeReply {
-            cluster_id: self.shared.config.cluster_id.clone(),
-            protocol_version: PROTOCOL_VERSION,
-            node_id: self.shared.config.node_id,
-            initialized: self.shared.has_raft_state().await,
-        }))
+        let r: Result<Response<HandshakeReply>, Status> = async {
+            let r = request.into_inner();
+            self.check
+                .check(&r.cluster_id, r.protocol_version, &r.node_id.to_string())?;
+            tracing::debug!(peer = r.node_id, "handshake");
+            Ok(Response::new(HandshakeReply {
+                cluster_id: self.shared.config.cluster_id.clone(),
+                protocol_version: PROTOCOL_VERSION,
+                node_id: self.shared.config.node_id,
+                initialized: self.shared.has_raft_state().await,
+            }))
+        }
+        .await;
+        self.shared.rpcs.tally(Rpc::Handshake, &r);
+        r
     }
 
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
-        self.check.request(&request)?;
-        Ok(Response::new(PingReply {
-            node_id: self.shared.config.node_id,
-            last_log_index: self.shared.last_log_index(),
-        }))
+        let r: Result<Response<PingReply>, Status> = async {
+            self.check.request(&request)?;
+            Ok(Response::new(PingReply {
+                node_id: self.shared.config.node_id,
+                last_log_index: self.shared.last_log_index(),
+            }))
+        }
+        .await;
+        self.shared.rpcs.tally(Rpc::Ping, &r);
+        r
     }
 
     async fn append_entries(
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        self.check.request(&request)?;
-        let rpc = decode(&request.into_inner().payload)?;
-        let res = self.shared.raft.append_entries(rpc).await;
-        if res.is_ok() {
-            self.shared.heard_from_leader();
+        let r: Result<Response<RaftPayload>, Status> = async {
+            self.check.request(&request)?;
+            let rpc = decode(&request.into_inner().payload)?;
+            let res = self.shared.raft.append_entries(rpc).await;
+            if res.is_ok() {
+                self.shared.heard_from_leader();
+            }
+            encode(&res)
         }
-        encode(&res)
+        .await;
+        self.shared.rpcs.tally(Rpc::AppendEntries, &r);
+        r
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.check.request(&request)?;
-        let rpc: openraft::raft::VoteRequest<crate::NodeId> =
-            decode(&request.into_inner().payload)?;
-        if !self.shared.may_vote(rpc.last_log_id.map(|l| l.index)) {
-            self.abstain_log.log(|| {
-                tracing::warn!(
-                    candidate = rpc.vote.leader_id.node_id,
-                    term = rpc.vote.leader_id.term,
-                    "started without data: not voting until caught up from the leader"
-                )
-            });
-            let vote = self.shared.raft.metrics().borrow().vote;
-            let refused: Result<
-                openraft::raft::VoteResponse<crate::NodeId>,
-                openraft::error::RaftError<crate::NodeId>,
-            > = Ok(openraft::raft::VoteResponse::new(vote, None, false));
-            return encode(&refused);
+        let r: Result<Response<RaftPayload>, Status> = async {
+            self.check.request(&request)?;
+            let rpc: openraft::raft::VoteRequest<crate::NodeId> =
+                decode(&request.into_inner().payload)?;
+            if !self.shared.may_vote(rpc.last_log_id.map(|l| l.index)) {
+                self.abstain_log.log(|| {
+                    tracing::warn!(
+                        candidate = rpc.vote.leader_id.node_id,
+                        term = rpc.vote.leader_id.term,
+                        "started without data: not voting until caught up from the leader"
+                    )
+                });
+                let vote = self.shared.raft.metrics().borrow().vote;
+                let refused: Result<
+                    openraft::raft::VoteResponse<crate::NodeId>,
+                    openraft::error::RaftError<crate::NodeId>,
+                > = Ok(openraft::raft::VoteResponse::new(vote, None, false));
+                return encode(&refused);
+            }
+            encode(&self.shared.raft.vote(rpc).await)
         }
-        encode(&self.shared.raft.vote(rpc).await)
+        .await;
+        self.shared.rpcs.tally(Rpc::Vote, &r);
+        r
     }
 
     async fn install_snapshot(
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        self.check.request(&request)?;
-        let rpc = decode(&request.into_inner().payload)?;
-        let res = self.shared.raft.install_snapshot(rpc).await;
-        if res.is_ok() {
-            self.shared.heard_from_leader();
+        let r: Result<Response<RaftPayload>, Status> = async {
+            self.check.request(&request)?;
+            let rpc = decode(&request.into_inner().payload)?;
+            let res = self.shared.raft.install_snapshot(rpc).await;
+            if res.is_ok() {
+                self.shared.heard_from_leader();
+            }
+            encode(&res)
         }
-        encode(&res)
+        .await;
+        self.shared.rpcs.tally(Rpc::InstallSnapshot, &r);
+        r
     }
 
     async fn forward(
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardReply>, Status> {
-        self.check.request(&request)?;
-        let command: Command = decode(&request.into_inner().command)?;
-        let result = match self.shared.commit_as_leader(command).await {
-            Ok(resp) => {
-                ForwardResult::Response(bincode::serialize(&resp).map_err(PeerError::from)?)
-            }
-            Err(LeaderCommitError::NotLeader(leader)) => ForwardResult::NotLeader(NotLeader {
-                leader_id: leader.unwrap_or(0),
-            }),
-            Err(LeaderCommitError::Unavailable(reason)) => ForwardResult::Unavailable(reason),
-        };
-        Ok(Response::new(ForwardReply {
-            result: Some(result),
-        }))
+        let r: Result<Response<ForwardReply>, Status> = async {
+            self.check.request(&request)?;
+            let command: Command = decode(&request.into_inner().command)?;
+            let result = match self.shared.commit_as_leader(command).await {
+                Ok(resp) => {
+                    ForwardResult::Response(bincode::serialize(&resp).map_err(PeerError::from)?)
+                }
+                Err(LeaderCommitError::NotLeader(leader)) => ForwardResult::NotLeader(NotLeader {
+                    leader_id: leader.unwrap_or(0),
+                }),
+                Err(LeaderCommitError::Unavailable(reason)) => ForwardResult::Unavailable(reason),
+            };
+            Ok(Response::new(ForwardReply {
+                result: Some(result),
+            }))
+        }
+        .await;
+        self.shared.rpcs.tally(Rpc::Forward, &r);
+        r
     }
 
     async fn relay(&self, request: Request<RelayRequest>) -> Result<Response<RelayReply>, Status> {
-        self.check.request(&request)?;
-        let from_node = request
-            .metadata()
-            .get(MD_NODE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<crate::NodeId>().ok())
-            .ok_or_else(|| PeerError::Invalid("no sender node id".into()))?;
-        let r = request.into_inner();
-        let phone = r
-            .phone
-            .parse()
-            .map_err(|_| PeerError::Invalid(format!("phone address {:?}", r.phone)))?;
-        let delivered = match self.shared.sip_relay.get() {
-            Some(h) => h.deliver(from_node, phone, r.message, r.from_phone),
-            None => false,
-        };
-        Ok(Response::new(RelayReply { delivered }))
+        let r: Result<Response<RelayReply>, Status> = async {
+            self.check.request(&request)?;
+            let from_node = request
+                .metadata()
+                .get(MD_NODE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<crate::NodeId>().ok())
+                .ok_or_else(|| PeerError::Invalid("no sender node id".into()))?;
+            let r = request.into_inner();
+            let phone = r
+                .phone
+                .parse()
+                .map_err(|_| PeerError::Invalid(format!("phone address {:?}", r.phone)))?;
+            let delivered = match self.shared.sip_relay.get() {
+                Some(h) => h.deliver(from_node, phone, r.message, r.from_phone),
+                None => false,
+            };
+            Ok(Response::new(RelayReply { delivered }))
+        }
+        .await;
+        self.shared.rpcs.tally(Rpc::Relay, &r);
+        r
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<NodeStatus>, Status> {
-        Ok(Response::new(self.shared.status().into()))
+        let r: Result<Response<NodeStatus>, Status> =
+            async { Ok(Response::new(self.shared.status().into())) }.await;
+        self.shared.rpcs.tally(Rpc::Status, &r);
+        r
     }
 
     async fn manage(
         &self,
         request: Request<ManageRequest>,
     ) -> Result<Response<NodeStatus>, Status> {
-        self.check.request(&request)?;
-        let op = ManageOp::from_proto(request.into_inner())
-            .ok_or_else(|| PeerError::Invalid("no operation".into()))?;
-        let status = self.shared.manage_here(op).await?;
-        Ok(Response::new(status.into()))
+        let r: Result<Response<NodeStatus>, Status> = async {
+            self.check.request(&request)?;
+            let op = ManageOp::from_proto(request.into_inner())
+                .ok_or_else(|| PeerError::Invalid("no operation".into()))?;
+            let status = self.shared.manage_here(op).await?;
+            Ok(Response::new(status.into()))
+        }
+        .await;
+        self.shared.rpcs.tally(Rpc::Manage, &r);
+        r
     }
 
     async fn call_control(
         &self,
         request: Request<CallControlRequest>,
     ) -> Result<Response<CallControlReply>, Status> {
-        self.check.request(&request)?;
-        let r = request.into_inner();
-        let calls = match self.shared.call_control.get() {
-            Some(c) => c.calls(r.call_ids, r.hangup).await,
-            None => Vec::new(),
-        };
-        Ok(Response::new(CallControlReply {
-            calls: calls.iter().map(Into::into).collect(),
-        }))
+        let r: Result<Response<CallControlReply>, Status> = async {
+            self.check.request(&request)?;
+            let r = request.into_inner();
+            let calls = match self.shared.call_control.get() {
+                Some(c) => c.calls(r.call_ids, r.hangup).await,
+                None => Vec::new(),
+            };
+            Ok(Response::new(CallControlReply {
+                calls: calls.iter().map(Into::into).collect(),
+            }))
+        }
+        .await;
+        self.shared.rpcs.tally(Rpc::CallControl, &r);
+        r
     }
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 mod stats;
 pub mod store;
 
-pub use stats::{CommitReport, CommitStats};
+pub use stats::{CommitHistogram, CommitReport, CommitStats};
 
 pub type NodeId = u64;
 

@@ -9,6 +9,20 @@ pub struct CommitStats {
     pub batches: AtomicU64,
     pub commands: AtomicU64,
     commit_us: [AtomicU64; 32],
+    /// The same buckets since start, never taken (the metrics histogram).
+    since_start_us: [AtomicU64; 32],
+    sum_us: AtomicU64,
+    commands_since_start: AtomicU64,
+}
+
+/// The commit latency histogram since start: cumulative counts at power-of-two
+/// microsecond bounds, as Prometheus histograms are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommitHistogram {
+    pub sum_seconds: f64,
+    pub count: u64,
+    /// (upper bound in seconds, batches that took at most that long)
+    pub buckets: Vec<(f64, u64)>,
 }
 
 /// One reporting interval of [`CommitStats`].
@@ -29,6 +43,35 @@ impl CommitStats {
         let us = took.as_micros().max(1) as u64;
         let bucket = (63 - us.leading_zeros() as usize).min(31);
         self.commit_us[bucket].fetch_add(1, Ordering::Relaxed);
+        self.since_start_us[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.commands_since_start
+            .fetch_add(commands, Ordering::Relaxed);
+    }
+
+    /// Commands committed since start (never taken).
+    pub fn commands_since_start(&self) -> u64 {
+        self.commands_since_start.load(Ordering::Relaxed)
+    }
+
+    /// Buckets from 256 µs to 8.4 s: a faster batch counts in the first, a slower
+    /// one only in +Inf.
+    pub fn histogram(&self) -> CommitHistogram {
+        const FIRST: usize = 7; // bucket 7 holds [128, 256) µs
+        const LAST: usize = 22; // up to 2^23 µs
+        let mut seen = 0;
+        let mut buckets = Vec::with_capacity(LAST - FIRST + 1);
+        for (i, c) in self.since_start_us.iter().enumerate() {
+            seen += c.load(Ordering::Relaxed);
+            if (FIRST..=LAST).contains(&i) {
+                buckets.push(((1u64 << (i + 1)) as f64 / 1e6, seen));
+            }
+        }
+        CommitHistogram {
+            sum_seconds: self.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+            count: seen,
+            buckets,
+        }
     }
 
     /// Takes the counts since the last call.
@@ -77,5 +120,16 @@ mod tests {
         assert_eq!(r.commit_p50_us, 64, "50 µs falls in the 32..64 bucket");
         assert_eq!(r.commit_p99_us, 4096, "3 ms falls in the 2048..4096 bucket");
         assert_eq!(s.take().batches, 0, "take resets");
+        let h = s.histogram();
+        assert_eq!(h.count, 100, "the histogram is not reset by take");
+        assert!((h.sum_seconds - (98.0 * 50e-6 + 2.0 * 3e-3)).abs() < 1e-9);
+        assert_eq!(
+            h.buckets[0],
+            (256e-6, 98),
+            "faster batches count in the first"
+        );
+        let le_4ms = h.buckets.iter().find(|(le, _)| *le == 4096e-6).unwrap();
+        assert_eq!(le_4ms.1, 100);
+        assert!(h.buckets.windows(2).all(|w| w[0].1 <= w[1].1), "cumulative");
     }
 }

@@ -268,6 +268,33 @@ pub struct Applied {
     pub state: State,
     pub last_applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, Member>,
+    /// The snapshot this node holds (built here or installed from the leader).
+    pub snapshot: Option<SnapshotInfo>,
+}
+
+/// The last snapshot a node holds: its index, encoded size and when it was built (by
+/// whichever node built it; unix ms, 0 when unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub index: u64,
+    pub bytes: u64,
+    pub built_ms: u64,
+}
+
+impl SnapshotInfo {
+    fn of(meta: &SnapshotMeta<NodeId, Member>, bytes: usize) -> SnapshotInfo {
+        SnapshotInfo {
+            index: meta.last_log_id.map_or(0, |l| l.index),
+            bytes: bytes as u64,
+            // The builder names a snapshot `…-<unix ms>` (see `build_snapshot`).
+            built_ms: meta
+                .snapshot_id
+                .rsplit('-')
+                .next()
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or(0),
+        }
+    }
 }
 
 /// What is stored for a snapshot: openraft's meta and the encoded [`State`].
@@ -292,6 +319,7 @@ impl StateMachineStore {
             let snap: StoredSnapshot = bincode::deserialize(&bytes)?;
             applied.state = State::decode(&snap.state)?;
             applied.last_applied = snap.meta.last_log_id;
+            applied.snapshot = Some(SnapshotInfo::of(&snap.meta, snap.state.len()));
             applied.membership = snap.meta.last_membership;
         }
         Ok(StateMachineStore {
@@ -325,7 +353,9 @@ impl StateMachineStore {
         let index = snap.meta.last_log_id.map_or(0, |l| l.index);
         let bytes = encode(snap)?;
         let store = self.store.clone();
-        blocking(move || store.save_snapshot(index, &bytes)).await
+        blocking(move || store.save_snapshot(index, &bytes)).await?;
+        self.write().snapshot = Some(SnapshotInfo::of(&snap.meta, snap.state.len()));
+        Ok(())
     }
 }
 

@@ -179,6 +179,14 @@ impl RequestHandler {
         &self.config
     }
 
+    /// (sources banned now for failed authentication, bans started since start).
+    pub fn bans(&self, now_ms: u64) -> (usize, u64) {
+        self.throttle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .bans(now_ms / 1000)
+    }
+
     /// True when requests from this source are dropped for now.
     pub fn is_banned(&self, source: SocketAddr, now_ms: u64) -> bool {
         self.throttle

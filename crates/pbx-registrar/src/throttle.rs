@@ -34,6 +34,8 @@ pub struct FailureThrottle {
     policy: BanPolicy,
     sources: HashMap<IpAddr, Record>,
     last_prune: u64,
+    /// Bans started since start.
+    bans: u64,
 }
 
 impl FailureThrottle {
@@ -42,7 +44,18 @@ impl FailureThrottle {
             policy,
             sources: HashMap::new(),
             last_prune: 0,
+            bans: 0,
         }
+    }
+
+    /// (sources banned at `now_secs`, bans started since start).
+    pub fn bans(&self, now_secs: u64) -> (usize, u64) {
+        let now = self
+            .sources
+            .values()
+            .filter(|r| r.banned_until > now_secs)
+            .count();
+        (now, self.bans)
     }
 
     pub fn is_banned(&self, ip: IpAddr, now_secs: u64) -> bool {
@@ -71,6 +84,7 @@ impl FailureThrottle {
         if r.failures >= p.max_failures && r.banned_until <= now_secs {
             r.banned_until = now_secs + p.ban_secs;
             r.failures = 0;
+            self.bans += 1;
             return true;
         }
         false

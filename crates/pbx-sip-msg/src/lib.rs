@@ -20,7 +20,7 @@ pub mod uri;
 pub use build::{reason_phrase, MessageWriter};
 pub use grammar::{AuthHeader, CSeq, Contact, ContactList, NameAddr, Param, Via};
 pub use header::{Header, HeaderName};
-pub use method::Method;
+pub use method::{MessageKind, Method};
 pub use parse::{frame_stream, parse_datagram, parse_stream_message, Limits, StreamFrame};
 pub use reply::{reply_to_unparseable, response_target, ReplyHead, ALLOW};
 pub use uri::Uri;

@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         println!("{}: OK", args.config.display());
         return Ok(());
     }
-    pbx_node::init_tracing(&config.log.level);
+    pbx_node::init_tracing(&config.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
