@@ -1089,3 +1089,137 @@ impl Scrape {
         })
     }
 }
+
+/// A PostgreSQL server of a test's own on `ip:5432` (Debian's `postgresql` binaries),
+/// with trust authentication; stopped and removed on drop. As root it runs as the
+/// `postgres` user (the server refuses root).
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub ip: String,
+    pub port: u16,
+}
+
+impl Postgres {
+    pub fn start(ip: &str) -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                d.flatten()
+                    .map(|e| e.path().join("bin"))
+                    .filter(|b| b.join("initdb").exists())
+                    .max()
+            })
+            .unwrap_or_else(|| {
+                panic!("PostgreSQL server binaries not found: apt-get install -y postgresql")
+            });
+        let dir = tempfile::Builder::new()
+            .prefix("pbx-pg-")
+            .tempdir()
+            .expect("a temp dir");
+        // The server's user must reach its data and socket directories.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let pg = Postgres {
+            dir,
+            bin,
+            ip: ip.to_string(),
+            port: 5432,
+        };
+        let data = pg.data();
+        let out = pg
+            .as_server_user(&pg.bin.join("initdb"))
+            .args(["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"])
+            .output()
+            .expect("initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.start_server();
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn as_server_user(&self, program: &Path) -> Command {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// The connection string for pbxd's `[cdr] postgres`.
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.ip, self.port
+        )
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn start_server(&self) {
+        let opts = format!(
+            "-c listen_addresses={} -p {} -k {} -c fsync=off",
+            self.ip,
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log");
+        let out = self
+            .as_server_user(&self.bin.join("pg_ctl"))
+            .args(["-D", &self.data(), "-o", &opts, "-l"])
+            .arg(&log)
+            .args(["-w", "-t", "60", "start"])
+            .output()
+            .expect("pg_ctl start");
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Stops the server at once (connections are cut).
+    pub fn stop_server(&self) {
+        let _ = self
+            .as_server_user(&self.bin.join("pg_ctl"))
+            .args(["-D", &self.data(), "-m", "fast", "-w", "stop"])
+            .output();
+    }
+
+    /// Runs `sql` with psql: its rows, one a line, fields split by `|`; None when the
+    /// server does not answer or the query fails.
+    pub fn query(&self, sql: &str) -> Option<String> {
+        let out = Command::new("psql")
+            .args(["-h", &self.ip, "-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-d", "postgres", "-At", "-c", sql])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_server_user(&self.bin.join("pg_ctl"))
+            .args(["-D", &self.data(), "-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}

@@ -25,8 +25,8 @@ fn scrape_until(c: &LocalCluster, n: usize, what: &str, ok: impl Fn(&Scrape) -> 
 fn metrics_count_registrations_and_calls_and_cover_the_dashboard() {
     let users = Users { count: 3 };
     // JSON logs on: the call's lines are checked for its Call-ID and node below.
-    let c = LocalCluster::up_with_env(67, 3, &users, MD5_ONLY, &[("PBX_LOG_FORMAT", "json")])
-        .unwrap();
+    let c =
+        LocalCluster::up_with_env(67, 3, &users, MD5_ONLY, &[("PBX_LOG_FORMAT", "json")]).unwrap();
     let p = Phones::new(&c);
     let before = c.scrape(1).expect("node 1 serves /metrics");
     let reg = |code: &str| format!("pbx_register_requests_total{{code=\"{code}\"}}");

@@ -524,6 +524,29 @@ fn survive(slot: u8, victim: Victim, fault: Fault) {
         },
     )
     .unwrap();
+    // Each call is one detail record: answered, run first by its owner, then by the
+    // node that adopted it, with the start the owner saw (ADR 0010, issue 18).
+    let (code, text) = c
+        .admin(&running, &["cdr", "export", "--format", "json"])
+        .unwrap();
+    assert_eq!(code, 0, "{text}");
+    let cdrs: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(cdrs.len(), calls, "one record a call: {text}");
+    for r in &cdrs {
+        assert_eq!(r["disposition"], "ANSWERED", "{r}");
+        let nodes: Vec<u64> = r["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n.as_u64())
+            .collect();
+        assert_eq!(nodes.first(), Some(&(owner as u64)), "{r}");
+        assert!(nodes.len() >= 2, "the adopter is named too: {r}");
+        assert!(
+            r["start_ms"].as_u64() <= r["answer_ms"].as_u64() && r["start_ms"].as_u64() > Some(0),
+            "the start as its first node saw it: {r}"
+        );
+    }
     if fault == Fault::Kill {
         // The killed node comes back with its log (the adoption commands in it) and runs
         // none of the calls it lost.

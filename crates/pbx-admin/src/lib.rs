@@ -13,10 +13,10 @@ use pbx_peer::{Cluster, ManageOp, NodeStatus, PeerError};
 use pbx_proto::admin::admin_server::{Admin, AdminServer};
 use pbx_proto::admin::{
     AuditEntry, AuditListReply, AuditListRequest, Call, CallHangupReply, CallHangupRequest,
-    CallListReply, CallListRequest, ClusterAddNodeRequest, ClusterNodeRequest,
-    ClusterStatusRequest, DialplanHistoryReply, DialplanHistoryRequest, DialplanRollbackRequest,
-    DialplanShowRequest, DialplanText, DialplanVerdict, LineError, NodeDrainReply,
-    NodeDrainRequest, Registration, RegistrationListReply, RegistrationListRequest,
+    CallListReply, CallListRequest, CdrListReply, CdrListRequest, ClusterAddNodeRequest,
+    ClusterNodeRequest, ClusterStatusRequest, DialplanHistoryReply, DialplanHistoryRequest,
+    DialplanRollbackRequest, DialplanShowRequest, DialplanText, DialplanVerdict, LineError,
+    NodeDrainReply, NodeDrainRequest, Registration, RegistrationListReply, RegistrationListRequest,
     RegistrationRemoveReply, RegistrationRemoveRequest, StoredDialplan, User, UserAddRequest,
     UserListReply, UserListRequest, UserRemoveReply, UserRemoveRequest, UserUpdateRequest,
 };
@@ -833,6 +833,48 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(tonic::Response::new(AuditListReply { entries }))
+    }
+
+    async fn cdr_list(
+        &self,
+        request: Request<CdrListRequest>,
+    ) -> Result<tonic::Response<CdrListReply>, Status> {
+        let r = request.into_inner();
+        let until = if r.until_ms == 0 {
+            u64::MAX
+        } else {
+            r.until_ms
+        };
+        let state = self.cluster.read();
+        let log = &state.cdrs;
+        let mut records: Vec<pbx_proto::admin::Cdr> = log
+            .between(r.since_ms, until)
+            .map(|c| pbx_proto::admin::Cdr {
+                uniqueid: c.uniqueid.clone(),
+                start_ms: c.start_ms,
+                answer_ms: c.answer_ms.unwrap_or(0),
+                end_ms: c.end_ms,
+                src: c.src.clone(),
+                clid: c.clid.clone(),
+                dst: c.dst.clone(),
+                dcontext: c.dcontext.clone(),
+                disposition: c.disposition.clone(),
+                hangup_cause: u32::from(c.hangup_cause),
+                nodes: c.nodes.clone(),
+                seq: c.seq,
+                duration: c.duration_secs(),
+                billsec: c.billsec(),
+            })
+            .collect();
+        if r.limit > 0 {
+            let skip = records.len().saturating_sub(r.limit as usize);
+            records.drain(..skip);
+        }
+        Ok(tonic::Response::new(CdrListReply {
+            records,
+            shipped_through: log.shipped_through,
+            dropped_unshipped: log.dropped_unshipped,
+        }))
     }
 }
 

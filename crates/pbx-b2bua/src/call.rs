@@ -1616,6 +1616,11 @@ impl<D: Destination> Call<D> {
     }
 
     /// Hangs up from outside (admin, node shutdown).
+    /// The caller's id and the dialplan context the call runs in now (for its record).
+    pub fn cdr_parties(&self) -> (String, String) {
+        (self.exec.caller().clid(), self.exec.context().to_string())
+    }
+
     /// How the call ended as Asterisk's CDR would say it, given the cause it ended
     /// with (see [`Disposition::of`]).
     pub fn disposition(&self, cause: u16) -> Disposition {

@@ -34,6 +34,13 @@ impl CallerId {
     }
 }
 
+impl CallerId {
+    /// As Asterisk's CDR `clid` column writes it: `"Name" <num>`.
+    pub fn clid(&self) -> String {
+        format!("\"{}\" <{}>", self.name, self.num)
+    }
+}
+
 /// Asterisk's `${DIALSTATUS}` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DialStatus {
@@ -473,6 +480,11 @@ impl Execution {
     }
 
     /// Reports how a Dial ended: sets `${DIALSTATUS}` and `${HANGUPCAUSE}`.
+    /// The context the dialplan runs in now (after any Goto).
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
     pub fn dial_finished(&mut self, status: DialStatus, final_sip_status: Option<u16>) {
         self.set_var("DIALSTATUS", status.as_str());
         let cause = match (status, final_sip_status) {

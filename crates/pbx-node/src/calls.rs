@@ -118,6 +118,8 @@ pub(crate) struct CallLayer {
     relay: Option<MediaRelay>,
     /// Calls started, answered and ended, and their set-up times (metrics).
     counts: Arc<crate::metrics::NodeCounts>,
+    /// How long the cluster keeps call detail records (in each record's command).
+    cdr_keep: pbx_state::CdrKeep,
     sounds_dir: PathBuf,
     prompts: Mutex<PromptCache>,
     seed: AtomicU64,
@@ -171,6 +173,7 @@ impl CallLayer {
             wake,
             relay,
             counts,
+            cdr_keep: config.cdr.keep(),
             sounds_dir: config.resolve(&c.sounds_dir),
             prompts: Mutex::new(HashMap::new()),
             seed: AtomicU64::new(rand::random::<u64>() & !0xffff | config.node.id),
@@ -319,8 +322,20 @@ pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
     tracing::info!(%caller, %exten, "call started");
     layer.counts.calls.started.fetch_add(1, Ordering::Relaxed);
     let span = tracing::Span::current();
-    let setup = Some(Instant::now());
-    tokio::spawn(run_call(layer.clone(), call, tx, rx, streams, secure, setup).instrument(span));
+    let (clid, dcontext) = call.cdr_parties();
+    let start = Some((
+        Instant::now(),
+        pbx_state::CdrStart {
+            uniqueid: core.call_id.clone(),
+            start_ms: unix_ms(),
+            answer_ms: 0,
+            src: caller,
+            clid,
+            dst: exten,
+            dcontext,
+        },
+    ));
+    tokio::spawn(run_call(layer.clone(), call, tx, rx, streams, secure, start).instrument(span));
 }
 
 /// The task of one call: feeds it messages, timer ticks and media events, carries out
@@ -332,7 +347,7 @@ async fn run_call(
     mut rx: mpsc::UnboundedReceiver<CallInput>,
     mut streams: Vec<Stream>,
     secure: bool,
-    setup: Option<Instant>,
+    start: Option<(Instant, pbx_state::CdrStart)>,
 ) {
     let claimed = vec![call.id().to_string()];
     let (media_tx, mut media_rx) = mpsc::unbounded_channel();
@@ -354,7 +369,8 @@ async fn run_call(
         streams,
         active: true,
         secure,
-        setup,
+        start,
+        answered_ms: None,
     };
     let mut released = None;
     loop {
@@ -439,9 +455,11 @@ struct CallTask {
     active: bool,
     /// A `sips:` call: only TLS targets.
     secure: bool,
-    /// When the INVITE of a call started here came in, until it is answered (None for
-    /// a call adopted from another node: counted where it started).
-    setup: Option<Instant>,
+    /// When the INVITE of a call started here came in, and what its record needs of
+    /// it (None for a call adopted from another node: its start is in the cluster).
+    start: Option<(Instant, pbx_state::CdrStart)>,
+    /// When this node saw it answered (unix ms).
+    answered_ms: Option<u64>,
 }
 
 fn carry_out(
@@ -456,7 +474,8 @@ fn carry_out(
         streams,
         active,
         secure,
-        setup,
+        start,
+        answered_ms,
     } = task;
     let secure = *secure;
     match out {
@@ -539,13 +558,20 @@ fn carry_out(
             LogLevel::Debug => tracing::debug!(call = call.id(), "{message}"),
         },
         Output::Record(record) => {
-            if let Some(started) = setup.take() {
+            layer.set_fate(&record.id, record.epoch, Fate::Running);
+            let first = answered_ms.is_none();
+            answered_ms.get_or_insert(record.answered_at_ms);
+            let _ = layer.records.send(Command::CallAnswered(*record));
+            if let (true, Some((started, info))) = (first, start.as_ref()) {
                 let c = &layer.counts.calls;
                 c.answered.fetch_add(1, Ordering::Relaxed);
                 c.setup.observe(started.elapsed().as_secs_f64());
+                // With its first record: what an adopter needs for the call's CDR.
+                let _ = layer.records.send(Command::CdrOpened(pbx_state::CdrStart {
+                    answer_ms: answered_ms.unwrap_or_else(unix_ms),
+                    ..info.clone()
+                }));
             }
-            layer.set_fate(&record.id, record.epoch, Fate::Running);
-            let _ = layer.records.send(Command::CallAnswered(*record));
         }
         Output::Ended { cause, answered } => {
             let disposition = call.disposition(cause);
@@ -565,13 +591,71 @@ fn carry_out(
             streams.clear();
             if answered {
                 layer.set_fate(call.id(), call.epoch(), Fate::Ended);
-                let _ = layer.records.send(Command::CallEnded {
-                    id: call.id().to_string(),
-                    owner: Some(layer.node_id),
-                    epoch: call.epoch(),
-                });
             }
+            let cdr = call_record(
+                layer,
+                call,
+                start.as_ref().map(|s| &s.1),
+                *answered_ms,
+                cause,
+                disposition,
+            );
+            let _ = layer.records.send(Command::CallFinished {
+                cdr,
+                owner: answered.then_some(layer.node_id),
+                epoch: call.epoch(),
+                keep: layer.cdr_keep,
+            });
         }
+    }
+}
+
+/// The call's detail record as this node knows it at its end: from its start when it
+/// ran it from the start, else what the cluster's record of the call says (the state
+/// machine completes it from the start details the first node committed).
+fn call_record(
+    layer: &CallLayer,
+    call: &Call<Dest>,
+    start: Option<&pbx_state::CdrStart>,
+    answered_ms: Option<u64>,
+    cause: u16,
+    disposition: pbx_dialplan::Disposition,
+) -> pbx_state::Cdr {
+    let (history, recorded) = {
+        let st = layer.cluster.read();
+        match st.calls.get(call.id()) {
+            Some(r) => (
+                r.history.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+                Some((r.caller.clone(), r.callee.clone(), r.answered_at_ms)),
+            ),
+            None => (Vec::new(), None),
+        }
+    };
+    let mut nodes = history;
+    if nodes.last() != Some(&layer.node_id) {
+        nodes.push(layer.node_id);
+    }
+    let (src, dst) = match (start, &recorded) {
+        (Some(s), _) => (s.src.clone(), s.dst.clone()),
+        (None, Some((caller, callee, _))) => (caller.clone(), callee.clone()),
+        (None, None) => (String::new(), String::new()),
+    };
+    let answer_ms = answered_ms
+        .or(recorded.as_ref().map(|r| r.2))
+        .filter(|_| disposition == pbx_dialplan::Disposition::Answered);
+    pbx_state::Cdr {
+        uniqueid: call.id().to_string(),
+        start_ms: start.map_or(0, |s| s.start_ms),
+        answer_ms,
+        end_ms: unix_ms(),
+        src,
+        clid: start.map(|s| s.clid.clone()).unwrap_or_default(),
+        dst,
+        dcontext: start.map(|s| s.dcontext.clone()).unwrap_or_default(),
+        disposition: disposition.cdr_name().to_string(),
+        hangup_cause: cause,
+        nodes,
+        seq: 0,
     }
 }
 
@@ -771,18 +855,45 @@ fn with_instances(cluster: &Cluster, r: &mut pbx_state::CallRecord) {
 async fn record_writer(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Command>) {
     while let Some(first) = rx.recv().await {
         let mut batch: Vec<Option<Command>> = Vec::new();
-        let mut answered: HashMap<String, usize> = HashMap::new();
+        // Where each call's answer record and start details sit in this batch.
+        let mut answered: HashMap<String, (usize, Option<usize>)> = HashMap::new();
         let mut add = |cmd: Command, batch: &mut Vec<Option<Command>>| match cmd {
-            Command::CallEnded { id, owner, epoch } => match answered.remove(&id) {
-                // Answered and ended within one batch: neither reaches the log (unless
-                // it was adopted: the adopter's end must replace the old record).
-                Some(i) if epoch == 0 => batch[i] = None,
-                _ => batch.push(Some(Command::CallEnded { id, owner, epoch })),
-            },
+            Command::CallFinished {
+                cdr,
+                owner,
+                epoch,
+                keep,
+            } => {
+                // Answered and ended within one batch: the answer never reaches the log
+                // (unless it was adopted: the adopter's end must replace the old
+                // record), only the call's detail record does.
+                let owner = match answered.remove(&cdr.uniqueid) {
+                    Some((i, opened)) if epoch == 0 => {
+                        batch[i] = None;
+                        if let Some(j) = opened {
+                            batch[j] = None;
+                        }
+                        None
+                    }
+                    _ => owner,
+                };
+                batch.push(Some(Command::CallFinished {
+                    cdr,
+                    owner,
+                    epoch,
+                    keep,
+                }));
+            }
             Command::CallAnswered(mut r) => {
                 with_instances(&cluster, &mut r);
-                answered.insert(r.id.clone(), batch.len());
+                answered.insert(r.id.clone(), (batch.len(), None));
                 batch.push(Some(Command::CallAnswered(r)));
+            }
+            Command::CdrOpened(start) => {
+                if let Some((_, opened)) = answered.get_mut(&start.uniqueid) {
+                    *opened = Some(batch.len());
+                }
+                batch.push(Some(Command::CdrOpened(start)));
             }
             other => batch.push(Some(other)),
         };
@@ -803,14 +914,28 @@ async fn record_writer(cluster: Cluster, mut rx: mpsc::UnboundedReceiver<Command
             continue;
         }
         let n = batch.len();
-        for attempt in 1..=5 {
+        // Call detail records are not given up: a batch with one is retried until the
+        // cluster takes it (calls' other records are only worth it for a while).
+        let keep_trying = batch
+            .iter()
+            .any(|c| matches!(c, Command::CallFinished { .. }));
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
             match cluster.propose(Command::Batch(batch.clone())).await {
                 Ok(_) => break,
-                Err(e) if attempt < 5 => {
-                    tracing::debug!(error = %e, attempt, "call records not committed yet");
+                Err(e) if keep_trying || attempt < 5 => {
+                    if attempt % 10 == 5 {
+                        tracing::warn!(error = %e, attempt, records = n, "call records not committed yet");
+                    } else {
+                        tracing::debug!(error = %e, attempt, "call records not committed yet");
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                Err(e) => tracing::warn!(error = %e, records = n, "call records dropped"),
+                Err(e) => {
+                    tracing::warn!(error = %e, records = n, "call records dropped");
+                    break;
+                }
             }
         }
     }

@@ -41,6 +41,8 @@ pub struct Config {
     pub log: LogSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub cdr: CdrSection,
     /// Directory relative paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -541,6 +543,49 @@ pub enum LogFormat {
     Json,
 }
 
+/// Call detail records: how long the cluster keeps them, and the PostgreSQL database
+/// the leader ships them to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdrSection {
+    /// Hours a record is kept after its call ended (longer while it is not in
+    /// PostgreSQL yet, up to `keep_max`).
+    pub keep_hours: u64,
+    /// Records kept at most (the oldest go first): they live in every node's memory
+    /// and snapshots.
+    pub keep_max: u64,
+    /// A PostgreSQL connection string (`host=… user=… dbname=…` or
+    /// `postgresql://…`); None: records stay in the cluster only. Set it on every
+    /// node alike: the leader ships.
+    pub postgres: Option<String>,
+    /// The table records go to (created if missing).
+    pub table: String,
+    /// Records per INSERT.
+    pub batch: usize,
+}
+
+impl Default for CdrSection {
+    fn default() -> Self {
+        CdrSection {
+            keep_hours: 7 * 24,
+            keep_max: 200_000,
+            postgres: None,
+            table: "cdr".into(),
+            batch: 500,
+        }
+    }
+}
+
+impl CdrSection {
+    pub fn keep(&self) -> pbx_state::CdrKeep {
+        pbx_state::CdrKeep {
+            max_age_ms: self.keep_hours.saturating_mul(3_600_000),
+            max_count: self.keep_max.max(1),
+            hold_unshipped: self.postgres.is_some(),
+        }
+    }
+}
+
 /// Prometheus metrics and the health endpoints (`/metrics`, `/healthz`, `/readyz`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -589,6 +634,22 @@ impl Config {
             return Err("node.id: must be greater than 0".into());
         }
         self.overload.validate()?;
+        let t = &self.cdr.table;
+        // The table name goes into SQL text: a plain identifier only.
+        if t.is_empty()
+            || t.len() > 63
+            || !t
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            || t.as_bytes()[0].is_ascii_digit()
+        {
+            return Err(format!(
+                "cdr.table: '{t}' must be a lowercase SQL identifier (a-z, 0-9, _)"
+            ));
+        }
+        if self.cdr.batch == 0 {
+            return Err("cdr.batch: must be > 0".into());
+        }
         let d = &self.cluster.domain;
         if d.is_empty()
             || !d

@@ -3,6 +3,7 @@
 //! [`Node::start`] on listeners bound beforehand ([`Listeners`]).
 
 mod calls;
+mod cdr_postgres;
 pub mod config;
 mod dns;
 mod metrics;
@@ -166,6 +167,11 @@ impl Node {
             config.registrar.sweep_interval,
         )));
         tasks.push(tokio::spawn(commit_reporter(cluster.clone())));
+        tasks.push(tokio::spawn(cdr_postgres::run(
+            cluster.clone(),
+            config.cdr.clone(),
+            counts.clone(),
+        )));
         let admin_addr = match (admin_token, admin_listener) {
             (Some(token), Some(listener)) => {
                 let addr = listener.local_addr().map_err(|source| NodeError::Bind {

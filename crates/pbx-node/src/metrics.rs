@@ -132,12 +132,20 @@ impl DnsCounts {
     }
 }
 
+/// What this node (as leader) shipped to PostgreSQL.
+#[derive(Debug, Default)]
+pub(crate) struct CdrCounts {
+    pub(crate) shipped: AtomicU64,
+    pub(crate) errors: AtomicU64,
+}
+
 /// The counters the node's drivers bump.
 #[derive(Debug, Default)]
 pub(crate) struct NodeCounts {
     pub(crate) sip: SipCounts,
     pub(crate) calls: CallCounts,
     pub(crate) dns: DnsCounts,
+    pub(crate) cdr: CdrCounts,
 }
 
 /// Reads everything else at scrape time.
@@ -256,6 +264,7 @@ impl Collector for NodeCollector {
         self.raft(&mut o)?;
         self.peer_link(&mut o)?;
         self.dns_and_overload(&mut o)?;
+        self.cdrs(&mut o)?;
         process(&mut o, self.started_ms)
     }
 }
@@ -558,6 +567,46 @@ impl NodeCollector {
                 .counts()
                 .into_iter()
                 .map(|(m, c, n)| (l2("method", m, "code", c), n)),
+        )
+    }
+
+    fn cdrs(&self, o: &mut Out) -> std::fmt::Result {
+        let (kept, unshipped, dropped) = {
+            let st = self.cluster.read();
+            let log = &st.cdrs;
+            let unshipped = log
+                .records
+                .iter()
+                .rev()
+                .take_while(|c| c.seq > log.shipped_through)
+                .count();
+            (log.records.len(), unshipped, log.dropped_unshipped)
+        };
+        o.gauge(
+            "pbx_cdr_records",
+            "Call detail records the cluster keeps (replicated).",
+            kept as f64,
+        )?;
+        o.gauge(
+            "pbx_cdr_records_unshipped",
+            "Kept records not yet in PostgreSQL (when it is configured).",
+            unshipped as f64,
+        )?;
+        o.counter(
+            "pbx_cdr_records_dropped_unshipped",
+            "Records the keep window dropped before they reached PostgreSQL.",
+            dropped,
+        )?;
+        let c = &self.counts.cdr;
+        o.counter(
+            "pbx_cdr_shipped",
+            "Records this node, as leader, stored in PostgreSQL.",
+            c.shipped.load(Ordering::Relaxed),
+        )?;
+        o.counter(
+            "pbx_cdr_ship_errors",
+            "Failed attempts of this node to store records in PostgreSQL.",
+            c.errors.load(Ordering::Relaxed),
         )
     }
 

@@ -10,10 +10,12 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 pub mod bindings;
+pub mod cdr;
 mod names;
 pub mod users_csv;
 
 pub use bindings::{Binding, ContactUpdate, ContactView, RegisterOp};
+pub use cdr::{parse_utc, utc_datetime, Cdr, CdrKeep, CdrLog, CdrStart};
 pub use names::{validate_context, validate_user_name, MAX_USER_NAME};
 
 /// Errors of this crate.
@@ -145,6 +147,22 @@ pub enum Command {
     },
     /// An administrator's change, recorded in the same log entry as the change.
     Audit(AuditEntry),
+    /// An answered call's start details, for its record if another node ends it
+    /// (sent with its first [`Command::CallAnswered`]).
+    CdrOpened(CdrStart),
+    /// A call ended: its record, and (`owner` Some) the end of its answered-call
+    /// record as [`Command::CallEnded`] does — ignored, record included, when the call
+    /// has moved to another owner meanwhile (that owner writes the record).
+    CallFinished {
+        cdr: Cdr,
+        owner: Option<u64>,
+        epoch: u32,
+        keep: CdrKeep,
+    },
+    /// The leader stored the records up to `through` in PostgreSQL.
+    CdrsShipped {
+        through: u64,
+    },
 }
 
 /// Who changed what, and when (the leader's clock).
@@ -179,6 +197,9 @@ impl Command {
             Command::Audit(e) => e.at_ms = now_ms,
             Command::Batch(list) => list.iter_mut().for_each(|c| c.stamp(now_ms)),
             Command::Initialize(_)
+            | Command::CdrOpened(_)
+            | Command::CallFinished { .. }
+            | Command::CdrsShipped { .. }
             | Command::CallAnswered(_)
             | Command::CallEnded { .. }
             | Command::CallsOfOwnerEnded { .. }
@@ -305,6 +326,9 @@ pub struct State {
     pub draining: std::collections::BTreeSet<u64>,
     /// Administrators' changes, oldest first, at most [`AUDIT_KEPT`].
     pub audit: std::collections::VecDeque<AuditEntry>,
+    /// Call detail records (encoded after the rest in a snapshot: format 6).
+    #[serde(skip)]
+    pub cdrs: CdrLog,
 }
 
 /// How many ended calls' ids a [`State`] remembers, to refuse their late records.
@@ -400,15 +424,34 @@ impl State {
                 Response::Done
             }
             Command::CallEnded { id, owner, epoch } => {
-                let ours = self
-                    .calls
-                    .get(&id)
-                    .is_some_and(|c| owner.is_none_or(|o| o == c.owner && epoch == c.epoch));
-                if !ours {
+                if !self.end_call(&id, owner, epoch) {
                     return Response::Stale;
                 }
-                self.calls.remove(&id);
-                self.remember_ended(id);
+                self.cdrs.open.remove(&id);
+                Response::Done
+            }
+            Command::CdrOpened(start) => {
+                // Only for a call that is running (a late one of an ended call is stale).
+                if self.ended_set.contains(&start.uniqueid) {
+                    return Response::Stale;
+                }
+                self.cdrs.opened(start);
+                Response::Done
+            }
+            Command::CallFinished {
+                cdr,
+                owner,
+                epoch,
+                keep,
+            } => {
+                if owner.is_some() && !self.end_call(&cdr.uniqueid, owner, epoch) {
+                    return Response::Stale;
+                }
+                self.cdrs.record(cdr, keep);
+                Response::Done
+            }
+            Command::CdrsShipped { through } => {
+                self.cdrs.shipped(through);
                 Response::Done
             }
             Command::AdoptCalls {
@@ -431,7 +474,9 @@ impl State {
                     .collect();
                 for id in ids {
                     if to.is_empty() {
-                        self.calls.remove(&id);
+                        if let Some(c) = self.calls.remove(&id) {
+                            self.record_dropped(&c, now_ms);
+                        }
                         self.remember_ended(id);
                         moved += 1;
                         continue;
@@ -477,11 +522,63 @@ impl State {
                 Response::Swept(removed)
             }
             Command::CallsOfOwnerEnded { owner } => {
-                let before = self.calls.len();
-                self.calls.retain(|_, c| c.owner != owner);
-                Response::Swept(before - self.calls.len())
+                let gone: Vec<String> = self
+                    .calls
+                    .values()
+                    .filter(|c| c.owner == owner)
+                    .map(|c| c.id.clone())
+                    .collect();
+                for id in &gone {
+                    if let Some(c) = self.calls.remove(id) {
+                        // No clock in this command: the last time the record names.
+                        let last = c
+                            .history
+                            .iter()
+                            .map(|(_, at)| *at)
+                            .fold(c.answered_at_ms, u64::max);
+                        self.record_dropped(&c, last);
+                    }
+                }
+                Response::Swept(gone.len())
             }
         }
+    }
+
+    /// Ends call `id` if it is `owner`'s at `epoch` (None: whoever's); false otherwise.
+    fn end_call(&mut self, id: &str, owner: Option<u64>, epoch: u32) -> bool {
+        let ours = self
+            .calls
+            .get(id)
+            .is_some_and(|c| owner.is_none_or(|o| o == c.owner && epoch == c.epoch));
+        if ours {
+            self.calls.remove(id);
+            self.remember_ended(id.to_string());
+        }
+        ours
+    }
+
+    /// The record of an answered call dropped with its node (nobody could take it
+    /// over): it ended when it was dropped, cause 41 (temporary failure).
+    fn record_dropped(&mut self, c: &CallRecord, end_ms: u64) {
+        let mut nodes: Vec<u64> = c.history.iter().map(|(n, _)| *n).collect();
+        nodes.push(c.owner);
+        self.cdrs.record(
+            Cdr {
+                uniqueid: c.id.clone(),
+                start_ms: 0,
+                answer_ms: Some(c.answered_at_ms),
+                end_ms: end_ms.max(c.answered_at_ms),
+                src: c.caller.clone(),
+                clid: String::new(),
+                dst: c.callee.clone(),
+                dcontext: String::new(),
+                disposition: "ANSWERED".into(),
+                hangup_cause: 41,
+                nodes,
+                seq: 0,
+            },
+            CdrKeep::DEFAULT,
+        );
     }
 
     fn remember_ended(&mut self, id: String) {
@@ -558,6 +655,7 @@ impl State {
         out.extend_from_slice(SNAPSHOT_MAGIC);
         out.extend_from_slice(&SNAPSHOT_FORMAT.to_be_bytes());
         bincode::serialize_into(&mut out, self)?;
+        bincode::serialize_into(&mut out, &self.cdrs)?;
         Ok(out)
     }
 
@@ -569,19 +667,26 @@ impl State {
             return Err(StateError::Format("truncated snapshot".into()));
         }
         let format = u16::from_be_bytes([body[0], body[1]]);
-        if format != SNAPSHOT_FORMAT {
+        if format != SNAPSHOT_FORMAT && format != 5 {
             return Err(StateError::Format(format!(
-                "snapshot format {format}, this pbxd reads format {SNAPSHOT_FORMAT}"
+                "snapshot format {format}, this pbxd reads formats 5 and {SNAPSHOT_FORMAT}"
             )));
         }
-        Ok(bincode::deserialize(&body[2..])?)
+        let mut rest = &body[2..];
+        let mut state: State = bincode::deserialize_from(&mut rest)?;
+        // Format 5 had no call detail records.
+        if format >= 6 {
+            state.cdrs = bincode::deserialize_from(&mut rest)?;
+        }
+        Ok(state)
     }
 }
 
 const SNAPSHOT_MAGIC: &[u8] = b"PBXS";
 /// Bumped whenever [`State`]'s encoding changes.
 /// 4: call records with epoch, history, activity and each leg's contact and media.
-const SNAPSHOT_FORMAT: u16 = 5;
+/// 6: call detail records after the state (format 5 is read as having none).
+const SNAPSHOT_FORMAT: u16 = 6;
 
 impl Command {
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
@@ -894,6 +999,107 @@ mod tests {
         }
         assert_eq!(a, b);
         assert_eq!(State::decode(&a.encode().unwrap()).unwrap(), a);
+    }
+
+    fn finished(id: &str, owner: Option<u64>, epoch: u32, start_ms: u64) -> Command {
+        Command::CallFinished {
+            cdr: Cdr {
+                uniqueid: id.into(),
+                start_ms,
+                answer_ms: Some(20),
+                end_ms: 90_000,
+                src: "1000".into(),
+                clid: String::new(),
+                dst: "1001".into(),
+                dcontext: String::new(),
+                disposition: "ANSWERED".into(),
+                hangup_cause: 16,
+                nodes: vec![owner.unwrap_or(0)],
+                seq: 0,
+            },
+            owner,
+            epoch,
+            keep: CdrKeep::DEFAULT,
+        }
+    }
+
+    #[test]
+    fn a_call_is_one_record_whoever_ends_it() {
+        let mut st = State::default();
+        st.apply(Command::CallAnswered(call("a", 1)));
+        st.apply(Command::CdrOpened(CdrStart {
+            uniqueid: "a".into(),
+            start_ms: 3,
+            answer_ms: 5,
+            src: "1000".into(),
+            clid: "\"One\" <1000>".into(),
+            dst: "1001".into(),
+            dcontext: "office".into(),
+        }));
+        st.apply(Command::AdoptCalls {
+            from: 1,
+            to: vec![2],
+            only: None,
+            now_ms: 50,
+        });
+        // The old owner's end comes too late: ignored, no record from it.
+        assert_eq!(st.apply(finished("a", Some(1), 0, 3)), Response::Stale);
+        assert!(st.cdrs.records.is_empty());
+        // The adopter's end (it never knew the start) is the call's one record.
+        assert_eq!(st.apply(finished("a", Some(2), 1, 0)), Response::Done);
+        assert!(st.calls.is_empty());
+        let c = &st.cdrs.records[0];
+        assert_eq!((c.start_ms, c.answer_ms, c.end_ms), (3, Some(5), 90_000));
+        assert_eq!((c.dcontext.as_str(), c.seq), ("office", 1));
+        // An unanswered call has no running record: its record goes in as it is.
+        let mut busy = finished("b", None, 0, 7);
+        if let Command::CallFinished { cdr, .. } = &mut busy {
+            cdr.answer_ms = None;
+            cdr.disposition = "BUSY".into();
+        }
+        assert_eq!(st.apply(busy), Response::Done);
+        assert_eq!(st.cdrs.records.len(), 2);
+        assert_eq!(
+            st.apply(Command::CdrsShipped { through: 9 }),
+            Response::Done
+        );
+        assert_eq!(st.cdrs.shipped_through, 2, "not past the last record");
+    }
+
+    #[test]
+    fn calls_dropped_with_their_node_are_recorded() {
+        let mut st = State::default();
+        st.apply(Command::CallAnswered(call("a", 1)));
+        st.apply(Command::AdoptCalls {
+            from: 1,
+            to: Vec::new(),
+            only: None,
+            now_ms: 60_000,
+        });
+        let c = &st.cdrs.records[0];
+        assert_eq!((c.end_ms, c.hangup_cause), (60_000, 41));
+        assert_eq!(c.billsec(), 59);
+        st.apply(Command::CallAnswered(call("b", 3)));
+        assert_eq!(
+            st.apply(Command::CallsOfOwnerEnded { owner: 3 }),
+            Response::Swept(1)
+        );
+        assert_eq!(st.cdrs.records.len(), 2);
+    }
+
+    #[test]
+    fn snapshots_carry_call_records_and_read_format_5() {
+        let mut st = State::default();
+        st.apply(finished("a", None, 0, 1));
+        let bytes = st.encode().unwrap();
+        assert_eq!(State::decode(&bytes).unwrap(), st);
+        // A format 5 snapshot: the same state without records.
+        let mut v5 = SNAPSHOT_MAGIC.to_vec();
+        v5.extend_from_slice(&5u16.to_be_bytes());
+        bincode::serialize_into(&mut v5, &st).unwrap();
+        let old = State::decode(&v5).unwrap();
+        assert!(old.cdrs.records.is_empty());
+        assert_eq!(old.calls, st.calls);
     }
 
     fn call(id: &str, owner: u64) -> CallRecord {

@@ -120,6 +120,11 @@ enum Cmd {
         #[command(subcommand)]
         command: NodeCmd,
     },
+    /// Call detail records the cluster keeps (admin API): every call, answered or not.
+    Cdr {
+        #[command(subcommand)]
+        command: CdrCmd,
+    },
     /// Who changed what and when through the admin API, newest last.
     Audit {
         /// Only the last N entries (0: all kept).
@@ -296,6 +301,72 @@ enum CallsCmd {
     },
     /// Hang up a call (BYE both ways) on the node running it.
     Hangup { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum CdrCmd {
+    /// A table of the records of calls that ended in a time range (newest last).
+    List {
+        #[command(flatten)]
+        range: CdrRange,
+        /// Only the newest N.
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Every record of a time range as CSV (with a header line) or JSON, for billing.
+    Export {
+        #[command(flatten)]
+        range: CdrRange,
+        #[arg(long, value_enum, default_value_t = CdrFormat::Csv)]
+        format: CdrFormat,
+    },
+}
+
+/// Which calls: those that ended in [since, until). A time is a UTC date
+/// (`2026-12-01`, `2026-12-01T08:00:00Z`), unix seconds, or an age (`90s`, `30m`,
+/// `12h`, `7d`: that long ago).
+#[derive(clap::Args, Debug)]
+struct CdrRange {
+    #[arg(long, value_parser = parse_when)]
+    since: Option<u64>,
+    #[arg(long, value_parser = parse_when)]
+    until: Option<u64>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum CdrFormat {
+    Csv,
+    Json,
+}
+
+/// Unix ms of a `--since`/`--until` value.
+fn parse_when(s: &str) -> Result<u64, String> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let unit = |c: char| match c {
+        's' => Some(1_000u64),
+        'm' => Some(60_000),
+        'h' => Some(3_600_000),
+        'd' => Some(86_400_000),
+        _ => None,
+    };
+    if let Some(last) = s.chars().last().filter(|c| unit(*c).is_some()) {
+        if let Ok(n) = s[..s.len() - 1].parse::<u64>() {
+            return Ok(now_ms.saturating_sub(n.saturating_mul(unit(last).unwrap_or(0))));
+        }
+    }
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u64>()
+            .map(|secs| secs.saturating_mul(1000))
+            .map_err(|e| e.to_string());
+    }
+    pbx_state::parse_utc(s).ok_or_else(|| {
+        format!(
+            "'{s}': want a UTC date (2026-12-01T08:00:00Z), unix seconds or an age (30m, 12h, 7d)"
+        )
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -566,6 +637,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Audit { limit } => admin_call(&admin_target(&cli)?, |t| admin::audit_list(t, *limit)),
+        Cmd::Cdr { command } => {
+            let t = admin_target(&cli)?;
+            match command {
+                CdrCmd::List { range, limit } => admin_call(&t, |t| {
+                    admin::cdr_list(t, range.since, range.until, *limit, None)
+                }),
+                CdrCmd::Export { range, format } => {
+                    let csv = matches!(format, CdrFormat::Csv);
+                    admin_call(&t, |t| {
+                        admin::cdr_list(t, range.since, range.until, 0, Some(csv))
+                    })
+                }
+            }
+        }
         Cmd::Node { command } => {
             let t = admin_target(&cli)?;
             match command {
@@ -719,6 +804,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Registrations { .. }
         | Cmd::Node { .. }
         | Cmd::Audit { .. }
+        | Cmd::Cdr { .. }
         | Cmd::Calls { .. }
         | Cmd::Dns {
             command: DnsCmd::Zone { .. },
