@@ -179,6 +179,19 @@ impl<'a> Cursor<'a> {
                         self.expect(b']', "']'")?;
                         &self.s[start..self.pos]
                     }
+                    // `received` is an IPv4 or IPv6 address and `maddr` a host (RFC
+                    // 3261 §25.1): an IPv6 one without brackets has colons, which are
+                    // not token characters (RFC 5118 §4.5).
+                    _ if name.eq_ignore_ascii_case("received")
+                        || name.eq_ignore_ascii_case("maddr") =>
+                    {
+                        let start = self.pos;
+                        self.take_while(|c| is_token_char(c) || c == b':');
+                        if self.pos == start {
+                            return Err("expected parameter value".into());
+                        }
+                        &self.s[start..self.pos]
+                    }
                     _ => self.token("parameter value")?,
                 };
                 Some(v.to_string())
