@@ -446,3 +446,49 @@ fn a_flooding_source_is_dropped_and_others_are_served() {
     assert_eq!(dropped, (sent - answered) as u64, "{}", c.log(1));
     healthy(&c);
 }
+
+/// Common phones work with the default configuration: SIPp 3.6 and baresip 1.0 answer
+/// only the first digest challenge and know only MD5 (issue 17), so the default offers
+/// MD5 first. SIPp registers, baresip registers over UDP, and SIPp calls baresip (the
+/// INVITE's 407 has the same algorithms).
+#[test]
+fn sipp_and_baresip_register_and_call_with_the_default_configuration() {
+    require_tool("baresip", "baresip-core");
+    let users = Users { count: 2 };
+    let c = LocalCluster::up(70, 3, &users, "").unwrap();
+    let p = pbx_tests::Phones::new(&c);
+    let sipp_ip = c.client_ip(50);
+    let sipp_port = pbx_tests::free_udp_port(&sipp_ip);
+    p.register(1, 1, &sipp_ip, sipp_port);
+
+    let dir = c.dir.path().join("baresip");
+    let ip = c.client_ip(51);
+    let _phone = pbx_tests::Baresip::start(
+        &dir,
+        &ip,
+        pbx_tests::free_udp_port(&ip),
+        &[],
+        &format!(
+            "<sip:{}@pbx.test>;auth_pass={};outbound=\"sip:{}\";regint=600;answermode=auto;audio_codecs=PCMU",
+            Users::name(2),
+            Users::password(2),
+            c.node_addr(2)
+        ),
+    );
+    wait_for("baresip registered", Duration::from_secs(20), || {
+        c.status(3)
+            .filter(|s| s.get("bindings").map(String::as_str) == Some("2"))
+            .map(|_| ())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            std::fs::read_to_string(dir.join("out.log")).unwrap_or_default()
+        )
+    });
+    let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
+    let uac = p.call("uac_call.xml", 1, 1, &Users::name(2), nowhere, 500);
+    assert_all_ok(&uac.wait().unwrap(), 1, "SIPp calls baresip");
+    let log = std::fs::read_to_string(dir.join("out.log")).unwrap_or_default();
+    assert!(log.contains("Call established"), "{log}");
+}

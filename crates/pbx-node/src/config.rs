@@ -227,7 +227,7 @@ impl Default for AuthSection {
         let b = BanPolicy::default();
         AuthSection {
             nonce_ttl: 60,
-            challenge_algorithms: vec!["SHA-256".into(), "MD5".into()],
+            challenge_algorithms: vec!["MD5".into()],
             ban_after_failures: b.max_failures,
             ban_window: b.window_secs,
             ban_duration: b.ban_secs,

@@ -67,7 +67,7 @@ impl Default for HandlerConfig {
             max_expires: 7200,
             max_contacts: 10,
             nonce_ttl_secs: 60,
-            challenge_algorithms: vec![Algorithm::Sha256, Algorithm::Md5],
+            challenge_algorithms: vec![Algorithm::Md5],
             ban: BanPolicy::default(),
             server_name: concat!("pbxd/", env!("CARGO_PKG_VERSION")).to_string(),
         }

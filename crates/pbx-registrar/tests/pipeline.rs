@@ -291,9 +291,10 @@ fn regaut01_gets_a_fresh_digest_challenge() {
         .msg()
         .header_values(&HeaderName::WwwAuthenticate)
         .collect();
-    assert_eq!(challenges.len(), 2);
-    assert!(challenges[0].contains("algorithm=SHA-256"), "SHA-256 first");
-    assert!(challenges[1].contains("algorithm=MD5"));
+    // MD5 only by default: most phones know only MD5, and some (baresip 1.0) give up
+    // on the whole challenge when one of several offers SHA-256.
+    assert_eq!(challenges.len(), 1);
+    assert!(challenges[0].contains("algorithm=MD5"), "{challenges:?}");
 }
 
 /// cparam01/cparam02/regescrt: registered (with credentials), and the Contact comes
