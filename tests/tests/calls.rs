@@ -543,3 +543,36 @@ fn a_drained_node_refuses_new_work_while_its_running_call_completes() {
     })
     .unwrap();
 }
+
+/// A third-party registration (RFC 3261 §10.2): the REGISTER comes from one address and
+/// binds a Contact at another (a provisioning system; a phone that sends from one port
+/// and listens on another). A call reaches the Contact, not the REGISTER's source.
+#[test]
+fn a_contact_registered_from_another_address_is_reached_at_the_contact() {
+    let users = Users { count: 2 };
+    let c = LocalCluster::up(71, 3, &users, "").unwrap();
+    let p = Phones::new(&c);
+    let registrar_ip = c.client_ip(40);
+    let registrar_port = free_udp_port(&registrar_ip);
+    let phone_ip = c.client_ip(41);
+    let phone_port = free_udp_port(&phone_ip);
+    let inf = p.file(
+        "reg.csv",
+        &format!(
+            "SEQUENTIAL\n{};pbx.test;{};{phone_ip}:{phone_port};3600\n",
+            Users::name(2),
+            Users::password(2)
+        ),
+    );
+    let port = registrar_port.to_string();
+    let reg = p
+        .sipp("reg_auth.xml", 2, &registrar_ip, &inf, &["-p", &port])
+        .wait()
+        .unwrap();
+    assert_all_ok(&reg, 1, "third-party registration");
+    let uas = p.callee("uas_answer.xml", &phone_ip, phone_port, &[]);
+    let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
+    let uac = p.call("uac_call.xml", 1, 1, &Users::name(2), nowhere, 200);
+    ok(uac.wait().unwrap(), "u1 -> u2 at its registered Contact");
+    ok(uas.wait().unwrap(), "the phone at the Contact answers");
+}

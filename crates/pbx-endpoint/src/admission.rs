@@ -2,7 +2,7 @@
 //! contacts a Dial rings (which bindings, skipping loops and non-TLS contacts of a
 //! `sips:` call, and 404 or 480 when there are none).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use pbx_b2bua::Contact;
@@ -146,11 +146,81 @@ pub enum SkipReason {
     NotTls,
 }
 
+/// How a UDP phone is reached (`[registrar] nat`: "auto", "force", "no").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NatPolicy {
+    /// At its Contact, unless it looks NATed (see [`udp_target`]).
+    #[default]
+    Auto,
+    /// Always where its REGISTER came from (Asterisk's `force_rport` + `rewrite_contact`).
+    Force,
+    /// Always at its Contact (a LAN where provisioning systems register phones at their
+    /// private addresses).
+    No,
+}
+
+/// Where a UDP binding is reached. At its Contact (RFC 3261 §10.2: a REGISTER may bind
+/// an address it was not sent from — a third-party registration, a phone that sends from
+/// one port and listens on another), except where the Contact cannot be what reaches the
+/// phone: an RFC 5626 flow (the flow is the way back), a Contact that names a host
+/// rather than an address, or one whose address is private or unroutable and differs
+/// from the REGISTER's source (a phone behind NAT writing its LAN address): then the
+/// source. `policy` forces one or the other.
+pub fn udp_target(b: &Binding, policy: NatPolicy) -> Option<SocketAddr> {
+    let source: SocketAddr = b.source.parse().ok()?;
+    if policy == NatPolicy::Force || b.reg_id.is_some() {
+        return Some(source);
+    }
+    let Some(contact) = Uri::parse(&b.uri).ok().and_then(|u| {
+        let ip: IpAddr = u.host.trim_matches(['[', ']']).parse().ok()?;
+        Some(SocketAddr::new(ip, u.port.unwrap_or(5060)))
+    }) else {
+        return Some(source);
+    };
+    let behind_nat = contact.ip() != source.ip()
+        && unroutable(contact.ip())
+        // A phone on this very host is not behind NAT.
+        && !(contact.ip().is_loopback() && source.ip().is_loopback());
+    if policy == NatPolicy::Auto && behind_nat {
+        Some(source)
+    } else {
+        Some(contact)
+    }
+}
+
+/// An address another network cannot reach the phone at: private (RFC 1918, RFC 4193),
+/// shared (RFC 6598, carrier NAT), link-local, loopback, unspecified.
+fn unroutable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_private()
+                || v4.is_link_local()
+                || v4.is_loopback()
+                || v4.is_unspecified()
+                || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| unroutable(IpAddr::V4(v4)))
+        }
+    }
+}
+
 /// The contacts of the users among `targets` (URI targets are located by the driver,
 /// RFC 3263). Phones on connections another node holds are reached through that node.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn contacts(
     node_id: u64,
     local_addr: SocketAddr,
+    nat: NatPolicy,
     state: &State,
     targets: &[DialTarget],
     secure: bool,
@@ -170,7 +240,13 @@ pub(crate) fn contacts(
                 }
                 known = true;
                 for b in state.bindings_of(user, now_ms) {
-                    let Ok(addr) = b.source.parse::<SocketAddr>() else {
+                    // A UDP phone at its Contact or its source; a connection's phone
+                    // where its connection comes from.
+                    let addr = match b.transport {
+                        Transport::Udp => udp_target(&b, nat),
+                        _ => b.source.parse::<SocketAddr>().ok(),
+                    };
+                    let Some(addr) = addr else {
                         continue;
                     };
                     let skip = if addr == local_addr {
@@ -301,4 +377,95 @@ pub fn legs_reachable(
                 .and_then(|addr| leg_binding(state, l, addr, now_ms))
                 .is_some_and(|b| alive(b.node_id))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(uri: &str, source: &str, reg_id: Option<u32>) -> Binding {
+        Binding {
+            uri: uri.into(),
+            uri_key: uri.into(),
+            params: String::new(),
+            q: None,
+            expires_at_ms: u64::MAX,
+            call_id: "c".into(),
+            cseq: 1,
+            instance: None,
+            reg_id,
+            path: Vec::new(),
+            source: source.into(),
+            transport: Transport::Udp,
+            node_id: 1,
+            user_agent: None,
+            registered_at_ms: 0,
+        }
+    }
+
+    fn at(uri: &str, source: &str, nat: NatPolicy) -> String {
+        udp_target(&binding(uri, source, None), nat)
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_udp_phone_is_reached_at_its_contact_unless_it_looks_natted() {
+        use NatPolicy::*;
+        // Third-party registration, or a phone listening on another port: its Contact.
+        assert_eq!(
+            at("sip:a@198.51.100.7:5070", "203.0.113.9:5060", Auto),
+            "198.51.100.7:5070"
+        );
+        assert_eq!(
+            at("sip:a@203.0.113.9:5080", "203.0.113.9:5060", Auto),
+            "203.0.113.9:5080"
+        );
+        assert_eq!(
+            at("sip:a@203.0.113.9", "203.0.113.9:5062", Auto),
+            "203.0.113.9:5060"
+        );
+        // Behind NAT: a private (or CGNAT, link-local) Contact from a public source.
+        for contact in [
+            "sip:a@192.168.1.20:5060",
+            "sip:a@10.1.2.3",
+            "sip:a@100.64.0.9:5060",
+            "sip:a@169.254.3.4",
+        ] {
+            assert_eq!(
+                at(contact, "203.0.113.9:40123", Auto),
+                "203.0.113.9:40123",
+                "{contact}"
+            );
+        }
+        assert_eq!(
+            at("sip:a@[fd00::5]:5060", "[2001:db8::1]:5060", Auto),
+            "[2001:db8::1]:5060"
+        );
+        // A host name is not resolved here: the source.
+        assert_eq!(
+            at("sip:a@phone.example.com", "203.0.113.9:5060", Auto),
+            "203.0.113.9:5060"
+        );
+        // Phones on this host (tests, loopback): the Contact.
+        assert_eq!(
+            at("sip:a@127.0.70.51:5090", "127.0.70.50:5060", Auto),
+            "127.0.70.51:5090"
+        );
+        // Forced either way.
+        assert_eq!(
+            at("sip:a@198.51.100.7:5070", "203.0.113.9:5060", Force),
+            "203.0.113.9:5060"
+        );
+        assert_eq!(
+            at("sip:a@192.168.1.20:5060", "203.0.113.9:5060", No),
+            "192.168.1.20:5060"
+        );
+        // An RFC 5626 flow: back the way it came.
+        let flow = binding("sip:a@198.51.100.7:5070;ob", "203.0.113.9:5060", Some(1));
+        assert_eq!(
+            udp_target(&flow, Auto),
+            Some("203.0.113.9:5060".parse().unwrap())
+        );
+    }
 }

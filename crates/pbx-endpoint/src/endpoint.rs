@@ -43,6 +43,8 @@ pub struct EndpointConfig {
     pub handler: HandlerConfig,
     /// What new work is shed under overload, and floods from one address.
     pub overload: OverloadConfig,
+    /// How UDP phones are reached: at their Contact or where they registered from.
+    pub nat: crate::NatPolicy,
 }
 
 impl EndpointConfig {
@@ -612,6 +614,7 @@ impl<C: Clone> Endpoint<C> {
         admission::contacts(
             self.config.node_id,
             self.config.local_addr,
+            self.config.nat,
             state,
             targets,
             secure,

@@ -34,7 +34,8 @@ use pbx_sip_msg::{CoreHeaders, SipMessage};
 use pbx_state::{Command, Transport};
 
 pub use admission::{
-    leg_instance, legs_reachable, resume_dest, Contacts, Refused, SkipReason, Skipped,
+    leg_instance, legs_reachable, resume_dest, udp_target, Contacts, NatPolicy, Refused,
+    SkipReason, Skipped,
 };
 pub use endpoint::{lock, CommitToken, Endpoint, EndpointConfig};
 pub use outcomes::RegisterOutcomes;

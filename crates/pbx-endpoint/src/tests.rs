@@ -39,6 +39,7 @@ fn config(max_calls: usize) -> EndpointConfig {
         relayed_call_idle: EndpointConfig::DEFAULT_RELAYED_CALL_IDLE,
         handler: HandlerConfig::default(),
         overload: overload_without_flood_limit(),
+        nat: crate::NatPolicy::Auto,
     }
 }
 

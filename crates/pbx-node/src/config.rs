@@ -193,6 +193,10 @@ pub struct RegistrarSection {
     pub max_contacts: u32,
     /// Seconds between sweeps of expired bindings.
     pub sweep_interval: u64,
+    /// How a UDP phone is reached: `auto` (at its Contact unless that is a private
+    /// address other than the REGISTER's source: then the source), `force` (always the
+    /// source), `no` (always the Contact).
+    pub nat: pbx_endpoint::NatPolicy,
 }
 
 impl Default for RegistrarSection {
@@ -204,6 +208,7 @@ impl Default for RegistrarSection {
             max_expires: h.max_expires,
             max_contacts: h.max_contacts,
             sweep_interval: 30,
+            nat: pbx_endpoint::NatPolicy::Auto,
         }
     }
 }

@@ -118,6 +118,7 @@ pub(crate) fn serve(
         max_calls,
         relayed_call_idle: EndpointConfig::DEFAULT_RELAYED_CALL_IDLE,
         handler,
+        nat: config.registrar.nat,
     })?);
     let wake = Arc::new(Notify::new());
     let calls = Arc::new(CallLayer::new(
