@@ -136,6 +136,13 @@ fn cluster_dns_follows_the_live_members() {
     let (status, _) = dig(&c, 1, "A", "node2.pbx.test");
     assert_eq!(status, "NXDOMAIN");
     c.start(2).unwrap();
+    // Ready, it answers at once with every member it knows, not with itself alone until
+    // its first probe round (resolvers would cache that for the TTL).
+    assert_eq!(
+        udp_targets(&c, 2),
+        all_three(),
+        "a restarted node's first answer"
+    );
     wait_for("node 2 back", Duration::from_secs(10), || {
         (1..=3)
             .all(|n| udp_targets(&c, n) == all_three())

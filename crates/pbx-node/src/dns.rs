@@ -20,14 +20,15 @@ use pbx_peer::Cluster;
 use crate::config::DnsSection;
 use crate::NodeError;
 
-/// What the DNS answers from: the members last found alive.
+/// What the DNS answers from: the members last found alive (None: not known yet, see
+/// [`probe_members`]).
 struct ClusterDns {
     cluster: Cluster,
     config: DnsSection,
     domain: String,
     /// This node's SIP-over-TLS port, published for every member (they share it).
     tls_port: Option<u16>,
-    alive: Arc<RwLock<BTreeSet<u64>>>,
+    alive: Arc<RwLock<Option<BTreeSet<u64>>>>,
     /// Answers by response code (metrics).
     counts: Arc<crate::metrics::NodeCounts>,
 }
@@ -45,7 +46,8 @@ impl ClusterDns {
             .members
             .iter()
             .filter(|(id, _, _)| {
-                (*id == status.node_id || alive.contains(id)) && !draining.contains(id)
+                (*id == status.node_id || alive.as_ref().is_none_or(|a| a.contains(id)))
+                    && !draining.contains(id)
             })
             .filter_map(|(id, m, _)| {
                 let sip: SocketAddr = m.sip_addr.parse().ok()?;
@@ -233,13 +235,22 @@ fn send_failed(request: &Request) -> ResponseInfo {
 }
 
 /// Probes every other member's peer link each interval; a member is alive when it
-/// answers within half the interval and serves writes.
-async fn probe_members(cluster: Cluster, interval: Duration, alive: Arc<RwLock<BTreeSet<u64>>>) {
+/// answers within half the interval and serves writes. A round that began before this
+/// node served writes itself says nothing (the others may be starting with it): until a
+/// round of its own as a serving node, the answers list every member it knows from the
+/// Raft membership (`None`) rather than itself alone, which resolvers would cache for
+/// the TTL and send every phone to this node.
+async fn probe_members(
+    cluster: Cluster,
+    interval: Duration,
+    alive: Arc<RwLock<Option<BTreeSet<u64>>>>,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let me = cluster.node_id();
+        let serving = cluster.serving_writes();
         let ids: Vec<u64> = cluster
             .status()
             .members
@@ -264,9 +275,12 @@ async fn probe_members(cluster: Cluster, interval: Duration, alive: Arc<RwLock<B
                 now_alive.insert(id);
             }
         }
+        let now_alive = serving.then_some(now_alive);
         let mut current = alive.write().unwrap_or_else(|e| e.into_inner());
         if *current != now_alive {
-            tracing::info!(alive = ?now_alive, "cluster DNS: members answering changed");
+            if let Some(a) = &now_alive {
+                tracing::info!(alive = ?a, "cluster DNS: members answering changed");
+            }
             *current = now_alive;
         }
     }
@@ -284,7 +298,7 @@ pub(crate) async fn serve(
     let bind = |source| NodeError::Bind { addr, source };
     let udp = tokio::net::UdpSocket::bind(addr).await.map_err(bind)?;
     let tcp = tokio::net::TcpListener::bind(addr).await.map_err(bind)?;
-    let alive = Arc::new(RwLock::new(BTreeSet::new()));
+    let alive = Arc::new(RwLock::new(None));
     let interval = Duration::from_millis(config.probe_interval_ms);
     let prober = tokio::spawn(probe_members(cluster.clone(), interval, alive.clone()));
     let handler = ClusterDns {
