@@ -527,3 +527,41 @@ fn a_leader_stopped_with_sigterm_hands_over_first() {
         t.elapsed().as_millis()
     );
 }
+
+/// A node started on another cluster's data directory refuses to start, naming the
+/// directory and why (issue 17); with its own cluster id again it starts on its data.
+#[test]
+fn a_node_refuses_another_clusters_data_directory() {
+    let users = Users { count: 1 };
+    let c = LocalCluster::up(72, 1, &users, "").unwrap();
+    c.launcher(&["stop", "1"]).unwrap();
+    let config = c.run_dir().join("node1.toml");
+    let mine = std::fs::read_to_string(&config).unwrap();
+    assert!(mine.contains("id = \"pbx-local\""), "{mine}");
+    std::fs::write(
+        &config,
+        mine.replace("id = \"pbx-local\"", "id = \"pbx-other\""),
+    )
+    .unwrap();
+    let refused = c.launcher(&["start", "1"]);
+    assert!(
+        refused.is_err(),
+        "a node must not run on another cluster's data"
+    );
+    let log = c.log(1);
+    let state_dir = c.run_dir().join("node1/state");
+    assert!(
+        log.contains(&state_dir.display().to_string())
+            && log.contains("holds the data of cluster 'pbx-local'")
+            && log.contains("'pbx-other'"),
+        "{log}"
+    );
+    std::fs::write(&config, mine).unwrap();
+    c.launcher(&["start", "1"]).unwrap();
+    let status = c.status(1).expect("node 1 answers");
+    assert_eq!(
+        status.get("role").map(String::as_str),
+        Some("leader"),
+        "{status:?}"
+    );
+}

@@ -93,10 +93,17 @@ impl Node {
         let sip_tls = tls::SipTls::from_config(&config)?;
         let tls_client = tls::client(&config)?;
         let data_dir = config.resolve(&config.node.data_dir);
-        let store = Arc::new(SledStore::open(
-            &data_dir.join("state"),
-            config.storage.cache_mb << 20,
-        )?);
+        let state_dir = data_dir.join("state");
+        let store = Arc::new(SledStore::open(&state_dir, config.storage.cache_mb << 20)?);
+        // Never run on another cluster's or node's data, or on a newer format.
+        pbx_storage::claim(
+            &*store,
+            &state_dir,
+            &pbx_storage::DataIdentity {
+                cluster_id: config.cluster.id.clone(),
+                node_id: config.node.id,
+            },
+        )?;
         let sip_addr = listeners
             .udp
             .local_addr()

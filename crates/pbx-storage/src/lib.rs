@@ -10,8 +10,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+mod identity;
 mod mem;
 
+pub use identity::{claim, DataIdentity, DATA_FORMAT};
 pub use mem::MemStore;
 
 /// Errors of this crate.
@@ -26,6 +28,10 @@ pub enum StorageError {
     },
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// The directory cannot be used by this node: another cluster's or node's data, a
+    /// newer format, or a store that does not open (torn or truncated files).
+    #[error("{path}: {reason}")]
+    Foreign { path: PathBuf, reason: String },
 }
 
 /// An append-only log of opaque entries with a snapshot and small metadata values.
@@ -124,14 +130,33 @@ impl SledStore {
             path: dir.to_path_buf(),
             source,
         })?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             // We flush (and fsync) exactly when something must be durable; sled's own
             // periodic flusher would only compete with those flushes and stall them.
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        // A torn or truncated store is refused with its path, whether sled reports it or
+        // panics on it.
+        let unusable = |reason: String| {
+            StorageError::Foreign {
+            path: dir.to_path_buf(),
+            reason: format!("the store does not open ({reason}): restore it, or wipe the directory and let the node catch up from the others"),
+        }
+        };
+        let db = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())) {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(unusable(e.to_string())),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "sled panicked".into());
+                return Err(unusable(what));
+            }
+        };
         let mut segments = Vec::new();
         for name in db.tree_names() {
             let Some(first) = std::str::from_utf8(&name)
@@ -433,5 +458,29 @@ mod tests {
         s.append(&[(256, vec![2]), (1, vec![1]), (65536, vec![3])])
             .unwrap();
         assert_eq!(idx(s.entries_from(0).unwrap()), vec![1, 256, 65536]);
+    }
+}
+
+#[cfg(test)]
+mod open_tests {
+    use super::*;
+
+    #[test]
+    fn a_store_that_does_not_open_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        {
+            let s = SledStore::open(&path, 1 << 20).unwrap();
+            s.append(&[(1, vec![7; 100]), (2, vec![8; 100])]).unwrap();
+        }
+        // Garbage where sled's configuration and data were.
+        std::fs::write(path.join("conf"), b"\x00\x01garbage").unwrap();
+        std::fs::write(path.join("db"), vec![0xa5u8; 4096]).unwrap();
+        let e = match SledStore::open(&path, 1 << 20) {
+            Ok(_) => panic!("a torn store opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("does not open"), "{e}");
     }
 }
