@@ -18,12 +18,15 @@ impl RegisterOutcomes {
         "200", "401", "403", "423", "503", "400", "404", "other", "dropped",
     ];
 
+    /// The statuses counted by name, in [`RegisterOutcomes::LABELS`] order.
+    const STATUSES: [u16; 7] = [200, 401, 403, 423, 503, 400, 404];
+
     /// Counts a REGISTER answered `status`.
     pub(crate) fn answered(&self, status: u16) {
-        let i = Self::LABELS[..7]
+        let i = Self::STATUSES
             .iter()
-            .position(|l| l.parse::<u16>() == Ok(status))
-            .unwrap_or(7);
+            .position(|s| *s == status)
+            .unwrap_or(Self::STATUSES.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -47,6 +50,12 @@ mod tests {
 
     #[test]
     fn statuses_land_in_their_label() {
+        for (status, label) in RegisterOutcomes::STATUSES
+            .iter()
+            .zip(RegisterOutcomes::LABELS)
+        {
+            assert_eq!(status.to_string(), label, "labels name the statuses");
+        }
         let o = RegisterOutcomes::default();
         o.answered(200);
         o.answered(200);

@@ -560,7 +560,7 @@ fn carry_out(
         Output::Record(record) => {
             layer.set_fate(&record.id, record.epoch, Fate::Running);
             let first = answered_ms.is_none();
-            answered_ms.get_or_insert(record.answered_at_ms);
+            let answer_ms = *answered_ms.get_or_insert(record.answered_at_ms);
             let _ = layer.records.send(Command::CallAnswered(*record));
             if let (true, Some((started, info))) = (first, start.as_ref()) {
                 let c = &layer.counts.calls;
@@ -568,7 +568,7 @@ fn carry_out(
                 c.setup.observe(started.elapsed().as_secs_f64());
                 // With its first record: what an adopter needs for the call's CDR.
                 let _ = layer.records.send(Command::CdrOpened(pbx_state::CdrStart {
-                    answer_ms: answered_ms.unwrap_or_else(unix_ms),
+                    answer_ms,
                     ..info.clone()
                 }));
             }
@@ -596,7 +596,7 @@ fn carry_out(
                 layer,
                 call,
                 start.as_ref().map(|s| &s.1),
-                *answered_ms,
+                answered.then_some(*answered_ms).flatten(),
                 cause,
                 disposition,
             );
@@ -612,12 +612,13 @@ fn carry_out(
 
 /// The call's detail record as this node knows it at its end: from its start when it
 /// ran it from the start, else what the cluster's record of the call says (the state
-/// machine completes it from the start details the first node committed).
+/// machine completes it from the start details the first node committed). `answer_ms`:
+/// None for a call that was not answered.
 fn call_record(
     layer: &CallLayer,
     call: &Call<Dest>,
     start: Option<&pbx_state::CdrStart>,
-    answered_ms: Option<u64>,
+    answer_ms: Option<u64>,
     cause: u16,
     disposition: pbx_dialplan::Disposition,
 ) -> pbx_state::Cdr {
@@ -626,7 +627,7 @@ fn call_record(
         match st.calls.get(call.id()) {
             Some(r) => (
                 r.history.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
-                Some((r.caller.clone(), r.callee.clone(), r.answered_at_ms)),
+                Some((r.caller.clone(), r.callee.clone())),
             ),
             None => (Vec::new(), None),
         }
@@ -637,12 +638,9 @@ fn call_record(
     }
     let (src, dst) = match (start, &recorded) {
         (Some(s), _) => (s.src.clone(), s.dst.clone()),
-        (None, Some((caller, callee, _))) => (caller.clone(), callee.clone()),
+        (None, Some((caller, callee))) => (caller.clone(), callee.clone()),
         (None, None) => (String::new(), String::new()),
     };
-    let answer_ms = answered_ms
-        .or(recorded.as_ref().map(|r| r.2))
-        .filter(|_| disposition == pbx_dialplan::Disposition::Answered);
     pbx_state::Cdr {
         uniqueid: call.id().to_string(),
         start_ms: start.map_or(0, |s| s.start_ms),

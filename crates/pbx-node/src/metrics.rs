@@ -15,6 +15,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use pbx_peer::Cluster;
 use pbx_sip_msg::MessageKind;
+use pbx_state::Transport;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -170,7 +171,10 @@ struct Out<'a, 'b> {
 }
 
 impl Out<'_, '_> {
-    fn counter(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    fn counter<N>(&mut self, name: &str, help: &str, v: N) -> std::fmt::Result
+    where
+        ConstCounter<N>: EncodeMetric,
+    {
         let c = ConstCounter::new(v);
         c.encode(
             self.enc
@@ -331,6 +335,7 @@ impl NodeCollector {
         )?;
         let now = unix_ms();
         let me = self.cluster.node_id();
+        const TRANSPORTS: [Transport; 3] = [Transport::Udp, Transport::Tcp, Transport::Tls];
         let mut here = [0u64; 3];
         let (bindings, users, aors) = {
             let st = self.cluster.read();
@@ -341,7 +346,9 @@ impl NodeCollector {
                 for b in list.iter().filter(|b| b.is_live(now)) {
                     n += 1;
                     if b.node_id == me {
-                        here[b.transport as usize] += 1;
+                        if let Some(i) = TRANSPORTS.iter().position(|t| *t == b.transport) {
+                            here[i] += 1;
+                        }
                     }
                 }
                 live += n;
@@ -352,10 +359,10 @@ impl NodeCollector {
         o.gauges(
             "pbx_registrar_bindings_here",
             "Live bindings registered through this node (the phones it serves), by transport.",
-            ["udp", "tcp", "tls"]
-                .into_iter()
+            TRANSPORTS
+                .iter()
                 .zip(here)
-                .map(|(t, n)| (l1("transport", t), n as f64)),
+                .map(|(t, n)| (l1("transport", t.as_str().to_ascii_lowercase()), n as f64)),
         )?;
         o.gauge(
             "pbx_registrar_bindings",
@@ -501,15 +508,12 @@ impl NodeCollector {
             "The last log index applied to the state machine.",
             st.applied_index as f64,
         )?;
-        let members: Vec<(u64, f64)> = st
-            .members
-            .iter()
-            .filter_map(|(id, _, _)| st.lag_of(*id).map(|lag| (*id, lag as f64)))
-            .collect();
         o.gauges(
             "pbx_raft_member_lag_entries",
             "On the leader: log entries each member is behind the leader's log.",
-            members.into_iter().map(|(id, lag)| (l1("member", id), lag)),
+            st.members
+                .iter()
+                .filter_map(|(id, _, _)| Some((l1("member", id), st.lag_of(*id)? as f64))),
         )?;
         o.gauge(
             "pbx_raft_members",
@@ -652,7 +656,7 @@ impl NodeCollector {
 fn process(o: &mut Out, started_ms: u64) -> std::fmt::Result {
     let p = crate::process::ProcessStats::read();
     if let Some(cpu) = p.cpu_seconds {
-        o.counter_f64(
+        o.counter(
             "process_cpu_seconds",
             "Total user and system CPU time spent in seconds.",
             cpu,
@@ -686,23 +690,11 @@ fn process(o: &mut Out, started_ms: u64) -> std::fmt::Result {
     )
 }
 
-impl Out<'_, '_> {
-    fn counter_f64(&mut self, name: &str, help: &str, v: f64) -> std::fmt::Result {
-        let c = ConstCounter::new(v);
-        c.encode(
-            self.enc
-                .encode_descriptor(name, help, None, c.metric_type())?,
-        )
-    }
-}
-
 /// What the HTTP handlers share.
 #[derive(Clone)]
 pub(crate) struct Http {
     registry: Arc<Registry>,
     cluster: Cluster,
-    /// How many entries a node's applied state may trail its log and still be ready.
-    ready_lag: u64,
 }
 
 impl Http {
@@ -713,7 +705,6 @@ impl Http {
         Http {
             registry: Arc::new(registry),
             cluster,
-            ready_lag: READY_LAG,
         }
     }
 
@@ -728,17 +719,18 @@ impl Http {
         let st = self.cluster.status();
         let draining = st.draining.contains(&st.node_id);
         let behind = st.last_log_index.saturating_sub(st.applied_index);
+        let started = self.cluster.is_ready();
         let mut reasons = Vec::new();
         if !st.serving_writes {
             reasons.push("not in contact with a majority of the cluster");
         }
-        if !self.cluster.is_ready() {
+        if !started {
             reasons.push("start-up writes (settings, users) not committed yet");
         }
         if draining {
             reasons.push("draining");
         }
-        if behind > self.ready_lag {
+        if behind > READY_LAG {
             reasons.push("applied state behind its log");
         }
         Readiness {
@@ -748,7 +740,7 @@ impl Http {
             leader: st.leader_id,
             term: st.term,
             serving_writes: st.serving_writes,
-            started: self.cluster.is_ready(),
+            started,
             draining,
             applied_index: st.applied_index,
             last_log_index: st.last_log_index,

@@ -75,7 +75,9 @@ pub struct CdrKeep {
 pub struct CdrLog {
     pub records: VecDeque<Cdr>,
     /// The ids of the kept records: a record is written once (an adopted call's old
-    /// owner and its new one cannot both write it).
+    /// owner and its new one cannot both write it). An index of `records`: not in
+    /// snapshots, rebuilt when one is read ([`CdrLog::reindex`]).
+    #[serde(skip)]
     ids: BTreeSet<String>,
     /// The sequence number the next record gets.
     next_seq: u64,
@@ -138,6 +140,11 @@ impl CdrLog {
         self.records.push_back(cdr);
         self.prune(now_ms, keep);
         true
+    }
+
+    /// Rebuilds the index of ids from the records (after a snapshot is read).
+    pub(crate) fn reindex(&mut self) {
+        self.ids = self.records.iter().map(|c| c.uniqueid.clone()).collect();
     }
 
     /// The leader shipped every record up to `through` to PostgreSQL.

@@ -677,6 +677,7 @@ impl State {
         // Format 5 had no call detail records.
         if format >= 6 {
             state.cdrs = bincode::deserialize_from(&mut rest)?;
+            state.cdrs.reindex();
         }
         Ok(state)
     }
@@ -1092,7 +1093,11 @@ mod tests {
         let mut st = State::default();
         st.apply(finished("a", None, 0, 1));
         let bytes = st.encode().unwrap();
-        assert_eq!(State::decode(&bytes).unwrap(), st);
+        let mut back = State::decode(&bytes).unwrap();
+        assert_eq!(back, st);
+        // The index of ids comes back with the records: the same call is not recorded twice.
+        back.apply(finished("a", None, 0, 1));
+        assert_eq!(back.cdrs.records.len(), 1);
         // A format 5 snapshot: the same state without records.
         let mut v5 = SNAPSHOT_MAGIC.to_vec();
         v5.extend_from_slice(&5u16.to_be_bytes());
