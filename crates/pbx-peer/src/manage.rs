@@ -90,6 +90,9 @@ pub enum HandOver {
     Stayed,
 }
 
+/// Campaigns of a transfer's target once the followers' leases have run out.
+const LATE_ROUNDS: usize = 3;
+
 /// Slack on a lease measured from our own metrics watcher (it sees leadership a little
 /// after openraft stamped it).
 const LEASE_MARGIN_MS: u64 = 20;
@@ -435,17 +438,20 @@ impl Shared {
         if self.handed_to(target, Duration::ZERO).await {
             return Ok(HandOver::AfterLease);
         }
-        self.manage_remote(target, &ManageOp::Campaign).await?;
-        if self
-            .handed_to(target, self.config.election_timeout_max)
-            .await
-        {
-            Ok(HandOver::AfterLease)
-        } else {
-            Err(PeerError::Unavailable(format!(
-                "node {target} did not win the election"
-            )))
+        // A campaign can still lose to a follower whose own election timer fired under
+        // load (split vote): a few more rounds before giving up.
+        for _ in 0..LATE_ROUNDS {
+            self.manage_remote(target, &ManageOp::Campaign).await?;
+            if self
+                .handed_to(target, self.config.election_timeout_max)
+                .await
+            {
+                return Ok(HandOver::AfterLease);
+            }
         }
+        Err(PeerError::Unavailable(format!(
+            "node {target} did not win the election"
+        )))
     }
 
     /// Waits (up to `limit`) until another node leads: this node heard from it, or the
