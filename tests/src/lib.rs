@@ -11,6 +11,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use pbx_registrar::digest::{Algorithm, ClientAuth};
+use pbx_sip_msg::{parse_datagram, AuthHeader, HeaderName, Limits};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -177,33 +179,107 @@ impl LocalCluster {
         dialplan: Option<PathBuf>,
         env: &[(&str, &str)],
     ) -> anyhow::Result<LocalCluster> {
+        let mut c = Self::configured(slot, nodes, users, extra_config)?;
+        c.dialplan = dialplan;
+        c.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        c.bring_up()?;
+        Ok(c)
+    }
+
+    /// A cluster configured but not started: the test prepares the nodes' directories
+    /// (a small tmpfs, a power-cut filesystem) under [`LocalCluster::run_dir`], then
+    /// calls [`LocalCluster::bring_up`].
+    pub fn configured(
+        slot: u8,
+        nodes: usize,
+        users: &Users,
+        extra_config: &str,
+    ) -> anyhow::Result<LocalCluster> {
         // PBX_TEST_KEEP=1 keeps the directory (logs, phones' output) for a post-mortem.
         let dir = tempfile::Builder::new()
             .prefix("pbx-test-")
             .disable_cleanup(std::env::var_os("PBX_TEST_KEEP").is_some())
             .tempdir()?;
         users.write_users_file(&dir.path().join("users.csv"))?;
-        let c = LocalCluster {
+        Ok(LocalCluster {
             prefix: format!("127.0.{slot}"),
             port: 5060,
             nodes,
             extra_config: extra_config.to_string(),
-            dialplan,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            dialplan: None,
+            env: Vec::new(),
             dir,
-        };
-        let users_file = c.dir.path().join("users.csv");
-        c.launcher(&[
+        })
+    }
+
+    /// Starts every node (`up`) and waits until each is ready.
+    pub fn bring_up(&self) -> anyhow::Result<()> {
+        let users_file = self.dir.path().join("users.csv");
+        self.launcher(&[
             "up",
             "--nodes",
-            &nodes.to_string(),
+            &self.nodes.to_string(),
             "--users",
             users_file.to_str().unwrap_or_default(),
-        ])?;
-        Ok(c)
+        ])
+        .map(drop)
+    }
+
+    /// Of `users`, those bound as node `node` sees them: SIPp's `query_auth.xml`
+    /// through it from `client_ip(client)` (the 200 must list a Contact; the users
+    /// found are logged). `tag` names the run's directory.
+    pub fn bound_users(
+        &self,
+        node: usize,
+        users: &std::collections::BTreeSet<usize>,
+        tag: &str,
+        client: u8,
+    ) -> anyhow::Result<std::collections::BTreeSet<usize>> {
+        if users.is_empty() {
+            return Ok(Default::default());
+        }
+        let dir = self.dir.path().join(format!("query-{tag}-n{node}"));
+        std::fs::create_dir_all(&dir)?;
+        let inf = dir.join("users.csv");
+        let contact = format!("{}:5099", self.client_ip(99));
+        Users::write_sipp_csv_for(&inf, "pbx.test", &contact, 3600, users.iter().copied())?;
+        Sipp {
+            scenario: "query_auth.xml",
+            target: self.node_addr(node),
+            local_ip: self.client_ip(client),
+            inf: &inf,
+            calls: users.len(),
+            rate: 1000,
+            transport: "u1",
+        }
+        .spawn(&["-trace_logs"])?
+        .wait()?;
+        Ok(sipp_logged_users(&dir))
+    }
+
+    /// `pbxctl register` of user `u` (digest, its password) through node `node`, with
+    /// `extra` options (e.g. `--query`): (exit success, output).
+    pub fn pbxctl_register(&self, node: usize, u: usize, extra: &[&str]) -> (bool, String) {
+        let target = self.node_addr(node).to_string();
+        let (name, password) = (Users::name(u), Users::password(u));
+        let mut args = vec![
+            "register",
+            &target,
+            "--user",
+            &name,
+            "--password",
+            &password,
+        ];
+        args.extend_from_slice(extra);
+        pbxctl(&args).unwrap()
+    }
+
+    /// Node n's data directory (the launcher's `data_dir`).
+    pub fn data_dir(&self, n: usize) -> PathBuf {
+        self.run_dir().join(format!("node{n}"))
     }
 
     pub fn run_dir(&self) -> PathBuf {
@@ -226,6 +302,12 @@ impl LocalCluster {
     }
 
     pub fn launcher(&self, args: &[&str]) -> anyhow::Result<Output> {
+        self.launcher_with(args, &[])
+    }
+
+    /// [`LocalCluster::launcher`] with more environment for this call only (what the
+    /// node it starts inherits: e.g. libfaketime for one node).
+    pub fn launcher_with(&self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Output> {
         let out = Command::new(repo_root().join("deploy/local/cluster"))
             .args(args)
             .env("PBX_RUN_DIR", self.run_dir())
@@ -239,6 +321,7 @@ impl LocalCluster {
                 self.dialplan.as_deref().unwrap_or(Path::new("")),
             )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied())
             .output()
             .with_context(|| format!("running the launcher {args:?}"))?;
         if !out.status.success() {
@@ -358,20 +441,12 @@ impl LocalCluster {
     /// until each is ready.
     pub fn restart_all(&self) -> anyhow::Result<()> {
         self.launcher(&["down"])?;
-        let users_file = self.dir.path().join("users.csv");
-        self.launcher(&[
-            "up",
-            "--nodes",
-            &self.nodes.to_string(),
-            "--users",
-            users_file.to_str().unwrap_or_default(),
-        ])
-        .map(|_| ())
+        self.bring_up()
     }
 
     /// Deletes node n's data (it must be stopped).
     pub fn wipe(&self, n: usize) -> anyhow::Result<()> {
-        let dir = self.run_dir().join(format!("node{n}"));
+        let dir = self.data_dir(n);
         std::fs::remove_dir_all(&dir).with_context(|| format!("wiping {}", dir.display()))
     }
 
@@ -410,8 +485,7 @@ impl LocalCluster {
 
     /// CPU time (user + system) node n's process has used so far, in ms.
     pub fn cpu_ms(&self, n: usize) -> Option<u64> {
-        let pid = std::fs::read_to_string(self.run_dir().join(format!("node{n}.pid"))).ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid(n)?)).ok()?;
         // After "pid (comm) ": state is field 3; utime and stime are 14 and 15, in
         // USER_HZ (100 per second on Linux).
         let rest = stat.rsplit_once(") ")?.1;
@@ -422,10 +496,17 @@ impl LocalCluster {
 
     /// True while node n's process is alive.
     pub fn is_running(&self, n: usize) -> bool {
-        let Ok(pid) = std::fs::read_to_string(self.run_dir().join(format!("node{n}.pid"))) else {
-            return false;
-        };
-        Path::new(&format!("/proc/{}", pid.trim())).exists()
+        self.pid(n)
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    }
+
+    /// Node n's process id, as the launcher recorded it.
+    pub fn pid(&self, n: usize) -> Option<u32> {
+        std::fs::read_to_string(self.run_dir().join(format!("node{n}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 
@@ -538,6 +619,25 @@ impl RunningSipp {
 }
 
 /// Asserts SIPp exited cleanly with exactly `n` successful calls and no failed one.
+/// Users SIPp logged (`<log>` actions, `-trace_logs` files in `dir`): "registered
+/// uNNN" by reg_auth.xml, "bound uNNN" by query_auth.xml.
+pub fn sipp_logged_users(dir: &Path) -> std::collections::BTreeSet<usize> {
+    let mut out = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.ends_with("_logs.log") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        for w in text.split_whitespace() {
+            if let Some(n) = w.strip_prefix('u').and_then(|d| d.parse::<usize>().ok()) {
+                out.insert(n);
+            }
+        }
+    }
+    out
+}
+
 pub fn assert_all_ok(run: &SippRun, n: usize, what: &str) {
     assert!(
         run.exit_ok && run.successful == n as u64 && run.failed == 0,
@@ -1221,5 +1321,311 @@ impl Drop for Postgres {
             .as_server_user(&self.bin.join("pg_ctl"))
             .args(["-D", &self.data(), "-m", "immediate", "-w", "stop"])
             .output();
+    }
+}
+
+/// A SIP client that registers users with digest authentication over UDP (MD5),
+/// retransmitting as RFC 3261's timer E does: the failover benchmark's stream and the
+/// tests that need a REGISTER answered by one node and authenticated at another.
+pub struct RegisterClient {
+    sock: UdpSocket,
+    target: SocketAddr,
+    local: SocketAddr,
+    domain: String,
+    timeout: Duration,
+    seq: u64,
+}
+
+impl RegisterClient {
+    pub fn new(
+        sock: UdpSocket,
+        target: SocketAddr,
+        domain: &str,
+        timeout: Duration,
+    ) -> std::io::Result<RegisterClient> {
+        Ok(RegisterClient {
+            local: sock.local_addr()?,
+            sock,
+            target,
+            domain: domain.to_string(),
+            timeout,
+            seq: 0,
+        })
+    }
+
+    fn request(&mut self, user: &str, call_id: &str, cseq: u32, auth: Option<&str>) -> String {
+        self.seq += 1;
+        let ruri = format!("sip:{}", self.domain);
+        let mut r = format!(
+            "REGISTER {ruri} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {};branch=z9hG4bK-rs{}-{}\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:{user}@{d}>;tag=rs{user}\r\n\
+             To: <sip:{user}@{d}>\r\n\
+             Call-ID: {call_id}\r\n\
+             CSeq: {cseq} REGISTER\r\n\
+             Contact: <sip:{user}@{}>\r\n\
+             Expires: 3600\r\n",
+            self.local,
+            self.local.port(),
+            self.seq,
+            self.local,
+            d = self.domain
+        );
+        if let Some(a) = auth {
+            r.push_str(&format!("Authorization: {a}\r\n"));
+        }
+        r.push_str("Content-Length: 0\r\n\r\n");
+        r
+    }
+
+    /// Sends `req` until a final response or the timeout; returns the response bytes.
+    fn transact(&self, req: &str, branch_marker: &str) -> Option<Vec<u8>> {
+        self.transact_with(self.target, req, branch_marker)
+    }
+
+    fn transact_with(&self, target: SocketAddr, req: &str, branch_marker: &str) -> Option<Vec<u8>> {
+        let started = Instant::now();
+        let mut interval = Duration::from_millis(500);
+        let mut next_send = started;
+        let mut buf = vec![0u8; 65_535];
+        loop {
+            let now = Instant::now();
+            let left = self.timeout.checked_sub(now - started)?;
+            if now >= next_send {
+                let _ = self.sock.send_to(req.as_bytes(), target);
+                next_send = now + interval;
+                interval = (interval * 2).min(Duration::from_secs(4));
+            }
+            let wait = left
+                .min(next_send.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(1));
+            let _ = self.sock.set_read_timeout(Some(wait));
+            let Ok((n, _)) = self.sock.recv_from(&mut buf) else {
+                continue;
+            };
+            let text = &buf[..n];
+            // A provisional or a stale answer to an earlier transaction: keep waiting.
+            if !String::from_utf8_lossy(text).contains(branch_marker) {
+                continue;
+            }
+            let status = std::str::from_utf8(&text[8..text.len().min(12)])
+                .ok()
+                .and_then(|s| s.trim().parse::<u16>().ok())
+                .unwrap_or(0);
+            if status >= 200 {
+                return Some(text.to_vec());
+            }
+        }
+    }
+
+    /// One REGISTER with its challenge: the final status (0 = no answer in time).
+    pub fn register(&mut self, user: &str, password: &str, n: u64) -> u16 {
+        self.register_across(user, password, n, self.target)
+    }
+
+    /// [`RegisterClient::register`] with the challenge taken from the client's target
+    /// and the authenticated REGISTER sent to `auth_target` (another node: its nonces
+    /// must be good anywhere in the cluster).
+    pub fn register_across(
+        &mut self,
+        user: &str,
+        password: &str,
+        n: u64,
+        auth_target: SocketAddr,
+    ) -> u16 {
+        let call_id = format!("rs-{user}-{}", self.local.port());
+        let first = self.request(user, &call_id, (2 * n + 1) as u32, None);
+        let marker = format!("rs{}-{}", self.local.port(), self.seq);
+        let Some(resp) = self.transact(&first, &marker) else {
+            return 0;
+        };
+        let Ok(msg) = parse_datagram(&resp, &Limits::default()) else {
+            return 0;
+        };
+        let status = msg.status().unwrap_or(0);
+        if status != 401 {
+            return status;
+        }
+        let Some(challenge) = msg
+            .header_values(&HeaderName::WwwAuthenticate)
+            .filter_map(|v| AuthHeader::parse(v).ok())
+            .find(|h| Algorithm::parse(h.get("algorithm")) == Some(Algorithm::Md5))
+        else {
+            return 401;
+        };
+        let ruri = format!("sip:{}", self.domain);
+        let auth = ClientAuth {
+            algorithm: Algorithm::Md5,
+            user,
+            password,
+            realm: challenge.get("realm").unwrap_or(&self.domain),
+            nonce: challenge.get("nonce").unwrap_or_default(),
+            method: "REGISTER",
+            uri: &ruri,
+            nc: 1,
+            cnonce: &format!("{:08x}", n),
+        }
+        .header_value();
+        let second = self.request(user, &call_id, (2 * n + 2) as u32, Some(&auth));
+        let marker = format!("rs{}-{}", self.local.port(), self.seq);
+        match self.transact_with(auth_target, &second, &marker) {
+            Some(resp) => parse_datagram(&resp, &Limits::default())
+                .ok()
+                .and_then(|m| m.status())
+                .unwrap_or(0),
+            None => 0,
+        }
+    }
+}
+
+/// A small tmpfs mounted on a directory (a node's data directory that can fill up);
+/// unmounted on drop. Needs root, as the partition tests do.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: &str) -> anyhow::Result<Tmpfs> {
+        std::fs::create_dir_all(path)?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .context("running mount")?
+            .success();
+        if !ok {
+            bail!(
+                "mounting a tmpfs on {} failed (the test needs root)",
+                path.display()
+            );
+        }
+        Ok(Tmpfs {
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn ballast(&self) -> PathBuf {
+        self.path.join("ballast")
+    }
+
+    /// Fills the filesystem: a file grown until the disk is full.
+    pub fn fill(&self) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.ballast())?;
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => return Ok(()), // ENOSPC
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Gives the space back.
+    pub fn free(&self) -> anyhow::Result<()> {
+        Ok(std::fs::remove_file(self.ballast())?)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// The `cutfs` power-cut filesystem (tests/cutfs) mounted on a directory: what was
+/// fsynced survives [`CutFs::cut`], the rest is thrown away. Dropped: its stdin closed
+/// (it unmounts and exits), killed if it lingers, the mount detached if still there.
+pub struct CutFs {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    path: PathBuf,
+}
+
+impl CutFs {
+    /// Mounts on `path` (created if missing; it must be empty) and waits until it is live.
+    pub fn mount(path: &Path) -> anyhow::Result<CutFs> {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        std::fs::create_dir_all(path)?;
+        // As /proc/self/mountinfo names it.
+        let path = path.canonicalize()?;
+        let mut child = Command::new(bin("cutfs"))
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin("cutfs").display()))?;
+        let stdout = child.stdout.take().context("cutfs stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut fs = CutFs {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            path,
+        };
+        let line = fs.reply("cutfs ready")?;
+        if line != "ready" {
+            bail!("cutfs on {}: {line}", fs.path.display());
+        }
+        Ok(fs)
+    }
+
+    fn reply(&mut self, what: &str) -> anyhow::Result<String> {
+        self.lines
+            .recv_timeout(Duration::from_secs(30))
+            .with_context(|| format!("waiting for {what} (see its stderr)"))
+    }
+
+    /// Power loss: returns the reply (`ok cut files=<n> bytes=<n>`).
+    pub fn cut(&mut self) -> anyhow::Result<String> {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().context("cutfs stdin closed")?;
+        stdin.write_all(b"cut\n")?;
+        stdin.flush()?;
+        let line = self.reply("cutfs to cut")?;
+        if !line.starts_with("ok cut") {
+            bail!("cutfs cut: {line}");
+        }
+        Ok(line)
+    }
+}
+
+impl Drop for CutFs {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let child = &mut self.child;
+        if wait_for("cutfs to exit", Duration::from_secs(10), || {
+            child.try_wait().ok().flatten()
+        })
+        .is_err()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(&*self.path.to_string_lossy()));
+        if mounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
     }
 }

@@ -104,6 +104,14 @@ impl Node {
                 node_id: config.node.id,
             },
         )?;
+        // Nor on a log purged behind a snapshot that is not there (a deleted or
+        // restored-from-elsewhere snapshot file): that would be a silently wrong state.
+        pbx_peer::check_snapshot_covers_purged_log(&*store).map_err(|reason| {
+            pbx_storage::StorageError::Foreign {
+                path: state_dir.clone(),
+                reason,
+            }
+        })?;
         let sip_addr = listeners
             .udp
             .local_addr()

@@ -498,6 +498,18 @@ impl NodeCollector {
             "1 when a write sent here now would be committed (in contact with a majority).",
             f64::from(u8::from(st.serving_writes)),
         )?;
+        let storage = self.cluster.storage_health();
+        o.gauge(
+            "pbx_storage_unavailable",
+            "1 while this node's store is closed by an I/O error (a full disk): its Raft \
+             writes wait, and it recovers by itself when there is room.",
+            f64::from(u8::from(storage.unavailable().is_some())),
+        )?;
+        o.counter(
+            "pbx_storage_outages",
+            "Times this node's store was closed by an I/O error since start.",
+            storage.outages(),
+        )?;
         o.gauge(
             "pbx_raft_last_log_index",
             "The last index in this node's Raft log.",
@@ -652,8 +664,20 @@ impl NodeCollector {
     }
 }
 
-/// The process metrics every Prometheus client exports, from /proc.
+/// The process metrics every Prometheus client exports, from /proc, and the clock.
 fn process(o: &mut Out, started_ms: u64) -> std::fmt::Result {
+    let clock = pbx_peer::clock_report();
+    o.counter(
+        "pbx_clock_steps",
+        "Steps of the wall clock larger than 2 s that this node did not follow (it keeps \
+         its monotonic time until restarted).",
+        clock.steps,
+    )?;
+    o.gauge(
+        "pbx_clock_wall_offset_seconds",
+        "How far the wall clock is from the time this node uses (0 unless it stepped).",
+        clock.wall_off_ms as f64 / 1000.0,
+    )?;
     let p = crate::process::ProcessStats::read();
     if let Some(cpu) = p.cpu_seconds {
         o.counter(
@@ -733,6 +757,10 @@ impl Http {
         if behind > READY_LAG {
             reasons.push("applied state behind its log");
         }
+        let storage_error = self.cluster.storage_health().unavailable().map(|(e, _)| e);
+        if storage_error.is_some() {
+            reasons.push("storage unavailable (see storage_error)");
+        }
         Readiness {
             ready: reasons.is_empty(),
             node: st.node_id,
@@ -744,6 +772,7 @@ impl Http {
             draining,
             applied_index: st.applied_index,
             last_log_index: st.last_log_index,
+            storage_error,
             reasons,
         }
     }
@@ -766,6 +795,8 @@ pub(crate) struct Readiness {
     draining: bool,
     applied_index: u64,
     last_log_index: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    storage_error: Option<String>,
     reasons: Vec<&'static str>,
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use openraft::error::{ClientWriteError, RaftError as OpenraftError};
 use openraft::{RaftMetrics, ServerState, SnapshotPolicy};
 use pbx_proto::peer::forward_reply::Result as ForwardResult;
-use pbx_raft::store::{Applied, LogStorage, StateMachineStore};
+use pbx_raft::store::{Applied, LogStorage, StateMachineStore, StorageHealth};
 use pbx_raft::{unix_ms, CommitStats, Raft};
 use pbx_state::{Command, Response, State};
 use pbx_storage::LogStore;
@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     applied: Arc<RwLock<Applied>>,
     pub(crate) pool: PeerPool,
     store: Arc<dyn LogStore>,
+    /// Whether the store works (a full disk closes it until there is room again).
+    storage: Arc<StorageHealth>,
     epoch: Instant,
     /// Milliseconds since `epoch` of the last accepted append from a leader (+1; 0 =
     /// never).
@@ -513,9 +515,10 @@ impl Cluster {
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|e| PeerError::Transport(format!("peer link on {peer_addr}: {e}")))?;
         let has_state = LogStorage::has_raft_state(&*store).map_err(pbx_raft::RaftError::from)?;
-        let sm = StateMachineStore::open(store.clone())?;
+        let storage = Arc::new(StorageHealth::default());
+        let sm = StateMachineStore::open(store.clone(), storage.clone())?;
         let applied = sm.applied();
-        let log = LogStorage::new(store.clone());
+        let log = LogStorage::new(store.clone(), storage.clone());
         let raft_config = openraft::Config {
             cluster_name: config.cluster_id.clone(),
             heartbeat_interval: config.heartbeat.as_millis() as u64,
@@ -551,6 +554,7 @@ impl Cluster {
             applied,
             pool,
             store,
+            storage,
             epoch: Instant::now(),
             leader_contact: AtomicU64::new(0),
             not_serving_since: AtomicU64::new(1),
@@ -682,6 +686,12 @@ impl Cluster {
             self.shared.elections.load(Ordering::Relaxed),
             self.shared.leader_changes.load(Ordering::Relaxed),
         )
+    }
+
+    /// Whether this node's store works: why not and since when (unix ms) during an
+    /// outage (a full disk), and the outages since start.
+    pub fn storage_health(&self) -> &StorageHealth {
+        &self.shared.storage
     }
 
     pub fn node_id(&self) -> NodeId {

@@ -34,7 +34,10 @@ pub use faults::{Fault, LinkFaults};
 pub use hooks::{BoxFuture, CallControl, CallMedia, MediaCounters, SipRelay};
 pub use liveness::{LivenessConfig, PeerState};
 pub use manage::{HandOver, ManageOp};
-pub use pbx_raft::{unix_ms, CommitHistogram, CommitReport, CommitStats, Member, NodeId};
+pub use pbx_raft::store::check_snapshot_covers_purged_log;
+pub use pbx_raft::{
+    clock_report, unix_ms, CommitHistogram, CommitReport, CommitStats, Member, NodeId,
+};
 pub use pbx_storage::{LogStore, MemStore};
 pub use rpc_counts::RpcCounts;
 pub use status::NodeStatus;

@@ -16,6 +16,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+mod clock;
 mod stats;
 pub mod store;
 
@@ -62,10 +63,4 @@ pub enum RaftError {
     Codec(#[from] bincode::Error),
 }
 
-/// Unix time in milliseconds: what the leader stamps into commands.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use clock::{clock_report, unix_ms, ClockReport};

@@ -33,15 +33,110 @@ const META_VOTE: &str = "raft-vote";
 const META_COMMITTED: &str = "raft-committed";
 const META_PURGED: &str = "raft-last-purged";
 
-/// Runs blocking storage work off the async threads.
-async fn blocking<T, F>(f: F) -> Result<T, AnyError>
-where
-    F: FnOnce() -> Result<T, pbx_storage::StorageError> + Send + 'static,
-    T: Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(|e| AnyError::new(&e)),
-        Err(e) => Err(AnyError::new(&e)),
+/// Whether the store is usable: a full or failing disk closes it (see
+/// [`pbx_storage::SledStore`]) and every storage call waits — and so does Raft on this
+/// node — until it is back, instead of failing openraft, which would stop for good.
+/// Shared with the node for `/readyz` and metrics.
+#[derive(Debug, Default)]
+pub struct StorageHealth {
+    /// Unix ms when the current outage began; 0 while the store works.
+    down_since_ms: std::sync::atomic::AtomicU64,
+    outages: std::sync::atomic::AtomicU64,
+    reason: std::sync::Mutex<String>,
+}
+
+impl StorageHealth {
+    /// Why the store is unavailable and since when (unix ms), or None when it works.
+    pub fn unavailable(&self) -> Option<(String, u64)> {
+        let since = self
+            .down_since_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (since != 0).then(|| {
+            let reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            (reason.clone(), since)
+        })
+    }
+
+    /// Outages since start.
+    pub fn outages(&self) -> u64 {
+        self.outages.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn down(&self, e: &pbx_storage::StorageError) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let first = self
+            .down_since_ms
+            .compare_exchange(0, crate::unix_ms().max(1), Relaxed, Relaxed)
+            .is_ok();
+        if first {
+            self.outages.fetch_add(1, Relaxed);
+            *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = e.to_string();
+            tracing::error!(error = %e, "storage unavailable: Raft writes on this node wait until it is back (writes through it are answered 503 meanwhile)");
+        }
+    }
+
+    fn up(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Every storage call ends here: a load, and a write only after an outage.
+        if self.down_since_ms.load(Relaxed) == 0 {
+            return;
+        }
+        let since = self.down_since_ms.swap(0, Relaxed);
+        if since != 0 {
+            tracing::warn!(
+                down_ms = crate::unix_ms().saturating_sub(since),
+                "storage recovered: every write it had accepted is kept"
+            );
+        }
+    }
+}
+
+/// Runs storage calls off the async threads, and waits out a transient failure (a full
+/// disk): retried after [`LogStore::recover`] with a growing pause, as long as it takes.
+#[derive(Clone)]
+struct Durable {
+    store: Store,
+    health: Arc<StorageHealth>,
+}
+
+impl Durable {
+    async fn run<T, F>(&self, f: F) -> Result<T, AnyError>
+    where
+        F: Fn(&dyn LogStore) -> Result<T, pbx_storage::StorageError> + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        let f = Arc::new(f);
+        let mut pause = std::time::Duration::from_millis(50);
+        loop {
+            let (store, op) = (self.store.clone(), f.clone());
+            match tokio::task::spawn_blocking(move || op(&*store)).await {
+                Ok(Ok(v)) => {
+                    self.health.up();
+                    return Ok(v);
+                }
+                Ok(Err(e)) if e.is_transient() => self.wait_out(&e, &mut pause).await?,
+                Ok(Err(e)) => return Err(AnyError::new(&e)),
+                Err(e) => return Err(AnyError::new(&e)),
+            }
+        }
+    }
+
+    /// One pause and one attempt to bring the store back; an error only when it cannot
+    /// come back (what it found is not a store).
+    async fn wait_out(
+        &self,
+        e: &pbx_storage::StorageError,
+        pause: &mut std::time::Duration,
+    ) -> Result<(), AnyError> {
+        self.health.down(e);
+        tokio::time::sleep(*pause).await;
+        *pause = (*pause * 2).min(std::time::Duration::from_secs(1));
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.recover()).await {
+            Ok(Err(e)) if !e.is_transient() => Err(AnyError::new(&e)),
+            Err(e) => Err(AnyError::new(&e)),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -59,7 +154,7 @@ pub type Store = Arc<dyn LogStore>;
 /// The Raft log on a [`LogStore`].
 #[derive(Clone)]
 pub struct LogStorage {
-    store: Store,
+    durable: Durable,
     /// Appends waiting for an fsync (see [`flusher`]).
     flusher: tokio::sync::mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
 }
@@ -68,8 +163,11 @@ pub struct LogStorage {
 /// the next, and openraft hears "flushed" only after it. Meanwhile openraft goes on
 /// replicating, so the leader's fsync overlaps the followers' (Raft allows this: an entry
 /// counts for the leader's vote only once flushed).
+///
+/// A sync that fails for want of disk space is retried until it succeeds (see
+/// [`Durable`]): the appends wait, unacknowledged, and nothing is lost.
 async fn flusher(
-    store: Store,
+    durable: Durable,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -77,11 +175,10 @@ async fn flusher(
         while let Ok(cb) = rx.try_recv() {
             waiting.push(cb);
         }
-        let s = store.clone();
-        let res = match tokio::task::spawn_blocking(move || s.sync()).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let res = durable
+            .run(|store| store.sync())
+            .await
+            .map_err(|e| e.to_string());
         if let Err(e) = &res {
             tracing::error!(error = %e, "log fsync failed");
         }
@@ -93,11 +190,12 @@ async fn flusher(
 
 impl LogStorage {
     /// Must be called inside a tokio runtime (it starts the flusher task).
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Store, health: Arc<StorageHealth>) -> Self {
         let (flusher_tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(flusher(store.clone(), rx));
+        let durable = Durable { store, health };
+        tokio::spawn(flusher(durable.clone(), rx));
         LogStorage {
-            store,
+            durable,
             flusher: flusher_tx,
         }
     }
@@ -106,8 +204,7 @@ impl LogStorage {
         &self,
         key: &'static str,
     ) -> Result<Option<T>, AnyError> {
-        let store = self.store.clone();
-        match blocking(move || store.get_meta(key)).await? {
+        match self.durable.run(move |store| store.get_meta(key)).await? {
             Some(bytes) => Ok(Some(decode(&bytes)?)),
             None => Ok(None),
         }
@@ -120,8 +217,9 @@ impl LogStorage {
         durable: bool,
     ) -> Result<(), AnyError> {
         let bytes = encode(value)?;
-        let store = self.store.clone();
-        blocking(move || store.put_meta(key, &bytes, durable)).await
+        self.durable
+            .run(move |store| store.put_meta(key, &bytes, durable))
+            .await
     }
 
     /// Whether this node has any Raft state (a vote or a log): it has been part of a
@@ -148,8 +246,9 @@ impl RaftLogReader<TypeConfig> for LogStorage {
             Bound::Excluded(x) => *x,
             Bound::Unbounded => u64::MAX,
         };
-        let store = self.store.clone();
-        let raw = blocking(move || store.entries_range(from, to))
+        let raw = self
+            .durable
+            .run(move |store| store.entries_range(from, to))
             .await
             .map_err(StorageIOError::read_logs)?;
         raw.iter()
@@ -167,13 +266,14 @@ impl RaftLogStorage<TypeConfig> for LogStorage {
             .meta(META_PURGED)
             .await
             .map_err(StorageIOError::read_logs)?;
-        let store = self.store.clone();
-        let last = blocking(move || match store.last_index()? {
-            Some(i) => store.entries_range(i, i + 1),
-            None => Ok(Vec::new()),
-        })
-        .await
-        .map_err(StorageIOError::read_logs)?;
+        let last = self
+            .durable
+            .run(|store| match store.last_index()? {
+                Some(i) => store.entries_range(i, i + 1),
+                None => Ok(Vec::new()),
+            })
+            .await
+            .map_err(StorageIOError::read_logs)?;
         let last = match last.first() {
             Some((_, bytes)) => {
                 let e: Entry<TypeConfig> = decode(bytes).map_err(StorageIOError::read_logs)?;
@@ -232,10 +332,18 @@ impl RaftLogStorage<TypeConfig> for LogStorage {
             ));
         }
         // Written now (readable at once), acknowledged by the flusher after the fsync
-        // that covers it.
-        self.store
-            .append_buffered(&raw)
-            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)))?;
+        // that covers it. Inline while the store works; a full disk makes Raft wait here.
+        match self.durable.store.append_buffered(&raw) {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => {
+                let raw = Arc::new(raw);
+                self.durable
+                    .run(move |store| store.append_buffered(&raw))
+                    .await
+                    .map_err(StorageIOError::write_logs)?;
+            }
+            Err(e) => return Err(StorageIOError::write_logs(AnyError::new(&e)).into()),
+        }
         if let Err(e) = self.flusher.send(callback) {
             e.0.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
         }
@@ -243,8 +351,8 @@ impl RaftLogStorage<TypeConfig> for LogStorage {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let store = self.store.clone();
-        blocking(move || store.truncate_from(log_id.index))
+        self.durable
+            .run(move |store| store.truncate_from(log_id.index))
             .await
             .map_err(|e| StorageIOError::write_logs(e).into())
     }
@@ -255,11 +363,33 @@ impl RaftLogStorage<TypeConfig> for LogStorage {
         self.put_meta(META_PURGED, &log_id, true)
             .await
             .map_err(StorageIOError::write_logs)?;
-        let store = self.store.clone();
-        blocking(move || store.purge_through(log_id.index))
+        self.durable
+            .run(move |store| store.purge_through(log_id.index))
             .await
             .map_err(|e| StorageIOError::write_logs(e).into())
     }
+}
+
+/// Checks that the log was not purged beyond the snapshot: entries purged behind a
+/// snapshot that is missing or older would leave a state silently short of them.
+/// The reason, when it is so.
+pub fn check_snapshot_covers_purged_log(store: &dyn LogStore) -> Result<(), String> {
+    let fail = |e: pbx_storage::StorageError| e.to_string();
+    let Some(bytes) = store.get_meta(META_PURGED).map_err(fail)? else {
+        return Ok(());
+    };
+    let purged: LogId<NodeId> = decode(&bytes).map_err(|e| e.to_string())?;
+    let snapshot = store.load_snapshot().map_err(fail)?.map(|(index, _)| index);
+    if snapshot.is_some_and(|s| s >= purged.index) {
+        return Ok(());
+    }
+    Err(format!(
+        "the Raft log was purged through index {} but the snapshot {}: the snapshot \
+         file (raft-snapshot) is missing or older than its log; restore it, or wipe the \
+         directory and let the node catch up from the others",
+        purged.index,
+        snapshot.map_or("is missing".to_string(), |s| format!("covers only {s}"))
+    ))
 }
 
 /// The applied state and the Raft position it reflects, under one lock.
@@ -307,13 +437,16 @@ struct StoredSnapshot {
 /// The state machine: applies committed entries to the shared [`Applied`].
 #[derive(Clone)]
 pub struct StateMachineStore {
-    store: Store,
+    durable: Durable,
     applied: Arc<RwLock<Applied>>,
 }
 
 impl StateMachineStore {
     /// Rebuilds the applied state from the stored snapshot, if any.
-    pub fn open(store: Store) -> Result<StateMachineStore, crate::RaftError> {
+    pub fn open(
+        store: Store,
+        health: Arc<StorageHealth>,
+    ) -> Result<StateMachineStore, crate::RaftError> {
         let mut applied = Applied::default();
         if let Some((_, bytes)) = store.load_snapshot()? {
             let snap: StoredSnapshot = bincode::deserialize(&bytes)?;
@@ -323,7 +456,7 @@ impl StateMachineStore {
             applied.membership = snap.meta.last_membership;
         }
         Ok(StateMachineStore {
-            store,
+            durable: Durable { store, health },
             applied: Arc::new(RwLock::new(applied)),
         })
     }
@@ -342,8 +475,7 @@ impl StateMachineStore {
     }
 
     async fn stored_snapshot(&self) -> Result<Option<StoredSnapshot>, AnyError> {
-        let store = self.store.clone();
-        match blocking(move || store.load_snapshot()).await? {
+        match self.durable.run(|store| store.load_snapshot()).await? {
             Some((_, bytes)) => Ok(Some(decode(&bytes)?)),
             None => Ok(None),
         }
@@ -352,8 +484,9 @@ impl StateMachineStore {
     async fn save(&self, snap: &StoredSnapshot) -> Result<(), AnyError> {
         let index = snap.meta.last_log_id.map_or(0, |l| l.index);
         let bytes = encode(snap)?;
-        let store = self.store.clone();
-        blocking(move || store.save_snapshot(index, &bytes)).await?;
+        self.durable
+            .run(move |store| store.save_snapshot(index, &bytes))
+            .await?;
         self.write().snapshot = Some(SnapshotInfo::of(&snap.meta, snap.state.len()));
         Ok(())
     }
@@ -496,8 +629,59 @@ mod tests {
     use pbx_storage::{MemStore, SledStore};
 
     fn stores(store: Store) -> (LogStorage, StateMachineStore) {
-        let sm = StateMachineStore::open(store.clone()).expect("an empty store opens");
-        (LogStorage::new(store), sm)
+        let health = Arc::new(StorageHealth::default());
+        let sm =
+            StateMachineStore::open(store.clone(), health.clone()).expect("an empty store opens");
+        (LogStorage::new(store, health), sm)
+    }
+
+    #[tokio::test]
+    async fn a_failing_store_is_waited_out_and_the_outage_recorded() {
+        let mem = Arc::new(MemStore::new());
+        let store: Store = mem.clone();
+        let health = Arc::new(StorageHealth::default());
+        let durable = Durable {
+            store: store.clone(),
+            health: health.clone(),
+        };
+        store.put_meta("k", b"v", true).unwrap();
+        mem.fail(Some("No space left on device"));
+        let call = tokio::spawn({
+            let d = durable.clone();
+            async move { d.run(|s| s.get_meta("k")).await }
+        });
+        // Seen as an outage, and the call waits (it is neither failed nor answered).
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while health.unavailable().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "outage not seen");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let (reason, _) = health.unavailable().unwrap();
+        assert!(reason.contains("No space left on device"), "{reason}");
+        assert!(!call.is_finished());
+        mem.fail(None);
+        assert_eq!(call.await.unwrap().unwrap(), Some(b"v".to_vec()));
+        assert!(health.unavailable().is_none());
+        assert_eq!(health.outages(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_log_purged_behind_a_missing_snapshot_is_refused() {
+        let store: Store = Arc::new(MemStore::new());
+        assert_eq!(check_snapshot_covers_purged_log(&*store), Ok(()));
+        let (mut log, _sm) = stores(store.clone());
+        let id = LogId::new(openraft::CommittedLeaderId::new(1, 1), 40);
+        log.purge(id).await.unwrap();
+        let e = check_snapshot_covers_purged_log(&*store).unwrap_err();
+        assert!(
+            e.contains("purged through index 40") && e.contains("is missing"),
+            "{e}"
+        );
+        store.save_snapshot(30, b"old").unwrap();
+        let e = check_snapshot_covers_purged_log(&*store).unwrap_err();
+        assert!(e.contains("covers only 30"), "{e}");
+        store.save_snapshot(40, b"covers").unwrap();
+        assert_eq!(check_snapshot_covers_purged_log(&*store), Ok(()));
     }
 
     struct Sled;

@@ -6,8 +6,10 @@ use std::path::Path;
 
 use crate::{LogStore, StorageError};
 
-/// The data format this pbxd writes and reads.
-pub const DATA_FORMAT: u32 = 1;
+/// The data format this pbxd writes and reads. 2: the Raft snapshot is a checksummed
+/// file beside the database (format 1 kept it in sled, where it was not fsynced); a
+/// format 1 directory is read and upgraded, and a format 1 pbxd refuses a format 2 one.
+pub const DATA_FORMAT: u32 = 2;
 
 const KEY: &str = "identity";
 
@@ -73,6 +75,10 @@ pub fn claim(store: &dyn LogStore, path: &Path, want: &DataIdentity) -> Result<(
                     have.node_id, have.cluster_id, want.node_id
                 )));
             }
+            if format < DATA_FORMAT {
+                // Upgraded: an older pbxd must not run on what this one writes.
+                store.put_meta(KEY, want.encode().as_bytes(), true)?;
+            }
             Ok(())
         }
         None => store.put_meta(KEY, want.encode().as_bytes(), true),
@@ -117,6 +123,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("newer pbxd") && e.contains("format 7"), "{e}");
+        // A directory of format 1 is claimed and upgraded.
+        store
+            .put_meta(KEY, b"format=1\ncluster=pbx-a\nnode=1\n", true)
+            .unwrap();
+        claim(&store, path, &id("pbx-a", 1)).unwrap();
+        let text = String::from_utf8(store.get_meta(KEY).unwrap().unwrap()).unwrap();
+        assert!(
+            text.starts_with(&format!("format={DATA_FORMAT}\n")),
+            "{text}"
+        );
         store.put_meta(KEY, b"\xff garbage", true).unwrap();
         assert!(claim(&store, path, &id("pbx-a", 1)).is_err());
     }

@@ -5,10 +5,18 @@
 //! (flushed *and* fsynced) when `append` returns; a snapshot covers every entry up to its
 //! index, after which those entries can be purged. [`SledStore`] is the store on disk,
 //! [`MemStore`] the one in memory for tests.
+//!
+//! Durable means durable on power loss, not only across a process crash: sled's own flush
+//! ends in `sync_file_range` and never fsyncs the blob files it writes for large values,
+//! so the store fsyncs the database file and every new blob itself, and keeps the Raft
+//! snapshot out of sled, in a checksummed file written, fsynced and renamed.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::File;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 mod identity;
 mod mem;
@@ -32,6 +40,23 @@ pub enum StorageError {
     /// newer format, or a store that does not open (torn or truncated files).
     #[error("{path}: {reason}")]
     Foreign { path: PathBuf, reason: String },
+    /// The store hit an I/O error (a full disk, a failing device) and is closed until
+    /// [`LogStore::recover`] reopens it; nothing acknowledged was lost.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StorageError {
+    /// Whether retrying after [`LogStore::recover`] can succeed: I/O failures (a full
+    /// disk frees up), not corruption or a foreign directory.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Sled(sled::Error::Io(_))
+                | StorageError::Io { .. }
+                | StorageError::Unavailable(_)
+        )
+    }
 }
 
 /// An append-only log of opaque entries with a snapshot and small metadata values.
@@ -67,6 +92,12 @@ pub trait LogStore: Send + Sync {
     /// the next durable write (a commit index hint that may lag after a crash).
     fn put_meta(&self, key: &str, value: &[u8], durable: bool) -> Result<(), StorageError>;
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
+    /// After a transient error ([`StorageError::is_transient`]): one attempt to bring the
+    /// store back, with every write it had accepted. Ok when it is usable again; the
+    /// caller retries the operation that failed.
+    fn recover(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 /// Log entries per sled tree. The log is a chain of trees ("segments") so purging
@@ -109,27 +140,47 @@ fn index_of(key: &[u8]) -> Result<u64, StorageError> {
     Ok(u64::from_be_bytes(k))
 }
 
-/// [`LogStore`] on sled.
-pub struct SledStore {
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// fsyncs a directory, so the names created, renamed or removed in it are durable.
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// A write the store accepted, kept until a sync makes it durable so that a reopened
+/// database (after an I/O error) can be given it again.
+enum Op {
+    Append(Vec<(u64, Vec<u8>)>),
+    Truncate(u64),
+    Purge(u64),
+    Meta(String, Vec<u8>),
+}
+
+/// The open sled database.
+struct Sled {
     db: sled::Db,
     segments: Mutex<Vec<Segment>>,
     meta: sled::Tree,
-    /// The snapshot lives alone in its tree (see LARGE_ENTRY).
-    snapshot: sled::Tree,
+    /// Where snapshots were kept before they became a file (data format 1); read when
+    /// there is no snapshot file, emptied by the first snapshot saved as a file.
+    legacy_snapshot: sled::Tree,
     /// The database file, for fsync: sled's flush ends in sync_file_range, which does
     /// not make the data durable on its own (sled issue 1452).
-    db_file: Mutex<File>,
+    db_file: File,
     db_path: PathBuf,
 }
 
-const SNAPSHOT_KEY: &[u8] = b"snapshot";
+const LEGACY_SNAPSHOT_KEY: &[u8] = b"snapshot";
 
-impl SledStore {
-    pub fn open(dir: &Path, cache_bytes: u64) -> Result<SledStore, StorageError> {
-        std::fs::create_dir_all(dir).map_err(|source| StorageError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+impl Sled {
+    fn open(dir: &Path, cache_bytes: u64) -> Result<Sled, StorageError> {
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -147,6 +198,9 @@ impl SledStore {
         };
         let db = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())) {
             Ok(Ok(db)) => db,
+            // An I/O error (a full disk, the lock still held by a closing handle) is
+            // worth retrying; anything else means the files are not a store.
+            Ok(Err(e @ sled::Error::Io(_))) => return Err(StorageError::Sled(e)),
             Ok(Err(e)) => return Err(unusable(e.to_string())),
             Err(panic) => {
                 let what = panic
@@ -172,140 +226,82 @@ impl SledStore {
         }
         segments.sort_by_key(|s| s.first);
         let meta = db.open_tree("meta")?;
-        let snapshot = db.open_tree("snapshot")?;
+        let legacy_snapshot = db.open_tree("snapshot")?;
         let db_path = dir.join("db");
-        let db_file = File::open(&db_path).map_err(|source| StorageError::Io {
-            path: db_path.clone(),
-            source,
-        })?;
-        Ok(SledStore {
+        let db_file = File::open(&db_path).map_err(io_error(&db_path))?;
+        Ok(Sled {
             db,
             segments: Mutex::new(segments),
             meta,
-            snapshot,
-            db_file: Mutex::new(db_file),
+            legacy_snapshot,
+            db_file,
             db_path,
         })
     }
 
-    /// Bytes sled reports on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
-    }
-}
-
-impl SledStore {
-    fn segments(&self) -> std::sync::MutexGuard<'_, Vec<Segment>> {
+    fn segments(&self) -> MutexGuard<'_, Vec<Segment>> {
         self.segments.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-impl LogStore for SledStore {
-    fn sync(&self) -> Result<(), StorageError> {
+    /// Flush + fsync of the database file.
+    fn flush(&self) -> Result<(), StorageError> {
         self.db.flush()?;
-        let f = self.db_file.lock().unwrap_or_else(|e| e.into_inner());
-        f.sync_data().map_err(|source| StorageError::Io {
-            path: self.db_path.clone(),
-            source,
-        })
+        self.db_file.sync_data().map_err(io_error(&self.db_path))
     }
 
-    fn append_buffered(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
+    fn exec(&self, op: &Op) -> Result<(), StorageError> {
+        match op {
+            Op::Append(entries) => self.append(entries),
+            Op::Truncate(from) => self.truncate(*from),
+            Op::Purge(index) => self.purge(*index),
+            Op::Meta(key, value) => Ok(self
+                .meta
+                .insert(key.as_bytes(), value.as_slice())
+                .map(drop)?),
+        }
+    }
+
+    fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
         let Some((first, _)) = entries.first() else {
             return Ok(());
         };
-        {
-            let mut segs = self.segments();
-            let large = entries.iter().any(|(_, b)| b.len() >= LARGE_ENTRY);
-            if large || segs.last().is_none_or(|s| s.count >= SEGMENT_ENTRIES) {
-                let tree = self.db.open_tree(segment_name(*first))?;
-                segs.push(Segment {
-                    first: *first,
-                    tree,
-                    count: 0,
-                });
-            }
-            let seg = segs.last_mut().expect("a segment was just ensured");
-            let mut batch = sled::Batch::default();
-            for (i, bytes) in entries {
-                batch.insert(&i.to_be_bytes(), bytes.as_slice());
-            }
-            seg.tree.apply_batch(batch)?;
-            seg.count += entries.len() as u64;
-            if large {
-                // Close it: what follows goes to a fresh segment.
-                seg.count = seg.count.max(SEGMENT_ENTRIES);
-            }
+        let mut segs = self.segments();
+        let large = entries.iter().any(|(_, b)| b.len() >= LARGE_ENTRY);
+        if large || segs.last().is_none_or(|s| s.count >= SEGMENT_ENTRIES) {
+            let tree = self.db.open_tree(segment_name(*first))?;
+            segs.push(Segment {
+                first: *first,
+                tree,
+                count: 0,
+            });
+        }
+        let seg = segs.last_mut().expect("a segment was just ensured");
+        let mut batch = sled::Batch::default();
+        for (i, bytes) in entries {
+            batch.insert(&i.to_be_bytes(), bytes.as_slice());
+        }
+        seg.tree.apply_batch(batch)?;
+        seg.count += entries.len() as u64;
+        if large {
+            // Close it: what follows goes to a fresh segment.
+            seg.count = seg.count.max(SEGMENT_ENTRIES);
         }
         Ok(())
     }
 
-    fn entries_range(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
-        let segs = self.segments();
-        let mut out = Vec::new();
-        if from >= to {
-            return Ok(out);
+    fn truncate(&self, from: u64) -> Result<(), StorageError> {
+        let mut segs = self.segments();
+        while segs.last().is_some_and(|s| s.first >= from) {
+            let seg = segs.pop().expect("checked non-empty");
+            self.db.drop_tree(segment_name(seg.first))?;
         }
-        for (i, seg) in segs.iter().enumerate() {
-            // Skip segments that end before `from` or start at or after `to`.
-            if segs.get(i + 1).is_some_and(|next| next.first <= from) {
-                continue;
-            }
-            if seg.first >= to {
-                break;
-            }
-            for r in seg.tree.range(from.to_be_bytes()..to.to_be_bytes()) {
-                let (k, v) = r?;
-                out.push((index_of(&k)?, v.to_vec()));
-            }
+        if let Some(seg) = segs.last_mut() {
+            remove_range(&seg.tree, from.to_be_bytes()..)?;
         }
-        Ok(out)
+        Ok(())
     }
 
-    fn truncate_from(&self, from: u64) -> Result<(), StorageError> {
-        {
-            let mut segs = self.segments();
-            while segs.last().is_some_and(|s| s.first >= from) {
-                let seg = segs.pop().expect("checked non-empty");
-                self.db.drop_tree(segment_name(seg.first))?;
-            }
-            if let Some(seg) = segs.last_mut() {
-                remove_range(&seg.tree, from.to_be_bytes()..)?;
-            }
-        }
-        self.sync()
-    }
-
-    fn last_index(&self) -> Result<Option<u64>, StorageError> {
-        for seg in self.segments().iter().rev() {
-            if let Some((k, _)) = seg.tree.last()? {
-                return Ok(Some(index_of(&k)?));
-            }
-        }
-        Ok(None)
-    }
-
-    fn save_snapshot(&self, index: u64, data: &[u8]) -> Result<(), StorageError> {
-        let mut v = Vec::with_capacity(8 + data.len());
-        v.extend_from_slice(&index.to_be_bytes());
-        v.extend_from_slice(data);
-        self.snapshot.insert(SNAPSHOT_KEY, v)?;
-        self.sync()
-    }
-
-    fn load_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-        let Some(v) = self.snapshot.get(SNAPSHOT_KEY)? else {
-            return Ok(None);
-        };
-        if v.len() < 8 {
-            return Err(StorageError::Corrupt("snapshot record too short".into()));
-        }
-        let mut idx = [0u8; 8];
-        idx.copy_from_slice(&v[..8]);
-        Ok(Some((u64::from_be_bytes(idx), v[8..].to_vec())))
-    }
-
-    fn purge_through(&self, index: u64) -> Result<(), StorageError> {
+    fn purge(&self, index: u64) -> Result<(), StorageError> {
         let mut segs = self.segments();
         // Whole segments covered by the snapshot (the next one starts at or before
         // index + 1) are dropped; the segment being appended to is always kept.
@@ -320,13 +316,307 @@ impl LogStore for SledStore {
                 remove_range(&seg.tree, ..=index.to_be_bytes())?;
             }
         }
-        // Purging is not an acknowledgement: no fsync needed, the next append makes it
-        // durable along with its own entries.
+        Ok(())
+    }
+}
+
+/// The Raft snapshot's file in the data directory, and the one it is written as first.
+const SNAPSHOT_FILE: &str = "raft-snapshot";
+const SNAPSHOT_TMP: &str = "raft-snapshot.tmp";
+/// Magic, then index, length and CRC-32 of the data (big-endian), then the data.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"PBXSNAP1";
+const SNAPSHOT_HEADER: usize = 8 + 8 + 8 + 4;
+
+/// [`LogStore`] on sled.
+///
+/// An I/O error (a full disk) closes the database: sled refuses every later operation
+/// once one write failed. The writes accepted since the last sync are kept in memory
+/// ([`Op`]), so [`LogStore::recover`] can reopen the database and give them to it again
+/// when the disk has room: the node goes on without a restart and without losing what it
+/// had accepted.
+pub struct SledStore {
+    dir: PathBuf,
+    cache_bytes: u64,
+    /// The open database, or why it is closed.
+    live: RwLock<Result<Sled, String>>,
+    /// Writes accepted since the last sync that succeeded, in order.
+    unsynced: Mutex<Vec<Op>>,
+    /// Blob files (sled's values over ~128 KiB, one file each) already fsynced.
+    blobs_synced: Mutex<HashSet<OsString>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SledStore {
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<SledStore, StorageError> {
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        // A snapshot cut short by a crash before its rename is garbage.
+        let _ = std::fs::remove_file(dir.join(SNAPSHOT_TMP));
+        let sled = Sled::open(dir, cache_bytes)?;
+        let store = SledStore {
+            dir: dir.to_path_buf(),
+            cache_bytes,
+            live: RwLock::new(Ok(sled)),
+            unsynced: Mutex::new(Vec::new()),
+            blobs_synced: Mutex::new(HashSet::new()),
+        };
+        // Blobs written before a crash may never have been fsynced.
+        store.sync_blobs(store.blob_names())?;
+        Ok(store)
+    }
+
+    /// Bytes sled reports on disk, plus the snapshot file.
+    pub fn size_on_disk(&self) -> u64 {
+        let snapshot = std::fs::metadata(self.dir.join(SNAPSHOT_FILE)).map_or(0, |m| m.len());
+        let sled = self.live().ok();
+        let sled = sled.as_ref().and_then(|l| l.as_ref().ok());
+        sled.map_or(0, |s| s.db.size_on_disk().unwrap_or(0)) + snapshot
+    }
+
+    #[cfg(test)]
+    fn segment_firsts(&self) -> Vec<u64> {
+        self.with(|sled| Ok(sled.segments().iter().map(|g| g.first).collect()))
+            .unwrap()
+    }
+
+    fn live(&self) -> Result<RwLockReadGuard<'_, Result<Sled, String>>, StorageError> {
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner());
+        match &*live {
+            Ok(_) => Ok(live),
+            Err(reason) => Err(StorageError::Unavailable(reason.clone())),
+        }
+    }
+
+    /// Runs `f` on the open database; an I/O error closes it (see [`SledStore`]).
+    fn with<T>(&self, f: impl FnOnce(&Sled) -> Result<T, StorageError>) -> Result<T, StorageError> {
+        let res = {
+            let live = self.live()?;
+            f(live.as_ref().expect("checked open"))
+        };
+        res.map_err(|e| self.failed(e))
+    }
+
+    /// A write: done and remembered until synced, under one lock so a sync that
+    /// counts the remembered writes counts only writes that are done.
+    fn write(&self, op: Op) -> Result<(), StorageError> {
+        let res = {
+            let live = self.live()?;
+            let mut unsynced = lock(&self.unsynced);
+            let res = live.as_ref().expect("checked open").exec(&op);
+            if res.is_ok() {
+                unsynced.push(op);
+            }
+            res
+        };
+        res.map_err(|e| self.failed(e))
+    }
+
+    /// Closes the database after an I/O error, so nothing more is written to it.
+    fn failed(&self, e: StorageError) -> StorageError {
+        if !matches!(
+            e,
+            StorageError::Sled(sled::Error::Io(_)) | StorageError::Io { .. }
+        ) {
+            return e;
+        }
+        let reason = e.to_string();
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        if live.is_ok() {
+            *live = Err(reason.clone());
+        }
+        StorageError::Unavailable(reason)
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.dir.join("blobs")
+    }
+
+    fn blob_names(&self) -> Vec<OsString> {
+        std::fs::read_dir(self.blobs_dir())
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
+            .unwrap_or_default()
+    }
+
+    /// fsyncs the blob files in `names` not fsynced yet, then their directory. sled
+    /// writes a blob completely before the log record that points at it, so a blob
+    /// listed before a flush is whole once the flush returns.
+    fn sync_blobs(&self, names: Vec<OsString>) -> Result<(), StorageError> {
+        let mut synced = lock(&self.blobs_synced);
+        let dir = self.blobs_dir();
+        let mut new = false;
+        for name in &names {
+            if synced.contains(name) {
+                continue;
+            }
+            let path = dir.join(name);
+            match File::open(&path) {
+                Ok(f) => f.sync_data().map_err(io_error(&path))?,
+                // Removed by sled since the listing: nothing to keep.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error(&path)(e)),
+            }
+            synced.insert(name.clone());
+            new = true;
+        }
+        if new {
+            sync_dir(&dir)?;
+        }
+        let listed: HashSet<&OsString> = names.iter().collect();
+        synced.retain(|n| listed.contains(n));
         Ok(())
     }
 
+    fn read_snapshot_file(&self, path: &Path) -> Result<(u64, Vec<u8>), StorageError> {
+        let bytes = std::fs::read(path).map_err(io_error(path))?;
+        let torn = |why: &str| {
+            StorageError::Foreign {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the Raft snapshot is unreadable ({why}): wipe the directory and let the node catch up from the others"
+            ),
+        }
+        };
+        if bytes.len() < SNAPSHOT_HEADER || &bytes[..8] != SNAPSHOT_MAGIC {
+            return Err(torn("no snapshot header"));
+        }
+        let u64_at = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_be_bytes(b)
+        };
+        let index = u64_at(8);
+        let len = u64_at(16);
+        let mut crc = [0u8; 4];
+        crc.copy_from_slice(&bytes[24..28]);
+        let data = &bytes[SNAPSHOT_HEADER..];
+        if data.len() as u64 != len {
+            return Err(torn(&format!(
+                "{} bytes of data, the header says {len}",
+                data.len()
+            )));
+        }
+        if crc32fast::hash(data) != u32::from_be_bytes(crc) {
+            return Err(torn("checksum mismatch"));
+        }
+        Ok((index, data.to_vec()))
+    }
+}
+
+impl LogStore for SledStore {
+    fn sync(&self) -> Result<(), StorageError> {
+        let res = {
+            let live = self.live()?;
+            let sled = live.as_ref().expect("checked open");
+            let done = lock(&self.unsynced).len();
+            // Listed before the flush: see sync_blobs.
+            let blobs = self.blob_names();
+            sled.flush()
+                .and_then(|()| self.sync_blobs(blobs))
+                .map(|()| drop(lock(&self.unsynced).drain(..done)))
+        };
+        res.map_err(|e| self.failed(e))
+    }
+
+    fn append_buffered(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.write(Op::Append(entries.to_vec()))
+    }
+
+    fn entries_range(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        self.with(|sled| {
+            let segs = sled.segments();
+            let mut out = Vec::new();
+            if from >= to {
+                return Ok(out);
+            }
+            for (i, seg) in segs.iter().enumerate() {
+                // Skip segments that end before `from` or start at or after `to`.
+                if segs.get(i + 1).is_some_and(|next| next.first <= from) {
+                    continue;
+                }
+                if seg.first >= to {
+                    break;
+                }
+                for r in seg.tree.range(from.to_be_bytes()..to.to_be_bytes()) {
+                    let (k, v) = r?;
+                    out.push((index_of(&k)?, v.to_vec()));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn truncate_from(&self, from: u64) -> Result<(), StorageError> {
+        self.write(Op::Truncate(from))?;
+        self.sync()
+    }
+
+    fn last_index(&self) -> Result<Option<u64>, StorageError> {
+        self.with(|sled| {
+            for seg in sled.segments().iter().rev() {
+                if let Some((k, _)) = seg.tree.last()? {
+                    return Ok(Some(index_of(&k)?));
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    fn save_snapshot(&self, index: u64, data: &[u8]) -> Result<(), StorageError> {
+        // Written aside, fsynced, renamed over the old one, directory fsynced: a crash
+        // or power cut leaves the old snapshot or the new one, never a mix.
+        let tmp = self.dir.join(SNAPSHOT_TMP);
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(SNAPSHOT_MAGIC)?;
+            f.write_all(&index.to_be_bytes())?;
+            f.write_all(&(data.len() as u64).to_be_bytes())?;
+            f.write_all(&crc32fast::hash(data).to_be_bytes())?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            // A full disk: give back what the partial file took.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_error(&tmp)(e));
+        }
+        sync_dir(&self.dir)?;
+        // The snapshot no longer lives in sled (data format 1 kept it there).
+        self.with(|sled| Ok(sled.legacy_snapshot.remove(LEGACY_SNAPSHOT_KEY).map(drop)?))
+    }
+
+    fn load_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        let path = self.dir.join(SNAPSHOT_FILE);
+        if path.exists() {
+            return self.read_snapshot_file(&path).map(Some);
+        }
+        self.with(|sled| {
+            let Some(v) = sled.legacy_snapshot.get(LEGACY_SNAPSHOT_KEY)? else {
+                return Ok(None);
+            };
+            if v.len() < 8 {
+                return Err(StorageError::Corrupt("snapshot record too short".into()));
+            }
+            let mut idx = [0u8; 8];
+            idx.copy_from_slice(&v[..8]);
+            Ok(Some((u64::from_be_bytes(idx), v[8..].to_vec())))
+        })
+    }
+
+    fn purge_through(&self, index: u64) -> Result<(), StorageError> {
+        // Purging is not an acknowledgement: no fsync needed, the next sync makes it
+        // durable along with its own writes.
+        self.write(Op::Purge(index))
+    }
+
     fn put_meta(&self, key: &str, value: &[u8], durable: bool) -> Result<(), StorageError> {
-        self.meta.insert(key.as_bytes(), value)?;
+        self.write(Op::Meta(key.to_string(), value.to_vec()))?;
         if durable {
             self.sync()?;
         }
@@ -334,7 +624,26 @@ impl LogStore for SledStore {
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.meta.get(key.as_bytes())?.map(|v| v.to_vec()))
+        self.with(|sled| Ok(sled.meta.get(key.as_bytes())?.map(|v| v.to_vec())))
+    }
+
+    fn recover(&self) -> Result<(), StorageError> {
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        if live.is_ok() {
+            return Ok(());
+        }
+        // The closed database was dropped when it failed (`failed`), which releases its
+        // file lock once sled's threads let go: until then opening fails and is retried.
+        let sled = Sled::open(&self.dir, self.cache_bytes)?;
+        let mut unsynced = lock(&self.unsynced);
+        for op in unsynced.iter() {
+            sled.exec(op)?;
+        }
+        sled.flush()?;
+        self.sync_blobs(self.blob_names())?;
+        unsynced.clear();
+        *live = Ok(sled);
+        Ok(())
     }
 }
 
@@ -398,7 +707,7 @@ mod tests {
                 i += batch.len() as u64;
                 s.append(&batch).unwrap();
             }
-            assert!(s.segments().len() >= 3);
+            assert!(s.segment_firsts().len() >= 3);
             assert_eq!(s.last_index().unwrap(), Some(n));
             s.purge_through(purge).unwrap();
             let left = s.entries_from(0).unwrap();
@@ -422,7 +731,7 @@ mod tests {
         s.append(&[(3, vec![0; LARGE_ENTRY * 4])]).unwrap();
         s.append(&[(4, vec![4])]).unwrap();
         s.append(&[(5, vec![5])]).unwrap();
-        let firsts: Vec<u64> = s.segments().iter().map(|g| g.first).collect();
+        let firsts = s.segment_firsts();
         assert_eq!(firsts, vec![1, 3, 4], "the large entry stands alone");
         assert_eq!(idx(s.entries_from(2).unwrap()), vec![2, 3, 4, 5]);
         s.purge_through(3).unwrap();
@@ -459,11 +768,6 @@ mod tests {
             .unwrap();
         assert_eq!(idx(s.entries_from(0).unwrap()), vec![1, 256, 65536]);
     }
-}
-
-#[cfg(test)]
-mod open_tests {
-    use super::*;
 
     #[test]
     fn a_store_that_does_not_open_is_refused_with_its_path() {
@@ -482,5 +786,143 @@ mod open_tests {
         };
         assert!(e.contains(&path.display().to_string()), "{e}");
         assert!(e.contains("does not open"), "{e}");
+    }
+
+    #[test]
+    fn the_snapshot_is_a_checksummed_file_and_a_torn_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(SNAPSHOT_FILE);
+        {
+            let s = SledStore::open(dir.path(), 1 << 20).unwrap();
+            s.save_snapshot(7, &vec![3u8; 300_000]).unwrap();
+            s.save_snapshot(9, b"state@9").unwrap();
+            assert_eq!(s.load_snapshot().unwrap(), Some((9, b"state@9".to_vec())));
+            assert!(!dir.path().join(SNAPSHOT_TMP).exists());
+        }
+        assert_eq!(
+            reopen(dir.path()).load_snapshot().unwrap(),
+            Some((9, b"state@9".to_vec()))
+        );
+        let good = std::fs::read(&file).unwrap();
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        for (bytes, why) in [
+            (flipped, "checksum mismatch"),
+            (good[..good.len() - 2].to_vec(), "the header says 7"),
+            (b"PBXS".to_vec(), "no snapshot header"),
+        ] {
+            std::fs::write(&file, bytes).unwrap();
+            let e = reopen(dir.path()).load_snapshot().unwrap_err().to_string();
+            assert!(
+                e.contains(&file.display().to_string()) && e.contains(why),
+                "{e}"
+            );
+        }
+        // A temporary file left by a crash before the rename is thrown away.
+        std::fs::write(&file, &good).unwrap();
+        std::fs::write(dir.path().join(SNAPSHOT_TMP), b"half").unwrap();
+        let s = reopen(dir.path());
+        assert!(!dir.path().join(SNAPSHOT_TMP).exists());
+        assert_eq!(s.load_snapshot().unwrap().unwrap().0, 9);
+    }
+
+    #[test]
+    fn a_snapshot_kept_in_sled_by_format_1_is_read_and_moved_to_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let mut old = 4u64.to_be_bytes().to_vec();
+        old.extend_from_slice(b"state@4");
+        s.with(|sled| {
+            Ok(sled
+                .legacy_snapshot
+                .insert(LEGACY_SNAPSHOT_KEY, old)
+                .map(drop)?)
+        })
+        .unwrap();
+        assert_eq!(s.load_snapshot().unwrap(), Some((4, b"state@4".to_vec())));
+        s.save_snapshot(6, b"state@6").unwrap();
+        let legacy = s
+            .with(|sled| Ok(sled.legacy_snapshot.get(LEGACY_SNAPSHOT_KEY)?))
+            .unwrap();
+        assert!(legacy.is_none());
+        assert_eq!(s.load_snapshot().unwrap(), Some((6, b"state@6".to_vec())));
+    }
+
+    #[test]
+    fn values_sled_keeps_as_blob_files_are_fsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 1 << 20).unwrap();
+        // Large enough for sled to write it to a file of its own.
+        s.append(&[(1, vec![9u8; 400_000])]).unwrap();
+        let blobs = s.blob_names();
+        assert!(!blobs.is_empty(), "sled wrote no blob file");
+        let synced = lock(&s.blobs_synced);
+        for b in &blobs {
+            assert!(synced.contains(b), "{b:?} was not fsynced");
+        }
+    }
+
+    /// A full disk (a small tmpfs): the store closes on the I/O error, and once there
+    /// is room again it reopens with every write it had accepted, synced or not.
+    #[test]
+    fn a_full_disk_closes_the_store_and_it_comes_back_with_what_it_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(self.0)
+                    .status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        let ballast = dir.path().join("ballast");
+        std::fs::write(&ballast, vec![0u8; 3 << 20]).unwrap();
+        let path = dir.path().join("state");
+        let s = SledStore::open(&path, 1 << 20).unwrap();
+        let entry = |i: u64| (i, vec![(i % 251) as u8; 2000]);
+        let mut accepted = 0u64;
+        let err = loop {
+            let i = accepted + 1;
+            // Every fourth write is synced; the rest only accepted.
+            let res = if i.is_multiple_of(4) {
+                s.append(&[entry(i)])
+            } else {
+                s.append_buffered(&[entry(i)])
+            };
+            match res {
+                Ok(()) => accepted = i,
+                Err(e) => break e,
+            }
+            assert!(accepted < 100_000, "the disk never filled");
+        };
+        assert!(err.is_transient(), "{err}");
+        // A failed sync leaves `accepted` at the last entry written before it.
+        let e = s.last_index().unwrap_err();
+        assert!(matches!(e, StorageError::Unavailable(_)), "{e}");
+        assert!(s.recover().is_err(), "recovered with the disk still full");
+        std::fs::remove_file(&ballast).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Err(e) = s.recover() {
+            assert!(std::time::Instant::now() < deadline, "no recovery: {e}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let want: Vec<u64> = (1..=accepted).collect();
+        assert_eq!(idx(s.entries_from(0).unwrap()), want);
+        s.append(&[entry(accepted + 1)]).unwrap();
+        drop(s);
+        let s = reopen(&path);
+        assert_eq!(s.last_index().unwrap(), Some(accepted + 1));
+        assert_eq!(s.entries_range(3, 4).unwrap(), vec![entry(3)]);
     }
 }

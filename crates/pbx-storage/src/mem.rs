@@ -52,6 +52,8 @@ struct Disk {
     durable: Inner,
     /// Writes since the last sync, in order.
     unsynced: Vec<Write>,
+    /// Set while the disk fails (see [`MemStore::fail`]).
+    failing: Option<String>,
 }
 
 impl Disk {
@@ -91,6 +93,21 @@ impl MemStore {
         disk.visible = disk.durable.clone();
     }
 
+    /// The disk fails (`Some(reason)`: every operation is refused as
+    /// [`StorageError::Unavailable`], as a closed [`crate::SledStore`] refuses them after
+    /// an I/O error) or works again (`None`). What was written before stays.
+    pub fn fail(&self, reason: Option<&str>) {
+        self.disk().failing = reason.map(str::to_string);
+    }
+
+    fn usable(&self) -> Result<MutexGuard<'_, Disk>, StorageError> {
+        let disk = self.disk();
+        match &disk.failing {
+            Some(reason) => Err(StorageError::Unavailable(reason.clone())),
+            None => Ok(disk),
+        }
+    }
+
     /// Writes not made durable yet.
     #[cfg(test)]
     fn unsynced_writes(&self) -> usize {
@@ -100,7 +117,7 @@ impl MemStore {
 
 impl LogStore for MemStore {
     fn append_buffered(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
-        let mut disk = self.disk();
+        let mut disk = self.usable()?;
         for (i, bytes) in entries {
             disk.write(Write::Entry(*i, bytes.clone()));
         }
@@ -108,7 +125,7 @@ impl LogStore for MemStore {
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        self.disk().sync();
+        self.usable()?.sync();
         Ok(())
     }
 
@@ -126,36 +143,36 @@ impl LogStore for MemStore {
     }
 
     fn truncate_from(&self, from: u64) -> Result<(), StorageError> {
-        let mut disk = self.disk();
+        let mut disk = self.usable()?;
         disk.write(Write::TruncateFrom(from));
         disk.sync();
         Ok(())
     }
 
     fn last_index(&self) -> Result<Option<u64>, StorageError> {
-        Ok(self.disk().visible.log.keys().next_back().copied())
+        Ok(self.usable()?.visible.log.keys().next_back().copied())
     }
 
     fn save_snapshot(&self, index: u64, data: &[u8]) -> Result<(), StorageError> {
-        let mut disk = self.disk();
+        let mut disk = self.usable()?;
         disk.write(Write::Snapshot(index, data.to_vec()));
         disk.sync();
         Ok(())
     }
 
     fn load_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-        Ok(self.disk().visible.snapshot.clone())
+        Ok(self.usable()?.visible.snapshot.clone())
     }
 
     /// Not synced, as on sled: purging acknowledges nothing (the purge point is
     /// recorded durably first, see pbx-raft).
     fn purge_through(&self, index: u64) -> Result<(), StorageError> {
-        self.disk().write(Write::PurgeThrough(index));
+        self.usable()?.write(Write::PurgeThrough(index));
         Ok(())
     }
 
     fn put_meta(&self, key: &str, value: &[u8], durable: bool) -> Result<(), StorageError> {
-        let mut disk = self.disk();
+        let mut disk = self.usable()?;
         disk.write(Write::Meta(key.to_string(), value.to_vec()));
         if durable {
             disk.sync();
@@ -164,7 +181,11 @@ impl LogStore for MemStore {
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.disk().visible.meta.get(key).cloned())
+        Ok(self.usable()?.visible.meta.get(key).cloned())
+    }
+
+    fn recover(&self) -> Result<(), StorageError> {
+        self.usable().map(drop)
     }
 }
 

@@ -18,8 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use pbx_registrar::digest::{Algorithm, ClientAuth};
-use pbx_sip_msg::{parse_datagram, AuthHeader, HeaderName, Limits};
+use pbx_tests::RegisterClient;
 
 /// One finished REGISTER transaction (with its challenge).
 #[derive(Debug, Clone, Copy)]
@@ -36,125 +35,6 @@ fn epoch_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-struct Client {
-    sock: UdpSocket,
-    target: SocketAddr,
-    local: SocketAddr,
-    domain: String,
-    timeout: Duration,
-    seq: u64,
-}
-
-impl Client {
-    fn request(&mut self, user: &str, call_id: &str, cseq: u32, auth: Option<&str>) -> String {
-        self.seq += 1;
-        let ruri = format!("sip:{}", self.domain);
-        let mut r = format!(
-            "REGISTER {ruri} SIP/2.0\r\n\
-             Via: SIP/2.0/UDP {};branch=z9hG4bK-rs{}-{}\r\n\
-             Max-Forwards: 70\r\n\
-             From: <sip:{user}@{d}>;tag=rs{user}\r\n\
-             To: <sip:{user}@{d}>\r\n\
-             Call-ID: {call_id}\r\n\
-             CSeq: {cseq} REGISTER\r\n\
-             Contact: <sip:{user}@{}>\r\n\
-             Expires: 3600\r\n",
-            self.local,
-            self.local.port(),
-            self.seq,
-            self.local,
-            d = self.domain
-        );
-        if let Some(a) = auth {
-            r.push_str(&format!("Authorization: {a}\r\n"));
-        }
-        r.push_str("Content-Length: 0\r\n\r\n");
-        r
-    }
-
-    /// Sends `req` until a final response or the timeout; returns the response bytes.
-    fn transact(&self, req: &str, branch_marker: &str) -> Option<Vec<u8>> {
-        let started = Instant::now();
-        let mut interval = Duration::from_millis(500);
-        let mut next_send = started;
-        let mut buf = vec![0u8; 65_535];
-        loop {
-            let now = Instant::now();
-            let left = self.timeout.checked_sub(now - started)?;
-            if now >= next_send {
-                let _ = self.sock.send_to(req.as_bytes(), self.target);
-                next_send = now + interval;
-                interval = (interval * 2).min(Duration::from_secs(4));
-            }
-            let wait = left
-                .min(next_send.saturating_duration_since(Instant::now()))
-                .max(Duration::from_millis(1));
-            let _ = self.sock.set_read_timeout(Some(wait));
-            let Ok((n, _)) = self.sock.recv_from(&mut buf) else {
-                continue;
-            };
-            let text = &buf[..n];
-            // A provisional or a stale answer to an earlier transaction: keep waiting.
-            if !String::from_utf8_lossy(text).contains(branch_marker) {
-                continue;
-            }
-            let status = std::str::from_utf8(&text[8..text.len().min(12)])
-                .ok()
-                .and_then(|s| s.trim().parse::<u16>().ok())
-                .unwrap_or(0);
-            if status >= 200 {
-                return Some(text.to_vec());
-            }
-        }
-    }
-
-    /// One REGISTER with its challenge: the final status (0 = no answer in time).
-    fn register(&mut self, user: &str, password: &str, n: u64) -> u16 {
-        let call_id = format!("rs-{user}-{}", self.local.port());
-        let first = self.request(user, &call_id, (2 * n + 1) as u32, None);
-        let marker = format!("rs{}-{}", self.local.port(), self.seq);
-        let Some(resp) = self.transact(&first, &marker) else {
-            return 0;
-        };
-        let Ok(msg) = parse_datagram(&resp, &Limits::default()) else {
-            return 0;
-        };
-        let status = msg.status().unwrap_or(0);
-        if status != 401 {
-            return status;
-        }
-        let Some(challenge) = msg
-            .header_values(&HeaderName::WwwAuthenticate)
-            .filter_map(|v| AuthHeader::parse(v).ok())
-            .find(|h| Algorithm::parse(h.get("algorithm")) == Some(Algorithm::Md5))
-        else {
-            return 401;
-        };
-        let ruri = format!("sip:{}", self.domain);
-        let auth = ClientAuth {
-            algorithm: Algorithm::Md5,
-            user,
-            password,
-            realm: challenge.get("realm").unwrap_or(&self.domain),
-            nonce: challenge.get("nonce").unwrap_or_default(),
-            method: "REGISTER",
-            uri: &ruri,
-            nc: 1,
-            cnonce: &format!("{:08x}", n),
-        }
-        .header_value();
-        let second = self.request(user, &call_id, (2 * n + 2) as u32, Some(&auth));
-        let marker = format!("rs{}-{}", self.local.port(), self.seq);
-        match self.transact(&second, &marker) {
-            Some(resp) => parse_datagram(&resp, &Limits::default())
-                .ok()
-                .and_then(|m| m.status())
-                .unwrap_or(0),
-            None => 0,
-        }
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -199,14 +79,7 @@ fn main() -> anyhow::Result<()> {
         .flat_map(|(t, a)| (0..workers).map(move |w| (t * workers + w, *a)))
     {
         let sock = UdpSocket::bind((local, 0))?;
-        let mut client = Client {
-            local: sock.local_addr()?,
-            sock,
-            target,
-            domain: domain.clone(),
-            timeout,
-            seq: 0,
-        };
+        let mut client = RegisterClient::new(sock, target, &domain, timeout)?;
         let outcomes = outcomes.clone();
         let stop = stop.clone();
         threads.push(std::thread::spawn(move || {
