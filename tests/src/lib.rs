@@ -496,8 +496,13 @@ impl LocalCluster {
 
     /// True while node n's process is alive.
     pub fn is_running(&self, n: usize) -> bool {
-        self.pid(n)
-            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        // A zombie (exited, not yet reaped) is not running.
+        self.pid(n).is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|st| st.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+                .unwrap_or(false)
+        })
     }
 
     /// Node n's process id, as the launcher recorded it.

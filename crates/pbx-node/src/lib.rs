@@ -182,6 +182,7 @@ impl Node {
             config.registrar.sweep_interval,
         )));
         tasks.push(tokio::spawn(commit_reporter(cluster.clone())));
+        tasks.push(tokio::spawn(stuck_storage_exit(cluster.clone())));
         tasks.push(tokio::spawn(cdr_postgres::run(
             cluster.clone(),
             config.cdr.clone(),
@@ -390,6 +391,27 @@ async fn sweeper(cluster: Cluster, every_secs: u64) {
 
 /// Logs what the commit path did every 10 s (batches, commands, commit latency), when it
 /// did anything: the figures the benchmarks and operators need.
+/// After a full disk made sled fail a write it keeps in a blob file, sled cannot close
+/// the failed database and holds its file lock: the store cannot be reopened in this
+/// process. After 30 s of that the process exits with 75 (EX_TEMPFAIL) so its
+/// supervisor (systemd `Restart=on-failure`) starts it again on the same data; nothing
+/// acknowledged is lost (if the disk is still full it stops at its next write again).
+async fn stuck_storage_exit(cluster: Cluster) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(since) = cluster.storage_health().stuck_since() else {
+            continue;
+        };
+        if unix_ms().saturating_sub(since) >= 30_000 {
+            tracing::error!(
+                "the store cannot be reopened in this process (sled holds the failed database's lock): exiting for a restart"
+            );
+            std::process::exit(75);
+        }
+    }
+}
+
 async fn commit_reporter(cluster: Cluster) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     tick.tick().await;

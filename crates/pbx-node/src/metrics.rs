@@ -520,6 +520,17 @@ impl NodeCollector {
             "The last log index applied to the state machine.",
             st.applied_index as f64,
         )?;
+        let purged = self
+            .cluster
+            .metrics()
+            .borrow()
+            .purged
+            .map_or(0, |l| l.index);
+        o.gauge(
+            "pbx_raft_purged_index",
+            "The last log index purged from this node's log (covered by its snapshot).",
+            purged as f64,
+        )?;
         o.gauges(
             "pbx_raft_member_lag_entries",
             "On the leader: log entries each member is behind the leader's log.",

@@ -10,6 +10,11 @@
 //! followed — the node keeps its time, logs the step and counts it
 //! (`pbx_clock_steps_total`); a restart takes the new time. Raft's timers and every
 //! timeout run on the monotonic clock and never see a step.
+//!
+//! The elapsed time is `CLOCK_BOOTTIME` (monotonic, and counting a suspended VM's
+//! sleep), so a host resumed from suspend, whose wall clock is right, is followed. A
+//! node must start with a synchronised clock (the systemd unit orders pbxd after
+//! `time-sync.target`): one started on a wrong clock keeps it.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
@@ -20,7 +25,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 pub const STEP_TOLERANCE_MS: i64 = 2_000;
 
 struct Clock {
-    start: Instant,
+    /// `CLOCK_BOOTTIME` at start (ms).
+    start: i64,
     /// Unix ms at `start`, as last trusted: the time is `start_ms + elapsed`.
     start_ms: AtomicI64,
     steps: AtomicU64,
@@ -31,11 +37,24 @@ struct Clock {
 fn clock() -> &'static Clock {
     static CLOCK: OnceLock<Clock> = OnceLock::new();
     CLOCK.get_or_init(|| Clock {
-        start: Instant::now(),
+        start: boot_ms(),
         start_ms: AtomicI64::new(wall_ms()),
         steps: AtomicU64::new(0),
         logged_off_ms: AtomicI64::new(0),
     })
+}
+
+/// Milliseconds since boot, suspend included; the process's monotonic clock if the
+/// kernel has no `CLOCK_BOOTTIME` (it always has since Linux 2.6.39).
+fn boot_ms() -> i64 {
+    use nix::time::{clock_gettime, ClockId};
+    match clock_gettime(ClockId::CLOCK_BOOTTIME) {
+        Ok(t) => t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000,
+        Err(_) => {
+            static FALLBACK: OnceLock<Instant> = OnceLock::new();
+            FALLBACK.get_or_init(Instant::now).elapsed().as_millis() as i64
+        }
+    }
 }
 
 fn wall_ms() -> i64 {
@@ -49,10 +68,12 @@ fn wall_ms() -> i64 {
 /// what the leader stamps into commands and what bindings and nonces are checked with.
 pub fn unix_ms() -> u64 {
     let c = clock();
-    let elapsed = c.start.elapsed().as_millis() as i64;
+    let elapsed = boot_ms() - c.start;
     match reading(c.start_ms.load(Relaxed), elapsed, wall_ms()) {
         Reading::Followed { now, start_ms } => {
             c.start_ms.store(start_ms, Relaxed);
+            // Back in step: the next step is a new one, logged and counted.
+            c.logged_off_ms.store(0, Relaxed);
             now.max(0) as u64
         }
         Reading::Step { now, off } => {

@@ -43,6 +43,13 @@ pub struct StorageHealth {
     down_since_ms: std::sync::atomic::AtomicU64,
     outages: std::sync::atomic::AtomicU64,
     reason: std::sync::Mutex<String>,
+    /// A snapshot from the leader is being received or installed: set by the state
+    /// machine until the snapshot is on disk, read by the log's purge (which must not
+    /// record a purge behind a snapshot that is not stored yet).
+    installing_snapshot: std::sync::atomic::AtomicBool,
+    /// Since when (unix ms; 0: not) the store cannot be reopened in this process
+    /// ([`pbx_storage::StorageError::Stuck`]): the node should restart.
+    stuck_since_ms: std::sync::atomic::AtomicU64,
 }
 
 impl StorageHealth {
@@ -55,6 +62,14 @@ impl StorageHealth {
             let reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
             (reason.clone(), since)
         })
+    }
+
+    /// Since when (unix ms) the store cannot be reopened without a restart.
+    pub fn stuck_since(&self) -> Option<u64> {
+        let since = self
+            .stuck_since_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (since != 0).then_some(since)
     }
 
     /// Outages since start.
@@ -133,6 +148,15 @@ impl Durable {
         *pause = (*pause * 2).min(std::time::Duration::from_secs(1));
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || store.recover()).await {
+            Ok(Err(pbx_storage::StorageError::Stuck(_))) => {
+                let _ = self.health.stuck_since_ms.compare_exchange(
+                    0,
+                    crate::unix_ms().max(1),
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                Ok(())
+            }
             Ok(Err(e)) if !e.is_transient() => Err(AnyError::new(&e)),
             Err(e) => Err(AnyError::new(&e)),
             _ => Ok(()),
@@ -333,7 +357,16 @@ impl RaftLogStorage<TypeConfig> for LogStorage {
         }
         // Written now (readable at once), acknowledged by the flusher after the fsync
         // that covers it. Inline while the store works; a full disk makes Raft wait here.
-        match self.durable.store.append_buffered(&raw) {
+        // (During an outage straight to the waiting path: the store's lock may be
+        // held by a reopen, which must not block a runtime thread.)
+        let inline = if self.durable.health.unavailable().is_none() {
+            self.durable.store.append_buffered(&raw)
+        } else {
+            Err(pbx_storage::StorageError::Unavailable(
+                "storage outage".into(),
+            ))
+        };
+        match inline {
             Ok(()) => {}
             Err(e) if e.is_transient() => {
                 let raw = Arc::new(raw);
@@ -358,6 +391,31 @@ impl RaftLogStorage<TypeConfig> for LogStorage {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Only behind a snapshot that is on disk: openraft asks for the purge as soon as
+        // it hands a snapshot received from the leader to the state machine, and a crash
+        // between the purge record and the snapshot file would leave a log purged behind
+        // nothing. (Purges behind the node's own snapshots come after it is stored.)
+        let mut waited = std::time::Duration::ZERO;
+        let acquire = std::sync::atomic::Ordering::Acquire;
+        while self.durable.health.installing_snapshot.load(acquire) {
+            let saved = self
+                .durable
+                .run(|store| store.snapshot_index())
+                .await
+                .map_err(StorageIOError::write_logs)?;
+            if saved.is_some_and(|i| i >= log_id.index) {
+                break;
+            }
+            if waited == std::time::Duration::from_secs(10) {
+                tracing::warn!(
+                    purge = log_id.index,
+                    snapshot = ?saved,
+                    "log purge waiting for the snapshot that covers it"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            waited += std::time::Duration::from_millis(10);
+        }
         // Record the purge point first: a crash in between leaves extra entries behind
         // it, which is harmless; the other order could lose the last log id.
         self.put_meta(META_PURGED, &log_id, true)
@@ -577,6 +635,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        self.durable
+            .health
+            .installing_snapshot
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -594,9 +656,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             state: bytes,
         };
         // Durable first, then visible: a crash right after still restarts from it.
-        self.save(&stored)
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
+        self.durable
+            .health
+            .installing_snapshot
+            .store(true, std::sync::atomic::Ordering::Release);
+        let saved = self.save(&stored).await;
+        self.durable
+            .health
+            .installing_snapshot
+            .store(false, std::sync::atomic::Ordering::Release);
+        saved.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
         let mut a = self.write();
         a.state = state;
         a.last_applied = meta.last_log_id;

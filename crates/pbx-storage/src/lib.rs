@@ -44,19 +44,34 @@ pub enum StorageError {
     /// [`LogStore::recover`] reopens it; nothing acknowledged was lost.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The closed database cannot be reopened in this process: sled still holds its
+    /// file lock because its own close waits on the write that failed (a value it keeps
+    /// in a blob file). Only a restart of the process clears it.
+    #[error("storage stuck until pbxd restarts: {0}")]
+    Stuck(String),
 }
 
 impl StorageError {
-    /// Whether retrying after [`LogStore::recover`] can succeed: I/O failures (a full
-    /// disk frees up), not corruption or a foreign directory.
+    /// Whether retrying after [`LogStore::recover`] can succeed: the disk was full (it
+    /// frees up). Any other I/O error is not retried: after a failed fsync the kernel
+    /// may have dropped the dirty pages and a retry would "succeed" on data that never
+    /// reached the disk (as PostgreSQL learned), so the node stops writing for good.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            StorageError::Sled(sled::Error::Io(_))
-                | StorageError::Io { .. }
-                | StorageError::Unavailable(_)
-        )
+        match self {
+            StorageError::Sled(sled::Error::Io(e)) | StorageError::Io { source: e, .. } => {
+                out_of_space(e)
+            }
+            StorageError::Unavailable(_) | StorageError::Stuck(_) => true,
+            _ => false,
+        }
     }
+}
+
+/// ENOSPC or EDQUOT: a write that found no room. (sled hands later callers a copy of
+/// its first error that keeps the kind, not the OS code.)
+fn out_of_space(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    matches!(e.kind(), StorageFull | QuotaExceeded)
 }
 
 /// An append-only log of opaque entries with a snapshot and small metadata values.
@@ -86,6 +101,10 @@ pub trait LogStore: Send + Sync {
     /// Stores a snapshot covering entries up to `index`. Durable on return.
     fn save_snapshot(&self, index: u64, data: &[u8]) -> Result<(), StorageError>;
     fn load_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError>;
+    /// The index the stored snapshot covers, without reading it all.
+    fn snapshot_index(&self) -> Result<Option<u64>, StorageError> {
+        Ok(self.load_snapshot()?.map(|(index, _)| index))
+    }
     /// Removes entries with index <= `index` (they are covered by a snapshot).
     fn purge_through(&self, index: u64) -> Result<(), StorageError>;
     /// Stores a small value; durable on return when `durable` (a vote), otherwise with
@@ -267,7 +286,10 @@ impl Sled {
         };
         let mut segs = self.segments();
         let large = entries.iter().any(|(_, b)| b.len() >= LARGE_ENTRY);
-        if large || segs.last().is_none_or(|s| s.count >= SEGMENT_ENTRIES) {
+        let full = segs.last().is_none_or(|s| s.count >= SEGMENT_ENTRIES);
+        // Never a second segment of the same name (its tree is the same tree).
+        let same = segs.last().is_some_and(|s| s.first == *first);
+        if (large || full) && !same {
             let tree = self.db.open_tree(segment_name(*first))?;
             segs.push(Segment {
                 first: *first,
@@ -343,6 +365,9 @@ pub struct SledStore {
     unsynced: Mutex<Vec<Op>>,
     /// Blob files (sled's values over ~128 KiB, one file each) already fsynced.
     blobs_synced: Mutex<HashSet<OsString>>,
+    /// One sync at a time: a sync counts the journal's writes it covers and drops
+    /// exactly those when it is done.
+    syncing: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -355,12 +380,18 @@ impl SledStore {
         // A snapshot cut short by a crash before its rename is garbage.
         let _ = std::fs::remove_file(dir.join(SNAPSHOT_TMP));
         let sled = Sled::open(dir, cache_bytes)?;
+        // The directory's and sled's files' names durable from the first start on.
+        sync_dir(dir)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
         let store = SledStore {
             dir: dir.to_path_buf(),
             cache_bytes,
             live: RwLock::new(Ok(sled)),
             unsynced: Mutex::new(Vec::new()),
             blobs_synced: Mutex::new(HashSet::new()),
+            syncing: Mutex::new(()),
         };
         // Blobs written before a crash may never have been fsynced.
         store.sync_blobs(store.blob_names())?;
@@ -415,16 +446,19 @@ impl SledStore {
 
     /// Closes the database after an I/O error, so nothing more is written to it.
     fn failed(&self, e: StorageError) -> StorageError {
-        if !matches!(
-            e,
-            StorageError::Sled(sled::Error::Io(_)) | StorageError::Io { .. }
-        ) {
+        if !e.is_transient() || matches!(e, StorageError::Unavailable(_)) {
             return e;
         }
         let reason = e.to_string();
         let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
         if live.is_ok() {
-            *live = Err(reason.clone());
+            let closed = std::mem::replace(&mut *live, Err(reason.clone()));
+            // sled's drop flushes, and after a failed write that flush can wait for a
+            // write that never completes: drop it aside, never under our lock. Until it
+            // lets go of its file lock, `recover` cannot reopen (and says so).
+            let _ = std::thread::Builder::new()
+                .name("sled-close".into())
+                .spawn(move || drop(closed));
         }
         StorageError::Unavailable(reason)
     }
@@ -506,6 +540,7 @@ impl SledStore {
 
 impl LogStore for SledStore {
     fn sync(&self) -> Result<(), StorageError> {
+        let _one = lock(&self.syncing);
         let res = {
             let live = self.live()?;
             let sled = live.as_ref().expect("checked open");
@@ -609,6 +644,21 @@ impl LogStore for SledStore {
         })
     }
 
+    fn snapshot_index(&self) -> Result<Option<u64>, StorageError> {
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let mut head = [0u8; 16];
+        match File::open(&path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)) {
+            Ok(()) if &head[..8] == SNAPSHOT_MAGIC => {
+                let mut index = [0u8; 8];
+                index.copy_from_slice(&head[8..16]);
+                Ok(Some(u64::from_be_bytes(index)))
+            }
+            // Missing (a format-1 store, or none yet) or unreadable: the full read says
+            // which, with the path.
+            _ => Ok(self.load_snapshot()?.map(|(index, _)| index)),
+        }
+    }
+
     fn purge_through(&self, index: u64) -> Result<(), StorageError> {
         // Purging is not an acknowledgement: no fsync needed, the next sync makes it
         // durable along with its own writes.
@@ -634,13 +684,51 @@ impl LogStore for SledStore {
         }
         // The closed database was dropped when it failed (`failed`), which releases its
         // file lock once sled's threads let go: until then opening fails and is retried.
-        let sled = Sled::open(&self.dir, self.cache_bytes)?;
+        let sled = match Sled::open(&self.dir, self.cache_bytes) {
+            Ok(sled) => sled,
+            // The closed database's lock not released (see `Stuck`).
+            Err(StorageError::Sled(sled::Error::Io(e)))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock") =>
+            {
+                return Err(StorageError::Stuck(format!("reopening: {e}")))
+            }
+            // Still no room.
+            Err(StorageError::Sled(sled::Error::Io(e))) => {
+                return Err(StorageError::Unavailable(format!("reopening: {e}")))
+            }
+            Err(e) => return Err(e),
+        };
         let mut unsynced = lock(&self.unsynced);
-        for op in unsynced.iter() {
-            sled.exec(op)?;
+        let replayed = (|| {
+            // What the closed database flushed of these writes on its way out may sit
+            // in other segments than a replay would choose: clear from the first
+            // appended index, then write them again in order. (An append at i means
+            // nothing at or after i was kept: Raft appends after its last entry or
+            // after a truncation.)
+            if let Some(first) = unsynced
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Append(entries) => entries.first().map(|e| e.0),
+                    _ => None,
+                })
+                .min()
+            {
+                sled.truncate(first)?;
+            }
+            for op in unsynced.iter() {
+                sled.exec(op)?;
+            }
+            sled.flush()?;
+            self.sync_blobs(self.blob_names())
+        })();
+        if let Err(e) = replayed {
+            return Err(if e.is_transient() {
+                StorageError::Unavailable(e.to_string())
+            } else {
+                e
+            });
         }
-        sled.flush()?;
-        self.sync_blobs(self.blob_names())?;
         unsynced.clear();
         *live = Ok(sled);
         Ok(())
@@ -891,23 +979,25 @@ mod tests {
         let path = dir.path().join("state");
         let s = SledStore::open(&path, 1 << 20).unwrap();
         let entry = |i: u64| (i, vec![(i % 251) as u8; 2000]);
+        // Every entry the store takes is accepted (a sync that fails afterwards does not
+        // take it back: it is written again on recovery); every fourth is synced.
         let mut accepted = 0u64;
         let err = loop {
             let i = accepted + 1;
-            // Every fourth write is synced; the rest only accepted.
-            let res = if i.is_multiple_of(4) {
-                s.append(&[entry(i)])
-            } else {
-                s.append_buffered(&[entry(i)])
-            };
-            match res {
-                Ok(()) => accepted = i,
-                Err(e) => break e,
+            let res = s.append_buffered(&[entry(i)]).and_then(|()| {
+                accepted = i;
+                if i.is_multiple_of(4) {
+                    s.sync()
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = res {
+                break e;
             }
             assert!(accepted < 100_000, "the disk never filled");
         };
         assert!(err.is_transient(), "{err}");
-        // A failed sync leaves `accepted` at the last entry written before it.
         let e = s.last_index().unwrap_err();
         assert!(matches!(e, StorageError::Unavailable(_)), "{e}");
         assert!(s.recover().is_err(), "recovered with the disk still full");
@@ -924,5 +1014,64 @@ mod tests {
         let s = reopen(&path);
         assert_eq!(s.last_index().unwrap(), Some(accepted + 1));
         assert_eq!(s.entries_range(3, 4).unwrap(), vec![entry(3)]);
+    }
+
+    /// A value large enough to go to a blob file of its own, on a full disk: the same
+    /// transient failure, and the store comes back with it.
+    #[test]
+    fn a_large_entry_on_a_full_disk_is_a_transient_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(self.0)
+                    .status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        let path = dir.path().join("state");
+        let s = SledStore::open(&path, 1 << 20).unwrap();
+        s.append(&[(1, vec![1u8; 100])]).unwrap();
+        let ballast = dir.path().join("ballast");
+        {
+            use std::io::Write;
+            let mut f = File::create(&ballast).unwrap();
+            while f.write_all(&[0u8; 4096]).is_ok() {}
+        }
+        let big = (2, vec![7u8; 400_000]);
+        let err = s
+            .append_buffered(std::slice::from_ref(&big))
+            .and_then(|()| s.sync())
+            .unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        std::fs::remove_file(&ballast).unwrap();
+        // Reopened in place, or — when sled cannot close the database whose blob write
+        // failed — reported stuck (the node then exits for a restart; see pbx-node).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match s.recover() {
+                Ok(()) => break,
+                Err(StorageError::Stuck(why)) => {
+                    assert!(why.contains("lock"), "{why}");
+                    return;
+                }
+                Err(e) => assert!(std::time::Instant::now() < deadline, "no recovery: {e}"),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        s.append_buffered(std::slice::from_ref(&big)).unwrap();
+        s.sync().unwrap();
+        assert_eq!(s.entries_from(2).unwrap(), vec![big]);
     }
 }
