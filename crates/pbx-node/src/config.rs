@@ -499,6 +499,10 @@ impl Default for CallsSection {
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSection {
     pub cache_mb: u64,
+    /// Free space (MiB) the data directory's file system keeps: below it Raft appends
+    /// and snapshots wait (writes are answered 503) instead of filling the disk; 0 turns
+    /// the floor off.
+    pub min_free_mb: u64,
     /// Raft log entries between snapshots (the log is purged behind them).
     pub snapshot_every: u64,
     /// Most commands in one Raft log entry (group commit).
@@ -514,6 +518,7 @@ impl Default for StorageSection {
     fn default() -> Self {
         StorageSection {
             cache_mb: 64,
+            min_free_mb: pbx_storage::DEFAULT_MIN_FREE >> 20,
             snapshot_every: 10_000,
             max_batch: 512,
             max_inflight: 4,

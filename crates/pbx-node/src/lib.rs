@@ -94,7 +94,10 @@ impl Node {
         let tls_client = tls::client(&config)?;
         let data_dir = config.resolve(&config.node.data_dir);
         let state_dir = data_dir.join("state");
-        let store = Arc::new(SledStore::open(&state_dir, config.storage.cache_mb << 20)?);
+        let store = Arc::new(
+            SledStore::open(&state_dir, config.storage.cache_mb << 20)?
+                .keep_free(config.storage.min_free_mb << 20),
+        );
         // Never run on another cluster's or node's data, or on a newer format.
         pbx_storage::claim(
             &*store,

@@ -49,6 +49,14 @@ pub enum StorageError {
     /// in a blob file). Only a restart of the process clears it.
     #[error("storage stuck until pbxd restarts: {0}")]
     Stuck(String),
+    /// Refused before anything was written: the write would leave less free space
+    /// than the store keeps (see [`SledStore::keep_free`]). The store stays open.
+    #[error("disk full: {path} has {free_mib} MiB free, and writes stop below {floor_mib} MiB (storage.min_free_mb) so the store never runs out of space mid-write")]
+    DiskFull {
+        path: PathBuf,
+        free_mib: u64,
+        floor_mib: u64,
+    },
 }
 
 impl StorageError {
@@ -61,11 +69,16 @@ impl StorageError {
             StorageError::Sled(sled::Error::Io(e)) | StorageError::Io { source: e, .. } => {
                 out_of_space(e)
             }
-            StorageError::Unavailable(_) | StorageError::Stuck(_) => true,
+            StorageError::Unavailable(_)
+            | StorageError::Stuck(_)
+            | StorageError::DiskFull { .. } => true,
             _ => false,
         }
     }
 }
+
+/// The free space a [`SledStore`] keeps by default (see [`SledStore::keep_free`]).
+pub const DEFAULT_MIN_FREE: u64 = 64 << 20;
 
 /// ENOSPC or EDQUOT: a write that found no room. (sled hands later callers a copy of
 /// its first error that keeps the kind, not the OS code.)
@@ -368,6 +381,8 @@ pub struct SledStore {
     /// One sync at a time: a sync counts the journal's writes it covers and drops
     /// exactly those when it is done.
     syncing: Mutex<()>,
+    /// Bytes of free space below which appends and snapshots are refused.
+    min_free: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -392,10 +407,44 @@ impl SledStore {
             unsynced: Mutex::new(Vec::new()),
             blobs_synced: Mutex::new(HashSet::new()),
             syncing: Mutex::new(()),
+            min_free: DEFAULT_MIN_FREE,
         };
         // Blobs written before a crash may never have been fsynced.
         store.sync_blobs(store.blob_names())?;
         Ok(store)
+    }
+
+    /// Keeps `bytes` of the file system free: an append or snapshot that would leave
+    /// less is refused with [`StorageError::DiskFull`] before anything is written. sled
+    /// cannot be trusted to run out of space: a value it keeps in a blob file whose
+    /// write fails wedges it (its close waits forever on the failed write, holding the
+    /// database lock), so the store stops writing before the disk is full, as etcd
+    /// stops at its quota. A disk filled by someone else still reaches sled: small
+    /// writes close the store until there is room ([`LogStore::recover`]), a failed
+    /// blob write is reported [`StorageError::Stuck`] (the node restarts).
+    pub fn keep_free(mut self, bytes: u64) -> SledStore {
+        self.min_free = bytes;
+        self
+    }
+
+    /// Refuses a write of `bytes` that would leave less than the floor free.
+    fn check_room(&self, bytes: u64) -> Result<(), StorageError> {
+        if self.min_free == 0 {
+            return Ok(());
+        }
+        let st = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| StorageError::Io {
+            path: self.dir.clone(),
+            source: e.into(),
+        })?;
+        let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+        if free < self.min_free.saturating_add(bytes) {
+            return Err(StorageError::DiskFull {
+                path: self.dir.clone(),
+                free_mib: free >> 20,
+                floor_mib: self.min_free.div_ceil(1 << 20),
+            });
+        }
+        Ok(())
     }
 
     /// Bytes sled reports on disk, plus the snapshot file.
@@ -446,7 +495,12 @@ impl SledStore {
 
     /// Closes the database after an I/O error, so nothing more is written to it.
     fn failed(&self, e: StorageError) -> StorageError {
-        if !e.is_transient() || matches!(e, StorageError::Unavailable(_)) {
+        if !e.is_transient()
+            || matches!(
+                e,
+                StorageError::Unavailable(_) | StorageError::DiskFull { .. }
+            )
+        {
             return e;
         }
         let reason = e.to_string();
@@ -558,6 +612,7 @@ impl LogStore for SledStore {
         if entries.is_empty() {
             return Ok(());
         }
+        self.check_room(entries.iter().map(|(_, b)| b.len() as u64).sum())?;
         self.write(Op::Append(entries.to_vec()))
     }
 
@@ -604,6 +659,7 @@ impl LogStore for SledStore {
     fn save_snapshot(&self, index: u64, data: &[u8]) -> Result<(), StorageError> {
         // Written aside, fsynced, renamed over the old one, directory fsynced: a crash
         // or power cut leaves the old snapshot or the new one, never a mix.
+        self.check_room(data.len() as u64)?;
         let tmp = self.dir.join(SNAPSHOT_TMP);
         let path = self.dir.join(SNAPSHOT_FILE);
         let written = (|| {
@@ -950,34 +1006,47 @@ mod tests {
         }
     }
 
+    /// A small tmpfs, unmounted when dropped; None (the test skipped) without root.
+    struct SmallDisk(tempfile::TempDir);
+
+    impl SmallDisk {
+        fn mount(size: &str) -> Option<SmallDisk> {
+            let dir = tempfile::tempdir().unwrap();
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !mounted {
+                eprintln!("skipped: mounting a tmpfs needs root");
+                return None;
+            }
+            Some(SmallDisk(dir))
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
     /// A full disk (a small tmpfs): the store closes on the I/O error, and once there
     /// is room again it reopens with every write it had accepted, synced or not.
     #[test]
     fn a_full_disk_closes_the_store_and_it_comes_back_with_what_it_accepted() {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("skipped: mounting a tmpfs needs root");
+        let Some(disk) = SmallDisk::mount("6m") else {
             return;
-        }
-        struct Unmount<'a>(&'a Path);
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(self.0)
-                    .status();
-            }
-        }
-        let _unmount = Unmount(dir.path());
+        };
+        let dir = &disk.0;
         let ballast = dir.path().join("ballast");
         std::fs::write(&ballast, vec![0u8; 3 << 20]).unwrap();
         let path = dir.path().join("state");
-        let s = SledStore::open(&path, 1 << 20).unwrap();
+        // No floor: sled itself runs out of space (small values, no blob files).
+        let s = SledStore::open(&path, 1 << 20).unwrap().keep_free(0);
         let entry = |i: u64| (i, vec![(i % 251) as u8; 2000]);
         // Every entry the store takes is accepted (a sync that fails afterwards does not
         // take it back: it is written again on recovery); every fourth is synced.
@@ -1016,62 +1085,47 @@ mod tests {
         assert_eq!(s.entries_range(3, 4).unwrap(), vec![entry(3)]);
     }
 
-    /// A value large enough to go to a blob file of its own, on a full disk: the same
-    /// transient failure, and the store comes back with it.
+    /// The floor: a disk that gets full is noticed before sled writes anything (a
+    /// value large enough for a blob file of its own would wedge sled on ENOSPC). The
+    /// write is refused, the store stays open for reads and small writes, and takes
+    /// the write once there is room again.
     #[test]
-    fn a_large_entry_on_a_full_disk_is_a_transient_failure() {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("skipped: mounting a tmpfs needs root");
+    fn writes_stop_at_the_free_space_floor_and_resume_when_there_is_room() {
+        let Some(disk) = SmallDisk::mount("8m") else {
             return;
-        }
-        struct Unmount<'a>(&'a Path);
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(self.0)
-                    .status();
-            }
-        }
-        let _unmount = Unmount(dir.path());
-        let path = dir.path().join("state");
-        let s = SledStore::open(&path, 1 << 20).unwrap();
+        };
+        let path = disk.0.path().join("state");
+        let s = SledStore::open(&path, 1 << 20).unwrap().keep_free(2 << 20);
         s.append(&[(1, vec![1u8; 100])]).unwrap();
-        let ballast = dir.path().join("ballast");
-        {
-            use std::io::Write;
-            let mut f = File::create(&ballast).unwrap();
-            while f.write_all(&[0u8; 4096]).is_ok() {}
-        }
+        // Room for the floor but not for the floor and this entry.
         let big = (2, vec![7u8; 400_000]);
-        let err = s
-            .append_buffered(std::slice::from_ref(&big))
-            .and_then(|()| s.sync())
-            .unwrap_err();
-        assert!(err.is_transient(), "{err:?}");
+        let free = |s: &SledStore| {
+            let st = nix::sys::statvfs::statvfs(&s.dir).unwrap();
+            st.blocks_available() as u64 * st.fragment_size() as u64
+        };
+        let ballast = disk.0.path().join("ballast");
+        let leave = (2 << 20) + 200_000;
+        std::fs::write(&ballast, vec![0u8; (free(&s) - leave) as usize]).unwrap();
+        let err = s.append_buffered(std::slice::from_ref(&big)).unwrap_err();
+        assert!(
+            matches!(err, StorageError::DiskFull { .. }) && err.is_transient(),
+            "{err}"
+        );
+        assert!(err.to_string().contains("storage.min_free_mb"), "{err}");
+        // Nothing written, nothing closed.
+        assert_eq!(s.last_index().unwrap(), Some(1));
+        s.put_meta("vote", b"v", true).unwrap();
+        assert!(matches!(
+            s.save_snapshot(1, &[0u8; 300_000]),
+            Err(StorageError::DiskFull { .. })
+        ));
         std::fs::remove_file(&ballast).unwrap();
-        // Reopened in place, or — when sled cannot close the database whose blob write
-        // failed — reported stuck (the node then exits for a restart; see pbx-node).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match s.recover() {
-                Ok(()) => break,
-                Err(StorageError::Stuck(why)) => {
-                    assert!(why.contains("lock"), "{why}");
-                    return;
-                }
-                Err(e) => assert!(std::time::Instant::now() < deadline, "no recovery: {e}"),
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        s.append_buffered(std::slice::from_ref(&big)).unwrap();
-        s.sync().unwrap();
+        s.recover().unwrap();
+        s.append(std::slice::from_ref(&big)).unwrap();
         assert_eq!(s.entries_from(2).unwrap(), vec![big]);
+        drop(s);
+        let s = reopen(&path);
+        assert_eq!(s.last_index().unwrap(), Some(2));
+        assert_eq!(s.get_meta("vote").unwrap().as_deref(), Some(&b"v"[..]));
     }
 }
