@@ -95,6 +95,11 @@ pub enum MediaOp {
         prompts: Vec<String>,
         payload_type: u8,
     },
+    /// Stop the prompt playing on a stream (a key interrupted it).
+    StopPlay { stream: usize },
+    /// Report the keys the caller sends as RFC 4733 telephone-events with this payload
+    /// type on a stream ([`MediaNotice::Digit`]).
+    DetectDtmf { stream: usize, payload_type: u8 },
 }
 
 /// What the relay reports.
@@ -103,6 +108,8 @@ pub enum MediaNotice {
     /// No packet for the configured time.
     NoMedia,
     PlaybackDone,
+    /// A key the caller pressed (RFC 4733).
+    Digit(char),
 }
 
 /// What the driver must do.
@@ -152,9 +159,15 @@ enum LegRef {
 enum Phase {
     Running,
     Resolving,
-    Dialing { deadline: Option<Instant> },
+    Dialing {
+        deadline: Option<Instant>,
+    },
     Bridged(usize),
     Playing,
+    /// Prompts a key interrupts (Background, Read).
+    Prompting,
+    /// Keys awaited until then (WaitExten, Read, the digits after the first).
+    Collecting(Instant),
     Echo,
     Waiting(Instant),
     Ended,
@@ -512,6 +525,40 @@ impl<D: Destination> Call<D> {
                         ),
                     }
                 }
+                Action::Background {
+                    prompts,
+                    noanswer,
+                    skip_unanswered,
+                } => {
+                    if skip_unanswered && !self.a.answered {
+                        continue;
+                    }
+                    self.prompt_app(now, "Background", prompts, noanswer);
+                    if self.phase == Phase::Running && self.exec.collecting() {
+                        // No media to play on: the prompts are skipped, as when they end.
+                        self.exec.prompts_done();
+                    }
+                }
+                Action::WaitExten { timeout } => {
+                    self.app_name = Some("WaitExten");
+                    self.phase = Phase::Collecting(now + timeout);
+                }
+                Action::Read {
+                    prompts,
+                    noanswer,
+                    skip_unanswered,
+                } => {
+                    if skip_unanswered && !self.a.answered {
+                        self.exec.read_skipped("SKIPPED");
+                        continue;
+                    }
+                    self.prompt_app(now, "Read", prompts, noanswer);
+                    if self.phase == Phase::Running {
+                        // Nothing to play: wait for the first key at once.
+                        let step = self.exec.prompts_done();
+                        self.collected(now, step);
+                    }
+                }
                 Action::Echo => {
                     self.app_name = Some("Echo");
                     self.answer_with_app(now);
@@ -525,6 +572,70 @@ impl<D: Destination> Call<D> {
                 Action::Congestion => self.hangup(now, 34, None),
                 Action::Hangup { cause } => self.hangup(now, cause, None),
                 Action::Log { level, message } => self.log(level, message),
+            }
+        }
+    }
+
+    /// Answers (unless `noanswer`: early media) and plays `prompts` that a key
+    /// interrupts (Phase::Prompting); stays Running when there is nothing to play on.
+    fn prompt_app(
+        &mut self,
+        now: Instant,
+        app: &'static str,
+        prompts: Vec<String>,
+        noanswer: bool,
+    ) {
+        self.app_name = Some(app);
+        if noanswer {
+            if !self.a.final_sent {
+                let body = self.app_sdp();
+                self.respond_a(183, body.as_deref(), &[]);
+            }
+        } else {
+            self.answer_with_app(now);
+        }
+        if self.phase != Phase::Running || prompts.is_empty() {
+            return;
+        }
+        match self.app_pt {
+            Some(pt) => {
+                self.phase = Phase::Prompting;
+                self.out.push_back(Output::Media(MediaOp::Play {
+                    stream: self.app_stream(),
+                    prompts,
+                    payload_type: pt,
+                }));
+            }
+            None => self.log(
+                LogLevel::Warning,
+                format!("{app}: no G.711 media with the caller, prompts skipped"),
+            ),
+        }
+    }
+
+    /// A key from the caller (RFC 4733 or SIP INFO) while the dialplan collects them.
+    fn on_digit(&mut self, now: Instant, digit: char) {
+        if !matches!(self.phase, Phase::Prompting | Phase::Collecting(_)) {
+            return;
+        }
+        let step = self.exec.digit(digit);
+        if step != pbx_dialplan::Collected::Ignored && self.phase == Phase::Prompting {
+            // As in Asterisk, a key stops the prompt.
+            self.out.push_back(Output::Media(MediaOp::StopPlay {
+                stream: self.app_stream(),
+            }));
+        }
+        self.collected(now, step);
+    }
+
+    /// What the dialplan said of a key, a timer or the end of the prompts.
+    fn collected(&mut self, now: Instant, step: pbx_dialplan::Collected) {
+        match step {
+            pbx_dialplan::Collected::Ignored => {}
+            pbx_dialplan::Collected::More(wait) => self.phase = Phase::Collecting(now + wait),
+            pbx_dialplan::Collected::Done => {
+                self.phase = Phase::Running;
+                self.run(now);
             }
         }
     }
@@ -756,6 +867,12 @@ impl<D: Destination> Call<D> {
             Some(offer) => {
                 let (sdp, pt) = offer.answer_g711(m.ip, port, self.session)?;
                 self.app_pt = Some(pt);
+                if let Some(te) = offer.media.get(stream).and_then(|s| s.telephone_event()) {
+                    self.out.push_back(Output::Media(MediaOp::DetectDtmf {
+                        stream,
+                        payload_type: te,
+                    }));
+                }
                 self.media_targets[0] = offer.media.iter().map(|m| m.rtp_target()).collect();
                 self.out.push_back(Output::Media(MediaOp::Remote {
                     stream,
@@ -767,6 +884,10 @@ impl<D: Destination> Call<D> {
             }
             None => {
                 self.app_pt = Some(0);
+                self.out.push_back(Output::Media(MediaOp::DetectDtmf {
+                    stream,
+                    payload_type: pbx_sdp::OFFERED_TELEPHONE_EVENT,
+                }));
                 let sdp = pbx_sdp::offer_g711(m.ip, port, self.session, 1);
                 self.sdp_body[0].clone_from(&sdp);
                 Some(sdp)
@@ -1194,6 +1315,12 @@ impl<D: Destination> Call<D> {
                         &[]
                     };
                     self.respond_to(&origin, 200, extra, None);
+                    if method == Method::Info && leg == LegRef::A {
+                        let ct = msg.header(&HeaderName::ContentType).unwrap_or("");
+                        if let Some(d) = info_digit(ct, &msg.body) {
+                            self.on_digit(now, d);
+                        }
+                    }
                 }
             },
             Method::Subscribe
@@ -1604,7 +1731,12 @@ impl<D: Destination> Call<D> {
                 self.phase = Phase::Running;
                 self.run(now);
             }
+            MediaNotice::PlaybackDone if self.phase == Phase::Prompting => {
+                let step = self.exec.prompts_done();
+                self.collected(now, step);
+            }
             MediaNotice::PlaybackDone => {}
+            MediaNotice::Digit(d) => self.on_digit(now, d),
             MediaNotice::NoMedia => {
                 if matches!(self.phase, Phase::Bridged(_) | Phase::Echo) {
                     self.log(LogLevel::Notice, "no media: call ended".into());
@@ -1661,7 +1793,7 @@ impl<D: Destination> Call<D> {
         );
         match self.phase {
             Phase::Dialing { deadline } => take(deadline),
-            Phase::Waiting(at) => take(Some(at)),
+            Phase::Waiting(at) | Phase::Collecting(at) => take(Some(at)),
             _ => {}
         }
         if self.phase != Phase::Ended {
@@ -1747,6 +1879,10 @@ impl<D: Destination> Call<D> {
                 self.phase = Phase::Running;
                 self.run(now);
             }
+            Phase::Collecting(at) if now >= at => {
+                let step = self.exec.collect_timeout();
+                self.collected(now, step);
+            }
             _ => {}
         }
         self.retry_reanchor(now);
@@ -1774,6 +1910,37 @@ impl<D: Destination> Call<D> {
             }
         }
     }
+}
+
+/// The key a SIP INFO carries: `application/dtmf-relay` (`Signal=5`, Cisco's format
+/// most phones use) or `application/dtmf` (the key alone).
+pub(crate) fn info_digit(content_type: &str, body: &[u8]) -> Option<char> {
+    let ct = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let body = std::str::from_utf8(body).ok()?;
+    let key = match ct.as_str() {
+        "application/dtmf-relay" => body.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            k.trim().eq_ignore_ascii_case("signal").then(|| v.trim())
+        })?,
+        "application/dtmf" => body.trim(),
+        _ => return None,
+    };
+    let mut chars = key.chars();
+    let c = chars.next()?;
+    if chars.next().is_some() {
+        // Some phones send the event number (10 for *, 11 for #).
+        return key
+            .parse::<u8>()
+            .ok()
+            .and_then(pbx_media_core::dtmf::digit_of);
+    }
+    let c = c.to_ascii_uppercase();
+    matches!(c, '0'..='9' | '*' | '#' | 'A'..='D').then_some(c)
 }
 
 /// RFC 3261 §16.7 step 6, as Asterisk reports a failed Dial: busy wins (someone is

@@ -1027,3 +1027,128 @@ fn a_call_inside_an_application_is_ended_not_replayed() {
         answered: true
     }));
 }
+
+const IVR_PLAN: &str = "[default]\n\
+    exten => 800,1,Background(hello-world)\n \
+     same => n,WaitExten(4)\n\
+    exten => 1,1,Playback(beep)\n \
+     same => n,Hangup(17)\n\
+    exten => 2,1,Read(CODE,beep,3)\n \
+     same => n,Hangup(${CODE})\n\
+    exten => i,1,Hangup(1)\n\
+    exten => t,1,Hangup(18)\n";
+
+const SDP_A_DTMF: &str = "v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0 96\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:96 telephone-event/8000\r\na=fmtp:96 0-16\r\n";
+
+/// The caller reaches the IVR: answered, its keys asked for at the payload type of its
+/// offer, the welcome prompt playing. The harness and the node's tag.
+fn in_ivr() -> (Harness, String) {
+    let mut h = Harness::start_with("800", SDP_A_DTMF, IVR_PLAN);
+    let out = h.take();
+    let (status, ok) = final_to_a(&out).unwrap();
+    assert_eq!(status, 200);
+    let body = String::from_utf8_lossy(&parse(&ok).0.body).to_string();
+    assert!(body.contains("a=rtpmap:96 telephone-event/8000"), "{body}");
+    assert!(out.contains(&Output::Media(MediaOp::DetectDtmf {
+        stream: 0,
+        payload_type: 96
+    })));
+    assert!(out.contains(&Output::Media(MediaOp::Play {
+        stream: 0,
+        prompts: vec!["hello-world".into()],
+        payload_type: 0
+    })));
+    let tag = to_tag_of(&ok);
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    (h, tag)
+}
+
+/// The BYE the node sends the caller when the plan hangs up, with its Reason cause.
+fn hung_up_with(out: &[Output<Udp>]) -> Option<u16> {
+    out.iter().find_map(|o| match o {
+        Output::Ended { cause, .. } => Some(*cause),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_key_interrupts_the_ivr_prompt_and_chooses_the_extension() {
+    let (mut h, _) = in_ivr();
+    h.call.on_media(h.now, MediaNotice::Digit('1'));
+    let out = h.take();
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
+    assert!(out.contains(&Output::Media(MediaOp::Play {
+        stream: 0,
+        prompts: vec!["beep".into()],
+        payload_type: 0
+    })));
+    h.call.on_media(h.now, MediaNotice::PlaybackDone);
+    assert_eq!(hung_up_with(&h.take()), Some(17));
+}
+
+#[test]
+fn silence_reaches_t_and_a_wrong_key_reaches_i() {
+    let (mut h, _) = in_ivr();
+    h.call.on_media(h.now, MediaNotice::PlaybackDone);
+    assert_eq!(hung_up_with(&h.take()), None, "WaitExten waits");
+    h.advance(Duration::from_secs(3));
+    assert_eq!(hung_up_with(&h.take()), None);
+    h.advance(Duration::from_secs(2));
+    assert_eq!(hung_up_with(&h.take()), Some(18));
+
+    let (mut h, _) = in_ivr();
+    h.call.on_media(h.now, MediaNotice::PlaybackDone);
+    h.call.on_media(h.now, MediaNotice::Digit('7'));
+    assert_eq!(hung_up_with(&h.take()), Some(1));
+}
+
+#[test]
+fn keys_sent_as_sip_info_work_like_rtp_events() {
+    let (mut h, tag) = in_ivr();
+    let info = |cseq: u32, ct: &str, body: &str| {
+        format!(
+            "INFO sip:pbx@127.0.0.11:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {ALICE};branch=z9hG4bKinfo{cseq};rport\r\n\
+             Max-Forwards: 70\r\n{}Call-ID: a-call\r\nCSeq: {cseq} INFO\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n{body}",
+            alice_headers(&tag),
+            body.len()
+        )
+        .into_bytes()
+    };
+    h.request(
+        &info(2, "application/dtmf-relay", "Signal=2\r\nDuration=160\r\n"),
+        ALICE,
+    );
+    let out = h.take();
+    assert_eq!(Harness::responses(&out), vec![200]);
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
+    // Read(CODE,beep,3): the prompt, then three keys (one as application/dtmf).
+    h.call.on_media(h.now, MediaNotice::PlaybackDone);
+    h.request(&info(3, "application/dtmf-relay", "Signal= 4\r\n"), ALICE);
+    h.request(&info(4, "application/dtmf", "8"), ALICE);
+    h.call.on_media(h.now, MediaNotice::Digit('6'));
+    assert_eq!(hung_up_with(&h.take()), Some(486));
+}
+
+#[test]
+fn sip_info_keys_are_parsed_as_phones_send_them() {
+    use crate::call::info_digit;
+    assert_eq!(
+        info_digit("application/dtmf-relay", b"Signal=5\r\nDuration=160\r\n"),
+        Some('5')
+    );
+    assert_eq!(
+        info_digit("Application/DTMF-Relay; x=y", b"signal = #\r\n"),
+        Some('#')
+    );
+    assert_eq!(
+        info_digit("application/dtmf-relay", b"Signal=11\r\n"),
+        Some('#')
+    );
+    assert_eq!(info_digit("application/dtmf", b"*"), Some('*'));
+    assert_eq!(info_digit("application/dtmf", b"x"), None);
+    assert_eq!(info_digit("text/plain", b"Signal=5"), None);
+    assert_eq!(info_digit("application/dtmf-relay", b"Duration=160"), None);
+}

@@ -246,6 +246,64 @@ pub enum Action {
         level: LogLevel,
         message: String,
     },
+    /// Play prompts that a key press interrupts; the keys choose an extension
+    /// ([`Execution::digit`]). Answers first unless `noanswer`; skipped when
+    /// `skip_unanswered` and the call is not answered.
+    Background {
+        prompts: Vec<String>,
+        noanswer: bool,
+        skip_unanswered: bool,
+    },
+    /// Wait up to `timeout` for the caller to key an extension.
+    WaitExten {
+        timeout: Duration,
+    },
+    /// Play prompts (none: silence) and read digits into a variable
+    /// ([`Execution::digit`], [`Execution::prompts_done`], [`Execution::collect_timeout`]).
+    Read {
+        prompts: Vec<String>,
+        noanswer: bool,
+        skip_unanswered: bool,
+    },
+}
+
+/// Asterisk's defaults for `TIMEOUT(digit)` (between digits) and `TIMEOUT(response)`
+/// (for the first digit after the prompts).
+pub const DIGIT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the call does after a key press or a collection timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collected {
+    /// Wait up to this long for another digit, then [`Execution::collect_timeout`].
+    More(Duration),
+    /// The collection is over: the dialplan runs on ([`Execution::next_action`]).
+    Done,
+    /// Not collecting, or a key this collection does not take: nothing changes.
+    Ignored,
+}
+
+/// Digits being collected.
+#[derive(Debug, Clone)]
+enum Collect {
+    /// Background/WaitExten: keys choosing an extension of `context`. `single`:
+    /// Background's `m`, only a key that is an extension of its own interrupts.
+    Exten {
+        context: String,
+        digits: String,
+        single: bool,
+    },
+    /// Read: keys into `var`, at most `max` (0: until #), waiting `timeout` for the
+    /// first; `attempts` left (the prompts are played again after a silent one).
+    Read {
+        var: String,
+        digits: String,
+        max: usize,
+        timeout: Duration,
+        attempts: u32,
+        prompts: Vec<String>,
+        noanswer: bool,
+    },
 }
 
 /// `[[context,]exten,]priority`.
@@ -390,6 +448,16 @@ impl Lookup for Channel<'_> {
                 "all" => Ok(format!("\"{}\" <{}>", self.caller.name, self.caller.num)),
                 other => Err(format!("unknown CALLERID field {other:?}")),
             },
+            "TIMEOUT" => match timeout_var(args) {
+                Some(key) => Ok(self
+                    .vars
+                    .get(key)
+                    .cloned()
+                    .unwrap_or_else(|| default_timeout(key).as_secs().to_string())),
+                None => Err(format!(
+                    "TIMEOUT({args}): only TIMEOUT(digit) and TIMEOUT(response) are supported"
+                )),
+            },
             "LEN" => Ok(args.chars().count().to_string()),
             "ISNULL" => Ok(if args.is_empty() { "1" } else { "0" }.into()),
             "IF" => {
@@ -401,6 +469,31 @@ impl Lookup for Channel<'_> {
             _ => return None,
         })
     }
+}
+
+/// The variable keeping `TIMEOUT(which)`.
+fn timeout_var(which: &str) -> Option<&'static str> {
+    match which.trim().to_ascii_lowercase().as_str() {
+        "digit" => Some("TIMEOUT(digit)"),
+        "response" => Some("TIMEOUT(response)"),
+        _ => None,
+    }
+}
+
+fn default_timeout(key: &str) -> Duration {
+    if key == "TIMEOUT(digit)" {
+        DIGIT_TIMEOUT
+    } else {
+        RESPONSE_TIMEOUT
+    }
+}
+
+/// Prompts of `Playback`/`Background`/`Read`: `a&b&c`, empty names dropped.
+fn prompt_list(arg: &str) -> Vec<String> {
+    arg.split('&')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// Steps allowed without yielding an action: a `Goto` loop ends the call, not the node.
@@ -417,6 +510,7 @@ pub struct Execution {
     caller: CallerId,
     finished: bool,
     queued: std::collections::VecDeque<Action>,
+    collect: Option<Collect>,
 }
 
 impl Execution {
@@ -449,6 +543,7 @@ impl Execution {
             caller,
             finished: false,
             queued: Default::default(),
+            collect: None,
         })
     }
 
@@ -464,6 +559,7 @@ impl Execution {
             caller,
             finished: true,
             queued: Default::default(),
+            collect: None,
         }
     }
 
@@ -545,6 +641,8 @@ impl Execution {
         if let Some(a) = self.queued.pop_front() {
             return a;
         }
+        // Whatever was being collected is over once the plan runs on.
+        self.collect = None;
         if self.finished {
             let cause = self
                 .var("HANGUPCAUSE")
@@ -622,9 +720,65 @@ impl Execution {
                     Some(Action::Congestion)
                 }
                 App::Playback => Some(Action::Playback {
-                    prompts: arg(0).split('&').map(|s| s.trim().to_string()).collect(),
+                    prompts: prompt_list(arg(0)),
                     noanswer: arg(1).contains("noanswer"),
                 }),
+                App::Background => {
+                    // Background(prompts[,options[,langoverride[,context]]])
+                    let context = match arg(3) {
+                        "" => self.context.clone(),
+                        c => c.to_string(),
+                    };
+                    if !self.plan.contexts.contains_key(&context) {
+                        self.queued.push_back(Action::Log {
+                            level: LogLevel::Warning,
+                            message: format!(
+                                "line {}: Background({args}): no context {context:?}",
+                                p.line
+                            ),
+                        });
+                        Some(self.end(16))
+                    } else {
+                        self.collect = Some(Collect::Exten {
+                            context,
+                            digits: String::new(),
+                            single: arg(1).contains('m'),
+                        });
+                        Some(Action::Background {
+                            prompts: prompt_list(arg(0)),
+                            noanswer: arg(1).contains('n'),
+                            skip_unanswered: arg(1).contains('s'),
+                        })
+                    }
+                }
+                App::WaitExten => {
+                    let timeout = seconds(arg(0)).unwrap_or_else(|| self.timeout("response"));
+                    self.collect = Some(Collect::Exten {
+                        context: self.context.clone(),
+                        digits: String::new(),
+                        single: false,
+                    });
+                    Some(Action::WaitExten { timeout })
+                }
+                App::Read => {
+                    // Read(var[,prompts[,maxdigits[,options[,attempts[,timeout]]]]])
+                    let prompts = prompt_list(arg(1));
+                    let noanswer = arg(3).contains('n');
+                    self.collect = Some(Collect::Read {
+                        var: arg(0).to_string(),
+                        digits: String::new(),
+                        max: arg(2).parse().unwrap_or(0),
+                        timeout: seconds(arg(5)).unwrap_or_else(|| self.timeout("response")),
+                        attempts: arg(4).parse::<u32>().unwrap_or(1).max(1),
+                        prompts: prompts.clone(),
+                        noanswer,
+                    });
+                    Some(Action::Read {
+                        prompts,
+                        noanswer,
+                        skip_unanswered: arg(3).contains('s'),
+                    })
+                }
                 App::Log => {
                     let level = match arg(0).to_ascii_uppercase().as_str() {
                         "ERROR" => LogLevel::Error,
@@ -682,6 +836,181 @@ impl Execution {
         }
     }
 
+    /// `TIMEOUT(digit)` or `TIMEOUT(response)` as the channel has it.
+    fn timeout(&self, which: &str) -> Duration {
+        let key = timeout_var(which).unwrap_or("TIMEOUT(response)");
+        self.vars
+            .get(key)
+            .and_then(|v| seconds(v))
+            .unwrap_or_else(|| default_timeout(key))
+    }
+
+    /// Whether keys are being collected (Background, WaitExten, Read).
+    pub fn collecting(&self) -> bool {
+        self.collect.is_some()
+    }
+
+    /// A key the caller pressed while Background, WaitExten or Read runs.
+    pub fn digit(&mut self, d: char) -> Collected {
+        let digit_timeout = self.timeout("digit");
+        match self.collect.as_mut() {
+            None => Collected::Ignored,
+            Some(Collect::Exten {
+                context,
+                digits,
+                single,
+            }) => {
+                if *single && digits.is_empty() && self.plan.find(context, &d.to_string()).is_none()
+                {
+                    return Collected::Ignored;
+                }
+                digits.push(d);
+                let (context, digits) = (context.clone(), digits.clone());
+                if self.plan.can_match_more(&context, &digits) {
+                    return Collected::More(digit_timeout);
+                }
+                self.choose_exten(&context, &digits);
+                Collected::Done
+            }
+            Some(Collect::Read {
+                var, digits, max, ..
+            }) => {
+                // `#` ends the input; it is not part of it.
+                if d == '#' {
+                    let (var, digits) = (var.clone(), digits.clone());
+                    self.read_done(&var, &digits, "OK");
+                    return Collected::Done;
+                }
+                digits.push(d);
+                if *max > 0 && digits.chars().count() >= *max {
+                    let (var, digits) = (var.clone(), digits.clone());
+                    self.read_done(&var, &digits, "OK");
+                    return Collected::Done;
+                }
+                Collected::More(digit_timeout)
+            }
+        }
+    }
+
+    /// The prompts of Background or Read ended with no key pressed: Background is done
+    /// (the plan runs on), Read waits for the first digit.
+    pub fn prompts_done(&mut self) -> Collected {
+        match &self.collect {
+            Some(Collect::Read {
+                digits, timeout, ..
+            }) if digits.is_empty() => Collected::More(*timeout),
+            Some(Collect::Exten { digits, .. }) if digits.is_empty() => {
+                self.collect = None;
+                Collected::Done
+            }
+            // Keys already pressed: their own timer runs.
+            Some(_) => Collected::Ignored,
+            None => Collected::Done,
+        }
+    }
+
+    /// The collection's timer ran out: the keys so far decide (an extension, `i` for
+    /// one that does not exist, `t` for none at all; Read stores what it has).
+    pub fn collect_timeout(&mut self) -> Collected {
+        match self.collect.take() {
+            None => Collected::Ignored,
+            Some(Collect::Exten {
+                context, digits, ..
+            }) => {
+                if digits.is_empty() {
+                    // WaitExten heard nothing: `t`, or the call ends, as in Asterisk.
+                    if self.plan.find(&context, "t").is_some() {
+                        self.go_to(&context, "t");
+                    } else {
+                        self.queued.push_back(Action::Log {
+                            level: LogLevel::Notice,
+                            message: format!("timeout, and no extension t in [{context}]"),
+                        });
+                        let a = self.end(16);
+                        self.queued.push_back(a);
+                    }
+                } else {
+                    self.choose_exten(&context, &digits);
+                }
+                Collected::Done
+            }
+            Some(Collect::Read {
+                var,
+                digits,
+                attempts,
+                prompts,
+                noanswer,
+                max,
+                timeout,
+            }) => {
+                if digits.is_empty() && attempts > 1 {
+                    // Another attempt: the prompts again.
+                    self.collect = Some(Collect::Read {
+                        var,
+                        digits,
+                        max,
+                        timeout,
+                        attempts: attempts - 1,
+                        prompts: prompts.clone(),
+                        noanswer,
+                    });
+                    self.queued.push_back(Action::Read {
+                        prompts,
+                        noanswer,
+                        skip_unanswered: false,
+                    });
+                    return Collected::Done;
+                }
+                let status = if digits.is_empty() { "TIMEOUT" } else { "OK" };
+                self.read_done(&var, &digits, status);
+                Collected::Done
+            }
+        }
+    }
+
+    /// Read was skipped (`s` on an unanswered call) or had no media to play on.
+    pub fn read_skipped(&mut self, status: &str) {
+        if let Some(Collect::Read { var, .. }) = self.collect.take() {
+            self.read_done(&var, "", status);
+        }
+    }
+
+    fn read_done(&mut self, var: &str, digits: &str, status: &str) {
+        self.collect = None;
+        if !var.is_empty() {
+            self.assign(var, digits);
+        }
+        self.set_var("READSTATUS", status);
+    }
+
+    /// Keys `digits` were collected in `context`: that extension, else `i` (with
+    /// `${INVALID_EXTEN}`), else the call ends.
+    fn choose_exten(&mut self, context: &str, digits: &str) {
+        self.collect = None;
+        if self.plan.find(context, digits).is_some() {
+            self.go_to(context, digits);
+        } else if self.plan.find(context, "i").is_some() {
+            self.set_var("INVALID_EXTEN", digits);
+            self.go_to(context, "i");
+        } else {
+            self.queued.push_back(Action::Log {
+                level: LogLevel::Notice,
+                message: format!("invalid extension {digits:?}, and no extension i in [{context}]"),
+            });
+            let a = self.end(1);
+            self.queued.push_back(a);
+        }
+    }
+
+    /// To priority 1 of `exten` in `context` (known to exist).
+    fn go_to(&mut self, context: &str, exten: &str) {
+        self.context = context.to_string();
+        self.exten = exten.to_string();
+        self.priority = 1;
+        self.vars.insert("EXTEN".into(), self.exten.clone());
+        self.vars.insert("CONTEXT".into(), self.context.clone());
+    }
+
     fn assign(&mut self, name: &str, value: &str) {
         // `_VAR`/`__VAR` mark inheritance in Asterisk; one channel here, so just VAR.
         let name = name.trim_start_matches('_');
@@ -689,6 +1018,19 @@ impl Execution {
             "CALLERID(NUM)" | "CALLERID(NUMBER)" => self.caller.num = value.to_string(),
             "CALLERID(NAME)" => self.caller.name = value.to_string(),
             "CALLERID(ALL)" => self.caller = CallerId::parse(value),
+            upper if upper.starts_with("TIMEOUT(") && upper.ends_with(')') => {
+                match timeout_var(&upper[8..upper.len() - 1]) {
+                    Some(key) => {
+                        self.vars.insert(key.to_string(), value.trim().to_string());
+                    }
+                    None => self.queued.push_back(Action::Log {
+                        level: LogLevel::Warning,
+                        message: format!(
+                            "Set({name}): only TIMEOUT(digit) and TIMEOUT(response) are supported"
+                        ),
+                    }),
+                }
+            }
             _ => {
                 self.vars.insert(name.to_string(), value.to_string());
             }
@@ -880,6 +1222,154 @@ mod tests {
         let plan = Arc::new(Dialplan::parse("[a]\nexten => 1,1,NoOp()\n").unwrap());
         assert!(Execution::start(plan.clone(), "a", "2", CallerId::default()).is_err());
         assert!(Execution::start(plan, "zz", "1", CallerId::default()).is_err());
+    }
+
+    const IVR: &str = "[ivr]\n\
+        exten => s,1,Answer()\n \
+         same => n,Set(TIMEOUT(digit)=2)\n \
+         same => n,Background(welcome&menu)\n \
+         same => n,WaitExten(7)\n\
+        exten => 1,1,Log(NOTICE,sales)\n\
+        exten => 12,1,Log(NOTICE,twelve)\n\
+        exten => 2,1,Read(PIN,enter-pin,4,,2,3)\n \
+         same => n,Log(NOTICE,pin ${PIN} ${READSTATUS})\n\
+        exten => i,1,Log(NOTICE,invalid ${INVALID_EXTEN})\n\
+        exten => t,1,Log(NOTICE,timeout)\n";
+
+    fn notice(e: &mut Execution) -> String {
+        match e.next_action() {
+            Action::Log { message, .. } => message,
+            other => panic!("expected a log, got {other:?}"),
+        }
+    }
+
+    /// To the Background of the IVR above.
+    fn ivr() -> Execution {
+        let mut e = run(IVR, "ivr", "s");
+        assert_eq!(e.next_action(), Action::Answer);
+        assert_eq!(
+            e.next_action(),
+            Action::Background {
+                prompts: vec!["welcome".into(), "menu".into()],
+                noanswer: false,
+                skip_unanswered: false
+            }
+        );
+        assert!(e.collecting());
+        e
+    }
+
+    #[test]
+    fn a_key_during_background_chooses_the_extension() {
+        // 1 could still become 12: wait TIMEOUT(digit), then take 1.
+        let mut e = ivr();
+        assert_eq!(e.digit('1'), Collected::More(Duration::from_secs(2)));
+        assert_eq!(e.collect_timeout(), Collected::Done);
+        assert_eq!(notice(&mut e), "sales");
+        assert_eq!(e.var("EXTEN"), Some("1"));
+        // 12 can become nothing longer: at once.
+        let mut e = ivr();
+        assert_eq!(e.digit('1'), Collected::More(Duration::from_secs(2)));
+        assert_eq!(e.digit('2'), Collected::Done);
+        assert_eq!(notice(&mut e), "twelve");
+        // No such extension: i, with the keys in INVALID_EXTEN.
+        let mut e = ivr();
+        assert_eq!(e.digit('9'), Collected::Done);
+        assert_eq!(notice(&mut e), "invalid 9");
+        assert!(!e.collecting());
+        assert_eq!(e.digit('1'), Collected::Ignored);
+    }
+
+    #[test]
+    fn silence_after_the_prompts_goes_to_t() {
+        let mut e = ivr();
+        // The prompts end with no key: Background is done, WaitExten waits.
+        assert_eq!(e.prompts_done(), Collected::Done);
+        assert_eq!(
+            e.next_action(),
+            Action::WaitExten {
+                timeout: Duration::from_secs(7)
+            }
+        );
+        assert_eq!(e.collect_timeout(), Collected::Done);
+        assert_eq!(notice(&mut e), "timeout");
+        // Without a t extension the call ends.
+        let mut e = run(
+            "[a]\nexten => s,1,WaitExten(1)\nexten => 5,1,NoOp()\n",
+            "a",
+            "s",
+        );
+        assert!(matches!(e.next_action(), Action::WaitExten { .. }));
+        e.collect_timeout();
+        assert!(matches!(e.next_action(), Action::Log { .. }));
+        assert_eq!(e.next_action(), Action::Hangup { cause: 16 });
+    }
+
+    #[test]
+    fn read_collects_digits_until_max_or_hash_and_tries_again_after_silence() {
+        let to_read = || {
+            let mut e = ivr();
+            e.digit('2');
+            assert_eq!(
+                e.next_action(),
+                Action::Read {
+                    prompts: vec!["enter-pin".into()],
+                    noanswer: false,
+                    skip_unanswered: false
+                }
+            );
+            e
+        };
+        let mut e = to_read();
+        assert_eq!(e.prompts_done(), Collected::More(Duration::from_secs(3)));
+        for d in "123".chars() {
+            assert_eq!(e.digit(d), Collected::More(Duration::from_secs(2)));
+        }
+        assert_eq!(e.digit('4'), Collected::Done);
+        assert_eq!(notice(&mut e), "pin 1234 OK");
+        // # ends it early and is not kept.
+        let mut e = to_read();
+        e.digit('7');
+        assert_eq!(e.digit('#'), Collected::Done);
+        assert_eq!(notice(&mut e), "pin 7 OK");
+        // Silence: the prompt again (2 attempts), then TIMEOUT.
+        let mut e = to_read();
+        e.prompts_done();
+        assert_eq!(e.collect_timeout(), Collected::Done);
+        assert!(matches!(e.next_action(), Action::Read { .. }));
+        e.prompts_done();
+        assert_eq!(e.collect_timeout(), Collected::Done);
+        assert_eq!(notice(&mut e), "pin  TIMEOUT");
+    }
+
+    #[test]
+    fn timeout_function_reads_and_sets() {
+        let mut e = run(
+            "[a]\nexten => s,1,Log(NOTICE,${TIMEOUT(digit)} ${TIMEOUT(response)})\n \
+             same => n,Set(TIMEOUT(response)=4)\n \
+             same => n,Log(NOTICE,${TIMEOUT(response)})\n",
+            "a",
+            "s",
+        );
+        assert_eq!(notice(&mut e), "5 10");
+        assert_eq!(notice(&mut e), "4");
+        let refused = Dialplan::parse("[a]\nexten => s,1,Set(TIMEOUT(absolute)=60)\n");
+        assert!(
+            format!("{refused:?}").contains("TIMEOUT(ABSOLUTE) is not supported"),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn background_m_takes_only_one_key_extensions() {
+        let mut e = run(
+            "[a]\nexten => s,1,Background(menu,m)\nexten => 1,1,NoOp()\n",
+            "a",
+            "s",
+        );
+        assert!(matches!(e.next_action(), Action::Background { .. }));
+        assert_eq!(e.digit('7'), Collected::Ignored);
+        assert_eq!(e.digit('1'), Collected::Done);
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 pub use exec::{
-    cause_to_sip, sip_to_cause, Action, CallerId, DialRequest, DialStatus, DialTarget, Disposition,
-    Execution, LogLevel,
+    cause_to_sip, sip_to_cause, Action, CallerId, Collected, DialRequest, DialStatus, DialTarget,
+    Disposition, Execution, LogLevel, DIGIT_TIMEOUT, RESPONSE_TIMEOUT,
 };
 pub use expr::evaluate as evaluate_expression;
 pub use pattern::Pattern;
@@ -76,6 +76,9 @@ pub enum App {
     NoOp,
     Log,
     Verbose,
+    Background,
+    WaitExten,
+    Read,
 }
 
 impl App {
@@ -96,6 +99,9 @@ impl App {
         ("NoOp", App::NoOp),
         ("Log", App::Log),
         ("Verbose", App::Verbose),
+        ("Background", App::Background),
+        ("WaitExten", App::WaitExten),
+        ("Read", App::Read),
     ];
 
     /// Application names are case-insensitive, as in Asterisk.
@@ -161,6 +167,30 @@ impl Dialplan {
         self.find_in(context, exten, &mut seen)
     }
 
+    /// Whether digits longer than `exten` could still reach an extension of `context`
+    /// (or of its includes): digit collection waits for more while this holds.
+    pub fn can_match_more(&self, context: &str, exten: &str) -> bool {
+        let mut seen = Vec::new();
+        self.more_in(context, exten, &mut seen)
+    }
+
+    fn more_in(&self, context: &str, exten: &str, seen: &mut Vec<String>) -> bool {
+        if seen.iter().any(|s| s == context) {
+            return false;
+        }
+        seen.push(context.to_string());
+        let Some(ctx) = self.contexts.get(context) else {
+            return false;
+        };
+        ctx.extensions
+            .iter()
+            .any(|e| e.pattern.can_match_more(exten))
+            || ctx
+                .includes
+                .iter()
+                .any(|inc| self.more_in(inc, exten, seen))
+    }
+
     fn find_in<'a>(
         &'a self,
         context: &str,
@@ -196,5 +226,7 @@ mod tests {
         assert!(d.find("default", "700").is_some());
         assert!(d.find("default", "alice").is_some());
         assert!(d.find("default", "1001").is_some());
+        assert!(d.find("default", "800").is_some());
+        assert!(d.find("demo-menu", "i").is_some());
     }
 }

@@ -454,6 +454,35 @@ fn check_goto(plan: &Dialplan, ctx: &Context, ext: &Extension, target: &str) -> 
     Ok(())
 }
 
+/// Prompt names (`a&b`): letters, digits, `_-/`, no `..`.
+fn check_prompts(list: &str) -> Result<(), String> {
+    if !is_literal(list) {
+        return Ok(());
+    }
+    for f in list.split('&') {
+        if f.is_empty()
+            || f.contains("..")
+            || !f
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-/".contains(c))
+        {
+            return Err(format!("invalid prompt name {f:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Single-letter options out of `allowed`.
+fn check_options(opts: &str, allowed: &str) -> Result<(), String> {
+    if !is_literal(opts) {
+        return Ok(());
+    }
+    match opts.chars().find(|c| !allowed.contains(*c)) {
+        Some(c) => Err(format!("unsupported option {c:?} (supported: {allowed})")),
+        None => Ok(()),
+    }
+}
+
 fn check_args(plan: &Dialplan, ctx: &Context, ext: &Extension, p: &Priority) -> Result<(), String> {
     let args = split_top(&p.args, ',');
     let arg = |i: usize| args.get(i).map(|s| s.trim()).unwrap_or("");
@@ -477,21 +506,43 @@ fn check_args(plan: &Dialplan, ctx: &Context, ext: &Extension, p: &Priority) -> 
         }
         App::Hangup => numeric(arg(0), "the cause")?,
         App::Busy | App::Congestion | App::Wait => numeric(arg(0), "the time")?,
-        App::Playback => {
+        App::Playback | App::Background => {
             if arg(0).is_empty() {
                 return Err("needs a prompt name".into());
             }
-            if is_literal(arg(0)) {
-                for f in arg(0).split('&') {
-                    if f.is_empty()
-                        || f.contains("..")
-                        || !f
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "_-/".contains(c))
-                    {
-                        return Err(format!("invalid prompt name {f:?}"));
-                    }
+            check_prompts(arg(0))?;
+            if p.app == App::Background {
+                check_options(arg(1), "snm")?;
+                if args.len() > 4 {
+                    return Err("takes prompts, options, language, context at most".into());
                 }
+                if is_literal(arg(3)) && !arg(3).is_empty() && !plan.contexts.contains_key(arg(3)) {
+                    return Err(format!("no context {:?}", arg(3)));
+                }
+            }
+        }
+        App::WaitExten => {
+            numeric(arg(0), "the time")?;
+            if args.len() > 2 {
+                return Err("takes seconds and options at most".into());
+            }
+        }
+        App::Read => {
+            // Read(variable[,prompts[,maxdigits[,options[,attempts[,timeout]]]]])
+            if arg(0).is_empty() {
+                return Err("needs a variable to read into".into());
+            }
+            if !arg(1).is_empty() {
+                check_prompts(arg(1))?;
+            }
+            numeric(arg(2), "maxdigits")?;
+            check_options(arg(3), "sn")?;
+            numeric(arg(4), "attempts")?;
+            numeric(arg(5), "the timeout")?;
+            if args.len() > 6 {
+                return Err(
+                    "takes variable, prompts, maxdigits, options, attempts, timeout at most".into(),
+                );
             }
         }
         App::Goto => check_goto(plan, ctx, ext, &p.args)?,
@@ -505,8 +556,19 @@ fn check_args(plan: &Dialplan, ctx: &Context, ext: &Extension, p: &Priority) -> 
             }
         }
         App::Set => {
-            if !p.args.contains('=') {
+            let Some((name, _)) = p.args.split_once('=') else {
                 return Err("expected name=value".into());
+            };
+            let name = name.trim().to_ascii_uppercase();
+            if let Some(which) = name
+                .strip_prefix("TIMEOUT(")
+                .and_then(|w| w.strip_suffix(')'))
+            {
+                if is_literal(which) && !["DIGIT", "RESPONSE"].contains(&which.trim()) {
+                    return Err(format!(
+                        "TIMEOUT({which}) is not supported: TIMEOUT(digit) or TIMEOUT(response)"
+                    ));
+                }
             }
         }
         App::Log => {

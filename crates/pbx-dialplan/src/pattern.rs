@@ -165,6 +165,30 @@ impl Pattern {
         i == exten.len()
     }
 
+    /// Whether a longer string starting with `prefix` could match (Asterisk's
+    /// "matchmore": while it is true, digit collection waits for another digit). `!`
+    /// asks for an early match, so it never waits.
+    pub fn can_match_more(&self, prefix: &str) -> bool {
+        let prefix: Vec<char> = prefix.chars().filter(|&c| c != '-').collect();
+        let mut i = 0;
+        for e in &self.elems {
+            match e {
+                Elem::OneOrMore => return true,
+                Elem::ZeroOrMore => return false,
+                Elem::Set(_) => {
+                    if i >= prefix.len() {
+                        return true;
+                    }
+                    if !e.matches(prefix[i]) {
+                        return false;
+                    }
+                    i += 1;
+                }
+            }
+        }
+        false
+    }
+
     /// Asterisk's order: the more specific extension first (see the module docs).
     pub fn specificity_cmp(&self, other: &Pattern) -> Ordering {
         match (self.is_pattern, other.is_pattern) {
@@ -194,6 +218,19 @@ mod tests {
 
     fn p(s: &str) -> Pattern {
         Pattern::parse(s).unwrap()
+    }
+
+    #[test]
+    fn longer_strings_that_could_still_match() {
+        assert!(p("123").can_match_more("12"));
+        assert!(p("123").can_match_more(""));
+        assert!(!p("123").can_match_more("123"));
+        assert!(!p("123").can_match_more("13"));
+        assert!(p("_1X.").can_match_more("1"));
+        assert!(p("_1X.").can_match_more("123"));
+        assert!(!p("_1X.").can_match_more("2"));
+        assert!(!p("_9!").can_match_more("9"));
+        assert!(!p("_NXX").can_match_more("234"));
     }
 
     #[test]

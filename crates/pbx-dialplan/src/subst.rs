@@ -11,7 +11,7 @@ pub(crate) trait Lookup {
 }
 
 /// Functions a dialplan may call (checked when the dialplan is validated).
-pub(crate) const FUNCTIONS: &[&str] = &["CALLERID", "LEN", "IF", "ISNULL"];
+pub(crate) const FUNCTIONS: &[&str] = &["CALLERID", "LEN", "IF", "ISNULL", "TIMEOUT"];
 
 /// Index of the bracket closing the one opened just before `from` (`open`/`close`),
 /// honouring nesting.

@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 
 use rtp_rs::{RtpReader, Seq};
 
+pub mod dtmf;
+
+use dtmf::DtmfReceiver;
+
 /// One side of a relay: `A` is the caller's leg, `B` the callee's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -152,6 +156,11 @@ pub struct RelaySession {
     count_rtp: bool,
     clock_rate: u32,
     last_packet: Instant,
+    /// Each side's RFC 4733 telephone-event payload type, when its digits are wanted.
+    events: [Option<u8>; 2],
+    dtmf: [DtmfReceiver; 2],
+    /// The key pressed by the last packet, until taken.
+    digit: Option<(Side, char)>,
 }
 
 impl RelaySession {
@@ -164,7 +173,21 @@ impl RelaySession {
             count_rtp,
             clock_rate: 8000,
             last_packet: now,
+            events: [None, None],
+            dtmf: Default::default(),
+            digit: None,
         }
+    }
+
+    /// Detects the keys `side` presses, sent as telephone-events with `payload_type`
+    /// (the number its SDP gave them); `None` stops.
+    pub fn detect_dtmf(&mut self, side: Side, payload_type: Option<u8>) {
+        self.events[side.idx()] = payload_type;
+    }
+
+    /// The key the last packet pressed (see [`RelaySession::detect_dtmf`]).
+    pub fn take_digit(&mut self) -> Option<(Side, char)> {
+        self.digit.take()
     }
 
     /// Where a side's SDP says it receives media. A new address (re-INVITE) clears the
@@ -204,6 +227,18 @@ impl RelaySession {
         }
         if self.count_rtp && !self.stats[i].on_rtp(now, data, self.clock_rate) {
             return None;
+        }
+        // Checked on the second byte first: nothing parsed for ordinary audio.
+        if let (Some(pt), Some(b)) = (self.events[i], data.get(1)) {
+            if b & 0x7f == pt {
+                if let Ok(rtp) = RtpReader::new(data) {
+                    if let Some(d) =
+                        self.dtmf[i].on_event(rtp.ssrc(), rtp.timestamp(), rtp.payload())
+                    {
+                        self.digit = Some((side, d));
+                    }
+                }
+            }
         }
         self.last_packet = now;
         match self.mode {
@@ -274,6 +309,41 @@ mod tests {
         assert!(s
             .on_packet(t0, Side::A, addr("198.51.100.7:61002"), &rtp(3, 320, 7))
             .is_some());
+    }
+
+    #[test]
+    fn detects_the_keys_of_a_side_and_still_forwards_them() {
+        let t0 = Instant::now();
+        let mut s = RelaySession::new(t0, Mode::Bridge, true);
+        s.set_remote(Side::B, Some(addr("192.0.2.2:5000")));
+        let a = addr("192.0.2.1:4000");
+        let event = |seq: u16, ts: u32, key: u8, end: bool| {
+            RtpPacketBuilder::new()
+                .payload_type(101)
+                .sequence(Seq::from(seq))
+                .timestamp(ts)
+                .ssrc(7)
+                .payload(&[key, if end { 0x8a } else { 0x0a }, 0, 160])
+                .build()
+                .unwrap()
+        };
+        // Not asked for: forwarded, not detected.
+        assert!(s
+            .on_packet(t0, Side::A, a, &event(1, 0, 5, false))
+            .is_some());
+        assert_eq!(s.take_digit(), None);
+        s.detect_dtmf(Side::A, Some(101));
+        assert!(s
+            .on_packet(t0, Side::A, a, &event(2, 800, 9, false))
+            .is_some());
+        assert_eq!(s.take_digit(), Some((Side::A, '9')));
+        assert!(s
+            .on_packet(t0, Side::A, a, &event(3, 800, 9, true))
+            .is_some());
+        assert_eq!(s.take_digit(), None);
+        // Audio is not mistaken for an event.
+        assert!(s.on_packet(t0, Side::A, a, &rtp(4, 960, 7)).is_some());
+        assert_eq!(s.take_digit(), None);
     }
 
     #[test]

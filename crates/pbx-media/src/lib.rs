@@ -110,6 +110,8 @@ pub enum MediaEvent {
     NoMedia,
     /// A [`Stream::play`] finished.
     PlaybackDone,
+    /// A key pressed on a side asked for with [`Stream::detect_dtmf`].
+    Digit(Side, char),
 }
 
 /// Counters of a stream, both directions, as last published.
@@ -145,6 +147,8 @@ enum Control {
     Remote(Side, Option<SocketAddr>),
     Mode(Mode),
     Play(Arc<[u8]>, u8),
+    StopPlay,
+    Dtmf(Side, Option<u8>),
 }
 
 /// Samples per 20 ms packet of G.711 at 8 kHz.
@@ -211,6 +215,17 @@ impl Stream {
     /// reports [`MediaEvent::PlaybackDone`]. A new prompt replaces one playing.
     pub fn play(&self, audio: Arc<[u8]>, payload_type: u8) {
         let _ = self.ctl.send(Control::Play(audio, payload_type));
+    }
+
+    /// Stops a prompt playing (no [`MediaEvent::PlaybackDone`] for it).
+    pub fn stop_play(&self) {
+        let _ = self.ctl.send(Control::StopPlay);
+    }
+
+    /// Reports the keys `side` presses as RFC 4733 telephone-events with
+    /// `payload_type` ([`MediaEvent::Digit`]); `None` stops. They are relayed as before.
+    pub fn detect_dtmf(&self, side: Side, payload_type: Option<u8>) {
+        let _ = self.ctl.send(Control::Dtmf(side, payload_type));
     }
 
     pub fn counters(&self) -> StreamCounters {
@@ -433,6 +448,8 @@ async fn run_stream(
                             marker: true,
                         });
                     }
+                    Some(Control::StopPlay) => play = None,
+                    Some(Control::Dtmf(side, pt)) => rtp.detect_dtmf(side, pt),
                     None => {
                         flush(&rtp, &mut added);
                         let (a, b) = (rtp.stats(Side::A), rtp.stats(Side::B));
@@ -497,7 +514,11 @@ async fn run_stream(
             _ => (Side::B, true),
         };
         let session = if is_rtcp { &mut rtcp } else { &mut rtp };
-        let Some(dest) = session.on_packet(now, side, src, &bufs[i][..n]) else {
+        let dest = session.on_packet(now, side, src, &bufs[i][..n]);
+        if let Some((side, digit)) = session.take_digit() {
+            let _ = events.send(MediaEvent::Digit(side, digit));
+        }
+        let Some(dest) = dest else {
             continue;
         };
         if !is_rtcp {
@@ -669,6 +690,51 @@ mod tests {
             .await
             .expect("playback done");
         assert_eq!(ev, Some(MediaEvent::PlaybackDone));
+    }
+
+    /// A caller presses a key while a prompt plays: the stream reports it once (start,
+    /// updates and three end packets), and a stopped prompt reports nothing more.
+    #[tokio::test]
+    async fn reports_the_keys_the_caller_presses() {
+        let r = relay(41350, 60_000);
+        let mut s = r.open(Mode::Bridge).unwrap();
+        let mut events = s.take_events().unwrap();
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.set_remote(Side::A, Some(a.local_addr().unwrap()));
+        s.detect_dtmf(Side::A, Some(101));
+        let audio: Arc<[u8]> = vec![0xffu8; 8000 * 5].into();
+        s.play(audio, 0);
+        let _ = recv(&a).await;
+        let to = (r.ip(), s.port_a);
+        for (seq, (end, duration)) in [
+            (false, 160u16),
+            (false, 320),
+            (true, 480),
+            (true, 480),
+            (true, 480),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let d = duration.to_be_bytes();
+            let pkt = RtpPacketBuilder::new()
+                .payload_type(101)
+                .sequence(Seq::from(seq as u16))
+                .timestamp(4000)
+                .ssrc(0x99)
+                .payload(&[11, if end { 0x8a } else { 0x0a }, d[0], d[1]])
+                .build()
+                .unwrap();
+            a.send_to(&pkt, to).await.unwrap();
+        }
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("a digit");
+        assert_eq!(ev, Some(MediaEvent::Digit(Side::A, '#')));
+        s.stop_play();
+        // Nothing else: no second digit, no PlaybackDone for the stopped prompt.
+        let more = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
+        assert!(more.is_err(), "{more:?}");
     }
 
     #[tokio::test]

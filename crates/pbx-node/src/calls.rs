@@ -15,7 +15,7 @@ use pbx_dialplan::{DialTarget, LogLevel};
 use pbx_dns::locate::{DeadTargets, Destination, SipTransport, SplitMix, Target};
 use pbx_endpoint::{lock, CallMessage, Dest, Endpoint, NewCall, Refused, SkipReason};
 use pbx_media::{MediaConfig, MediaEvent, MediaRelay, Stream};
-use pbx_media_core::Mode;
+use pbx_media_core::{Mode, Side};
 use pbx_peer::{BoxFuture, CallMedia, Cluster, MediaCounters};
 use pbx_sdp::Sdp;
 use pbx_sip_core::{Timers, TransactionKey};
@@ -415,6 +415,9 @@ async fn run_call(
                 let notice = match ev {
                     MediaEvent::NoMedia => MediaNotice::NoMedia,
                     MediaEvent::PlaybackDone => MediaNotice::PlaybackDone,
+                    MediaEvent::Digit(Side::A, d) => MediaNotice::Digit(d),
+                    // Only the caller's keys are asked for.
+                    MediaEvent::Digit(Side::B, _) => continue,
                 };
                 call.on_media(Instant::now(), notice);
             }
@@ -550,6 +553,19 @@ fn carry_out(
                 Some(s) => s.play(layer.prompt_audio(&prompts, payload_type), payload_type),
                 None => call.on_media(Instant::now(), MediaNotice::PlaybackDone),
             },
+            MediaOp::StopPlay { stream } => {
+                if let Some(s) = streams.get(stream) {
+                    s.stop_play();
+                }
+            }
+            MediaOp::DetectDtmf {
+                stream,
+                payload_type,
+            } => {
+                if let Some(s) = streams.get(stream) {
+                    s.detect_dtmf(Side::A, Some(payload_type));
+                }
+            }
         },
         Output::Log { level, message } => match level {
             LogLevel::Error => tracing::error!(call = call.id(), "{message}"),

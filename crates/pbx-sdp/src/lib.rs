@@ -58,6 +58,17 @@ impl Media {
         (self.port != 0 && !ip.is_unspecified()).then(|| (ip, self.port).into())
     }
 
+    /// The payload type of RFC 4733 telephone-events at 8 kHz, when offered.
+    pub fn telephone_event(&self) -> Option<u8> {
+        self.lines.iter().find_map(|l| {
+            let rest = l.strip_prefix("a=rtpmap:")?;
+            let (num, enc) = rest.split_once(' ')?;
+            let pt = num.trim().parse::<u8>().ok()?;
+            (enc.to_ascii_lowercase().starts_with("telephone-event/8000") && self.has_payload(pt))
+                .then_some(pt)
+        })
+    }
+
     /// The static payload type number of a codec named in `a=rtpmap` or by RFC 3551.
     pub fn has_payload(&self, pt: u8) -> bool {
         self.formats.iter().any(|f| f == &pt.to_string())
@@ -322,13 +333,7 @@ impl Sdp {
                 );
                 continue;
             }
-            let te = m.lines.iter().find_map(|l| {
-                let rest = l.strip_prefix("a=rtpmap:")?;
-                let (num, enc) = rest.split_once(' ')?;
-                enc.to_ascii_lowercase()
-                    .starts_with("telephone-event/8000")
-                    .then(|| num.to_string())
-            });
+            let te = m.telephone_event();
             let name = if pt == 0 { "PCMU" } else { "PCMA" };
             let _ = write!(out, "m=audio {port} {} {pt}", m.proto);
             if let Some(te) = &te {
@@ -347,15 +352,19 @@ impl Sdp {
     }
 }
 
+/// The telephone-event payload type of this node's own offers.
+pub const OFFERED_TELEPHONE_EVENT: u8 = 101;
+
 /// An offer from this node (a caller that sent no SDP): PCMU, PCMA and
 /// telephone-event at `relay_ip:port`.
 pub fn offer_g711(relay_ip: IpAddr, port: u16, session_id: u64, version: u64) -> String {
     let ip_kind = if relay_ip.is_ipv4() { "IP4" } else { "IP6" };
     format!(
         "v=0\r\no=pbxd {session_id} {version} IN {ip_kind} {relay_ip}\r\ns=pbxd\r\nc=IN {ip_kind} {relay_ip}\r\nt=0 0\r\n\
-         m=audio {port} RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
-         a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=rtcp:{}\r\na=sendrecv\r\n",
-        port + 1
+         m=audio {port} RTP/AVP 0 8 {te}\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
+         a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\na=ptime:20\r\na=rtcp:{}\r\na=sendrecv\r\n",
+        port + 1,
+        te = OFFERED_TELEPHONE_EVENT,
     )
 }
 

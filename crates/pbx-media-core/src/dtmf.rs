@@ -1,0 +1,144 @@
+//! DTMF carried as RFC 4733 telephone-events: the event payload, and a receiver that
+//! turns a stream of event packets into one digit per key press.
+//!
+//! A key press is sent as several packets that share the RTP timestamp of the event's
+//! start (§2.5.1.2): updates while the key is held, then an end packet, usually sent
+//! three times (§2.5.1.4). The receiver reports a digit at the first packet of an event
+//! it has not seen (so a digit is not lost when the end packets are) and ignores the
+//! rest, and late packets of an event already passed.
+
+/// One RFC 4733 §2.3 event payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TelephoneEvent {
+    /// 0–9, 10 `*`, 11 `#`, 12–15 `A`–`D`, 16 flash.
+    pub event: u8,
+    pub end: bool,
+    /// Power level in −dBm0 (0–63).
+    pub volume: u8,
+    /// In timestamp units since the event's start.
+    pub duration: u16,
+}
+
+impl TelephoneEvent {
+    /// The first event of a payload (redundant events of RFC 2198 are not used here);
+    /// `None` when it is shorter than the four bytes of one event.
+    pub fn parse(payload: &[u8]) -> Option<TelephoneEvent> {
+        let [event, flags, d0, d1, ..] = *payload else {
+            return None;
+        };
+        Some(TelephoneEvent {
+            event,
+            end: flags & 0x80 != 0,
+            volume: flags & 0x3f,
+            duration: u16::from_be_bytes([d0, d1]),
+        })
+    }
+
+    /// The key: `0`–`9`, `*`, `#`, `A`–`D`; `None` for flash and other events.
+    pub fn digit(&self) -> Option<char> {
+        digit_of(self.event)
+    }
+}
+
+/// The key of DTMF event `event` (RFC 4733 §3.2).
+pub fn digit_of(event: u8) -> Option<char> {
+    match event {
+        0..=9 => Some(char::from(b'0' + event)),
+        10 => Some('*'),
+        11 => Some('#'),
+        12..=15 => Some(char::from(b'A' + event - 12)),
+        _ => None,
+    }
+}
+
+/// The RFC 4733 event of key `digit` (the inverse of [`digit_of`]).
+pub fn event_of(digit: char) -> Option<u8> {
+    match digit.to_ascii_uppercase() {
+        d @ '0'..='9' => Some(d as u8 - b'0'),
+        '*' => Some(10),
+        '#' => Some(11),
+        d @ 'A'..='D' => Some(d as u8 - b'A' + 12),
+        _ => None,
+    }
+}
+
+/// Digits from one side's telephone-event packets.
+#[derive(Debug, Clone, Default)]
+pub struct DtmfReceiver {
+    /// (SSRC, RTP timestamp) of the newest event seen.
+    last: Option<(u32, u32)>,
+}
+
+impl DtmfReceiver {
+    /// A telephone-event packet (its SSRC, timestamp and payload): the key pressed when
+    /// it starts an event not seen before.
+    pub fn on_event(&mut self, ssrc: u32, timestamp: u32, payload: &[u8]) -> Option<char> {
+        let ev = TelephoneEvent::parse(payload)?;
+        if let Some((last_ssrc, last_ts)) = self.last {
+            // Same event (updates, the redundant end packets), or a late packet of an
+            // earlier one (its timestamp behind the newest, modulo wrap-around).
+            if last_ssrc == ssrc && (timestamp.wrapping_sub(last_ts) as i32) <= 0 {
+                return None;
+            }
+        }
+        self.last = Some((ssrc, timestamp));
+        ev.digit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(event: u8, end: bool, duration: u16) -> [u8; 4] {
+        let d = duration.to_be_bytes();
+        [event, if end { 0x80 | 10 } else { 10 }, d[0], d[1]]
+    }
+
+    #[test]
+    fn parses_the_payload() {
+        let e = TelephoneEvent::parse(&ev(11, true, 1280)).unwrap();
+        assert_eq!(
+            e,
+            TelephoneEvent {
+                event: 11,
+                end: true,
+                volume: 10,
+                duration: 1280
+            }
+        );
+        assert_eq!(e.digit(), Some('#'));
+        assert_eq!(TelephoneEvent::parse(&[1, 2, 3]), None);
+        assert_eq!(digit_of(16), None);
+        for d in "0123456789*#ABCD".chars() {
+            assert_eq!(digit_of(event_of(d).unwrap()), Some(d));
+        }
+    }
+
+    #[test]
+    fn one_digit_per_key_press_whatever_the_packets() {
+        let mut r = DtmfReceiver::default();
+        // Key 1: start, two updates, three end packets.
+        assert_eq!(r.on_event(7, 1000, &ev(1, false, 160)), Some('1'));
+        assert_eq!(r.on_event(7, 1000, &ev(1, false, 320)), None);
+        assert_eq!(r.on_event(7, 1000, &ev(1, false, 480)), None);
+        for _ in 0..3 {
+            assert_eq!(r.on_event(7, 1000, &ev(1, true, 640)), None);
+        }
+        // Key 1 again: a new event (new timestamp) even though the digit is the same.
+        assert_eq!(r.on_event(7, 3000, &ev(1, false, 160)), Some('1'));
+        // Only the end packets of key 2 arrived: still one digit.
+        assert_eq!(r.on_event(7, 5000, &ev(2, true, 800)), Some('2'));
+        assert_eq!(r.on_event(7, 5000, &ev(2, true, 800)), None);
+        // A late packet of key 1 changes nothing.
+        assert_eq!(r.on_event(7, 3000, &ev(1, true, 640)), None);
+        // Timestamps wrap around.
+        let mut r = DtmfReceiver::default();
+        assert_eq!(r.on_event(7, u32::MAX - 100, &ev(3, false, 160)), Some('3'));
+        assert_eq!(r.on_event(7, 60, &ev(4, false, 160)), Some('4'));
+        // A new source (the phone restarted its stream) starts over.
+        assert_eq!(r.on_event(9, 0, &ev(5, false, 160)), Some('5'));
+        // Flash is not a digit.
+        assert_eq!(r.on_event(9, 800, &ev(16, false, 160)), None);
+    }
+}

@@ -1,0 +1,112 @@
+//! An auto-attendant (Background, WaitExten, Read, `i` and `t`) driven by real SIPp
+//! callers: keys sent as RFC 4733 telephone-events (the `dtmf_2833_*.pcap` recordings
+//! Debian's sip-tester ships, played into the call) and as SIP INFO.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use pbx_tests::{assert_all_ok, repo_root, require_tool, wait_for, LocalCluster, Phones, Users};
+
+const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]\n";
+
+/// The menu: 1 sales, 2 support, 3 reads a two-digit code, anything else `i`, silence
+/// `t`. TIMEOUT(digit) is short so a lone key is taken quickly.
+const PLAN: &str = "[default]\n\
+exten => 800,1,Answer()\n \
+ same => n,Set(TIMEOUT(digit)=2)\n \
+ same => n,Background(hello-world&silence-1)\n \
+ same => n,WaitExten(5)\n\
+exten => 1,1,Log(NOTICE,ivr sales ${CALLERID(num)})\n \
+ same => n,Hangup()\n\
+exten => 2,1,Log(NOTICE,ivr support ${CALLERID(num)})\n \
+ same => n,Hangup()\n\
+exten => 3,1,Read(CODE,beep,2)\n \
+ same => n,Log(NOTICE,ivr code ${CODE} ${READSTATUS} ${CALLERID(num)})\n \
+ same => n,Hangup()\n\
+exten => i,1,Log(NOTICE,ivr invalid ${INVALID_EXTEN} ${CALLERID(num)})\n \
+ same => n,Hangup()\n\
+exten => t,1,Log(NOTICE,ivr timeout ${CALLERID(num)})\n \
+ same => n,Hangup()\n";
+
+fn pcap(key: &str) -> String {
+    let p = format!("/usr/share/sip-tester/dtmf_2833_{key}.pcap");
+    assert!(Path::new(&p).exists(), "{p}: install sip-tester");
+    format!(
+        "  <nop><action><exec play_pcap_audio=\"{p}\"/></action></nop>\n  <pause milliseconds=\"600\"/>\n"
+    )
+}
+
+fn info(cseq: u32, content_type: &str, body: &str) -> String {
+    format!(
+        "  <send retrans=\"500\">\n    <![CDATA[\n\n      INFO [next_url] SIP/2.0\n      \
+         Via: SIP/2.0/[transport] [local_ip]:[local_port];rport;branch=[branch]\n      [routes]\n      \
+         Max-Forwards: 70\n      From: <sip:[field0]@[field1]>;tag=[pid]SIPpTag00[call_number]\n      \
+         [last_To:]\n      Call-ID: [call_id]\n      CSeq: {cseq} INFO\n      \
+         Content-Type: {content_type}\n      Content-Length: [len]\n\n      {body}\n\n    ]]>\n  </send>\n  \
+         <recv response=\"200\"/>\n"
+    )
+}
+
+#[test]
+fn callers_choose_from_the_menu_with_rfc4733_keys_and_sip_info() {
+    require_tool("sipp", "sip-tester");
+    let users = Users { count: 6 };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("extensions.conf");
+    std::fs::write(&plan, PLAN).unwrap();
+    let sounds = repo_root().join("deploy/sounds");
+    let extra = format!(
+        "{MD5_ONLY}\n[calls]\nsounds_dir = \"{}\"\n",
+        sounds.display()
+    );
+    let c = LocalCluster::up_with_dialplan(80, 1, &users, &extra, &plan).unwrap();
+    let p = Phones::new(&c);
+    let template = std::fs::read_to_string(repo_root().join("tests/sipp/uac_ivr.xml")).unwrap();
+    // Each caller: (user, pause before the keys, the keys, what the node logs).
+    let cases = [
+        // A key while the greeting plays interrupts it.
+        (1, 300, pcap("1"), "ivr sales u000001".to_string()),
+        // INFO (application/dtmf-relay) once the prompts are over, in WaitExten.
+        (
+            2,
+            4000,
+            info(3, "application/dtmf-relay", "Signal=2\n      Duration=160"),
+            "ivr support u000002".into(),
+        ),
+        (3, 300, pcap("9"), "ivr invalid 9 u000003".into()),
+        (4, 0, String::new(), "ivr timeout u000004".into()),
+        // Read: 3 chooses it, then two keys (4 as RTP, 7 as application/dtmf INFO).
+        (
+            5,
+            300,
+            format!(
+                "{}  <pause milliseconds=\"1500\"/>\n{}{}",
+                pcap("3"),
+                pcap("4"),
+                info(3, "application/dtmf", "7")
+            ),
+            "ivr code 47 OK u000005".into(),
+        ),
+    ];
+    let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
+    for (user, pause, keys, expect) in cases {
+        let started = std::time::Instant::now();
+        let scenario = p.file(
+            "uac_ivr.xml",
+            &template
+                .replace("PAUSE_MS", &pause.to_string())
+                .replace("KEYS\n", &keys),
+        );
+        let run = p
+            .call(scenario.to_str().unwrap(), 1, user, "800", nowhere, 0)
+            .wait()
+            .unwrap();
+        assert_all_ok(&run, 1, &expect);
+        eprintln!("{expect}: sipp done after {:?}", started.elapsed());
+        wait_for(&expect, Duration::from_secs(10), || {
+            c.log(1).contains(&expect).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.log(1)));
+    }
+}
