@@ -1,4 +1,4 @@
-//! An auto-attendant (Background, WaitExten, Read, `i` and `t`) driven by real SIPp
+//! An auto-attendant (Background, WaitExten, Read, SayDigits, Gosub, `i` and `t`) driven by real SIPp
 //! callers: keys sent as RFC 4733 telephone-events (the `dtmf_2833_*.pcap` recordings
 //! Debian's sip-tester ships, played into the call) and as SIP INFO.
 
@@ -10,24 +10,29 @@ use pbx_tests::{assert_all_ok, repo_root, require_tool, wait_for, LocalCluster, 
 
 const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]\n";
 
-/// The menu: 1 sales, 2 support, 3 reads a two-digit code, anything else `i`, silence
+/// The menu: 1 sales (through a Gosub), 2 support, 3 reads a two-digit code and says
+/// it back, anything else `i`, silence
 /// `t`. TIMEOUT(digit) is short so a lone key is taken quickly.
 const PLAN: &str = "[default]\n\
 exten => 800,1,Answer()\n \
  same => n,Set(TIMEOUT(digit)=2)\n \
  same => n,Background(hello-world&silence-1)\n \
  same => n,WaitExten(5)\n\
-exten => 1,1,Log(NOTICE,ivr sales ${CALLERID(num)})\n \
+exten => 1,1,Gosub(sub-log,s,1(sales))\n \
  same => n,Hangup()\n\
 exten => 2,1,Log(NOTICE,ivr support ${CALLERID(num)})\n \
  same => n,Hangup()\n\
 exten => 3,1,Read(CODE,beep,2)\n \
+ same => n,SayDigits(${CODE})\n \
  same => n,Log(NOTICE,ivr code ${CODE} ${READSTATUS} ${CALLERID(num)})\n \
  same => n,Hangup()\n\
 exten => i,1,Log(NOTICE,ivr invalid ${INVALID_EXTEN} ${CALLERID(num)})\n \
  same => n,Hangup()\n\
 exten => t,1,Log(NOTICE,ivr timeout ${CALLERID(num)})\n \
- same => n,Hangup()\n";
+ same => n,Hangup()\n\
+[sub-log]\n\
+exten => s,1,Log(NOTICE,ivr ${ARG1} ${CALLERID(num)})\n \
+ same => n,Return()\n";
 
 fn pcap(key: &str) -> String {
     let p = format!("/usr/share/sip-tester/dtmf_2833_{key}.pcap");

@@ -306,6 +306,47 @@ enum Collect {
     },
 }
 
+/// Where a `Gosub` returns to, and the variables its arguments shadowed (restored
+/// by `Return`, as Asterisk's LOCAL variables are).
+#[derive(Debug, Clone)]
+struct Frame {
+    context: String,
+    exten: String,
+    priority: u32,
+    saved: Vec<(String, Option<String>)>,
+}
+
+/// Nested `Gosub`s allowed: runaway recursion ends the call, not the node.
+const MAX_GOSUB_DEPTH: usize = 100;
+
+/// `[[context,]exten,]priority[(arg1[,...])]`: the target and the arguments.
+pub(crate) fn split_gosub(args: &str) -> (String, Vec<String>) {
+    let args = args.trim();
+    match args.find('(') {
+        Some(i) if args.ends_with(')') => (
+            args[..i].to_string(),
+            split_top(&args[i + 1..args.len() - 1], ',')
+                .into_iter()
+                .map(|a| a.trim().to_string())
+                .collect(),
+        ),
+        _ => (args.to_string(), Vec::new()),
+    }
+}
+
+/// `Name(arguments)` (an ExecIf branch): the application and its arguments.
+pub(crate) fn split_app_call(s: &str) -> Result<(App, String), String> {
+    let s = s.trim();
+    let (name, args) = match s.find('(') {
+        Some(i) if s.ends_with(')') => (&s[..i], &s[i + 1..s.len() - 1]),
+        Some(_) => return Err(format!("{s:?}: '(' without ')'")),
+        None => (s, ""),
+    };
+    let app = App::from_name(name.trim())
+        .ok_or_else(|| format!("unknown application {:?}", name.trim()))?;
+    Ok((app, args.to_string()))
+}
+
 /// `[[context,]exten,]priority`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct GotoTarget {
@@ -496,6 +537,69 @@ fn prompt_list(arg: &str) -> Vec<String> {
         .collect()
 }
 
+/// The prompts saying each key of `digits` (`digits/5`, `digits/star`,
+/// `digits/pound`); other characters are skipped.
+pub fn digit_prompts(digits: &str) -> Vec<String> {
+    digits
+        .chars()
+        .filter_map(|c| match c {
+            '0'..='9' => Some(format!("digits/{c}")),
+            '*' => Some("digits/star".into()),
+            '#' => Some("digits/pound".into()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The prompts saying `n` in English, with Asterisk's names: 1,234 is `digits/1
+/// digits/thousand digits/2 digits/hundred digits/30 digits/4`. Beyond a trillion the
+/// digits are said one by one.
+pub fn number_prompts(n: i64) -> Vec<String> {
+    let mut out = Vec::new();
+    if n < 0 {
+        out.push("digits/minus".to_string());
+    }
+    let n = n.unsigned_abs();
+    if n == 0 {
+        return vec!["digits/0".into()];
+    }
+    if n >= 1_000_000_000_000 {
+        out.extend(digit_prompts(&n.to_string()));
+        return out;
+    }
+    fn below_thousand(n: u64, out: &mut Vec<String>) {
+        if n >= 100 {
+            out.push(format!("digits/{}", n / 100));
+            out.push("digits/hundred".into());
+        }
+        match n % 100 {
+            0 => {}
+            r @ 1..=19 => out.push(format!("digits/{r}")),
+            r => {
+                out.push(format!("digits/{}", r / 10 * 10));
+                if r % 10 != 0 {
+                    out.push(format!("digits/{}", r % 10));
+                }
+            }
+        }
+    }
+    for (scale, name) in [
+        (1_000_000_000, Some("digits/billion")),
+        (1_000_000, Some("digits/million")),
+        (1_000, Some("digits/thousand")),
+        (1, None),
+    ] {
+        let part = n / scale % 1000;
+        if part > 0 {
+            below_thousand(part, &mut out);
+            if let Some(name) = name {
+                out.push(name.into());
+            }
+        }
+    }
+    out
+}
+
 /// Steps allowed without yielding an action: a `Goto` loop ends the call, not the node.
 const MAX_SILENT_STEPS: u32 = 10_000;
 
@@ -511,6 +615,7 @@ pub struct Execution {
     finished: bool,
     queued: std::collections::VecDeque<Action>,
     collect: Option<Collect>,
+    stack: Vec<Frame>,
 }
 
 impl Execution {
@@ -544,6 +649,7 @@ impl Execution {
             finished: false,
             queued: Default::default(),
             collect: None,
+            stack: Vec::new(),
         })
     }
 
@@ -560,6 +666,7 @@ impl Execution {
             finished: true,
             queued: Default::default(),
             collect: None,
+            stack: Vec::new(),
         }
     }
 
@@ -678,132 +785,7 @@ impl Execution {
                 });
             }
             self.priority += 1;
-            let parts = split_top(&args, ',');
-            let arg = |i: usize| parts.get(i).map(|s| s.trim()).unwrap_or("");
-            let action = match p.app {
-                App::NoOp => None,
-                App::Set => {
-                    match args.split_once('=') {
-                        Some((name, value)) => self.assign(name.trim(), value),
-                        None => self.queued.push_back(Action::Log {
-                            level: LogLevel::Warning,
-                            message: format!("line {}: Set({args}) needs name=value", p.line),
-                        }),
-                    }
-                    None
-                }
-                App::Goto => {
-                    self.jump_or_end(&args, "Goto", &args, p.line);
-                    None
-                }
-                App::GotoIf => {
-                    if let Some(t) = choose(&args).filter(|t| !t.trim().is_empty()) {
-                        self.jump_or_end(t.trim(), "GotoIf", &args, p.line);
-                    }
-                    None
-                }
-                App::Answer => Some(Action::Answer),
-                App::Ringing => Some(Action::Ringing),
-                App::Progress => Some(Action::Progress),
-                App::Echo => Some(Action::Echo),
-                App::Wait => Some(Action::Wait(seconds(arg(0)).unwrap_or(Duration::ZERO))),
-                App::Hangup => {
-                    let cause = arg(0).parse().unwrap_or(16);
-                    Some(self.end(cause))
-                }
-                App::Busy => {
-                    self.end(17);
-                    Some(Action::Busy)
-                }
-                App::Congestion => {
-                    self.end(34);
-                    Some(Action::Congestion)
-                }
-                App::Playback => Some(Action::Playback {
-                    prompts: prompt_list(arg(0)),
-                    noanswer: arg(1).contains("noanswer"),
-                }),
-                App::Background => {
-                    // Background(prompts[,options[,langoverride[,context]]])
-                    let context = match arg(3) {
-                        "" => self.context.clone(),
-                        c => c.to_string(),
-                    };
-                    if !self.plan.contexts.contains_key(&context) {
-                        self.queued.push_back(Action::Log {
-                            level: LogLevel::Warning,
-                            message: format!(
-                                "line {}: Background({args}): no context {context:?}",
-                                p.line
-                            ),
-                        });
-                        Some(self.end(16))
-                    } else {
-                        self.collect = Some(Collect::Exten {
-                            context,
-                            digits: String::new(),
-                            single: arg(1).contains('m'),
-                        });
-                        Some(Action::Background {
-                            prompts: prompt_list(arg(0)),
-                            noanswer: arg(1).contains('n'),
-                            skip_unanswered: arg(1).contains('s'),
-                        })
-                    }
-                }
-                App::WaitExten => {
-                    let timeout = seconds(arg(0)).unwrap_or_else(|| self.timeout("response"));
-                    self.collect = Some(Collect::Exten {
-                        context: self.context.clone(),
-                        digits: String::new(),
-                        single: false,
-                    });
-                    Some(Action::WaitExten { timeout })
-                }
-                App::Read => {
-                    // Read(var[,prompts[,maxdigits[,options[,attempts[,timeout]]]]])
-                    let prompts = prompt_list(arg(1));
-                    let noanswer = arg(3).contains('n');
-                    self.collect = Some(Collect::Read {
-                        var: arg(0).to_string(),
-                        digits: String::new(),
-                        max: arg(2).parse().unwrap_or(0),
-                        timeout: seconds(arg(5)).unwrap_or_else(|| self.timeout("response")),
-                        attempts: arg(4).parse::<u32>().unwrap_or(1).max(1),
-                        prompts: prompts.clone(),
-                        noanswer,
-                    });
-                    Some(Action::Read {
-                        prompts,
-                        noanswer,
-                        skip_unanswered: arg(3).contains('s'),
-                    })
-                }
-                App::Log => {
-                    let level = match arg(0).to_ascii_uppercase().as_str() {
-                        "ERROR" => LogLevel::Error,
-                        "WARNING" => LogLevel::Warning,
-                        "NOTICE" => LogLevel::Notice,
-                        "DEBUG" => LogLevel::Debug,
-                        _ => LogLevel::Verbose,
-                    };
-                    let message = parts.get(1..).map(|m| m.join(",")).unwrap_or_default();
-                    Some(Action::Log { level, message })
-                }
-                App::Verbose => {
-                    // Verbose([level,]message)
-                    let message = if parts.len() > 1 && arg(0).parse::<u32>().is_ok() {
-                        parts[1..].join(",")
-                    } else {
-                        args.clone()
-                    };
-                    Some(Action::Log {
-                        level: LogLevel::Verbose,
-                        message,
-                    })
-                }
-                App::Dial => Some(self.dial(&parts, p.line)),
-            };
+            let action = self.run_app(p.app, args, p.line);
             if let Some(a) = action {
                 self.queued.push_back(a);
             }
@@ -822,6 +804,249 @@ impl Execution {
         self.queued
             .pop_front()
             .unwrap_or(Action::Hangup { cause: 34 })
+    }
+
+    /// Runs one application with its substituted arguments: bookkeeping here, the
+    /// rest returned as the action the call must take.
+    fn run_app(&mut self, app: App, args: String, line: usize) -> Option<Action> {
+        let parts = split_top(&args, ',');
+        let arg = |i: usize| parts.get(i).map(|s| s.trim()).unwrap_or("");
+        match app {
+            App::NoOp => None,
+            App::Set => {
+                match args.split_once('=') {
+                    Some((name, value)) => self.assign(name.trim(), value),
+                    None => self.queued.push_back(Action::Log {
+                        level: LogLevel::Warning,
+                        message: format!("line {}: Set({args}) needs name=value", line),
+                    }),
+                }
+                None
+            }
+            App::Goto => {
+                self.jump_or_end(&args, "Goto", &args, line);
+                None
+            }
+            App::GotoIf => {
+                if let Some(t) = choose(&args).filter(|t| !t.trim().is_empty()) {
+                    self.jump_or_end(t.trim(), "GotoIf", &args, line);
+                }
+                None
+            }
+            App::Answer => Some(Action::Answer),
+            App::Ringing => Some(Action::Ringing),
+            App::Progress => Some(Action::Progress),
+            App::Echo => Some(Action::Echo),
+            App::Wait => Some(Action::Wait(seconds(arg(0)).unwrap_or(Duration::ZERO))),
+            App::Hangup => {
+                let cause = arg(0).parse().unwrap_or(16);
+                Some(self.end(cause))
+            }
+            App::Busy => {
+                self.end(17);
+                Some(Action::Busy)
+            }
+            App::Congestion => {
+                self.end(34);
+                Some(Action::Congestion)
+            }
+            App::Playback => Some(Action::Playback {
+                prompts: prompt_list(arg(0)),
+                noanswer: arg(1).contains("noanswer"),
+            }),
+            App::Background => {
+                // Background(prompts[,options[,langoverride[,context]]])
+                let context = match arg(3) {
+                    "" => self.context.clone(),
+                    c => c.to_string(),
+                };
+                if !self.plan.contexts.contains_key(&context) {
+                    self.queued.push_back(Action::Log {
+                        level: LogLevel::Warning,
+                        message: format!(
+                            "line {}: Background({args}): no context {context:?}",
+                            line
+                        ),
+                    });
+                    Some(self.end(16))
+                } else {
+                    self.collect = Some(Collect::Exten {
+                        context,
+                        digits: String::new(),
+                        single: arg(1).contains('m'),
+                    });
+                    Some(Action::Background {
+                        prompts: prompt_list(arg(0)),
+                        noanswer: arg(1).contains('n'),
+                        skip_unanswered: arg(1).contains('s'),
+                    })
+                }
+            }
+            App::WaitExten => {
+                let timeout = seconds(arg(0)).unwrap_or_else(|| self.timeout("response"));
+                self.collect = Some(Collect::Exten {
+                    context: self.context.clone(),
+                    digits: String::new(),
+                    single: false,
+                });
+                Some(Action::WaitExten { timeout })
+            }
+            App::Read => {
+                // Read(var[,prompts[,maxdigits[,options[,attempts[,timeout]]]]])
+                let prompts = prompt_list(arg(1));
+                let noanswer = arg(3).contains('n');
+                self.collect = Some(Collect::Read {
+                    var: arg(0).to_string(),
+                    digits: String::new(),
+                    max: arg(2).parse().unwrap_or(0),
+                    timeout: seconds(arg(5)).unwrap_or_else(|| self.timeout("response")),
+                    attempts: arg(4).parse::<u32>().unwrap_or(1).max(1),
+                    prompts: prompts.clone(),
+                    noanswer,
+                });
+                Some(Action::Read {
+                    prompts,
+                    noanswer,
+                    skip_unanswered: arg(3).contains('s'),
+                })
+            }
+            App::Log => {
+                let level = match arg(0).to_ascii_uppercase().as_str() {
+                    "ERROR" => LogLevel::Error,
+                    "WARNING" => LogLevel::Warning,
+                    "NOTICE" => LogLevel::Notice,
+                    "DEBUG" => LogLevel::Debug,
+                    _ => LogLevel::Verbose,
+                };
+                let message = parts.get(1..).map(|m| m.join(",")).unwrap_or_default();
+                Some(Action::Log { level, message })
+            }
+            App::Verbose => {
+                // Verbose([level,]message)
+                let message = if parts.len() > 1 && arg(0).parse::<u32>().is_ok() {
+                    parts[1..].join(",")
+                } else {
+                    args.clone()
+                };
+                Some(Action::Log {
+                    level: LogLevel::Verbose,
+                    message,
+                })
+            }
+            App::Dial => Some(self.dial(&parts, line)),
+            // Not answering: early media before an answer, as Asterisk plays on the
+            // channel as it is.
+            App::SayDigits => Some(Action::Playback {
+                prompts: digit_prompts(arg(0)),
+                noanswer: true,
+            }),
+            App::SayNumber => match arg(0).parse::<i64>() {
+                Ok(n) => Some(Action::Playback {
+                    prompts: number_prompts(n),
+                    noanswer: true,
+                }),
+                Err(_) => Some(Action::Log {
+                    level: LogLevel::Warning,
+                    message: format!("line {line}: SayNumber({args}): not a whole number"),
+                }),
+            },
+            App::Gosub => {
+                self.gosub(&args, line);
+                None
+            }
+            App::Return => {
+                self.gosub_return(&args, line);
+                None
+            }
+            // ExecIf(cond?App(args)[:App(args)])
+            App::ExecIf => match choose(&args).filter(|b| !b.trim().is_empty()) {
+                None => None,
+                Some(branch) => match split_app_call(&branch) {
+                    Ok((App::ExecIf, _)) | Err(_) => {
+                        self.queued.push_back(Action::Log {
+                            level: LogLevel::Warning,
+                            message: format!("line {line}: ExecIf({args}): cannot run {branch:?}"),
+                        });
+                        None
+                    }
+                    Ok((app, inner)) => self.run_app(app, inner, line),
+                },
+            },
+        }
+    }
+
+    /// Gosub: remembers where to return, jumps, sets ARG1..ARGn and ARGC.
+    fn gosub(&mut self, args: &str, line: usize) {
+        if self.stack.len() >= MAX_GOSUB_DEPTH {
+            self.queued.push_back(Action::Log {
+                level: LogLevel::Error,
+                message: format!(
+                    "line {line}: Gosub({args}): more than {MAX_GOSUB_DEPTH} nested: hanging up"
+                ),
+            });
+            let a = self.end(34);
+            self.queued.push_back(a);
+            return;
+        }
+        let (target, sub_args) = split_gosub(args);
+        let mut frame = Frame {
+            context: self.context.clone(),
+            exten: self.exten.clone(),
+            priority: self.priority,
+            saved: Vec::new(),
+        };
+        if let Err(e) = self.jump(&target) {
+            self.queued.push_back(Action::Log {
+                level: LogLevel::Warning,
+                message: format!("line {line}: Gosub({args}): {e}"),
+            });
+            let a = self.end(16);
+            self.queued.push_back(a);
+            return;
+        }
+        // Arguments of an outer Gosub beyond this one's count read empty, as in Asterisk.
+        let outer: usize = self.var("ARGC").and_then(|n| n.parse().ok()).unwrap_or(0);
+        let count = sub_args.len();
+        let mut values: Vec<(String, String)> = sub_args
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| (format!("ARG{}", i + 1), a))
+            .collect();
+        values.extend((count + 1..=outer).map(|i| (format!("ARG{i}"), String::new())));
+        values.push(("ARGC".into(), count.to_string()));
+        for (name, value) in values {
+            frame
+                .saved
+                .push((name.clone(), self.vars.get(&name).cloned()));
+            self.vars.insert(name, value);
+        }
+        self.stack.push(frame);
+    }
+
+    /// Return: back after the Gosub, its arguments' variables as they were before,
+    /// `${GOSUB_RETVAL}` set.
+    fn gosub_return(&mut self, value: &str, line: usize) {
+        let Some(frame) = self.stack.pop() else {
+            self.queued.push_back(Action::Log {
+                level: LogLevel::Warning,
+                message: format!("line {line}: Return without Gosub: hanging up"),
+            });
+            let a = self.end(16);
+            self.queued.push_back(a);
+            return;
+        };
+        for (name, old) in frame.saved.into_iter().rev() {
+            match old {
+                Some(v) => self.vars.insert(name, v),
+                None => self.vars.remove(&name),
+            };
+        }
+        self.set_var("GOSUB_RETVAL", value.trim());
+        self.context = frame.context;
+        self.exten = frame.exten;
+        self.priority = frame.priority;
+        self.vars.insert("EXTEN".into(), self.exten.clone());
+        self.vars.insert("CONTEXT".into(), self.context.clone());
     }
 
     /// Jumps to `target`; a target that does not exist ends the call, as in Asterisk.
@@ -1370,6 +1595,104 @@ mod tests {
         assert!(matches!(e.next_action(), Action::Background { .. }));
         assert_eq!(e.digit('7'), Collected::Ignored);
         assert_eq!(e.digit('1'), Collected::Done);
+    }
+
+    #[test]
+    fn gosub_passes_arguments_returns_a_value_and_restores_the_callers_variables() {
+        let mut e = run(
+            "[a]\nexten => s,1,Set(ARG1=outer)\n \
+             same => n,Gosub(sub-greet,s,1(alice,${CALLERID(num)}))\n \
+             same => n,Log(NOTICE,back ${GOSUB_RETVAL} ${ARG1} ${EXTEN} ${ARGC})\n \
+             same => n,Gosub(sub-greet,s,1(bob))\n \
+             same => n,Log(NOTICE,back ${GOSUB_RETVAL} ${ARG1} ${EXTEN} ${ARGC})\n \
+             same => n,Return()\n\
+             [sub-greet]\n\
+             exten => s,1,Log(NOTICE,hi ${ARG1} from ${ARG2} argc ${ARGC})\n \
+             same => n,ExecIf($[${ARGC} > 1]?Gosub(sub-inner,s,1(x)))\n \
+             same => n,Return(done-${ARG1})\n\
+             [sub-inner]\n\
+             exten => s,1,Log(NOTICE,inner ${ARG1} [${ARG2}] ${ARGC})\n \
+             same => n,Return\n",
+            "a",
+            "s",
+        );
+        assert_eq!(notice(&mut e), "hi alice from 1001 argc 2");
+        // Nested: the outer frame's ARG2 reads empty inside.
+        assert_eq!(notice(&mut e), "inner x [] 1");
+        assert_eq!(notice(&mut e), "back done-alice outer s ");
+        assert_eq!(notice(&mut e), "hi bob from  argc 1");
+        assert_eq!(notice(&mut e), "back done-bob outer s ");
+        // Return without Gosub ends the call.
+        assert!(notice(&mut e).contains("Return without Gosub"));
+        assert_eq!(e.next_action(), Action::Hangup { cause: 16 });
+    }
+
+    #[test]
+    fn runaway_gosub_recursion_ends_the_call() {
+        let mut e = run("[a]\nexten => s,1,Gosub(s,1)\n", "a", "s");
+        assert!(notice(&mut e).contains("nested"));
+        assert_eq!(e.next_action(), Action::Hangup { cause: 34 });
+    }
+
+    #[test]
+    fn execif_runs_the_branch_the_condition_picks() {
+        let mut e = run(
+            "[a]\nexten => s,1,Set(X=1)\n \
+             same => n,ExecIf($[${X} = 1]?Log(NOTICE,yes: a,b):Log(NOTICE,no))\n \
+             same => n,ExecIf($[${X} = 2]?Log(NOTICE,yes):Log(NOTICE,no))\n \
+             same => n,ExecIf(0?Log(NOTICE,never))\n \
+             same => n,ExecIf(1?Set(Y=2))\n \
+             same => n,Log(NOTICE,Y=${Y})\n \
+             same => n,ExecIf(1?Busy())\n",
+            "a",
+            "s",
+        );
+        assert_eq!(notice(&mut e), "yes: a,b");
+        assert_eq!(notice(&mut e), "no");
+        assert_eq!(notice(&mut e), "Y=2");
+        assert_eq!(e.next_action(), Action::Busy);
+    }
+
+    #[test]
+    fn gosub_and_execif_are_checked_when_the_plan_is_loaded() {
+        let err = |src: &str| format!("{:?}", Dialplan::parse(src).unwrap_err());
+        assert!(err("[a]\nexten => s,1,Gosub(nowhere,s,1(x))\n").contains("nowhere"));
+        assert!(err("[a]\nexten => s,1,ExecIf(1?Frobnicate(x))\n").contains("Frobnicate"));
+        assert!(err("[a]\nexten => s,1,ExecIf(1?Hangup(x))\n").contains("Hangup"));
+        assert!(err("[a]\nexten => s,1,ExecIf(1)\n").contains("condition?App"));
+    }
+
+    #[test]
+    fn numbers_and_digits_are_said_with_asterisks_prompts() {
+        let say = |n| number_prompts(n).join(" ").replace("digits/", "");
+        assert_eq!(say(0), "0");
+        assert_eq!(say(7), "7");
+        assert_eq!(say(15), "15");
+        assert_eq!(say(40), "40");
+        assert_eq!(say(42), "40 2");
+        assert_eq!(say(100), "1 hundred");
+        assert_eq!(say(1234), "1 thousand 2 hundred 30 4");
+        assert_eq!(say(-5), "minus 5");
+        assert_eq!(say(2_000_019), "2 million 19");
+        assert_eq!(say(3_000_000_000), "3 billion");
+        assert_eq!(say(i64::MIN).split(' ').count(), 20, "minus and 19 digits");
+        assert_eq!(
+            digit_prompts("1*#x0").join(" "),
+            "digits/1 digits/star digits/pound digits/0"
+        );
+        let mut e = run(
+            "[a]\nexten => s,1,SayNumber(21)\n same => n,SayDigits(${CALLERID(num)})\n",
+            "a",
+            "s",
+        );
+        assert_eq!(
+            e.next_action(),
+            Action::Playback {
+                prompts: vec!["digits/20".into(), "digits/1".into()],
+                noanswer: true
+            }
+        );
+        assert!(matches!(e.next_action(), Action::Playback { prompts, .. } if prompts.len() == 4));
     }
 
     #[test]

@@ -16,8 +16,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 pub use exec::{
-    cause_to_sip, sip_to_cause, Action, CallerId, Collected, DialRequest, DialStatus, DialTarget,
-    Disposition, Execution, LogLevel, DIGIT_TIMEOUT, RESPONSE_TIMEOUT,
+    cause_to_sip, digit_prompts, number_prompts, sip_to_cause, Action, CallerId, Collected,
+    DialRequest, DialStatus, DialTarget, Disposition, Execution, LogLevel, DIGIT_TIMEOUT,
+    RESPONSE_TIMEOUT,
 };
 pub use expr::evaluate as evaluate_expression;
 pub use pattern::Pattern;
@@ -79,6 +80,11 @@ pub enum App {
     Background,
     WaitExten,
     Read,
+    Gosub,
+    Return,
+    ExecIf,
+    SayDigits,
+    SayNumber,
 }
 
 impl App {
@@ -102,6 +108,11 @@ impl App {
         ("Background", App::Background),
         ("WaitExten", App::WaitExten),
         ("Read", App::Read),
+        ("Gosub", App::Gosub),
+        ("Return", App::Return),
+        ("ExecIf", App::ExecIf),
+        ("SayDigits", App::SayDigits),
+        ("SayNumber", App::SayNumber),
     ];
 
     /// Application names are case-insensitive, as in Asterisk.
@@ -228,5 +239,36 @@ mod tests {
         assert!(d.find("default", "1001").is_some());
         assert!(d.find("default", "800").is_some());
         assert!(d.find("demo-menu", "i").is_some());
+    }
+
+    /// Every prompt the Say applications name and the demo plays is shipped, in both
+    /// codecs (deploy/sounds: tones from `generate`, speech from `speak`).
+    #[test]
+    fn the_prompts_the_applications_name_are_shipped() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/sounds");
+        let mut names: Vec<String> = (-20..=120)
+            .chain([1000, 1_000_000, 1_000_000_000])
+            .flat_map(number_prompts)
+            .chain(digit_prompts("0123456789*#"))
+            .collect();
+        names.extend(
+            [
+                "hello-world",
+                "beep",
+                "silence-1",
+                "busy",
+                "pbx-invalid",
+                "goodbye",
+                "vm-intro",
+            ]
+            .map(String::from),
+        );
+        for name in names {
+            for ext in ["ulaw", "alaw"] {
+                let f = dir.join(format!("{name}.{ext}"));
+                let len = std::fs::metadata(&f).map_or(0, |m| m.len());
+                assert!(len > 800, "{}: missing or shorter than 0.1 s", f.display());
+            }
+        }
     }
 }

@@ -546,6 +546,40 @@ fn check_args(plan: &Dialplan, ctx: &Context, ext: &Extension, p: &Priority) -> 
             }
         }
         App::Goto => check_goto(plan, ctx, ext, &p.args)?,
+        App::Gosub => {
+            let (target, _) = crate::exec::split_gosub(&p.args);
+            check_goto(plan, ctx, ext, &target)?;
+        }
+        App::Return | App::SayDigits => {}
+        App::SayNumber => {
+            if is_literal(arg(0)) && arg(0).parse::<i64>().is_err() {
+                return Err(format!("{:?} is not a whole number", arg(0)));
+            }
+            if args.len() > 2 {
+                return Err("takes a number and a gender at most".into());
+            }
+        }
+        App::ExecIf => {
+            let parts = split_top(&p.args, '?');
+            if parts.len() != 2 {
+                return Err("expected condition?App(args)[:App(args)]".into());
+            }
+            for branch in split_top(&parts[1], ':') {
+                if branch.trim().is_empty() {
+                    continue;
+                }
+                let (app, args) = crate::exec::split_app_call(&branch)?;
+                if app == App::ExecIf {
+                    return Err("ExecIf cannot run ExecIf".into());
+                }
+                let inner = Priority {
+                    app,
+                    args,
+                    ..p.clone()
+                };
+                check_args(plan, ctx, ext, &inner).map_err(|e| format!("{}: {e}", app.name()))?;
+            }
+        }
         App::GotoIf => {
             let parts = split_top(&p.args, '?');
             if parts.len() != 2 {
