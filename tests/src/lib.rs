@@ -623,6 +623,21 @@ impl RunningSipp {
     }
 }
 
+/// What the test's SIPp runs logged (`<log>` actions, with `-trace_logs`).
+pub fn sipp_logs(c: &LocalCluster) -> String {
+    let mut out = String::new();
+    for d in std::fs::read_dir(c.dir.path()).unwrap().flatten() {
+        if let Ok(files) = std::fs::read_dir(d.path()) {
+            for f in files.flatten() {
+                if f.file_name().to_string_lossy().ends_with("_logs.log") {
+                    out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Asserts SIPp exited cleanly with exactly `n` successful calls and no failed one.
 /// Users SIPp logged (`<log>` actions, `-trace_logs` files in `dir`): "registered
 /// uNNN" by reg_auth.xml, "bound uNNN" by query_auth.xml.

@@ -7,8 +7,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use pbx_tests::{
-    assert_all_ok, free_udp_port, require_tool, wait_for, Baresip, LocalCluster, Phones, SippRun,
-    Users,
+    assert_all_ok, free_udp_port, require_tool, sipp_logs, wait_for, Baresip, LocalCluster, Phones,
+    SippRun, Users,
 };
 
 const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]";
@@ -19,21 +19,6 @@ fn ok(run: SippRun, what: &str) {
 
 fn calls_listed(c: &LocalCluster, node: usize) -> Option<String> {
     c.status(node)?.get("calls").cloned()
-}
-
-/// What SIPp logged with -trace_logs in the directory of its injection file.
-fn sipp_logs(c: &LocalCluster) -> String {
-    let mut out = String::new();
-    for d in std::fs::read_dir(c.dir.path()).unwrap().flatten() {
-        if let Ok(files) = std::fs::read_dir(d.path()) {
-            for f in files.flatten() {
-                if f.file_name().to_string_lossy().ends_with("_logs.log") {
-                    out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
-                }
-            }
-        }
-    }
-    out
 }
 
 #[test]

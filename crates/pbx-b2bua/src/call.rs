@@ -9,7 +9,7 @@ use pbx_dialplan::{
     cause_to_sip, Action, DialRequest, DialStatus, DialTarget, Disposition, Execution, LogLevel,
 };
 use pbx_media_core::{Mode, Side};
-use pbx_sdp::Sdp;
+use pbx_sdp::{Direction, Sdp};
 use pbx_sip_core::{
     ClientInvite, ClientNonInvite, ResponseAction, TimerOutcome, Timers, TransactionKey,
 };
@@ -46,6 +46,8 @@ pub struct CallParams {
     pub caller_user: String,
     /// Wall clock at `now` of [`Call::new`], for the replicated record.
     pub now_ms: u64,
+    /// The time zone of the dialplan's time conditions that name none (IANA name).
+    pub timezone: String,
 }
 
 /// The relay's address and, per media stream, the port for the caller's side (A) and
@@ -95,8 +97,17 @@ pub enum MediaOp {
         prompts: Vec<String>,
         payload_type: u8,
     },
-    /// Stop the prompt playing on a stream (a key interrupted it).
+    /// Stop the prompt or music playing on a stream (a key interrupted it, a held
+    /// party was taken off hold).
     StopPlay { stream: usize },
+    /// Music on hold of `class` to `side` of a stream, over and over, until
+    /// [`MediaOp::StopPlay`]; what the other side sends is not forwarded meanwhile.
+    Music {
+        stream: usize,
+        side: Side,
+        class: String,
+        payload_type: u8,
+    },
     /// Report the keys the caller sends as RFC 4733 telephone-events with this payload
     /// type on a stream ([`MediaNotice::Digit`]).
     DetectDtmf { stream: usize, payload_type: u8 },
@@ -168,6 +179,8 @@ enum Phase {
     Prompting,
     /// Keys awaited until then (WaitExten, Read, the digits after the first).
     Collecting(Instant),
+    /// MusicOnHold(), until then or until the caller hangs up.
+    Music(Option<Instant>),
     Echo,
     Waiting(Instant),
     Ended,
@@ -270,6 +283,8 @@ pub struct Call<D> {
     pending: Vec<Pending<D>>,
     /// Payload type of the caller's stream when the node itself answers.
     app_pt: Option<u8>,
+    /// The side that put the other on hold (the other hears music).
+    held_by: Option<Side>,
     /// Per side: the SDP we anchored last and the version we sent it with.
     sdp_sent: [(String, u64); 2],
     /// The `o=` session id of our descriptions (kept by a node resuming the call).
@@ -390,6 +405,7 @@ impl<D: Destination> Call<D> {
             phase: Phase::Running,
             pending: Vec::new(),
             app_pt: None,
+            held_by: None,
             sdp_sent: Default::default(),
             session: params.seed & 0xffff_ffff,
             sdp_body: Default::default(),
@@ -469,6 +485,8 @@ impl<D: Destination> Call<D> {
 
     /// Runs the dialplan until it waits for something.
     fn run(&mut self, now: Instant) {
+        let (ms, tz) = (self.now_ms(now), self.p.timezone.clone());
+        self.exec.set_clock(ms, &tz);
         while self.phase == Phase::Running {
             match self.exec.next_action() {
                 Action::Answer => {
@@ -537,6 +555,28 @@ impl<D: Destination> Call<D> {
                     if self.phase == Phase::Running && self.exec.collecting() {
                         // No media to play on: the prompts are skipped, as when they end.
                         self.exec.prompts_done();
+                    }
+                }
+                Action::MusicOnHold { class, duration } => {
+                    self.app_name = Some("MusicOnHold");
+                    self.answer_with_app(now);
+                    if self.phase != Phase::Running {
+                        continue;
+                    }
+                    match self.app_pt {
+                        Some(payload_type) => {
+                            self.out.push_back(Output::Media(MediaOp::Music {
+                                stream: self.app_stream(),
+                                side: Side::A,
+                                class,
+                                payload_type,
+                            }));
+                            self.phase = Phase::Music(duration.map(|d| now + d));
+                        }
+                        None => self.log(
+                            LogLevel::Warning,
+                            "MusicOnHold: no G.711 media with the caller, skipped".into(),
+                        ),
                     }
                 }
                 Action::WaitExten { timeout } => {
@@ -1379,6 +1419,16 @@ impl<D: Destination> Call<D> {
         }
         let side = side_of(leg);
         match (self.peer_leg(leg), sdp) {
+            // Hold, and the resume after it: answered here, music to the other side
+            // (as Asterisk does: the held party never sees a re-INVITE).
+            (Some(_), Some(sdp)) if sdp.hold().is_some() || self.held_by == Some(side) => {
+                self.learn_media(side, &sdp);
+                if leg == LegRef::A {
+                    self.a.offer = Some(sdp.clone());
+                    self.a.offer_raw = msg.body.clone();
+                }
+                self.hold_here(now, origin, side, sdp.hold());
+            }
             (Some(other), Some(sdp)) => {
                 self.learn_media(side, &sdp);
                 if leg == LegRef::A {
@@ -1420,6 +1470,85 @@ impl<D: Destination> Call<D> {
                         Some(Retransmit2xx::new(now, cseq, bytes, &timers));
                 }
             }
+        }
+    }
+
+    /// Answers a hold (`hold`: the direction to answer with) or a resume from `side`
+    /// itself, with the other side's description as last sent, and starts or stops the
+    /// music the other side hears.
+    fn hold_here(&mut self, now: Instant, origin: Origin, side: Side, hold: Option<Direction>) {
+        let (leg, method) = (origin.leg, origin.method.clone());
+        let i = if side == Side::A { 0 } else { 1 };
+        // The other side's description as it came; on a call resumed from another
+        // node only what was sent (its direction maybe the hold's: a resume sends
+        // sendrecv).
+        let (theirs, direction) = if self.sdp_sent[i].0.is_empty() {
+            let sent = Sdp::parse(self.sdp_body[i].as_bytes()).ok();
+            (sent, Some(hold.unwrap_or(Direction::SendRecv)))
+        } else {
+            (Sdp::parse(self.sdp_sent[i].0.as_bytes()).ok(), hold)
+        };
+        let answer = theirs.as_ref().and_then(|theirs| {
+            let mut answer = theirs.clone();
+            if let Some(dir) = direction {
+                for m in answer.media.iter_mut().filter(|m| m.kind == "audio") {
+                    m.direction = dir;
+                }
+            }
+            let (ip, ports) = self.media_ports(side)?;
+            // The description changed (or changes back): a new version (RFC 3264 §8).
+            self.sdp_sent[i].1 += 1;
+            let body = answer.anchored(ip, &ports, self.session, self.sdp_sent[i].1);
+            self.sdp_body[i].clone_from(&body);
+            Some(body)
+        });
+        let body = answer.as_deref().map(|b| (SDP, b.as_bytes()));
+        let cseq = self.dialog(leg).remote_cseq;
+        let bytes = self.respond_to(&origin, 200, &[], body);
+        if method == Method::Invite && !self.dialog(leg).reliable() {
+            let timers = self.p.timers;
+            self.dialog_mut(leg).retransmit = Some(Retransmit2xx::new(now, cseq, bytes, &timers));
+        }
+        let held = side.other();
+        match (hold, self.held_by) {
+            (Some(_), None) => {
+                let Some((stream, payload_type)) = theirs.as_ref().and_then(Sdp::g711_receive)
+                else {
+                    self.held_by = Some(side);
+                    return self.log(
+                        LogLevel::Notice,
+                        "on hold: no G.711 with the held party, no music".into(),
+                    );
+                };
+                self.held_by = Some(side);
+                let class = self
+                    .exec
+                    .var("CHANNEL(musicclass)")
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or("default")
+                    .to_string();
+                self.log(
+                    LogLevel::Notice,
+                    format!("{side:?} put the call on hold: music ({class}) to {held:?}"),
+                );
+                self.out.push_back(Output::Media(MediaOp::Music {
+                    stream,
+                    side: held,
+                    class,
+                    payload_type,
+                }));
+            }
+            (None, Some(_)) => {
+                self.held_by = None;
+                let stream = theirs
+                    .as_ref()
+                    .and_then(Sdp::g711_receive)
+                    .map_or(0, |(s, _)| s);
+                self.log(LogLevel::Notice, format!("{side:?} resumed the call"));
+                self.out
+                    .push_back(Output::Media(MediaOp::StopPlay { stream }));
+            }
+            _ => {}
         }
     }
 
@@ -1738,7 +1867,10 @@ impl<D: Destination> Call<D> {
             MediaNotice::PlaybackDone => {}
             MediaNotice::Digit(d) => self.on_digit(now, d),
             MediaNotice::NoMedia => {
-                if matches!(self.phase, Phase::Bridged(_) | Phase::Echo) {
+                if matches!(
+                    self.phase,
+                    Phase::Bridged(_) | Phase::Echo | Phase::Music(_)
+                ) {
                     self.log(LogLevel::Notice, "no media: call ended".into());
                     // Q.850 41, temporary failure: what Asterisk's rtptimeout uses.
                     self.hangup(now, 41, None);
@@ -1794,6 +1926,7 @@ impl<D: Destination> Call<D> {
         match self.phase {
             Phase::Dialing { deadline } => take(deadline),
             Phase::Waiting(at) | Phase::Collecting(at) => take(Some(at)),
+            Phase::Music(at) => take(at),
             _ => {}
         }
         if self.phase != Phase::Ended {
@@ -1876,6 +2009,13 @@ impl<D: Destination> Call<D> {
                 self.dial_failed(now, DialStatus::NoAnswer, None)
             }
             Phase::Waiting(at) if now >= at => {
+                self.phase = Phase::Running;
+                self.run(now);
+            }
+            Phase::Music(Some(at)) if now >= at => {
+                let stream = self.app_stream();
+                self.out
+                    .push_back(Output::Media(MediaOp::StopPlay { stream }));
                 self.phase = Phase::Running;
                 self.run(now);
             }

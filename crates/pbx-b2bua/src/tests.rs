@@ -122,6 +122,7 @@ impl Harness {
             }),
             caller_user: "alice".into(),
             now_ms: 1_000,
+            timezone: "UTC".into(),
         };
         let call = Call::new(
             now,
@@ -517,12 +518,10 @@ fn reinvite_is_relayed_with_sdp_anchored_both_ways() {
     );
     h.take();
 
-    let hold = SDP_A.replace(
-        "a=rtpmap:0 PCMU/8000\r\n",
-        "a=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
-    );
+    // alice moves (a new port): relayed. (A hold is answered by the node itself.)
+    let moved = SDP_A.replace("m=audio 6000 ", "m=audio 6002 ");
     h.request(
-        &in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold),
+        &in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &moved),
         ALICE,
     );
     let out = h.take();
@@ -533,18 +532,20 @@ fn reinvite_is_relayed_with_sdp_anchored_both_ways() {
     assert_eq!(rc.to.tag(), Some("b1"));
     let body = String::from_utf8_lossy(&rm.body);
     assert!(
-        body.contains("a=sendonly") && body.contains("m=audio 40002 "),
+        body.contains("a=sendrecv") && body.contains("m=audio 40002 "),
         "{body}"
     );
+    assert!(out.contains(&Output::Media(MediaOp::Remote {
+        stream: 0,
+        side: Side::A,
+        addr: Some(addr("127.0.0.1:6002"))
+    })));
     assert!(
         body.contains("o=pbxd 2748 2 "),
         "version grows on a changed offer: {body}"
     );
 
-    let answer = SDP_B.replace(
-        "a=rtpmap:0 PCMU/8000\r\n",
-        "a=rtpmap:0 PCMU/8000\r\na=recvonly\r\n",
-    );
+    let answer = SDP_B.replace("m=audio 7000 ", "m=audio 7002 ");
     h.response(&response_to(&reinv[0].1, 200, "b1", BOB1, &answer));
     let out = h.take();
     assert_eq!(Harness::sent(&out, BOB1)[0].0, Method::Ack);
@@ -554,9 +555,14 @@ fn reinvite_is_relayed_with_sdp_anchored_both_ways() {
     assert_eq!(c.cseq.seq, 2);
     let body = String::from_utf8_lossy(&m.body);
     assert!(
-        body.contains("a=recvonly") && body.contains("m=audio 40000 "),
+        body.contains("a=sendrecv") && body.contains("m=audio 40000 "),
         "{body}"
     );
+    assert!(out.contains(&Output::Media(MediaOp::Remote {
+        stream: 0,
+        side: Side::B,
+        addr: Some(addr("127.0.0.2:7002"))
+    })));
 
     // bob hangs up: BYE to alice.
     let bob_bye = format!(
@@ -806,6 +812,7 @@ fn resumed_on_node_2(record: &pbx_state::CallRecord) -> Harness {
         }),
         caller_user: record.caller.clone(),
         now_ms: 9_000,
+        timezone: "UTC".into(),
     };
     let dests = record
         .legs
@@ -831,23 +838,20 @@ fn a_bridged_call_is_resumed_on_another_node_by_one_reinvite_per_leg() {
         ALICE,
     );
     h.take();
-    // A hold relayed to bob changes what the record says: recorded again.
+    // alice puts bob on hold (answered by the node, music to bob): what the record
+    // says of alice's leg changes, so it is recorded again.
     let hold = SDP_A.replace("PCMU/8000\r\n", "PCMU/8000\r\na=sendonly\r\n");
     h.request(
         &in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold),
         ALICE,
     );
-    let out = h.take();
-    let reinv = Harness::sent(&out, BOB1);
-    let held = SDP_B.replace("PCMU/8000\r\n", "PCMU/8000\r\na=recvonly\r\n");
-    h.response(&response_to(&reinv[0].1, 200, "b1", BOB1, &held));
     let record = record_of(&h.take());
     assert_eq!((record.owner, record.epoch), (1, 0));
     assert_eq!(record.activity, pbx_state::Activity::Bridged);
     assert_eq!(record.legs.len(), 2);
     let (a, b) = (&record.legs[0], &record.legs[1]);
     assert!(a.sdp_sent.contains("a=recvonly") && a.sdp_sent.contains("o=pbxd 2748 2 "));
-    assert!(b.sdp_sent.contains("a=sendonly") && b.sdp_sent.contains("o=pbxd 2748 2 "));
+    assert!(b.sdp_sent.contains("a=sendrecv") && b.sdp_sent.contains("o=pbxd 2748 1 "));
     assert_eq!(a.media_targets, vec![Some(addr("127.0.0.1:6000"))]);
     assert_eq!(b.media_targets, vec![Some(addr("127.0.0.2:7000"))]);
     assert_eq!(a.contact, "<sip:pbx@127.0.0.11:5060>");
@@ -879,6 +883,15 @@ fn a_bridged_call_is_resumed_on_another_node_by_one_reinvite_per_leg() {
         "media flows at once where each side was"
     );
     assert!(out.contains(&Output::Media(MediaOp::Mode(Mode::Bridge))));
+    assert!(
+        out.contains(&Output::Media(MediaOp::Music {
+            stream: 0,
+            side: Side::B,
+            class: "default".into(),
+            payload_type: 0
+        })),
+        "still on hold: bob hears music from the adopter"
+    );
     let to_alice = Harness::sent(&out, ALICE);
     let to_bob = Harness::sent(&out, BOB1);
     assert_eq!(
@@ -915,7 +928,7 @@ fn a_bridged_call_is_resumed_on_another_node_by_one_reinvite_per_leg() {
     assert!(bc.cseq.seq > b.local_cseq + pbx_state::CSEQ_HEADROOM);
     let body = String::from_utf8_lossy(&bm.body);
     assert!(
-        body.contains("m=audio 41002 ") && body.contains("a=sendonly"),
+        body.contains("m=audio 41002 ") && body.contains("a=sendrecv"),
         "{body}"
     );
     // Recorded at once with the new contact and descriptions.
@@ -1151,4 +1164,147 @@ fn sip_info_keys_are_parsed_as_phones_send_them() {
     assert_eq!(info_digit("application/dtmf", b"x"), None);
     assert_eq!(info_digit("text/plain", b"Signal=5"), None);
     assert_eq!(info_digit("application/dtmf-relay", b"Duration=160"), None);
+}
+
+/// A 200 to alice for a re-INVITE, its body.
+fn answer_to_a(out: &[Output<Udp>]) -> String {
+    let (status, resp) = final_to_a(out).expect("an answer to alice");
+    assert_eq!(status, 200);
+    String::from_utf8_lossy(&parse(&resp).0.body).into_owned()
+}
+
+#[test]
+fn hold_is_answered_here_with_music_to_the_other_party_and_resume_bridges_again() {
+    let (mut h, tag) = bridged_with_bob1();
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    h.take();
+    let hold = SDP_A.replace(
+        "a=rtpmap:0 PCMU/8000\r\n",
+        "a=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
+    );
+    h.request(
+        &in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold),
+        ALICE,
+    );
+    let out = h.take();
+    assert!(
+        Harness::sent(&out, BOB1).is_empty(),
+        "bob never sees the hold"
+    );
+    let body = answer_to_a(&out);
+    assert!(
+        body.contains("a=recvonly") && body.contains("m=audio 40000 "),
+        "{body}"
+    );
+    assert!(body.contains("o=pbxd 2748 2 "), "a new version: {body}");
+    assert!(out.contains(&Output::Media(MediaOp::Music {
+        stream: 0,
+        side: Side::B,
+        class: "default".into(),
+        payload_type: 0
+    })));
+    // A refresh while held: still on hold, no second music.
+    h.request(
+        &in_dialog("INVITE", 3, &alice_headers(&tag), "a-call", &hold),
+        ALICE,
+    );
+    let out = h.take();
+    assert!(answer_to_a(&out).contains("a=recvonly"));
+    assert!(!out
+        .iter()
+        .any(|o| matches!(o, Output::Media(MediaOp::Music { .. }))));
+    // Resume: answered here again, music stopped, bob still sees nothing.
+    h.request(
+        &in_dialog("INVITE", 4, &alice_headers(&tag), "a-call", SDP_A),
+        ALICE,
+    );
+    let out = h.take();
+    assert!(Harness::sent(&out, BOB1).is_empty());
+    let body = answer_to_a(&out);
+    assert!(
+        body.contains("a=sendrecv") && !body.contains("recvonly"),
+        "{body}"
+    );
+    assert!(body.contains("o=pbxd 2748 4 "), "{body}");
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
+    // Inactive (and the old c=0.0.0.0) hold too, answered inactive.
+    let old_hold = SDP_A.replace("c=IN IP4 127.0.0.1", "c=IN IP4 0.0.0.0");
+    h.request(
+        &in_dialog("INVITE", 5, &alice_headers(&tag), "a-call", &old_hold),
+        ALICE,
+    );
+    let out = h.take();
+    assert!(answer_to_a(&out).contains("a=inactive"));
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Media(MediaOp::Music { side: Side::B, .. }))));
+}
+
+#[test]
+fn music_on_hold_plays_to_the_caller_for_its_duration() {
+    let plan = "[default]\nexten => 900,1,MusicOnHold(,3)\n same => n,Hangup(17)\n";
+    let mut h = Harness::start_with("900", SDP_A, plan);
+    let out = h.take();
+    assert_eq!(final_to_a(&out).unwrap().0, 200);
+    assert!(out.contains(&Output::Media(MediaOp::Music {
+        stream: 0,
+        side: Side::A,
+        class: "default".into(),
+        payload_type: 0
+    })));
+    h.advance(Duration::from_secs(2));
+    assert_eq!(hung_up_with(&h.take()), None);
+    h.advance(Duration::from_secs(2));
+    let out = h.take();
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
+    assert_eq!(hung_up_with(&out), Some(17));
+}
+
+#[test]
+fn a_held_call_moved_to_another_node_is_resumed_there() {
+    let (mut h, tag) = bridged_with_bob1();
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    h.take();
+    let hold = SDP_A.replace("PCMU/8000\r\n", "PCMU/8000\r\na=sendonly\r\n");
+    h.request(
+        &in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold),
+        ALICE,
+    );
+    let record = record_of(&h.take());
+    let mut n2 = resumed_on_node_2(&record);
+    let out = n2.take();
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Media(MediaOp::Music { side: Side::B, .. }))));
+    // The moving re-INVITEs answered; then alice takes the call back from hold.
+    for (to, who) in [(ALICE, "at"), (BOB1, "b1")] {
+        let reinv = Harness::sent(&out, to);
+        n2.response(&response_to(
+            &reinv[0].1,
+            200,
+            who,
+            to,
+            if to == ALICE { &hold } else { SDP_B },
+        ));
+    }
+    n2.take();
+    let a_cseq = record.legs[0].remote_cseq + 1;
+    n2.request(
+        &in_dialog("INVITE", a_cseq, &alice_headers(&tag), "a-call", SDP_A),
+        ALICE,
+    );
+    let out = n2.take();
+    assert!(Harness::sent(&out, BOB1).is_empty());
+    let body = answer_to_a(&out);
+    assert!(
+        body.contains("a=sendrecv") && body.contains("m=audio 41000 "),
+        "{body}"
+    );
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
 }

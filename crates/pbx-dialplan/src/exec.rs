@@ -254,6 +254,12 @@ pub enum Action {
         noanswer: bool,
         skip_unanswered: bool,
     },
+    /// Answer and play music on hold of `class` to the caller, for `duration` (or until
+    /// the caller hangs up).
+    MusicOnHold {
+        class: String,
+        duration: Option<Duration>,
+    },
     /// Wait up to `timeout` for the caller to key an extension.
     WaitExten {
         timeout: Duration,
@@ -616,6 +622,8 @@ pub struct Execution {
     queued: std::collections::VecDeque<Action>,
     collect: Option<Collect>,
     stack: Vec<Frame>,
+    /// Unix ms and the default time zone for time conditions ([`Execution::set_clock`]).
+    clock: Option<(i64, String)>,
 }
 
 impl Execution {
@@ -650,6 +658,7 @@ impl Execution {
             queued: Default::default(),
             collect: None,
             stack: Vec::new(),
+            clock: None,
         })
     }
 
@@ -667,6 +676,7 @@ impl Execution {
             queued: Default::default(),
             collect: None,
             stack: Vec::new(),
+            clock: None,
         }
     }
 
@@ -936,6 +946,41 @@ impl Execution {
             App::Dial => Some(self.dial(&parts, line)),
             // Not answering: early media before an answer, as Asterisk plays on the
             // channel as it is.
+            App::GotoIfTime => {
+                // GotoIfTime(times,weekdays,mdays,months[,tz]?[true][:false])
+                let halves = split_top(&args, '?');
+                let spec = halves.first().map(String::as_str).unwrap_or("");
+                let inside = match (crate::timing::TimeSpec::parse(spec), &self.clock) {
+                    (Ok(t), Some((ms, tz))) => t.matches(*ms, tz),
+                    (Ok(_), None) => Err("no clock given to the dialplan".into()),
+                    (Err(e), _) => Err(e),
+                };
+                match inside {
+                    Ok(inside) => {
+                        let branches = halves.get(1).map(|b| split_top(b, ':')).unwrap_or_default();
+                        let pick = if inside {
+                            branches.first()
+                        } else {
+                            branches.get(1)
+                        };
+                        if let Some(t) = pick.filter(|t| !t.trim().is_empty()) {
+                            self.jump_or_end(t.trim(), "GotoIfTime", &args, line);
+                        }
+                    }
+                    Err(e) => self.queued.push_back(Action::Log {
+                        level: LogLevel::Warning,
+                        message: format!("line {line}: GotoIfTime({args}): {e}"),
+                    }),
+                }
+                None
+            }
+            App::MusicOnHold => Some(Action::MusicOnHold {
+                class: match arg(0) {
+                    "" => self.music_class(),
+                    c => c.to_string(),
+                },
+                duration: seconds(arg(1)),
+            }),
             App::SayDigits => Some(Action::Playback {
                 prompts: digit_prompts(arg(0)),
                 noanswer: true,
@@ -1068,6 +1113,20 @@ impl Execution {
             .get(key)
             .and_then(|v| seconds(v))
             .unwrap_or_else(|| default_timeout(key))
+    }
+
+    /// The time for time conditions (`GotoIfTime`): Unix ms now, and the zone of
+    /// conditions that name none. The call gives it before it runs the plan (sans-IO).
+    pub fn set_clock(&mut self, unix_ms: u64, timezone: &str) {
+        self.clock = Some((unix_ms as i64, timezone.to_string()));
+    }
+
+    /// The channel's music-on-hold class: `Set(CHANNEL(musicclass)=…)`, else `default`.
+    pub fn music_class(&self) -> String {
+        self.var("CHANNEL(musicclass)")
+            .filter(|c| !c.is_empty())
+            .unwrap_or("default")
+            .to_string()
     }
 
     /// Whether keys are being collected (Background, WaitExten, Read).
@@ -1243,6 +1302,10 @@ impl Execution {
             "CALLERID(NUM)" | "CALLERID(NUMBER)" => self.caller.num = value.to_string(),
             "CALLERID(NAME)" => self.caller.name = value.to_string(),
             "CALLERID(ALL)" => self.caller = CallerId::parse(value),
+            "CHANNEL(MUSICCLASS)" => {
+                self.vars
+                    .insert("CHANNEL(musicclass)".into(), value.trim().to_string());
+            }
             upper if upper.starts_with("TIMEOUT(") && upper.ends_with(')') => {
                 match timeout_var(&upper[8..upper.len() - 1]) {
                     Some(key) => {
@@ -1693,6 +1756,68 @@ mod tests {
             }
         );
         assert!(matches!(e.next_action(), Action::Playback { prompts, .. } if prompts.len() == 4));
+    }
+
+    #[test]
+    fn music_on_hold_takes_the_channels_class() {
+        let mut e = run(
+            "[a]\nexten => s,1,MusicOnHold(,2.5)\n \
+             same => n,Set(CHANNEL(musicclass)=jazz)\n \
+             same => n,MusicOnHold()\n \
+             same => n,MusicOnHold(rock)\n",
+            "a",
+            "s",
+        );
+        assert_eq!(
+            e.next_action(),
+            Action::MusicOnHold {
+                class: "default".into(),
+                duration: Some(Duration::from_millis(2500))
+            }
+        );
+        assert_eq!(
+            e.next_action(),
+            Action::MusicOnHold {
+                class: "jazz".into(),
+                duration: None
+            }
+        );
+        assert_eq!(e.music_class(), "jazz");
+        assert!(matches!(e.next_action(), Action::MusicOnHold { class, .. } if class == "rock"));
+        let refused = Dialplan::parse("[a]\nexten => s,1,Set(CHANNEL(language)=fr)\n");
+        assert!(
+            format!("{refused:?}").contains("CHANNEL(musicclass)"),
+            "{refused:?}"
+        );
+        let refused = Dialplan::parse("[a]\nexten => s,1,MusicOnHold(../etc)\n");
+        assert!(format!("{refused:?}").contains("class"), "{refused:?}");
+    }
+
+    #[test]
+    fn gotoiftime_picks_the_branch_at_the_time_the_call_gives() {
+        let plan = "[a]\nexten => s,1,GotoIfTime(09:00-17:00,mon-fri,*,*?open,1:closed,1)\n\
+                    exten => open,1,Log(NOTICE,open)\n\
+                    exten => closed,1,Log(NOTICE,closed)\n\
+                    exten => b,1,GotoIfTime(*,*,25,dec,America/New_York?x)\n \
+                    same => n,Log(NOTICE,not christmas in New York)\n \
+                    same => n(x),Log(NOTICE,done)\n";
+        // Friday 2026-12-04 10:00 UTC.
+        let friday_10 = 1_796_378_400_000;
+        let mut e = run(plan, "a", "s");
+        e.set_clock(friday_10, "UTC");
+        assert_eq!(notice(&mut e), "open");
+        let mut e = run(plan, "a", "s");
+        e.set_clock(friday_10, "Asia/Tokyo"); // 19:00 there
+        assert_eq!(notice(&mut e), "closed");
+        // 2026-12-25 03:00 UTC is still the 24th in New York.
+        let mut e = run(plan, "a", "b");
+        e.set_clock(1_798_167_600_000, "UTC");
+        assert_eq!(notice(&mut e), "not christmas in New York");
+        let mut e = run(plan, "a", "b");
+        e.set_clock(1_798_167_600_000 + 6 * 3_600_000, "UTC");
+        assert_eq!(notice(&mut e), "done");
+        let refused = Dialplan::parse("[a]\nexten => s,1,GotoIfTime(25:00,*,*,*?s,1)\n");
+        assert!(format!("{refused:?}").contains("time"), "{refused:?}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod expr;
 mod parse;
 mod pattern;
 mod subst;
+mod timing;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -22,6 +23,7 @@ pub use exec::{
 };
 pub use expr::evaluate as evaluate_expression;
 pub use pattern::Pattern;
+pub use timing::{valid_timezone, TimeSpec};
 
 /// One problem in a dialplan, at a line (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +87,8 @@ pub enum App {
     ExecIf,
     SayDigits,
     SayNumber,
+    MusicOnHold,
+    GotoIfTime,
 }
 
 impl App {
@@ -113,6 +117,8 @@ impl App {
         ("ExecIf", App::ExecIf),
         ("SayDigits", App::SayDigits),
         ("SayNumber", App::SayNumber),
+        ("MusicOnHold", App::MusicOnHold),
+        ("GotoIfTime", App::GotoIfTime),
     ];
 
     /// Application names are case-insensitive, as in Asterisk.

@@ -551,6 +551,32 @@ fn check_args(plan: &Dialplan, ctx: &Context, ext: &Extension, p: &Priority) -> 
             check_goto(plan, ctx, ext, &target)?;
         }
         App::Return | App::SayDigits => {}
+        App::GotoIfTime => {
+            let parts = split_top(&p.args, '?');
+            if parts.len() != 2 {
+                return Err(
+                    "expected times,weekdays,mdays,months[,timezone]?[label1][:label2]".into(),
+                );
+            }
+            if is_literal(&parts[0]) {
+                crate::timing::TimeSpec::parse(&parts[0])?;
+            }
+            for target in split_top(&parts[1], ':') {
+                if !target.trim().is_empty() {
+                    check_goto(plan, ctx, ext, &target)?;
+                }
+            }
+        }
+        App::MusicOnHold => {
+            if is_literal(arg(0))
+                && !arg(0)
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!("{:?} is not a music class name", arg(0)));
+            }
+            numeric(arg(1), "the duration")?;
+        }
         App::SayNumber => {
             if is_literal(arg(0)) && arg(0).parse::<i64>().is_err() {
                 return Err(format!("{:?} is not a whole number", arg(0)));
@@ -594,6 +620,17 @@ fn check_args(plan: &Dialplan, ctx: &Context, ext: &Extension, p: &Priority) -> 
                 return Err("expected name=value".into());
             };
             let name = name.trim().to_ascii_uppercase();
+            if let Some(field) = name
+                .strip_prefix("CHANNEL(")
+                .and_then(|w| w.strip_suffix(')'))
+            {
+                if is_literal(field) && field.trim() != "MUSICCLASS" {
+                    return Err(format!(
+                        "CHANNEL({}) is not supported: only CHANNEL(musicclass)",
+                        field.to_ascii_lowercase()
+                    ));
+                }
+            }
             if let Some(which) = name
                 .strip_prefix("TIMEOUT(")
                 .and_then(|w| w.strip_suffix(')'))

@@ -146,7 +146,12 @@ impl From<StreamCounters> for MediaCounters {
 enum Control {
     Remote(Side, Option<SocketAddr>),
     Mode(Mode),
-    Play(Arc<[u8]>, u8),
+    Play {
+        audio: Arc<[u8]>,
+        payload_type: u8,
+        side: Side,
+        looped: bool,
+    },
     StopPlay,
     Dtmf(Side, Option<u8>),
 }
@@ -154,8 +159,12 @@ enum Control {
 /// Samples per 20 ms packet of G.711 at 8 kHz.
 const FRAME: usize = 160;
 
-/// A prompt being sent to side A: G.711 bytes, one 20 ms packet at a time.
+/// A prompt being sent to a side: G.711 bytes, one 20 ms packet at a time.
 struct Playback {
+    /// Who hears it; what the other side sends is not forwarded to it meanwhile.
+    side: Side,
+    /// Music on hold: starts over at the end, never reports done.
+    looped: bool,
     audio: Arc<[u8]>,
     pos: usize,
     payload_type: u8,
@@ -169,6 +178,9 @@ struct Playback {
 impl Playback {
     /// The next packet into `out` (no allocation); its length, or None at the end.
     fn packet(&mut self, out: &mut [u8; 12 + FRAME]) -> Option<usize> {
+        if self.looped && self.pos >= self.audio.len() && !self.audio.is_empty() {
+            self.pos = 0;
+        }
         if self.pos >= self.audio.len() {
             return None;
         }
@@ -214,7 +226,23 @@ impl Stream {
     /// Sends G.711 `audio` (payload type 0 or 8) to side A in 20 ms packets, then
     /// reports [`MediaEvent::PlaybackDone`]. A new prompt replaces one playing.
     pub fn play(&self, audio: Arc<[u8]>, payload_type: u8) {
-        let _ = self.ctl.send(Control::Play(audio, payload_type));
+        let _ = self.ctl.send(Control::Play {
+            audio,
+            payload_type,
+            side: Side::A,
+            looped: false,
+        });
+    }
+
+    /// Music on hold to `side`: `audio` over and over until [`Stream::stop_play`];
+    /// what the other side sends is not forwarded to it meanwhile.
+    pub fn play_music(&self, side: Side, audio: Arc<[u8]>, payload_type: u8) {
+        let _ = self.ctl.send(Control::Play {
+            audio,
+            payload_type,
+            side,
+            looped: true,
+        });
     }
 
     /// Stops a prompt playing (no [`MediaEvent::PlaybackDone`] for it).
@@ -435,9 +463,11 @@ async fn run_stream(
                         rtp.set_mode(m);
                         rtcp.set_mode(m);
                     }
-                    Some(Control::Play(audio, payload_type)) => {
+                    Some(Control::Play { audio, payload_type, side, looped }) => {
                         ssrc = ssrc.wrapping_mul(1_103_515_245).wrapping_add(12_345);
                         play = Some(Playback {
+                            side,
+                            looped,
                             audio,
                             pos: 0,
                             payload_type,
@@ -478,8 +508,9 @@ async fn run_stream(
                 if let Some(p) = play.as_mut() {
                     match p.packet(&mut frame) {
                         Some(n) => {
-                            if let Some(dest) = rtp.remote(Side::A) {
-                                let _ = sockets[0].try_send_to(&frame[..n], dest);
+                            let out = if p.side == Side::A { 0 } else { 2 };
+                            if let Some(dest) = rtp.remote(p.side) {
+                                let _ = sockets[out].try_send_to(&frame[..n], dest);
                             }
                         }
                         None => {
@@ -534,6 +565,10 @@ async fn run_stream(
         // Out through the socket of the side the packet goes to (echo: the same side),
         // so the phone sees it come from the address its SDP names.
         let out_side = if dest == src { side } else { side.other() };
+        // A side hearing a prompt or music hears nothing else.
+        if !is_rtcp && play.as_ref().is_some_and(|p| p.side == out_side) {
+            continue;
+        }
         let out = match (out_side, is_rtcp) {
             (Side::A, false) => 0,
             (Side::A, true) => 1,
@@ -735,6 +770,53 @@ mod tests {
         // Nothing else: no second digit, no PlaybackDone for the stopped prompt.
         let more = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
         assert!(more.is_err(), "{more:?}");
+    }
+
+    /// Music on hold to side B: looped (more packets than the audio holds), what A
+    /// sends is not forwarded to B meanwhile, and after stop_play it is again.
+    #[tokio::test]
+    async fn music_on_hold_loops_to_one_side_and_mutes_the_other() {
+        let r = relay(41450, 60_000);
+        let mut s = r.open(Mode::Bridge).unwrap();
+        let mut events = s.take_events().unwrap();
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.set_remote(Side::A, Some(a.local_addr().unwrap()));
+        s.set_remote(Side::B, Some(b.local_addr().unwrap()));
+        let to_a = (r.ip(), s.port_a);
+        // Bridged first: A's packet reaches B.
+        a.send_to(&rtp(1), to_a).await.unwrap();
+        assert_eq!(recv(&b).await.0, rtp(1));
+        let music: Arc<[u8]> = (0..320u32)
+            .map(|i| (i % 7) as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        s.play_music(Side::B, music.clone(), 8);
+        let mut payloads = Vec::new();
+        for i in 0..5u16 {
+            // A keeps sending; B must hear only the music.
+            a.send_to(&rtp(2 + i), to_a).await.unwrap();
+            let (pkt, from) = recv(&b).await;
+            assert_eq!(from, (r.ip(), s.port_b).into());
+            let p = rtp_rs::RtpReader::new(&pkt).unwrap();
+            assert_eq!(p.payload_type(), 8, "only music reaches B");
+            payloads.push(p.payload().to_vec());
+        }
+        // 320 bytes are two packets; the third starts over.
+        assert_eq!(payloads[0], music[..160].to_vec());
+        assert_eq!(payloads[1], music[160..].to_vec());
+        assert_eq!(payloads[2], music[..160].to_vec());
+        s.stop_play();
+        // Bridged again: an A packet arrives at B as sent (after any music in flight).
+        a.send_to(&rtp(100), to_a).await.unwrap();
+        loop {
+            let (pkt, _) = recv(&b).await;
+            if pkt == rtp(100) {
+                break;
+            }
+        }
+        let none = tokio::time::timeout(Duration::from_millis(100), events.recv()).await;
+        assert!(none.is_err(), "music never reports done: {none:?}");
     }
 
     #[tokio::test]

@@ -121,6 +121,8 @@ pub(crate) struct CallLayer {
     /// How long the cluster keeps call detail records (in each record's command).
     cdr_keep: pbx_state::CdrKeep,
     sounds_dir: PathBuf,
+    /// The dialplan's default time zone (`[calls] timezone`, resolved at start).
+    timezone: String,
     prompts: Mutex<PromptCache>,
     seed: AtomicU64,
     /// Call records on their way to the replicated state ([`record_writer`]).
@@ -175,6 +177,7 @@ impl CallLayer {
             counts,
             cdr_keep: config.cdr.keep(),
             sounds_dir: config.resolve(&c.sounds_dir),
+            timezone: c.time_zone(),
             prompts: Mutex::new(HashMap::new()),
             seed: AtomicU64::new(rand::random::<u64>() & !0xffff | config.node.id),
             resolver: tokio::sync::OnceCell::new(),
@@ -275,6 +278,50 @@ impl CallLayer {
     }
 }
 
+impl CallLayer {
+    /// The music of on-hold class `class`: every `.ulaw` (`pt` 0) or `.alaw` file of
+    /// `sounds_dir/moh/<class>/`, in name order, as one stream (cached, like prompts).
+    fn music_audio(&self, class: &str, pt: u8) -> Arc<[u8]> {
+        let ext = if pt == 8 { "alaw" } else { "ulaw" };
+        // Not a prompt name (those never start with NUL): the two never collide.
+        let key = (format!("\0moh/{class}"), pt);
+        let mut cache = lock(&self.prompts);
+        let entry = cache.entry(key).or_insert_with(|| {
+            // A class is a plain name, never a path.
+            if class.is_empty()
+                || !class
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                tracing::warn!(class, "music on hold: not a class name");
+                return None;
+            }
+            let dir = self.sounds_dir.join("moh").join(class);
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.extension().is_some_and(|e| e == ext))
+                        .collect()
+                })
+                .unwrap_or_default();
+            files.sort();
+            let mut audio = Vec::new();
+            for f in &files {
+                match std::fs::read(f) {
+                    Ok(b) => audio.extend_from_slice(&b),
+                    Err(e) => tracing::warn!(path = %f.display(), error = %e, "music on hold file"),
+                }
+            }
+            if audio.is_empty() {
+                tracing::warn!(dir = %dir.display(), "music on hold: no .{ext} files for this class");
+                return None;
+            }
+            Some(audio.into())
+        });
+        entry.clone().unwrap_or_else(|| Arc::from(Vec::new()))
+    }
+}
+
 /// Starts a call the endpoint admitted: opens its relay streams (or refuses it, 503,
 /// when no ports are free) and its task.
 pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
@@ -315,6 +362,7 @@ pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
         media,
         caller_user: caller.clone(),
         now_ms: unix_ms(),
+        timezone: layer.timezone.clone(),
     };
     let (tx, rx) = mpsc::unbounded_channel();
     layer.endpoint.start_call(&core.call_id, tx.clone());
@@ -553,6 +601,19 @@ fn carry_out(
                 Some(s) => s.play(layer.prompt_audio(&prompts, payload_type), payload_type),
                 None => call.on_media(Instant::now(), MediaNotice::PlaybackDone),
             },
+            MediaOp::Music {
+                stream,
+                side,
+                class,
+                payload_type,
+            } => {
+                if let Some(s) = streams.get(stream) {
+                    let audio = layer.music_audio(&class, payload_type);
+                    if !audio.is_empty() {
+                        s.play_music(side, audio, payload_type);
+                    }
+                }
+            }
             MediaOp::StopPlay { stream } => {
                 if let Some(s) = streams.get(stream) {
                     s.stop_play();
@@ -724,6 +785,7 @@ pub(crate) fn start_resumed(layer: &Arc<CallLayer>, record: &pbx_state::CallReco
         media,
         caller_user: record.caller.clone(),
         now_ms: unix_ms(),
+        timezone: layer.timezone.clone(),
     };
     let resumed = dests
         .ok_or_else(|| "a leg's address cannot be read".to_string())

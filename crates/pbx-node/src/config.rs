@@ -380,6 +380,31 @@ pub struct CallsSection {
     pub no_media_timeout: u64,
     /// G.711 prompts for Playback: NAME.ulaw and NAME.alaw.
     pub sounds_dir: PathBuf,
+    /// IANA time zone of the dialplan's time conditions that name none (GotoIfTime);
+    /// empty: the system's (`/etc/timezone`, `/etc/localtime`), else UTC. Give it
+    /// explicitly on clusters whose nodes are in different zones.
+    pub timezone: String,
+}
+
+impl CallsSection {
+    /// The zone of time conditions: `timezone`, else the system's, else UTC.
+    pub fn time_zone(&self) -> String {
+        if !self.timezone.is_empty() {
+            return self.timezone.clone();
+        }
+        let from_file = std::fs::read_to_string("/etc/timezone")
+            .ok()
+            .map(|s| s.trim().to_string());
+        let from_link = std::fs::read_link("/etc/localtime").ok().and_then(|p| {
+            let p = p.to_string_lossy().into_owned();
+            p.split_once("zoneinfo/").map(|(_, z)| z.to_string())
+        });
+        [from_file, from_link]
+            .into_iter()
+            .flatten()
+            .find(|z| pbx_dialplan::valid_timezone(z))
+            .unwrap_or_else(|| "UTC".into())
+    }
 }
 
 /// Sockets a relayed call holds: RTP and RTCP on each side of its stream.
@@ -491,6 +516,7 @@ impl Default for CallsSection {
             rtp_port_max: 30_000,
             no_media_timeout: 60,
             sounds_dir: PathBuf::from("/usr/share/pbxd/sounds"),
+            timezone: String::new(),
         }
     }
 }
@@ -731,6 +757,12 @@ impl Config {
         }
         if c.max_calls == 0 {
             return Err("calls.max_calls: must be > 0".into());
+        }
+        if !c.timezone.is_empty() && !pbx_dialplan::valid_timezone(&c.timezone) {
+            return Err(format!(
+                "calls.timezone: {:?} is not an IANA time zone (e.g. Europe/Berlin, UTC)",
+                c.timezone
+            ));
         }
         if self.storage.max_batch == 0 || self.storage.max_batch > 16_384 {
             return Err("storage.max_batch: must be between 1 and 16384".into());

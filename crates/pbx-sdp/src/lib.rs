@@ -295,6 +295,40 @@ impl Sdp {
         out
     }
 
+    /// Whether this offer puts the call on hold (RFC 3264 §8.4: the first active audio
+    /// stream `sendonly` or `inactive`, or the older `c=0.0.0.0`), and if so the
+    /// direction to answer with: `recvonly` to `sendonly`, `inactive` otherwise.
+    pub fn hold(&self) -> Option<Direction> {
+        let m = self
+            .media
+            .iter()
+            .find(|m| m.kind == "audio" && m.port != 0)?;
+        match m.direction {
+            Direction::SendOnly => Some(Direction::RecvOnly),
+            Direction::Inactive => Some(Direction::Inactive),
+            _ if m.connection.is_some_and(|c| c.is_unspecified()) => Some(Direction::Inactive),
+            _ => None,
+        }
+    }
+
+    /// The first active audio stream and its first G.711 payload type (0 or 8) in the
+    /// order listed: what this party receives music in.
+    pub fn g711_receive(&self) -> Option<(usize, u8)> {
+        self.media.iter().enumerate().find_map(|(i, m)| {
+            if m.kind != "audio" || m.port == 0 {
+                return None;
+            }
+            m.formats
+                .iter()
+                .find_map(|f| match f.as_str() {
+                    "0" => Some(0),
+                    "8" => Some(8),
+                    _ => None,
+                })
+                .map(|pt| (i, pt))
+        })
+    }
+
     /// The stream the node's own applications use: the first active audio stream that
     /// offers PCMU or PCMA.
     pub fn g711_stream(&self) -> Option<usize> {

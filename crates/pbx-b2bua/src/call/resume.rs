@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pbx_dialplan::{CallerId, Execution, LogLevel};
 use pbx_media_core::{Mode, Side};
-use pbx_sdp::Sdp;
+use pbx_sdp::{Direction, Sdp};
 use pbx_sip_msg::NameAddr;
 use pbx_state::{Activity, CallRecord, LegRecord, CSEQ_HEADROOM};
 
@@ -202,6 +202,33 @@ impl<D: Destination> Call<D> {
             Mode::Bridge
         };
         call.out.push_back(Output::Media(MediaOp::Mode(mode)));
+        // A call on hold stays on hold, the music playing again from here: holds are
+        // answered by the node, so `recvonly`/`inactive` sent to a side means it holds.
+        if bridged {
+            for (sent, side) in [(&a_sdp, Side::A), (&b_sdp, Side::B)] {
+                let Some(sent) = sent else { continue };
+                let holds = sent
+                    .media
+                    .iter()
+                    .find(|m| m.kind == "audio" && m.port != 0)
+                    .is_some_and(|m| {
+                        matches!(m.direction, Direction::RecvOnly | Direction::Inactive)
+                    });
+                if !holds || call.held_by.is_some() {
+                    continue;
+                }
+                call.held_by = Some(side);
+                if let Some((stream, payload_type)) = sent.g711_receive() {
+                    let class = call.exec.music_class();
+                    call.out.push_back(Output::Media(MediaOp::Music {
+                        stream,
+                        side: side.other(),
+                        class,
+                        payload_type,
+                    }));
+                }
+            }
+        }
         let legs = if bridged {
             vec![(LegRef::A, a_sdp), (LegRef::B(0), b_sdp)]
         } else {
