@@ -423,18 +423,18 @@ fn a_new_dialplan_routes_calls_on_every_node_and_a_bad_one_changes_nothing() {
     let c = LocalCluster::up(44, 3, &users, MD5_ONLY).unwrap();
     let p = Phones::new(&c);
     let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
-    // The demo plan: 800 is taken for a user name, and there is no such user.
+    // The demo plan: 850 is taken for a user name, and there is no such user.
     ok(
-        p.call(&p.expecting(404), 3, 1, "800", nowhere, 0)
+        p.call(&p.expecting(404), 3, 1, "850", nowhere, 0)
             .wait()
             .unwrap(),
-        "800 before",
+        "850 before",
     );
     let dir = tempfile::tempdir().unwrap();
     let plan = dir.path().join("extensions.conf");
     std::fs::write(
         &plan,
-        "[default]\nexten => 800,1,Answer()\n same => n,Echo()\ninclude => users\n\n[users]\nexten => _u.,1,Dial(SIP/${EXTEN},20)\n",
+        "[default]\nexten => 850,1,Answer()\n same => n,Echo()\ninclude => users\n\n[users]\nexten => _u.,1,Dial(SIP/${EXTEN},20)\n",
     )
     .unwrap();
     let (code, text) = c
@@ -453,24 +453,24 @@ fn a_new_dialplan_routes_calls_on_every_node_and_a_bad_one_changes_nothing() {
     .unwrap();
     for node in [2, 3] {
         ok(
-            p.call("uac_call.xml", node, 1, "800", nowhere, 200)
+            p.call("uac_call.xml", node, 1, "850", nowhere, 200)
                 .wait()
                 .unwrap(),
-            "800 after, on another node",
+            "850 after, on another node",
         );
     }
-    // A broken one is refused; 800 keeps working.
-    std::fs::write(&plan, "[default]\nexten => 800,1,Answr()\n").unwrap();
+    // A broken one is refused; 850 keeps working.
+    std::fs::write(&plan, "[default]\nexten => 850,1,Answr()\n").unwrap();
     let (code, text) = c
         .admin(&[2], &["dialplan", "apply", plan.to_str().unwrap()])
         .unwrap();
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("extensions.conf:2:"), "{text}");
     ok(
-        p.call("uac_call.xml", 1, 2, "800", nowhere, 200)
+        p.call("uac_call.xml", 1, 2, "850", nowhere, 200)
             .wait()
             .unwrap(),
-        "800 after a refused change",
+        "850 after a refused change",
     );
 }
 
