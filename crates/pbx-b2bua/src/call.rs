@@ -285,6 +285,8 @@ pub struct Call<D> {
     app_pt: Option<u8>,
     /// The side that put the other on hold (the other hears music).
     held_by: Option<Side>,
+    /// Music plays to the caller while WaitExten waits (its `m` option).
+    music_waiting: bool,
     /// Per side: the SDP we anchored last and the version we sent it with.
     sdp_sent: [(String, u64); 2],
     /// The `o=` session id of our descriptions (kept by a node resuming the call).
@@ -406,6 +408,7 @@ impl<D: Destination> Call<D> {
             pending: Vec::new(),
             app_pt: None,
             held_by: None,
+            music_waiting: false,
             sdp_sent: Default::default(),
             session: params.seed & 0xffff_ffff,
             sdp_body: Default::default(),
@@ -579,9 +582,18 @@ impl<D: Destination> Call<D> {
                         ),
                     }
                 }
-                Action::WaitExten { timeout } => {
+                Action::WaitExten { timeout, music } => {
                     self.app_name = Some("WaitExten");
                     self.phase = Phase::Collecting(now + timeout);
+                    if let (Some(class), Some(payload_type)) = (music, self.app_pt) {
+                        self.music_waiting = true;
+                        self.out.push_back(Output::Media(MediaOp::Music {
+                            stream: self.app_stream(),
+                            side: Side::A,
+                            class,
+                            payload_type,
+                        }));
+                    }
                 }
                 Action::Read {
                     prompts,
@@ -659,11 +671,14 @@ impl<D: Destination> Call<D> {
             return;
         }
         let step = self.exec.digit(digit);
-        if step != pbx_dialplan::Collected::Ignored && self.phase == Phase::Prompting {
-            // As in Asterisk, a key stops the prompt.
-            self.out.push_back(Output::Media(MediaOp::StopPlay {
-                stream: self.app_stream(),
-            }));
+        if step != pbx_dialplan::Collected::Ignored {
+            // As in Asterisk, a key stops the prompt, and WaitExten's music.
+            let music = std::mem::take(&mut self.music_waiting);
+            if self.phase == Phase::Prompting || music {
+                self.out.push_back(Output::Media(MediaOp::StopPlay {
+                    stream: self.app_stream(),
+                }));
+            }
         }
         self.collected(now, step);
     }
@@ -2020,6 +2035,11 @@ impl<D: Destination> Call<D> {
                 self.run(now);
             }
             Phase::Collecting(at) if now >= at => {
+                if std::mem::take(&mut self.music_waiting) {
+                    let stream = self.app_stream();
+                    self.out
+                        .push_back(Output::Media(MediaOp::StopPlay { stream }));
+                }
                 let step = self.exec.collect_timeout();
                 self.collected(now, step);
             }

@@ -1308,3 +1308,35 @@ fn a_held_call_moved_to_another_node_is_resumed_there() {
     );
     assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
 }
+
+#[test]
+fn waitexten_m_plays_music_until_the_first_key() {
+    let plan = IVR_PLAN.replace("WaitExten(4)", "WaitExten(4,m(jazz))");
+    let mut h = Harness::start_with("800", SDP_A_DTMF, &plan);
+    h.take();
+    h.call.on_media(h.now, MediaNotice::PlaybackDone);
+    let out = h.take();
+    assert!(out.contains(&Output::Media(MediaOp::Music {
+        stream: 0,
+        side: Side::A,
+        class: "jazz".into(),
+        payload_type: 0
+    })));
+    h.call.on_media(h.now, MediaNotice::Digit('1'));
+    let out = h.take();
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
+    assert!(out.contains(&Output::Media(MediaOp::Play {
+        stream: 0,
+        prompts: vec!["beep".into()],
+        payload_type: 0
+    })));
+    // Silence instead: the music stops when t is taken.
+    let mut h = Harness::start_with("800", SDP_A_DTMF, &plan);
+    h.call.on_media(h.now, MediaNotice::PlaybackDone);
+    h.take();
+    h.advance(Duration::from_secs(5));
+    let out = h.take();
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
+    assert_eq!(hung_up_with(&out), Some(18));
+    assert!(pbx_dialplan::Dialplan::parse("[a]\nexten => s,1,WaitExten(3,x)\n").is_err());
+}

@@ -260,9 +260,11 @@ pub enum Action {
         class: String,
         duration: Option<Duration>,
     },
-    /// Wait up to `timeout` for the caller to key an extension.
+    /// Wait up to `timeout` for the caller to key an extension; with `music`, the
+    /// caller hears that class meanwhile (until the first key).
     WaitExten {
         timeout: Duration,
+        music: Option<String>,
     },
     /// Play prompts (none: silence) and read digits into a variable
     /// ([`Execution::digit`], [`Execution::prompts_done`], [`Execution::collect_timeout`]).
@@ -899,7 +901,18 @@ impl Execution {
                     digits: String::new(),
                     single: false,
                 });
-                Some(Action::WaitExten { timeout })
+                // Options: m or m(class): music on hold while waiting.
+                let music = match arg(1) {
+                    "" => None,
+                    "m" => Some(self.music_class()),
+                    o => Some(
+                        o.strip_prefix("m(")
+                            .and_then(|c| c.strip_suffix(')'))
+                            .filter(|c| !c.is_empty())
+                            .map_or_else(|| self.music_class(), str::to_string),
+                    ),
+                };
+                Some(Action::WaitExten { timeout, music })
             }
             App::Read => {
                 // Read(var[,prompts[,maxdigits[,options[,attempts[,timeout]]]]])
@@ -1576,7 +1589,8 @@ mod tests {
         assert_eq!(
             e.next_action(),
             Action::WaitExten {
-                timeout: Duration::from_secs(7)
+                timeout: Duration::from_secs(7),
+                music: None
             }
         );
         assert_eq!(e.collect_timeout(), Collected::Done);

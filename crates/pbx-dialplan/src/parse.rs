@@ -526,6 +526,22 @@ fn check_args(plan: &Dialplan, ctx: &Context, ext: &Extension, p: &Priority) -> 
             if args.len() > 2 {
                 return Err("takes seconds and options at most".into());
             }
+            let o = arg(1);
+            let class_ok = |c: &str| {
+                !c.is_empty()
+                    && c.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            };
+            let valid = o.is_empty()
+                || o == "m"
+                || o.strip_prefix("m(")
+                    .and_then(|c| c.strip_suffix(')'))
+                    .is_some_and(class_ok);
+            if is_literal(o) && !valid {
+                return Err(format!(
+                    "unsupported option {o:?} (supported: m, m(class): music on hold while waiting)"
+                ));
+            }
         }
         App::Read => {
             // Read(variable[,prompts[,maxdigits[,options[,attempts[,timeout]]]]])
