@@ -30,6 +30,7 @@ exten => i,1,Log(NOTICE,ivr invalid ${INVALID_EXTEN} ${CALLERID(num)})\n \
  same => n,Hangup()\n\
 exten => t,1,Log(NOTICE,ivr timeout ${CALLERID(num)})\n \
  same => n,Hangup()\n\
+exten => h,1,Log(NOTICE,ivr hangup ${CALLERID(num)} in ${EXTEN})\n\
 [sub-log]\n\
 exten => s,1,Log(NOTICE,ivr ${ARG1} ${CALLERID(num)})\n \
  same => n,Return()\n";
@@ -113,5 +114,10 @@ fn callers_choose_from_the_menu_with_rfc4733_keys_and_sip_info() {
             c.log(1).contains(&expect).then_some(())
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", c.log(1)));
+    }
+    // The h extension ran after each call.
+    for user in 1..=5 {
+        let line = format!("ivr hangup {} in h", Users::name(user));
+        assert!(c.log(1).contains(&line), "{line}");
     }
 }

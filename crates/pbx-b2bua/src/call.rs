@@ -1122,6 +1122,11 @@ impl<D: Destination> Call<D> {
             }
         }
         self.phase = Phase::Ended;
+        for a in self.exec.hangup_handler(cause) {
+            if let Action::Log { level, message } = a {
+                self.log(level, message);
+            }
+        }
         self.out.push_back(Output::Ended {
             cause,
             answered: self.a.answered,

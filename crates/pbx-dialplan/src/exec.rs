@@ -626,6 +626,8 @@ pub struct Execution {
     stack: Vec<Frame>,
     /// Unix ms and the default time zone for time conditions ([`Execution::set_clock`]).
     clock: Option<(i64, String)>,
+    /// The `h` extension ran (or runs): never twice.
+    in_hangup_handler: bool,
 }
 
 impl Execution {
@@ -661,6 +663,7 @@ impl Execution {
             collect: None,
             stack: Vec::new(),
             clock: None,
+            in_hangup_handler: false,
         })
     }
 
@@ -679,6 +682,7 @@ impl Execution {
             collect: None,
             stack: Vec::new(),
             clock: None,
+            in_hangup_handler: false,
         }
     }
 
@@ -1132,6 +1136,35 @@ impl Execution {
     /// conditions that name none. The call gives it before it runs the plan (sans-IO).
     pub fn set_clock(&mut self, unix_ms: u64, timezone: &str) {
         self.clock = Some((unix_ms as i64, timezone.to_string()));
+    }
+
+    /// The call is over: runs the `h` extension of the current context (once), as
+    /// Asterisk does after a hangup, and returns what it logged. Only bookkeeping runs
+    /// there (Set, Log, Goto, Gosub…): the first application that needs the call ends
+    /// it.
+    pub fn hangup_handler(&mut self, cause: u16) -> Vec<Action> {
+        let mut logs = Vec::new();
+        if self.in_hangup_handler || self.plan.find(&self.context, "h").is_none() {
+            return logs;
+        }
+        self.in_hangup_handler = true;
+        if self.var("HANGUPCAUSE").is_none() {
+            self.set_var("HANGUPCAUSE", &cause.to_string());
+        }
+        let context = self.context.clone();
+        self.collect = None;
+        self.queued.clear();
+        self.stack.clear();
+        self.finished = false;
+        self.go_to(&context, "h");
+        loop {
+            match self.next_action() {
+                a @ Action::Log { .. } => logs.push(a),
+                _ => break,
+            }
+        }
+        self.finished = true;
+        logs
     }
 
     /// The channel's music-on-hold class: `Set(CHANNEL(musicclass)=…)`, else `default`.
@@ -1832,6 +1865,35 @@ mod tests {
         assert_eq!(notice(&mut e), "done");
         let refused = Dialplan::parse("[a]\nexten => s,1,GotoIfTime(25:00,*,*,*?s,1)\n");
         assert!(format!("{refused:?}").contains("time"), "{refused:?}");
+    }
+
+    #[test]
+    fn the_h_extension_runs_once_after_the_hangup() {
+        let mut e = run(
+            "[a]\nexten => s,1,Answer()\n same => n,Echo()\n\
+             exten => h,1,Log(NOTICE,bye ${CALLERID(num)} cause ${HANGUPCAUSE})\n \
+             same => n,Set(X=1)\n \
+             same => n,Log(NOTICE,x=${X})\n \
+             same => n,Playback(beep)\n \
+             same => n,Log(NOTICE,never)\n",
+            "a",
+            "s",
+        );
+        assert_eq!(e.next_action(), Action::Answer);
+        assert_eq!(e.next_action(), Action::Echo);
+        let logs: Vec<String> = e
+            .hangup_handler(16)
+            .into_iter()
+            .map(|a| match a {
+                Action::Log { message, .. } => message,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(logs, ["bye 1001 cause 16", "x=1"]);
+        assert!(e.hangup_handler(16).is_empty(), "once");
+        // No h: nothing.
+        let mut e = run("[a]\nexten => s,1,Answer()\n", "a", "s");
+        assert!(e.hangup_handler(16).is_empty());
     }
 
     #[test]
