@@ -59,8 +59,8 @@ fn a_held_party_hears_the_music_until_the_call_is_resumed() {
     assert_all_ok(&run, 1, "hold and resume");
     assert_all_ok(&uas.wait().unwrap(), 1, "the callee saw no re-INVITE");
     let logs = sipp_logs(&c);
-    assert!(logs.contains("sendonly answered recvonly"), "{logs}");
-    assert!(logs.contains("sendrecv answered sendrecv"), "{logs}");
+    assert!(logs.contains("sendonly answered a=recvonly"), "{logs}");
+    assert!(logs.contains("sendrecv answered a=sendrecv"), "{logs}");
 
     // Everything bob received is the music, from its start, in order (PCMU).
     let music = std::fs::read(sounds.join("moh/default/arpeggio.ulaw")).unwrap();

@@ -118,6 +118,8 @@ pub enum MediaOp {
 pub enum MediaNotice {
     /// No packet for the configured time.
     NoMedia,
+    /// The latest [`MediaOp::Play`] finished (the driver drops the report of a prompt
+    /// a later Play, Music or StopPlay already replaced).
     PlaybackDone,
     /// A key the caller pressed (RFC 4733).
     Digit(char),
@@ -898,6 +900,8 @@ impl<D: Destination> Call<D> {
                 let port = *ports.first()?;
                 let body = pbx_sdp::offer_g711(ip, port, self.session, 1);
                 self.sdp_body[1].clone_from(&body);
+                // Version 1 is taken: the next description to B is a later one.
+                self.sdp_sent[1].1 = self.sdp_sent[1].1.max(1);
                 Some((SDP, body.into_bytes()))
             }
         }
@@ -1441,13 +1445,25 @@ impl<D: Destination> Call<D> {
         match (self.peer_leg(leg), sdp) {
             // Hold, and the resume after it: answered here, music to the other side
             // (as Asterisk does: the held party never sees a re-INVITE).
-            (Some(_), Some(sdp)) if sdp.hold().is_some() || self.held_by == Some(side) => {
+            (Some(_), Some(sdp))
+                if (sdp.hold().is_some() || self.held_by == Some(side))
+                    && self.can_answer_here(side, &sdp) =>
+            {
                 self.learn_media(side, &sdp);
                 if leg == LegRef::A {
                     self.a.offer = Some(sdp.clone());
                     self.a.offer_raw = msg.body.clone();
                 }
-                self.hold_here(now, origin, side, sdp.hold());
+                let hold = sdp.hold();
+                self.hold_here(now, origin, side, hold, Some(&sdp));
+            }
+            // A resume without SDP (some phones): our offer in the 200, sendrecv.
+            (Some(_), None)
+                if method == Method::Invite
+                    && self.held_by == Some(side)
+                    && self.p.media.is_some() =>
+            {
+                self.hold_here(now, origin, side, None, None);
             }
             (Some(other), Some(sdp)) => {
                 self.learn_media(side, &sdp);
@@ -1496,7 +1512,27 @@ impl<D: Destination> Call<D> {
     /// Answers a hold (`hold`: the direction to answer with) or a resume from `side`
     /// itself, with the other side's description as last sent, and starts or stops the
     /// music the other side hears.
-    fn hold_here(&mut self, now: Instant, origin: Origin, side: Side, hold: Option<Direction>) {
+    /// Whether a hold or resume from `side` can be answered here: the node anchors the
+    /// media, and the description last sent to `side` has the offer's streams.
+    fn can_answer_here(&self, side: Side, offer: &Sdp) -> bool {
+        let i = if side == Side::A { 0 } else { 1 };
+        let last = if self.sdp_sent[i].0.is_empty() {
+            &self.sdp_body[i]
+        } else {
+            &self.sdp_sent[i].0
+        };
+        self.p.media.is_some()
+            && Sdp::parse(last.as_bytes()).is_ok_and(|s| s.media.len() == offer.media.len())
+    }
+
+    fn hold_here(
+        &mut self,
+        now: Instant,
+        origin: Origin,
+        side: Side,
+        hold: Option<Direction>,
+        offer: Option<&Sdp>,
+    ) {
         let (leg, method) = (origin.leg, origin.method.clone());
         let i = if side == Side::A { 0 } else { 1 };
         // The other side's description as it came; on a call resumed from another
@@ -1513,6 +1549,14 @@ impl<D: Destination> Call<D> {
             if let Some(dir) = direction {
                 for m in answer.media.iter_mut().filter(|m| m.kind == "audio") {
                     m.direction = dir;
+                }
+            }
+            // A stream the offer disables stays disabled in the answer (RFC 3264 §6).
+            if let Some(offer) = offer {
+                for (m, o) in answer.media.iter_mut().zip(&offer.media) {
+                    if o.port == 0 {
+                        m.port = 0;
+                    }
                 }
             }
             let (ip, ports) = self.media_ports(side)?;
@@ -1887,9 +1931,15 @@ impl<D: Destination> Call<D> {
             MediaNotice::PlaybackDone => {}
             MediaNotice::Digit(d) => self.on_digit(now, d),
             MediaNotice::NoMedia => {
+                // As Asterisk's rtptimeout: whatever the call is doing with the caller.
                 if matches!(
                     self.phase,
-                    Phase::Bridged(_) | Phase::Echo | Phase::Music(_)
+                    Phase::Bridged(_)
+                        | Phase::Echo
+                        | Phase::Music(_)
+                        | Phase::Playing
+                        | Phase::Prompting
+                        | Phase::Collecting(_)
                 ) {
                     self.log(LogLevel::Notice, "no media: call ended".into());
                     // Q.850 41, temporary failure: what Asterisk's rtptimeout uses.

@@ -94,6 +94,11 @@ impl Harness {
     }
 
     fn start_with(exten: &str, body: &str, plan: &str) -> Harness {
+        Self::start_relayed(exten, body, plan, true)
+    }
+
+    /// `relay`: false for a node configured without the media relay.
+    fn start_relayed(exten: &str, body: &str, plan: &str, relay: bool) -> Harness {
         let now = Instant::now();
         let plan = Arc::new(Dialplan::parse(plan).unwrap());
         let exec = Execution::start(
@@ -116,7 +121,7 @@ impl Harness {
             server_name: "pbxd".into(),
             timers: Timers::default(),
             seed: 0xabc,
-            media: Some(MediaPorts {
+            media: relay.then(|| MediaPorts {
                 ip: "127.0.0.11".parse().unwrap(),
                 streams: vec![(40000, 40002)],
             }),
@@ -1339,4 +1344,59 @@ fn waitexten_m_plays_music_until_the_first_key() {
     assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
     assert_eq!(hung_up_with(&out), Some(18));
     assert!(pbx_dialplan::Dialplan::parse("[a]\nexten => s,1,WaitExten(3,x)\n").is_err());
+}
+
+#[test]
+fn a_resume_without_sdp_gets_our_offer_and_stops_the_music() {
+    let (mut h, tag) = bridged_with_bob1();
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    let hold = SDP_A.replace("PCMU/8000\r\n", "PCMU/8000\r\na=sendonly\r\n");
+    h.request(
+        &in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold),
+        ALICE,
+    );
+    h.take();
+    h.request(
+        &in_dialog("INVITE", 3, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    let out = h.take();
+    assert!(Harness::sent(&out, BOB1).is_empty());
+    let body = answer_to_a(&out);
+    assert!(
+        body.contains("a=sendrecv") && body.contains("o=pbxd 2748 3 "),
+        "{body}"
+    );
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
+}
+
+#[test]
+fn without_the_relay_a_hold_is_relayed_to_the_other_party() {
+    let mut h = Harness::start_relayed("bob", SDP_A, DEMO_DIALPLAN, false);
+    h.take();
+    h.resolve(&[BOB1]);
+    let inv = Harness::sent(&h.take(), BOB1);
+    h.response(&response_to(&inv[0].1, 200, "b1", BOB1, SDP_B));
+    let (_, ok) = final_to_a(&h.take()).unwrap();
+    let tag = to_tag_of(&ok);
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    h.take();
+    let hold = SDP_A.replace("PCMU/8000\r\n", "PCMU/8000\r\na=sendonly\r\n");
+    h.request(
+        &in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold),
+        ALICE,
+    );
+    let out = h.take();
+    let reinv = Harness::sent(&out, BOB1);
+    assert_eq!(reinv.len(), 1, "relayed: the node has no media to play");
+    assert!(String::from_utf8_lossy(&parse(&reinv[0].1).0.body).contains("a=sendonly"));
+    assert!(!out
+        .iter()
+        .any(|o| matches!(o, Output::Media(MediaOp::Music { .. }))));
 }

@@ -302,12 +302,15 @@ enum Collect {
         single: bool,
     },
     /// Read: keys into `var`, at most `max` (0: until #), waiting `timeout` for the
-    /// first; `attempts` left (the prompts are played again after a silent one).
+    /// first and `gap` between keys (both Read's timeout when given, as in Asterisk;
+    /// else TIMEOUT(response) and TIMEOUT(digit)); `attempts` left (the prompts are
+    /// played again after a silent one).
     Read {
         var: String,
         digits: String,
         max: usize,
         timeout: Duration,
+        gap: Duration,
         attempts: u32,
         prompts: Vec<String>,
         noanswer: bool,
@@ -628,6 +631,8 @@ pub struct Execution {
     clock: Option<(i64, String)>,
     /// The `h` extension ran (or runs): never twice.
     in_hangup_handler: bool,
+    /// Log actions returned one after the other (see [`Execution::next_action`]).
+    logged_in_a_row: u32,
 }
 
 impl Execution {
@@ -664,6 +669,7 @@ impl Execution {
             stack: Vec::new(),
             clock: None,
             in_hangup_handler: false,
+            logged_in_a_row: 0,
         })
     }
 
@@ -683,6 +689,7 @@ impl Execution {
             stack: Vec::new(),
             clock: None,
             in_hangup_handler: false,
+            logged_in_a_row: 0,
         }
     }
 
@@ -761,6 +768,30 @@ impl Execution {
 
     /// Runs until the next action that needs the call.
     pub fn next_action(&mut self) -> Action {
+        let a = self.step();
+        // Log lines are returned one at a time, so a Log + Goto loop never runs out of
+        // silent steps inside one call: count them across calls too.
+        if !matches!(a, Action::Log { .. }) {
+            self.logged_in_a_row = 0;
+            return a;
+        }
+        self.logged_in_a_row += 1;
+        if self.logged_in_a_row <= MAX_SILENT_STEPS {
+            return a;
+        }
+        self.logged_in_a_row = 0;
+        self.queued.clear();
+        let end = self.end(34);
+        self.queued.push_back(end);
+        Action::Log {
+            level: LogLevel::Error,
+            message: format!(
+                "{MAX_SILENT_STEPS} log lines without doing anything (a Goto loop?): hanging up"
+            ),
+        }
+    }
+
+    fn step(&mut self) -> Action {
         if let Some(a) = self.queued.pop_front() {
             return a;
         }
@@ -927,6 +958,7 @@ impl Execution {
                     digits: String::new(),
                     max: arg(2).parse().unwrap_or(0),
                     timeout: seconds(arg(5)).unwrap_or_else(|| self.timeout("response")),
+                    gap: seconds(arg(5)).unwrap_or_else(|| self.timeout("digit")),
                     attempts: arg(4).parse::<u32>().unwrap_or(1).max(1),
                     prompts: prompts.clone(),
                     noanswer,
@@ -1148,20 +1180,16 @@ impl Execution {
             return logs;
         }
         self.in_hangup_handler = true;
-        if self.var("HANGUPCAUSE").is_none() {
-            self.set_var("HANGUPCAUSE", &cause.to_string());
-        }
+        self.set_var("HANGUPCAUSE", &cause.to_string());
         let context = self.context.clone();
         self.collect = None;
         self.queued.clear();
         self.stack.clear();
         self.finished = false;
         self.go_to(&context, "h");
-        loop {
-            match self.next_action() {
-                a @ Action::Log { .. } => logs.push(a),
-                _ => break,
-            }
+        // Bounded: a Log loop ends with a Hangup (see next_action).
+        while let a @ Action::Log { .. } = self.next_action() {
+            logs.push(a);
         }
         self.finished = true;
         logs
@@ -1203,7 +1231,11 @@ impl Execution {
                 Collected::Done
             }
             Some(Collect::Read {
-                var, digits, max, ..
+                var,
+                digits,
+                max,
+                gap,
+                ..
             }) => {
                 // `#` ends the input; it is not part of it.
                 if d == '#' {
@@ -1217,7 +1249,7 @@ impl Execution {
                     self.read_done(&var, &digits, "OK");
                     return Collected::Done;
                 }
-                Collected::More(digit_timeout)
+                Collected::More(*gap)
             }
         }
     }
@@ -1272,6 +1304,7 @@ impl Execution {
                 noanswer,
                 max,
                 timeout,
+                gap,
             }) => {
                 if digits.is_empty() && attempts > 1 {
                     // Another attempt: the prompts again.
@@ -1280,6 +1313,7 @@ impl Execution {
                         digits,
                         max,
                         timeout,
+                        gap,
                         attempts: attempts - 1,
                         prompts: prompts.clone(),
                         noanswer,
@@ -1657,8 +1691,9 @@ mod tests {
         };
         let mut e = to_read();
         assert_eq!(e.prompts_done(), Collected::More(Duration::from_secs(3)));
+        // Read's own timeout (3 s) between keys too, as in Asterisk.
         for d in "123".chars() {
-            assert_eq!(e.digit(d), Collected::More(Duration::from_secs(2)));
+            assert_eq!(e.digit(d), Collected::More(Duration::from_secs(3)));
         }
         assert_eq!(e.digit('4'), Collected::Done);
         assert_eq!(notice(&mut e), "pin 1234 OK");
@@ -1894,6 +1929,32 @@ mod tests {
         // No h: nothing.
         let mut e = run("[a]\nexten => s,1,Answer()\n", "a", "s");
         assert!(e.hangup_handler(16).is_empty());
+    }
+
+    #[test]
+    fn a_log_and_goto_loop_ends_the_call() {
+        let mut e = run(
+            "[a]\nexten => s,1,Log(NOTICE,again)\n same => n,Goto(1)\n",
+            "a",
+            "s",
+        );
+        let mut logs = 0;
+        loop {
+            match e.next_action() {
+                Action::Log { .. } => logs += 1,
+                Action::Hangup { cause } => {
+                    assert_eq!(cause, 34);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(logs <= MAX_SILENT_STEPS + 1, "never ends");
+        }
+        // Without keys Read waits TIMEOUT(digit) between them.
+        let mut e = run("[a]\nexten => s,1,Read(X,,3)\n", "a", "s");
+        assert!(matches!(e.next_action(), Action::Read { .. }));
+        assert_eq!(e.prompts_done(), Collected::More(RESPONSE_TIMEOUT));
+        assert_eq!(e.digit('1'), Collected::More(DIGIT_TIMEOUT));
     }
 
     #[test]

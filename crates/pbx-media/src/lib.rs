@@ -108,8 +108,8 @@ impl RelayTotals {
 pub enum MediaEvent {
     /// No packet for `no_media_timeout`.
     NoMedia,
-    /// A [`Stream::play`] finished.
-    PlaybackDone,
+    /// The [`Stream::play`] with this id finished.
+    PlaybackDone(u32),
     /// A key pressed on a side asked for with [`Stream::detect_dtmf`].
     Digit(Side, char),
 }
@@ -151,6 +151,7 @@ enum Control {
         payload_type: u8,
         side: Side,
         looped: bool,
+        id: u32,
     },
     StopPlay,
     Dtmf(Side, Option<u8>),
@@ -165,6 +166,8 @@ struct Playback {
     side: Side,
     /// Music on hold: starts over at the end, never reports done.
     looped: bool,
+    /// Reported with [`MediaEvent::PlaybackDone`].
+    id: u32,
     audio: Arc<[u8]>,
     pos: usize,
     payload_type: u8,
@@ -225,12 +228,13 @@ impl Stream {
 
     /// Sends G.711 `audio` (payload type 0 or 8) to side A in 20 ms packets, then
     /// reports [`MediaEvent::PlaybackDone`]. A new prompt replaces one playing.
-    pub fn play(&self, audio: Arc<[u8]>, payload_type: u8) {
+    pub fn play(&self, audio: Arc<[u8]>, payload_type: u8, id: u32) {
         let _ = self.ctl.send(Control::Play {
             audio,
             payload_type,
             side: Side::A,
             looped: false,
+            id,
         });
     }
 
@@ -242,6 +246,7 @@ impl Stream {
             payload_type,
             side,
             looped: true,
+            id: 0,
         });
     }
 
@@ -463,11 +468,12 @@ async fn run_stream(
                         rtp.set_mode(m);
                         rtcp.set_mode(m);
                     }
-                    Some(Control::Play { audio, payload_type, side, looped }) => {
+                    Some(Control::Play { audio, payload_type, side, looped, id }) => {
                         ssrc = ssrc.wrapping_mul(1_103_515_245).wrapping_add(12_345);
                         play = Some(Playback {
                             side,
                             looped,
+                            id,
                             audio,
                             pos: 0,
                             payload_type,
@@ -514,8 +520,8 @@ async fn run_stream(
                             }
                         }
                         None => {
-                            play = None;
-                            let _ = events.send(MediaEvent::PlaybackDone);
+                            let id = play.take().map_or(0, |p| p.id);
+                            let _ = events.send(MediaEvent::PlaybackDone(id));
                         }
                     }
                 }
@@ -708,7 +714,7 @@ mod tests {
         let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         s.set_remote(Side::A, Some(a.local_addr().unwrap()));
         let audio: Arc<[u8]> = (0..400u32).map(|i| i as u8).collect::<Vec<u8>>().into();
-        s.play(audio, 8);
+        s.play(audio, 8, 7);
         let mut got = Vec::new();
         let mut seqs = Vec::new();
         for _ in 0..3 {
@@ -724,7 +730,7 @@ mod tests {
         let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
             .await
             .expect("playback done");
-        assert_eq!(ev, Some(MediaEvent::PlaybackDone));
+        assert_eq!(ev, Some(MediaEvent::PlaybackDone(7)));
     }
 
     /// A caller presses a key while a prompt plays: the stream reports it once (start,
@@ -738,7 +744,7 @@ mod tests {
         s.set_remote(Side::A, Some(a.local_addr().unwrap()));
         s.detect_dtmf(Side::A, Some(101));
         let audio: Arc<[u8]> = vec![0xffu8; 8000 * 5].into();
-        s.play(audio, 0);
+        s.play(audio, 0, 1);
         let _ = recv(&a).await;
         let to = (r.ip(), s.port_a);
         for (seq, (end, duration)) in [

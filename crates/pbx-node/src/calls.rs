@@ -419,6 +419,7 @@ async fn run_call(
         secure,
         start,
         answered_ms: None,
+        play_seq: 0,
     };
     let mut released = None;
     loop {
@@ -462,7 +463,8 @@ async fn run_call(
             Some(ev) = media_rx.recv() => {
                 let notice = match ev {
                     MediaEvent::NoMedia => MediaNotice::NoMedia,
-                    MediaEvent::PlaybackDone => MediaNotice::PlaybackDone,
+                    MediaEvent::PlaybackDone(id) if id == task.play_seq => MediaNotice::PlaybackDone,
+                    MediaEvent::PlaybackDone(_) => continue,
                     MediaEvent::Digit(Side::A, d) => MediaNotice::Digit(d),
                     // Only the caller's keys are asked for.
                     MediaEvent::Digit(Side::B, _) => continue,
@@ -511,6 +513,9 @@ struct CallTask {
     start: Option<(Instant, pbx_state::CdrStart)>,
     /// When this node saw it answered (unix ms).
     answered_ms: Option<u64>,
+    /// The latest prompt or music started: a PlaybackDone of an earlier prompt (in
+    /// flight when a key stopped it) is not the call's business.
+    play_seq: u32,
 }
 
 fn carry_out(
@@ -527,6 +532,7 @@ fn carry_out(
         secure,
         start,
         answered_ms,
+        play_seq,
     } = task;
     let secure = *secure;
     match out {
@@ -597,16 +603,24 @@ fn carry_out(
                 stream,
                 prompts,
                 payload_type,
-            } => match streams.get(stream) {
-                Some(s) => s.play(layer.prompt_audio(&prompts, payload_type), payload_type),
-                None => call.on_media(Instant::now(), MediaNotice::PlaybackDone),
-            },
+            } => {
+                *play_seq += 1;
+                match streams.get(stream) {
+                    Some(s) => s.play(
+                        layer.prompt_audio(&prompts, payload_type),
+                        payload_type,
+                        *play_seq,
+                    ),
+                    None => call.on_media(Instant::now(), MediaNotice::PlaybackDone),
+                }
+            }
             MediaOp::Music {
                 stream,
                 side,
                 class,
                 payload_type,
             } => {
+                *play_seq += 1;
                 if let Some(s) = streams.get(stream) {
                     let audio = layer.music_audio(&class, payload_type);
                     if !audio.is_empty() {
@@ -615,6 +629,7 @@ fn carry_out(
                 }
             }
             MediaOp::StopPlay { stream } => {
+                *play_seq += 1;
                 if let Some(s) = streams.get(stream) {
                     s.stop_play();
                 }
