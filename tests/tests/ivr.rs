@@ -121,3 +121,73 @@ fn callers_choose_from_the_menu_with_rfc4733_keys_and_sip_info() {
         assert!(c.log(1).contains(&line), "{line}");
     }
 }
+
+/// Keys between two phones are relayed as they came: the callee's media socket gets
+/// the caller's RFC 4733 packets of one key press (start, updates, end packets), one
+/// event, once — the node neither drops nor duplicates them.
+#[test]
+fn keys_between_two_phones_arrive_once_per_key() {
+    require_tool("sipp", "sip-tester");
+    let users = Users { count: 3 };
+    let c = LocalCluster::up(82, 1, &users, MD5_ONLY).unwrap();
+    let p = Phones::new(&c);
+    let bob_ip = c.client_ip(50);
+    let bob_port = pbx_tests::free_udp_port(&bob_ip);
+    let bob_media = std::net::UdpSocket::bind((bob_ip.as_str(), 0)).unwrap();
+    p.register(1, 2, &bob_ip, bob_port);
+    let uas = p.callee_with_media(
+        "uas_answer.xml",
+        &bob_ip,
+        bob_port,
+        &bob_media.local_addr().unwrap().to_string(),
+        &[],
+    );
+    // uac_call.xml offering telephone-event and playing key 5 once answered.
+    let scenario = std::fs::read_to_string(repo_root().join("tests/sipp/uac_call.xml"))
+        .unwrap()
+        .replace(
+            "m=audio [field5] RTP/AVP 0\n      a=rtpmap:0 PCMU/8000\n",
+            "m=audio [field5] RTP/AVP 0 101\n      a=rtpmap:0 PCMU/8000\n      a=rtpmap:101 telephone-event/8000\n",
+        )
+        .replacen("  <pause/>\n", &format!("{}  <pause/>\n", pcap("5")), 1);
+    assert!(
+        scenario.contains("dtmf_2833_5"),
+        "the scenario changed shape"
+    );
+    let scenario = p.file("uac_key.xml", &scenario);
+    let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
+    let uac = p.call(
+        scenario.to_str().unwrap(),
+        1,
+        1,
+        &Users::name(2),
+        nowhere,
+        1500,
+    );
+    let mut events = Vec::new();
+    let mut buf = [0u8; 2048];
+    bob_media
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < until {
+        if let Ok(n) = bob_media.recv(&mut buf) {
+            if n >= 16 && buf[1] & 0x7f == 101 {
+                let ts = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                events.push((ts, buf[12], buf[13] & 0x80 != 0));
+            }
+        }
+    }
+    assert_all_ok(&uac.wait().unwrap(), 1, "the caller");
+    assert_all_ok(&uas.wait().unwrap(), 1, "the callee");
+    // The recording: 10 packets of one event (key 5), the last ones with the end bit.
+    assert_eq!(events.len(), 10, "{events:?}");
+    assert!(
+        events.iter().all(|e| e.0 == events[0].0 && e.1 == 5),
+        "{events:?}"
+    );
+    assert!(
+        events.last().unwrap().2,
+        "the end packets arrive: {events:?}"
+    );
+}
