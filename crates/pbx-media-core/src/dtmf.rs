@@ -67,6 +67,11 @@ pub fn event_of(digit: char) -> Option<u8> {
 pub struct DtmfReceiver {
     /// (SSRC, RTP timestamp) of the newest event seen.
     last: Option<(u32, u32)>,
+    /// Its event code, longest duration seen and whether its end was seen: a key held
+    /// past the 16-bit duration goes on as a new segment (RFC 4733 §2.5.1.3).
+    event: u8,
+    duration: u16,
+    ended: bool,
 }
 
 impl DtmfReceiver {
@@ -75,13 +80,33 @@ impl DtmfReceiver {
     pub fn on_event(&mut self, ssrc: u32, timestamp: u32, payload: &[u8]) -> Option<char> {
         let ev = TelephoneEvent::parse(payload)?;
         if let Some((last_ssrc, last_ts)) = self.last {
+            let ahead = timestamp.wrapping_sub(last_ts);
             // Same event (updates, the redundant end packets), or a late packet of an
             // earlier one (its timestamp behind the newest, modulo wrap-around).
-            if last_ssrc == ssrc && (timestamp.wrapping_sub(last_ts) as i32) <= 0 {
+            if last_ssrc == ssrc && (ahead as i32) <= 0 {
+                if ahead == 0 {
+                    self.duration = self.duration.max(ev.duration);
+                    self.ended |= ev.end;
+                }
+                return None;
+            }
+            // The next segment of a key still held: it starts where the last one ended.
+            let continues = last_ssrc == ssrc
+                && ev.event == self.event
+                && !self.ended
+                && self.duration == u16::MAX
+                && ahead <= u32::from(u16::MAX) + 1_600;
+            if continues {
+                self.last = Some((ssrc, timestamp));
+                self.duration = ev.duration;
+                self.ended = ev.end;
                 return None;
             }
         }
         self.last = Some((ssrc, timestamp));
+        self.event = ev.event;
+        self.duration = ev.duration;
+        self.ended = ev.end;
         ev.digit()
     }
 }
@@ -140,5 +165,25 @@ mod tests {
         assert_eq!(r.on_event(9, 0, &ev(5, false, 160)), Some('5'));
         // Flash is not a digit.
         assert_eq!(r.on_event(9, 800, &ev(16, false, 160)), None);
+    }
+
+    #[test]
+    fn a_key_held_past_the_longest_duration_is_one_press() {
+        let mut r = DtmfReceiver::default();
+        assert_eq!(r.on_event(7, 1000, &ev(5, false, 160)), Some('5'));
+        assert_eq!(r.on_event(7, 1000, &ev(5, false, u16::MAX)), None);
+        // The next segment: a new timestamp 65535 later, same key, no end seen.
+        let next = 1000 + u32::from(u16::MAX);
+        assert_eq!(r.on_event(7, next, &ev(5, false, 160)), None);
+        assert_eq!(r.on_event(7, next, &ev(5, true, 4000)), None);
+        // Pressed again afterwards: a new press.
+        assert_eq!(r.on_event(7, next + 8000, &ev(5, false, 160)), Some('5'));
+        // Another key right after a saturated segment is a new press.
+        let mut r = DtmfReceiver::default();
+        r.on_event(7, 0, &ev(1, false, u16::MAX));
+        assert_eq!(
+            r.on_event(7, u32::from(u16::MAX), &ev(2, false, 160)),
+            Some('2')
+        );
     }
 }
