@@ -924,7 +924,17 @@ impl<D: Destination> Call<D> {
         let (port, _) = *m.streams.get(stream)?;
         match self.a.offer.clone() {
             Some(offer) => {
-                let (sdp, pt) = offer.answer_g711(m.ip, port, self.session)?;
+                // The version moves only when what we answer changes (a hold, a new
+                // codec), as RFC 3264 §8 asks; 183 and 200 of one offer carry the same.
+                let version = self.sdp_sent[0].1.max(1);
+                let (mut sdp, pt) = offer.answer_g711(m.ip, port, self.session, version)?;
+                if !self.sdp_body[0].is_empty() && self.sdp_body[0] != sdp {
+                    let next = offer.answer_g711(m.ip, port, self.session, version + 1)?;
+                    sdp = next.0;
+                    self.sdp_sent[0].1 = version + 1;
+                } else {
+                    self.sdp_sent[0].1 = version;
+                }
                 self.app_pt = Some(pt);
                 if let Some(te) = offer.media.get(stream).and_then(|s| s.telephone_event()) {
                     self.out.push_back(Output::Media(MediaOp::DetectDtmf {

@@ -1400,3 +1400,37 @@ fn without_the_relay_a_hold_is_relayed_to_the_other_party() {
         .iter()
         .any(|o| matches!(o, Output::Media(MediaOp::Music { .. }))));
 }
+
+#[test]
+fn the_nodes_own_answer_follows_a_hold_and_keeps_its_version_when_nothing_changes() {
+    let (mut h, tag) = in_ivr();
+    let first = "o=pbxd 2748 1 ";
+    let hold = SDP_A_DTMF.replace("a=fmtp:96 0-16\r\n", "a=fmtp:96 0-16\r\na=sendonly\r\n");
+    h.request(
+        &in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold),
+        ALICE,
+    );
+    let body = answer_to_a(&h.take());
+    assert!(
+        body.contains("a=recvonly") && body.contains("o=pbxd 2748 2 "),
+        "{body}"
+    );
+    // The same offer again (a session refresh): the same answer, the same version.
+    h.request(
+        &in_dialog("INVITE", 3, &alice_headers(&tag), "a-call", &hold),
+        ALICE,
+    );
+    let again = answer_to_a(&h.take());
+    assert_eq!(again, body);
+    assert!(!again.contains(first));
+    // Taken back: sendrecv, the next version.
+    h.request(
+        &in_dialog("INVITE", 4, &alice_headers(&tag), "a-call", SDP_A_DTMF),
+        ALICE,
+    );
+    let body = answer_to_a(&h.take());
+    assert!(
+        body.contains("a=sendrecv") && body.contains("o=pbxd 2748 3 "),
+        "{body}"
+    );
+}

@@ -338,13 +338,16 @@ impl Sdp {
     }
 
     /// An answer from this node itself (Echo, Playback): the first audio stream with
-    /// PCMU or PCMA (and telephone-event if offered) at `relay_ip:port`; other streams
-    /// refused with port 0. `None` when no G.711 audio is offered.
+    /// PCMU or PCMA (and telephone-event if offered) at `relay_ip:port`, in the
+    /// direction that answers the offer's (RFC 3264 §6.1: `recvonly` to `sendonly`,
+    /// `inactive` to a hold); other streams refused with port 0. `version`: the
+    /// origin's session version. `None` when no G.711 audio is offered.
     pub fn answer_g711(
         &self,
         relay_ip: IpAddr,
         port: u16,
         session_id: u64,
+        version: u64,
     ) -> Option<(String, u8)> {
         let ip_kind = if relay_ip.is_ipv4() { "IP4" } else { "IP6" };
         let chosen = self.g711_stream()?;
@@ -354,7 +357,7 @@ impl Sdp {
             8
         };
         let mut out = format!(
-            "v=0\r\no=pbxd {session_id} 1 IN {ip_kind} {relay_ip}\r\ns=pbxd\r\nc=IN {ip_kind} {relay_ip}\r\nt=0 0\r\n"
+            "v=0\r\no=pbxd {session_id} {version} IN {ip_kind} {relay_ip}\r\ns=pbxd\r\nc=IN {ip_kind} {relay_ip}\r\nt=0 0\r\n"
         );
         for (i, m) in self.media.iter().enumerate() {
             if i != chosen {
@@ -380,7 +383,21 @@ impl Sdp {
                     "a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-16\r\n"
                 );
             }
-            let _ = write!(out, "a=ptime:20\r\na=rtcp:{}\r\na=sendrecv\r\n", port + 1);
+            let direction = match m.direction {
+                Direction::SendOnly => Direction::RecvOnly,
+                Direction::RecvOnly => Direction::SendOnly,
+                Direction::Inactive => Direction::Inactive,
+                Direction::SendRecv if m.connection.is_some_and(|c| c.is_unspecified()) => {
+                    Direction::Inactive
+                }
+                Direction::SendRecv => Direction::SendRecv,
+            };
+            let _ = write!(
+                out,
+                "a=ptime:20\r\na=rtcp:{}\r\na={}\r\n",
+                port + 1,
+                direction.attr()
+            );
         }
         Some((out, pt))
     }
@@ -473,15 +490,27 @@ mod tests {
     fn g711_answer() {
         let s = Sdp::parse(OFFER.as_bytes()).unwrap();
         let (a, pt) = s
-            .answer_g711("127.0.0.11".parse().unwrap(), 30000, 5)
+            .answer_g711("127.0.0.11".parse().unwrap(), 30000, 5, 1)
             .unwrap();
         assert_eq!(pt, 0);
+        assert!(
+            a.contains("o=pbxd 5 1 ") && a.contains("a=sendrecv\r\n"),
+            "{a}"
+        );
+        let held = Sdp::parse(OFFER.replace("a=sendrecv", "a=sendonly").as_bytes()).unwrap();
+        let (a, _) = held
+            .answer_g711("127.0.0.11".parse().unwrap(), 30000, 5, 2)
+            .unwrap();
+        assert!(
+            a.contains("o=pbxd 5 2 ") && a.contains("a=recvonly\r\n"),
+            "{a}"
+        );
         assert!(a.contains("m=audio 30000 RTP/AVP 0 101\r\n"), "{a}");
         assert!(a.contains("m=video 0 RTP/AVP 31\r\n"));
         let no = OFFER.replace("RTP/AVP 0 8 101", "RTP/AVP 18");
         assert!(Sdp::parse(no.as_bytes())
             .unwrap()
-            .answer_g711("127.0.0.1".parse().unwrap(), 1, 1)
+            .answer_g711("127.0.0.1".parse().unwrap(), 1, 1, 1)
             .is_none());
     }
 
