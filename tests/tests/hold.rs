@@ -77,8 +77,7 @@ fn a_held_party_hears_the_music_until_the_call_is_resumed() {
         "{} music packets for a 3 s hold",
         got.len()
     );
-    assert!(c
-        .log(1)
-        .contains("put the call on hold: music (default) to B"));
+    assert!(c.log(1).contains("A put the call on hold"));
+    assert!(c.log(1).contains("music on hold (default) to B"));
     assert!(c.log(1).contains("resumed the call"));
 }

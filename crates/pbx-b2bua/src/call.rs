@@ -285,8 +285,11 @@ pub struct Call<D> {
     pending: Vec<Pending<D>>,
     /// Payload type of the caller's stream when the node itself answers.
     app_pt: Option<u8>,
-    /// The side that put the other on hold (the other hears music).
-    held_by: Option<Side>,
+    /// Which sides hold the call (answered here, see `hold_here`); the other hears
+    /// music while exactly one does.
+    holds: [bool; 2],
+    /// The stream music on hold plays on.
+    music_stream: Option<usize>,
     /// Music plays to the caller while WaitExten waits (its `m` option).
     music_waiting: bool,
     /// Per side: the SDP we anchored last and the version we sent it with.
@@ -409,7 +412,8 @@ impl<D: Destination> Call<D> {
             phase: Phase::Running,
             pending: Vec::new(),
             app_pt: None,
-            held_by: None,
+            holds: [false; 2],
+            music_stream: None,
             music_waiting: false,
             sdp_sent: Default::default(),
             session: params.seed & 0xffff_ffff,
@@ -1456,7 +1460,7 @@ impl<D: Destination> Call<D> {
             // Hold, and the resume after it: answered here, music to the other side
             // (as Asterisk does: the held party never sees a re-INVITE).
             (Some(_), Some(sdp))
-                if (sdp.hold().is_some() || self.held_by == Some(side))
+                if (sdp.hold().is_some() || self.holds[side_index(side)])
                     && self.can_answer_here(side, &sdp) =>
             {
                 self.learn_media(side, &sdp);
@@ -1470,7 +1474,7 @@ impl<D: Destination> Call<D> {
             // A resume without SDP (some phones): our offer in the 200, sendrecv.
             (Some(_), None)
                 if method == Method::Invite
-                    && self.held_by == Some(side)
+                    && self.holds[side_index(side)]
                     && self.p.media.is_some() =>
             {
                 self.hold_here(now, origin, side, None, None);
@@ -1570,9 +1574,12 @@ impl<D: Destination> Call<D> {
                 }
             }
             let (ip, ports) = self.media_ports(side)?;
-            // The description changed (or changes back): a new version (RFC 3264 §8).
-            self.sdp_sent[i].1 += 1;
-            let body = answer.anchored(ip, &ports, self.session, self.sdp_sent[i].1);
+            // A new version only when the description changes (RFC 3264 §8).
+            let mut body = answer.anchored(ip, &ports, self.session, self.sdp_sent[i].1);
+            if body != self.sdp_body[i] {
+                self.sdp_sent[i].1 += 1;
+                body = answer.anchored(ip, &ports, self.session, self.sdp_sent[i].1);
+            }
             self.sdp_body[i].clone_from(&body);
             Some(body)
         });
@@ -1583,47 +1590,66 @@ impl<D: Destination> Call<D> {
             let timers = self.p.timers;
             self.dialog_mut(leg).retransmit = Some(Retransmit2xx::new(now, cseq, bytes, &timers));
         }
-        let held = side.other();
-        match (hold, self.held_by) {
-            (Some(_), None) => {
-                let Some((stream, payload_type)) = theirs.as_ref().and_then(Sdp::g711_receive)
-                else {
-                    self.held_by = Some(side);
-                    return self.log(
-                        LogLevel::Notice,
-                        "on hold: no G.711 with the held party, no music".into(),
-                    );
-                };
-                self.held_by = Some(side);
-                let class = self
-                    .exec
-                    .var("CHANNEL(musicclass)")
-                    .filter(|c| !c.is_empty())
-                    .unwrap_or("default")
-                    .to_string();
-                self.log(
-                    LogLevel::Notice,
-                    format!("{side:?} put the call on hold: music ({class}) to {held:?}"),
-                );
-                self.out.push_back(Output::Media(MediaOp::Music {
-                    stream,
-                    side: held,
-                    class,
-                    payload_type,
-                }));
-            }
-            (None, Some(_)) => {
-                self.held_by = None;
-                let stream = theirs
-                    .as_ref()
-                    .and_then(Sdp::g711_receive)
-                    .map_or(0, |(s, _)| s);
-                self.log(LogLevel::Notice, format!("{side:?} resumed the call"));
-                self.out
-                    .push_back(Output::Media(MediaOp::StopPlay { stream }));
-            }
+        let before = self.music_side();
+        let was = self.holds[i];
+        self.holds[i] = hold.is_some();
+        let after = self.music_side();
+        match (was, hold.is_some()) {
+            (false, true) => self.log(LogLevel::Notice, format!("{side:?} put the call on hold")),
+            (true, false) => self.log(LogLevel::Notice, format!("{side:?} resumed the call")),
             _ => {}
         }
+        if before == after {
+            return;
+        }
+        if let Some(stream) = self.music_stream.take() {
+            self.out
+                .push_back(Output::Media(MediaOp::StopPlay { stream }));
+        }
+        if let Some(to) = after {
+            self.start_music(to, None);
+        }
+    }
+
+    /// Who hears music on hold: the one party not holding while the other holds.
+    pub(crate) fn music_side(&self) -> Option<Side> {
+        match self.holds {
+            [true, false] => Some(Side::B),
+            [false, true] => Some(Side::A),
+            _ => None,
+        }
+    }
+
+    /// Music on hold to `to`, in the codec of its description (`description`, else the
+    /// one the other side was last sent).
+    pub(crate) fn start_music(&mut self, to: Side, description: Option<Sdp>) {
+        let k = if to == Side::A { 1 } else { 0 };
+        let description = description.or_else(|| {
+            let text = if self.sdp_sent[k].0.is_empty() {
+                &self.sdp_body[k]
+            } else {
+                &self.sdp_sent[k].0
+            };
+            Sdp::parse(text.as_bytes()).ok()
+        });
+        let Some((stream, payload_type)) = description.as_ref().and_then(Sdp::g711_receive) else {
+            return self.log(
+                LogLevel::Notice,
+                format!("on hold: no G.711 with {to:?}, no music"),
+            );
+        };
+        let class = self.exec.music_class();
+        self.log(
+            LogLevel::Notice,
+            format!("music on hold ({class}) to {to:?}"),
+        );
+        self.music_stream = Some(stream);
+        self.out.push_back(Output::Media(MediaOp::Music {
+            stream,
+            side: to,
+            class,
+            payload_type,
+        }));
     }
 
     // ----- responses ----------------------------------------------------------------
@@ -2166,6 +2192,15 @@ pub(crate) fn info_digit(content_type: &str, body: &[u8]) -> Option<char> {
     }
     let c = c.to_ascii_uppercase();
     matches!(c, '0'..='9' | '*' | '#' | 'A'..='D').then_some(c)
+}
+
+/// 0 for the caller's side, 1 for the callee's.
+fn side_index(side: Side) -> usize {
+    if side == Side::A {
+        0
+    } else {
+        1
+    }
 }
 
 /// RFC 3261 §16.7 step 6, as Asterisk reports a failed Dial: busy wins (someone is

@@ -1233,7 +1233,10 @@ fn hold_is_answered_here_with_music_to_the_other_party_and_resume_bridges_again(
         body.contains("a=sendrecv") && !body.contains("recvonly"),
         "{body}"
     );
-    assert!(body.contains("o=pbxd 2748 4 "), "{body}");
+    assert!(
+        body.contains("o=pbxd 2748 3 "),
+        "the refresh kept version 2: {body}"
+    );
     assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
     // Inactive (and the old c=0.0.0.0) hold too, answered inactive.
     let old_hold = SDP_A.replace("c=IN IP4 127.0.0.1", "c=IN IP4 0.0.0.0");
@@ -1433,4 +1436,66 @@ fn the_nodes_own_answer_follows_a_hold_and_keeps_its_version_when_nothing_change
         body.contains("a=sendrecv") && body.contains("o=pbxd 2748 3 "),
         "{body}"
     );
+}
+
+#[test]
+fn both_parties_holding_hear_no_music_and_one_resume_gives_the_other_music() {
+    let (mut h, tag) = bridged_with_bob1();
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    h.take();
+    // alice holds: music to bob.
+    let hold_a = SDP_A.replace("PCMU/8000\r\n", "PCMU/8000\r\na=sendonly\r\n");
+    h.request(
+        &in_dialog("INVITE", 2, &alice_headers(&tag), "a-call", &hold_a),
+        ALICE,
+    );
+    let out = h.take();
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Media(MediaOp::Music { side: Side::B, .. }))));
+    // bob holds too: nobody wants media, the music stops.
+    let inv = Harness::sent(&out, BOB1);
+    assert!(inv.is_empty());
+    let b = record_of(&out).legs[1].clone();
+    let bob_req = |cseq: u32, body: &str| {
+        format!(
+            "INVITE sip:pbx@127.0.0.11:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {BOB1};branch=z9hG4bKbh{cseq};rport\r\n\
+             Max-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\n\
+             Call-ID: {}\r\nCSeq: {cseq} INVITE\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+            b.remote,
+            b.local,
+            b.call_id,
+            body.len()
+        )
+        .into_bytes()
+    };
+    let hold_b = SDP_B.replace("PCMU/8000\r\n", "PCMU/8000\r\na=sendonly\r\n");
+    h.request(&bob_req(10, &hold_b), BOB1);
+    let out = h.take();
+    assert!(
+        out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })),
+        "{out:?}"
+    );
+    assert!(!out
+        .iter()
+        .any(|o| matches!(o, Output::Media(MediaOp::Music { .. }))));
+    // alice resumes while bob still holds: now alice hears the music.
+    h.request(
+        &in_dialog("INVITE", 3, &alice_headers(&tag), "a-call", SDP_A),
+        ALICE,
+    );
+    let out = h.take();
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Media(MediaOp::Music { side: Side::A, .. }))));
+    // bob resumes: bridged, music stopped.
+    h.request(&bob_req(11, SDP_B), BOB1);
+    let out = h.take();
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
+    assert!(!out
+        .iter()
+        .any(|o| matches!(o, Output::Media(MediaOp::Music { .. }))));
 }

@@ -205,28 +205,21 @@ impl<D: Destination> Call<D> {
         // A call on hold stays on hold, the music playing again from here: holds are
         // answered by the node, so `recvonly`/`inactive` sent to a side means it holds.
         if bridged {
-            for (sent, side) in [(&a_sdp, Side::A), (&b_sdp, Side::B)] {
-                let Some(sent) = sent else { continue };
-                let holds = sent
-                    .media
-                    .iter()
-                    .find(|m| m.kind == "audio" && m.port != 0)
-                    .is_some_and(|m| {
-                        matches!(m.direction, Direction::RecvOnly | Direction::Inactive)
-                    });
-                if !holds || call.held_by.is_some() {
-                    continue;
-                }
-                call.held_by = Some(side);
-                if let Some((stream, payload_type)) = sent.g711_receive() {
-                    let class = call.exec.music_class();
-                    call.out.push_back(Output::Media(MediaOp::Music {
-                        stream,
-                        side: side.other(),
-                        class,
-                        payload_type,
-                    }));
-                }
+            let holding = |sent: &Option<Sdp>| {
+                sent.as_ref().is_some_and(|s| {
+                    s.media
+                        .iter()
+                        .find(|m| m.kind == "audio" && m.port != 0)
+                        .is_some_and(|m| {
+                            matches!(m.direction, Direction::RecvOnly | Direction::Inactive)
+                        })
+                })
+            };
+            call.holds = [holding(&a_sdp), holding(&b_sdp)];
+            if let Some(to) = call.music_side() {
+                // What was sent to the holder is the held party's description.
+                let holder = if to == Side::A { &b_sdp } else { &a_sdp };
+                call.start_music(to, holder.clone());
             }
         }
         let legs = if bridged {
