@@ -351,6 +351,10 @@ pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
         domain,
         exec,
     } = new;
+    // One reading for the call's clock and its record's start: the answer time is
+    // this plus the monotonic time since, so it is never before the start (two readings
+    // could straddle a millisecond and put the start after a quick answer).
+    let start_ms = unix_ms();
     let params = CallParams {
         node_id: layer.node_id,
         local: layer.io.local_addr,
@@ -361,7 +365,7 @@ pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
         seed: layer.seed.fetch_add(1 << 16, Ordering::Relaxed),
         media,
         caller_user: caller.clone(),
-        now_ms: unix_ms(),
+        now_ms: start_ms,
         timezone: layer.timezone.clone(),
     };
     let (tx, rx) = mpsc::unbounded_channel();
@@ -375,7 +379,7 @@ pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
         Instant::now(),
         pbx_state::CdrStart {
             uniqueid: core.call_id.clone(),
-            start_ms: unix_ms(),
+            start_ms,
             answer_ms: 0,
             src: caller,
             clid,
