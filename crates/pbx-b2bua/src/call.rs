@@ -21,6 +21,7 @@ use crate::dialog::{
 };
 
 mod resume;
+mod transfer;
 
 pub use resume::streams_needed;
 
@@ -111,6 +112,9 @@ pub enum MediaOp {
     /// Report the keys the caller sends as RFC 4733 telephone-events with this payload
     /// type on a stream ([`MediaNotice::Digit`]).
     DetectDtmf { stream: usize, payload_type: u8 },
+    /// Every stream's sides trade places, sockets and all (the caller transferred the
+    /// call: its callee is side A from now on).
+    SwapSides,
 }
 
 /// What the relay reports.
@@ -142,6 +146,13 @@ pub enum Output<D> {
     },
     /// Find the contacts of these targets and call [`Call::on_resolved`].
     Resolve(Vec<DialTarget>),
+    /// Start the dialplan at `exten` in the context of `user` (a transfer's target,
+    /// for the transferee `caller`) and call [`Call::on_route`].
+    Route {
+        user: String,
+        exten: String,
+        caller: pbx_dialplan::CallerId,
+    },
     /// Messages with this Call-ID belong to this call from now on.
     ClaimCallId(String),
     Media(MediaOp),
@@ -267,10 +278,14 @@ struct Pending<D> {
     /// A re-INVITE that moves the leg to this node (a resumed call): its answer
     /// tells the relay where the phone is, its failure ends the call.
     reanchor: bool,
+    /// The final NOTIFY of a transfer: the transferor gets a BYE once it is answered.
+    then_bye: bool,
 }
 
 /// One call through the B2BUA. `D` is the driver's destination type.
 pub struct Call<D> {
+    /// The call's id: its caller's Call-ID when it started (the record's key).
+    id: String,
     p: CallParams,
     local: Local,
     started: Instant,
@@ -314,6 +329,10 @@ pub struct Call<D> {
     /// were refused so far.
     reanchor_retry: Vec<(Instant, LegRef)>,
     glare_tries: u32,
+    /// A blind transfer asked for by REFER.
+    transfer: Option<transfer::Transfer>,
+    /// When a transferor that did not hang up after its transfer gets a BYE.
+    transferor_bye: Option<(Instant, usize)>,
 }
 
 /// What the replicated record of a call last said, of what changes while it runs.
@@ -397,6 +416,7 @@ impl<D: Destination> Call<D> {
     /// call and a resumed one start from.
     fn with_caller(now: Instant, params: CallParams, exec: Execution, a: ALeg<D>) -> Call<D> {
         Call {
+            id: a.dialog.call_id.clone(),
             local: Local {
                 addr: params.local,
                 tls_addr: params.tls_local,
@@ -428,13 +448,15 @@ impl<D: Destination> Call<D> {
             recorded: None,
             reanchor_retry: Vec::new(),
             glare_tries: 0,
+            transfer: None,
+            transferor_bye: None,
             p: params,
         }
     }
 
     /// The caller's Call-ID.
     pub fn id(&self) -> &str {
-        &self.a.dialog.call_id
+        &self.id
     }
 
     pub fn poll_output(&mut self) -> Option<Output<D>> {
@@ -497,7 +519,11 @@ impl<D: Destination> Call<D> {
         let (ms, tz) = (self.now_ms(now), self.p.timezone.clone());
         self.exec.set_clock(ms, &tz);
         while self.phase == Phase::Running {
-            match self.exec.next_action() {
+            let action = self.exec.next_action();
+            if self.transfer_action(now, &action) {
+                return; // the target was not reached: back with the transferor
+            }
+            match action {
                 Action::Answer => {
                     self.app_name = Some("Answer");
                     self.answer_with_app(now)
@@ -709,6 +735,9 @@ impl<D: Destination> Call<D> {
         }
         let req = self.dial.clone().unwrap_or_default();
         if contacts.is_empty() {
+            if self.transferring() && self.transfer_failed(now, unreachable) {
+                return;
+            }
             self.exec
                 .dial_finished(DialStatus::ChanUnavail, Some(unreachable));
             self.phase = Phase::Running;
@@ -818,6 +847,16 @@ impl<D: Destination> Call<D> {
                 self.cancel_leg(now, i);
             }
         }
+        if self.transferring() {
+            let code = sip.unwrap_or(match status {
+                DialStatus::Busy => 486,
+                DialStatus::NoAnswer => 480,
+                _ => 503,
+            });
+            if self.transfer_failed(now, code) {
+                return;
+            }
+        }
         self.exec.dial_finished(status, sip);
         self.phase = Phase::Running;
         self.run(now);
@@ -894,6 +933,12 @@ impl<D: Destination> Call<D> {
 
     /// The offer for a B-leg: the caller's, anchored; our own when it sent none.
     fn offer_for_b(&mut self) -> Option<(&'static str, Vec<u8>)> {
+        if self.transferring() {
+            if let Some(offer) = self.transfer_offer() {
+                let raw = self.a.offer_raw.clone();
+                return Some((SDP, self.anchored_for(Side::B, &offer, &raw)));
+            }
+        }
         match self.a.offer.clone() {
             Some(offer) => {
                 let raw = self.a.offer_raw.clone();
@@ -1077,7 +1122,7 @@ impl<D: Destination> Call<D> {
             _ => Activity::Bridged,
         };
         self.out.push_back(Output::Record(Box::new(CallRecord {
-            id: self.a.dialog.call_id.clone(),
+            id: self.id.clone(),
             owner: self.p.node_id,
             epoch: self.epoch,
             history: self.history.clone(),
@@ -1133,6 +1178,11 @@ impl<D: Destination> Call<D> {
     fn finish(&mut self, now: Instant, cause: u16, by: Option<LegRef>) {
         if self.phase == Phase::Ended {
             return;
+        }
+        if self.transferring() {
+            // The transferee hung up (or the call was ended) before the target answered.
+            self.notify_transfer(now, 487, true);
+            self.transfer = None;
         }
         for i in 0..self.legs.len() {
             if by != Some(LegRef::B(i)) {
@@ -1204,6 +1254,7 @@ impl<D: Destination> Call<D> {
             origin: None,
             answered: false,
             reanchor: false,
+            then_bye: false,
         });
     }
 
@@ -1261,6 +1312,7 @@ impl<D: Destination> Call<D> {
             origin,
             answered: false,
             reanchor: false,
+            then_bye: false,
         });
     }
 
@@ -1274,7 +1326,9 @@ impl<D: Destination> Call<D> {
     ) -> Bytes {
         let mut w = MessageWriter::response(status);
         to.head.write(&mut w, status);
-        if (200..300).contains(&status) && matches!(to.method, Method::Invite | Method::Update) {
+        if (200..300).contains(&status)
+            && matches!(to.method, Method::Invite | Method::Update | Method::Refer)
+        {
             w.header(
                 "Contact",
                 &self.local.contact(self.dialog(to.leg).dest.transport()),
@@ -1401,12 +1455,12 @@ impl<D: Destination> Call<D> {
                     }
                 }
             },
-            Method::Subscribe
-            | Method::Notify
-            | Method::Refer
-            | Method::Message
-            | Method::Publish
-            | Method::Prack => {
+            Method::Refer => self.on_refer(msg, origin),
+            // No subscription of ours exists (RFC 6665 §4.1.3).
+            Method::Notify => {
+                self.respond_to(&origin, 481, &[], None);
+            }
+            Method::Subscribe | Method::Message | Method::Publish | Method::Prack => {
                 self.respond_to(&origin, 405, &[("Allow", ALLOW)], None);
             }
             _ => {
@@ -1725,6 +1779,9 @@ impl<D: Destination> Call<D> {
         if self.pending[idx].reanchor {
             return self.on_reanchor_answer(now, leg, status, &msg.body);
         }
+        if std::mem::take(&mut self.pending[idx].then_bye) {
+            self.bye_transferor(now, leg);
+        }
         let Some(origin) = self.pending[idx].origin.take() else {
             if method == Method::Bye || method == Method::Cancel {
                 self.pending.remove(idx);
@@ -1868,9 +1925,17 @@ impl<D: Destination> Call<D> {
                 let sdp = (!msg.body.is_empty())
                     .then(|| Sdp::parse(&msg.body).ok())
                     .flatten();
+                let transferred = self.transferring();
                 let body = sdp.map(|sdp| {
                     self.learn_media(Side::B, &sdp);
-                    self.anchored_for(Side::A, &sdp, &msg.body)
+                    if transferred {
+                        // The transferee keeps the description it has (the target
+                        // was offered its codecs): no new one is sent to it.
+                        self.sdp_sent[0].0 = String::from_utf8_lossy(&msg.body).into_owned();
+                        Vec::new()
+                    } else {
+                        self.anchored_for(Side::A, &sdp, &msg.body)
+                    }
                 });
                 self.out
                     .push_back(Output::Media(MediaOp::Mode(Mode::Bridge)));
@@ -1879,6 +1944,9 @@ impl<D: Destination> Call<D> {
                 }
                 if let Some(d) = self.dial.as_ref().and_then(|d| d.max_duration) {
                     self.hangup_at = Some(now + d);
+                }
+                if transferred {
+                    self.transfer_succeeded(now);
                 }
                 self.record(now, Some(i));
             }
@@ -2037,6 +2105,7 @@ impl<D: Destination> Call<D> {
         }
         if self.phase != Phase::Ended {
             take(self.hangup_at);
+            take(self.transferor_bye.map(|(at, _)| at));
             for (at, _) in &self.reanchor_retry {
                 take(Some(*at));
             }
@@ -2099,6 +2168,9 @@ impl<D: Destination> Call<D> {
                 }
                 TimerOutcome::TimedOut | TimerOutcome::Terminated => {
                     let p = self.pending.remove(k);
+                    if p.then_bye && !p.answered {
+                        self.bye_transferor(now, p.leg);
+                    }
                     if let Some(o) = p.origin {
                         // The other leg never answered the relayed request.
                         self.respond_to(&o, 408, &[], None);
@@ -2137,6 +2209,7 @@ impl<D: Destination> Call<D> {
             _ => {}
         }
         self.retry_reanchor(now);
+        self.transferor_bye_due(now);
         if self.hangup_at.is_some_and(|at| now >= at) && self.phase != Phase::Ended {
             self.hangup_at = None;
             self.hangup(now, 16, None);

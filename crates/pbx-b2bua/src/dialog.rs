@@ -156,7 +156,11 @@ impl<D: Destination> Dialog<D> {
         for r in &self.route_set {
             w.header("Route", r);
         }
-        if matches!(method, Method::Invite | Method::Update) {
+        // Target-refresh requests, and those of a subscription (RFC 6665 §4.1.2.1).
+        if matches!(
+            method,
+            Method::Invite | Method::Update | Method::Notify | Method::Refer
+        ) {
             w.header("Contact", &local.contact(t));
         }
         for (n, v) in extra {

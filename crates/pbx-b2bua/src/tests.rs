@@ -13,6 +13,8 @@ use pbx_state::Transport;
 
 use crate::{Call, CallParams, Contact, Destination, MediaNotice, MediaOp, MediaPorts, Output};
 
+mod transfer;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Udp(SocketAddr);
 

@@ -76,6 +76,28 @@ pub(crate) struct Routed {
     pub domain: String,
 }
 
+/// The dialplan context of a user's calls (`default` for one not in the table).
+pub(crate) fn context_of<'a>(state: &'a State, user: &str) -> &'a str {
+    state
+        .users
+        .get(user)
+        .map_or("default", |u| u.context.as_str())
+}
+
+/// A user's caller id: the name configured for it, else the one its phone sent.
+pub(crate) fn caller_id(state: &State, user: &str, display: Option<&str>) -> CallerId {
+    let name = state
+        .users
+        .get(user)
+        .and_then(|u| u.caller_id_name.clone())
+        .or_else(|| display.map(str::to_string))
+        .unwrap_or_default();
+    CallerId {
+        num: user.to_string(),
+        name: name.trim_matches('"').to_string(),
+    }
+}
+
 /// Starts the dialplan at the extension `msg` dials, in the caller's context.
 pub(crate) fn route(
     plan: Arc<Dialplan>,
@@ -88,16 +110,8 @@ pub(crate) fn route(
     // RFC 5630: a `sips:` call is only put through over TLS.
     let secure = uri.as_ref().is_some_and(|u| u.scheme == "sips");
     let exten = uri.and_then(|u| u.user_unescaped()).unwrap_or_default();
-    let user = state.users.get(caller);
-    let context = user.map_or("default", |u| u.context.as_str());
-    let name = user
-        .and_then(|u| u.caller_id_name.clone())
-        .or_else(|| core.from.display.clone())
-        .unwrap_or_default();
-    let caller_id = CallerId {
-        num: caller.to_string(),
-        name: name.trim_matches('"').to_string(),
-    };
+    let caller_id = caller_id(state, caller, core.from.display.as_deref());
+    let context = context_of(state, caller);
     let domain = state
         .settings
         .as_ref()

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pbx_dialplan::DialTarget;
+use pbx_dialplan::{CallerId, DialTarget, Execution};
 use pbx_registrar::{HandlerConfig, Inbound, Outcome, PendingRegister, RequestHandler};
 use pbx_sip_core::{RequestDisposition, ServerTable, TableEvent, Timers, TransactionKey};
 use pbx_sip_msg::{
@@ -600,6 +600,28 @@ impl<C: Clone> Endpoint<C> {
     /// Calls counting against the call limit.
     pub fn active_calls(&self) -> usize {
         lock(&self.calls).active
+    }
+
+    /// The dialplan for a transfer's target: `exten` in the context of `user` (the
+    /// transferor), run for the transferee `caller` (its name filled in from the user
+    /// table when the call does not know it).
+    pub fn transfer_route(
+        &self,
+        state: &State,
+        user: &str,
+        exten: &str,
+        caller: CallerId,
+    ) -> Result<Execution, String> {
+        let plan = lock(&self.plan)
+            .get(state)
+            .ok_or_else(|| "no dialplan yet".to_string())?;
+        let caller = if caller.name.is_empty() {
+            admission::caller_id(state, &caller.num, None)
+        } else {
+            caller
+        };
+        let context = admission::context_of(state, user);
+        Execution::start(plan, context, exten, caller).map_err(|e| e.to_string())
     }
 
     /// The contacts a Dial of `targets` rings, from the registered bindings (`now_ms`:

@@ -204,6 +204,17 @@ impl RelaySession {
         self.mode = mode;
     }
 
+    /// The two sides trade places (a transfer made the callee the party the call runs
+    /// for): what is kept per side goes with its socket.
+    pub fn swap_sides(&mut self) {
+        self.remote.swap(0, 1);
+        self.latched.swap(0, 1);
+        self.stats.swap(0, 1);
+        self.events.swap(0, 1);
+        self.dtmf.swap(0, 1);
+        self.digit = None;
+    }
+
     pub fn set_clock_rate(&mut self, hz: u32) {
         self.clock_rate = hz.max(1);
     }

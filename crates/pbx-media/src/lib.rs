@@ -155,6 +155,7 @@ enum Control {
     },
     StopPlay,
     Dtmf(Side, Option<u8>),
+    Swap,
 }
 
 /// Samples per 20 ms packet of G.711 at 8 kHz.
@@ -259,6 +260,13 @@ impl Stream {
     /// `payload_type` ([`MediaEvent::Digit`]); `None` stops. They are relayed as before.
     pub fn detect_dtmf(&self, side: Side, payload_type: Option<u8>) {
         let _ = self.ctl.send(Control::Dtmf(side, payload_type));
+    }
+
+    /// The sides trade places, sockets and all: the phone on side B is on side A from
+    /// now on (a transfer by the caller leaves the callee as the call's first party).
+    pub fn swap_sides(&mut self) {
+        std::mem::swap(&mut self.port_a, &mut self.port_b);
+        let _ = self.ctl.send(Control::Swap);
     }
 
     pub fn counters(&self) -> StreamCounters {
@@ -418,7 +426,7 @@ impl MediaRelay {
 
 /// The stream task: sockets `[A rtp, A rtcp, B rtp, B rtcp]`.
 async fn run_stream(
-    sockets: [UdpSocket; 4],
+    mut sockets: [UdpSocket; 4],
     mode: Mode,
     mut ctl: mpsc::UnboundedReceiver<Control>,
     counters: watch::Sender<StreamCounters>,
@@ -442,6 +450,7 @@ async fn run_stream(
     let mut bufs = [[0u8; 2048]; 4];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut reported_dead = false;
+    let mut swap = false;
     let mut play: Option<Playback> = None;
     let mut frame = [0u8; 12 + FRAME];
     let mut first_ms = [0u64; 2];
@@ -451,6 +460,18 @@ async fn run_stream(
         .map(|a| u32::from(a.port()).wrapping_mul(0x9e37_79b9))
         .unwrap_or(0x5eed);
     loop {
+        if std::mem::take(&mut swap) {
+            // Outside the select, which borrows the sockets.
+            sockets.swap(0, 2);
+            sockets.swap(1, 3);
+            rtp.swap_sides();
+            rtcp.swap_sides();
+            added.swap(0, 1);
+            first_ms.swap(0, 1);
+            if let Some(p) = play.as_mut() {
+                p.side = p.side.other();
+            }
+        }
         // Which socket is readable; the packet is handled below, outside the select.
         let [b0, b1, b2, b3] = &mut bufs;
         let (i, res) = tokio::select! {
@@ -486,6 +507,7 @@ async fn run_stream(
                     }
                     Some(Control::StopPlay) => play = None,
                     Some(Control::Dtmf(side, pt)) => rtp.detect_dtmf(side, pt),
+                    Some(Control::Swap) => swap = true,
                     None => {
                         flush(&rtp, &mut added);
                         let (a, b) = (rtp.stats(Side::A), rtp.stats(Side::B));
@@ -823,6 +845,60 @@ mod tests {
         }
         let none = tokio::time::timeout(Duration::from_millis(100), events.recv()).await;
         assert!(none.is_err(), "music never reports done: {none:?}");
+    }
+
+    /// After a swap the phone that was on side B is side A, on the same socket: its
+    /// music keeps coming from the port it knows, its keys are side A's, and what it
+    /// sends still reaches the other phone.
+    #[tokio::test]
+    async fn swapped_sides_keep_each_phone_on_its_socket() {
+        let r = relay(41550, 60_000);
+        let mut s = r.open(Mode::Bridge).unwrap();
+        let mut events = s.take_events().unwrap();
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.set_remote(Side::A, Some(a.local_addr().unwrap()));
+        s.set_remote(Side::B, Some(b.local_addr().unwrap()));
+        let (old_a, old_b) = (s.port_a, s.port_b);
+        let music: Arc<[u8]> = vec![7u8; 160].into();
+        s.play_music(Side::B, music, 0);
+        assert_eq!(recv(&b).await.1, (r.ip(), old_b).into());
+        s.swap_sides();
+        assert_eq!((s.port_a, s.port_b), (old_b, old_a));
+        s.detect_dtmf(Side::A, Some(101));
+        // The music follows its listener, from the same port.
+        for _ in 0..3 {
+            let (pkt, from) = recv(&b).await;
+            assert_eq!(from, (r.ip(), old_b).into());
+            assert_eq!(
+                rtp_rs::RtpReader::new(&pkt).unwrap().payload(),
+                &[7u8; 160][..]
+            );
+        }
+        s.stop_play();
+        // b (side A now) presses a key: reported as side A's, and relayed to a.
+        let key = RtpPacketBuilder::new()
+            .payload_type(101)
+            .sequence(Seq::from(1))
+            .timestamp(800)
+            .ssrc(0x77)
+            .payload(&[5, 0x8a, 0, 160])
+            .build()
+            .unwrap();
+        b.send_to(&key, (r.ip(), s.port_a)).await.unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("a digit");
+        assert_eq!(ev, Some(MediaEvent::Digit(Side::A, '5')));
+        assert_eq!(recv(&a).await, (key, (r.ip(), old_a).into()));
+        a.send_to(&rtp(9), (r.ip(), s.port_b)).await.unwrap();
+        loop {
+            let (pkt, from) = recv(&b).await;
+            if pkt == rtp(9) {
+                assert_eq!(from, (r.ip(), s.port_a).into());
+                break;
+            }
+        }
     }
 
     #[tokio::test]

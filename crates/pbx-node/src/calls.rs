@@ -646,7 +646,19 @@ fn carry_out(
                     s.detect_dtmf(Side::A, Some(payload_type));
                 }
             }
+            MediaOp::SwapSides => streams.iter_mut().for_each(Stream::swap_sides),
         },
+        Output::Route {
+            user,
+            exten,
+            caller,
+        } => {
+            let route = {
+                let state = layer.cluster.read();
+                layer.endpoint.transfer_route(&state, &user, &exten, caller)
+            };
+            call.on_route(Instant::now(), route);
+        }
         Output::Log { level, message } => match level {
             LogLevel::Error => tracing::error!(call = call.id(), "{message}"),
             LogLevel::Warning => tracing::warn!(call = call.id(), "{message}"),

@@ -295,6 +295,31 @@ impl Sdp {
         out
     }
 
+    /// Keeps, in each stream, only the formats `other`'s matching stream lists (with
+    /// their `rtpmap`/`fmtp` lines): an offer limited to the codecs a party already
+    /// uses. A stream `other` lacks, or shares no format with, is left as it is.
+    pub fn keep_formats_of(&mut self, other: &Sdp) {
+        for (m, o) in self.media.iter_mut().zip(&other.media) {
+            let kept: Vec<String> = m
+                .formats
+                .iter()
+                .filter(|f| o.formats.contains(f))
+                .cloned()
+                .collect();
+            if kept.is_empty() || kept.len() == m.formats.len() {
+                continue;
+            }
+            m.lines.retain(|l| {
+                let pt = l
+                    .strip_prefix("a=rtpmap:")
+                    .or_else(|| l.strip_prefix("a=fmtp:"))
+                    .and_then(|r| r.split_whitespace().next());
+                pt.is_none_or(|pt| kept.iter().any(|k| k == pt))
+            });
+            m.formats = kept;
+        }
+    }
+
     /// Whether this offer puts the call on hold (RFC 3264 §8.4: the first active audio
     /// stream `sendonly` or `inactive`, or the older `c=0.0.0.0`), and if so the
     /// direction to answer with: `recvonly` to `sendonly`, `inactive` otherwise.
@@ -524,5 +549,35 @@ mod tests {
             "no c="
         );
         assert!(Sdp::parse(b"v=0\r\ngarbage\r\n").is_err());
+    }
+
+    #[test]
+    fn keep_formats_of_limits_an_offer_to_the_codecs_in_use() {
+        let offer = Sdp::parse(
+            b"v=0\r\no=a 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\n\
+              m=audio 4000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
+              a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\n",
+        )
+        .unwrap();
+        let answer = Sdp::parse(
+            b"v=0\r\no=b 1 1 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\n\
+              m=audio 5000 RTP/AVP 8 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n",
+        )
+        .unwrap();
+        let mut limited = offer.clone();
+        limited.keep_formats_of(&answer);
+        assert_eq!(limited.media[0].formats, vec!["8", "101"]);
+        let text = limited.anchored("10.0.0.9".parse().unwrap(), &[6000], 7, 2);
+        assert!(!text.contains("PCMU"), "{text}");
+        assert!(text.contains("a=rtpmap:8 PCMA/8000"), "{text}");
+        assert!(text.contains("a=fmtp:101 0-16"), "{text}");
+        // Nothing in common: unchanged.
+        let mut other = offer.clone();
+        let g722 = Sdp::parse(
+            b"v=0\r\no=b 1 1 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 5000 RTP/AVP 9\r\n",
+        )
+        .unwrap();
+        other.keep_formats_of(&g722);
+        assert_eq!(other, offer);
     }
 }

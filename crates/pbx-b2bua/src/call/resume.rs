@@ -129,6 +129,13 @@ impl<D: Destination> Call<D> {
             ringing_sent: true,
         };
         let mut call = Call::with_caller(now, params, Execution::finished(caller), a);
+        // After a transfer by the caller the first leg is the callee's dialog: the call
+        // keeps its id, and the driver must route that leg's Call-ID here too.
+        call.id.clone_from(&record.id);
+        if a_rec.call_id != record.id {
+            call.out
+                .push_back(Output::ClaimCallId(a_rec.call_id.clone()));
+        }
         call.generation = 1;
         call.session = session;
         call.media_targets = [

@@ -1,0 +1,448 @@
+//! Blind transfer (RFC 3515 REFER, RFC 5589 §6): either party of a bridged call asks
+//! the node to connect the other one elsewhere.
+//!
+//! As Asterisk does, the transferee is sent through the dialplan at the Refer-To
+//! extension, in the transferor's context; it hears music while the target rings. The
+//! transferor gets NOTIFYs with `message/sipfrag` progress: `100 Trying`, then how the
+//! first Dial of the target ended. Answered (or the target is an application of the
+//! node: an IVR, voicemail): `200 OK` and, 2 s after that NOTIFY is answered, a BYE
+//! for a transferor that did not hang up itself. Not reached while the transferor is still
+//! on the line: the final status, and the two parties are put back together (the
+//! transferor's phone still has the call, on hold). A transferor that hung up already
+//! leaves the transferee with the rest of the target's dialplan.
+//!
+//! A caller that transfers leaves its callee as the party the call runs for: the two
+//! swap places in the call (dialogs, descriptions, relay sides), so that the call's
+//! first leg is always the one the dialplan drives.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use pbx_dialplan::{Action, CallerId, Execution, LogLevel};
+use pbx_media_core::Side;
+use pbx_sdp::{Direction, Sdp};
+use pbx_sip_msg::{reason_phrase, HeaderName, Method, NameAddr, SipMessage};
+
+use super::{Call, DialRequest, LegRef, LegState, MediaOp, Origin, Output, Phase};
+use crate::dialog::Destination;
+
+/// How long a NOTIFY subscription of a REFER says it lasts (RFC 3515 §2.4.4: the
+/// transfer ends it well before).
+const REFER_EXPIRES: u32 = 60;
+
+/// A transferor told the transfer succeeded hangs up itself (RFC 5589 §6); one that
+/// has not after this long gets a BYE.
+pub(super) const TRANSFEROR_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A transfer asked for by REFER, from the route lookup to its final NOTIFY.
+pub(super) struct Transfer {
+    /// The REFER, until the route of its target is known ([`Call::on_route`]).
+    origin: Option<Origin>,
+    /// Who asked (before the parties swap places).
+    by: LegRef,
+    /// The transferor's leg once the transfer runs (its dialog in `legs`).
+    transferor: usize,
+    /// The extension of Refer-To.
+    target: String,
+    /// NOTIFYs are wanted (RFC 4488: `Refer-Sub: false` says not).
+    notify: bool,
+    /// The REFER's CSeq: the `id` of its subscription's events.
+    refer_cseq: u32,
+    /// The call as it was, to return to when the target is not reached.
+    saved: Option<Saved>,
+}
+
+/// What the call was doing before the transfer (the bridge with the transferor).
+struct Saved {
+    exec: Execution,
+    dial: Option<DialRequest>,
+    hangup_at: Option<Instant>,
+    media_targets: Vec<Option<std::net::SocketAddr>>,
+    sdp_sent: (String, u64),
+    exten: String,
+}
+
+impl<D: Destination> Call<D> {
+    /// A REFER in a dialog of this call.
+    pub(super) fn on_refer(&mut self, msg: &SipMessage, origin: Origin) {
+        let leg = origin.leg;
+        let Some(other) = self.peer_leg(leg) else {
+            self.respond_to(
+                &origin,
+                403,
+                &[(
+                    "Warning",
+                    "399 pbxd \"only a connected call can be transferred\"",
+                )],
+                None,
+            );
+            return;
+        };
+        if self.transfer.is_some() {
+            self.respond_to(&origin, 491, &[], None);
+            return;
+        }
+        let values: Vec<&str> = msg.header_values(&HeaderName::ReferTo).collect();
+        let refer_to = match values.as_slice() {
+            [one] => NameAddr::parse_single(one).ok(),
+            _ => None,
+        };
+        let Some(refer_to) = refer_to.filter(|r| r.uri.is_sip()) else {
+            self.respond_to(
+                &origin,
+                400,
+                &[("Warning", "399 pbxd \"one SIP Refer-To is needed\"")],
+                None,
+            );
+            return;
+        };
+        if refer_to
+            .uri
+            .headers
+            .as_deref()
+            .is_some_and(|h| h.to_ascii_lowercase().contains("replaces="))
+        {
+            // Attended transfer: the replaced dialog belongs to another call.
+            self.respond_to(
+                &origin,
+                501,
+                &[(
+                    "Warning",
+                    "399 pbxd \"attended transfer (Replaces) is not supported\"",
+                )],
+                None,
+            );
+            return;
+        }
+        let Some(target) = refer_to.uri.user_unescaped().filter(|u| !u.is_empty()) else {
+            self.respond_to(&origin, 404, &[], None);
+            return;
+        };
+        let notify = !msg
+            .header(&HeaderName::ReferSub)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
+        let (user, caller) = match (leg, other) {
+            (LegRef::B(i), _) => (self.legs[i].user.clone(), self.exec.caller().clone()),
+            (LegRef::A, LegRef::B(w)) => (
+                self.p.caller_user.clone(),
+                CallerId {
+                    num: self.legs[w].user.clone(),
+                    name: String::new(),
+                },
+            ),
+            (LegRef::A, LegRef::A) => return,
+        };
+        self.log(
+            LogLevel::Notice,
+            format!("{user} transfers the call to {target}"),
+        );
+        self.transfer = Some(Transfer {
+            refer_cseq: origin.cseq,
+            origin: Some(origin),
+            by: leg,
+            transferor: 0,
+            target: target.clone(),
+            notify,
+            saved: None,
+        });
+        self.out.push_back(Output::Route {
+            user,
+            exten: target,
+            caller,
+        });
+    }
+
+    /// The driver's answer to [`Output::Route`]: the dialplan at the transfer's target in
+    /// the transferor's context, or why there is none (the REFER gets 404).
+    pub fn on_route(&mut self, now: Instant, route: Result<Execution, String>) {
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        let Some(origin) = t.origin.take() else {
+            return;
+        };
+        let (by, target, notify) = (t.by, t.target.clone(), t.notify);
+        let Phase::Bridged(w) = self.phase else {
+            // The call ended or changed while the route was looked up.
+            self.transfer = None;
+            self.respond_to(&origin, 481, &[], None);
+            return;
+        };
+        let exec = match route {
+            Ok(exec) => exec,
+            Err(why) => {
+                self.transfer = None;
+                self.log(
+                    LogLevel::Notice,
+                    format!("transfer to {target} refused: {why}"),
+                );
+                self.respond_to(&origin, 404, &[], None);
+                return;
+            }
+        };
+        let extra: &[(&str, &str)] = if notify {
+            &[]
+        } else {
+            &[("Refer-Sub", "false")]
+        };
+        self.respond_to(&origin, 202, extra, None);
+        if by == LegRef::A {
+            self.swap_parties(w);
+        }
+        let saved = Saved {
+            exec: std::mem::replace(&mut self.exec, exec),
+            dial: self.dial.take(),
+            hangup_at: self.hangup_at.take(),
+            media_targets: self.media_targets[1].clone(),
+            sdp_sent: self.sdp_sent[0].clone(),
+            exten: std::mem::replace(&mut self.a.exten, target),
+        };
+        if let Some(t) = self.transfer.as_mut() {
+            t.transferor = w;
+            t.saved = Some(saved);
+        }
+        self.notify_transfer(now, 100, false);
+        // The transferee hears music until the target answers (or an application of
+        // the node takes it), whatever the holds were.
+        if let Some(stream) = self.music_stream.take() {
+            self.out
+                .push_back(Output::Media(MediaOp::StopPlay { stream }));
+        }
+        self.start_music(Side::A, None);
+        self.app_name = Some("Transfer");
+        self.app_pt = self.transferee_codec();
+        if let Some((stream, pt)) = self
+            .a
+            .offer
+            .as_ref()
+            .and_then(|o| Some((o.g711_stream()?, o.media.get(o.g711_stream()?)?)))
+            .and_then(|(i, m)| Some((i, m.telephone_event()?)))
+        {
+            self.out.push_back(Output::Media(MediaOp::DetectDtmf {
+                stream,
+                payload_type: pt,
+            }));
+        }
+        self.phase = Phase::Running;
+        self.run(now);
+    }
+
+    /// The transferor's leg once the final NOTIFY is answered (or timed out): a BYE,
+    /// unless it hung up itself.
+    pub(super) fn bye_transferor(&mut self, now: Instant, leg: LegRef) {
+        if let LegRef::B(w) = leg {
+            self.transferor_bye = Some((now + TRANSFEROR_GRACE, w));
+        }
+    }
+
+    /// The grace of [`TRANSFEROR_GRACE`] is over: a BYE for a transferor still there.
+    pub(super) fn transferor_bye_due(&mut self, now: Instant) {
+        let Some((at, w)) = self.transferor_bye else {
+            return;
+        };
+        if now < at {
+            return;
+        }
+        self.transferor_bye = None;
+        if self.legs[w].state == LegState::Answered && self.phase != Phase::Bridged(w) {
+            self.legs[w].state = LegState::Done(200);
+            self.send_in_dialog(now, LegRef::B(w), Method::Bye, &[], None, None);
+        }
+    }
+
+    /// The payload type the transferee receives (from the description it was sent),
+    /// for the node's own prompts to it.
+    fn transferee_codec(&self) -> Option<u8> {
+        Sdp::parse(self.sdp_body[0].as_bytes())
+            .ok()
+            .and_then(|s| s.g711_receive())
+            .map(|(_, pt)| pt)
+    }
+
+    /// The caller transfers: its callee becomes the call's first party (leg A, relay
+    /// side A), the caller's dialog takes the callee's place in `legs[w]`.
+    fn swap_parties(&mut self, w: usize) {
+        std::mem::swap(&mut self.a.dialog, &mut self.legs[w].dialog);
+        self.a.key = None;
+        self.a.head = None;
+        self.legs[w].tx = None;
+        self.sdp_sent.swap(0, 1);
+        self.sdp_body.swap(0, 1);
+        self.media_targets.swap(0, 1);
+        self.holds.swap(0, 1);
+        if let Some(m) = self.p.media.as_mut() {
+            for s in &mut m.streams {
+                *s = (s.1, s.0);
+            }
+        }
+        self.out.push_back(Output::Media(MediaOp::SwapSides));
+        // The transferee's description: the source of what the transferor was sent.
+        let theirs = self.sdp_sent[1].0.clone();
+        self.a.offer = Sdp::parse(theirs.as_bytes()).ok();
+        self.a.offer_raw = Bytes::from(theirs);
+        let transferee = std::mem::take(&mut self.legs[w].user);
+        self.legs[w].user = std::mem::replace(&mut self.p.caller_user, transferee);
+    }
+
+    /// The offer for the transfer target: the transferee's description, with only the
+    /// codecs it uses now, so that the target's answer needs no new offer to it.
+    pub(super) fn transfer_offer(&self) -> Option<Sdp> {
+        let mut offer = self.a.offer.clone()?;
+        let told = Sdp::parse(self.sdp_body[0].as_bytes()).ok()?;
+        offer.keep_formats_of(&told);
+        if !self.holds[0] {
+            for m in offer.media.iter_mut().filter(|m| m.kind == "audio") {
+                m.direction = Direction::SendRecv;
+            }
+        }
+        Some(offer)
+    }
+
+    /// Whether a transfer is running (past its 202, not decided yet).
+    pub(super) fn transferring(&self) -> bool {
+        self.transfer.as_ref().is_some_and(|t| t.saved.is_some())
+    }
+
+    /// An action of the target's dialplan: one that keeps the transferee with the node
+    /// (an application) completes the transfer, one that ends the call fails it.
+    /// Returns true when the action is not to be carried out (the parties are back).
+    pub(super) fn transfer_action(&mut self, now: Instant, action: &Action) -> bool {
+        if !self.transferring() {
+            return false;
+        }
+        match action {
+            Action::Answer
+            | Action::Playback { .. }
+            | Action::Background { .. }
+            | Action::MusicOnHold { .. }
+            | Action::WaitExten { .. }
+            | Action::Read { .. }
+            | Action::Echo => {
+                self.transfer_succeeded(now);
+                false
+            }
+            Action::Busy => self.transfer_failed(now, 486),
+            Action::Congestion => self.transfer_failed(now, 503),
+            Action::Hangup { cause } => {
+                self.transfer_failed(now, pbx_dialplan::cause_to_sip(*cause))
+            }
+            _ => false,
+        }
+    }
+
+    /// The target answered, or the transferee is with one of the node's applications.
+    pub(super) fn transfer_succeeded(&mut self, now: Instant) {
+        let Some(t) = self.transfer.take() else {
+            return;
+        };
+        self.log(
+            LogLevel::Notice,
+            format!("transfer to {} completed", t.target),
+        );
+        if let Some(stream) = self.music_stream.take() {
+            self.out
+                .push_back(Output::Media(MediaOp::StopPlay { stream }));
+        }
+        // The transferor's hold is over for the transferee.
+        self.holds[1] = false;
+        self.app_name = None;
+        let w = t.transferor;
+        if self.legs[w].state != LegState::Answered {
+            return; // hung up already
+        }
+        if t.notify {
+            self.transfer = Some(t);
+            self.notify_transfer(now, 200, true);
+            self.transfer = None;
+            // The BYE follows the NOTIFY's answer (see `on_response`).
+            if let Some(p) = self.pending.last_mut() {
+                p.then_bye = true;
+            }
+        } else {
+            self.bye_transferor(now, LegRef::B(w));
+        }
+    }
+
+    /// The target was not reached (`status`, the SIP status for the NOTIFY): with the
+    /// transferor still there, the parties are connected again and true is returned.
+    pub(super) fn transfer_failed(&mut self, now: Instant, status: u16) -> bool {
+        let Some(t) = self.transfer.as_ref() else {
+            return false;
+        };
+        let w = t.transferor;
+        let target = t.target.clone();
+        if self.legs[w].state != LegState::Answered {
+            // The transferor hung up: the target's dialplan goes on for the transferee.
+            self.transfer = None;
+            self.log(
+                LogLevel::Notice,
+                format!("transfer to {target} failed ({status}); the transferor left"),
+            );
+            return false;
+        }
+        self.log(
+            LogLevel::Notice,
+            format!("transfer to {target} failed ({status}): back to the transferor"),
+        );
+        self.notify_transfer(now, status, true);
+        let Some(saved) = self.transfer.take().and_then(|t| t.saved) else {
+            return false;
+        };
+        self.exec = saved.exec;
+        self.dial = saved.dial;
+        self.hangup_at = saved.hangup_at;
+        self.a.exten = saved.exten;
+        self.sdp_sent[0] = saved.sdp_sent;
+        self.app_name = None;
+        self.phase = Phase::Bridged(w);
+        let n = self.p.media.as_ref().map_or(0, |m| m.streams.len());
+        for (stream, addr) in saved.media_targets.iter().copied().enumerate().take(n) {
+            self.out.push_back(Output::Media(MediaOp::Remote {
+                stream,
+                side: Side::B,
+                addr,
+            }));
+        }
+        self.media_targets[1] = saved.media_targets;
+        self.out
+            .push_back(Output::Media(MediaOp::Mode(pbx_media_core::Mode::Bridge)));
+        // Music only if the transferor still holds.
+        if let Some(stream) = self.music_stream.take() {
+            self.out
+                .push_back(Output::Media(MediaOp::StopPlay { stream }));
+        }
+        if let Some(to) = self.music_side() {
+            self.start_music(to, None);
+        }
+        true
+    }
+
+    /// A NOTIFY of the transfer's progress to the transferor (`final_`: the last one).
+    pub(super) fn notify_transfer(&mut self, now: Instant, status: u16, final_: bool) {
+        let Some(t) = self.transfer.as_ref() else {
+            return;
+        };
+        let w = match t.saved {
+            Some(_) => t.transferor,
+            None => return,
+        };
+        if !t.notify || self.legs[w].state != LegState::Answered {
+            return;
+        }
+        let event = format!("refer;id={}", t.refer_cseq);
+        let state = if final_ {
+            "terminated;reason=noresource".to_string()
+        } else {
+            format!("active;expires={REFER_EXPIRES}")
+        };
+        let frag = format!("SIP/2.0 {status} {}\r\n", reason_phrase(status));
+        self.send_in_dialog(
+            now,
+            LegRef::B(w),
+            Method::Notify,
+            &[("Event", &event), ("Subscription-State", &state)],
+            Some(("message/sipfrag;version=2.0", frag.as_bytes())),
+            None,
+        );
+    }
+}

@@ -1,0 +1,335 @@
+//! Blind transfer by REFER, driven with messages and a clock.
+
+use super::*;
+
+const CAROL: &str = "127.0.0.4:5064";
+const SDP_C: &str = "v=0\r\no=carol 1 1 IN IP4 127.0.0.4\r\ns=-\r\nc=IN IP4 127.0.0.4\r\nt=0 0\r\nm=audio 8000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+
+/// alice calls bob (bob1 answers); returns the harness, the tag of alice's dialog
+/// and the INVITE bob got.
+fn connected() -> (Harness, String, Bytes) {
+    let mut h = Harness::start("bob", SDP_A);
+    h.take();
+    h.resolve(&[BOB1]);
+    let inv = Harness::sent(&h.take(), BOB1);
+    h.response(&response_to(&inv[0].1, 200, "b1", BOB1, SDP_B));
+    let (_, ok) = final_to_a(&h.take()).unwrap();
+    let tag = to_tag_of(&ok);
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    h.take();
+    (h, tag, inv[0].1.clone())
+}
+
+/// From/To and Call-ID of a request bob sends in his dialog with the node.
+fn bob_dialog(invite_to_bob: &[u8]) -> (String, String) {
+    let (m, c) = parse(invite_to_bob);
+    let ours = m.header(&HeaderName::From).unwrap();
+    let to = m.header(&HeaderName::To).unwrap();
+    (
+        format!("From: {to};tag=b1\r\nTo: {ours}\r\n"),
+        c.call_id.clone(),
+    )
+}
+
+fn refer(cseq: u32, dialog: &str, call_id: &str, refer_to: &str, extra: &str) -> Vec<u8> {
+    let req = in_dialog("REFER", cseq, dialog, call_id, "");
+    let text = String::from_utf8(req).unwrap();
+    text.replacen(
+        "Content-Length: 0",
+        &format!("Refer-To: {refer_to}\r\n{extra}Content-Length: 0"),
+        1,
+    )
+    .into_bytes()
+}
+
+/// The dialplan at `exten` in [default], as the driver would answer Output::Route.
+fn route_to(h: &mut Harness, exten: &str, caller: &str) {
+    let out = h.take();
+    let routed = out.iter().find_map(|o| match o {
+        Output::Route {
+            user,
+            exten,
+            caller,
+        } => Some((user.clone(), exten.clone(), caller.clone())),
+        _ => None,
+    });
+    let (_, asked, who) = routed.expect("the call asks for the target's route");
+    assert_eq!(asked, exten);
+    assert_eq!(who.num, caller);
+    let plan = Arc::new(Dialplan::parse(DEMO_DIALPLAN).unwrap());
+    let exec = Execution::start(plan, "default", exten, who).map_err(|e| e.to_string());
+    h.out = out;
+    h.call.on_route(h.now, exec);
+    h.drain();
+}
+
+fn carol_contact() -> Vec<Contact<Udp>> {
+    vec![Contact {
+        uri: format!("sip:carol@{CAROL}"),
+        dest: Udp(addr(CAROL)),
+        route: vec![],
+        user: "carol".into(),
+        alternates: vec![],
+        domain: None,
+    }]
+}
+
+fn notify_frags(out: &[Output<Udp>], to: &str) -> Vec<(String, String)> {
+    Harness::sent(out, to)
+        .into_iter()
+        .filter(|(m, _)| *m == Method::Notify)
+        .map(|(_, b)| {
+            let (m, _) = parse(&b);
+            assert_eq!(m.header(&HeaderName::Event).unwrap(), "refer;id=2");
+            assert!(
+                m.header(&HeaderName::Contact).is_some(),
+                "NOTIFY has a Contact"
+            );
+            assert_eq!(
+                m.header(&HeaderName::ContentType).unwrap(),
+                "message/sipfrag;version=2.0"
+            );
+            (
+                String::from_utf8_lossy(&m.body).trim().to_string(),
+                m.header(&HeaderName::SubscriptionState)
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+fn ok_to(req: &Bytes, from: &str) -> Vec<u8> {
+    response_to(req, 200, "x", from, "")
+}
+
+#[test]
+fn the_callee_transfers_the_caller_blind_and_leaves() {
+    let (mut h, _, inv) = connected();
+    let (bob, bob_call) = bob_dialog(&inv);
+    h.request(&refer(2, &bob, &bob_call, "<sip:carol@pbx.test>", ""), BOB1);
+    route_to(&mut h, "carol", "alice");
+    let out = h.take();
+    assert!(Harness::responses(&out).contains(&202));
+    assert_eq!(
+        notify_frags(&out, BOB1),
+        vec![(
+            "SIP/2.0 100 Trying".to_string(),
+            "active;expires=60".to_string()
+        )]
+    );
+    // alice hears music while carol rings.
+    assert!(out.contains(&Output::Media(MediaOp::Music {
+        stream: 0,
+        side: Side::A,
+        class: "default".into(),
+        payload_type: 0
+    })));
+    assert!(out.contains(&Output::Resolve(vec![DialTarget::User("carol".into())])));
+    h.call.on_resolved(h.now, carol_contact(), 480);
+    let inv_c = Harness::sent(&h.take(), CAROL);
+    assert_eq!(inv_c[0].0, Method::Invite);
+    let (m, _) = parse(&inv_c[0].1);
+    let offer = String::from_utf8_lossy(&m.body).into_owned();
+    assert!(
+        offer.contains("m=audio 40002 ") && offer.contains("a=sendrecv"),
+        "{offer}"
+    );
+    assert!(m.header(&HeaderName::From).unwrap().contains("sip:alice@"));
+    // Nothing is sent to alice: no new description for her.
+    h.response(&response_to(&inv_c[0].1, 200, "c1", CAROL, SDP_C));
+    let out = h.take();
+    assert!(Harness::sent(&out, ALICE).is_empty(), "{out:?}");
+    assert!(out.contains(&Output::Media(MediaOp::Remote {
+        stream: 0,
+        side: Side::B,
+        addr: Some(addr("127.0.0.4:8000")),
+    })));
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
+    let notify = Harness::sent(&out, BOB1);
+    assert_eq!(
+        notify_frags(&out, BOB1),
+        vec![(
+            "SIP/2.0 200 OK".to_string(),
+            "terminated;reason=noresource".to_string()
+        )]
+    );
+    let rec = record_of(&out);
+    assert_eq!(rec.id, "a-call");
+    assert_eq!(rec.legs.len(), 2);
+    assert_eq!(rec.legs[1].remote_target, format!("sip:x@{CAROL}"));
+    assert_eq!(rec.callee, "carol");
+    // bob answers the NOTIFY and does not hang up himself: the node does, a little
+    // later.
+    h.response(&ok_to(&notify[0].1, BOB1));
+    assert!(Harness::sent(&h.take(), BOB1).is_empty());
+    h.advance(Duration::from_millis(2100));
+    let byes: Vec<_> = Harness::sent(&h.take(), BOB1)
+        .into_iter()
+        .filter(|(m, _)| *m == Method::Bye)
+        .collect();
+    assert_eq!(byes.len(), 1);
+}
+
+#[test]
+fn a_failed_transfer_puts_the_parties_back_together() {
+    let (mut h, tag, inv) = connected();
+    let (bob, bob_call) = bob_dialog(&inv);
+    h.request(&refer(2, &bob, &bob_call, "sip:carol@pbx.test", ""), BOB1);
+    route_to(&mut h, "carol", "alice");
+    h.take();
+    h.call.on_resolved(h.now, carol_contact(), 480);
+    let inv_c = Harness::sent(&h.take(), CAROL);
+    h.response(&response_to(&inv_c[0].1, 486, "c1", CAROL, ""));
+    let out = h.take();
+    assert_eq!(
+        notify_frags(&out, BOB1).last().unwrap(),
+        &(
+            "SIP/2.0 486 Busy Here".to_string(),
+            "terminated;reason=noresource".to_string()
+        )
+    );
+    assert!(out.contains(&Output::Media(MediaOp::Remote {
+        stream: 0,
+        side: Side::B,
+        addr: Some(addr("127.0.0.2:7000")),
+    })));
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
+    assert!(
+        !Harness::sent(&out, BOB1)
+            .iter()
+            .any(|(m, _)| *m == Method::Bye),
+        "bob keeps the call"
+    );
+    assert!(hung_up_with(&out).is_none());
+    // Bridged again: alice's INFO reaches bob, her BYE too.
+    h.request(
+        &in_dialog("BYE", 2, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    let out = h.take();
+    assert!(Harness::sent(&out, BOB1)
+        .iter()
+        .any(|(m, _)| *m == Method::Bye));
+}
+
+#[test]
+fn the_caller_transfers_the_callee_who_becomes_the_first_party() {
+    let (mut h, tag, inv) = connected();
+    h.request(
+        &refer(
+            2,
+            &alice_headers(&tag),
+            "a-call",
+            "<sip:carol@pbx.test>",
+            "Refer-Sub: false\r\n",
+        ),
+        ALICE,
+    );
+    route_to(&mut h, "carol", "bob");
+    let out = h.take();
+    let accepted = out.iter().find_map(|o| match o {
+        Output::Respond {
+            status: 202, bytes, ..
+        } => Some(bytes.clone()),
+        _ => None,
+    });
+    let (m, _) = parse(&accepted.expect("202"));
+    assert_eq!(m.header(&HeaderName::ReferSub), Some("false"));
+    assert!(out.contains(&Output::Media(MediaOp::SwapSides)));
+    assert!(Harness::sent(&out, ALICE).is_empty(), "no NOTIFY asked for");
+    h.call.on_resolved(h.now, carol_contact(), 480);
+    let inv_c = Harness::sent(&h.take(), CAROL);
+    let (m, _) = parse(&inv_c[0].1);
+    assert!(m.header(&HeaderName::From).unwrap().contains("sip:bob@"));
+    // The offer is at the port alice's side had: bob is side A now.
+    assert!(String::from_utf8_lossy(&m.body).contains("m=audio 40000 "));
+    h.response(&response_to(&inv_c[0].1, 200, "c1", CAROL, SDP_C));
+    let out = h.take();
+    h.advance(Duration::from_millis(2100));
+    let bye = Harness::sent(&h.take(), ALICE);
+    assert_eq!(bye.len(), 1, "alice, told nothing, is hung up");
+    assert_eq!(bye[0].0, Method::Bye);
+    let rec = record_of(&out);
+    assert_eq!(rec.id, "a-call", "the call keeps its id");
+    assert_eq!(rec.caller, "bob");
+    assert_eq!(rec.legs[0].call_id, bob_dialog(&inv).1);
+    assert_eq!(h.call.id(), "a-call");
+    // bob's BYE ends the call: carol gets one.
+    let (bob, bob_call) = bob_dialog(&inv);
+    h.request(&in_dialog("BYE", 3, &bob, &bob_call, ""), BOB1);
+    let out = h.take();
+    assert!(Harness::sent(&out, CAROL)
+        .iter()
+        .any(|(m, _)| *m == Method::Bye));
+    assert_eq!(hung_up_with(&out), Some(16));
+}
+
+#[test]
+fn a_transfer_to_an_application_completes_when_it_takes_the_call() {
+    let (mut h, _, inv) = connected();
+    let (bob, bob_call) = bob_dialog(&inv);
+    h.request(&refer(2, &bob, &bob_call, "<sip:700@pbx.test>", ""), BOB1);
+    route_to(&mut h, "700", "alice");
+    let out = h.take();
+    let frags: Vec<String> = notify_frags(&out, BOB1).into_iter().map(|f| f.0).collect();
+    assert_eq!(frags, vec!["SIP/2.0 100 Trying", "SIP/2.0 200 OK"]);
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Media(MediaOp::Play { prompts, payload_type: 0, .. }) if prompts == &["hello-world".to_string()]
+    )));
+}
+
+#[test]
+fn refers_the_node_cannot_carry_out_are_refused() {
+    let (mut h, tag, inv) = connected();
+    let (bob, bob_call) = bob_dialog(&inv);
+    // Attended transfer is not supported yet.
+    h.request(
+        &refer(
+            2,
+            &bob,
+            &bob_call,
+            "<sip:carol@pbx.test?Replaces=x%3Bto-tag%3D1%3Bfrom-tag%3D2>",
+            "",
+        ),
+        BOB1,
+    );
+    assert_eq!(Harness::responses(&h.take()), vec![501]);
+    // No Refer-To.
+    h.request(&in_dialog("REFER", 3, &bob, &bob_call, ""), BOB1);
+    assert_eq!(Harness::responses(&h.take()), vec![400]);
+    // No such extension: the route lookup fails.
+    h.request(
+        &refer(4, &bob, &bob_call, "<sip:nobody@pbx.test>", ""),
+        BOB1,
+    );
+    h.take();
+    h.call.on_route(h.now, Err("no extension".into()));
+    assert_eq!(Harness::responses(&h.take()), vec![404]);
+    // A stray NOTIFY: no subscription of ours.
+    h.request(
+        &in_dialog("NOTIFY", 2, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    assert_eq!(Harness::responses(&h.take()), vec![481]);
+}
+
+#[test]
+fn a_refer_outside_a_bridge_is_forbidden() {
+    let (mut h, tag) = in_ivr();
+    h.request(
+        &refer(
+            5,
+            &format!("From: \"Alice\" <sip:alice@pbx.test>;tag=at\r\nTo: <sip:800@pbx.test>;tag={tag}\r\n"),
+            "a-call",
+            "<sip:carol@pbx.test>",
+            "",
+        ),
+        ALICE,
+    );
+    assert_eq!(Harness::responses(&h.take()), vec![403]);
+}

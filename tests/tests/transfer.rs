@@ -1,0 +1,159 @@
+//! Blind transfer with a real softphone: u1 (SIPp) calls u2 (baresip) through node 1,
+//! u2 transfers the call to u3 (a SIPp phone registered through node 2) with REFER.
+//! The node sends u1 through the dialplan to u3; u2 sees the NOTIFY progress and hangs
+//! up; u1 and u3 talk (RTP both ways through the relay) and u1's BYE reaches u3.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::time::Duration;
+
+use pbx_tests::{
+    assert_all_ok, free_tcp_port, free_udp_port, require_tool, sipp_logs, wait_for, Baresip,
+    LocalCluster, Phones, Users,
+};
+
+const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]\n";
+
+fn rtp(seq: u16) -> Vec<u8> {
+    let mut p = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+    p[2..4].copy_from_slice(&seq.to_be_bytes());
+    p[4..8].copy_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&[0xd5; 160]);
+    p
+}
+
+/// Sends RTP from `from` to `to` until `at` receives one; returns where it came from.
+fn reaches(from: &UdpSocket, to: SocketAddr, at: &UdpSocket, what: &str) -> SocketAddr {
+    at.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut seq = 0u16;
+    let mut buf = [0u8; 2048];
+    wait_for(what, Duration::from_secs(10), || {
+        seq += 1;
+        from.send_to(&rtp(seq), to).ok()?;
+        let (n, src) = at.recv_from(&mut buf).ok()?;
+        (n >= 12).then_some(src)
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_callee_transfers_the_call_with_refer_and_the_caller_reaches_the_target() {
+    require_tool("baresip", "baresip-core");
+    let users = Users { count: 3 };
+    let c = LocalCluster::up(83, 3, &users, MD5_ONLY).unwrap();
+    let p = Phones::new(&c);
+    let out_log = |dir: &Path| std::fs::read_to_string(dir.join("out.log")).unwrap_or_default();
+
+    // u3: a SIPp phone registered through node 2, answering with our media socket.
+    let carol_ip = c.client_ip(52);
+    let carol_port = free_udp_port(&carol_ip);
+    let carol_media = UdpSocket::bind((carol_ip.as_str(), 0)).unwrap();
+    p.register(2, 3, &carol_ip, carol_port);
+    let carol = p.callee_with_media(
+        "uas_answer.xml",
+        &carol_ip,
+        carol_port,
+        &carol_media.local_addr().unwrap().to_string(),
+        &[],
+    );
+
+    // u2: baresip on node 1, answering by itself, driven through ctrl_tcp.
+    let bob_ip = c.client_ip(51);
+    let control: SocketAddr = format!("{bob_ip}:{}", free_tcp_port(&bob_ip))
+        .parse()
+        .unwrap();
+    let bob_dir = c.dir.path().join("baresip-u2");
+    let _bob = Baresip::start_with(
+        &bob_dir,
+        &bob_ip,
+        free_udp_port(&bob_ip),
+        &[],
+        &format!(
+            "<sip:{}@pbx.test>;auth_pass={};outbound=\"sip:{}\";regint=600;answermode=auto;audio_codecs=PCMU",
+            Users::name(2),
+            Users::password(2),
+            c.node_addr(1)
+        ),
+        &Baresip::control_config(control),
+    );
+    wait_for("u2 registered", Duration::from_secs(20), || {
+        (!c.bound_via(&[1], &Users::name(2)).is_empty()).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}", out_log(&bob_dir)));
+
+    // u1 calls u2 through node 1 and stays 8 s on the line before hanging up.
+    let alice_media = UdpSocket::bind((c.client_ip(60).as_str(), 0)).unwrap();
+    let alice = p.call(
+        "uac_call.xml",
+        1,
+        1,
+        &Users::name(2),
+        alice_media.local_addr().unwrap(),
+        8000,
+    );
+    wait_for("u2 answered", Duration::from_secs(10), || {
+        out_log(&bob_dir).contains("Call established").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}\n{}", out_log(&bob_dir), c.log(1)));
+
+    let answer = Baresip::command(
+        control,
+        "transfer",
+        &format!("sip:{}@pbx.test", Users::name(3)),
+    )
+    .unwrap();
+    assert!(!answer.contains("error"), "{answer}");
+    wait_for("the transfer completed", Duration::from_secs(10), || {
+        c.log(1)
+            .contains(&format!("transfer to {} completed", Users::name(3)))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}\n{}", c.log(1), out_log(&bob_dir)));
+    assert!(
+        c.log(1).contains(&format!(
+            "{} transfers the call to {}",
+            Users::name(2),
+            Users::name(3)
+        )),
+        "{}",
+        c.log(1)
+    );
+
+    // Media: what u1 sends to its relay port reaches u3's socket, and u3's answer
+    // (sent back where the relay's packets come from) reaches u1.
+    let relay_port: u16 = wait_for("u1's relay port", Duration::from_secs(5), || {
+        let logs = sipp_logs(&c);
+        let at = logs.find("relay ")?;
+        logs[at + 6..]
+            .split_whitespace()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    })
+    .unwrap();
+    let relay_a = SocketAddr::new(c.node_addr(1).ip(), relay_port);
+    let relay_c = reaches(&alice_media, relay_a, &carol_media, "u1's RTP at u3");
+    assert_ne!(relay_c, relay_a, "u3 is on the other side of the relay");
+    let back = reaches(&carol_media, relay_c, &alice_media, "u3's RTP at u1");
+    assert_eq!(back, relay_a, "u1 hears u3 from the port it knows");
+
+    // u2 hung up after the NOTIFY 200 (or was hung up); u1's BYE reaches u3.
+    assert_all_ok(&alice.wait().unwrap(), 1, "u1's call through the transfer");
+    assert_all_ok(&carol.wait().unwrap(), 1, "u3 answered and got u1's BYE");
+    let bob_log = out_log(&bob_dir);
+    for line in c.log(1).lines().filter(|l| l.contains("transfer")) {
+        eprintln!("node 1: {line}");
+    }
+    for line in bob_log
+        .lines()
+        .filter(|l| l.to_lowercase().contains("transf"))
+    {
+        eprintln!("baresip: {line}");
+    }
+    assert!(
+        bob_log.to_lowercase().contains("transfer"),
+        "baresip saw its transfer through: {bob_log}"
+    );
+}
