@@ -24,6 +24,7 @@ mod resume;
 mod transfer;
 
 pub use resume::streams_needed;
+pub use transfer::{HandOver, Replaces};
 
 const SDP: &str = "application/sdp";
 
@@ -153,6 +154,9 @@ pub enum Output<D> {
         exten: String,
         caller: pbx_dialplan::CallerId,
     },
+    /// Ask the call that has this dialog to hand its other party over
+    /// ([`Call::hand_over`]) and give the result to [`Call::on_handover`].
+    Replace(Replaces),
     /// Messages with this Call-ID belong to this call from now on.
     ClaimCallId(String),
     Media(MediaOp),
@@ -309,8 +313,9 @@ pub struct Call<D> {
     music_waiting: bool,
     /// Per side: the SDP we anchored last and the version we sent it with.
     sdp_sent: [(String, u64); 2],
-    /// The `o=` session id of our descriptions (kept by a node resuming the call).
-    session: u64,
+    /// Per side, the `o=` session id of our descriptions (kept by a node resuming the
+    /// call; a party handed over from another call keeps the one it knows).
+    session: [u64; 2],
     /// Per side: the description we sent last, and where the side receives media.
     sdp_body: [String; 2],
     media_targets: [Vec<Option<SocketAddr>>; 2],
@@ -436,7 +441,7 @@ impl<D: Destination> Call<D> {
             music_stream: None,
             music_waiting: false,
             sdp_sent: Default::default(),
-            session: params.seed & 0xffff_ffff,
+            session: [params.seed & 0xffff_ffff; 2],
             sdp_body: Default::default(),
             media_targets: Default::default(),
             app_name: None,
@@ -911,7 +916,7 @@ impl<D: Destination> Call<D> {
         if self.sdp_sent[i].0 != source {
             self.sdp_sent[i] = (source, self.sdp_sent[i].1 + 1);
         }
-        let body = sdp.anchored(ip, &ports, self.session, self.sdp_sent[i].1);
+        let body = sdp.anchored(ip, &ports, self.session[i], self.sdp_sent[i].1);
         self.sdp_body[i].clone_from(&body);
         body.into_bytes()
     }
@@ -947,7 +952,7 @@ impl<D: Destination> Call<D> {
             None => {
                 let (ip, ports) = self.media_ports(Side::B)?;
                 let port = *ports.first()?;
-                let body = pbx_sdp::offer_g711(ip, port, self.session, 1);
+                let body = pbx_sdp::offer_g711(ip, port, self.session[1], 1);
                 self.sdp_body[1].clone_from(&body);
                 // Version 1 is taken: the next description to B is a later one.
                 self.sdp_sent[1].1 = self.sdp_sent[1].1.max(1);
@@ -976,9 +981,9 @@ impl<D: Destination> Call<D> {
                 // The version moves only when what we answer changes (a hold, a new
                 // codec), as RFC 3264 §8 asks; 183 and 200 of one offer carry the same.
                 let version = self.sdp_sent[0].1.max(1);
-                let (mut sdp, pt) = offer.answer_g711(m.ip, port, self.session, version)?;
+                let (mut sdp, pt) = offer.answer_g711(m.ip, port, self.session[0], version)?;
                 if !self.sdp_body[0].is_empty() && self.sdp_body[0] != sdp {
-                    let next = offer.answer_g711(m.ip, port, self.session, version + 1)?;
+                    let next = offer.answer_g711(m.ip, port, self.session[0], version + 1)?;
                     sdp = next.0;
                     self.sdp_sent[0].1 = version + 1;
                 } else {
@@ -1006,7 +1011,7 @@ impl<D: Destination> Call<D> {
                     stream,
                     payload_type: pbx_sdp::OFFERED_TELEPHONE_EVENT,
                 }));
-                let sdp = pbx_sdp::offer_g711(m.ip, port, self.session, 1);
+                let sdp = pbx_sdp::offer_g711(m.ip, port, self.session[0], 1);
                 self.sdp_body[0].clone_from(&sdp);
                 Some(sdp)
             }
@@ -1629,10 +1634,10 @@ impl<D: Destination> Call<D> {
             }
             let (ip, ports) = self.media_ports(side)?;
             // A new version only when the description changes (RFC 3264 §8).
-            let mut body = answer.anchored(ip, &ports, self.session, self.sdp_sent[i].1);
+            let mut body = answer.anchored(ip, &ports, self.session[i], self.sdp_sent[i].1);
             if body != self.sdp_body[i] {
                 self.sdp_sent[i].1 += 1;
-                body = answer.anchored(ip, &ports, self.session, self.sdp_sent[i].1);
+                body = answer.anchored(ip, &ports, self.session[i], self.sdp_sent[i].1);
             }
             self.sdp_body[i].clone_from(&body);
             Some(body)

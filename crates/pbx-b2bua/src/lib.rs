@@ -13,8 +13,8 @@ mod call;
 mod dialog;
 
 pub use call::{
-    streams_needed, Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Output,
-    FAILOVER_SILENCE,
+    streams_needed, Call, CallParams, Contact, HandOver, MediaNotice, MediaOp, MediaPorts, Output,
+    Replaces, FAILOVER_SILENCE,
 };
 pub use dialog::Destination;
 

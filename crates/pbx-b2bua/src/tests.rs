@@ -101,6 +101,11 @@ impl Harness {
 
     /// `relay`: false for a node configured without the media relay.
     fn start_relayed(exten: &str, body: &str, plan: &str, relay: bool) -> Harness {
+        Self::start_as("a-call", exten, body, plan, relay)
+    }
+
+    /// A call whose INVITE has the Call-ID `call_id`.
+    fn start_as(call_id: &str, exten: &str, body: &str, plan: &str, relay: bool) -> Harness {
         let now = Instant::now();
         let plan = Arc::new(Dialplan::parse(plan).unwrap());
         let exec = Execution::start(
@@ -113,8 +118,10 @@ impl Harness {
             },
         )
         .unwrap();
-        let bytes = invite(exten, body);
-        let (m, c) = parse(&bytes);
+        let bytes = String::from_utf8(invite(exten, body))
+            .unwrap()
+            .replace("Call-ID: a-call\r\n", &format!("Call-ID: {call_id}\r\n"));
+        let (m, c) = parse(bytes.as_bytes());
         let params = CallParams {
             node_id: 1,
             local: addr("127.0.0.11:5060"),
@@ -122,7 +129,8 @@ impl Harness {
             domain: "pbx.test".into(),
             server_name: "pbxd".into(),
             timers: Timers::default(),
-            seed: 0xabc,
+            // Another call gets other Call-IDs and tags, as on a node.
+            seed: if call_id == "a-call" { 0xabc } else { 0xdef },
             media: relay.then(|| MediaPorts {
                 ip: "127.0.0.11".parse().unwrap(),
                 streams: vec![(40000, 40002)],

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pbx_b2bua::{Call, CallParams, Contact, MediaNotice, MediaOp, MediaPorts, Output};
+use pbx_b2bua::{
+    Call, CallParams, Contact, HandOver, MediaNotice, MediaOp, MediaPorts, Output, Replaces,
+};
 use pbx_dialplan::{DialTarget, LogLevel};
 use pbx_dns::locate::{DeadTargets, Destination, SipTransport, SplitMix, Target};
 use pbx_endpoint::{lock, CallMessage, Dest, Endpoint, NewCall, Refused, SkipReason};
@@ -54,6 +56,14 @@ pub(crate) enum CallInput {
     /// without a word to the phones, keeping the relay running for `grace` (so media
     /// flows until the new owner's re-INVITEs have moved the phones).
     Release { grace: Duration },
+    /// Another call's attended transfer takes the far party of this call's dialog
+    /// `replaces` names ([`Call::hand_over`]).
+    HandOver {
+        replaces: Replaces,
+        reply: oneshot::Sender<Result<HandOver<Dest>, String>>,
+    },
+    /// The answer to this call's [`Output::Replace`].
+    HandedOver(Result<HandOver<Dest>, String>),
 }
 
 /// What became of a call this process ran (see [`CallLayer::fate`]).
@@ -457,6 +467,16 @@ async fn run_call(
                             call.hangup_now(now, CAUSE_ADMIN_HANGUP);
                         }
                     }
+                    Some(CallInput::HandOver { replaces, reply }) => {
+                        let handed = call.hand_over(now, &replaces);
+                        if let Ok(h) = &handed {
+                            // Its dialog is the other call's now: not unrouted when this
+                            // call ends.
+                            task.claimed.retain(|id| id != h.call_id());
+                        }
+                        let _ = reply.send(handed);
+                    }
+                    Some(CallInput::HandedOver(handed)) => call.on_handover(now, handed),
                     Some(CallInput::Release { grace }) => {
                         released = Some(grace);
                         break;
@@ -658,6 +678,28 @@ fn carry_out(
                 layer.endpoint.transfer_route(&state, &user, &exten, caller)
             };
             call.on_route(Instant::now(), route);
+        }
+        Output::Replace(replaces) => {
+            // The replaced dialog's call runs on this node (a phone keeps both calls on
+            // the node it uses); its task hands the party over.
+            let Some(other) = layer.endpoint.call(&replaces.call_id) else {
+                return call.on_handover(
+                    Instant::now(),
+                    Err("the replaced call is not on this node".into()),
+                );
+            };
+            let (reply, answer) = oneshot::channel();
+            if other.send(CallInput::HandOver { replaces, reply }).is_err() {
+                return call.on_handover(Instant::now(), Err("the replaced call ended".into()));
+            }
+            let me = tx.clone();
+            tokio::spawn(async move {
+                let handed = match tokio::time::timeout(Duration::from_secs(2), answer).await {
+                    Ok(Ok(handed)) => handed,
+                    _ => Err("the replaced call did not answer".into()),
+                };
+                let _ = me.send(CallInput::HandedOver(handed));
+            });
         }
         Output::Log { level, message } => match level {
             LogLevel::Error => tracing::error!(call = call.id(), "{message}"),

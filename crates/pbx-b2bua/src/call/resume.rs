@@ -107,10 +107,10 @@ impl<D: Destination> Call<D> {
                 .and_then(|l| Sdp::parse(l.sdp_sent.as_bytes()).ok())
         };
         let (a_sdp, b_sdp) = (sent(0), sent(1));
-        let session = a_sdp
-            .as_ref()
-            .and_then(|s| s.session_id.parse::<u64>().ok())
-            .unwrap_or(params.seed & 0xffff_ffff);
+        let session_of =
+            |sdp: &Option<Sdp>| sdp.as_ref().and_then(|s| s.session_id.parse::<u64>().ok());
+        let session_a = session_of(&a_sdp).unwrap_or(params.seed & 0xffff_ffff);
+        let session = [session_a, session_of(&b_sdp).unwrap_or(session_a)];
         let caller = CallerId {
             num: record.caller.clone(),
             name: String::new(),
@@ -259,12 +259,12 @@ impl<D: Destination> Call<D> {
     }
 
     /// Sends `leg` a re-INVITE with the description it had, at this node's relay.
-    fn reanchor(&mut self, now: Instant, leg: LegRef, had: &Sdp) {
+    pub(super) fn reanchor(&mut self, now: Instant, leg: LegRef, had: &Sdp) {
         let side = super::side_of(leg);
         let i = if side == Side::A { 0 } else { 1 };
         let version = had.session_version + 1;
         let body = match self.media_ports(side) {
-            Some((ip, ports)) => had.anchored(ip, &ports, self.session, version),
+            Some((ip, ports)) => had.anchored(ip, &ports, self.session[i], version),
             // No relay: the phones talk directly; only the signalling moves.
             None => self.sdp_body_or(i, had),
         };
@@ -289,7 +289,7 @@ impl<D: Destination> Call<D> {
             let ip = had
                 .connection
                 .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-            had.anchored(ip, &ports, self.session, had.session_version)
+            had.anchored(ip, &ports, self.session[i], had.session_version)
         } else {
             self.sdp_body[i].clone()
         }

@@ -14,6 +14,13 @@
 //! A caller that transfers leaves its callee as the party the call runs for: the two
 //! swap places in the call (dialogs, descriptions, relay sides), so that the call's
 //! first leg is always the one the dialplan drives.
+//!
+//! Attended transfer (RFC 5589 §7): the transferor talks to the target in a second
+//! call and sends REFER with `Refer-To: <target?Replaces=…>` naming its dialog with the
+//! node in that call (RFC 3891). The call that got the REFER takes the target's dialog
+//! over from the other call ([`Call::hand_over`], through the driver), moves the
+//! target's media to its own relay with a re-INVITE, and the other call ends with a BYE
+//! to the transferor. The transferee never sees a thing.
 
 use std::time::Instant;
 
@@ -23,8 +30,74 @@ use pbx_media_core::Side;
 use pbx_sdp::{Direction, Sdp};
 use pbx_sip_msg::{reason_phrase, HeaderName, Method, NameAddr, SipMessage};
 
-use super::{Call, DialRequest, LegRef, LegState, MediaOp, Origin, Output, Phase};
-use crate::dialog::Destination;
+use super::{
+    side_index, side_of, BLeg, Call, Cancel, Contact, DialRequest, LegRef, LegState, MediaOp,
+    Origin, Output, Phase,
+};
+use crate::dialog::{Destination, Dialog};
+
+/// The dialog a `Replaces` names (RFC 3891 §6.1): its Call-ID and tags, `to_tag` being
+/// the tag of the party that receives the Replaces (here: the node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaces {
+    pub call_id: String,
+    pub to_tag: String,
+    pub from_tag: String,
+}
+
+impl Replaces {
+    /// `call-id;to-tag=…;from-tag=…` (other parameters, like `early-only`, ignored).
+    pub fn parse(value: &str) -> Option<Replaces> {
+        let mut parts = value.split(';');
+        let call_id = parts.next()?.trim().to_string();
+        let (mut to_tag, mut from_tag) = (None, None);
+        for p in parts {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            match k.trim().to_ascii_lowercase().as_str() {
+                "to-tag" => to_tag = Some(v.trim().to_string()),
+                "from-tag" => from_tag = Some(v.trim().to_string()),
+                _ => {}
+            }
+        }
+        if call_id.is_empty() {
+            return None;
+        }
+        Some(Replaces {
+            call_id,
+            to_tag: to_tag?,
+            from_tag: from_tag?,
+        })
+    }
+
+    /// The `Replaces` header of a Refer-To URI's headers (`?Replaces=…&…`, escaped):
+    /// `None` without one, `Some(None)` for one that does not parse.
+    fn of_uri_headers(headers: &str) -> Option<Option<Replaces>> {
+        let value = headers.split('&').find_map(|h| {
+            let (k, v) = h.split_once('=')?;
+            k.trim().eq_ignore_ascii_case("replaces").then_some(v)
+        })?;
+        Some(Replaces::parse(&pbx_sip_msg::uri::unescape(value)))
+    }
+}
+
+/// A party handed from one call to another in an attended transfer: its dialog with
+/// the node and what it was last sent.
+#[derive(Debug, Clone)]
+pub struct HandOver<D> {
+    dialog: Dialog<D>,
+    sdp: String,
+    version: u64,
+    session: u64,
+    targets: Vec<Option<std::net::SocketAddr>>,
+    user: String,
+}
+
+impl<D> HandOver<D> {
+    /// The Call-ID of the handed-over party's dialog (its messages go to the new call).
+    pub fn call_id(&self) -> &str {
+        &self.dialog.call_id
+    }
+}
 
 /// How long a NOTIFY subscription of a REFER says it lasts (RFC 3515 §2.4.4: the
 /// transfer ends it well before).
@@ -41,7 +114,7 @@ pub(super) struct Transfer {
     /// Who asked (before the parties swap places).
     by: LegRef,
     /// The transferor's leg once the transfer runs (its dialog in `legs`).
-    transferor: usize,
+    transferor: Option<usize>,
     /// The extension of Refer-To.
     target: String,
     /// NOTIFYs are wanted (RFC 4488: `Refer-Sub: false` says not).
@@ -96,31 +169,33 @@ impl<D: Destination> Call<D> {
             );
             return;
         };
-        if refer_to
+        let notify = !msg
+            .header(&HeaderName::ReferSub)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
+        match refer_to
             .uri
             .headers
             .as_deref()
-            .is_some_and(|h| h.to_ascii_lowercase().contains("replaces="))
+            .and_then(Replaces::of_uri_headers)
         {
-            // Attended transfer: the replaced dialog belongs to another call.
-            self.respond_to(
-                &origin,
-                501,
-                &[(
-                    "Warning",
-                    "399 pbxd \"attended transfer (Replaces) is not supported\"",
-                )],
-                None,
-            );
-            return;
+            Some(Some(r)) if self.leg_of(&r.call_id).is_none() => {
+                return self.attended(origin, r, notify);
+            }
+            Some(_) => {
+                self.respond_to(
+                    &origin,
+                    400,
+                    &[("Warning", "399 pbxd \"bad Replaces in Refer-To\"")],
+                    None,
+                );
+                return;
+            }
+            None => {}
         }
         let Some(target) = refer_to.uri.user_unescaped().filter(|u| !u.is_empty()) else {
             self.respond_to(&origin, 404, &[], None);
             return;
         };
-        let notify = !msg
-            .header(&HeaderName::ReferSub)
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
         let (user, caller) = match (leg, other) {
             (LegRef::B(i), _) => (self.legs[i].user.clone(), self.exec.caller().clone()),
             (LegRef::A, LegRef::B(w)) => (
@@ -140,7 +215,7 @@ impl<D: Destination> Call<D> {
             refer_cseq: origin.cseq,
             origin: Some(origin),
             by: leg,
-            transferor: 0,
+            transferor: None,
             target: target.clone(),
             notify,
             saved: None,
@@ -198,7 +273,7 @@ impl<D: Destination> Call<D> {
             exten: std::mem::replace(&mut self.a.exten, target),
         };
         if let Some(t) = self.transfer.as_mut() {
-            t.transferor = w;
+            t.transferor = Some(w);
             t.saved = Some(saved);
         }
         self.notify_transfer(now, 100, false);
@@ -267,6 +342,7 @@ impl<D: Destination> Call<D> {
         self.a.head = None;
         self.legs[w].tx = None;
         self.sdp_sent.swap(0, 1);
+        self.session.swap(0, 1);
         self.sdp_body.swap(0, 1);
         self.media_targets.swap(0, 1);
         self.holds.swap(0, 1);
@@ -346,7 +422,9 @@ impl<D: Destination> Call<D> {
         // The transferor's hold is over for the transferee.
         self.holds[1] = false;
         self.app_name = None;
-        let w = t.transferor;
+        let Some(w) = t.transferor else {
+            return;
+        };
         if self.legs[w].state != LegState::Answered {
             return; // hung up already
         }
@@ -366,11 +444,13 @@ impl<D: Destination> Call<D> {
     /// The target was not reached (`status`, the SIP status for the NOTIFY): with the
     /// transferor still there, the parties are connected again and true is returned.
     pub(super) fn transfer_failed(&mut self, now: Instant, status: u16) -> bool {
-        let Some(t) = self.transfer.as_ref() else {
+        let Some((w, target)) = self
+            .transfer
+            .as_ref()
+            .and_then(|t| Some((t.transferor?, t.target.clone())))
+        else {
             return false;
         };
-        let w = t.transferor;
-        let target = t.target.clone();
         if self.legs[w].state != LegState::Answered {
             // The transferor hung up: the target's dialplan goes on for the transferee.
             self.transfer = None;
@@ -422,9 +502,8 @@ impl<D: Destination> Call<D> {
         let Some(t) = self.transfer.as_ref() else {
             return;
         };
-        let w = match t.saved {
-            Some(_) => t.transferor,
-            None => return,
+        let Some(w) = t.transferor else {
+            return;
         };
         if !t.notify || self.legs[w].state != LegState::Answered {
             return;
@@ -444,5 +523,204 @@ impl<D: Destination> Call<D> {
             Some(("message/sipfrag;version=2.0", frag.as_bytes())),
             None,
         );
+    }
+}
+
+impl<D: Destination> Call<D> {
+    /// A REFER with Replaces: the replaced dialog's call must hand its other party
+    /// over ([`Output::Replace`]).
+    fn attended(&mut self, origin: Origin, replaces: Replaces, notify: bool) {
+        self.log(
+            LogLevel::Notice,
+            format!(
+                "attended transfer: replacing the dialog {}",
+                replaces.call_id
+            ),
+        );
+        self.transfer = Some(Transfer {
+            refer_cseq: origin.cseq,
+            by: origin.leg,
+            origin: Some(origin),
+            transferor: None,
+            target: replaces.call_id.clone(),
+            notify,
+            saved: None,
+        });
+        self.out.push_back(Output::Replace(replaces));
+    }
+
+    /// Another call's attended transfer takes the party at the other end of the dialog
+    /// `replaces` names: it leaves this call without a word (its dialog goes with it),
+    /// and the transferor, on the named dialog, is hung up.
+    pub fn hand_over(&mut self, now: Instant, replaces: &Replaces) -> Result<HandOver<D>, String> {
+        let x = self
+            .leg_of(&replaces.call_id)
+            .ok_or("no such dialog in this call")?;
+        let d = self.dialog(x);
+        let remote = d.remote_tag.as_deref().unwrap_or("");
+        // Some phones give the tags from their own point of view: either way round.
+        let named = (d.local_tag == replaces.to_tag && remote == replaces.from_tag)
+            || (d.local_tag == replaces.from_tag && remote == replaces.to_tag);
+        if !named {
+            return Err("the tags do not name a dialog of this call".into());
+        }
+        let z = self.peer_leg(x).ok_or("the call is not connected")?;
+        if self.transfer.is_some() {
+            return Err("the call is being transferred".into());
+        }
+        let k = side_index(side_of(z));
+        let user = match z {
+            LegRef::A => self.p.caller_user.clone(),
+            LegRef::B(w) => self.legs[w].user.clone(),
+        };
+        let handed = HandOver {
+            dialog: self.dialog(z).clone(),
+            sdp: self.sdp_body[k].clone(),
+            version: self.sdp_sent[k].1,
+            session: self.session[k],
+            targets: self.media_targets[k].clone(),
+            user: user.clone(),
+        };
+        match z {
+            LegRef::A => self.a.dialog.retransmit = None,
+            LegRef::B(w) => {
+                self.legs[w].state = LegState::Done(200);
+                self.legs[w].dialog.retransmit = None;
+            }
+        }
+        self.pending.retain(|p| p.leg != z);
+        if let Some(stream) = self.music_stream.take() {
+            self.out
+                .push_back(Output::Media(MediaOp::StopPlay { stream }));
+        }
+        self.log(
+            LogLevel::Notice,
+            format!("{user} handed over to another call (attended transfer)"),
+        );
+        self.hangup(now, 16, Some(z));
+        Ok(handed)
+    }
+
+    /// The driver's answer to [`Output::Replace`]: the party taken over from the other
+    /// call joins this one in the transferor's place, or why not (the REFER is refused).
+    pub fn on_handover(&mut self, now: Instant, handed: Result<HandOver<D>, String>) {
+        let origin = self.transfer.as_mut().and_then(|t| t.origin.take());
+        let (Some(origin), Phase::Bridged(w)) = (origin, self.phase) else {
+            // Ended meanwhile: a party handed over has nowhere to go.
+            self.transfer = None;
+            if let Ok(h) = handed {
+                self.adopt(h, LegState::Done(200));
+                let k = self.legs.len() - 1;
+                self.send_in_dialog(now, LegRef::B(k), Method::Bye, &[], None, None);
+            }
+            return;
+        };
+        let h = match handed {
+            Ok(h) => h,
+            Err(why) => {
+                self.transfer = None;
+                self.log(
+                    LogLevel::Notice,
+                    format!("attended transfer refused: {why}"),
+                );
+                let warning = format!("399 pbxd \"{}\"", why.replace('"', ""));
+                self.respond_to(&origin, 403, &[("Warning", &warning)], None);
+                return;
+            }
+        };
+        let by = origin.leg;
+        let notify = self.transfer.as_ref().is_some_and(|t| t.notify);
+        let extra: &[(&str, &str)] = if notify {
+            &[]
+        } else {
+            &[("Refer-Sub", "false")]
+        };
+        self.respond_to(&origin, 202, extra, None);
+        if by == LegRef::A {
+            self.swap_parties(w);
+        }
+        if let Some(t) = self.transfer.as_mut() {
+            t.transferor = Some(w);
+        }
+        let user = h.user.clone();
+        self.log(
+            LogLevel::Notice,
+            format!("attended transfer: {user} takes the transferor's place"),
+        );
+        let had = Sdp::parse(h.sdp.as_bytes()).ok();
+        self.session[1] = h.session;
+        self.sdp_sent[1] = (String::new(), h.version);
+        self.sdp_body[1].clone_from(&h.sdp);
+        self.media_targets[1].clone_from(&h.targets);
+        let n = self.p.media.as_ref().map_or(0, |m| m.streams.len());
+        for (stream, addr) in h.targets.iter().copied().enumerate().take(n) {
+            self.out.push_back(Output::Media(MediaOp::Remote {
+                stream,
+                side: Side::B,
+                addr,
+            }));
+        }
+        self.adopt(h, LegState::Answered);
+        let k = self.legs.len() - 1;
+        self.phase = Phase::Bridged(k);
+        self.a.exten = user;
+        if let Some(stream) = self.music_stream.take() {
+            self.out
+                .push_back(Output::Media(MediaOp::StopPlay { stream }));
+        }
+        self.holds[1] = false;
+        self.out
+            .push_back(Output::Media(MediaOp::Mode(pbx_media_core::Mode::Bridge)));
+        self.notify_transfer(now, 200, true);
+        match self
+            .pending
+            .last_mut()
+            .filter(|p| p.method == Method::Notify)
+        {
+            Some(p) => p.then_bye = true,
+            None => self.bye_transferor(now, LegRef::B(w)),
+        }
+        self.transfer = None;
+        // The target's media to this call's relay, in the transferee's codecs.
+        match had {
+            Some(mut had) => {
+                if let Ok(told) = Sdp::parse(self.sdp_body[0].as_bytes()) {
+                    had.keep_formats_of(&told);
+                }
+                self.reanchor(now, LegRef::B(k), &had);
+            }
+            None => self.log(
+                LogLevel::Warning,
+                "attended transfer: no description for the target; its media stays put".into(),
+            ),
+        }
+        self.push_record();
+    }
+
+    /// A party taken over from another call as a new answered leg of this one.
+    fn adopt(&mut self, h: HandOver<D>, state: LegState) {
+        self.generation += 1;
+        self.out
+            .push_back(Output::ClaimCallId(h.dialog.call_id.clone()));
+        let target = Contact {
+            uri: h.dialog.remote_target.clone(),
+            dest: h.dialog.dest.clone(),
+            route: h.dialog.route_set.clone(),
+            user: h.user.clone(),
+            alternates: Vec::new(),
+            domain: None,
+        };
+        self.legs.push(BLeg {
+            generation: self.generation,
+            dialog: h.dialog,
+            tx: None,
+            invite: Bytes::new(),
+            state,
+            cancel: Cancel::No,
+            give_up_at: None,
+            user: h.user,
+            target,
+            failover_at: None,
+        });
     }
 }

@@ -287,18 +287,18 @@ fn a_transfer_to_an_application_completes_when_it_takes_the_call() {
 fn refers_the_node_cannot_carry_out_are_refused() {
     let (mut h, tag, inv) = connected();
     let (bob, bob_call) = bob_dialog(&inv);
-    // Attended transfer is not supported yet.
+    // A Replaces without its tags.
     h.request(
         &refer(
             2,
             &bob,
             &bob_call,
-            "<sip:carol@pbx.test?Replaces=x%3Bto-tag%3D1%3Bfrom-tag%3D2>",
+            "<sip:carol@pbx.test?Replaces=x%3Bto-tag%3D1>",
             "",
         ),
         BOB1,
     );
-    assert_eq!(Harness::responses(&h.take()), vec![501]);
+    assert_eq!(Harness::responses(&h.take()), vec![400]);
     // No Refer-To.
     h.request(&in_dialog("REFER", 3, &bob, &bob_call, ""), BOB1);
     assert_eq!(Harness::responses(&h.take()), vec![400]);
@@ -332,4 +332,136 @@ fn a_refer_outside_a_bridge_is_forbidden() {
         ALICE,
     );
     assert_eq!(Harness::responses(&h.take()), vec![403]);
+}
+
+/// alice, in a call with bob, calls carol (a second call), then transfers bob to carol
+/// with REFER + Replaces naming her dialog with the node in the call to carol.
+#[test]
+fn an_attended_transfer_joins_the_other_parties_of_two_calls() {
+    let (mut one, tag1, inv_bob) = connected();
+    let mut two = Harness::start_as("a-call-2", "carol", SDP_A, DEMO_DIALPLAN, true);
+    two.take();
+    two.call.on_resolved(two.now, carol_contact(), 480);
+    let inv_c = Harness::sent(&two.take(), CAROL);
+    two.response(&response_to(&inv_c[0].1, 200, "c1", CAROL, SDP_C));
+    let (_, ok) = final_to_a(&two.take()).unwrap();
+    let tag2 = to_tag_of(&ok);
+
+    let replaces = format!("a-call-2%3Bto-tag%3D{tag2}%3Bfrom-tag%3Dat");
+    one.request(
+        &refer(
+            2,
+            &alice_headers(&tag1),
+            "a-call",
+            &format!("<sip:carol@pbx.test?Replaces={replaces}>"),
+            "",
+        ),
+        ALICE,
+    );
+    let out = one.take();
+    let asked = out.iter().find_map(|o| match o {
+        Output::Replace(r) => Some(r.clone()),
+        _ => None,
+    });
+    let asked = asked.expect("the call asks for the replaced dialog's party");
+    assert_eq!(
+        asked,
+        crate::Replaces {
+            call_id: "a-call-2".into(),
+            to_tag: tag2.clone(),
+            from_tag: "at".into()
+        }
+    );
+    // The other call hands carol over and hangs alice up there, not carol.
+    let handed = two.call.hand_over(two.now, &asked).expect("handed over");
+    let out2 = two.take();
+    assert!(
+        Harness::sent(&out2, CAROL).is_empty(),
+        "carol is not hung up"
+    );
+    assert!(Harness::sent(&out2, ALICE)
+        .iter()
+        .any(|(m, _)| *m == Method::Bye));
+    assert_eq!(hung_up_with(&out2), Some(16));
+
+    one.call.on_handover(one.now, Ok(handed));
+    let out = one.take();
+    assert!(Harness::responses(&out).contains(&202));
+    assert!(out.contains(&Output::Media(MediaOp::SwapSides)));
+    let (m, c) = parse(&inv_c[0].1);
+    assert!(out.contains(&Output::ClaimCallId(c.call_id.clone())));
+    let _ = m;
+    assert!(out.contains(&Output::Media(MediaOp::Remote {
+        stream: 0,
+        side: Side::B,
+        addr: Some(addr("127.0.0.4:8000")),
+    })));
+    // carol is moved to this call's relay by a re-INVITE in her dialog.
+    let reinvite = Harness::sent(&out, CAROL);
+    assert_eq!(reinvite.len(), 1);
+    assert_eq!(reinvite[0].0, Method::Invite);
+    let (m, c) = parse(&reinvite[0].1);
+    assert_eq!(c.cseq.seq, 2, "carol's dialog goes on");
+    let body = String::from_utf8_lossy(&m.body).into_owned();
+    assert!(body.contains("m=audio 40000 "), "bob's old side: {body}");
+    assert_eq!(
+        notify_frags(&out, ALICE),
+        vec![(
+            "SIP/2.0 200 OK".to_string(),
+            "terminated;reason=noresource".to_string()
+        )]
+    );
+    let rec = record_of(&out);
+    assert_eq!(rec.legs.len(), 2);
+    assert_eq!(rec.legs[0].call_id, bob_dialog(&inv_bob).1);
+    assert_eq!(rec.legs[1].call_id, parse(&inv_c[0].1).1.call_id);
+    one.response(&response_to(&reinvite[0].1, 200, "c1", CAROL, SDP_C));
+    assert!(Harness::sent(&one.take(), CAROL)
+        .iter()
+        .any(|(m, _)| *m == Method::Ack));
+    // carol's BYE ends the call: bob gets one.
+    let carol_bye = format!(
+        "BYE sip:pbx@127.0.0.11:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {CAROL};branch=z9hG4bKcb\r\n\
+         Max-Forwards: 70\r\nFrom: {};tag=c1\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
+        c.to.raw.split(';').next().unwrap(),
+        c.from.raw,
+        c.call_id
+    );
+    one.request(carol_bye.as_bytes(), CAROL);
+    let out = one.take();
+    assert!(Harness::responses(&out).contains(&200));
+    assert!(Harness::sent(&out, BOB1)
+        .iter()
+        .any(|(m, _)| *m == Method::Bye));
+}
+
+#[test]
+fn an_attended_transfer_the_other_call_refuses_is_answered_403() {
+    let (mut one, tag1, _) = connected();
+    one.request(
+        &refer(
+            2,
+            &alice_headers(&tag1),
+            "a-call",
+            "<sip:carol@pbx.test?Replaces=elsewhere%3Bto-tag%3D1%3Bfrom-tag%3D2>",
+            "",
+        ),
+        ALICE,
+    );
+    one.take();
+    one.call
+        .on_handover(one.now, Err("no such call on this node".into()));
+    let out = one.take();
+    assert_eq!(Harness::responses(&out), vec![403]);
+    // Still connected to bob.
+    assert!(Harness::sent(&out, BOB1).is_empty());
+    // And the other side of a hand-over checks the tags.
+    let (mut two, tag2, _) = connected();
+    let wrong = crate::Replaces {
+        call_id: "a-call".into(),
+        to_tag: tag2,
+        from_tag: "not-alice".into(),
+    };
+    assert!(two.call.hand_over(two.now, &wrong).is_err());
+    assert!(Harness::sent(&two.take(), ALICE).is_empty());
 }
