@@ -157,3 +157,117 @@ fn the_callee_transfers_the_call_with_refer_and_the_caller_reaches_the_target() 
         "baresip saw its transfer through: {bob_log}"
     );
 }
+
+/// The value after `key` in the SIPp logs (`<log>` lines), once there.
+fn logged(c: &LocalCluster, key: &str) -> String {
+    wait_for(key, Duration::from_secs(10), || {
+        let logs = sipp_logs(c);
+        let at = logs.find(key)?;
+        let v = logs[at + key.len()..].split_whitespace().next()?;
+        (!v.is_empty()).then(|| v.to_string())
+    })
+    .unwrap()
+}
+
+/// Attended transfer with SIPp phones: u1 calls u3 (the consultation call), then u2,
+/// and sends REFER in its call with u2 naming its dialog with the node in the call to
+/// u3 (Refer-To `?Replaces=`). The node hangs the consultation call up for u1, moves
+/// u3 to u2's call with a re-INVITE (its RTP now reaches u2 through that call's
+/// relay), tells u1 `200 OK` in a NOTIFY, and u1 hangs up: u2 and u3 talk.
+#[test]
+fn an_attended_transfer_joins_the_transferee_and_the_target() {
+    let users = Users { count: 3 };
+    let c = LocalCluster::up(84, 1, &users, MD5_ONLY).unwrap();
+    let p = Phones::new(&c);
+    let phone = |user: usize, host: u8, scenario: &str| {
+        let ip = c.client_ip(host);
+        let port = free_udp_port(&ip);
+        let media = UdpSocket::bind((ip.as_str(), 0)).unwrap();
+        p.register(1, user, &ip, port);
+        let sipp = p.callee_with_media(
+            scenario,
+            &ip,
+            port,
+            &media.local_addr().unwrap().to_string(),
+            &["-trace_logs"],
+        );
+        (sipp, media)
+    };
+    let (bob, bob_media) = phone(2, 51, "uas_answer.xml");
+    let (carol, carol_media) = phone(3, 52, "uas_moved.xml");
+    let csv = |callee: usize, rest: &str| {
+        format!(
+            "SEQUENTIAL\n{};pbx.test;{};{};{};9{rest}\n",
+            Users::name(1),
+            Users::password(1),
+            Users::name(callee),
+            c.client_ip(99)
+        )
+    };
+
+    // The consultation call: Call-ID att2-1, From tag at2-1, the node's tag logged.
+    let inf = p.file("consult.csv", &csv(3, ""));
+    let consult = p.sipp(
+        "uac_replaced.xml",
+        1,
+        &c.client_ip(61),
+        &inf,
+        &["-cid_str", "att2-%u", "-trace_logs"],
+    );
+    let node_tag = logged(&c, "node tag ");
+
+    // The call to the transferee, and the REFER.
+    let replaces = format!("att2-1%3Bto-tag%3D{node_tag}%3Bfrom-tag%3Dat2-1");
+    let inf = p.file(
+        "refer.csv",
+        &csv(2, &format!(";{replaces};{}", Users::name(3))),
+    );
+    let transferor = p.sipp("uac_refer.xml", 1, &c.client_ip(62), &inf, &["-trace_logs"]);
+    assert_all_ok(&transferor.wait().unwrap(), 1, "u1: REFER, NOTIFY, BYE");
+    assert_all_ok(
+        &consult.wait().unwrap(),
+        1,
+        "u1's consultation call hung up by the node",
+    );
+    assert!(
+        sipp_logs(&c).contains("transfer notify 200"),
+        "{}",
+        sipp_logs(&c)
+    );
+    let log = c.log(1);
+    assert!(
+        log.contains(&format!("{} handed over to another call", Users::name(3))),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "attended transfer: {} takes the transferor's place",
+            Users::name(3)
+        )),
+        "{log}"
+    );
+
+    // u3 was moved to the call's relay: its RTP reaches u2 there, and back.
+    let port: u16 = logged(&c, "moved to relay ").parse().unwrap();
+    let relay_c = SocketAddr::new(c.node_addr(1).ip(), port);
+    let relay_b = reaches(&carol_media, relay_c, &bob_media, "u3's RTP at u2");
+    let back = reaches(&bob_media, relay_b, &carol_media, "u2's RTP at u3");
+    assert_eq!(back, relay_c, "u3 hears u2 from the port it was given");
+
+    // One call left, between u2 and u3; hung up by an operator, both get a BYE.
+    let id = wait_for("the transferred call", Duration::from_secs(10), || {
+        let (_, text) = c
+            .admin(&[1], &["calls", "list", "--no-media", "--output", "json"])
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let calls = v.as_array()?;
+        (calls.len() == 1 && calls[0]["callee"] == Users::name(3))
+            .then(|| calls[0]["id"].as_str().map(str::to_string))
+            .flatten()
+    })
+    .unwrap();
+    let (code, text) = c.admin(&[1], &["calls", "hangup", &id]).unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert_all_ok(&bob.wait().unwrap(), 1, "u2 never saw the transfer");
+    assert_all_ok(&carol.wait().unwrap(), 1, "u3: answered, moved, hung up");
+}
