@@ -271,3 +271,82 @@ fn an_attended_transfer_joins_the_transferee_and_the_target() {
     assert_all_ok(&bob.wait().unwrap(), 1, "u2 never saw the transfer");
     assert_all_ok(&carol.wait().unwrap(), 1, "u3: answered, moved, hung up");
 }
+
+/// `Transfer()` with a real phone as the one sent away: baresip (u2) calls 852, whose
+/// plan answers and transfers it to u3 with a REFER; baresip calls u3 itself (through
+/// the node, with its credentials) and reports the outcome in NOTIFYs; the plan goes on
+/// with `${TRANSFERSTATUS}` and hangs up the first call. u2 and u3 are then connected.
+#[test]
+fn the_transfer_application_sends_the_callers_phone_elsewhere() {
+    require_tool("baresip", "baresip-core");
+    let users = Users { count: 3 };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("extensions.conf");
+    std::fs::write(
+        &plan,
+        format!(
+            "[default]\nexten => 852,1,Answer()\n same => n,Transfer(SIP/{})\n \
+             same => n,Log(NOTICE,transfer app ${{TRANSFERSTATUS}} ${{TRANSFERSTATUSPROTOCOL}})\n \
+             same => n,Hangup()\n\
+             exten => _u.,1,Dial(SIP/${{EXTEN}},20)\n",
+            Users::name(3)
+        ),
+    )
+    .unwrap();
+    let c = LocalCluster::up_with_dialplan(85, 1, &users, MD5_ONLY, &plan).unwrap();
+    let p = Phones::new(&c);
+    let carol_ip = c.client_ip(52);
+    let carol_port = free_udp_port(&carol_ip);
+    p.register(1, 3, &carol_ip, carol_port);
+    let carol = p.callee("uas_answer.xml", &carol_ip, carol_port, &[]);
+
+    let bob_ip = c.client_ip(51);
+    let control: SocketAddr = format!("{bob_ip}:{}", free_tcp_port(&bob_ip))
+        .parse()
+        .unwrap();
+    let bob_dir = c.dir.path().join("baresip-u2");
+    let out_log = || std::fs::read_to_string(bob_dir.join("out.log")).unwrap_or_default();
+    let _bob = Baresip::start_with(
+        &bob_dir,
+        &bob_ip,
+        free_udp_port(&bob_ip),
+        &[],
+        &format!(
+            "<sip:{}@pbx.test>;auth_pass={};outbound=\"sip:{}\";regint=600;audio_codecs=PCMU",
+            Users::name(2),
+            Users::password(2),
+            c.node_addr(1)
+        ),
+        &Baresip::control_config(control),
+    );
+    wait_for("u2 registered", Duration::from_secs(20), || {
+        (!c.bound_via(&[1], &Users::name(2)).is_empty()).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}", out_log()));
+    Baresip::command(control, "dial", "sip:852@pbx.test").unwrap();
+    wait_for(
+        "the plan saw the transfer through",
+        Duration::from_secs(20),
+        || c.log(1).contains("transfer app SUCCESS 200").then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}:\n{}\n{}", c.log(1), out_log()));
+    // The call baresip placed to u3 is up; an operator ends it.
+    let id = wait_for("u2's call to u3", Duration::from_secs(10), || {
+        let (_, text) = c
+            .admin(&[1], &["calls", "list", "--no-media", "--output", "json"])
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let calls = v.as_array()?;
+        (calls.len() == 1 && calls[0]["callee"] == Users::name(3))
+            .then(|| calls[0]["id"].as_str().map(str::to_string))
+            .flatten()
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}\n{}", c.log(1), out_log()));
+    let (code, text) = c.admin(&[1], &["calls", "hangup", &id]).unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert_all_ok(&carol.wait().unwrap(), 1, "u3 answered u2's new call");
+    assert!(c.log(1).contains(&format!(
+        "Transfer: REFER to sip:{}@pbx.test",
+        Users::name(3)
+    )));
+}

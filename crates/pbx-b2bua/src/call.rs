@@ -198,6 +198,12 @@ enum Phase {
     Collecting(Instant),
     /// MusicOnHold(), until then or until the caller hangs up.
     Music(Option<Instant>),
+    /// Transfer() sent the caller's phone a REFER (this CSeq): its outcome awaited
+    /// until then.
+    Referring {
+        cseq: u32,
+        until: Instant,
+    },
     Echo,
     Waiting(Instant),
     Ended,
@@ -657,6 +663,7 @@ impl<D: Destination> Call<D> {
                     }
                 }
                 Action::Wait(d) => self.phase = Phase::Waiting(now + d),
+                Action::Transfer(target) => self.transfer_app(now, target),
                 Action::Busy => self.hangup(now, 17, None),
                 Action::Congestion => self.hangup(now, 34, None),
                 Action::Hangup { cause } => self.hangup(now, cause, None),
@@ -1462,9 +1469,7 @@ impl<D: Destination> Call<D> {
             },
             Method::Refer => self.on_refer(msg, origin),
             // No subscription of ours exists (RFC 6665 §4.1.3).
-            Method::Notify => {
-                self.respond_to(&origin, 481, &[], None);
-            }
+            Method::Notify => self.on_notify(now, msg, origin),
             Method::Subscribe | Method::Message | Method::Publish | Method::Prack => {
                 self.respond_to(&origin, 405, &[("Allow", ALLOW)], None);
             }
@@ -1781,6 +1786,9 @@ impl<D: Destination> Call<D> {
             return;
         }
         self.pending[idx].answered = true;
+        if method == Method::Refer && leg == LegRef::A {
+            self.on_refer_answer(now, cseq, status);
+        }
         if self.pending[idx].reanchor {
             return self.on_reanchor_answer(now, leg, status, &msg.body);
         }
@@ -2106,6 +2114,7 @@ impl<D: Destination> Call<D> {
             Phase::Dialing { deadline } => take(deadline),
             Phase::Waiting(at) | Phase::Collecting(at) => take(Some(at)),
             Phase::Music(at) => take(at),
+            Phase::Referring { until, .. } => take(Some(until)),
             _ => {}
         }
         if self.phase != Phase::Ended {
@@ -2194,6 +2203,9 @@ impl<D: Destination> Call<D> {
             Phase::Waiting(at) if now >= at => {
                 self.phase = Phase::Running;
                 self.run(now);
+            }
+            Phase::Referring { until, .. } if now >= until => {
+                self.transfer_app_done(now, "FAILURE", None);
             }
             Phase::Music(Some(at)) if now >= at => {
                 let stream = self.app_stream();

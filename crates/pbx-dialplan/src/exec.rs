@@ -233,6 +233,9 @@ pub enum Action {
     },
     /// Send back the caller's media until it hangs up.
     Echo,
+    /// Send the caller elsewhere: a 302 before the answer, a REFER after it; the
+    /// outcome is reported with [`Execution::transfer_finished`].
+    Transfer(DialTarget),
     Wait(Duration),
     /// 486 when unanswered; the call ends.
     Busy,
@@ -393,6 +396,23 @@ pub(crate) fn parse_goto(s: &str) -> Result<GotoTarget, String> {
         return Err(format!("incomplete target {s:?}"));
     }
     Ok(t)
+}
+
+/// A `Transfer` destination: `SIP/user`, `PJSIP/user@host`, `sip:user@host` or a bare
+/// extension (a user of the domain).
+pub(crate) fn parse_transfer_target(t: &str) -> Result<DialTarget, String> {
+    let t = t.trim();
+    if t.is_empty() {
+        return Err("needs a destination".into());
+    }
+    if t.contains('/') {
+        return parse_dial_target(t);
+    }
+    let rest = t
+        .strip_prefix("sip:")
+        .or_else(|| t.strip_prefix("SIP:"))
+        .unwrap_or(t);
+    parse_dial_target(&format!("SIP/{rest}"))
 }
 
 pub(crate) fn parse_dial_target(t: &str) -> Result<DialTarget, String> {
@@ -884,6 +904,16 @@ impl Execution {
             App::Ringing => Some(Action::Ringing),
             App::Progress => Some(Action::Progress),
             App::Echo => Some(Action::Echo),
+            App::Transfer => match parse_transfer_target(arg(0)) {
+                Ok(t) => Some(Action::Transfer(t)),
+                Err(e) => {
+                    self.set_var("TRANSFERSTATUS", "FAILURE");
+                    Some(Action::Log {
+                        level: LogLevel::Warning,
+                        message: format!("line {line}: Transfer({args}): {e}"),
+                    })
+                }
+            },
             App::Wait => Some(Action::Wait(seconds(arg(0)).unwrap_or(Duration::ZERO))),
             App::Hangup => {
                 let cause = arg(0).parse().unwrap_or(16);
@@ -1330,6 +1360,13 @@ impl Execution {
                 Collected::Done
             }
         }
+    }
+
+    /// How a `Transfer` ended: `${TRANSFERSTATUS}` (`SUCCESS`, `FAILURE`, `UNSUPPORTED`)
+    /// and `${TRANSFERSTATUSPROTOCOL}` (the SIP status, 0 without one).
+    pub fn transfer_finished(&mut self, status: &str, sip: Option<u16>) {
+        self.set_var("TRANSFERSTATUS", status);
+        self.set_var("TRANSFERSTATUSPROTOCOL", &sip.unwrap_or(0).to_string());
     }
 
     /// Read was skipped (`s` on an unanswered call) or had no media to play on.
@@ -1838,6 +1875,41 @@ mod tests {
             }
         );
         assert!(matches!(e.next_action(), Action::Playback { prompts, .. } if prompts.len() == 4));
+    }
+
+    #[test]
+    fn transfer_names_a_user_or_a_uri_and_a_bad_one_is_refused() {
+        let mut e = run(
+            "[a]\nexten => s,1,Transfer(SIP/bob)\n same => n,Transfer(carol)\n \
+             same => n,Transfer(sip:dave@example.com)\n same => n,Transfer(PJSIP/eve@10.0.0.1:5080)\n",
+            "a",
+            "s",
+        );
+        assert_eq!(
+            e.next_action(),
+            Action::Transfer(DialTarget::User("bob".into()))
+        );
+        assert_eq!(
+            e.next_action(),
+            Action::Transfer(DialTarget::User("carol".into()))
+        );
+        assert_eq!(
+            e.next_action(),
+            Action::Transfer(DialTarget::Uri {
+                user: "dave".into(),
+                host: "example.com".into()
+            })
+        );
+        assert!(
+            matches!(e.next_action(), Action::Transfer(DialTarget::Uri { host, .. }) if host == "10.0.0.1:5080")
+        );
+        e.transfer_finished("SUCCESS", Some(200));
+        assert_eq!(e.var("TRANSFERSTATUS"), Some("SUCCESS"));
+        assert_eq!(e.var("TRANSFERSTATUSPROTOCOL"), Some("200"));
+        for bad in ["Transfer()", "Transfer(IAX2/bob)", "Transfer(SIP/)"] {
+            let err = Dialplan::parse(&format!("[a]\nexten => s,1,{bad}\n")).unwrap_err();
+            assert!(err.to_string().contains("line 2:"), "{bad}: {err}");
+        }
     }
 
     #[test]

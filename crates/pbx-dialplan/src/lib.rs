@@ -89,6 +89,7 @@ pub enum App {
     SayNumber,
     MusicOnHold,
     GotoIfTime,
+    Transfer,
 }
 
 impl App {
@@ -119,6 +120,7 @@ impl App {
         ("SayNumber", App::SayNumber),
         ("MusicOnHold", App::MusicOnHold),
         ("GotoIfTime", App::GotoIfTime),
+        ("Transfer", App::Transfer),
     ];
 
     /// Application names are case-insensitive, as in Asterisk.

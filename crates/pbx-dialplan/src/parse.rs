@@ -567,6 +567,17 @@ fn check_args(plan: &Dialplan, ctx: &Context, ext: &Extension, p: &Priority) -> 
             check_goto(plan, ctx, ext, &target)?;
         }
         App::Return | App::SayDigits => {}
+        App::Transfer => {
+            if arg(0).is_empty() {
+                return Err("needs a destination, e.g. SIP/bob".into());
+            }
+            if is_literal(arg(0)) {
+                crate::exec::parse_transfer_target(arg(0))?;
+            }
+            if args.len() > 2 {
+                return Err("takes a destination and options at most".into());
+            }
+        }
         App::GotoIfTime => {
             let parts = split_top(&p.args, '?');
             if parts.len() != 2 {

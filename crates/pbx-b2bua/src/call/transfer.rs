@@ -25,7 +25,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use pbx_dialplan::{Action, CallerId, Execution, LogLevel};
+use pbx_dialplan::{Action, CallerId, DialTarget, Execution, LogLevel};
 use pbx_media_core::Side;
 use pbx_sdp::{Direction, Sdp};
 use pbx_sip_msg::{reason_phrase, HeaderName, Method, NameAddr, SipMessage};
@@ -722,5 +722,100 @@ impl<D: Destination> Call<D> {
             target,
             failover_at: None,
         });
+    }
+}
+
+/// How long `Transfer()` waits for the outcome of its REFER (the final NOTIFY).
+const TRANSFER_APP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl<D: Destination> Call<D> {
+    /// `Transfer()`: the caller's phone is sent elsewhere, with a 302 before the
+    /// answer, with a REFER (RFC 3515) after it; `${TRANSFERSTATUS}` says how it went.
+    pub(super) fn transfer_app(&mut self, now: Instant, target: DialTarget) {
+        let uri = match &target {
+            DialTarget::User(u) => format!("sip:{u}@{}", self.p.domain),
+            DialTarget::Uri { user, host } => format!("sip:{user}@{host}"),
+        };
+        if !self.a.final_sent {
+            self.log(LogLevel::Notice, format!("Transfer: redirected to {uri}"));
+            self.respond_a(302, None, &[("Contact", &format!("<{uri}>"))]);
+            self.exec.transfer_finished("SUCCESS", Some(302));
+            return self.finish(now, 16, None);
+        }
+        if !self.a.answered {
+            return self.exec.transfer_finished("FAILURE", None);
+        }
+        self.log(LogLevel::Notice, format!("Transfer: REFER to {uri}"));
+        let refer_to = format!("<{uri}>");
+        let referred_by = format!("<sip:{}@{}>", self.a.exten, self.p.domain);
+        self.send_in_dialog(
+            now,
+            LegRef::A,
+            Method::Refer,
+            &[("Refer-To", &refer_to), ("Referred-By", &referred_by)],
+            None,
+            None,
+        );
+        self.phase = Phase::Referring {
+            cseq: self.a.dialog.local_cseq,
+            until: now + TRANSFER_APP_WAIT,
+        };
+    }
+
+    /// The answer to `Transfer()`'s REFER: a refusal ends it, a 2xx waits for NOTIFYs.
+    pub(super) fn on_refer_answer(&mut self, now: Instant, cseq: u32, status: u16) {
+        if !matches!(self.phase, Phase::Referring { cseq: c, .. } if c == cseq) {
+            return;
+        }
+        if (200..300).contains(&status) {
+            return;
+        }
+        let verdict = if matches!(status, 405 | 420 | 501) {
+            "UNSUPPORTED"
+        } else {
+            "FAILURE"
+        };
+        self.transfer_app_done(now, verdict, Some(status));
+    }
+
+    /// A NOTIFY in a dialog of this call: the progress of `Transfer()`'s REFER from
+    /// the caller's phone; there is no other subscription (481).
+    pub(super) fn on_notify(&mut self, now: Instant, msg: &SipMessage, origin: Origin) {
+        let refer_event = msg
+            .header(&HeaderName::Event)
+            .is_some_and(|e| e.trim().to_ascii_lowercase().starts_with("refer"));
+        if !(refer_event
+            && origin.leg == LegRef::A
+            && matches!(self.phase, Phase::Referring { .. }))
+        {
+            self.respond_to(&origin, 481, &[], None);
+            return;
+        }
+        self.respond_to(&origin, 200, &[], None);
+        let status = std::str::from_utf8(&msg.body)
+            .ok()
+            .and_then(|b| b.trim_start().strip_prefix("SIP/2.0 "))
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse::<u16>().ok());
+        let terminated = msg
+            .header(&HeaderName::SubscriptionState)
+            .is_some_and(|s| s.trim().to_ascii_lowercase().starts_with("terminated"));
+        match status {
+            Some(s) if (200..300).contains(&s) => self.transfer_app_done(now, "SUCCESS", Some(s)),
+            Some(s) if s >= 300 => self.transfer_app_done(now, "FAILURE", Some(s)),
+            _ if terminated => self.transfer_app_done(now, "FAILURE", status),
+            _ => {}
+        }
+    }
+
+    /// `Transfer()` is over: the dialplan goes on with `${TRANSFERSTATUS}` set.
+    pub(super) fn transfer_app_done(&mut self, now: Instant, verdict: &str, sip: Option<u16>) {
+        self.log(
+            LogLevel::Notice,
+            format!("Transfer: {verdict} ({})", sip.unwrap_or(0)),
+        );
+        self.exec.transfer_finished(verdict, sip);
+        self.phase = Phase::Running;
+        self.run(now);
     }
 }

@@ -465,3 +465,107 @@ fn an_attended_transfer_the_other_call_refuses_is_answered_403() {
     assert!(two.call.hand_over(two.now, &wrong).is_err());
     assert!(Harness::sent(&two.take(), ALICE).is_empty());
 }
+
+const TRANSFER_PLAN: &str = "[default]\n\
+    exten => 850,1,Transfer(SIP/carol)\n\
+    exten => 851,1,Answer()\n same => n,Transfer(carol)\n \
+    same => n,Log(NOTICE,transfer ${TRANSFERSTATUS} ${TRANSFERSTATUSPROTOCOL})\n same => n,Hangup()\n";
+
+fn logs(out: &[Output<Udp>]) -> Vec<String> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Log { message, .. } => Some(message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A NOTIFY alice's phone sends about the REFER it got (its sipfrag `status`).
+fn alice_notify(cseq: u32, pbx_tag: &str, status: &str, state: &str) -> Vec<u8> {
+    let frag = format!("SIP/2.0 {status}\r\n");
+    let req = String::from_utf8(in_dialog(
+        "NOTIFY",
+        cseq,
+        &alice_headers(pbx_tag),
+        "a-call",
+        &frag,
+    ))
+    .unwrap();
+    req.replacen(
+        "Content-Type: application/sdp\r\n",
+        &format!("Event: refer\r\nSubscription-State: {state}\r\nContent-Type: message/sipfrag;version=2.0\r\n"),
+        1,
+    )
+    .into_bytes()
+}
+
+#[test]
+fn transfer_before_the_answer_redirects_with_302() {
+    let mut h = Harness::start_with("850", SDP_A, TRANSFER_PLAN);
+    let out = h.take();
+    let (status, bytes) = final_to_a(&out).unwrap();
+    assert_eq!(status, 302);
+    let (m, _) = parse(&bytes);
+    assert_eq!(m.header(&HeaderName::Contact), Some("<sip:carol@pbx.test>"));
+    assert!(hung_up_with(&out).is_some());
+}
+
+#[test]
+fn transfer_after_the_answer_refers_the_caller_and_reports_the_outcome() {
+    let mut h = Harness::start_with("851", SDP_A, TRANSFER_PLAN);
+    let out = h.take();
+    let (_, ok) = final_to_a(&out).unwrap();
+    let tag = to_tag_of(&ok);
+    let refer = Harness::sent(&out, ALICE)
+        .into_iter()
+        .find(|(m, _)| *m == Method::Refer)
+        .expect("a REFER to the caller");
+    let (m, _) = parse(&refer.1);
+    assert_eq!(m.header(&HeaderName::ReferTo), Some("<sip:carol@pbx.test>"));
+    assert!(m.header(&HeaderName::Contact).is_some());
+    h.response(&response_to(&refer.1, 202, "at", ALICE, ""));
+    assert!(hung_up_with(&h.take()).is_none(), "waits for the NOTIFYs");
+    h.request(
+        &alice_notify(2, &tag, "100 Trying", "active;expires=60"),
+        ALICE,
+    );
+    let out = h.take();
+    assert_eq!(Harness::responses(&out), vec![200]);
+    assert!(hung_up_with(&out).is_none());
+    h.request(
+        &alice_notify(3, &tag, "200 OK", "terminated;reason=noresource"),
+        ALICE,
+    );
+    let out = h.take();
+    assert!(
+        logs(&out).contains(&"transfer SUCCESS 200".to_string()),
+        "{:?}",
+        logs(&out)
+    );
+    assert!(Harness::sent(&out, ALICE)
+        .iter()
+        .any(|(m, _)| *m == Method::Bye));
+}
+
+#[test]
+fn a_refer_the_phone_refuses_is_unsupported_and_silence_fails() {
+    let mut h = Harness::start_with("851", SDP_A, TRANSFER_PLAN);
+    let out = h.take();
+    let refer = Harness::sent(&out, ALICE)
+        .into_iter()
+        .find(|(m, _)| *m == Method::Refer)
+        .unwrap();
+    h.response(&response_to(&refer.1, 501, "at", ALICE, ""));
+    assert!(logs(&h.take()).contains(&"transfer UNSUPPORTED 501".to_string()));
+
+    let mut h = Harness::start_with("851", SDP_A, TRANSFER_PLAN);
+    let out = h.take();
+    let refer = Harness::sent(&out, ALICE)
+        .into_iter()
+        .find(|(m, _)| *m == Method::Refer)
+        .unwrap();
+    h.response(&response_to(&refer.1, 202, "at", ALICE, ""));
+    h.take();
+    h.advance(Duration::from_secs(31));
+    assert!(logs(&h.take()).contains(&"transfer FAILURE 0".to_string()));
+}
