@@ -350,3 +350,64 @@ fn the_transfer_application_sends_the_callers_phone_elsewhere() {
         Users::name(3)
     )));
 }
+
+/// An INVITE with Replaces from a SIPp phone: u1 calls u2; u3 sends an INVITE with
+/// `Replaces` naming u1's dialog with the node. u1 is hung up, u2 gets u3's offer in a
+/// re-INVITE (and never a new call), u3 is answered with u2's answer and, later, hangs
+/// up: u2 gets the BYE.
+#[test]
+fn an_invite_with_replaces_takes_over_a_party_of_another_call() {
+    let users = Users { count: 3 };
+    let c = LocalCluster::up(86, 1, &users, MD5_ONLY).unwrap();
+    let p = Phones::new(&c);
+    let bob_ip = c.client_ip(51);
+    let bob_port = free_udp_port(&bob_ip);
+    p.register(1, 2, &bob_ip, bob_port);
+    let bob = p.callee("uas_moved.xml", &bob_ip, bob_port, &["-trace_logs"]);
+    let csv = |caller: usize, callee: usize, rest: &str| {
+        format!(
+            "SEQUENTIAL\n{};pbx.test;{};{};{};9{rest}\n",
+            Users::name(caller),
+            Users::password(caller),
+            Users::name(callee),
+            c.client_ip(99)
+        )
+    };
+    let inf = p.file("first.csv", &csv(1, 2, ""));
+    let first = p.sipp(
+        "uac_replaced.xml",
+        1,
+        &c.client_ip(61),
+        &inf,
+        &["-cid_str", "att2-%u", "-trace_logs"],
+    );
+    let node_tag = logged(&c, "node tag ");
+    let inf = p.file(
+        "replacing.csv",
+        &csv(3, 2, &format!(";att2-1;{node_tag};at2-1")),
+    );
+    let replacing = p.sipp(
+        "uac_replaces.xml",
+        1,
+        &c.client_ip(62),
+        &inf,
+        &["-d", "1000", "-trace_logs"],
+    );
+    let run = replacing.wait().unwrap();
+    assert!(
+        run.successful == 1 && run.failed == 0,
+        "u3 replaced u1 and hung up: {}\n{}",
+        run.tail(30),
+        c.log(1)
+    );
+    assert_all_ok(&first.wait().unwrap(), 1, "u1 hung up by the node");
+    assert_all_ok(&bob.wait().unwrap(), 1, "u2: one call, a re-INVITE, a BYE");
+    let log = c.log(1);
+    assert!(
+        log.contains(&format!(
+            "{} is taken over by the INVITE with Replaces",
+            Users::name(2)
+        )),
+        "{log}"
+    );
+}

@@ -204,6 +204,8 @@ enum Phase {
         cseq: u32,
         until: Instant,
     },
+    /// An INVITE with Replaces waits for the other call to hand its party over.
+    Replacing,
     Echo,
     Waiting(Instant),
     Ended,
@@ -376,6 +378,51 @@ impl<D: Destination> Call<D> {
         dest: D,
         exec: Execution,
     ) -> Call<D> {
+        let mut call = Call::answering(now, params, invite, core, key, source, dest, exec);
+        call.run(now);
+        call
+    }
+
+    /// A call for an INVITE with `Replaces` (RFC 3891): no dialplan; the caller takes
+    /// the place of the party of another call's dialog `replaces` names
+    /// ([`Output::Replace`], then [`Call::on_handover`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn replacing(
+        now: Instant,
+        params: CallParams,
+        invite: &SipMessage,
+        core: &CoreHeaders,
+        key: TransactionKey,
+        source: SocketAddr,
+        dest: D,
+        exec: Execution,
+        replaces: Replaces,
+    ) -> Call<D> {
+        let mut call = Call::answering(now, params, invite, core, key, source, dest, exec);
+        call.phase = Phase::Replacing;
+        call.log(
+            LogLevel::Notice,
+            format!(
+                "INVITE with Replaces: taking over the dialog {}",
+                replaces.call_id
+            ),
+        );
+        call.out.push_back(Output::Replace(replaces));
+        call
+    }
+
+    /// The call of a caller's INVITE, answered 100, before the dialplan runs.
+    #[allow(clippy::too_many_arguments)]
+    fn answering(
+        now: Instant,
+        params: CallParams,
+        invite: &SipMessage,
+        core: &CoreHeaders,
+        key: TransactionKey,
+        source: SocketAddr,
+        dest: D,
+        exec: Execution,
+    ) -> Call<D> {
         let head = ReplyHead::new(core, source, &params.server_name);
         let local_tag = head.to_tag().to_string();
         let dialog = Dialog {
@@ -419,7 +466,6 @@ impl<D: Destination> Call<D> {
         };
         let mut call = Call::with_caller(now, params, exec, a);
         call.respond_a(100, None, &[]);
-        call.run(now);
         call
     }
 

@@ -106,6 +106,18 @@ impl Harness {
 
     /// A call whose INVITE has the Call-ID `call_id`.
     fn start_as(call_id: &str, exten: &str, body: &str, plan: &str, relay: bool) -> Harness {
+        Self::start_full(call_id, exten, body, plan, relay, None)
+    }
+
+    /// `replaces`: an INVITE with Replaces ([`Call::replacing`]).
+    fn start_full(
+        call_id: &str,
+        exten: &str,
+        body: &str,
+        plan: &str,
+        relay: bool,
+        replaces: Option<crate::Replaces>,
+    ) -> Harness {
         let now = Instant::now();
         let plan = Arc::new(Dialplan::parse(plan).unwrap());
         let exec = Execution::start(
@@ -139,16 +151,29 @@ impl Harness {
             now_ms: 1_000,
             timezone: "UTC".into(),
         };
-        let call = Call::new(
-            now,
-            params,
-            &m,
-            &c,
-            key(&m, &c),
-            addr(ALICE),
-            Udp(addr(ALICE)),
-            exec,
-        );
+        let call = match replaces {
+            Some(r) => Call::replacing(
+                now,
+                params,
+                &m,
+                &c,
+                key(&m, &c),
+                addr(ALICE),
+                Udp(addr(ALICE)),
+                exec,
+                r,
+            ),
+            None => Call::new(
+                now,
+                params,
+                &m,
+                &c,
+                key(&m, &c),
+                addr(ALICE),
+                Udp(addr(ALICE)),
+                exec,
+            ),
+        };
         let mut h = Harness {
             call,
             now,

@@ -28,12 +28,15 @@ pub enum Refused {
     },
     /// The media relay has no ports free.
     NoMediaPorts,
+    /// A `Replaces` header that does not parse (RFC 3891 §6.1).
+    BadReplaces,
 }
 
 impl Refused {
     pub fn status(&self) -> u16 {
         match self {
             Refused::NoRoute { .. } => 404,
+            Refused::BadReplaces => 400,
             Refused::CallLimit { .. } | Refused::NoDialplan | Refused::NoMediaPorts => 503,
         }
     }
@@ -45,6 +48,7 @@ impl Refused {
             Refused::NoDialplan => "no dialplan yet",
             Refused::NoRoute { .. } => "no such extension",
             Refused::NoMediaPorts => "no media ports free",
+            Refused::BadReplaces => "bad Replaces header",
         }
     }
 }

@@ -135,6 +135,9 @@ pub struct NewCall {
     pub domain: String,
     /// The dialplan, started at the extension.
     pub exec: Execution,
+    /// An INVITE with `Replaces` (RFC 3891): the caller takes the place of a party of
+    /// another call instead of running the dialplan.
+    pub replaces: Option<pbx_b2bua::Replaces>,
 }
 
 /// What the driver must do with a message it fed to [`Endpoint::handle`].

@@ -767,3 +767,46 @@ fn a_source_flooding_new_requests_is_dropped_and_its_calls_are_not() {
         Some(Event::ToCall(7, CallMessage::Request { .. }))
     ));
 }
+
+/// An INVITE with Replaces (RFC 3891) starts a call that takes over another call's
+/// party, whatever the dialplan says of its extension; a malformed one gets 400.
+#[test]
+fn an_invite_with_replaces_skips_the_dialplan() {
+    let h = Harness::new(10);
+    let with = |value: &str, call_id: &str| {
+        String::from_utf8(invite("123", call_id))
+            .unwrap()
+            .replacen(
+                "Content-Length: 0",
+                &format!("Replaces: {value}\r\nRequire: replaces\r\nContent-Length: 0"),
+                1,
+            )
+            .into_bytes()
+    };
+    match h.authenticated(
+        0,
+        &with("abc@host;to-tag=1;from-tag=2", "r1"),
+        "alice",
+        "pw",
+    ) {
+        Some(Event::StartCall(new)) => {
+            assert_eq!(
+                new.replaces,
+                Some(pbx_b2bua::Replaces {
+                    call_id: "abc@host".into(),
+                    to_tag: "1".into(),
+                    from_tag: "2".into()
+                })
+            );
+            assert_eq!(new.caller, "alice");
+        }
+        other => panic!("expected a call, got {other:?}"),
+    }
+    match h.authenticated(0, &with("abc@host;to-tag=1", "r2"), "alice", "pw") {
+        Some(Event::CallRefused {
+            transmit: Some(t),
+            reason: Refused::BadReplaces,
+        }) => assert_eq!(status(&t), 400),
+        other => panic!("expected 400, got {other:?}"),
+    }
+}

@@ -360,6 +360,7 @@ pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
         secure,
         domain,
         exec,
+        replaces,
     } = new;
     // One reading for the call's clock and its record's start: the answer time is
     // this plus the monotonic time since, so it is never before the start (two readings
@@ -380,7 +381,20 @@ pub(crate) fn start_call(layer: &Arc<CallLayer>, new: NewCall) {
     };
     let (tx, rx) = mpsc::unbounded_channel();
     layer.endpoint.start_call(&core.call_id, tx.clone());
-    let call = Call::new(Instant::now(), params, &msg, &core, key, source, dest, exec);
+    let call = match replaces {
+        Some(r) => Call::replacing(
+            Instant::now(),
+            params,
+            &msg,
+            &core,
+            key,
+            source,
+            dest,
+            exec,
+            r,
+        ),
+        None => Call::new(Instant::now(), params, &msg, &core, key, source, dest, exec),
+    };
     tracing::info!(%caller, %exten, "call started");
     layer.counts.calls.started.fetch_add(1, Ordering::Relaxed);
     let span = tracing::Span::current();

@@ -238,6 +238,7 @@ impl Sip {
                         error,
                     } => tracing::info!(%caller, %exten, context, %error, "no route: 404"),
                     Refused::NoMediaPorts => tracing::warn!("no RTP ports: 503"),
+                    Refused::BadReplaces => tracing::info!("bad Replaces header: 400"),
                 }
                 if let Some(t) = transmit {
                     self.io.send(t.dest, t.bytes);

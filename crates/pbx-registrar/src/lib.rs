@@ -37,8 +37,8 @@ pub enum RegistrarError {
 pub const FLOW_TIMER_SECS: u32 = 30;
 
 /// Option tags we support (RFC 3327 Path, RFC 5626 outbound).
-pub const SUPPORTED: &str = "path, outbound";
-const SUPPORTED_TAGS: &[&str] = &["path", "outbound"];
+pub const SUPPORTED: &str = "path, outbound, replaces";
+const SUPPORTED_TAGS: &[&str] = &["path", "outbound", "replaces"];
 
 #[derive(Debug, Clone)]
 pub struct HandlerConfig {

@@ -24,6 +24,7 @@ pub enum HeaderName {
     ReferSub,
     ReferTo,
     ReferredBy,
+    Replaces,
     Require,
     RetryAfter,
     Route,
@@ -90,6 +91,7 @@ impl HeaderName {
             ("refer-to", HeaderName::ReferTo),
             ("referred-by", HeaderName::ReferredBy),
             ("refer-sub", HeaderName::ReferSub),
+            ("replaces", HeaderName::Replaces),
             ("subscription-state", HeaderName::SubscriptionState),
         ];
         KNOWN
@@ -122,6 +124,7 @@ impl HeaderName {
             HeaderName::ReferSub => "Refer-Sub",
             HeaderName::ReferTo => "Refer-To",
             HeaderName::ReferredBy => "Referred-By",
+            HeaderName::Replaces => "Replaces",
             HeaderName::Require => "Require",
             HeaderName::RetryAfter => "Retry-After",
             HeaderName::Route => "Route",

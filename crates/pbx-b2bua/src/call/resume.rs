@@ -304,6 +304,10 @@ impl<D: Destination> Call<D> {
         status: u16,
         body: &[u8],
     ) {
+        if !self.a.final_sent {
+            // The re-INVITE of an INVITE with Replaces: its answer answers the caller.
+            return self.replaced_answer(now, leg, status, body);
+        }
         if (200..300).contains(&status) {
             if let Ok(sdp) = Sdp::parse(body) {
                 self.learn_media(super::side_of(leg), &sdp);

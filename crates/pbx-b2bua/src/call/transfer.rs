@@ -604,6 +604,9 @@ impl<D: Destination> Call<D> {
     /// The driver's answer to [`Output::Replace`]: the party taken over from the other
     /// call joins this one in the transferor's place, or why not (the REFER is refused).
     pub fn on_handover(&mut self, now: Instant, handed: Result<HandOver<D>, String>) {
+        if self.phase == Phase::Replacing {
+            return self.replaced(now, handed);
+        }
         let origin = self.transfer.as_mut().and_then(|t| t.origin.take());
         let (Some(origin), Phase::Bridged(w)) = (origin, self.phase) else {
             // Ended meanwhile: a party handed over has nowhere to go.
@@ -817,5 +820,84 @@ impl<D: Destination> Call<D> {
         self.exec.transfer_finished(verdict, sip);
         self.phase = Phase::Running;
         self.run(now);
+    }
+}
+
+impl<D: Destination> Call<D> {
+    /// An INVITE with Replaces got the party of the replaced dialog: it is offered the
+    /// caller's description (a re-INVITE in its dialog), and its answer answers the
+    /// caller ([`Call::replaced_answer`]). No such dialog here: 481 (RFC 3891 §3).
+    fn replaced(&mut self, now: Instant, handed: Result<HandOver<D>, String>) {
+        let h = match handed {
+            Ok(h) => h,
+            Err(why) => {
+                self.log(
+                    LogLevel::Notice,
+                    format!("INVITE with Replaces refused: {why}"),
+                );
+                let warning = format!("399 pbxd \"{}\"", why.replace('"', ""));
+                self.respond_a(481, None, &[("Warning", &warning)]);
+                return self.finish(now, 16, None);
+            }
+        };
+        let user = h.user.clone();
+        self.session[1] = h.session;
+        self.sdp_sent[1] = (String::new(), h.version);
+        self.sdp_body[1].clone_from(&h.sdp);
+        self.media_targets[1].clone_from(&h.targets);
+        self.adopt(h, LegState::Answered);
+        let k = self.legs.len() - 1;
+        self.phase = Phase::Bridged(k);
+        self.log(
+            LogLevel::Notice,
+            format!("{user} is taken over by the INVITE with Replaces"),
+        );
+        let Some((ct, offer)) = self.a.offer.is_some().then(|| self.offer_for_b()).flatten() else {
+            // A late offer would need our offer to both: not done; the caller is told.
+            self.log(
+                LogLevel::Notice,
+                "INVITE with Replaces without an offer: refused".into(),
+            );
+            return self.hangup(now, 88, None);
+        };
+        self.send_in_dialog(
+            now,
+            LegRef::B(k),
+            Method::Invite,
+            &[],
+            Some((ct, &offer)),
+            None,
+        );
+        if let Some(p) = self.pending.last_mut() {
+            p.reanchor = true;
+        }
+    }
+
+    /// The taken-over party's answer to the re-INVITE: the caller's INVITE is answered
+    /// with it (anchored), or refused with its status and the party hung up.
+    pub(super) fn replaced_answer(&mut self, now: Instant, leg: LegRef, status: u16, body: &[u8]) {
+        let LegRef::B(k) = leg else {
+            return;
+        };
+        if !(200..300).contains(&status) {
+            self.log(
+                LogLevel::Notice,
+                format!("INVITE with Replaces: the re-INVITE was answered {status}"),
+            );
+            let cause = if status == 0 {
+                pbx_dialplan::sip_to_cause(408)
+            } else {
+                pbx_dialplan::sip_to_cause(status)
+            };
+            return self.hangup(now, cause, None);
+        }
+        let answer = Sdp::parse(body).ok().map(|sdp| {
+            self.learn_media(Side::B, &sdp);
+            self.anchored_for(Side::A, &sdp, body)
+        });
+        self.out
+            .push_back(Output::Media(MediaOp::Mode(pbx_media_core::Mode::Bridge)));
+        self.answer_a(now, answer.as_deref());
+        self.record(now, Some(k));
     }
 }

@@ -569,3 +569,78 @@ fn a_refer_the_phone_refuses_is_unsupported_and_silence_fails() {
     h.advance(Duration::from_secs(31));
     assert!(logs(&h.take()).contains(&"transfer FAILURE 0".to_string()));
 }
+
+/// A new INVITE with Replaces naming alice's dialog of a call with bob: the new caller
+/// takes alice's place; bob gets its offer in a re-INVITE, and its answer answers the
+/// new caller; alice is hung up.
+#[test]
+fn an_invite_with_replaces_takes_the_place_of_the_named_party() {
+    let (mut one, tag1, inv_bob) = connected();
+    let r = crate::Replaces {
+        call_id: "a-call".into(),
+        to_tag: tag1.clone(),
+        from_tag: "at".into(),
+    };
+    let mut two = Harness::start_full(
+        "a-call-2",
+        "bob",
+        SDP_C,
+        DEMO_DIALPLAN,
+        true,
+        Some(r.clone()),
+    );
+    let out = two.take();
+    assert_eq!(Harness::responses(&out), vec![100]);
+    assert!(out.contains(&Output::Replace(r.clone())));
+    let handed = one
+        .call
+        .hand_over(one.now, &r)
+        .expect("alice's dialog is found");
+    let out1 = one.take();
+    assert!(Harness::sent(&out1, ALICE)
+        .iter()
+        .any(|(m, _)| *m == Method::Bye));
+    assert!(Harness::sent(&out1, BOB1).is_empty());
+
+    two.call.on_handover(two.now, Ok(handed));
+    let out = two.take();
+    let reinvite = Harness::sent(&out, BOB1);
+    assert_eq!(reinvite.len(), 1);
+    let (m, c) = parse(&reinvite[0].1);
+    assert_eq!(c.call_id, bob_dialog(&inv_bob).1, "in bob's dialog");
+    assert_eq!(c.cseq.seq, 2);
+    let offer = String::from_utf8_lossy(&m.body).into_owned();
+    assert!(offer.contains("m=audio 40002 "), "{offer}");
+    assert!(
+        final_to_a(&out).is_none(),
+        "the caller waits for bob's answer"
+    );
+    two.response(&response_to(&reinvite[0].1, 200, "b1", BOB1, SDP_B));
+    let out = two.take();
+    let (status, ok) = final_to_a(&out).expect("the new caller is answered");
+    assert_eq!(status, 200);
+    let answer = String::from_utf8_lossy(&parse(&ok).0.body).into_owned();
+    assert!(answer.contains("m=audio 40000 "), "{answer}");
+    assert!(Harness::sent(&out, BOB1)
+        .iter()
+        .any(|(m, _)| *m == Method::Ack));
+    let rec = record_of(&out);
+    assert_eq!(rec.legs.len(), 2);
+    assert_eq!(rec.legs[1].call_id, bob_dialog(&inv_bob).1);
+}
+
+#[test]
+fn an_invite_replacing_an_unknown_dialog_gets_481() {
+    let r = crate::Replaces {
+        call_id: "nowhere".into(),
+        to_tag: "1".into(),
+        from_tag: "2".into(),
+    };
+    let mut two = Harness::start_full("a-call-2", "bob", SDP_C, DEMO_DIALPLAN, true, Some(r));
+    two.take();
+    two.call
+        .on_handover(two.now, Err("the replaced call is not on this node".into()));
+    let out = two.take();
+    assert_eq!(final_to_a(&out).map(|f| f.0), Some(481));
+    assert!(hung_up_with(&out).is_some());
+}
