@@ -411,3 +411,68 @@ fn an_invite_with_replaces_takes_over_a_party_of_another_call() {
         "{log}"
     );
 }
+
+/// Dial's `t`: u1 calls u2 through `Dial(…,t)`; u2 keys `#1`, `34`, `#` as RFC 4733
+/// events (Debian's recordings, played by SIPp) and is hung up; u1 is sent to 34, which
+/// rings u3; u1's BYE reaches u3.
+#[test]
+fn the_callee_transfers_with_the_keys_dial_t_allows() {
+    let users = Users { count: 3 };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("extensions.conf");
+    std::fs::write(
+        &plan,
+        format!(
+            "[default]\nexten => 400,1,Dial(SIP/{},20,t)\nexten => 34,1,Dial(SIP/{},20)\n",
+            Users::name(2),
+            Users::name(3)
+        ),
+    )
+    .unwrap();
+    let c = LocalCluster::up_with_dialplan(87, 1, &users, MD5_ONLY, &plan).unwrap();
+    let p = Phones::new(&c);
+    let carol_ip = c.client_ip(52);
+    let carol_port = free_udp_port(&carol_ip);
+    p.register(1, 3, &carol_ip, carol_port);
+    let carol = p.callee("uas_answer.xml", &carol_ip, carol_port, &[]);
+
+    // The recordings' timestamps grow from 1 to 3, 4 and #; the first # is older than
+    // 1 (a stream started over, as the relay takes it).
+    let keys: String = ["pound", "1", "3", "4", "pound"]
+        .iter()
+        .map(|k| {
+            let pcap = format!("/usr/share/sip-tester/dtmf_2833_{k}.pcap");
+            assert!(Path::new(&pcap).exists(), "{pcap}: install sip-tester");
+            format!(
+                "  <nop><action><exec play_pcap_audio=\"{pcap}\"/></action></nop>\n  <pause milliseconds=\"600\"/>\n"
+            )
+        })
+        .collect();
+    let template = std::fs::read_to_string(pbx_tests::repo_root().join("tests/sipp/uas_keys.xml"))
+        .unwrap()
+        .replace("KEYS\n", &keys);
+    let scenario = p.file("uas_keys.xml", &template);
+    let bob_ip = c.client_ip(51);
+    let bob_port = free_udp_port(&bob_ip);
+    p.register(1, 2, &bob_ip, bob_port);
+    let bob_media = free_udp_port(&bob_ip).to_string();
+    let bob = p.callee(
+        scenario.to_str().unwrap(),
+        &bob_ip,
+        bob_port,
+        &["-mi", &bob_ip, "-mp", &bob_media],
+    );
+    let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
+    let alice = p.call("uac_call.xml", 1, 1, "400", nowhere, 8000);
+    let run = bob.wait().unwrap();
+    let log = c.log(1);
+    assert!(
+        run.successful == 1 && run.failed == 0,
+        "u2 keyed the transfer and was hung up: {}\n{log}",
+        run.tail(30)
+    );
+    assert!(log.contains("B keyed a transfer"), "{log}");
+    assert!(log.contains("transfer to 34 completed"), "{log}");
+    assert_all_ok(&alice.wait().unwrap(), 1, "u1's call, transferred");
+    assert_all_ok(&carol.wait().unwrap(), 1, "u3 answered and got u1's BYE");
+}

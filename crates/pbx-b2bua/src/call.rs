@@ -112,7 +112,11 @@ pub enum MediaOp {
     },
     /// Report the keys the caller sends as RFC 4733 telephone-events with this payload
     /// type on a stream ([`MediaNotice::Digit`]).
-    DetectDtmf { stream: usize, payload_type: u8 },
+    DetectDtmf {
+        stream: usize,
+        side: Side,
+        payload_type: u8,
+    },
     /// Every stream's sides trade places, sockets and all (the caller transferred the
     /// call: its callee is side A from now on).
     SwapSides,
@@ -126,8 +130,8 @@ pub enum MediaNotice {
     /// The latest [`MediaOp::Play`] finished (the driver drops the report of a prompt
     /// a later Play, Music or StopPlay already replaced).
     PlaybackDone,
-    /// A key the caller pressed (RFC 4733).
-    Digit(char),
+    /// A key pressed on a side (RFC 4733).
+    Digit(Side, char),
 }
 
 /// What the driver must do.
@@ -346,6 +350,8 @@ pub struct Call<D> {
     transfer: Option<transfer::Transfer>,
     /// When a transferor that did not hang up after its transfer gets a BYE.
     transferor_bye: Option<(Instant, usize)>,
+    /// Keys of Dial's `t`/`T` during the bridge.
+    keys: transfer::FeatureKeys,
 }
 
 /// What the replicated record of a call last said, of what changes while it runs.
@@ -507,6 +513,7 @@ impl<D: Destination> Call<D> {
             glare_tries: 0,
             transfer: None,
             transferor_bye: None,
+            keys: Default::default(),
             p: params,
         }
     }
@@ -1046,6 +1053,7 @@ impl<D: Destination> Call<D> {
                 if let Some(te) = offer.media.get(stream).and_then(|s| s.telephone_event()) {
                     self.out.push_back(Output::Media(MediaOp::DetectDtmf {
                         stream,
+                        side: Side::A,
                         payload_type: te,
                     }));
                 }
@@ -1062,6 +1070,7 @@ impl<D: Destination> Call<D> {
                 self.app_pt = Some(0);
                 self.out.push_back(Output::Media(MediaOp::DetectDtmf {
                     stream,
+                    side: Side::A,
                     payload_type: pbx_sdp::OFFERED_TELEPHONE_EVENT,
                 }));
                 let sdp = pbx_sdp::offer_g711(m.ip, port, self.session[0], 1);
@@ -1496,7 +1505,13 @@ impl<D: Destination> Call<D> {
                 Some(other) => {
                     let ct = msg.header(&HeaderName::ContentType).map(str::to_string);
                     let body = ct.as_deref().map(|c| (c, &msg.body[..]));
-                    self.send_in_dialog(now, other, method, &[], body, Some(origin));
+                    self.send_in_dialog(now, other, method.clone(), &[], body, Some(origin));
+                    // Dial's t/T keys may come as SIP INFO too (relayed all the same).
+                    if method == Method::Info {
+                        if let Some(d) = info_digit(ct.as_deref().unwrap_or(""), &msg.body) {
+                            self.feature_key(now, side_of(leg), d);
+                        }
+                    }
                 }
                 None => {
                     let extra: &[(&str, &str)] = if method == Method::Options {
@@ -1985,6 +2000,7 @@ impl<D: Destination> Call<D> {
                     .then(|| Sdp::parse(&msg.body).ok())
                     .flatten();
                 let transferred = self.transferring();
+                self.watch_feature_keys(sdp.as_ref());
                 let body = sdp.map(|sdp| {
                     self.learn_media(Side::B, &sdp);
                     if transferred {
@@ -2092,7 +2108,11 @@ impl<D: Destination> Call<D> {
                 self.collected(now, step);
             }
             MediaNotice::PlaybackDone => {}
-            MediaNotice::Digit(d) => self.on_digit(now, d),
+            MediaNotice::Digit(side, d) if matches!(self.phase, Phase::Bridged(_)) => {
+                self.feature_key(now, side, d)
+            }
+            MediaNotice::Digit(Side::A, d) => self.on_digit(now, d),
+            MediaNotice::Digit(Side::B, _) => {}
             MediaNotice::NoMedia => {
                 // As Asterisk's rtptimeout: whatever the call is doing with the caller.
                 if matches!(
@@ -2166,6 +2186,7 @@ impl<D: Destination> Call<D> {
         if self.phase != Phase::Ended {
             take(self.hangup_at);
             take(self.transferor_bye.map(|(at, _)| at));
+            take(self.keys.deadline());
             for (at, _) in &self.reanchor_retry {
                 take(Some(*at));
             }
@@ -2273,6 +2294,9 @@ impl<D: Destination> Call<D> {
         }
         self.retry_reanchor(now);
         self.transferor_bye_due(now);
+        if self.keys.deadline().is_some_and(|at| now >= at) {
+            self.keyed_transfer();
+        }
         if self.hangup_at.is_some_and(|at| now >= at) && self.phase != Phase::Ended {
             self.hangup_at = None;
             self.hangup(now, 16, None);

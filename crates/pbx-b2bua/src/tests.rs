@@ -1104,6 +1104,7 @@ fn in_ivr() -> (Harness, String) {
     assert!(body.contains("a=rtpmap:96 telephone-event/8000"), "{body}");
     assert!(out.contains(&Output::Media(MediaOp::DetectDtmf {
         stream: 0,
+        side: Side::A,
         payload_type: 96
     })));
     assert!(out.contains(&Output::Media(MediaOp::Play {
@@ -1130,7 +1131,7 @@ fn hung_up_with(out: &[Output<Udp>]) -> Option<u16> {
 #[test]
 fn a_key_interrupts_the_ivr_prompt_and_chooses_the_extension() {
     let (mut h, _) = in_ivr();
-    h.call.on_media(h.now, MediaNotice::Digit('1'));
+    h.call.on_media(h.now, MediaNotice::Digit(Side::A, '1'));
     let out = h.take();
     assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
     assert!(out.contains(&Output::Media(MediaOp::Play {
@@ -1154,7 +1155,7 @@ fn silence_reaches_t_and_a_wrong_key_reaches_i() {
 
     let (mut h, _) = in_ivr();
     h.call.on_media(h.now, MediaNotice::PlaybackDone);
-    h.call.on_media(h.now, MediaNotice::Digit('7'));
+    h.call.on_media(h.now, MediaNotice::Digit(Side::A, '7'));
     assert_eq!(hung_up_with(&h.take()), Some(1));
 }
 
@@ -1181,7 +1182,7 @@ fn keys_sent_as_sip_info_work_like_rtp_events() {
     h.call.on_media(h.now, MediaNotice::PlaybackDone);
     h.request(&info(3, "application/dtmf-relay", "Signal= 4\r\n"), ALICE);
     h.request(&info(4, "application/dtmf", "8"), ALICE);
-    h.call.on_media(h.now, MediaNotice::Digit('6'));
+    h.call.on_media(h.now, MediaNotice::Digit(Side::A, '6'));
     assert_eq!(hung_up_with(&h.take()), Some(486));
 }
 
@@ -1365,7 +1366,7 @@ fn waitexten_m_plays_music_until_the_first_key() {
         class: "jazz".into(),
         payload_type: 0
     })));
-    h.call.on_media(h.now, MediaNotice::Digit('1'));
+    h.call.on_media(h.now, MediaNotice::Digit(Side::A, '1'));
     let out = h.take();
     assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
     assert!(out.contains(&Output::Media(MediaOp::Play {

@@ -205,7 +205,13 @@ pub struct DialRequest {
     pub caller_id: Option<CallerId>,
     /// `S(x)`: hang up x seconds after the answer.
     pub max_duration: Option<Duration>,
+    /// `T` and `t`: the caller, the callee may transfer the other blind by keying
+    /// [`BLIND_TRANSFER_KEYS`] and the number.
+    pub transfer_by: [bool; 2],
 }
+
+/// The keys of a blind transfer during a call (Asterisk's `blindxfer` default).
+pub const BLIND_TRANSFER_KEYS: &str = "#1";
 
 /// Log levels of `Log()` and `Verbose()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -438,8 +444,8 @@ pub(crate) fn parse_dial_target(t: &str) -> Result<DialTarget, String> {
     })
 }
 
-/// Dial options: `r`, `f(x)`, `o(x)`, `S(x)`; `t T h H k K w W` are accepted and have no
-/// effect here (no feature codes).
+/// Dial options: `r`, `f(x)`, `o(x)`, `S(x)`, `t`, `T`; `h H k K w W` are accepted and
+/// have no effect here.
 pub(crate) fn parse_dial_options(s: &str) -> Result<DialRequest, String> {
     let mut d = DialRequest::default();
     let chars: Vec<char> = s.trim().chars().collect();
@@ -469,7 +475,9 @@ pub(crate) fn parse_dial_options(s: &str) -> Result<DialRequest, String> {
                     .ok_or("option S needs a number of seconds, e.g. S(3600)")?;
                 d.max_duration = Some(Duration::from_secs_f64(secs));
             }
-            't' | 'T' | 'h' | 'H' | 'k' | 'K' | 'w' | 'W' => {}
+            'T' => d.transfer_by[0] = true,
+            't' => d.transfer_by[1] = true,
+            'h' | 'H' | 'k' | 'K' | 'w' | 'W' => {}
             other => return Err(format!("unsupported Dial option {other:?}")),
         }
     }
@@ -1523,7 +1531,7 @@ mod tests {
     fn dial_then_branch_on_dialstatus() {
         let mut e = run(
             "[default]\n\
-             exten => _1XXX,1,Dial(SIP/${EXTEN}&PJSIP/alice@10.0.0.9:5070,20,rf(\"Front\" <555>))\n \
+             exten => _1XXX,1,Dial(SIP/${EXTEN}&PJSIP/alice@10.0.0.9:5070,20,rf(\"Front\" <555>)t)\n \
              same => n,GotoIf($[\"${DIALSTATUS}\" = \"BUSY\"]?busy)\n \
              same => n,Hangup(19)\n \
              same => n(busy),Busy()\n",
@@ -1545,6 +1553,7 @@ mod tests {
         );
         assert_eq!(d.timeout, Some(Duration::from_secs(20)));
         assert!(d.ringing);
+        assert_eq!(d.transfer_by, [false, true], "t: the callee may transfer");
         assert_eq!(
             d.caller_id,
             Some(CallerId {

@@ -18,8 +18,8 @@ use std::fmt;
 
 pub use exec::{
     cause_to_sip, digit_prompts, number_prompts, sip_to_cause, Action, CallerId, Collected,
-    DialRequest, DialStatus, DialTarget, Disposition, Execution, LogLevel, DIGIT_TIMEOUT,
-    RESPONSE_TIMEOUT,
+    DialRequest, DialStatus, DialTarget, Disposition, Execution, LogLevel, BLIND_TRANSFER_KEYS,
+    DIGIT_TIMEOUT, RESPONSE_TIMEOUT,
 };
 pub use expr::evaluate as evaluate_expression;
 pub use pattern::Pattern;

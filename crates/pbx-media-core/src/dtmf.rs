@@ -74,6 +74,10 @@ pub struct DtmfReceiver {
     ended: bool,
 }
 
+/// A timestamp this far behind the newest event's (2 s at 8 kHz) means the stream
+/// started over, not a late packet.
+const RESTART_BEHIND: i32 = 16_000;
+
 impl DtmfReceiver {
     /// A telephone-event packet (its SSRC, timestamp and payload): the key pressed when
     /// it starts an event not seen before.
@@ -82,8 +86,11 @@ impl DtmfReceiver {
         if let Some((last_ssrc, last_ts)) = self.last {
             let ahead = timestamp.wrapping_sub(last_ts);
             // Same event (updates, the redundant end packets), or a late packet of an
-            // earlier one (its timestamp behind the newest, modulo wrap-around).
-            if last_ssrc == ssrc && (ahead as i32) <= 0 {
+            // earlier one (its timestamp behind the newest, modulo wrap-around). Far
+            // behind is no late packet but a stream started over with the same SSRC
+            // (a phone after a re-INVITE, a recording played again): a new event.
+            let restarted = (ahead as i32) < -RESTART_BEHIND;
+            if last_ssrc == ssrc && (ahead as i32) <= 0 && !restarted {
                 if ahead == 0 {
                     self.duration = self.duration.max(ev.duration);
                     self.ended |= ev.end;
@@ -185,5 +192,17 @@ mod tests {
             r.on_event(7, u32::from(u16::MAX), &ev(2, false, 160)),
             Some('2')
         );
+    }
+
+    #[test]
+    fn a_stream_started_over_with_the_same_ssrc_gives_new_keys() {
+        let mut r = DtmfReceiver::default();
+        assert_eq!(r.on_event(7, 92_640, &ev(11, false, 160)), Some('#'));
+        assert_eq!(r.on_event(7, 92_640, &ev(11, true, 800)), None);
+        // A late end packet of an earlier key (100 ms behind): nothing.
+        assert_eq!(r.on_event(7, 91_840, &ev(3, true, 800)), None);
+        // Ten seconds behind: the stream started over.
+        assert_eq!(r.on_event(7, 13_280, &ev(1, false, 160)), Some('1'));
+        assert_eq!(r.on_event(7, 31_040, &ev(3, false, 160)), Some('3'));
     }
 }

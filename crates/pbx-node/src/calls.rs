@@ -17,7 +17,7 @@ use pbx_dialplan::{DialTarget, LogLevel};
 use pbx_dns::locate::{DeadTargets, Destination, SipTransport, SplitMix, Target};
 use pbx_endpoint::{lock, CallMessage, Dest, Endpoint, NewCall, Refused, SkipReason};
 use pbx_media::{MediaConfig, MediaEvent, MediaRelay, Stream};
-use pbx_media_core::{Mode, Side};
+use pbx_media_core::Mode;
 use pbx_peer::{BoxFuture, CallMedia, Cluster, MediaCounters};
 use pbx_sdp::Sdp;
 use pbx_sip_core::{Timers, TransactionKey};
@@ -503,9 +503,7 @@ async fn run_call(
                     MediaEvent::NoMedia => MediaNotice::NoMedia,
                     MediaEvent::PlaybackDone(id) if id == task.play_seq => MediaNotice::PlaybackDone,
                     MediaEvent::PlaybackDone(_) => continue,
-                    MediaEvent::Digit(Side::A, d) => MediaNotice::Digit(d),
-                    // Only the caller's keys are asked for.
-                    MediaEvent::Digit(Side::B, _) => continue,
+                    MediaEvent::Digit(side, d) => MediaNotice::Digit(side, d),
                 };
                 call.on_media(Instant::now(), notice);
             }
@@ -674,10 +672,11 @@ fn carry_out(
             }
             MediaOp::DetectDtmf {
                 stream,
+                side,
                 payload_type,
             } => {
                 if let Some(s) = streams.get(stream) {
-                    s.detect_dtmf(Side::A, Some(payload_type));
+                    s.detect_dtmf(side, Some(payload_type));
                 }
             }
             MediaOp::SwapSides => streams.iter_mut().for_each(Stream::swap_sides),

@@ -196,6 +196,21 @@ impl<D: Destination> Call<D> {
             self.respond_to(&origin, 404, &[], None);
             return;
         };
+        let cseq = origin.cseq;
+        self.begin_blind(leg, other, target, notify, Some(origin), cseq);
+    }
+
+    /// A blind transfer by `leg` of `other` to `target` (a REFER, answered once the
+    /// route is known; or the transfer keys, `origin` None).
+    fn begin_blind(
+        &mut self,
+        leg: LegRef,
+        other: LegRef,
+        target: String,
+        notify: bool,
+        origin: Option<Origin>,
+        refer_cseq: u32,
+    ) {
         let (user, caller) = match (leg, other) {
             (LegRef::B(i), _) => (self.legs[i].user.clone(), self.exec.caller().clone()),
             (LegRef::A, LegRef::B(w)) => (
@@ -212,8 +227,8 @@ impl<D: Destination> Call<D> {
             format!("{user} transfers the call to {target}"),
         );
         self.transfer = Some(Transfer {
-            refer_cseq: origin.cseq,
-            origin: Some(origin),
+            refer_cseq,
+            origin,
             by: leg,
             transferor: None,
             target: target.clone(),
@@ -230,17 +245,17 @@ impl<D: Destination> Call<D> {
     /// The driver's answer to [`Output::Route`]: the dialplan at the transfer's target in
     /// the transferor's context, or why there is none (the REFER gets 404).
     pub fn on_route(&mut self, now: Instant, route: Result<Execution, String>) {
-        let Some(t) = self.transfer.as_mut() else {
+        let Some(t) = self.transfer.as_mut().filter(|t| t.saved.is_none()) else {
             return;
         };
-        let Some(origin) = t.origin.take() else {
-            return;
-        };
+        let origin = t.origin.take();
         let (by, target, notify) = (t.by, t.target.clone(), t.notify);
         let Phase::Bridged(w) = self.phase else {
             // The call ended or changed while the route was looked up.
             self.transfer = None;
-            self.respond_to(&origin, 481, &[], None);
+            if let Some(origin) = origin {
+                self.respond_to(&origin, 481, &[], None);
+            }
             return;
         };
         let exec = match route {
@@ -251,7 +266,13 @@ impl<D: Destination> Call<D> {
                     LogLevel::Notice,
                     format!("transfer to {target} refused: {why}"),
                 );
-                self.respond_to(&origin, 404, &[], None);
+                match origin {
+                    Some(origin) => {
+                        self.respond_to(&origin, 404, &[], None);
+                    }
+                    // Keyed: the transferor hears its music stop, the call goes on.
+                    None => self.resume_after_keys(),
+                }
                 return;
             }
         };
@@ -260,7 +281,9 @@ impl<D: Destination> Call<D> {
         } else {
             &[("Refer-Sub", "false")]
         };
-        self.respond_to(&origin, 202, extra, None);
+        if let Some(origin) = origin {
+            self.respond_to(&origin, 202, extra, None);
+        }
         if by == LegRef::A {
             self.swap_parties(w);
         }
@@ -295,6 +318,7 @@ impl<D: Destination> Call<D> {
         {
             self.out.push_back(Output::Media(MediaOp::DetectDtmf {
                 stream,
+                side: Side::A,
                 payload_type: pt,
             }));
         }
@@ -899,5 +923,128 @@ impl<D: Destination> Call<D> {
             .push_back(Output::Media(MediaOp::Mode(pbx_media_core::Mode::Bridge)));
         self.answer_a(now, answer.as_deref());
         self.record(now, Some(k));
+    }
+}
+
+/// How long the transfer keys wait for the next digit of the number (Asterisk's
+/// `transferdigittimeout`).
+const TRANSFER_DIGIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Keys pressed during a bridged call, for Dial's `t`/`T`.
+#[derive(Debug, Default)]
+pub(super) struct FeatureKeys {
+    /// Per side, the last keys (to spot [`pbx_dialplan::BLIND_TRANSFER_KEYS`]).
+    recent: [String; 2],
+    /// A side keying the number of a blind transfer, the digits so far, and when the
+    /// number is taken as complete.
+    number: Option<(Side, String, Instant)>,
+}
+
+impl FeatureKeys {
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.number.as_ref().map(|(_, _, at)| *at)
+    }
+}
+
+impl<D: Destination> Call<D> {
+    /// A call bridged by a Dial with `t`/`T`: the keys of the sides it names are
+    /// watched (RFC 4733, the payload type each side's description gave them).
+    pub(super) fn watch_feature_keys(&mut self, answer: Option<&Sdp>) {
+        let Some(by) = self.dial.as_ref().map(|d| d.transfer_by) else {
+            return;
+        };
+        self.keys = FeatureKeys::default();
+        for (side, sdp) in [(Side::A, self.a.offer.clone()), (Side::B, answer.cloned())] {
+            if !by[side_index(side)] {
+                continue;
+            }
+            let Some(sdp) = sdp else { continue };
+            let Some(stream) = sdp.g711_stream() else {
+                continue;
+            };
+            if let Some(pt) = sdp.media.get(stream).and_then(|m| m.telephone_event()) {
+                self.out.push_back(Output::Media(MediaOp::DetectDtmf {
+                    stream,
+                    side,
+                    payload_type: pt,
+                }));
+            }
+        }
+    }
+
+    /// A key from a side of the bridged call: `#1` then a number (ended by `#` or 3 s
+    /// of silence) transfers the other party blind, as Asterisk's Dial `t`/`T`. The
+    /// keys still reach the other party (the relay does not swallow them).
+    pub(super) fn feature_key(&mut self, now: Instant, side: Side, key: char) {
+        let i = side_index(side);
+        if !self.dial.as_ref().is_some_and(|d| d.transfer_by[i]) || self.transfer.is_some() {
+            return;
+        }
+        match &mut self.keys.number {
+            Some((s, number, until)) if *s == side => {
+                if key == '#' {
+                    return self.keyed_transfer();
+                }
+                number.push(key);
+                *until = now + TRANSFER_DIGIT_TIMEOUT;
+                return;
+            }
+            Some(_) => return,
+            None => {}
+        }
+        let wanted = pbx_dialplan::BLIND_TRANSFER_KEYS;
+        let recent = &mut self.keys.recent[i];
+        recent.push(key);
+        if recent.len() > wanted.len() {
+            recent.remove(0);
+        }
+        if recent == wanted {
+            recent.clear();
+            self.keys.number = Some((side, String::new(), now + TRANSFER_DIGIT_TIMEOUT));
+            self.log(
+                LogLevel::Notice,
+                format!("{side:?} keyed a transfer: waiting for the number"),
+            );
+            // The other party waits with music, as for a REFER.
+            if let Some(stream) = self.music_stream.take() {
+                self.out
+                    .push_back(Output::Media(MediaOp::StopPlay { stream }));
+            }
+            self.start_music(side.other(), None);
+        }
+    }
+
+    /// The number of a keyed transfer is complete (`#`, or its digit timeout).
+    pub(super) fn keyed_transfer(&mut self) {
+        let Some((side, number, _)) = self.keys.number.take() else {
+            return;
+        };
+        let Phase::Bridged(w) = self.phase else {
+            return;
+        };
+        if number.is_empty() {
+            self.log(
+                LogLevel::Notice,
+                "transfer keys without a number: ignored".into(),
+            );
+            return self.resume_after_keys();
+        }
+        let (by, other) = match side {
+            Side::A => (LegRef::A, LegRef::B(w)),
+            Side::B => (LegRef::B(w), LegRef::A),
+        };
+        self.begin_blind(by, other, number, false, None, 0);
+    }
+
+    /// A keyed transfer that does not happen: the music it started stops (unless a
+    /// hold still wants it).
+    fn resume_after_keys(&mut self) {
+        if let Some(stream) = self.music_stream.take() {
+            self.out
+                .push_back(Output::Media(MediaOp::StopPlay { stream }));
+        }
+        if let Some(to) = self.music_side() {
+            self.start_music(to, None);
+        }
     }
 }

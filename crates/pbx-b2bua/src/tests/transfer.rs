@@ -644,3 +644,77 @@ fn an_invite_replacing_an_unknown_dialog_gets_481() {
     assert_eq!(final_to_a(&out).map(|f| f.0), Some(481));
     assert!(hung_up_with(&out).is_some());
 }
+
+const SDP_B_DTMF: &str = "v=0\r\no=bob 1 1 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0 97\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:97 telephone-event/8000\r\n";
+
+/// alice calls bob with Dial options `options`, both offering telephone-events.
+fn connected_with(options: &str) -> Harness {
+    let plan = format!("[default]\nexten => bob,1,Dial(SIP/bob,30,{options})\n");
+    let mut h = Harness::start_with("bob", super::SDP_A_DTMF, &plan);
+    h.take();
+    h.resolve(&[BOB1]);
+    let inv = Harness::sent(&h.take(), BOB1);
+    h.response(&response_to(&inv[0].1, 200, "b1", BOB1, SDP_B_DTMF));
+    h
+}
+
+#[test]
+fn the_callee_keys_a_blind_transfer_with_dial_t() {
+    let mut h = connected_with("t");
+    let out = h.take();
+    // Only the callee's keys are watched (t), at the payload type of its answer.
+    assert!(out.contains(&Output::Media(MediaOp::DetectDtmf {
+        stream: 0,
+        side: Side::B,
+        payload_type: 97
+    })));
+    assert!(!out
+        .iter()
+        .any(|o| matches!(o, Output::Media(MediaOp::DetectDtmf { side: Side::A, .. }))));
+    // The caller's #1 does nothing.
+    for k in ['#', '1'] {
+        h.call.on_media(h.now, MediaNotice::Digit(Side::A, k));
+    }
+    assert!(h.take().is_empty());
+    for k in ['#', '1'] {
+        h.call.on_media(h.now, MediaNotice::Digit(Side::B, k));
+    }
+    let out = h.take();
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Media(MediaOp::Music { side: Side::A, .. }))),
+        "the caller waits with music: {out:?}"
+    );
+    for k in ['7', '0', '0', '#'] {
+        h.call.on_media(h.now, MediaNotice::Digit(Side::B, k));
+    }
+    route_to(&mut h, "700", "alice");
+    let out = h.take();
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Media(MediaOp::Play { prompts, .. }) if prompts == &["hello-world".to_string()]
+    )));
+    assert!(Harness::sent(&out, BOB1).is_empty(), "no NOTIFY for keys");
+    h.advance(Duration::from_millis(2100));
+    assert!(Harness::sent(&h.take(), BOB1)
+        .iter()
+        .any(|(m, _)| *m == Method::Bye));
+}
+
+#[test]
+fn transfer_keys_without_a_number_time_out_and_the_call_goes_on() {
+    let mut h = connected_with("T");
+    h.take();
+    for k in ['#', '1'] {
+        h.call.on_media(h.now, MediaNotice::Digit(Side::A, k));
+    }
+    assert!(h
+        .take()
+        .iter()
+        .any(|o| matches!(o, Output::Media(MediaOp::Music { side: Side::B, .. }))));
+    h.advance(Duration::from_millis(3100));
+    let out = h.take();
+    assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
+    assert!(!out.iter().any(|o| matches!(o, Output::Route { .. })));
+    assert!(hung_up_with(&out).is_none());
+}
