@@ -348,8 +348,11 @@ pub struct Call<D> {
     glare_tries: u32,
     /// A blind transfer asked for by REFER.
     transfer: Option<transfer::Transfer>,
-    /// When a transferor that did not hang up after its transfer gets a BYE.
-    transferor_bye: Option<(Instant, usize)>,
+    /// When transferors that did not hang up after their transfer get a BYE.
+    transferor_bye: Vec<(Instant, usize)>,
+    /// The caller's leg is a party from another domain (a callee that took the
+    /// caller's place in a transfer): no transfers of its own.
+    a_external: bool,
     /// Keys of Dial's `t`/`T` during the bridge.
     keys: transfer::FeatureKeys,
 }
@@ -405,6 +408,20 @@ impl<D: Destination> Call<D> {
         replaces: Replaces,
     ) -> Call<D> {
         let mut call = Call::answering(now, params, invite, core, key, source, dest, exec);
+        if call.a.offer.is_none() {
+            // Checked before the other call gives its party up (a late offer would need
+            // offers to both): RFC 3891 lets us refuse.
+            call.respond_a(
+                488,
+                None,
+                &[(
+                    "Warning",
+                    "399 pbxd \"an INVITE with Replaces needs an offer\"",
+                )],
+            );
+            call.finish(now, 88, None);
+            return call;
+        }
         call.phase = Phase::Replacing;
         call.log(
             LogLevel::Notice,
@@ -512,7 +529,8 @@ impl<D: Destination> Call<D> {
             reanchor_retry: Vec::new(),
             glare_tries: 0,
             transfer: None,
-            transferor_bye: None,
+            transferor_bye: Vec::new(),
+            a_external: false,
             keys: Default::default(),
             p: params,
         }
@@ -1786,7 +1804,10 @@ impl<D: Destination> Call<D> {
             return;
         };
         if let LegRef::B(i) = leg {
-            if core.cseq.method == Method::Invite && core.cseq.seq == 1 {
+            // The leg's own INVITE; a dialog taken over (a transfer, a swap) has none,
+            // and its CSeq 1 may be a re-INVITE of ours (in `pending`).
+            if core.cseq.method == Method::Invite && core.cseq.seq == 1 && self.legs[i].tx.is_some()
+            {
                 return self.on_leg_response(now, i, status, msg, core);
             }
         }
@@ -2185,7 +2206,9 @@ impl<D: Destination> Call<D> {
         }
         if self.phase != Phase::Ended {
             take(self.hangup_at);
-            take(self.transferor_bye.map(|(at, _)| at));
+            for (at, _) in &self.transferor_bye {
+                take(Some(*at));
+            }
             take(self.keys.deadline());
             for (at, _) in &self.reanchor_retry {
                 take(Some(*at));

@@ -60,6 +60,8 @@ pub(crate) enum CallInput {
     /// `replaces` names ([`Call::hand_over`]).
     HandOver {
         replaces: Replaces,
+        /// The call taking the party over: its dialog's messages go there at once.
+        to: mpsc::UnboundedSender<CallInput>,
         reply: oneshot::Sender<Result<HandOver<Dest>, String>>,
     },
     /// The answer to this call's [`Output::Replace`].
@@ -481,14 +483,20 @@ async fn run_call(
                             call.hangup_now(now, CAUSE_ADMIN_HANGUP);
                         }
                     }
-                    Some(CallInput::HandOver { replaces, reply }) => {
+                    Some(CallInput::HandOver { replaces, to, reply }) => {
                         let handed = call.hand_over(now, &replaces);
                         if let Ok(h) = &handed {
-                            // Its dialog is the other call's now: not unrouted when this
+                            // Its dialog is the other call's now: routed there before
+                            // anything else of it arrives, and not unrouted when this
                             // call ends.
+                            layer.endpoint.claim_call_id(h.call_id(), to);
                             task.claimed.retain(|id| id != h.call_id());
                         }
-                        let _ = reply.send(handed);
+                        if let Err(Ok(h)) = reply.send(handed) {
+                            // The other call ended while asking: the party is nobody's.
+                            tracing::warn!(call = call.id(), party = h.call_id(), "a party handed over was lost: its call ended");
+                            layer.endpoint.release_call_ids([&h.call_id().to_string()]);
+                        }
                     }
                     Some(CallInput::HandedOver(handed)) => call.on_handover(now, handed),
                     Some(CallInput::Release { grace }) => {
@@ -702,12 +710,21 @@ fn carry_out(
                 );
             };
             let (reply, answer) = oneshot::channel();
-            if other.send(CallInput::HandOver { replaces, reply }).is_err() {
+            let to = tx.clone();
+            if other
+                .send(CallInput::HandOver {
+                    replaces,
+                    to,
+                    reply,
+                })
+                .is_err()
+            {
                 return call.on_handover(Instant::now(), Err("the replaced call ended".into()));
             }
             let me = tx.clone();
             tokio::spawn(async move {
-                let handed = match tokio::time::timeout(Duration::from_secs(2), answer).await {
+                // A call task answers at once; this only guards against one stuck.
+                let handed = match tokio::time::timeout(Duration::from_secs(10), answer).await {
                     Ok(Ok(handed)) => handed,
                     _ => Err("the replaced call did not answer".into()),
                 };

@@ -90,6 +90,8 @@ pub struct HandOver<D> {
     session: u64,
     targets: Vec<Option<std::net::SocketAddr>>,
     user: String,
+    /// The party's domain when it is not ours.
+    domain: Option<String>,
 }
 
 impl<D> HandOver<D> {
@@ -101,7 +103,7 @@ impl<D> HandOver<D> {
 
 /// How long a NOTIFY subscription of a REFER says it lasts (RFC 3515 §2.4.4: the
 /// transfer ends it well before).
-const REFER_EXPIRES: u32 = 60;
+const REFER_EXPIRES: u32 = 300;
 
 /// A transferor told the transfer succeeded hangs up itself (RFC 5589 §6); one that
 /// has not after this long gets a BYE.
@@ -131,7 +133,10 @@ struct Saved {
     dial: Option<DialRequest>,
     hangup_at: Option<Instant>,
     media_targets: Vec<Option<std::net::SocketAddr>>,
-    sdp_sent: (String, u64),
+    /// Per side, what was last sent (the target's offer must not stay as the
+    /// transferor's).
+    sdp_sent: [(String, u64); 2],
+    sdp_body: String,
     exten: String,
 }
 
@@ -153,6 +158,11 @@ impl<D: Destination> Call<D> {
         };
         if self.transfer.is_some() {
             self.respond_to(&origin, 491, &[], None);
+            return;
+        }
+        if let Some(why) = self.cannot_transfer(leg) {
+            let warning = format!("399 pbxd \"{why}\"");
+            self.respond_to(&origin, 403, &[("Warning", &warning)], None);
             return;
         }
         let values: Vec<&str> = msg.header_values(&HeaderName::ReferTo).collect();
@@ -292,7 +302,8 @@ impl<D: Destination> Call<D> {
             dial: self.dial.take(),
             hangup_at: self.hangup_at.take(),
             media_targets: self.media_targets[1].clone(),
-            sdp_sent: self.sdp_sent[0].clone(),
+            sdp_sent: self.sdp_sent.clone(),
+            sdp_body: self.sdp_body[1].clone(),
             exten: std::mem::replace(&mut self.a.exten, target),
         };
         if let Some(t) = self.transfer.as_mut() {
@@ -330,23 +341,50 @@ impl<D: Destination> Call<D> {
     /// unless it hung up itself.
     pub(super) fn bye_transferor(&mut self, now: Instant, leg: LegRef) {
         if let LegRef::B(w) = leg {
-            self.transferor_bye = Some((now + TRANSFEROR_GRACE, w));
+            self.transferor_bye.push((now + TRANSFEROR_GRACE, w));
         }
     }
 
     /// The grace of [`TRANSFEROR_GRACE`] is over: a BYE for a transferor still there.
     pub(super) fn transferor_bye_due(&mut self, now: Instant) {
-        let Some((at, w)) = self.transferor_bye else {
-            return;
+        let due: Vec<usize> = self
+            .transferor_bye
+            .iter()
+            .filter(|(at, _)| now >= *at)
+            .map(|(_, w)| *w)
+            .collect();
+        self.transferor_bye.retain(|(at, _)| now < *at);
+        for w in due {
+            if self.legs[w].state == LegState::Answered && self.phase != Phase::Bridged(w) {
+                self.legs[w].state = LegState::Done(200);
+                self.send_in_dialog(now, LegRef::B(w), Method::Bye, &[], None, None);
+            }
+        }
+    }
+
+    /// Why `leg` may not transfer the call now, if it may not: only a party of the
+    /// domain transfers (its context routes the target; a party from outside has none),
+    /// only through the relay (the transferee keeps its media address), and not while a
+    /// request on the call waits for its answer.
+    fn cannot_transfer(&self, leg: LegRef) -> Option<&'static str> {
+        let external = match leg {
+            LegRef::A => self.a_external,
+            LegRef::B(i) => self.legs[i].target.domain.is_some(),
         };
-        if now < at {
-            return;
+        if external {
+            return Some("a party from another domain cannot transfer");
         }
-        self.transferor_bye = None;
-        if self.legs[w].state == LegState::Answered && self.phase != Phase::Bridged(w) {
-            self.legs[w].state = LegState::Done(200);
-            self.send_in_dialog(now, LegRef::B(w), Method::Bye, &[], None, None);
+        if self.p.media.is_none() {
+            return Some("transfers need the media relay");
         }
+        if self
+            .pending
+            .iter()
+            .any(|p| !p.answered && (p.method == Method::Invite || p.method == Method::Update))
+        {
+            return Some("an offer is in progress; try again");
+        }
+        None
     }
 
     /// The payload type the transferee receives (from the description it was sent),
@@ -376,12 +414,44 @@ impl<D: Destination> Call<D> {
             }
         }
         self.out.push_back(Output::Media(MediaOp::SwapSides));
+        // The caller's address was latched by the relay, not learnt: take it from its
+        // offer, to point the relay back at it should the transfer fail.
+        if self.media_targets[1].is_empty() {
+            if let Some(offer) = &self.a.offer {
+                self.media_targets[1] = offer.media.iter().map(|m| m.rtp_target()).collect();
+            }
+        }
         // The transferee's description: the source of what the transferor was sent.
         let theirs = self.sdp_sent[1].0.clone();
         self.a.offer = Sdp::parse(theirs.as_bytes()).ok();
         self.a.offer_raw = Bytes::from(theirs);
         let transferee = std::mem::take(&mut self.legs[w].user);
         self.legs[w].user = std::mem::replace(&mut self.p.caller_user, transferee);
+        // Whether each party is from another domain goes with it.
+        let callee_domain = self.legs[w].target.domain.take();
+        if self.a_external {
+            self.legs[w].target.domain = Some(String::new());
+        }
+        self.a_external = callee_domain.is_some();
+        // What refers to the two legs follows them.
+        let flip = |l: LegRef| match l {
+            LegRef::A => LegRef::B(w),
+            LegRef::B(i) if i == w => LegRef::A,
+            other => other,
+        };
+        for p in &mut self.pending {
+            p.leg = flip(p.leg);
+            if let Some(o) = p.origin.as_mut() {
+                o.leg = flip(o.leg);
+            }
+        }
+        for (_, l) in &mut self.reanchor_retry {
+            *l = flip(*l);
+        }
+        if let Some(d) = self.dial.as_mut() {
+            d.transfer_by.swap(0, 1);
+        }
+        self.keys = FeatureKeys::default();
     }
 
     /// The offer for the transfer target: the transferee's description, with only the
@@ -496,11 +566,14 @@ impl<D: Destination> Call<D> {
         self.dial = saved.dial;
         self.hangup_at = saved.hangup_at;
         self.a.exten = saved.exten;
-        self.sdp_sent[0] = saved.sdp_sent;
+        self.sdp_sent = saved.sdp_sent;
+        self.sdp_body[1] = saved.sdp_body;
         self.app_name = None;
         self.phase = Phase::Bridged(w);
+        // Unknown (latched) addresses are unset: the relay latches the transferor again.
         let n = self.p.media.as_ref().map_or(0, |m| m.streams.len());
-        for (stream, addr) in saved.media_targets.iter().copied().enumerate().take(n) {
+        for stream in 0..n {
+            let addr = saved.media_targets.get(stream).copied().flatten();
             self.out.push_back(Output::Media(MediaOp::Remote {
                 stream,
                 side: Side::B,
@@ -593,9 +666,15 @@ impl<D: Destination> Call<D> {
             return Err("the call is being transferred".into());
         }
         let k = side_index(side_of(z));
-        let user = match z {
-            LegRef::A => self.p.caller_user.clone(),
-            LegRef::B(w) => self.legs[w].user.clone(),
+        let (user, domain) = match z {
+            LegRef::A => (
+                self.p.caller_user.clone(),
+                self.a_external.then(String::new),
+            ),
+            LegRef::B(w) => (
+                self.legs[w].user.clone(),
+                self.legs[w].target.domain.clone(),
+            ),
         };
         let handed = HandOver {
             dialog: self.dialog(z).clone(),
@@ -604,6 +683,7 @@ impl<D: Destination> Call<D> {
             session: self.session[k],
             targets: self.media_targets[k].clone(),
             user: user.clone(),
+            domain,
         };
         match z {
             LegRef::A => self.a.dialog.retransmit = None,
@@ -632,14 +712,23 @@ impl<D: Destination> Call<D> {
             return self.replaced(now, handed);
         }
         let origin = self.transfer.as_mut().and_then(|t| t.origin.take());
-        let (Some(origin), Phase::Bridged(w)) = (origin, self.phase) else {
-            // Ended meanwhile: a party handed over has nowhere to go.
-            self.transfer = None;
-            if let Ok(h) = handed {
-                self.adopt(h, LegState::Done(200));
-                let k = self.legs.len() - 1;
-                self.send_in_dialog(now, LegRef::B(k), Method::Bye, &[], None, None);
+        let w = match (self.phase, &origin) {
+            (Phase::Bridged(w), Some(_)) => w,
+            _ => {
+                // Ended meanwhile: a party handed over has nowhere to go.
+                self.transfer = None;
+                if let Some(origin) = origin {
+                    self.respond_to(&origin, 481, &[], None);
+                }
+                if let Ok(h) = handed {
+                    self.adopt(h, LegState::Done(200));
+                    let k = self.legs.len() - 1;
+                    self.send_in_dialog(now, LegRef::B(k), Method::Bye, &[], None, None);
+                }
+                return;
             }
+        };
+        let Some(origin) = origin else {
             return;
         };
         let h = match handed {
@@ -735,7 +824,7 @@ impl<D: Destination> Call<D> {
             route: h.dialog.route_set.clone(),
             user: h.user.clone(),
             alternates: Vec::new(),
-            domain: None,
+            domain: h.domain,
         };
         self.legs.push(BLeg {
             generation: self.generation,
@@ -877,10 +966,10 @@ impl<D: Destination> Call<D> {
             format!("{user} is taken over by the INVITE with Replaces"),
         );
         let Some((ct, offer)) = self.a.offer.is_some().then(|| self.offer_for_b()).flatten() else {
-            // A late offer would need our offer to both: not done; the caller is told.
+            // `replacing` refused a caller without an offer; nothing to offer here.
             self.log(
                 LogLevel::Notice,
-                "INVITE with Replaces without an offer: refused".into(),
+                "INVITE with Replaces: no offer for the party: refused".into(),
             );
             return self.hangup(now, 88, None);
         };
@@ -1033,6 +1122,10 @@ impl<D: Destination> Call<D> {
             Side::A => (LegRef::A, LegRef::B(w)),
             Side::B => (LegRef::B(w), LegRef::A),
         };
+        if let Some(why) = self.cannot_transfer(by) {
+            self.log(LogLevel::Notice, format!("keyed transfer refused: {why}"));
+            return self.resume_after_keys();
+        }
         self.begin_blind(by, other, number, false, None, 0);
     }
 

@@ -1,6 +1,7 @@
 //! Blind transfer by REFER, driven with messages and a clock.
 
 use super::*;
+use pbx_sip_msg::NameAddr;
 
 const CAROL: &str = "127.0.0.4:5064";
 const SDP_C: &str = "v=0\r\no=carol 1 1 IN IP4 127.0.0.4\r\ns=-\r\nc=IN IP4 127.0.0.4\r\nt=0 0\r\nm=audio 8000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
@@ -118,7 +119,7 @@ fn the_callee_transfers_the_caller_blind_and_leaves() {
         notify_frags(&out, BOB1),
         vec![(
             "SIP/2.0 100 Trying".to_string(),
-            "active;expires=60".to_string()
+            "active;expires=300".to_string()
         )]
     );
     // alice hears music while carol rings.
@@ -205,7 +206,7 @@ fn a_failed_transfer_puts_the_parties_back_together() {
         "bob keeps the call"
     );
     assert!(hung_up_with(&out).is_none());
-    // Bridged again: alice's INFO reaches bob, her BYE too.
+    // Bridged again: alice's BYE reaches bob.
     h.request(
         &in_dialog("BYE", 2, &alice_headers(&tag), "a-call", ""),
         ALICE,
@@ -717,4 +718,96 @@ fn transfer_keys_without_a_number_time_out_and_the_call_goes_on() {
     assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
     assert!(!out.iter().any(|o| matches!(o, Output::Route { .. })));
     assert!(hung_up_with(&out).is_none());
+}
+
+/// An INVITE with Replaces naming bob's dialog (a call pulled away from bob): the party
+/// handed over is the caller, whose dialog with the node has seen no request from it
+/// yet — the re-INVITE goes out as CSeq 1 and its answer must still be taken.
+#[test]
+fn an_invite_with_replaces_can_take_over_a_caller() {
+    let (mut one, tag1, inv_bob) = connected();
+    let (m, c) = parse(&inv_bob);
+    let our_tag = NameAddr::parse_single(m.header(&HeaderName::From).unwrap())
+        .unwrap()
+        .tag()
+        .unwrap()
+        .to_string();
+    let r = crate::Replaces {
+        call_id: c.call_id.clone(),
+        to_tag: our_tag,
+        from_tag: "b1".into(),
+    };
+    let mut two = Harness::start_full(
+        "a-call-2",
+        "alice",
+        SDP_C,
+        DEMO_DIALPLAN,
+        true,
+        Some(r.clone()),
+    );
+    two.take();
+    let handed = one
+        .call
+        .hand_over(one.now, &r)
+        .expect("bob's dialog is found");
+    let out1 = one.take();
+    assert!(Harness::sent(&out1, BOB1)
+        .iter()
+        .any(|(m, _)| *m == Method::Bye));
+    assert!(Harness::sent(&out1, ALICE).is_empty());
+    two.call.on_handover(two.now, Ok(handed));
+    let reinvite = Harness::sent(&two.take(), ALICE);
+    assert_eq!(reinvite.len(), 1);
+    let (m, c) = parse(&reinvite[0].1);
+    assert_eq!(c.cseq.seq, 1, "the node's first request in alice's dialog");
+    assert_eq!(c.call_id, "a-call");
+    assert!(m.header(&HeaderName::To).unwrap().contains("tag=at"));
+    assert!(m.header(&HeaderName::From).unwrap().contains(&tag1));
+    two.response(&response_to(&reinvite[0].1, 200, "at", ALICE, SDP_A));
+    let out = two.take();
+    assert_eq!(final_to_a(&out).map(|f| f.0), Some(200));
+    assert!(Harness::sent(&out, ALICE)
+        .iter()
+        .any(|(m, _)| *m == Method::Ack));
+}
+
+/// A transfer by the caller that fails: the parties stay swapped inside the call but
+/// are connected again; the caller's BYE (now on the second leg) reaches the callee.
+#[test]
+fn a_failed_transfer_by_the_caller_connects_them_again() {
+    let (mut h, tag, _) = connected();
+    h.request(
+        &refer(
+            2,
+            &alice_headers(&tag),
+            "a-call",
+            "<sip:carol@pbx.test>",
+            "",
+        ),
+        ALICE,
+    );
+    route_to(&mut h, "carol", "bob");
+    h.take();
+    h.call.on_resolved(h.now, carol_contact(), 480);
+    let inv_c = Harness::sent(&h.take(), CAROL);
+    h.response(&response_to(&inv_c[0].1, 480, "c1", CAROL, ""));
+    let out = h.take();
+    assert_eq!(
+        notify_frags(&out, ALICE).last().map(|f| f.0.clone()),
+        Some("SIP/2.0 480 Temporarily Unavailable".to_string())
+    );
+    assert!(out.contains(&Output::Media(MediaOp::Remote {
+        stream: 0,
+        side: Side::B,
+        addr: Some(addr("127.0.0.1:6000")),
+    })));
+    h.request(
+        &in_dialog("BYE", 3, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    let out = h.take();
+    assert!(Harness::responses(&out).contains(&200));
+    assert!(Harness::sent(&out, BOB1)
+        .iter()
+        .any(|(m, _)| *m == Method::Bye));
 }
