@@ -633,32 +633,7 @@ impl<D: Destination> Call<D> {
                     self.out.push_back(Output::Resolve(targets));
                 }
                 Action::Playback { prompts, noanswer } => {
-                    if noanswer {
-                        if !self.a.final_sent {
-                            let body = self.app_sdp();
-                            self.respond_a(183, body.as_deref(), &[]);
-                        }
-                    } else {
-                        self.app_name = Some("Playback");
-                        self.answer_with_app(now);
-                    }
-                    if self.phase != Phase::Running {
-                        continue; // answering failed and ended the call
-                    }
-                    match self.app_pt {
-                        Some(pt) => {
-                            self.phase = Phase::Playing;
-                            self.out.push_back(Output::Media(MediaOp::Play {
-                                stream: self.app_stream(),
-                                prompts,
-                                payload_type: pt,
-                            }));
-                        }
-                        None => self.log(
-                            LogLevel::Warning,
-                            "Playback: no G.711 media with the caller, skipped".into(),
-                        ),
-                    }
+                    self.play_prompts(now, "Playback", prompts, noanswer, Phase::Playing);
                 }
                 Action::Background {
                     prompts,
@@ -752,21 +727,35 @@ impl<D: Destination> Call<D> {
         prompts: Vec<String>,
         noanswer: bool,
     ) {
-        self.app_name = Some(app);
+        self.play_prompts(now, app, prompts, noanswer, Phase::Prompting);
+    }
+
+    /// Answers as `app` (unless `noanswer`: early media) and plays `prompts` in `phase`
+    /// (`Playing`: to their end; `Prompting`: a key interrupts them); stays Running when
+    /// there is nothing to play, or nothing to play on.
+    fn play_prompts(
+        &mut self,
+        now: Instant,
+        app: &'static str,
+        prompts: Vec<String>,
+        noanswer: bool,
+        phase: Phase,
+    ) {
         if noanswer {
             if !self.a.final_sent {
                 let body = self.app_sdp();
                 self.respond_a(183, body.as_deref(), &[]);
             }
         } else {
+            self.app_name = Some(app);
             self.answer_with_app(now);
         }
         if self.phase != Phase::Running || prompts.is_empty() {
-            return;
+            return; // answering failed and ended the call, or nothing to play
         }
         match self.app_pt {
             Some(pt) => {
-                self.phase = Phase::Prompting;
+                self.phase = phase;
                 self.out.push_back(Output::Media(MediaOp::Play {
                     stream: self.app_stream(),
                     prompts,
