@@ -684,6 +684,36 @@ pub fn pbxctl(args: &[&str]) -> anyhow::Result<(bool, String)> {
     ))
 }
 
+/// Every datagram `sock` receives while `during` runs (a SIPp call until it exits, say),
+/// and what `during` returned: no fixed listening window.
+pub fn received_during<T>(
+    sock: &std::net::UdpSocket,
+    during: impl FnOnce() -> T,
+) -> (T, Vec<Vec<u8>>) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let collector = s.spawn(|| {
+            let mut out = Vec::new();
+            let mut buf = [0u8; 2048];
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("read timeout");
+            loop {
+                let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
+                match sock.recv(&mut buf) {
+                    Ok(n) => out.push(buf[..n].to_vec()),
+                    // Nothing queued once `during` is over: all of it was read.
+                    Err(_) if stopping => break,
+                    Err(_) => {}
+                }
+            }
+            out
+        });
+        let t = during();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        (t, collector.join().expect("collector"))
+    })
+}
+
 /// A headless baresip (`baresip-core`) run from its own config directory, killed when
 /// dropped however the test ends.
 pub struct Baresip(std::process::Child);

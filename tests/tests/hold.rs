@@ -4,29 +4,12 @@
 //! (`sendrecv`) stops it. The callee never sees a re-INVITE (its scenario would fail).
 
 use std::net::{SocketAddr, UdpSocket};
-use std::time::{Duration, Instant};
 
 use pbx_tests::{
     assert_all_ok, free_udp_port, repo_root, require_tool, sipp_logs, LocalCluster, Phones, Users,
 };
 
 const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]\n";
-
-/// RTP payloads (with their payload type) arriving on `sock` until `until`.
-fn collect(sock: &UdpSocket, until: Instant) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 2048];
-    while Instant::now() < until {
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        if let Ok(n) = sock.recv(&mut buf) {
-            if n >= 12 {
-                out.push((buf[1] & 0x7f, buf[12..n].to_vec()));
-            }
-        }
-    }
-    out
-}
 
 #[test]
 fn a_held_party_hears_the_music_until_the_call_is_resumed() {
@@ -51,11 +34,15 @@ fn a_held_party_hears_the_music_until_the_call_is_resumed() {
         &[],
     );
     let nowhere: SocketAddr = format!("{}:9", c.client_ip(99)).parse().unwrap();
-    let started = Instant::now();
     // Held for 3 s (SIPp's -d), then resumed, then 1.5 s more before the BYE.
     let uac = p.call("uac_hold.xml", 1, 1, &Users::name(2), nowhere, 3000);
-    let got = collect(&bob_media, started + Duration::from_secs(12));
-    let run = uac.wait().unwrap();
+    let (run, packets) = pbx_tests::received_during(&bob_media, || uac.wait().unwrap());
+    // RTP payloads with their payload type.
+    let got: Vec<(u8, Vec<u8>)> = packets
+        .iter()
+        .filter(|p| p.len() >= 12)
+        .map(|p| (p[1] & 0x7f, p[12..].to_vec()))
+        .collect();
     assert_all_ok(&run, 1, "hold and resume");
     assert_all_ok(&uas.wait().unwrap(), 1, "the callee saw no re-INVITE");
     let logs = sipp_logs(&c);

@@ -164,22 +164,18 @@ fn keys_between_two_phones_arrive_once_per_key() {
         nowhere,
         1500,
     );
-    let mut events = Vec::new();
-    let mut buf = [0u8; 2048];
-    bob_media
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let until = std::time::Instant::now() + Duration::from_secs(8);
-    while std::time::Instant::now() < until {
-        if let Ok(n) = bob_media.recv(&mut buf) {
-            if n >= 16 && buf[1] & 0x7f == 101 {
-                let ts = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
-                events.push((ts, buf[12], buf[13] & 0x80 != 0));
-            }
-        }
-    }
-    assert_all_ok(&uac.wait().unwrap(), 1, "the caller");
-    assert_all_ok(&uas.wait().unwrap(), 1, "the callee");
+    let ((caller, callee), packets) =
+        pbx_tests::received_during(&bob_media, || (uac.wait().unwrap(), uas.wait().unwrap()));
+    assert_all_ok(&caller, 1, "the caller");
+    assert_all_ok(&callee, 1, "the callee");
+    let events: Vec<(u32, u8, bool)> = packets
+        .iter()
+        .filter(|p| p.len() >= 16 && p[1] & 0x7f == 101)
+        .map(|p| {
+            let ts = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
+            (ts, p[12], p[13] & 0x80 != 0)
+        })
+        .collect();
     // The recording: 10 packets of one event (key 5), the last ones with the end bit.
     assert_eq!(events.len(), 10, "{events:?}");
     assert!(
