@@ -18,9 +18,11 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
+mod blobs;
 mod identity;
 mod mem;
 
+pub use blobs::{BlobId, BlobStore, FileBlobs, MemBlobs};
 pub use identity::{claim, DataIdentity, DATA_FORMAT};
 pub use mem::MemStore;
 
@@ -79,6 +81,27 @@ impl StorageError {
 
 /// The free space a [`SledStore`] keeps by default (see [`SledStore::keep_free`]).
 pub const DEFAULT_MIN_FREE: u64 = 64 << 20;
+
+/// Refuses a write of `bytes` in `dir` that would leave less than `min_free` free (0:
+/// no floor).
+fn check_room(dir: &Path, min_free: u64, bytes: u64) -> Result<(), StorageError> {
+    if min_free == 0 {
+        return Ok(());
+    }
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| StorageError::Io {
+        path: dir.to_path_buf(),
+        source: e.into(),
+    })?;
+    let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+    if free < min_free.saturating_add(bytes) {
+        return Err(StorageError::DiskFull {
+            path: dir.to_path_buf(),
+            free_mib: free >> 20,
+            floor_mib: min_free.div_ceil(1 << 20),
+        });
+    }
+    Ok(())
+}
 
 /// ENOSPC or EDQUOT: a write that found no room. (sled hands later callers a copy of
 /// its first error that keeps the kind, not the OS code.)
@@ -429,22 +452,7 @@ impl SledStore {
 
     /// Refuses a write of `bytes` that would leave less than the floor free.
     fn check_room(&self, bytes: u64) -> Result<(), StorageError> {
-        if self.min_free == 0 {
-            return Ok(());
-        }
-        let st = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| StorageError::Io {
-            path: self.dir.clone(),
-            source: e.into(),
-        })?;
-        let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
-        if free < self.min_free.saturating_add(bytes) {
-            return Err(StorageError::DiskFull {
-                path: self.dir.clone(),
-                free_mib: free >> 20,
-                floor_mib: self.min_free.div_ceil(1 << 20),
-            });
-        }
-        Ok(())
+        check_room(&self.dir, self.min_free, bytes)
     }
 
     /// Bytes sled reports on disk, plus the snapshot file.
