@@ -138,23 +138,14 @@ impl BlobStore for FileBlobs {
         crate::check_room(&self.dir, self.min_free, data.len() as u64)?;
         let _writing = lock(&self.writing);
         let sub = path.parent().unwrap_or(&self.dir).to_path_buf();
+        // A new subdirectory's name made durable in the store's directory first.
         let new_sub = !sub.exists();
         std::fs::create_dir_all(&sub).map_err(io_error(&sub))?;
         if new_sub {
             sync_dir(&self.dir)?;
         }
         let tmp = sub.join(format!("{id}{TMP_SUFFIX}"));
-        let written = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io_error(&tmp)(e));
-        }
-        sync_dir(&sub)?;
+        crate::write_aside(&tmp, &path, |f| f.write_all(data))?;
         Ok(id)
     }
 

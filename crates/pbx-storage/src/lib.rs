@@ -82,6 +82,27 @@ impl StorageError {
 /// The free space a [`SledStore`] keeps by default (see [`SledStore::keep_free`]).
 pub const DEFAULT_MIN_FREE: u64 = 64 << 20;
 
+/// Writes a file so that a crash or power cut leaves the old one or the new one,
+/// never a mix: to `tmp`, fsynced, renamed over `path`, the directory fsynced. A
+/// failure (a full disk) removes what the partial file took.
+fn write_aside(
+    tmp: &Path,
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<(), StorageError> {
+    let written = (|| {
+        let mut f = File::create(tmp)?;
+        write(&mut f)?;
+        f.sync_all()?;
+        std::fs::rename(tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(tmp);
+        return Err(io_error(tmp)(e));
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
 /// Refuses a write of `bytes` in `dir` that would leave less than `min_free` free (0:
 /// no floor).
 fn check_room(dir: &Path, min_free: u64, bytes: u64) -> Result<(), StorageError> {
@@ -670,22 +691,13 @@ impl LogStore for SledStore {
         self.check_room(data.len() as u64)?;
         let tmp = self.dir.join(SNAPSHOT_TMP);
         let path = self.dir.join(SNAPSHOT_FILE);
-        let written = (|| {
-            let mut f = File::create(&tmp)?;
+        write_aside(&tmp, &path, |f| {
             f.write_all(SNAPSHOT_MAGIC)?;
             f.write_all(&index.to_be_bytes())?;
             f.write_all(&(data.len() as u64).to_be_bytes())?;
             f.write_all(&crc32fast::hash(data).to_be_bytes())?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = written {
-            // A full disk: give back what the partial file took.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io_error(&tmp)(e));
-        }
-        sync_dir(&self.dir)?;
+            f.write_all(data)
+        })?;
         // The snapshot no longer lives in sled (data format 1 kept it there).
         self.with(|sled| Ok(sled.legacy_snapshot.remove(LEGACY_SNAPSHOT_KEY).map(drop)?))
     }
