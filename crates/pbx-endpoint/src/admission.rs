@@ -78,6 +78,43 @@ pub(crate) struct Routed {
     pub exten: String,
     pub secure: bool,
     pub domain: String,
+    /// An INVITE with Replaces (RFC 3891): no dialplan runs, see [`replacing`].
+    pub replaces: Option<pbx_b2bua::Replaces>,
+}
+
+/// The extension an INVITE dials, whether it is a `sips:` call (RFC 5630: only put
+/// through over TLS), and the cluster's domain.
+fn dialled(state: &State, msg: &SipMessage) -> (String, bool, String) {
+    let uri = msg.request_uri().and_then(|u| Uri::parse(u).ok());
+    let secure = uri.as_ref().is_some_and(|u| u.scheme == "sips");
+    let exten = uri.and_then(|u| u.user_unescaped()).unwrap_or_default();
+    let domain = state
+        .settings
+        .as_ref()
+        .map(|s| s.domain.clone())
+        .unwrap_or_default();
+    (exten, secure, domain)
+}
+
+/// An INVITE with a `Replaces` header (`value`): the caller takes the place of a party
+/// of another call, with no dialplan; a header that does not parse is refused (400).
+pub(crate) fn replacing(
+    state: &State,
+    caller: &str,
+    msg: &SipMessage,
+    core: &CoreHeaders,
+    value: &str,
+) -> Result<Routed, Refused> {
+    let replaces = pbx_b2bua::Replaces::parse(value).ok_or(Refused::BadReplaces)?;
+    let (exten, secure, domain) = dialled(state, msg);
+    let caller_id = caller_id(state, caller, core.from.display.as_deref());
+    Ok(Routed {
+        exec: Execution::finished(caller_id),
+        exten,
+        secure,
+        domain,
+        replaces: Some(replaces),
+    })
 }
 
 /// The dialplan context of a user's calls (`default` for one not in the table).
@@ -110,23 +147,16 @@ pub(crate) fn route(
     msg: &SipMessage,
     core: &CoreHeaders,
 ) -> Result<Routed, Refused> {
-    let uri = msg.request_uri().and_then(|u| Uri::parse(u).ok());
-    // RFC 5630: a `sips:` call is only put through over TLS.
-    let secure = uri.as_ref().is_some_and(|u| u.scheme == "sips");
-    let exten = uri.and_then(|u| u.user_unescaped()).unwrap_or_default();
+    let (exten, secure, domain) = dialled(state, msg);
     let caller_id = caller_id(state, caller, core.from.display.as_deref());
     let context = context_of(state, caller);
-    let domain = state
-        .settings
-        .as_ref()
-        .map(|s| s.domain.clone())
-        .unwrap_or_default();
     match Execution::start(plan, context, &exten, caller_id) {
         Ok(exec) => Ok(Routed {
             exec,
             exten,
             secure,
             domain,
+            replaces: None,
         }),
         Err(e) => Err(Refused::NoRoute {
             caller: caller.to_string(),

@@ -429,39 +429,14 @@ impl<C: Clone> Endpoint<C> {
             });
         }
         // RFC 3891: the caller takes a party of another call; no dialplan runs.
-        if let Some(value) = msg.header(&HeaderName::Replaces) {
-            let Some(replaces) = pbx_b2bua::Replaces::parse(value) else {
-                return refused(Refused::BadReplaces);
-            };
-            let exten = msg
-                .request_uri()
-                .and_then(|u| pbx_sip_msg::Uri::parse(u).ok())
-                .and_then(|u| u.user_unescaped())
-                .unwrap_or_default();
-            let caller_id = admission::caller_id(state, &caller, core.from.display.as_deref());
-            let domain = state
-                .settings
-                .as_ref()
-                .map(|s| s.domain.clone())
-                .unwrap_or_default();
-            return Event::StartCall(Box::new(NewCall {
-                msg,
-                core,
-                key,
-                source,
-                dest,
-                caller,
-                exten,
-                secure: false,
-                domain,
-                exec: Execution::finished(caller_id),
-                replaces: Some(replaces),
-            }));
-        }
-        let Some(plan) = lock(&self.plan).get(state) else {
-            return refused(Refused::NoDialplan);
+        let routed = match msg.header(&HeaderName::Replaces) {
+            Some(value) => admission::replacing(state, &caller, &msg, &core, value),
+            None => match lock(&self.plan).get(state) {
+                Some(plan) => admission::route(plan, state, &caller, &msg, &core),
+                None => Err(Refused::NoDialplan),
+            },
         };
-        match admission::route(plan, state, &caller, &msg, &core) {
+        match routed {
             Ok(r) => Event::StartCall(Box::new(NewCall {
                 msg,
                 core,
@@ -473,7 +448,7 @@ impl<C: Clone> Endpoint<C> {
                 secure: r.secure,
                 domain: r.domain,
                 exec: r.exec,
-                replaces: None,
+                replaces: r.replaces,
             })),
             Err(reason) => refused(reason),
         }
