@@ -350,9 +350,9 @@ pub struct Call<D> {
     transfer: Option<transfer::Transfer>,
     /// When transferors that did not hang up after their transfer get a BYE.
     transferor_bye: Vec<(Instant, usize)>,
-    /// The caller's leg is a party from another domain (a callee that took the
-    /// caller's place in a transfer): no transfers of its own.
-    a_external: bool,
+    /// The caller's leg's domain when it is not ours (a callee in another domain that
+    /// took the caller's place in a transfer), as a B-leg's `target.domain` says it.
+    a_domain: Option<String>,
     /// Keys of Dial's `t`/`T` during the bridge.
     keys: transfer::FeatureKeys,
 }
@@ -530,7 +530,7 @@ impl<D: Destination> Call<D> {
             glare_tries: 0,
             transfer: None,
             transferor_bye: Vec::new(),
-            a_external: false,
+            a_domain: None,
             keys: Default::default(),
             p: params,
         }

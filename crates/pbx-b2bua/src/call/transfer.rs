@@ -286,13 +286,8 @@ impl<D: Destination> Call<D> {
                 return;
             }
         };
-        let extra: &[(&str, &str)] = if notify {
-            &[]
-        } else {
-            &[("Refer-Sub", "false")]
-        };
         if let Some(origin) = origin {
-            self.respond_to(&origin, 202, extra, None);
+            self.accept_refer(&origin, notify);
         }
         if by == LegRef::A {
             self.swap_parties(w);
@@ -362,13 +357,24 @@ impl<D: Destination> Call<D> {
         }
     }
 
+    /// `202 Accepted` for a REFER; `Refer-Sub: false` echoed when no NOTIFYs are
+    /// wanted (RFC 4488).
+    fn accept_refer(&mut self, origin: &Origin, notify: bool) {
+        let extra: &[(&str, &str)] = if notify {
+            &[]
+        } else {
+            &[("Refer-Sub", "false")]
+        };
+        self.respond_to(origin, 202, extra, None);
+    }
+
     /// Why `leg` may not transfer the call now, if it may not: only a party of the
     /// domain transfers (its context routes the target; a party from outside has none),
     /// only through the relay (the transferee keeps its media address), and not while a
     /// request on the call waits for its answer.
     fn cannot_transfer(&self, leg: LegRef) -> Option<&'static str> {
         let external = match leg {
-            LegRef::A => self.a_external,
+            LegRef::A => self.a_domain.is_some(),
             LegRef::B(i) => self.legs[i].target.domain.is_some(),
         };
         if external {
@@ -428,11 +434,7 @@ impl<D: Destination> Call<D> {
         let transferee = std::mem::take(&mut self.legs[w].user);
         self.legs[w].user = std::mem::replace(&mut self.p.caller_user, transferee);
         // Whether each party is from another domain goes with it.
-        let callee_domain = self.legs[w].target.domain.take();
-        if self.a_external {
-            self.legs[w].target.domain = Some(String::new());
-        }
-        self.a_external = callee_domain.is_some();
+        std::mem::swap(&mut self.a_domain, &mut self.legs[w].target.domain);
         // What refers to the two legs follows them.
         let flip = |l: LegRef| match l {
             LegRef::A => LegRef::B(w),
@@ -667,10 +669,7 @@ impl<D: Destination> Call<D> {
         }
         let k = side_index(side_of(z));
         let (user, domain) = match z {
-            LegRef::A => (
-                self.p.caller_user.clone(),
-                self.a_external.then(String::new),
-            ),
+            LegRef::A => (self.p.caller_user.clone(), self.a_domain.clone()),
             LegRef::B(w) => (
                 self.legs[w].user.clone(),
                 self.legs[w].target.domain.clone(),
@@ -746,12 +745,7 @@ impl<D: Destination> Call<D> {
         };
         let by = origin.leg;
         let notify = self.transfer.as_ref().is_some_and(|t| t.notify);
-        let extra: &[(&str, &str)] = if notify {
-            &[]
-        } else {
-            &[("Refer-Sub", "false")]
-        };
-        self.respond_to(&origin, 202, extra, None);
+        self.accept_refer(&origin, notify);
         if by == LegRef::A {
             self.swap_parties(w);
         }
