@@ -217,6 +217,11 @@ impl Harness {
             .collect()
     }
 
+    /// Whether a `method` request was sent to `to`.
+    fn sends(out: &[Output<Udp>], to: &str, method: Method) -> bool {
+        Self::sent(out, to).iter().any(|(m, _)| *m == method)
+    }
+
     fn resolve(&mut self, contacts: &[&str]) {
         let list = contacts
             .iter()

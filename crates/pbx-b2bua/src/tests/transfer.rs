@@ -200,9 +200,7 @@ fn a_failed_transfer_puts_the_parties_back_together() {
     })));
     assert!(out.contains(&Output::Media(MediaOp::StopPlay { stream: 0 })));
     assert!(
-        !Harness::sent(&out, BOB1)
-            .iter()
-            .any(|(m, _)| *m == Method::Bye),
+        !Harness::sends(&out, BOB1, Method::Bye),
         "bob keeps the call"
     );
     assert!(hung_up_with(&out).is_none());
@@ -212,9 +210,7 @@ fn a_failed_transfer_puts_the_parties_back_together() {
         ALICE,
     );
     let out = h.take();
-    assert!(Harness::sent(&out, BOB1)
-        .iter()
-        .any(|(m, _)| *m == Method::Bye));
+    assert!(Harness::sends(&out, BOB1, Method::Bye));
 }
 
 #[test]
@@ -263,9 +259,7 @@ fn the_caller_transfers_the_callee_who_becomes_the_first_party() {
     let (bob, bob_call) = bob_dialog(&inv);
     h.request(&in_dialog("BYE", 3, &bob, &bob_call, ""), BOB1);
     let out = h.take();
-    assert!(Harness::sent(&out, CAROL)
-        .iter()
-        .any(|(m, _)| *m == Method::Bye));
+    assert!(Harness::sends(&out, CAROL, Method::Bye));
     assert_eq!(hung_up_with(&out), Some(16));
 }
 
@@ -380,9 +374,7 @@ fn an_attended_transfer_joins_the_other_parties_of_two_calls() {
         Harness::sent(&out2, CAROL).is_empty(),
         "carol is not hung up"
     );
-    assert!(Harness::sent(&out2, ALICE)
-        .iter()
-        .any(|(m, _)| *m == Method::Bye));
+    assert!(Harness::sends(&out2, ALICE, Method::Bye));
     assert_eq!(hung_up_with(&out2), Some(16));
 
     one.call.on_handover(one.now, Ok(handed));
@@ -417,9 +409,7 @@ fn an_attended_transfer_joins_the_other_parties_of_two_calls() {
     assert_eq!(rec.legs[0].call_id, bob_dialog(&inv_bob).1);
     assert_eq!(rec.legs[1].call_id, parse(&inv_c[0].1).1.call_id);
     one.response(&response_to(&reinvite[0].1, 200, "c1", CAROL, SDP_C));
-    assert!(Harness::sent(&one.take(), CAROL)
-        .iter()
-        .any(|(m, _)| *m == Method::Ack));
+    assert!(Harness::sends(&one.take(), CAROL, Method::Ack));
     // carol's BYE ends the call: bob gets one.
     let carol_bye = format!(
         "BYE sip:pbx@127.0.0.11:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {CAROL};branch=z9hG4bKcb\r\n\
@@ -431,9 +421,7 @@ fn an_attended_transfer_joins_the_other_parties_of_two_calls() {
     one.request(carol_bye.as_bytes(), CAROL);
     let out = one.take();
     assert!(Harness::responses(&out).contains(&200));
-    assert!(Harness::sent(&out, BOB1)
-        .iter()
-        .any(|(m, _)| *m == Method::Bye));
+    assert!(Harness::sends(&out, BOB1, Method::Bye));
 }
 
 #[test]
@@ -543,9 +531,7 @@ fn transfer_after_the_answer_refers_the_caller_and_reports_the_outcome() {
         "{:?}",
         logs(&out)
     );
-    assert!(Harness::sent(&out, ALICE)
-        .iter()
-        .any(|(m, _)| *m == Method::Bye));
+    assert!(Harness::sends(&out, ALICE, Method::Bye));
 }
 
 #[test]
@@ -598,9 +584,7 @@ fn an_invite_with_replaces_takes_the_place_of_the_named_party() {
         .hand_over(one.now, &r)
         .expect("alice's dialog is found");
     let out1 = one.take();
-    assert!(Harness::sent(&out1, ALICE)
-        .iter()
-        .any(|(m, _)| *m == Method::Bye));
+    assert!(Harness::sends(&out1, ALICE, Method::Bye));
     assert!(Harness::sent(&out1, BOB1).is_empty());
 
     two.call.on_handover(two.now, Ok(handed));
@@ -622,9 +606,7 @@ fn an_invite_with_replaces_takes_the_place_of_the_named_party() {
     assert_eq!(status, 200);
     let answer = String::from_utf8_lossy(&parse(&ok).0.body).into_owned();
     assert!(answer.contains("m=audio 40000 "), "{answer}");
-    assert!(Harness::sent(&out, BOB1)
-        .iter()
-        .any(|(m, _)| *m == Method::Ack));
+    assert!(Harness::sends(&out, BOB1, Method::Ack));
     let rec = record_of(&out);
     assert_eq!(rec.legs.len(), 2);
     assert_eq!(rec.legs[1].call_id, bob_dialog(&inv_bob).1);
@@ -697,9 +679,7 @@ fn the_callee_keys_a_blind_transfer_with_dial_t() {
     )));
     assert!(Harness::sent(&out, BOB1).is_empty(), "no NOTIFY for keys");
     h.advance(Duration::from_millis(2100));
-    assert!(Harness::sent(&h.take(), BOB1)
-        .iter()
-        .any(|(m, _)| *m == Method::Bye));
+    assert!(Harness::sends(&h.take(), BOB1, Method::Bye));
 }
 
 #[test]
@@ -751,9 +731,7 @@ fn an_invite_with_replaces_can_take_over_a_caller() {
         .hand_over(one.now, &r)
         .expect("bob's dialog is found");
     let out1 = one.take();
-    assert!(Harness::sent(&out1, BOB1)
-        .iter()
-        .any(|(m, _)| *m == Method::Bye));
+    assert!(Harness::sends(&out1, BOB1, Method::Bye));
     assert!(Harness::sent(&out1, ALICE).is_empty());
     two.call.on_handover(two.now, Ok(handed));
     let reinvite = Harness::sent(&two.take(), ALICE);
@@ -766,9 +744,7 @@ fn an_invite_with_replaces_can_take_over_a_caller() {
     two.response(&response_to(&reinvite[0].1, 200, "at", ALICE, SDP_A));
     let out = two.take();
     assert_eq!(final_to_a(&out).map(|f| f.0), Some(200));
-    assert!(Harness::sent(&out, ALICE)
-        .iter()
-        .any(|(m, _)| *m == Method::Ack));
+    assert!(Harness::sends(&out, ALICE, Method::Ack));
 }
 
 /// A transfer by the caller that fails: the parties stay swapped inside the call but
@@ -807,7 +783,5 @@ fn a_failed_transfer_by_the_caller_connects_them_again() {
     );
     let out = h.take();
     assert!(Harness::responses(&out).contains(&200));
-    assert!(Harness::sent(&out, BOB1)
-        .iter()
-        .any(|(m, _)| *m == Method::Bye));
+    assert!(Harness::sends(&out, BOB1, Method::Bye));
 }
