@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use rtp_rs::{RtpReader, Seq};
 
 pub mod dtmf;
+mod record;
+
+pub use record::Recorder;
 
 use dtmf::DtmfReceiver;
 

@@ -112,6 +112,8 @@ pub enum MediaEvent {
     PlaybackDone(u32),
     /// A key pressed on a side asked for with [`Stream::detect_dtmf`].
     Digit(Side, char),
+    /// The recording of [`Stream::record`] reached its size.
+    RecordingFull,
 }
 
 /// Counters of a stream, both directions, as last published.
@@ -156,6 +158,12 @@ enum Control {
     StopPlay,
     Dtmf(Side, Option<u8>),
     Swap,
+    Record {
+        side: Side,
+        payload_type: u8,
+        max_bytes: usize,
+    },
+    TakeRecording(tokio::sync::oneshot::Sender<Vec<u8>>),
 }
 
 /// Samples per 20 ms packet of G.711 at 8 kHz.
@@ -267,6 +275,23 @@ impl Stream {
     pub fn swap_sides(&mut self) {
         std::mem::swap(&mut self.port_a, &mut self.port_b);
         let _ = self.ctl.send(Control::Swap);
+    }
+
+    /// Records what `side` sends in `payload_type` (G.711), up to `max_bytes`
+    /// ([`MediaEvent::RecordingFull`] then); media is relayed as before.
+    pub fn record(&self, side: Side, payload_type: u8, max_bytes: usize) {
+        let _ = self.ctl.send(Control::Record {
+            side,
+            payload_type,
+            max_bytes,
+        });
+    }
+
+    /// Ends the recording: its audio (empty without one).
+    pub fn take_recording(&self) -> tokio::sync::oneshot::Receiver<Vec<u8>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.ctl.send(Control::TakeRecording(tx));
+        rx
     }
 
     pub fn counters(&self) -> StreamCounters {
@@ -452,6 +477,7 @@ async fn run_stream(
     let mut reported_dead = false;
     let mut swap = false;
     let mut play: Option<Playback> = None;
+    let mut recording: Option<(Side, pbx_media_core::Recorder)> = None;
     let mut frame = [0u8; 12 + FRAME];
     let mut first_ms = [0u64; 2];
     // Each prompt gets a new SSRC (RFC 3550 §8: a new source); seeded from our ports.
@@ -508,6 +534,13 @@ async fn run_stream(
                     Some(Control::StopPlay) => play = None,
                     Some(Control::Dtmf(side, pt)) => rtp.detect_dtmf(side, pt),
                     Some(Control::Swap) => swap = true,
+                    Some(Control::Record { side, payload_type, max_bytes }) => {
+                        recording = Some((side, pbx_media_core::Recorder::new(payload_type, max_bytes)));
+                    }
+                    Some(Control::TakeRecording(reply)) => {
+                        let audio = recording.take().map(|(_, r)| r.into_audio()).unwrap_or_default();
+                        let _ = reply.send(audio);
+                    }
                     None => {
                         flush(&rtp, &mut added);
                         let (a, b) = (rtp.stats(Side::A), rtp.stats(Side::B));
@@ -574,8 +607,15 @@ async fn run_stream(
         };
         let session = if is_rtcp { &mut rtcp } else { &mut rtp };
         let dest = session.on_packet(now, side, src, &bufs[i][..n]);
+
         if let Some((side, digit)) = session.take_digit() {
             let _ = events.send(MediaEvent::Digit(side, digit));
+        }
+        // Only what the relay took from the side's phone (its latched address).
+        if let Some((_, r)) = recording.as_mut().filter(|(s, _)| *s == side && !is_rtcp) {
+            if !r.is_full() && rtp.remote(side) == Some(src) && !r.on_rtp(&bufs[i][..n]) {
+                let _ = events.send(MediaEvent::RecordingFull);
+            }
         }
         let Some(dest) = dest else {
             continue;
@@ -899,6 +939,32 @@ mod tests {
                 break;
             }
         }
+    }
+
+    /// A recording keeps what side A sends, in order, while the media is relayed; it
+    /// says when it is full, and taking it ends it.
+    #[tokio::test]
+    async fn records_one_side_while_relaying() {
+        let r = relay(41600, 60_000);
+        let mut s = r.open(Mode::Bridge).unwrap();
+        let mut events = s.take_events().unwrap();
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.set_remote(Side::B, Some(b.local_addr().unwrap()));
+        s.record(Side::A, 0, 160 * 3);
+        let to_a = (r.ip(), s.port_a);
+        for seq in 1..=4u16 {
+            a.send_to(&rtp(seq), to_a).await.unwrap();
+            assert_eq!(recv(&b).await.0, rtp(seq), "relayed as before");
+        }
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("an event");
+        assert_eq!(ev, Some(MediaEvent::RecordingFull));
+        let audio = s.take_recording().await.unwrap();
+        assert_eq!(audio, vec![0xd5; 160 * 3]);
+        // Taken: nothing more is recorded.
+        assert!(s.take_recording().await.unwrap().is_empty());
     }
 
     #[tokio::test]

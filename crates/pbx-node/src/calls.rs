@@ -512,6 +512,8 @@ async fn run_call(
                     MediaEvent::PlaybackDone(id) if id == task.play_seq => MediaNotice::PlaybackDone,
                     MediaEvent::PlaybackDone(_) => continue,
                     MediaEvent::Digit(side, d) => MediaNotice::Digit(side, d),
+                    // Recordings are not started yet (voicemail, ADR 0014).
+                    MediaEvent::RecordingFull => continue,
                 };
                 call.on_media(Instant::now(), notice);
             }
