@@ -15,7 +15,7 @@ use pbx_proto::peer::forward_reply::Result as ForwardResult;
 use pbx_raft::store::{Applied, LogStorage, StateMachineStore, StorageHealth};
 use pbx_raft::{unix_ms, CommitStats, Raft};
 use pbx_state::{Command, Response, State};
-use pbx_storage::LogStore;
+use pbx_storage::{BlobId, LogStore};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::hooks::{CallControl, CallMedia, SipRelay};
@@ -95,6 +95,8 @@ pub(crate) struct Shared {
     pub(crate) sip_relay: std::sync::OnceLock<Arc<dyn SipRelay>>,
     /// The calls this node runs, for the admin API on any node.
     pub(crate) call_control: std::sync::OnceLock<Arc<dyn CallControl>>,
+    /// Where this node keeps blobs (voicemail audio, ADR 0014), once the node opened it.
+    pub(crate) blobs: std::sync::OnceLock<Arc<dyn pbx_storage::BlobStore>>,
     /// Held shared by every commit on the leader, exclusively while it hands leadership
     /// over (writes wait, then go to the new leader).
     pub(crate) write_gate: tokio::sync::RwLock<()>,
@@ -114,7 +116,18 @@ fn role(state: ServerState) -> &'static str {
     }
 }
 
+/// How long a blob may take to reach a member and its disk (a few MB on a LAN).
+const BLOB_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Shared {
+    /// This node's blob store, once the node opened it.
+    pub(crate) fn local_blobs(&self) -> Result<Arc<dyn pbx_storage::BlobStore>, PeerError> {
+        self.blobs
+            .get()
+            .cloned()
+            .ok_or_else(|| PeerError::Blob("this node keeps no blobs yet".into()))
+    }
+
     pub(crate) fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
@@ -567,6 +580,7 @@ impl Cluster {
             started_empty: AtomicBool::new(!has_state),
             sip_relay: std::sync::OnceLock::new(),
             call_control: std::sync::OnceLock::new(),
+            blobs: std::sync::OnceLock::new(),
             write_gate: tokio::sync::RwLock::new(()),
             probes: Arc::new(std::sync::Mutex::new(crate::liveness::Probes::new(
                 config_liveness,
@@ -875,6 +889,106 @@ impl Cluster {
             .into_iter()
             .map(Into::into)
             .collect())
+    }
+
+    /// Where this node keeps blobs: served to the other members ([`Cluster::put_blob`],
+    /// [`Cluster::get_blob`]).
+    pub fn serve_blobs(&self, blobs: Arc<dyn pbx_storage::BlobStore>) {
+        let _ = self.shared.blobs.set(blobs);
+    }
+
+    /// Stores a blob on `node` (this node included): Ok once it is on that node's disk.
+    pub async fn put_blob(&self, node: NodeId, data: Arc<[u8]>) -> Result<BlobId, PeerError> {
+        let id = BlobId::of(&data);
+        if node == self.shared.config.node_id {
+            let blobs = self.shared.local_blobs()?;
+            return tokio::task::spawn_blocking(move || blobs.put(&data))
+                .await
+                .map_err(|e| PeerError::Blob(e.to_string()))?
+                .map_err(|e| PeerError::Blob(e.to_string()));
+        }
+        let mut client = self.shared.peer_client(node)?;
+        let mut req = tonic::Request::new(pbx_proto::peer::PutBlobRequest {
+            id: id.to_string(),
+            data: data.to_vec(),
+        });
+        req.set_timeout(BLOB_TIMEOUT);
+        client
+            .put_blob(req)
+            .await
+            .map_err(|s| PeerError::from_status(node, s))?;
+        Ok(id)
+    }
+
+    /// Stores a blob on this node and every other voter at once, and answers when a
+    /// majority of the voters hold it on disk (ADR 0014: only then may a voicemail be
+    /// called saved): its name and the voters that hold it so far. The copies still
+    /// under way carry on in the background. A majority not reached: why.
+    pub async fn put_blob_on_majority(
+        &self,
+        data: Arc<[u8]>,
+    ) -> Result<(BlobId, Vec<NodeId>), PeerError> {
+        let voters = self.voters();
+        let need = voters.len() / 2 + 1;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for node in voters.iter().copied() {
+            let (me, data, tx) = (self.clone(), data.clone(), tx.clone());
+            tokio::spawn(async move {
+                let r = me.put_blob(node, data).await;
+                let _ = tx.send((node, r));
+            });
+        }
+        drop(tx);
+        let mut holders = Vec::new();
+        let mut failures = Vec::new();
+        while let Some((node, r)) = rx.recv().await {
+            match r {
+                Ok(_) => holders.push(node),
+                Err(e) => failures.push(format!("node {node}: {e}")),
+            }
+            if holders.len() >= need {
+                holders.sort_unstable();
+                return Ok((BlobId::of(&data), holders));
+            }
+            if failures.len() > voters.len() - need {
+                break;
+            }
+        }
+        Err(PeerError::Unavailable(format!(
+            "a blob reached {} of the {} voters it needs: {}",
+            holders.len(),
+            need,
+            failures.join("; ")
+        )))
+    }
+
+    /// The blob `id` from `node` (this node included), checked against its name;
+    /// `None` when that node does not hold it.
+    pub async fn get_blob(&self, node: NodeId, id: BlobId) -> Result<Option<Vec<u8>>, PeerError> {
+        if node == self.shared.config.node_id {
+            let blobs = self.shared.local_blobs()?;
+            return tokio::task::spawn_blocking(move || blobs.get(&id))
+                .await
+                .map_err(|e| PeerError::Blob(e.to_string()))?
+                .map_err(|e| PeerError::Blob(e.to_string()));
+        }
+        let mut client = self.shared.peer_client(node)?;
+        let mut req = tonic::Request::new(pbx_proto::peer::GetBlobRequest { id: id.to_string() });
+        req.set_timeout(BLOB_TIMEOUT);
+        let reply = client
+            .get_blob(req)
+            .await
+            .map_err(|s| PeerError::from_status(node, s))?
+            .into_inner();
+        if !reply.found {
+            return Ok(None);
+        }
+        if BlobId::of(&reply.data) != id {
+            return Err(PeerError::Blob(format!(
+                "node {node} sent blob {id} with other content"
+            )));
+        }
+        Ok(Some(reply.data))
     }
 
     pub async fn shutdown(&self) {

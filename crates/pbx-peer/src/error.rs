@@ -43,6 +43,10 @@ pub enum PeerError {
     Store(#[from] pbx_raft::RaftError),
     #[error("codec: {0}")]
     Codec(#[from] bincode::Error),
+    /// A blob could not be stored or read here (a full disk, no blob store yet, a
+    /// blob whose content does not match its name).
+    #[error("blob store: {0}")]
+    Blob(String),
 }
 
 impl From<PeerError> for Status {
@@ -61,9 +65,10 @@ impl From<PeerError> for Status {
                 s
             }
             PeerError::Refused(m) => Status::failed_precondition(m),
-            PeerError::Unavailable(m) | PeerError::Unreachable(m) | PeerError::Transport(m) => {
-                Status::unavailable(m)
-            }
+            PeerError::Unavailable(m)
+            | PeerError::Unreachable(m)
+            | PeerError::Transport(m)
+            | PeerError::Blob(m) => Status::unavailable(m),
             PeerError::Invalid(m) => Status::invalid_argument(m),
             other => Status::internal(other.to_string()),
         }

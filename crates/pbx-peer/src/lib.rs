@@ -53,4 +53,4 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// 4: status, members and media counters as the messages shared with the admin API
 /// (`pbx.common.v1`). 5: the Ping probe; call records that can be resumed elsewhere
 /// (epoch, activity, each leg's contact and media) and `AdoptCalls`.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;

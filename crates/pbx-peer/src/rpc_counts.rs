@@ -18,6 +18,8 @@ pub(crate) enum Rpc {
     Status,
     Manage,
     CallControl,
+    PutBlob,
+    GetBlob,
 }
 
 /// The gRPC status codes, by their number (tonic's `Code` as i32).
@@ -44,7 +46,7 @@ const CODES: [&str; 17] = [
 /// Counts of served RPCs: method × status code.
 #[derive(Debug)]
 pub struct RpcCounts {
-    counts: [[AtomicU64; 17]; 10],
+    counts: [[AtomicU64; 17]; 12],
 }
 
 impl Default for RpcCounts {
@@ -56,7 +58,7 @@ impl Default for RpcCounts {
 }
 
 impl RpcCounts {
-    pub const METHODS: [&'static str; 10] = [
+    pub const METHODS: [&'static str; 12] = [
         "handshake",
         "ping",
         "append_entries",
@@ -67,6 +69,8 @@ impl RpcCounts {
         "status",
         "manage",
         "call_control",
+        "put_blob",
+        "get_blob",
     ];
 
     /// Counts one answer of `rpc`.

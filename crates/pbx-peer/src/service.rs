@@ -15,10 +15,12 @@ use pbx_proto::common::NodeStatus;
 use pbx_proto::peer::forward_reply::Result as ForwardResult;
 use pbx_proto::peer::peer_link_server::{PeerLink, PeerLinkServer};
 use pbx_proto::peer::{
-    CallControlReply, CallControlRequest, ForwardReply, ForwardRequest, HandshakeReply,
-    HandshakeRequest, ManageRequest, NotLeader, PingReply, PingRequest, RaftPayload, RelayReply,
-    RelayRequest, StatusRequest,
+    CallControlReply, CallControlRequest, ForwardReply, ForwardRequest, GetBlobReply,
+    GetBlobRequest, HandshakeReply, HandshakeRequest, ManageRequest, NotLeader, PingReply,
+    PingRequest, PutBlobReply, PutBlobRequest, RaftPayload, RelayReply, RelayRequest,
+    StatusRequest,
 };
+use pbx_storage::BlobId;
 
 use crate::cluster::{LeaderCommitError, Shared};
 use crate::manage::ManageOp;
@@ -308,6 +310,60 @@ impl PeerLink for PeerService {
         }
         .await;
         self.shared.rpcs.tally(Rpc::CallControl, &r);
+        r
+    }
+
+    async fn put_blob(
+        &self,
+        request: Request<PutBlobRequest>,
+    ) -> Result<Response<PutBlobReply>, Status> {
+        let r: Result<Response<PutBlobReply>, Status> = async {
+            self.check.request(&request)?;
+            let r = request.into_inner();
+            let named: BlobId =
+                r.id.parse()
+                    .map_err(|e| PeerError::Invalid(format!("{e}")))?;
+            if BlobId::of(&r.data) != named {
+                return Err(
+                    PeerError::Invalid(format!("blob {named}: the data has another hash")).into(),
+                );
+            }
+            let blobs = self.shared.local_blobs()?;
+            // File I/O and fsyncs: off the peer link's reactor threads.
+            tokio::task::spawn_blocking(move || blobs.put(&r.data))
+                .await
+                .map_err(|e| PeerError::Blob(e.to_string()))?
+                .map_err(|e| PeerError::Blob(e.to_string()))?;
+            Ok(Response::new(PutBlobReply {}))
+        }
+        .await;
+        self.shared.rpcs.tally(Rpc::PutBlob, &r);
+        r
+    }
+
+    async fn get_blob(
+        &self,
+        request: Request<GetBlobRequest>,
+    ) -> Result<Response<GetBlobReply>, Status> {
+        let r: Result<Response<GetBlobReply>, Status> = async {
+            self.check.request(&request)?;
+            let id: BlobId = request
+                .into_inner()
+                .id
+                .parse()
+                .map_err(|e| PeerError::Invalid(format!("{e}")))?;
+            let blobs = self.shared.local_blobs()?;
+            let data = tokio::task::spawn_blocking(move || blobs.get(&id))
+                .await
+                .map_err(|e| PeerError::Blob(e.to_string()))?
+                .map_err(|e| PeerError::Blob(e.to_string()))?;
+            Ok(Response::new(GetBlobReply {
+                found: data.is_some(),
+                data: data.unwrap_or_default(),
+            }))
+        }
+        .await;
+        self.shared.rpcs.tally(Rpc::GetBlob, &r);
         r
     }
 }

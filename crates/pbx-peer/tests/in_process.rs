@@ -135,3 +135,68 @@ async fn leader_loss_re_election_and_catch_up() {
         n.shutdown().await;
     }
 }
+
+/// Voicemail audio between members (ADR 0014): a blob put on another member is on its
+/// store when the call returns, is read back from there checked against its name, and a
+/// member without a blob store, or a blob it does not hold, says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_go_to_a_member_and_come_back_checked() {
+    let clusters = start(3, &LinkFaults::default()).await;
+    let stores: Vec<Arc<pbx_storage::MemBlobs>> = (0..2)
+        .map(|_| Arc::new(pbx_storage::MemBlobs::default()))
+        .collect();
+    clusters[0].serve_blobs(stores[0].clone());
+    clusters[1].serve_blobs(stores[1].clone());
+    let audio: Arc<[u8]> = (0..200_000u32)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let id = clusters[0].put_blob(2, audio.clone()).await.unwrap();
+    assert_eq!(id, pbx_storage::BlobId::of(&audio));
+    assert!(pbx_storage::BlobStore::contains(&*stores[1], &id));
+    assert!(!pbx_storage::BlobStore::contains(&*stores[0], &id));
+    // Its own store too, through the same call.
+    clusters[0].put_blob(1, audio.clone()).await.unwrap();
+    assert!(pbx_storage::BlobStore::contains(&*stores[0], &id));
+    let back = clusters[2].get_blob(2, id).await.unwrap();
+    assert_eq!(back.as_deref(), Some(&audio[..]));
+    let other = pbx_storage::BlobId::of(b"not there");
+    assert_eq!(clusters[0].get_blob(2, other).await.unwrap(), None);
+    // Node 3 keeps no blobs: refused, not lost silently.
+    assert!(clusters[0].put_blob(3, audio.clone()).await.is_err());
+    // On a majority: two of the three voters are enough; the third one's refusal is
+    // not a failure.
+    let message: Arc<[u8]> = vec![7u8; 48_000].into();
+    voters_known(&clusters[1]).await;
+    let (id, holders) = clusters[1]
+        .put_blob_on_majority(message.clone())
+        .await
+        .unwrap();
+    assert_eq!(holders.len(), 2, "{holders:?}");
+    assert!(holders.iter().all(|n| *n == 1 || *n == 2), "{holders:?}");
+    assert!(pbx_storage::BlobStore::contains(&*stores[0], &id));
+    // With one store only, no majority: an error, never a false success.
+    let lonely = start(3, &LinkFaults::default()).await;
+    lonely[0].serve_blobs(Arc::new(pbx_storage::MemBlobs::default()));
+    voters_known(&lonely[0]).await;
+    let err = lonely[0].put_blob_on_majority(message).await.unwrap_err();
+    assert!(err.to_string().contains("reached 1 of the 2"), "{err}");
+    for c in &lonely {
+        c.shutdown().await;
+    }
+    for c in &clusters {
+        c.shutdown().await;
+    }
+}
+
+/// Waits until `c` knows the three voters (the cluster formed).
+async fn voters_known(c: &Cluster) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while c.voters().len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cluster did not form"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
