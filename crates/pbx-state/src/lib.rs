@@ -13,10 +13,12 @@ pub mod bindings;
 pub mod cdr;
 mod names;
 pub mod users_csv;
+pub mod voicemail;
 
 pub use bindings::{Binding, ContactUpdate, ContactView, RegisterOp};
 pub use cdr::{parse_utc, utc_datetime, Cdr, CdrKeep, CdrLog, CdrStart};
 pub use names::{validate_context, validate_user_name, MAX_USER_NAME};
+pub use voicemail::{Voicemail, VoicemailOp, VoicemailOutcome};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +165,11 @@ pub enum Command {
     CdrsShipped {
         through: u64,
     },
+    /// A change to the mailboxes (ADR 0014), at the leader's clock.
+    Voicemail {
+        op: VoicemailOp,
+        now_ms: u64,
+    },
 }
 
 /// Who changed what, and when (the leader's clock).
@@ -191,9 +198,9 @@ impl Command {
                     updates.iter_mut().for_each(|u| u.stamp(now_ms));
                 }
             }
-            Command::SetDialplan { now_ms: at, .. } | Command::AdoptCalls { now_ms: at, .. } => {
-                *at = now_ms
-            }
+            Command::SetDialplan { now_ms: at, .. }
+            | Command::AdoptCalls { now_ms: at, .. }
+            | Command::Voicemail { now_ms: at, .. } => *at = now_ms,
             Command::Audit(e) => e.at_ms = now_ms,
             Command::Batch(list) => list.iter_mut().for_each(|c| c.stamp(now_ms)),
             Command::Initialize(_)
@@ -305,6 +312,7 @@ pub enum Response {
     InvalidDialplan(Vec<String>),
     /// A call's record from a node that no longer owns it: ignored.
     Stale,
+    Voicemail(VoicemailOutcome),
 }
 
 /// Everything the cluster agrees on.
@@ -329,6 +337,9 @@ pub struct State {
     /// Call detail records (encoded after the rest in a snapshot: format 6).
     #[serde(skip)]
     pub cdrs: CdrLog,
+    /// Mailboxes and messages (after the records in a snapshot: format 7).
+    #[serde(skip)]
+    pub voicemail: Voicemail,
 }
 
 /// How many ended calls' ids a [`State`] remembers, to refuse their late records.
@@ -449,6 +460,9 @@ impl State {
                 }
                 self.cdrs.record(cdr, keep);
                 Response::Done
+            }
+            Command::Voicemail { op, now_ms } => {
+                Response::Voicemail(self.voicemail.apply(op, now_ms))
             }
             Command::CdrsShipped { through } => {
                 self.cdrs.shipped(through);
@@ -656,6 +670,7 @@ impl State {
         out.extend_from_slice(&SNAPSHOT_FORMAT.to_be_bytes());
         bincode::serialize_into(&mut out, self)?;
         bincode::serialize_into(&mut out, &self.cdrs)?;
+        bincode::serialize_into(&mut out, &self.voicemail)?;
         Ok(out)
     }
 
@@ -667,9 +682,9 @@ impl State {
             return Err(StateError::Format("truncated snapshot".into()));
         }
         let format = u16::from_be_bytes([body[0], body[1]]);
-        if format != SNAPSHOT_FORMAT && format != 5 {
+        if !(5..=SNAPSHOT_FORMAT).contains(&format) {
             return Err(StateError::Format(format!(
-                "snapshot format {format}, this pbxd reads formats 5 and {SNAPSHOT_FORMAT}"
+                "snapshot format {format}, this pbxd reads formats 5 to {SNAPSHOT_FORMAT}"
             )));
         }
         let mut rest = &body[2..];
@@ -679,6 +694,10 @@ impl State {
             state.cdrs = bincode::deserialize_from(&mut rest)?;
             state.cdrs.reindex();
         }
+        // Formats 5 and 6 had no mailboxes.
+        if format >= 7 {
+            state.voicemail = bincode::deserialize_from(&mut rest)?;
+        }
         Ok(state)
     }
 }
@@ -687,7 +706,8 @@ const SNAPSHOT_MAGIC: &[u8] = b"PBXS";
 /// Bumped whenever [`State`]'s encoding changes.
 /// 4: call records with epoch, history, activity and each leg's contact and media.
 /// 6: call detail records after the state (format 5 is read as having none).
-const SNAPSHOT_FORMAT: u16 = 6;
+/// 7: mailboxes after the records (formats 5 and 6 are read as having none).
+const SNAPSHOT_FORMAT: u16 = 7;
 
 impl Command {
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
@@ -731,6 +751,38 @@ mod tests {
         assert_eq!(st.dialplan.as_ref().unwrap().version, 26);
         assert_eq!(st.dialplan_history.len(), DIALPLAN_HISTORY);
         assert_eq!(st.dialplan_history.last().unwrap().version, 25);
+    }
+
+    #[test]
+    fn snapshots_carry_mailboxes_and_read_format_6_as_having_none() {
+        let mut st = State::default();
+        let saved = st.apply(Command::Voicemail {
+            op: VoicemailOp::Save {
+                mailbox: "1002".into(),
+                blob: "ab".repeat(32),
+                codec: voicemail::Codec::Pcmu,
+                size: 8000,
+                duration_ms: 1000,
+                caller_id: "1001".into(),
+                holders: vec![1, 2],
+            },
+            now_ms: 5,
+        });
+        assert_eq!(
+            saved,
+            Response::Voicemail(VoicemailOutcome::Saved { id: 1 })
+        );
+        let back = State::decode(&st.encode().unwrap()).unwrap();
+        assert_eq!(back.voicemail, st.voicemail);
+        assert_eq!(back.voicemail.counts("1002"), (1, 0));
+        // Format 6: the state and the records, no mailboxes.
+        let mut six = SNAPSHOT_MAGIC.to_vec();
+        six.extend_from_slice(&6u16.to_be_bytes());
+        bincode::serialize_into(&mut six, &st).unwrap();
+        bincode::serialize_into(&mut six, &st.cdrs).unwrap();
+        let old = State::decode(&six).unwrap();
+        assert_eq!(old.voicemail, Voicemail::default());
+        assert_eq!(old.users, st.users);
     }
 
     #[test]
