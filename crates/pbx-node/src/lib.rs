@@ -138,7 +138,12 @@ impl Node {
         let counts = Arc::new(metrics::NodeCounts::default());
         let mut cluster_config = config.cluster_config(sip_addr);
         cluster_config.faults = network;
+        // Voicemail audio beside the Raft store, under the same free-space floor
+        // (ADR 0014); served to the other members from the start.
+        let blobs = pbx_storage::FileBlobs::open(&data_dir.join("voicemail"))?
+            .keep_free(config.storage.min_free_mb << 20);
         let cluster = Cluster::start_on(cluster_config, store, peer).await?;
+        cluster.serve_blobs(Arc::new(blobs));
         let peer_addr = cluster.peer_addr;
 
         let mut local_hosts = vec![sip_addr.ip().to_string(), sip_addr.to_string()];
