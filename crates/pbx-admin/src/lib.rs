@@ -19,6 +19,8 @@ use pbx_proto::admin::{
     NodeDrainReply, NodeDrainRequest, Registration, RegistrationListReply, RegistrationListRequest,
     RegistrationRemoveReply, RegistrationRemoveRequest, StoredDialplan, User, UserAddRequest,
     UserListReply, UserListRequest, UserRemoveReply, UserRemoveRequest, UserUpdateRequest,
+    VoicemailDeleteReply, VoicemailFetchReply, VoicemailListReply, VoicemailListRequest,
+    VoicemailMessageRequest, VoicemailSetPinRequest,
 };
 use pbx_proto::common::{MediaStream, NodeStatus as StatusReply};
 use pbx_registrar::digest::{constant_time_eq, ha1, Algorithm};
@@ -833,6 +835,140 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(tonic::Response::new(AuditListReply { entries }))
+    }
+
+    async fn voicemail_list(
+        &self,
+        request: Request<VoicemailListRequest>,
+    ) -> Result<tonic::Response<VoicemailListReply>, Status> {
+        use pbx_state::voicemail::{Codec, Folder, Greeting};
+        let want = request.into_inner().mailbox;
+        let state = self.cluster.read();
+        let keys: Vec<String> = if want.is_empty() {
+            state.voicemail.boxes.keys().cloned().collect()
+        } else {
+            vec![want]
+        };
+        let mut mailboxes = Vec::new();
+        for key in keys {
+            let Some(m) = state.mailbox(&key) else {
+                return Err(AdminError::NotFound(format!("no mailbox {key}")).into());
+            };
+            let (new, old) = state.voicemail.counts(&key);
+            mailboxes.push(pbx_proto::admin::Mailbox {
+                mailbox: key,
+                has_pin: m.pin_hash.is_some(),
+                new_messages: new as u32,
+                old_messages: old as u32,
+                messages: m
+                    .messages
+                    .values()
+                    .map(|v| pbx_proto::admin::VoicemailMessage {
+                        id: v.id,
+                        folder: match v.folder {
+                            Folder::Inbox => "INBOX",
+                            Folder::Old => "Old",
+                        }
+                        .into(),
+                        caller_id: v.caller_id.clone(),
+                        received_ms: v.received_ms,
+                        duration_ms: v.duration_ms,
+                        size: v.size,
+                        codec: match v.codec {
+                            Codec::Pcmu => "PCMU",
+                            Codec::Pcma => "PCMA",
+                        }
+                        .into(),
+                        holders: v.holders.clone(),
+                    })
+                    .collect(),
+                greetings: m
+                    .greetings
+                    .keys()
+                    .map(|g| {
+                        match g {
+                            Greeting::Unavailable => "unavailable",
+                            Greeting::Busy => "busy",
+                            Greeting::Name => "name",
+                        }
+                        .to_string()
+                    })
+                    .collect(),
+            });
+        }
+        Ok(tonic::Response::new(VoicemailListReply { mailboxes }))
+    }
+
+    async fn voicemail_fetch(
+        &self,
+        request: Request<VoicemailMessageRequest>,
+    ) -> Result<tonic::Response<VoicemailFetchReply>, Status> {
+        let r = request.into_inner();
+        let message = self
+            .cluster
+            .read()
+            .mailbox(&r.mailbox)
+            .and_then(|m| m.messages.get(&r.id).cloned())
+            .ok_or_else(|| AdminError::NotFound(format!("no message {} in {}", r.id, r.mailbox)))?;
+        let audio = self
+            .cluster
+            .fetch_blob(&message.blob, &message.holders)
+            .await
+            .ok_or_else(|| {
+                AdminError::Unreachable(format!(
+                    "no member gave the audio of message {} (held by nodes {:?})",
+                    r.id, message.holders
+                ))
+            })?;
+        let pt = match message.codec {
+            pbx_state::voicemail::Codec::Pcmu => 0,
+            pbx_state::voicemail::Codec::Pcma => 8,
+        };
+        Ok(tonic::Response::new(VoicemailFetchReply {
+            wav: pbx_media_core::g711::wav(&audio, pt),
+        }))
+    }
+
+    async fn voicemail_delete(
+        &self,
+        request: Request<VoicemailMessageRequest>,
+    ) -> Result<tonic::Response<VoicemailDeleteReply>, Status> {
+        let actor = actor_of(&request);
+        let r = request.into_inner();
+        let op = pbx_state::VoicemailOp::Delete {
+            mailbox: r.mailbox.clone(),
+            id: r.id,
+        };
+        let cmd = Command::Voicemail { op, now_ms: 0 };
+        let action = format!("voicemail delete {} {}", r.mailbox, r.id);
+        match self.propose(&actor, action, cmd).await? {
+            Response::Voicemail(pbx_state::VoicemailOutcome::Changed) => {
+                Ok(tonic::Response::new(VoicemailDeleteReply {}))
+            }
+            _ => Err(AdminError::NotFound(format!("no message {} in {}", r.id, r.mailbox)).into()),
+        }
+    }
+
+    async fn voicemail_set_pin(
+        &self,
+        request: Request<VoicemailSetPinRequest>,
+    ) -> Result<tonic::Response<VoicemailDeleteReply>, Status> {
+        let actor = actor_of(&request);
+        let r = request.into_inner();
+        pbx_dialplan::mailbox_spec(&r.mailbox).map_err(AdminError::Invalid)?;
+        if !pbx_state::voicemail::valid_pin(&r.pin) {
+            return Err(AdminError::Invalid("a PIN is 1 to 16 digits".into()).into());
+        }
+        let salt = format!("{:016x}", rand::random::<u64>());
+        let op = pbx_state::VoicemailOp::SetPin {
+            mailbox: r.mailbox.clone(),
+            pin_hash: pbx_state::voicemail::hash_pin(&salt, &r.pin),
+        };
+        // The PIN itself stays out of the audit log.
+        let action = format!("voicemail pin {}", r.mailbox);
+        self.propose(&actor, action, Command::Voicemail { op, now_ms: 0 })
+            .await?;
+        Ok(tonic::Response::new(VoicemailDeleteReply {}))
     }
 
     async fn cdr_list(

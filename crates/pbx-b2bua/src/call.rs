@@ -120,6 +120,21 @@ pub enum MediaOp {
     /// Every stream's sides trade places, sockets and all (the caller transferred the
     /// call: its callee is side A from now on).
     SwapSides,
+    /// Play this audio (a voicemail message, in `payload_type`) to the caller on a
+    /// stream, then report [`MediaNotice::PlaybackDone`] as for prompts.
+    PlayAudio {
+        stream: usize,
+        audio: std::sync::Arc<[u8]>,
+        payload_type: u8,
+    },
+    /// Record what `side` of a stream sends in `payload_type`, up to `max_bytes`
+    /// ([`MediaNotice::RecordingFull`] then); [`crate::VmRequest::Store`] takes it.
+    Record {
+        stream: usize,
+        side: Side,
+        payload_type: u8,
+        max_bytes: usize,
+    },
 }
 
 /// What the relay reports.
@@ -132,6 +147,8 @@ pub enum MediaNotice {
     PlaybackDone,
     /// A key pressed on a side (RFC 4733).
     Digit(Side, char),
+    /// The recording of [`MediaOp::Record`] is as long as it may be.
+    RecordingFull,
 }
 
 /// What the driver must do.
@@ -170,6 +187,9 @@ pub enum Output<D> {
     },
     /// The call was answered: replicate its record.
     Record(Box<CallRecord>),
+    /// Voicemail needs the cluster: answer with [`Call::on_voicemail`] (except
+    /// `Store` after the call ended, and `Discard`).
+    Voicemail(crate::VmRequest),
     /// A destination timed out or answered 503: remember it as dead for a while.
     TargetFailed(D),
     /// The call is over for its users (transactions may linger to absorb
@@ -210,6 +230,8 @@ enum Phase {
     },
     /// An INVITE with Replaces waits for the other call to hand its party over.
     Replacing,
+    /// VoiceMail() or VoiceMailMain() runs ([`crate::voicemail::Session`]).
+    Voicemail,
     Echo,
     Waiting(Instant),
     Ended,
@@ -316,6 +338,8 @@ pub struct Call<D> {
     pending: Vec<Pending<D>>,
     /// Payload type of the caller's stream when the node itself answers.
     app_pt: Option<u8>,
+    /// The voicemail application running, in [`Phase::Voicemail`].
+    vm: Option<Box<crate::voicemail::Session>>,
     /// Which sides hold the call (answered here, see `hold_here`); the other hears
     /// music while exactly one does.
     holds: [bool; 2],
@@ -512,6 +536,7 @@ impl<D: Destination> Call<D> {
             phase: Phase::Running,
             pending: Vec::new(),
             app_pt: None,
+            vm: None,
             holds: [false; 2],
             music_stream: None,
             music_waiting: false,
@@ -714,8 +739,112 @@ impl<D: Destination> Call<D> {
                 Action::Congestion => self.hangup(now, 34, None),
                 Action::Hangup { cause } => self.hangup(now, cause, None),
                 Action::Log { level, message } => self.log(level, message),
+                Action::VoiceMail {
+                    mailboxes,
+                    greeting,
+                    skip_instructions,
+                } => {
+                    let caller_id = self.exec.caller().clid();
+                    self.voicemail_app(now, "VoiceMail", |pt| {
+                        crate::voicemail::Session::leave(
+                            mailboxes,
+                            greeting,
+                            skip_instructions,
+                            caller_id,
+                            pt,
+                        )
+                    });
+                }
+                Action::VoiceMailMain { mailbox, skip_pin } => {
+                    self.voicemail_app(now, "VoiceMailMain", |pt| {
+                        crate::voicemail::Session::main(mailbox, skip_pin, pt, now)
+                    });
+                }
             }
         }
+    }
+
+    /// Answers and starts a voicemail application on the caller's G.711 media.
+    fn voicemail_app(
+        &mut self,
+        now: Instant,
+        app: &'static str,
+        session: impl FnOnce(u8) -> crate::voicemail::Session,
+    ) {
+        self.app_name = Some(app);
+        self.answer_with_app(now);
+        if self.phase != Phase::Running {
+            return;
+        }
+        match self.app_pt {
+            Some(pt) => {
+                self.vm = Some(Box::new(session(pt)));
+                self.phase = Phase::Voicemail;
+                self.pump_voicemail(now);
+            }
+            None => {
+                self.exec.voicemail_finished("FAILED");
+                self.log(
+                    LogLevel::Warning,
+                    format!("{app}: no G.711 media with the caller, skipped"),
+                );
+            }
+        }
+    }
+
+    /// Carries out what the voicemail session asks.
+    fn pump_voicemail(&mut self, now: Instant) {
+        let stream = self.app_stream();
+        let pt = self.app_pt.unwrap_or(0);
+        while let Some(step) = self.vm.as_mut().and_then(|v| v.poll_step()) {
+            use crate::voicemail::VmStep;
+            match step {
+                VmStep::Prompts(prompts) => self.out.push_back(Output::Media(MediaOp::Play {
+                    stream,
+                    prompts,
+                    payload_type: pt,
+                })),
+                VmStep::Audio(audio) => self.out.push_back(Output::Media(MediaOp::PlayAudio {
+                    stream,
+                    audio,
+                    payload_type: pt,
+                })),
+                VmStep::StopPlay => self
+                    .out
+                    .push_back(Output::Media(MediaOp::StopPlay { stream })),
+                VmStep::Record { max_bytes } => {
+                    self.out.push_back(Output::Media(MediaOp::Record {
+                        stream,
+                        side: Side::A,
+                        payload_type: pt,
+                        max_bytes,
+                    }))
+                }
+                VmStep::Request(r) => self.out.push_back(Output::Voicemail(r)),
+                VmStep::Finished(status) => {
+                    self.vm = None;
+                    if let Some(status) = status {
+                        self.exec.voicemail_finished(status);
+                    }
+                    if self.phase == Phase::Voicemail {
+                        self.phase = Phase::Running;
+                        self.run(now);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The driver's answer to an [`Output::Voicemail`].
+    pub fn on_voicemail(&mut self, now: Instant, reply: crate::VmReply) {
+        if self.phase != Phase::Voicemail {
+            return;
+        }
+        if let Some(v) = self.vm.as_mut() {
+            v.on_reply(now, reply);
+        }
+        self.pump_voicemail(now);
     }
 
     /// Answers (unless `noanswer`: early media) and plays `prompts` that a key
@@ -771,6 +900,12 @@ impl<D: Destination> Call<D> {
 
     /// A key from the caller (RFC 4733 or SIP INFO) while the dialplan collects them.
     fn on_digit(&mut self, now: Instant, digit: char) {
+        if self.phase == Phase::Voicemail {
+            if let Some(v) = self.vm.as_mut() {
+                v.on_digit(now, digit);
+            }
+            return self.pump_voicemail(now);
+        }
         if !matches!(self.phase, Phase::Prompting | Phase::Collecting(_)) {
             return;
         }
@@ -1261,6 +1396,15 @@ impl<D: Destination> Call<D> {
         for i in 0..self.legs.len() {
             if by != Some(LegRef::B(i)) {
                 self.cancel_leg(now, i);
+            }
+        }
+        if let Some(mut v) = self.vm.take() {
+            // A message being recorded is kept: hanging up is how callers end one.
+            v.on_hangup();
+            while let Some(step) = v.poll_step() {
+                if let crate::voicemail::VmStep::Request(r) = step {
+                    self.out.push_back(Output::Voicemail(r));
+                }
             }
         }
         self.phase = Phase::Ended;
@@ -2117,7 +2261,19 @@ impl<D: Destination> Call<D> {
                 let step = self.exec.prompts_done();
                 self.collected(now, step);
             }
-            MediaNotice::PlaybackDone => {}
+            MediaNotice::PlaybackDone if self.phase == Phase::Voicemail => {
+                if let Some(v) = self.vm.as_mut() {
+                    v.on_played(now);
+                }
+                self.pump_voicemail(now);
+            }
+            MediaNotice::RecordingFull if self.phase == Phase::Voicemail => {
+                if let Some(v) = self.vm.as_mut() {
+                    v.on_recording_full();
+                }
+                self.pump_voicemail(now);
+            }
+            MediaNotice::PlaybackDone | MediaNotice::RecordingFull => {}
             MediaNotice::Digit(side, d) if matches!(self.phase, Phase::Bridged(_)) => {
                 self.feature_key(now, side, d)
             }
@@ -2133,6 +2289,7 @@ impl<D: Destination> Call<D> {
                         | Phase::Playing
                         | Phase::Prompting
                         | Phase::Collecting(_)
+                        | Phase::Voicemail
                 ) {
                     self.log(LogLevel::Notice, "no media: call ended".into());
                     // Q.850 41, temporary failure: what Asterisk's rtptimeout uses.
@@ -2191,6 +2348,7 @@ impl<D: Destination> Call<D> {
             Phase::Waiting(at) | Phase::Collecting(at) => take(Some(at)),
             Phase::Music(at) => take(at),
             Phase::Referring { until, .. } => take(Some(until)),
+            Phase::Voicemail => take(self.vm.as_ref().and_then(|v| v.poll_timeout())),
             _ => {}
         }
         if self.phase != Phase::Ended {
@@ -2301,6 +2459,12 @@ impl<D: Destination> Call<D> {
                 }
                 let step = self.exec.collect_timeout();
                 self.collected(now, step);
+            }
+            Phase::Voicemail => {
+                if let Some(v) = self.vm.as_mut() {
+                    v.on_timeout(now);
+                }
+                self.pump_voicemail(now);
             }
             _ => {}
         }

@@ -19,7 +19,7 @@ pub trait Destination: Clone + PartialEq + std::fmt::Debug {
 
 /// This node's SIP identity on a leg.
 #[derive(Debug, Clone)]
-pub(crate) struct Local {
+pub struct Local {
     pub addr: SocketAddr,
     /// The TLS listener, if any: what Via and Contact name on TLS legs.
     pub tls_addr: Option<SocketAddr>,
@@ -57,7 +57,7 @@ impl Local {
 
 /// A 2xx to an INVITE we sent as UAS, resent until its ACK (§13.3.1.4).
 #[derive(Debug, Clone)]
-pub(crate) struct Retransmit2xx {
+pub struct Retransmit2xx {
     pub cseq: u32,
     pub bytes: Bytes,
     next: Instant,
@@ -91,7 +91,7 @@ pub(crate) enum RetransmitDue {
 
 /// A dialog as one side of the B2BUA sees it.
 #[derive(Debug, Clone)]
-pub(crate) struct Dialog<D> {
+pub struct Dialog<D> {
     pub call_id: String,
     /// Our From/To value (with our tag) in requests we send.
     pub local: String,
@@ -130,7 +130,7 @@ impl<D: Destination> Dialog<D> {
     }
 
     /// The ACK for a 2xx to our INVITE with CSeq `cseq`: a transaction of its own.
-    pub fn ack(&mut self, local: &Local, cseq: u32, branch: &str) -> Bytes {
+    pub(crate) fn ack(&mut self, local: &Local, cseq: u32, branch: &str) -> Bytes {
         let b = self.build(local, &Method::Ack, cseq, branch, &[], None);
         self.last_ack = Some((cseq, b.clone()));
         b
@@ -192,7 +192,7 @@ impl<D: Destination> Dialog<D> {
     }
 
     /// Checks the 2xx retransmission timer.
-    pub fn retransmit_due(&mut self, now: Instant, timers: &Timers) -> RetransmitDue {
+    pub(crate) fn retransmit_due(&mut self, now: Instant, timers: &Timers) -> RetransmitDue {
         let Some(r) = &mut self.retransmit else {
             return RetransmitDue::Idle;
         };
@@ -210,7 +210,7 @@ impl<D: Destination> Dialog<D> {
 }
 
 /// The URI of the first Contact of a message.
-pub(crate) fn contact_uri(msg: &SipMessage) -> Option<String> {
+pub fn contact_uri(msg: &SipMessage) -> Option<String> {
     match ContactList::parse(msg.header_values(&HeaderName::Contact)) {
         Ok(ContactList::Contacts(list)) => list.into_iter().next().map(|c| c.uri_raw),
         _ => None,
@@ -218,7 +218,7 @@ pub(crate) fn contact_uri(msg: &SipMessage) -> Option<String> {
 }
 
 /// Every Record-Route value, in order (comma lists split).
-pub(crate) fn record_routes(msg: &SipMessage) -> Vec<String> {
+pub fn record_routes(msg: &SipMessage) -> Vec<String> {
     match ContactList::parse(msg.header_values(&HeaderName::RecordRoute)) {
         Ok(ContactList::Contacts(list)) => list.into_iter().map(|c| c.raw).collect(),
         _ => Vec::new(),

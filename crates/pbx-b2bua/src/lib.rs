@@ -11,12 +11,17 @@
 
 mod call;
 mod dialog;
+mod voicemail;
 
 pub use call::{
     streams_needed, Call, CallParams, Contact, HandOver, MediaNotice, MediaOp, MediaPorts, Output,
     Replaces, FAILOVER_SILENCE,
 };
-pub use dialog::Destination;
+pub use dialog::{contact_uri, record_routes, Destination, Dialog, Local};
+pub use voicemail::{
+    Recorded, StoreError, VmReply, VmRequest, KEY_TIMEOUT, LOGIN_ATTEMPTS, MAX_GREETING,
+    MAX_MESSAGE, MIN_RECORDING_MS,
+};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -282,6 +282,49 @@ pub enum Action {
         noanswer: bool,
         skip_unanswered: bool,
     },
+    /// Take a message for these mailboxes (`number` or `number@context`, the first
+    /// one's greeting played); the outcome is reported with
+    /// [`Execution::voicemail_finished`].
+    VoiceMail {
+        mailboxes: Vec<String>,
+        greeting: VmGreeting,
+        /// `s`: no "leave your message after the tone".
+        skip_instructions: bool,
+    },
+    /// The mailbox owner's menu: log in (to `mailbox` when given, else the one keyed),
+    /// with the PIN unless `skip_pin`.
+    VoiceMailMain {
+        mailbox: Option<String>,
+        skip_pin: bool,
+    },
+}
+
+/// The greeting VoiceMail plays before the tone (its options `u` and `b`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VmGreeting {
+    /// Neither option: "the person at extension N" alone.
+    #[default]
+    Plain,
+    Unavailable,
+    Busy,
+}
+
+/// `number[@context]` of VoiceMail and VoiceMailMain as a mailbox key (`default` left
+/// out, as Asterisk's `1001` is `1001@default`).
+pub fn mailbox_spec(spec: &str) -> Result<String, String> {
+    let (number, context) = spec.split_once('@').unwrap_or((spec, ""));
+    let plain = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
+    };
+    if number.is_empty() || !plain(number) || !plain(context) {
+        return Err(format!("{spec:?} is not a mailbox (number[@context])"));
+    }
+    Ok(if context.is_empty() || context == "default" {
+        number.to_string()
+    } else {
+        format!("{number}@{context}")
+    })
 }
 
 /// Asterisk's defaults for `TIMEOUT(digit)` (between digits) and `TIMEOUT(response)`
@@ -1007,6 +1050,48 @@ impl Execution {
                     skip_unanswered: arg(3).contains('s'),
                 })
             }
+            App::VoiceMail => {
+                // VoiceMail(mailbox[@context][&mailbox[@context]...][,options])
+                let mailboxes: Result<Vec<String>, String> =
+                    arg(0).split('&').map(|m| mailbox_spec(m.trim())).collect();
+                match mailboxes {
+                    Ok(mailboxes) => Some(Action::VoiceMail {
+                        mailboxes,
+                        greeting: if arg(1).contains('b') {
+                            VmGreeting::Busy
+                        } else if arg(1).contains('u') {
+                            VmGreeting::Unavailable
+                        } else {
+                            VmGreeting::Plain
+                        },
+                        skip_instructions: arg(1).contains('s'),
+                    }),
+                    Err(e) => {
+                        self.set_var("VMSTATUS", "FAILED");
+                        Some(Action::Log {
+                            level: LogLevel::Warning,
+                            message: format!("line {line}: VoiceMail({args}): {e}"),
+                        })
+                    }
+                }
+            }
+            App::VoiceMailMain => {
+                // VoiceMailMain([mailbox][@context][,options])
+                let mailbox = match arg(0) {
+                    "" => Ok(None),
+                    m => mailbox_spec(m).map(Some),
+                };
+                match mailbox {
+                    Ok(mailbox) => Some(Action::VoiceMailMain {
+                        mailbox,
+                        skip_pin: arg(1).contains('s'),
+                    }),
+                    Err(e) => Some(Action::Log {
+                        level: LogLevel::Warning,
+                        message: format!("line {line}: VoiceMailMain({args}): {e}"),
+                    }),
+                }
+            }
             App::Log => {
                 let level = match arg(0).to_ascii_uppercase().as_str() {
                     "ERROR" => LogLevel::Error,
@@ -1375,6 +1460,11 @@ impl Execution {
     pub fn transfer_finished(&mut self, status: &str, sip: Option<u16>) {
         self.set_var("TRANSFERSTATUS", status);
         self.set_var("TRANSFERSTATUSPROTOCOL", &sip.unwrap_or(0).to_string());
+    }
+
+    /// How a `VoiceMail` ended: `${VMSTATUS}` (`SUCCESS`, `USEREXIT`, `FAILED`).
+    pub fn voicemail_finished(&mut self, status: &str) {
+        self.set_var("VMSTATUS", status);
     }
 
     /// Read was skipped (`s` on an unanswered call) or had no media to play on.

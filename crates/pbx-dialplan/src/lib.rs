@@ -17,9 +17,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 pub use exec::{
-    cause_to_sip, digit_prompts, number_prompts, sip_to_cause, Action, CallerId, Collected,
-    DialRequest, DialStatus, DialTarget, Disposition, Execution, LogLevel, BLIND_TRANSFER_KEYS,
-    DIGIT_TIMEOUT, RESPONSE_TIMEOUT,
+    cause_to_sip, digit_prompts, mailbox_spec, number_prompts, sip_to_cause, Action, CallerId,
+    Collected, DialRequest, DialStatus, DialTarget, Disposition, Execution, LogLevel, VmGreeting,
+    BLIND_TRANSFER_KEYS, DIGIT_TIMEOUT, RESPONSE_TIMEOUT,
 };
 pub use expr::evaluate as evaluate_expression;
 pub use pattern::Pattern;
@@ -90,6 +90,8 @@ pub enum App {
     MusicOnHold,
     GotoIfTime,
     Transfer,
+    VoiceMail,
+    VoiceMailMain,
 }
 
 impl App {
@@ -121,6 +123,8 @@ impl App {
         ("MusicOnHold", App::MusicOnHold),
         ("GotoIfTime", App::GotoIfTime),
         ("Transfer", App::Transfer),
+        ("VoiceMail", App::VoiceMail),
+        ("VoiceMailMain", App::VoiceMailMain),
     ];
 
     /// Application names are case-insensitive, as in Asterisk.

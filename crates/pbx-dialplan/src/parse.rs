@@ -483,6 +483,29 @@ fn check_options(opts: &str, allowed: &str) -> Result<(), String> {
     }
 }
 
+/// Voicemail options: the letters this node acts on, and Asterisk's gain and
+/// directory options (`g(#)`, `d(c)`, `a(#)`, `p`, `U`, `P`), accepted and ignored so that
+/// existing dialplans load.
+fn check_vm_options(opts: &str, acted_on: &str) -> Result<(), String> {
+    if !is_literal(opts) {
+        return Ok(());
+    }
+    let mut rest = opts;
+    while let Some(c) = rest.chars().next() {
+        rest = &rest[c.len_utf8()..];
+        if rest.starts_with('(') {
+            match rest.find(')') {
+                Some(end) => rest = &rest[end + 1..],
+                None => return Err(format!("option {c:?}: unclosed parenthesis")),
+            }
+        }
+        if !acted_on.contains(c) && !"gdapUP".contains(c) {
+            return Err(format!("unsupported option {c:?} (supported: {acted_on})"));
+        }
+    }
+    Ok(())
+}
+
 fn check_args(plan: &Dialplan, ctx: &Context, ext: &Extension, p: &Priority) -> Result<(), String> {
     let args = split_top(&p.args, ',');
     let arg = |i: usize| args.get(i).map(|s| s.trim()).unwrap_or("");
@@ -592,6 +615,29 @@ fn check_args(plan: &Dialplan, ctx: &Context, ext: &Extension, p: &Priority) -> 
                 if !target.trim().is_empty() {
                     check_goto(plan, ctx, ext, &target)?;
                 }
+            }
+        }
+        App::VoiceMail => {
+            if arg(0).is_empty() {
+                return Err("needs a mailbox, e.g. 1001 or 1001@sales".into());
+            }
+            if is_literal(arg(0)) {
+                for m in arg(0).split('&') {
+                    crate::exec::mailbox_spec(m.trim())?;
+                }
+            }
+            check_vm_options(arg(1), "bsu")?;
+            if args.len() > 2 {
+                return Err("takes mailboxes and options at most".into());
+            }
+        }
+        App::VoiceMailMain => {
+            if is_literal(arg(0)) && !arg(0).is_empty() {
+                crate::exec::mailbox_spec(arg(0))?;
+            }
+            check_vm_options(arg(1), "s")?;
+            if args.len() > 2 {
+                return Err("takes a mailbox and options at most".into());
             }
         }
         App::MusicOnHold => {

@@ -45,6 +45,13 @@ pub struct EndpointConfig {
     pub overload: OverloadConfig,
     /// How UDP phones are reached: at their Contact or where they registered from.
     pub nat: crate::NatPolicy,
+    /// The node's TLS address (its Contact for phones on TLS), if it listens for TLS.
+    pub tls_addr: Option<SocketAddr>,
+    /// Message waiting NOTIFYs also to registered phones that do not subscribe (those
+    /// registered on this node), as Asterisk's unsolicited MWI.
+    pub unsolicited_mwi: bool,
+    /// Randomness for the tags and Call-IDs of the NOTIFYs this endpoint sends.
+    pub seed: u64,
 }
 
 impl EndpointConfig {
@@ -93,6 +100,12 @@ pub struct Endpoint<C> {
     timers_moved: AtomicBool,
     overload: Overload,
     registers: RegisterOutcomes,
+    /// Message-waiting subscriptions, and what each mailbox's counts were when the
+    /// replicated state was last looked at (`None`: not looked at yet).
+    mwi: Mutex<(
+        crate::mwi::Subscriptions,
+        Option<HashMap<String, crate::mwi::Counts>>,
+    )>,
 }
 
 /// Locks `m`, taking over a lock a panicking holder poisoned: every critical section
@@ -117,6 +130,18 @@ impl<C: Clone> Endpoint<C> {
             timers_moved: AtomicBool::new(false),
             overload: Overload::new(config.overload),
             registers: RegisterOutcomes::default(),
+            mwi: Mutex::new((
+                crate::mwi::Subscriptions::new(
+                    pbx_b2bua::Local {
+                        addr: config.local_addr,
+                        tls_addr: config.tls_addr,
+                    },
+                    config.timers,
+                    config.handler.server_name.clone(),
+                    config.seed,
+                ),
+                None,
+            )),
             config,
         })
     }
@@ -211,8 +236,15 @@ impl<C: Clone> Endpoint<C> {
             }
         }
         if !msg.is_request() {
-            // Responses belong to a call's client transactions, found by Call-ID.
+            // Responses belong to a call's client transactions, found by Call-ID, or
+            // answer a message-waiting NOTIFY.
             let core = CoreHeaders::extract(&msg).ok()?;
+            let status = msg.status().unwrap_or(0);
+            if core.cseq.method == Method::Notify
+                && lock(&self.mwi).0.on_response(now, &core, status)
+            {
+                return None;
+            }
             let call = self.call(&core.call_id)?;
             return Some(Event::ToCall(call, CallMessage::Response { msg, core }));
         }
@@ -266,6 +298,25 @@ impl<C: Clone> Endpoint<C> {
             RequestDisposition::Retransmission(None) | RequestDisposition::AckAbsorbed => {
                 return None
             }
+        }
+        if method == Method::Subscribe && core.to.tag().is_some() {
+            // A refresh (or end) of a subscription this node keeps.
+            let state = state();
+            let answer = lock(&self.mwi)
+                .0
+                .refresh(now, &msg, &core, source, |m| state.voicemail.counts(m));
+            return match answer {
+                Some(bytes) => self.respond_stateful(now, key, &method, reliable, dest, 200, bytes),
+                None => {
+                    // Not one of ours (expired, or kept by a node that died): the
+                    // phone subscribes anew.
+                    let head = ReplyHead::new(&core, source, self.server_name());
+                    let mut w = MessageWriter::response(481);
+                    head.write(&mut w, 481);
+                    let bytes = Bytes::from(w.finish(b""));
+                    self.respond_stateful(now, key, &method, reliable, dest, 481, bytes)
+                }
+            };
         }
         if let Some(call) = self.call(&core.call_id) {
             // A request of a call's dialogs (or a CANCEL of its INVITE).
@@ -322,11 +373,27 @@ impl<C: Clone> Endpoint<C> {
                 Outcome::Drop => self.registers.dropped(),
                 Outcome::Reply { status, .. } => self.registers.answered(*status),
                 // Counted when the commit is done.
-                Outcome::Commit { .. } | Outcome::Call { .. } => {}
+                Outcome::Commit { .. } | Outcome::Call { .. } | Outcome::Subscribe { .. } => {}
             }
         }
         match outcome {
             Outcome::Drop => None,
+            Outcome::Subscribe { mailbox } => {
+                let domain = state.settings.as_ref().map_or("", |s| s.domain.as_str());
+                let account = format!("sip:{mailbox}@{domain}");
+                let counts = state.voicemail.counts(&mailbox);
+                let ok = lock(&self.mwi).0.subscribe(
+                    now,
+                    &msg,
+                    &core,
+                    source,
+                    dest.clone(),
+                    mailbox,
+                    account,
+                    counts,
+                );
+                self.respond_stateful(now, key, &method, reliable, dest, 200, ok)
+            }
             Outcome::Call { caller } => {
                 lock(&self.table).create(key.clone(), &method, reliable, dest);
                 Some(self.admit(now, &state, msg, core, key, source, dest, caller))
@@ -368,6 +435,89 @@ impl<C: Clone> Endpoint<C> {
                 })
             }
         }
+    }
+
+    /// Answers a request through a new server transaction (which absorbs its
+    /// retransmissions); wakes the timer for what the answer queued (a NOTIFY).
+    #[allow(clippy::too_many_arguments)]
+    fn respond_stateful(
+        &self,
+        now: Instant,
+        key: TransactionKey,
+        method: &Method,
+        reliable: bool,
+        dest: Dest,
+        status: u16,
+        bytes: Bytes,
+    ) -> Option<Event<C>> {
+        let out = {
+            let mut table = lock(&self.table);
+            table.create(key.clone(), method, reliable, dest.clone());
+            table.respond(now, &key, status, bytes)
+        };
+        self.timers_moved.store(true, Ordering::Relaxed);
+        out.ok()
+            .map(|bytes| Event::Transmit(Transmit { dest, bytes }))
+    }
+
+    /// The replicated state changed: subscribers whose mailbox's counts changed get a
+    /// NOTIFY, and (with unsolicited MWI) so do the phones registered on this node for a
+    /// mailbox whose counts changed and that do not subscribe here. The first look only
+    /// learns the counts.
+    pub fn mailboxes_changed(&self, now: Instant, state: &State, now_ms: u64) {
+        let mut mwi = lock(&self.mwi);
+        let (subs, seen) = &mut *mwi;
+        subs.counts_changed(now, |m| state.voicemail.counts(m));
+        let counts: HashMap<String, crate::mwi::Counts> = state
+            .voicemail
+            .boxes
+            .keys()
+            .map(|m| (m.clone(), state.voicemail.counts(m)))
+            .collect();
+        let before = seen.replace(counts.clone());
+        if let (Some(before), true) = (before, self.config.unsolicited_mwi) {
+            let domain = state.settings.as_ref().map_or("", |s| s.domain.as_str());
+            for (mailbox, c) in &counts {
+                if before.get(mailbox).copied().unwrap_or_default() == *c
+                    || mailbox.contains('@')
+                    || subs.has_subscriber(mailbox)
+                {
+                    continue;
+                }
+                let mine: Vec<&str> = state
+                    .bindings
+                    .get(mailbox)
+                    .into_iter()
+                    .flatten()
+                    .filter(|b| b.node_id == self.config.node_id)
+                    .map(|b| b.uri.as_str())
+                    .collect();
+                let found =
+                    self.contacts(state, &[DialTarget::User(mailbox.clone())], false, now_ms);
+                let account = format!("sip:{mailbox}@{domain}");
+                for contact in found
+                    .contacts
+                    .iter()
+                    .filter(|c| mine.contains(&c.uri.as_str()))
+                {
+                    subs.unsolicited(
+                        now,
+                        &contact.uri,
+                        &contact.route,
+                        contact.dest.clone(),
+                        &account,
+                        &account,
+                        *c,
+                    );
+                }
+            }
+        }
+        self.timers_moved.store(true, Ordering::Relaxed);
+    }
+
+    /// Message-waiting subscriptions kept here.
+    pub fn subscriptions(&self) -> usize {
+        lock(&self.mwi).0.len()
     }
 
     /// The 503 for new work shed under overload: stateless (a retransmission gets
@@ -541,10 +691,8 @@ impl<C: Clone> Endpoint<C> {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let table = lock(&self.table).poll_timeout();
         let relayed = lock(&self.relayed).poll_timeout();
-        match (table, relayed) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let mwi = lock(&self.mwi).0.poll_timeout();
+        [table, relayed, mwi].into_iter().flatten().min()
     }
 
     /// Fires the timers due at `now`: retransmissions wait in
@@ -554,6 +702,7 @@ impl<C: Clone> Endpoint<C> {
         let mut events = Vec::new();
         lock(&self.table).handle_timeout(now, &mut events);
         lock(&self.relayed).handle_timeout(now);
+        lock(&self.mwi).0.handle_timeout(now);
         if events.is_empty() {
             return;
         }
@@ -567,7 +716,9 @@ impl<C: Clone> Endpoint<C> {
 
     /// A retransmission due after [`Endpoint::handle_timeout`].
     pub fn poll_transmit(&self) -> Option<Transmit> {
-        lock(&self.transmits).pop_front()
+        lock(&self.transmits)
+            .pop_front()
+            .or_else(|| lock(&self.mwi).0.poll_transmit())
     }
 
     /// The call that owns this Call-ID, if any.

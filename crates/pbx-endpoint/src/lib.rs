@@ -18,6 +18,7 @@
 
 mod admission;
 mod endpoint;
+pub mod mwi;
 mod outcomes;
 mod overload;
 mod relayed;

@@ -40,6 +40,9 @@ fn config(max_calls: usize) -> EndpointConfig {
         handler: HandlerConfig::default(),
         overload: overload_without_flood_limit(),
         nat: crate::NatPolicy::Auto,
+        tls_addr: None,
+        unsolicited_mwi: true,
+        seed: 7,
     }
 }
 
@@ -809,4 +812,213 @@ fn an_invite_with_replaces_skips_the_dialplan() {
         }) => assert_eq!(status(&t), 400),
         other => panic!("expected 400, got {other:?}"),
     }
+}
+
+fn subscribe(
+    mailbox: &str,
+    event: &str,
+    call_id: &str,
+    to_tag: Option<&str>,
+    cseq: u32,
+    expires: u32,
+) -> Vec<u8> {
+    let to_tag = to_tag.map(|t| format!(";tag={t}")).unwrap_or_default();
+    format!(
+        "SUBSCRIBE sip:{mailbox}@pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.50:5062;rport;branch=z9hG4bKs{call_id}{cseq}\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@pbx.test>;tag=f{call_id}\r\nTo: <sip:{mailbox}@pbx.test>{to_tag}\r\n\
+         Call-ID: {call_id}\r\nCSeq: {cseq} SUBSCRIBE\r\nContact: <sip:alice@192.0.2.50:5062>\r\n\
+         Event: {event}\r\nAccept: application/simple-message-summary\r\nExpires: {expires}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn save_message(h: &mut Harness, mailbox: &str) {
+    h.state.apply(Command::Voicemail {
+        op: pbx_state::VoicemailOp::Save {
+            mailbox: mailbox.into(),
+            blob: "ab".into(),
+            codec: pbx_state::voicemail::Codec::Pcmu,
+            size: 8000,
+            duration_ms: 1000,
+            caller_id: "bob".into(),
+            holders: vec![1, 2],
+        },
+        now_ms: NOW_MS,
+    });
+}
+
+/// The NOTIFYs the endpoint queued.
+fn notifies(h: &Harness) -> Vec<SipMessage> {
+    std::iter::from_fn(|| h.ep.poll_transmit())
+        .map(|t| parse(&t.bytes))
+        .filter(|m| m.method() == Some(&pbx_sip_msg::Method::Notify))
+        .collect()
+}
+
+fn answer(h: &Harness, ms: u64, notify: &SipMessage, status: u16) {
+    let via = notify.header(&HeaderName::Via).unwrap();
+    let response = format!(
+        "SIP/2.0 {status} OK\r\nVia: {via}\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {}\r\nContent-Length: 0\r\n\r\n",
+        notify.header(&HeaderName::From).unwrap(),
+        notify.header(&HeaderName::To).unwrap(),
+        notify.header(&HeaderName::CallId).unwrap(),
+        notify.header(&HeaderName::CSeq).unwrap(),
+    );
+    assert!(
+        h.udp(ms, response.as_bytes()).is_none(),
+        "absorbed by message waiting"
+    );
+}
+
+fn body(m: &SipMessage) -> String {
+    String::from_utf8(m.body.to_vec()).unwrap()
+}
+
+/// RFC 3842: the owner subscribes (after a challenge), gets 200 and a NOTIFY with its
+/// counts at once, another when a message arrives, and a final one when it
+/// unsubscribes; a refresh that is not one of ours is 481.
+#[test]
+fn a_phone_subscribes_to_its_mailbox_and_its_lamp_follows_the_messages() {
+    let mut h = Harness::new(10);
+    let ok = transmitted(h.authenticated(
+        0,
+        &subscribe("alice", "message-summary", "mwi1", None, 1, 600),
+        "alice",
+        "pw",
+    ));
+    let ok_msg = parse(&ok.bytes);
+    assert_eq!(ok_msg.status(), Some(200));
+    assert_eq!(ok_msg.header(&HeaderName::Expires), Some("600"));
+    let to_tag = pbx_sip_msg::CoreHeaders::extract(&ok_msg)
+        .unwrap()
+        .to
+        .tag()
+        .unwrap()
+        .to_string();
+    let first = notifies(&h);
+    assert_eq!(first.len(), 1);
+    let n = &first[0];
+    assert_eq!(n.header(&HeaderName::Event), Some("message-summary"));
+    assert!(n
+        .header(&HeaderName::SubscriptionState)
+        .unwrap()
+        .starts_with("active;expires="));
+    assert_eq!(
+        n.header(&HeaderName::ContentType),
+        Some("application/simple-message-summary")
+    );
+    assert!(body(n).contains("Messages-Waiting: no\r\n"));
+    assert!(body(n).contains("Message-Account: sip:alice@pbx.test\r\n"));
+    assert!(body(n).contains("Voice-Message: 0/0 (0/0)"));
+    assert_eq!(n.request_uri(), Some("sip:alice@192.0.2.50:5062"));
+    answer(&h, 10, n, 200);
+
+    // A message for alice, taken on whatever node: the lamp lights.
+    h.ep.mailboxes_changed(h.at(20), &h.state, NOW_MS);
+    assert!(notifies(&h).is_empty(), "nothing changed yet");
+    save_message(&mut h, "alice");
+    h.ep.mailboxes_changed(h.at(30), &h.state, NOW_MS);
+    let lit = notifies(&h);
+    assert_eq!(
+        lit.len(),
+        1,
+        "the subscriber only: no unsolicited NOTIFY beside it"
+    );
+    assert!(body(&lit[0]).contains("Messages-Waiting: yes\r\n"));
+    assert!(body(&lit[0]).contains("Voice-Message: 1/0 (0/0)"));
+    // Listened to: 0 new, 1 old. The NOTIFY waits for the one in flight.
+    h.state.apply(Command::Voicemail {
+        op: pbx_state::VoicemailOp::Move {
+            mailbox: "alice".into(),
+            id: 1,
+            folder: pbx_state::voicemail::Folder::Old,
+        },
+        now_ms: NOW_MS,
+    });
+    h.ep.mailboxes_changed(h.at(40), &h.state, NOW_MS);
+    assert!(notifies(&h).is_empty(), "one NOTIFY at a time");
+    answer(&h, 50, &lit[0], 200);
+    let off = notifies(&h);
+    assert_eq!(off.len(), 1);
+    assert!(body(&off[0]).contains(
+        "Messages-Waiting: no\r\nMessage-Account: sip:alice@pbx.test\r\nVoice-Message: 0/1 (0/0)"
+    ));
+    answer(&h, 60, &off[0], 200);
+
+    // Unsubscribe: 200, a final NOTIFY.
+    let bye = transmitted(h.udp(
+        70,
+        &subscribe("alice", "message-summary", "mwi1", Some(&to_tag), 2, 0),
+    ));
+    assert_eq!(status(&bye), 200);
+    let last = notifies(&h);
+    assert!(last[0]
+        .header(&HeaderName::SubscriptionState)
+        .unwrap()
+        .starts_with("terminated"));
+    answer(&h, 80, &last[0], 200);
+    assert_eq!(h.ep.subscriptions(), 0);
+    let gone = transmitted(h.udp(
+        90,
+        &subscribe("alice", "message-summary", "mwi1", Some(&to_tag), 3, 600),
+    ));
+    assert_eq!(status(&gone), 481);
+}
+
+#[test]
+fn other_packages_and_other_peoples_mailboxes_are_refused() {
+    let h = Harness::new(10);
+    let bad = transmitted(h.udp(0, &subscribe("alice", "presence", "p1", None, 1, 600)));
+    assert_eq!(status(&bad), 489);
+    assert_eq!(
+        parse(&bad.bytes).header(&HeaderName::parse("Allow-Events")),
+        Some("message-summary")
+    );
+    let theirs = transmitted(h.authenticated(
+        0,
+        &subscribe("bob", "message-summary", "p2", None, 1, 600),
+        "alice",
+        "pw",
+    ));
+    assert_eq!(status(&theirs), 403);
+    assert_eq!(h.ep.subscriptions(), 0);
+}
+
+/// A phone registered on this node that does not subscribe gets the NOTIFY
+/// unsolicited when its mailbox changes; one registered on another node gets it from
+/// there.
+#[test]
+fn registered_phones_get_unsolicited_notifies() {
+    let mut h = Harness::new(10);
+    for (user, node) in [("bob", 1), ("carol", 2)] {
+        h.state.bindings.insert(
+            user.into(),
+            vec![Binding {
+                uri: format!("sip:{user}@192.0.2.60:5060"),
+                uri_key: format!("sip:{user}@192.0.2.60:5060"),
+                params: String::new(),
+                q: None,
+                expires_at_ms: NOW_MS + 3_600_000,
+                call_id: format!("r{user}"),
+                cseq: 1,
+                instance: None,
+                reg_id: None,
+                path: Vec::new(),
+                source: "192.0.2.60:5060".into(),
+                transport: Transport::Udp,
+                node_id: node,
+                user_agent: None,
+                registered_at_ms: NOW_MS,
+            }],
+        );
+    }
+    h.ep.mailboxes_changed(h.at(0), &h.state, NOW_MS);
+    save_message(&mut h, "bob");
+    save_message(&mut h, "carol");
+    h.ep.mailboxes_changed(h.at(10), &h.state, NOW_MS);
+    let sent = notifies(&h);
+    assert_eq!(sent.len(), 1, "carol's phone is node 2's to tell");
+    assert_eq!(sent[0].request_uri(), Some("sip:bob@192.0.2.60:5060"));
+    assert!(body(&sent[0]).contains("Voice-Message: 1/0 (0/0)"));
+    answer(&h, 20, &sent[0], 200);
 }

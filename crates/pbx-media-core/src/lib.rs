@@ -18,6 +18,7 @@ pub mod dtmf;
 mod record;
 
 pub use record::Recorder;
+pub mod g711;
 
 use dtmf::DtmfReceiver;
 

@@ -66,6 +66,8 @@ pub(crate) enum CallInput {
     },
     /// The answer to this call's [`Output::Replace`].
     HandedOver(Result<HandOver<Dest>, String>),
+    /// The answer to this call's [`Output::Voicemail`].
+    Voicemail(pbx_b2bua::VmReply),
 }
 
 /// What became of a call this process ran (see [`CallLayer::fate`]).
@@ -450,6 +452,7 @@ async fn run_call(
         start,
         answered_ms: None,
         play_seq: 0,
+        recording: None,
     };
     let mut released = None;
     loop {
@@ -499,6 +502,7 @@ async fn run_call(
                         }
                     }
                     Some(CallInput::HandedOver(handed)) => call.on_handover(now, handed),
+                    Some(CallInput::Voicemail(reply)) => call.on_voicemail(now, reply),
                     Some(CallInput::Release { grace }) => {
                         released = Some(grace);
                         break;
@@ -512,8 +516,7 @@ async fn run_call(
                     MediaEvent::PlaybackDone(id) if id == task.play_seq => MediaNotice::PlaybackDone,
                     MediaEvent::PlaybackDone(_) => continue,
                     MediaEvent::Digit(side, d) => MediaNotice::Digit(side, d),
-                    // Recordings are not started yet (voicemail, ADR 0014).
-                    MediaEvent::RecordingFull => continue,
+                    MediaEvent::RecordingFull => MediaNotice::RecordingFull,
                 };
                 call.on_media(Instant::now(), notice);
             }
@@ -562,6 +565,8 @@ struct CallTask {
     /// The latest prompt or music started: a PlaybackDone of an earlier prompt (in
     /// flight when a key stopped it) is not the call's business.
     play_seq: u32,
+    /// The stream recording for voicemail, until a request takes the recording.
+    recording: Option<usize>,
 }
 
 fn carry_out(
@@ -579,6 +584,7 @@ fn carry_out(
         start,
         answered_ms,
         play_seq,
+        recording,
     } = task;
     let secure = *secure;
     match out {
@@ -690,7 +696,41 @@ fn carry_out(
                 }
             }
             MediaOp::SwapSides => streams.iter_mut().for_each(Stream::swap_sides),
+            MediaOp::PlayAudio {
+                stream,
+                audio,
+                payload_type,
+            } => {
+                *play_seq += 1;
+                match streams.get(stream) {
+                    Some(s) => s.play(audio, payload_type, *play_seq),
+                    None => call.on_media(Instant::now(), MediaNotice::PlaybackDone),
+                }
+            }
+            MediaOp::Record {
+                stream,
+                side,
+                payload_type,
+                max_bytes,
+            } => {
+                if let Some(s) = streams.get(stream) {
+                    s.record(side, payload_type, max_bytes);
+                    *recording = Some(stream);
+                }
+            }
         },
+        Output::Voicemail(req) => {
+            // The recording goes with the request that keeps or drops it, taken before
+            // the call's end stops the relay.
+            let taken = match req {
+                pbx_b2bua::VmRequest::Store { .. } | pbx_b2bua::VmRequest::Discard => recording
+                    .take()
+                    .and_then(|i| streams.get(i))
+                    .map(Stream::take_recording),
+                _ => None,
+            };
+            crate::voicemail::request(&layer.cluster, req, taken, tx.clone());
+        }
         Output::Route {
             user,
             exten,

@@ -384,6 +384,10 @@ pub struct CallsSection {
     /// empty: the system's (`/etc/timezone`, `/etc/localtime`), else UTC. Give it
     /// explicitly on clusters whose nodes are in different zones.
     pub timezone: String,
+    /// Message-waiting NOTIFYs (RFC 3842) also to registered phones that do not
+    /// subscribe to their mailbox, as Asterisk's unsolicited MWI (each phone's lamp
+    /// from the node it registered on).
+    pub unsolicited_mwi: bool,
 }
 
 impl CallsSection {
@@ -517,6 +521,7 @@ impl Default for CallsSection {
             no_media_timeout: 60,
             sounds_dir: PathBuf::from("/usr/share/pbxd/sounds"),
             timezone: String::new(),
+            unsolicited_mwi: true,
         }
     }
 }

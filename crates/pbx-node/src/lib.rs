@@ -12,6 +12,7 @@ mod sip;
 mod survival;
 mod tls;
 mod transport;
+mod voicemail;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -119,6 +119,9 @@ pub(crate) fn serve(
         relayed_call_idle: EndpointConfig::DEFAULT_RELAYED_CALL_IDLE,
         handler,
         nat: config.registrar.nat,
+        tls_addr: io.tls_addr,
+        unsolicited_mwi: config.calls.unsolicited_mwi,
+        seed: rand::random(),
     })?);
     let wake = Arc::new(Notify::new());
     let calls = Arc::new(CallLayer::new(
@@ -143,6 +146,11 @@ pub(crate) fn serve(
     cluster.set_call_control(Arc::new(CallControlHook(Arc::downgrade(&calls))));
     let mut tasks = io.serve(sip, tcp, tls, config.transport.udp_workers);
     tasks.push(tokio::spawn(shed_report(endpoint.clone())));
+    tasks.push(tokio::spawn(mailbox_watch(
+        endpoint.clone(),
+        cluster.clone(),
+        wake.clone(),
+    )));
     tasks.push(tokio::spawn(timer(endpoint.clone(), io.clone(), wake)));
     tasks.push(tokio::spawn(crate::survival::run(
         calls.clone(),
@@ -298,6 +306,26 @@ impl pbx_peer::SipRelay for RelayHook {
     }
 }
 
+/// Message waiting: whenever a voicemail change is applied (whichever node made it),
+/// the endpoint tells the phones whose mailbox's counts moved.
+async fn mailbox_watch(endpoint: Arc<SipEndpoint>, cluster: Cluster, wake: Arc<Notify>) {
+    let mut applied = cluster.metrics();
+    let mut seen = None;
+    loop {
+        let version = cluster.read().voicemail.version;
+        if seen != Some(version) {
+            seen = Some(version);
+            let state = cluster.read();
+            endpoint.mailboxes_changed(Instant::now(), &state, unix_ms());
+            drop(state);
+            wake.notify_one();
+        }
+        if applied.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Fires the endpoint's timers and sends its retransmissions.
 async fn timer(endpoint: Arc<SipEndpoint>, io: Arc<Io>, wake: Arc<Notify>) {
     loop {
@@ -310,7 +338,8 @@ async fn timer(endpoint: Arc<SipEndpoint>, io: Arc<Io>, wake: Arc<Notify>) {
             .min(now + Duration::from_secs(1));
         tokio::select! {
             _ = tokio::time::sleep_until(deadline.into()) => {}
-            _ = wake.notified() => continue,
+            // A sooner timer, or requests queued to send (a NOTIFY).
+            _ = wake.notified() => {}
         }
         endpoint.handle_timeout(Instant::now());
         while let Some(t) = endpoint.poll_transmit() {

@@ -962,6 +962,33 @@ impl Cluster {
         )))
     }
 
+    /// The blob named `blob` from this node if it holds it, else from `holders`, else
+    /// from any other voter (a holder list can trail a copy); `None` when no member gave
+    /// it (or the name is not a blob's).
+    pub async fn fetch_blob(&self, blob: &str, holders: &[NodeId]) -> Option<Vec<u8>> {
+        let Ok(id) = blob.parse::<BlobId>() else {
+            tracing::warn!(blob, "not a blob name");
+            return None;
+        };
+        let me = self.node_id();
+        let mut order = vec![me];
+        order.extend(holders.iter().copied().filter(|n| *n != me));
+        order.extend(
+            self.voters()
+                .into_iter()
+                .filter(|n| *n != me && !holders.contains(n)),
+        );
+        for node in order {
+            match self.get_blob(node, id).await {
+                Ok(Some(data)) => return Some(data),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(node, blob = %id, error = %e, "blob not fetched"),
+            }
+        }
+        tracing::error!(blob = %id, "no member gave the blob");
+        None
+    }
+
     /// The blob `id` from `node` (this node included), checked against its name;
     /// `None` when that node does not hold it.
     pub async fn get_blob(&self, node: NodeId, id: BlobId) -> Result<Option<Vec<u8>>, PeerError> {

@@ -129,7 +129,13 @@ pub enum Outcome {
         /// The authenticated user.
         caller: String,
     },
+    /// An authenticated SUBSCRIBE to the `message-summary` of the subscriber's own
+    /// `mailbox` (RFC 3842): the endpoint keeps the subscription.
+    Subscribe { mailbox: String },
 }
+
+/// The event packages this node serves to subscribers.
+pub const ALLOW_EVENTS: &str = "message-summary";
 
 /// A REGISTER waiting for its command to commit.
 #[derive(Debug)]
@@ -276,12 +282,7 @@ impl RequestHandler {
         }
         if matches!(
             method,
-            Method::Subscribe
-                | Method::Notify
-                | Method::Refer
-                | Method::Message
-                | Method::Publish
-                | Method::Prack
+            Method::Notify | Method::Refer | Method::Message | Method::Publish | Method::Prack
         ) {
             return self.reply(&req, 405, &[("Allow", ALLOW)]);
         }
@@ -313,6 +314,7 @@ impl RequestHandler {
             ),
             Method::Register => self.register(&req, &ruri, state, settings, now_ms),
             Method::Invite => self.invite(&req, state, settings, now_ms),
+            Method::Subscribe => self.subscribe(&req, &ruri, state, settings, now_ms),
             // In-dialog requests and CANCEL without a matching dialog or transaction.
             _ => self.reply(&req, 481, &[]),
         }
@@ -362,6 +364,46 @@ impl RequestHandler {
             AuthResult::Authenticated => Outcome::Call {
                 caller: req.core.from.uri.user_unescaped().unwrap_or_default(),
             },
+        }
+    }
+
+    /// A new subscription (a refresh of one this node keeps never gets here): the
+    /// `message-summary` of the subscriber's own mailbox, the Request-URI's user.
+    fn subscribe(
+        &self,
+        req: &Inbound<'_>,
+        ruri: &Uri,
+        state: &State,
+        settings: &ClusterSettings,
+        now_ms: u64,
+    ) -> Outcome {
+        if req.core.to.tag().is_some() {
+            // A subscription this node does not keep (it expired, or another node
+            // took it): the phone subscribes anew.
+            return self.reply(req, 481, &[]);
+        }
+        let event = req.msg.header(&HeaderName::Event).unwrap_or("");
+        let package = event.split(';').next().unwrap_or("").trim();
+        if !package.eq_ignore_ascii_case("message-summary") {
+            return self.reply(req, 489, &[("Allow-Events", ALLOW_EVENTS)]);
+        }
+        match self.authenticate(req, state, settings, now_ms, HeaderName::Authorization) {
+            AuthResult::Challenge { stale } => {
+                self.challenge(req, settings, now_ms, 401, "WWW-Authenticate", stale)
+            }
+            AuthResult::Forbidden => self.reply(req, 403, &[]),
+            AuthResult::Authenticated => {
+                let user = req.core.from.uri.user_unescaped().unwrap_or_default();
+                let mailbox = ruri.user_unescaped().unwrap_or_default();
+                if mailbox != user {
+                    // Someone else's lamp is not the subscriber's business.
+                    return self.reply(req, 403, &[]);
+                }
+                if state.mailbox(&mailbox).is_none() {
+                    return self.reply(req, 404, &[]);
+                }
+                Outcome::Subscribe { mailbox }
+            }
         }
     }
 

@@ -28,19 +28,21 @@ enum Answer {
     Status(u16, Box<SipMessage>),
     /// An authenticated INVITE handed to the call layer, for this caller.
     Call(String),
+    /// An authenticated SUBSCRIBE to this mailbox's message summary.
+    Subscribed(String),
 }
 
 impl Answer {
     fn status(&self) -> Option<u16> {
         match self {
-            Answer::Dropped | Answer::Call(_) => None,
+            Answer::Dropped | Answer::Call(_) | Answer::Subscribed(_) => None,
             Answer::Status(s, _) => Some(*s),
         }
     }
     fn msg(&self) -> &SipMessage {
         match self {
             Answer::Status(_, m) => m,
-            Answer::Dropped | Answer::Call(_) => panic!("no response"),
+            Answer::Dropped | Answer::Call(_) | Answer::Subscribed(_) => panic!("no response"),
         }
     }
 }
@@ -121,6 +123,7 @@ impl Harness {
             Outcome::Drop => Answer::Dropped,
             Outcome::Reply { status, bytes, .. } => Answer::Status(status, Box::new(parse(&bytes))),
             Outcome::Call { caller } => Answer::Call(caller),
+            Outcome::Subscribe { mailbox } => Answer::Subscribed(mailbox),
             Outcome::Commit { command, pending } => {
                 let resp = self.state.apply(*command);
                 let (status, bytes) = self.handler.finish_register(pending, resp, self.now_ms);

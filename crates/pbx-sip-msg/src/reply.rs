@@ -9,7 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use crate::{CoreHeaders, Header, HeaderName, MessageWriter, Via};
 
 /// Methods the node implements (registrar and calls), for Allow headers.
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, REFER, NOTIFY";
+pub const ALLOW: &str =
+    "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, REFER, NOTIFY, SUBSCRIBE";
 
 /// Via (the top one stamped with received/rport), From, To, Call-ID and CSeq of a request,
 /// ready to be written into any response to it.

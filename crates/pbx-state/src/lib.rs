@@ -349,6 +349,16 @@ pub const ENDED_KEPT: usize = 10_000;
 pub const DIALPLAN_HISTORY: usize = 20;
 
 impl State {
+    /// The mailbox `key` (`1001`, `1001@sales`): one with an entry (a PIN set,
+    /// messages), or the mailbox every user has by its name in the `default` voicemail
+    /// context.
+    pub fn mailbox(&self, key: &str) -> Option<voicemail::Mailbox> {
+        if let Some(m) = self.voicemail.boxes.get(key) {
+            return Some(m.clone());
+        }
+        (!key.contains('@') && self.users.contains_key(key)).then(voicemail::Mailbox::default)
+    }
+
     pub fn apply(&mut self, cmd: Command) -> Response {
         match cmd {
             Command::Initialize(s) => {

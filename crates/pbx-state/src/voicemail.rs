@@ -14,6 +14,8 @@ pub const MAX_MESSAGES: usize = 100;
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Voicemail {
     pub boxes: BTreeMap<String, Mailbox>,
+    /// Changes applied so far: watchers (message waiting) look again when it moves.
+    pub version: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -23,8 +25,17 @@ pub struct Mailbox {
     /// The id the next message gets (ids are never reused in a mailbox).
     pub next_id: u64,
     pub messages: BTreeMap<u64, VoiceMessage>,
-    /// Greetings the owner recorded, as blob names.
-    pub greetings: BTreeMap<Greeting, String>,
+    /// Greetings the owner recorded.
+    pub greetings: BTreeMap<Greeting, GreetingAudio>,
+}
+
+/// Where a greeting's audio is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GreetingAudio {
+    pub blob: String,
+    pub codec: Codec,
+    /// The voters known to hold the blob on disk.
+    pub holders: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,11 +98,11 @@ pub enum VoicemailOp {
         mailbox: String,
         id: u64,
     },
-    /// A greeting recorded (`Some` blob) or removed.
+    /// A greeting recorded (`Some`) or removed.
     SetGreeting {
         mailbox: String,
         greeting: Greeting,
-        blob: Option<String>,
+        audio: Option<GreetingAudio>,
     },
     SetPin {
         mailbox: String,
@@ -121,6 +132,7 @@ pub enum VoicemailOutcome {
 impl Voicemail {
     /// Applies `op` at the leader's `now_ms` (deterministic: the same on every node).
     pub fn apply(&mut self, op: VoicemailOp, now_ms: u64) -> VoicemailOutcome {
+        self.version += 1;
         match op {
             VoicemailOp::Save {
                 mailbox,
@@ -179,11 +191,11 @@ impl Voicemail {
             VoicemailOp::SetGreeting {
                 mailbox,
                 greeting,
-                blob,
+                audio,
             } => {
                 let b = self.boxes.entry(mailbox).or_default();
-                match blob {
-                    Some(blob) => b.greetings.insert(greeting, blob),
+                match audio {
+                    Some(audio) => b.greetings.insert(greeting, audio),
                     None => b.greetings.remove(&greeting),
                 };
                 VoicemailOutcome::Changed
@@ -232,15 +244,47 @@ impl Voicemail {
                 b.messages
                     .values()
                     .map(|m| m.blob.as_str())
-                    .chain(b.greetings.values().map(String::as_str))
+                    .chain(b.greetings.values().map(|g| g.blob.as_str()))
             })
             .collect()
     }
 }
 
+/// The form a PIN is kept in: `salt$sha256(salt + pin)` in hex (the salt chosen by the
+/// node that takes the PIN, outside the state machine).
+pub fn hash_pin(salt: &str, pin: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{salt}{pin}").as_bytes());
+    format!("{salt}${}", hex::encode(digest))
+}
+
+/// Whether `pin` is the one `stored` ([`hash_pin`]) was made from.
+pub fn pin_matches(stored: &str, pin: &str) -> bool {
+    match stored.split_once('$') {
+        Some((salt, _)) => hash_pin(salt, pin) == stored,
+        None => false,
+    }
+}
+
+/// A PIN a phone can key: 1 to 16 digits.
+pub fn valid_pin(pin: &str) -> bool {
+    (1..=16).contains(&pin.len()) && pin.bytes().all(|b| b.is_ascii_digit())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pins_are_kept_salted_and_checked() {
+        let h = hash_pin("5a1t", "4242");
+        assert!(h.starts_with("5a1t$"));
+        assert!(pin_matches(&h, "4242"));
+        assert!(!pin_matches(&h, "4243"));
+        assert_ne!(hash_pin("other", "4242"), h, "salted");
+        assert!(!pin_matches("garbage", "4242"));
+        assert!(valid_pin("0000") && !valid_pin("") && !valid_pin("12a"));
+    }
 
     fn save(mailbox: &str, blob: &str) -> VoicemailOp {
         VoicemailOp::Save {

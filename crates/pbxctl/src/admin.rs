@@ -919,6 +919,125 @@ pub async fn audit_list(t: &Target, limit: u32) -> Result<ExitCode, Failure> {
 
 /// The call detail records of calls that ended in [since, until): a table (`export`
 /// None), or every record as CSV (`Some(true)`) or JSON (`Some(false)`).
+pub async fn voicemail_list(t: &Target, mailbox: Option<String>) -> Result<ExitCode, Failure> {
+    let reply = t
+        .connect()
+        .await?
+        .voicemail_list(pbx_proto::admin::VoicemailListRequest {
+            mailbox: mailbox.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    if t.output == Output::Json {
+        let boxes: Vec<_> = reply
+            .mailboxes
+            .iter()
+            .map(|m| {
+                json!({
+                    "mailbox": m.mailbox, "has_pin": m.has_pin, "new": m.new_messages,
+                    "old": m.old_messages, "greetings": m.greetings,
+                    "messages": m.messages.iter().map(|v| json!({
+                        "id": v.id, "folder": v.folder, "caller_id": v.caller_id,
+                        "received": pbx_state::utc_datetime(v.received_ms),
+                        "received_ms": v.received_ms, "duration_ms": v.duration_ms,
+                        "size": v.size, "codec": v.codec, "holders": v.holders,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        print_json(json!(boxes));
+        return Ok(ExitCode::SUCCESS);
+    }
+    for m in &reply.mailboxes {
+        println!(
+            "mailbox {}: {} new, {} old, PIN {}, greetings: {}",
+            m.mailbox,
+            m.new_messages,
+            m.old_messages,
+            if m.has_pin { "set" } else { "not set" },
+            if m.greetings.is_empty() {
+                "none".to_string()
+            } else {
+                m.greetings.join(" ")
+            }
+        );
+        if m.messages.is_empty() {
+            continue;
+        }
+        println!(
+            "  {:>4} {:<6} {:<19} {:>6} {:<5} {:<8} FROM",
+            "ID", "FOLDER", "RECEIVED (UTC)", "SECS", "CODEC", "HOLDERS"
+        );
+        for v in &m.messages {
+            let holders: Vec<String> = v.holders.iter().map(u64::to_string).collect();
+            println!(
+                "  {:>4} {:<6} {:<19} {:>6.1} {:<5} {:<8} {}",
+                v.id,
+                v.folder,
+                pbx_state::utc_datetime(v.received_ms),
+                v.duration_ms as f64 / 1000.0,
+                v.codec,
+                holders.join(","),
+                v.caller_id
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn voicemail_fetch(
+    t: &Target,
+    mailbox: String,
+    id: u64,
+    output: String,
+) -> Result<ExitCode, Failure> {
+    let wav = t
+        .connect()
+        .await?
+        .voicemail_fetch(pbx_proto::admin::VoicemailMessageRequest { mailbox, id })
+        .await?
+        .into_inner()
+        .wav;
+    if output == "-" {
+        use std::io::Write;
+        std::io::stdout().write_all(&wav).map_err(|e| Failure {
+            code: 2,
+            message: format!("standard output: {e}"),
+        })?;
+    } else {
+        std::fs::write(&output, &wav).map_err(|e| Failure {
+            code: 2,
+            message: format!("{output}: {e}"),
+        })?;
+        eprintln!("message {id}: {} bytes written to {output}", wav.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn voicemail_delete(t: &Target, mailbox: String, id: u64) -> Result<ExitCode, Failure> {
+    t.connect()
+        .await?
+        .voicemail_delete(pbx_proto::admin::VoicemailMessageRequest {
+            mailbox: mailbox.clone(),
+            id,
+        })
+        .await?;
+    println!("message {id} of {mailbox} deleted");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn voicemail_pin(t: &Target, mailbox: String, pin: String) -> Result<ExitCode, Failure> {
+    t.connect()
+        .await?
+        .voicemail_set_pin(pbx_proto::admin::VoicemailSetPinRequest {
+            mailbox: mailbox.clone(),
+            pin,
+        })
+        .await?;
+    println!("PIN of {mailbox} set");
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn cdr_list(
     t: &Target,
     since: Option<u64>,

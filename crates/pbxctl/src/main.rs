@@ -125,6 +125,11 @@ enum Cmd {
         #[command(subcommand)]
         command: CdrCmd,
     },
+    /// Mailboxes and voicemail messages (admin API): list, fetch as WAV, delete, PIN.
+    Voicemail {
+        #[command(subcommand)]
+        command: VoicemailCmd,
+    },
     /// Who changed what and when through the admin API, newest last.
     Audit {
         /// Only the last N entries (0: all kept).
@@ -301,6 +306,25 @@ enum CallsCmd {
     },
     /// Hang up a call (BYE both ways) on the node running it.
     Hangup { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum VoicemailCmd {
+    /// Mailboxes with their messages: one mailbox (every user has one by its name), or
+    /// every mailbox with messages, greetings or a PIN.
+    List { mailbox: Option<String> },
+    /// A message as a WAV file (G.711 as recorded), from any node holding it.
+    Fetch {
+        mailbox: String,
+        id: u64,
+        /// Where to write it (`-`: standard output).
+        #[arg(short, long)]
+        output: String,
+    },
+    /// Delete a message.
+    Delete { mailbox: String, id: u64 },
+    /// Set a mailbox's PIN (1 to 16 digits), for VoiceMailMain.
+    Pin { mailbox: String, pin: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -637,6 +661,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Audit { limit } => admin_call(&admin_target(&cli)?, |t| admin::audit_list(t, *limit)),
+        Cmd::Voicemail { command } => {
+            let t = admin_target(&cli)?;
+            match command {
+                VoicemailCmd::List { mailbox } => {
+                    admin_call(&t, |t| admin::voicemail_list(t, mailbox.clone()))
+                }
+                VoicemailCmd::Fetch {
+                    mailbox,
+                    id,
+                    output,
+                } => admin_call(&t, |t| {
+                    admin::voicemail_fetch(t, mailbox.clone(), *id, output.clone())
+                }),
+                VoicemailCmd::Delete { mailbox, id } => {
+                    admin_call(&t, |t| admin::voicemail_delete(t, mailbox.clone(), *id))
+                }
+                VoicemailCmd::Pin { mailbox, pin } => admin_call(&t, |t| {
+                    admin::voicemail_pin(t, mailbox.clone(), pin.clone())
+                }),
+            }
+        }
         Cmd::Cdr { command } => {
             let t = admin_target(&cli)?;
             match command {
@@ -805,6 +850,7 @@ fn run_local(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Node { .. }
         | Cmd::Audit { .. }
         | Cmd::Cdr { .. }
+        | Cmd::Voicemail { .. }
         | Cmd::Calls { .. }
         | Cmd::Dns {
             command: DnsCmd::Zone { .. },
