@@ -318,8 +318,7 @@ enum VoicemailCmd {
         mailbox: String,
         id: u64,
         /// Where to write it (`-`: standard output).
-        #[arg(short, long)]
-        output: String,
+        file: String,
     },
     /// Delete a message.
     Delete { mailbox: String, id: u64 },
@@ -667,12 +666,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 VoicemailCmd::List { mailbox } => {
                     admin_call(&t, |t| admin::voicemail_list(t, mailbox.clone()))
                 }
-                VoicemailCmd::Fetch {
-                    mailbox,
-                    id,
-                    output,
-                } => admin_call(&t, |t| {
-                    admin::voicemail_fetch(t, mailbox.clone(), *id, output.clone())
+                VoicemailCmd::Fetch { mailbox, id, file } => admin_call(&t, |t| {
+                    admin::voicemail_fetch(t, mailbox.clone(), *id, file.clone())
                 }),
                 VoicemailCmd::Delete { mailbox, id } => {
                     admin_call(&t, |t| admin::voicemail_delete(t, mailbox.clone(), *id))
