@@ -934,6 +934,23 @@ pub fn free_tcp_port(ip: &str) -> u16 {
         .expect("a free TCP port")
 }
 
+/// Node configuration for SIPp callers of the applications: digest MD5 only (SIPp
+/// answers no other), the repository's prompts as `sounds_dir`.
+pub fn md5_with_sounds() -> String {
+    format!(
+        "[auth]\nchallenge_algorithms = [\"MD5\"]\n\n[calls]\nsounds_dir = \"{}\"\n",
+        repo_root().join("deploy/sounds").display()
+    )
+}
+
+/// A dialplan file holding `text`, in a directory kept as long as the guard.
+pub fn plan_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let plan = dir.path().join("extensions.conf");
+    std::fs::write(&plan, text).expect("the dialplan written");
+    (dir, plan)
+}
+
 /// SIPp phones of one test: registrations, callees and callers, each run from its own
 /// directory under the cluster's.
 pub struct Phones<'a> {

@@ -9,18 +9,11 @@ use pbx_tests::{
     assert_all_ok, free_udp_port, repo_root, require_tool, sipp_logs, LocalCluster, Phones, Users,
 };
 
-const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]\n";
-
 #[test]
 fn a_held_party_hears_the_music_until_the_call_is_resumed() {
     require_tool("sipp", "sip-tester");
     let users = Users { count: 3 };
-    let sounds = repo_root().join("deploy/sounds");
-    let extra = format!(
-        "{MD5_ONLY}\n[calls]\nsounds_dir = \"{}\"\n",
-        sounds.display()
-    );
-    let c = LocalCluster::up(81, 1, &users, &extra).unwrap();
+    let c = LocalCluster::up(81, 1, &users, &pbx_tests::md5_with_sounds()).unwrap();
     let p = Phones::new(&c);
     let bob_ip = c.client_ip(50);
     let bob_port = free_udp_port(&bob_ip);
@@ -50,7 +43,7 @@ fn a_held_party_hears_the_music_until_the_call_is_resumed() {
     assert!(logs.contains("sendrecv answered a=sendrecv"), "{logs}");
 
     // Everything bob received is the music, from its start, in order (PCMU).
-    let music = std::fs::read(sounds.join("moh/default/arpeggio.ulaw")).unwrap();
+    let music = std::fs::read(repo_root().join("deploy/sounds/moh/default/arpeggio.ulaw")).unwrap();
     assert!(!got.is_empty(), "bob heard nothing on hold");
     for (i, (pt, payload)) in got.iter().enumerate() {
         assert_eq!(*pt, 0, "packet {i}: PCMU");

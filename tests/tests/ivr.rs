@@ -58,14 +58,8 @@ fn info(cseq: u32, content_type: &str, body: &str) -> String {
 fn callers_choose_from_the_menu_with_rfc4733_keys_and_sip_info() {
     require_tool("sipp", "sip-tester");
     let users = Users { count: 6 };
-    let dir = tempfile::tempdir().unwrap();
-    let plan = dir.path().join("extensions.conf");
-    std::fs::write(&plan, PLAN).unwrap();
-    let sounds = repo_root().join("deploy/sounds");
-    let extra = format!(
-        "{MD5_ONLY}\n[calls]\nsounds_dir = \"{}\"\n",
-        sounds.display()
-    );
+    let (_dir, plan) = pbx_tests::plan_file(PLAN);
+    let extra = pbx_tests::md5_with_sounds();
     let c = LocalCluster::up_with_dialplan(80, 1, &users, &extra, &plan).unwrap();
     let p = Phones::new(&c);
     let template = std::fs::read_to_string(repo_root().join("tests/sipp/uac_ivr.xml")).unwrap();

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use pbx_tests::{assert_all_ok, repo_root, require_tool, wait_for, LocalCluster, Phones, Users};
 
-const MD5_ONLY: &str = "[auth]\nchallenge_algorithms = [\"MD5\"]\n";
 const G711A_PCAP: &str = "/usr/share/sip-tester/g711a.pcap";
 
 const PLAN: &str = "[default]\n\
@@ -132,14 +131,8 @@ fn a_message_is_left_fetched_signalled_and_heard_after_its_node_died() {
     assert!(sent.len() > 20_000, "the pcap holds seconds of audio");
 
     let users = Users { count: 3 };
-    let dir = tempfile::tempdir().unwrap();
-    let plan = dir.path().join("extensions.conf");
-    std::fs::write(&plan, PLAN).unwrap();
-    let sounds = repo_root().join("deploy/sounds");
-    let extra = format!(
-        "{MD5_ONLY}\n[calls]\nsounds_dir = \"{}\"\n",
-        sounds.display()
-    );
+    let (dir, plan) = pbx_tests::plan_file(PLAN);
+    let extra = pbx_tests::md5_with_sounds();
     let c = LocalCluster::up_with_dialplan(88, 3, &users, &extra, &plan).unwrap();
     let p = Phones::new(&c);
     let owner = Users::name(2);

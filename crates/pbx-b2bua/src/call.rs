@@ -16,9 +16,7 @@ use pbx_sip_core::{
 use pbx_sip_msg::{CoreHeaders, HeaderName, MessageWriter, Method, ReplyHead, SipMessage, ALLOW};
 use pbx_state::{Activity, CallRecord, LegRecord, CSEQ_HEADROOM};
 
-use crate::dialog::{
-    contact_uri, record_routes, Destination, Dialog, Local, Retransmit2xx, RetransmitDue,
-};
+use crate::dialog::{Destination, Dialog, Local, Retransmit2xx, RetransmitDue};
 
 mod resume;
 mod transfer;
@@ -471,21 +469,7 @@ impl<D: Destination> Call<D> {
         exec: Execution,
     ) -> Call<D> {
         let head = ReplyHead::new(core, source, &params.server_name);
-        let local_tag = head.to_tag().to_string();
-        let dialog = Dialog {
-            call_id: core.call_id.clone(),
-            local: head.to_with_tag(),
-            local_tag,
-            remote: core.from.raw.clone(),
-            remote_tag: core.from.tag().map(str::to_string),
-            remote_target: contact_uri(invite).unwrap_or_else(|| core.from.uri_raw.clone()),
-            route_set: record_routes(invite),
-            local_cseq: 0,
-            remote_cseq: core.cseq.seq,
-            dest,
-            retransmit: None,
-            last_ack: None,
-        };
+        let dialog = Dialog::uas(invite, core, &head, dest);
         let exten = invite
             .request_uri()
             .and_then(|u| pbx_sip_msg::Uri::parse(u).ok())

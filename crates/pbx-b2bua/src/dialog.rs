@@ -111,6 +111,31 @@ pub struct Dialog<D> {
 }
 
 impl<D: Destination> Dialog<D> {
+    /// The dialog a UAS makes by answering `msg` (an INVITE, a SUBSCRIBE): our side is
+    /// `head`'s To with its tag, the far side's target its Contact, the route set its
+    /// Record-Route.
+    pub fn uas(
+        msg: &SipMessage,
+        core: &pbx_sip_msg::CoreHeaders,
+        head: &pbx_sip_msg::ReplyHead,
+        dest: D,
+    ) -> Dialog<D> {
+        Dialog {
+            call_id: core.call_id.clone(),
+            local: head.to_with_tag(),
+            local_tag: head.to_tag().to_string(),
+            remote: core.from.raw.clone(),
+            remote_tag: core.from.tag().map(str::to_string),
+            remote_target: contact_uri(msg).unwrap_or_else(|| core.from.uri_raw.clone()),
+            route_set: record_routes(msg),
+            local_cseq: 0,
+            remote_cseq: core.cseq.seq,
+            dest,
+            retransmit: None,
+            last_ack: None,
+        }
+    }
+
     pub fn reliable(&self) -> bool {
         self.dest.transport().is_connection_bound()
     }
@@ -210,7 +235,7 @@ impl<D: Destination> Dialog<D> {
 }
 
 /// The URI of the first Contact of a message.
-pub fn contact_uri(msg: &SipMessage) -> Option<String> {
+pub(crate) fn contact_uri(msg: &SipMessage) -> Option<String> {
     match ContactList::parse(msg.header_values(&HeaderName::Contact)) {
         Ok(ContactList::Contacts(list)) => list.into_iter().next().map(|c| c.uri_raw),
         _ => None,
@@ -218,7 +243,7 @@ pub fn contact_uri(msg: &SipMessage) -> Option<String> {
 }
 
 /// Every Record-Route value, in order (comma lists split).
-pub fn record_routes(msg: &SipMessage) -> Vec<String> {
+pub(crate) fn record_routes(msg: &SipMessage) -> Vec<String> {
     match ContactList::parse(msg.header_values(&HeaderName::RecordRoute)) {
         Ok(ContactList::Contacts(list)) => list.into_iter().map(|c| c.raw).collect(),
         _ => Vec::new(),

@@ -17,7 +17,7 @@ pub use call::{
     streams_needed, Call, CallParams, Contact, HandOver, MediaNotice, MediaOp, MediaPorts, Output,
     Replaces, FAILOVER_SILENCE,
 };
-pub use dialog::{contact_uri, record_routes, Destination, Dialog, Local};
+pub use dialog::{Destination, Dialog, Local};
 pub use voicemail::{
     Recorded, StoreError, VmReply, VmRequest, KEY_TIMEOUT, LOGIN_ATTEMPTS, MAX_GREETING,
     MAX_MESSAGE, MIN_RECORDING_MS,

@@ -1540,3 +1540,76 @@ fn both_parties_holding_hear_no_music_and_one_resume_gives_the_other_music() {
         .iter()
         .any(|o| matches!(o, Output::Media(MediaOp::Music { .. }))));
 }
+
+const VM_PLAN: &str = "[default]\nexten => 500,1,VoiceMail(1002,s)\n same => n,Log(NOTICE,vm ${VMSTATUS})\n same => n,Hangup()\n";
+
+/// The call side of VoiceMail: answered, the mailbox asked of the driver, the greeting
+/// played, the recording asked of the relay after the tone; a caller hanging up while
+/// recording leaves its message to be stored before the call's end (the driver takes
+/// the recording from the relay before the end stops it).
+#[test]
+fn voicemail_records_after_the_tone_and_a_hang_up_stores_the_message() {
+    use crate::{Recorded, VmReply, VmRequest};
+    let mut h = Harness::start_with("500", SDP_A, VM_PLAN);
+    let out = h.take();
+    let (status, ok) = final_to_a(&out).unwrap();
+    assert_eq!(status, 200);
+    assert!(out.contains(&Output::Voicemail(VmRequest::Open {
+        mailbox: "1002".into()
+    })));
+    let tag = to_tag_of(&ok);
+    h.request(
+        &in_dialog("ACK", 1, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    h.call.on_voicemail(
+        h.now,
+        VmReply::Mailbox(Some(Box::new(pbx_state::voicemail::Mailbox::default()))),
+    );
+    let greeting = h.take();
+    assert!(greeting.iter().any(|o| matches!(o,
+        Output::Media(MediaOp::Play { prompts, payload_type: 0, .. })
+            if prompts.first().map(String::as_str) == Some("vm-theperson")
+                && !prompts.contains(&"vm-intro".to_string())
+    )));
+    h.call.on_media(h.now, MediaNotice::PlaybackDone);
+    assert!(h.take().contains(&Output::Media(MediaOp::Play {
+        stream: 0,
+        prompts: vec!["beep".into()],
+        payload_type: 0
+    })));
+    h.call.on_media(h.now, MediaNotice::PlaybackDone);
+    assert!(h.take().contains(&Output::Media(MediaOp::Record {
+        stream: 0,
+        side: Side::A,
+        payload_type: 0,
+        max_bytes: 300 * 8000
+    })));
+    h.request(
+        &in_dialog("BYE", 2, &alice_headers(&tag), "a-call", ""),
+        ALICE,
+    );
+    let out = h.take();
+    let store = out
+        .iter()
+        .position(|o| matches!(o, Output::Voicemail(VmRequest::Store { what: Recorded::Message { .. }, .. })))
+        .expect("the message is stored");
+    let ended = out
+        .iter()
+        .position(|o| matches!(o, Output::Ended { .. }))
+        .expect("the call ends");
+    assert!(store < ended, "stored before the end stops the relay");
+}
+
+/// A mailbox that does not exist: VMSTATUS=FAILED, the plan goes on (as Asterisk).
+#[test]
+fn voicemail_to_no_such_mailbox_fails_and_the_plan_goes_on() {
+    use crate::VmReply;
+    let mut h = Harness::start_with("500", SDP_A, VM_PLAN);
+    h.take();
+    h.call.on_voicemail(h.now, VmReply::Mailbox(None));
+    let out = h.take();
+    assert!(out.iter().any(|o| matches!(o,
+        Output::Log { message, .. } if message == "vm FAILED")));
+    assert!(hung_up_with(&out).is_some());
+}

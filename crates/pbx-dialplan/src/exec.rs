@@ -2012,6 +2012,61 @@ mod tests {
     }
 
     #[test]
+    fn voicemail_takes_mailboxes_and_options_and_bad_ones_are_refused() {
+        let mut e = run(
+            "[a]\nexten => s,1,VoiceMail(1001&1002@sales,bg(5))\n \
+             same => n,VoiceMail(${EXTEN}@default,su)\n \
+             same => n,VoiceMailMain()\n same => n,VoiceMailMain(1001@sales,s)\n",
+            "a",
+            "s",
+        );
+        assert_eq!(
+            e.next_action(),
+            Action::VoiceMail {
+                mailboxes: vec!["1001".into(), "1002@sales".into()],
+                greeting: VmGreeting::Busy,
+                skip_instructions: false,
+            }
+        );
+        assert_eq!(
+            e.next_action(),
+            Action::VoiceMail {
+                mailboxes: vec!["s".into()],
+                greeting: VmGreeting::Unavailable,
+                skip_instructions: true,
+            }
+        );
+        assert_eq!(
+            e.next_action(),
+            Action::VoiceMailMain {
+                mailbox: None,
+                skip_pin: false
+            }
+        );
+        assert_eq!(
+            e.next_action(),
+            Action::VoiceMailMain {
+                mailbox: Some("1001@sales".into()),
+                skip_pin: true
+            }
+        );
+        e.voicemail_finished("SUCCESS");
+        assert_eq!(e.var("VMSTATUS"), Some("SUCCESS"));
+        for bad in [
+            "VoiceMail()",
+            "VoiceMail(1001,z)",
+            "VoiceMail(10 01)",
+            "VoiceMail(1001&)",
+            "VoiceMail(1001,g(5)",
+            "VoiceMailMain(a/b)",
+            "VoiceMailMain(1001,u)",
+        ] {
+            let err = Dialplan::parse(&format!("[a]\nexten => s,1,{bad}\n")).unwrap_err();
+            assert!(err.to_string().contains("line 2:"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn music_on_hold_takes_the_channels_class() {
         let mut e = run(
             "[a]\nexten => s,1,MusicOnHold(,2.5)\n \

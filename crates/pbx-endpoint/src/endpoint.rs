@@ -382,16 +382,9 @@ impl<C: Clone> Endpoint<C> {
                 let domain = state.settings.as_ref().map_or("", |s| s.domain.as_str());
                 let account = format!("sip:{mailbox}@{domain}");
                 let counts = state.voicemail.counts(&mailbox);
-                let ok = lock(&self.mwi).0.subscribe(
-                    now,
-                    &msg,
-                    &core,
-                    source,
-                    dest.clone(),
-                    mailbox,
-                    account,
-                    counts,
-                );
+                let ok = lock(&self.mwi)
+                    .0
+                    .subscribe(now, &msg, &core, source, dest, mailbox, account, counts);
                 self.respond_stateful(now, key, &method, reliable, dest, 200, ok)
             }
             Outcome::Call { caller } => {
@@ -452,7 +445,7 @@ impl<C: Clone> Endpoint<C> {
     ) -> Option<Event<C>> {
         let out = {
             let mut table = lock(&self.table);
-            table.create(key.clone(), method, reliable, dest.clone());
+            table.create(key.clone(), method, reliable, dest);
             table.respond(now, &key, status, bytes)
         };
         self.timers_moved.store(true, Ordering::Relaxed);
@@ -500,15 +493,7 @@ impl<C: Clone> Endpoint<C> {
                     .iter()
                     .filter(|c| mine.contains(&c.uri.as_str()))
                 {
-                    subs.unsolicited(
-                        now,
-                        &contact.uri,
-                        &contact.route,
-                        contact.dest.clone(),
-                        &account,
-                        &account,
-                        *c,
-                    );
+                    subs.unsolicited(now, contact, &account, *c);
                 }
             }
         }

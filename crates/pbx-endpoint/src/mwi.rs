@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pbx_b2bua::{contact_uri, record_routes, Dialog, Local};
+use pbx_b2bua::{Dialog, Local};
 use pbx_sip_core::{ClientNonInvite, ResponseAction, TimerOutcome, Timers};
 use pbx_sip_msg::{CoreHeaders, HeaderName, MessageWriter, Method, ReplyHead, SipMessage};
 
@@ -116,20 +116,7 @@ impl Subscriptions {
     ) -> Bytes {
         let head = ReplyHead::new(core, source, &self.server_name);
         let expires = Self::expires(msg);
-        let dialog = Dialog {
-            call_id: core.call_id.clone(),
-            local: head.to_with_tag(),
-            local_tag: head.to_tag().to_string(),
-            remote: core.from.raw.clone(),
-            remote_tag: core.from.tag().map(str::to_string),
-            remote_target: contact_uri(msg).unwrap_or_else(|| core.from.uri_raw.clone()),
-            route_set: record_routes(msg),
-            local_cseq: 0,
-            remote_cseq: core.cseq.seq,
-            dest,
-            retransmit: None,
-            last_ack: None,
-        };
+        let dialog = Dialog::uas(msg, core, &head, dest);
         let ok = self.ok(&head, &dialog, expires);
         let call_id = core.call_id.clone();
         if expires == 0 {
@@ -263,23 +250,21 @@ impl Subscriptions {
         sub.told = Some(counts);
         sub.ending |= last || remaining == 0;
         self.out.push_back(Transmit {
-            dest: sub.dialog.dest.clone(),
+            dest: sub.dialog.dest,
             bytes,
         });
     }
 
-    /// A NOTIFY sent unsolicited (no subscription) to a registered phone of `mailbox`:
-    /// `uri` its contact, reached at `dest`, `aor` its address of record.
+    /// A NOTIFY sent unsolicited (no subscription) to a registered phone (`contact`) of
+    /// the mailbox whose address is `account` (its address of record as well).
     pub fn unsolicited(
         &mut self,
         now: Instant,
-        uri: &str,
-        route: &[String],
-        dest: Dest,
-        aor: &str,
+        contact: &pbx_b2bua::Contact<Dest>,
         account: &str,
         counts: Counts,
     ) {
+        let (uri, route, dest) = (&contact.uri, &contact.route, contact.dest);
         let call_id = format!("mwi-{}", self.token());
         let branch = format!("z9hG4bK{}", self.token());
         let tag = self.token();
@@ -288,7 +273,7 @@ impl Subscriptions {
         w.header("Via", &self.local.via(t, &branch))
             .header("Max-Forwards", "70")
             .header_fmt("From", format_args!("<{account}>;tag={tag}"))
-            .header_fmt("To", format_args!("<{aor}>"))
+            .header_fmt("To", format_args!("<{account}>"))
             .header("Call-ID", &call_id)
             .header("CSeq", "1 NOTIFY");
         for r in route {
@@ -301,7 +286,7 @@ impl Subscriptions {
         let bytes = Bytes::from(w.finish(summary(account, counts).as_bytes()));
         let reliable = t.is_connection_bound();
         let tx = ClientNonInvite::new(now, bytes.clone(), reliable, self.timers);
-        self.unsolicited.insert(call_id, (dest.clone(), tx));
+        self.unsolicited.insert(call_id, (dest, tx));
         self.out.push_back(Transmit { dest, bytes });
     }
 
@@ -366,7 +351,7 @@ impl Subscriptions {
             if let Some((_, tx)) = s.notifying.as_mut() {
                 match tx.handle_timeout(now) {
                     TimerOutcome::Retransmit(bytes) => self.out.push_back(Transmit {
-                        dest: s.dialog.dest.clone(),
+                        dest: s.dialog.dest,
                         bytes,
                     }),
                     TimerOutcome::TimedOut => dead.push(id.clone()),
@@ -388,10 +373,9 @@ impl Subscriptions {
         let mut done = Vec::new();
         for (id, (dest, tx)) in self.unsolicited.iter_mut() {
             match tx.handle_timeout(now) {
-                TimerOutcome::Retransmit(bytes) => self.out.push_back(Transmit {
-                    dest: dest.clone(),
-                    bytes,
-                }),
+                TimerOutcome::Retransmit(bytes) => {
+                    self.out.push_back(Transmit { dest: *dest, bytes })
+                }
                 TimerOutcome::TimedOut | TimerOutcome::Terminated => done.push(id.clone()),
                 TimerOutcome::Idle => {}
             }
