@@ -1592,7 +1592,15 @@ fn voicemail_records_after_the_tone_and_a_hang_up_stores_the_message() {
     let out = h.take();
     let store = out
         .iter()
-        .position(|o| matches!(o, Output::Voicemail(VmRequest::Store { what: Recorded::Message { .. }, .. })))
+        .position(|o| {
+            matches!(
+                o,
+                Output::Voicemail(VmRequest::Store {
+                    what: Recorded::Message { .. },
+                    ..
+                })
+            )
+        })
         .expect("the message is stored");
     let ended = out
         .iter()

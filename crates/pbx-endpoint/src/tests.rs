@@ -982,6 +982,15 @@ fn other_packages_and_other_peoples_mailboxes_are_refused() {
     ));
     assert_eq!(status(&theirs), 403);
     assert_eq!(h.ep.subscriptions(), 0);
+    // The voicemail number a phone was given means its own mailbox.
+    let own = transmitted(h.authenticated(
+        0,
+        &subscribe("*97", "message-summary", "p3", None, 1, 600),
+        "alice",
+        "pw",
+    ));
+    assert_eq!(status(&own), 200);
+    assert!(body(&notifies(&h)[0]).contains("Message-Account: sip:alice@pbx.test"));
 }
 
 /// A phone registered on this node that does not subscribe gets the NOTIFY

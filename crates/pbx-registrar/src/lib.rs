@@ -368,7 +368,7 @@ impl RequestHandler {
     }
 
     /// A new subscription (a refresh of one this node keeps never gets here): the
-    /// `message-summary` of the subscriber's own mailbox, the Request-URI's user.
+    /// `message-summary` of the subscriber's own mailbox.
     fn subscribe(
         &self,
         req: &Inbound<'_>,
@@ -394,15 +394,17 @@ impl RequestHandler {
             AuthResult::Forbidden => self.reply(req, 403, &[]),
             AuthResult::Authenticated => {
                 let user = req.core.from.uri.user_unescaped().unwrap_or_default();
-                let mailbox = ruri.user_unescaped().unwrap_or_default();
-                if mailbox != user {
-                    // Someone else's lamp is not the subscriber's business.
+                let asked = ruri.user_unescaped().unwrap_or_default();
+                // Phones subscribe at their own address, or at the voicemail number
+                // they were given (`*97`): either means their own mailbox. Someone
+                // else's lamp is not the subscriber's business.
+                if asked != user && state.mailbox(&asked).is_some() {
                     return self.reply(req, 403, &[]);
                 }
-                if state.mailbox(&mailbox).is_none() {
+                if state.mailbox(&user).is_none() {
                     return self.reply(req, 404, &[]);
                 }
-                Outcome::Subscribe { mailbox }
+                Outcome::Subscribe { mailbox: user }
             }
         }
     }
