@@ -416,7 +416,10 @@ fn parallel_fork_first_answer_wins_and_the_other_is_cancelled() {
 
 #[test]
 fn busy_callee_sets_dialstatus_and_the_plan_answers_486() {
-    let mut h = Harness::start("bob", SDP_A);
+    let plan = "[default]\nexten => bob,1,Dial(SIP/bob)\n \
+                same => n,GotoIf($[\"${DIALSTATUS}\" = \"BUSY\"]?busy)\n \
+                same => n,Congestion()\n same => n(busy),Busy()\n";
+    let mut h = Harness::start_with("bob", SDP_A, plan);
     h.take();
     h.resolve(&[BOB1]);
     let inv = Harness::sent(&h.take(), BOB1);
@@ -435,6 +438,26 @@ fn busy_callee_sets_dialstatus_and_the_plan_answers_486() {
         h.call.caller_done(),
         "a phone retrying with the same Call-ID starts a new call"
     );
+}
+
+/// The demo plan: a busy user takes a message after its busy greeting.
+#[test]
+fn the_demo_plan_sends_a_busy_callee_to_voicemail() {
+    let mut h = Harness::start("bob", SDP_A);
+    h.take();
+    h.resolve(&[BOB1]);
+    let inv = Harness::sent(&h.take(), BOB1);
+    h.response(&response_to(&inv[0].1, 486, "b1", BOB1, ""));
+    let out = h.take();
+    assert_eq!(final_to_a(&out).map(|f| f.0), Some(200));
+    assert!(out.contains(&Output::Voicemail(crate::VmRequest::Open {
+        mailbox: "bob".into()
+    })));
+    h.call
+        .on_voicemail(h.now, crate::VmReply::Mailbox(Some(Box::default())));
+    assert!(h.take().iter().any(|o| matches!(o,
+        Output::Media(MediaOp::Play { prompts, .. }) if prompts.contains(&"vm-isonphone".to_string())
+    )));
 }
 
 #[test]

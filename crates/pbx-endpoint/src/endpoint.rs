@@ -469,7 +469,6 @@ impl<C: Clone> Endpoint<C> {
             .collect();
         let before = seen.replace(counts.clone());
         if let (Some(before), true) = (before, self.config.unsolicited_mwi) {
-            let domain = state.settings.as_ref().map_or("", |s| s.domain.as_str());
             for (mailbox, c) in &counts {
                 if before.get(mailbox).copied().unwrap_or_default() == *c
                     || mailbox.contains('@')
@@ -477,27 +476,66 @@ impl<C: Clone> Endpoint<C> {
                 {
                     continue;
                 }
-                let mine: Vec<&str> = state
-                    .bindings
-                    .get(mailbox)
-                    .into_iter()
-                    .flatten()
-                    .filter(|b| b.node_id == self.config.node_id)
-                    .map(|b| b.uri.as_str())
-                    .collect();
-                let found =
-                    self.contacts(state, &[DialTarget::User(mailbox.clone())], false, now_ms);
-                let account = format!("sip:{mailbox}@{domain}");
-                for contact in found
-                    .contacts
-                    .iter()
-                    .filter(|c| mine.contains(&c.uri.as_str()))
-                {
-                    subs.unsolicited(now, contact, &account, *c);
-                }
+                self.unsolicited_mwi(subs, now, state, mailbox, *c, now_ms);
             }
         }
         self.timers_moved.store(true, Ordering::Relaxed);
+    }
+
+    /// A REGISTER of `aor` was committed through this node: a phone that does not
+    /// subscribe learns its mailbox's state at once (as Asterisk sends MWI on
+    /// registration) when the mailbox holds messages. What to send, after the 200.
+    pub fn registered(&self, now: Instant, state: &State, aor: &str, now_ms: u64) -> Vec<Transmit> {
+        let counts = state.voicemail.counts(aor);
+        if !self.config.unsolicited_mwi || counts == (0, 0) {
+            return Vec::new();
+        }
+        let mut mwi = lock(&self.mwi);
+        let subs = &mut mwi.0;
+        if subs.has_subscriber(aor) {
+            return Vec::new();
+        }
+        self.unsolicited_mwi(subs, now, state, aor, counts, now_ms);
+        std::iter::from_fn(|| subs.poll_transmit()).collect()
+    }
+
+    /// An unsolicited NOTIFY of `counts` to each phone of `mailbox` registered on this
+    /// node (the node holding a phone's registration tells it; no other does).
+    fn unsolicited_mwi(
+        &self,
+        subs: &mut crate::mwi::Subscriptions,
+        now: Instant,
+        state: &State,
+        mailbox: &str,
+        counts: crate::mwi::Counts,
+        now_ms: u64,
+    ) {
+        let mine: Vec<&str> = state
+            .bindings
+            .get(mailbox)
+            .into_iter()
+            .flatten()
+            .filter(|b| b.node_id == self.config.node_id)
+            .map(|b| b.uri.as_str())
+            .collect();
+        if mine.is_empty() {
+            return;
+        }
+        let domain = state.settings.as_ref().map_or("", |s| s.domain.as_str());
+        let account = format!("sip:{mailbox}@{domain}");
+        let found = self.contacts(
+            state,
+            &[DialTarget::User(mailbox.to_string())],
+            false,
+            now_ms,
+        );
+        for contact in found
+            .contacts
+            .iter()
+            .filter(|c| mine.contains(&c.uri.as_str()))
+        {
+            subs.unsolicited(now, contact, &account, counts);
+        }
     }
 
     /// Message-waiting subscriptions kept here.

@@ -211,14 +211,26 @@ impl Sip {
                     tracing::debug_span!("sip", node = self.node_id, call_id = %token.call_id());
                 tokio::spawn(
                     async move {
+                        let aor = match &*command {
+                            pbx_state::Command::Register { aor, .. } => Some(aor.clone()),
+                            _ => None,
+                        };
                         let result = cluster.propose(*command).await;
                         if let Err(e) = &result {
                             tracing::warn!(error = %e, "not committed: 503");
                         }
+                        let committed = result.is_ok();
                         if let Some(t) =
                             endpoint.commit_done(Instant::now(), unix_ms(), token, result)
                         {
                             io.send(t.dest, t.bytes);
+                        }
+                        // Message waiting for a phone that just registered here.
+                        if let (Some(aor), true) = (aor, committed) {
+                            let state = cluster.read();
+                            for t in endpoint.registered(Instant::now(), &state, &aor, unix_ms()) {
+                                io.send(t.dest, t.bytes);
+                            }
                         }
                     }
                     .instrument(span),
