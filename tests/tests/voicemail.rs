@@ -73,6 +73,21 @@ fn wav_data(wav: &[u8]) -> Vec<u8> {
     panic!("no data chunk");
 }
 
+/// The blob files of a node's voicemail store (`dir/ab/abcdef…`).
+fn blob_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten())
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_none())
+        .collect();
+    out.sort();
+    out
+}
+
 fn info(cseq: u32, key: char) -> String {
     format!(
         "  <send retrans=\"500\">\n    <![CDATA[\n\n      INFO [next_url] SIP/2.0\n      \
@@ -130,9 +145,14 @@ fn a_message_is_left_fetched_signalled_and_heard_after_its_node_died() {
     let sent: Vec<u8> = pcap_payloads(G711A_PCAP, 8).concat();
     assert!(sent.len() > 20_000, "the pcap holds seconds of audio");
 
+    let started = std::time::Instant::now();
     let users = Users { count: 3 };
     let (dir, plan) = pbx_tests::plan_file(PLAN);
-    let extra = pbx_tests::md5_with_sounds();
+    // The audio keeper runs every second here (30 s by default).
+    let extra = format!(
+        "{}\n[storage]\nvoicemail_repair_secs = 1\n",
+        pbx_tests::md5_with_sounds()
+    );
     let c = LocalCluster::up_with_dialplan(88, 3, &users, &extra, &plan).unwrap();
     let p = Phones::new(&c);
     let owner = Users::name(2);
@@ -239,6 +259,39 @@ fn a_message_is_left_fetched_signalled_and_heard_after_its_node_died() {
     );
     assert!(recorded == sent, "the recording's bytes are those sent");
 
+    // Every voter ends up holding the audio (the keeper copies it where the save's
+    // majority left it out, and records the holder), and a voter that lost the file gets
+    // it back from another.
+    let holders = |c: &LocalCluster| -> Option<usize> {
+        let (code, out) = c
+            .admin(&[3], &["--output", "json", "voicemail", "list", &owner])
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (code == 0).then(|| {
+            v[0]["messages"][0]["holders"]
+                .as_array()
+                .map_or(0, Vec::len)
+        })
+    };
+    wait_for(
+        "every voter holding the message",
+        Duration::from_secs(30),
+        || (holders(&c) == Some(3)).then_some(()),
+    )
+    .unwrap();
+    let audio_dir = c.data_dir(3).join("voicemail");
+    let held = blob_files(&audio_dir);
+    assert_eq!(held.len(), 1, "{held:?}");
+    std::fs::remove_file(&held[0]).unwrap();
+    wait_for(
+        "the lost audio copied back",
+        Duration::from_secs(30),
+        || blob_files(&audio_dir).contains(&held[0]).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log(3)));
+    assert_eq!(std::fs::read(&held[0]).unwrap().len(), recorded.len());
+
+    eprintln!("repaired after {:?}", started.elapsed());
     // The node that recorded it dies; the owner listens through node 2.
     c.kill(1).unwrap();
     let listener_ip = c.client_ip(41);
@@ -263,6 +316,7 @@ fn a_message_is_left_fetched_signalled_and_heard_after_its_node_died() {
             .unwrap()
     });
     assert_all_ok(&run, 1, "the owner listening");
+    eprintln!("listened after {:?}", started.elapsed());
     // Loopback keeps the order: capture order is play order.
     let heard: Vec<u8> = packets
         .iter()

@@ -543,6 +543,10 @@ pub struct StorageSection {
     /// Log entries kept behind a snapshot, so a briefly absent node catches up from the
     /// log instead of a whole snapshot.
     pub log_kept_after_snapshot: u64,
+    /// Seconds between two passes of the voicemail audio keeper (ADR 0014): each voter
+    /// copies the messages' audio it lacks from a holder, and removes audio no message
+    /// refers to any more.
+    pub voicemail_repair_secs: u64,
 }
 
 impl Default for StorageSection {
@@ -554,6 +558,7 @@ impl Default for StorageSection {
             max_batch: 512,
             max_inflight: 4,
             log_kept_after_snapshot: 1000,
+            voicemail_repair_secs: 30,
         }
     }
 }

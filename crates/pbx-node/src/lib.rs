@@ -143,8 +143,9 @@ impl Node {
         // (ADR 0014); served to the other members from the start.
         let blobs = pbx_storage::FileBlobs::open(&data_dir.join("voicemail"))?
             .keep_free(config.storage.min_free_mb << 20);
+        let blobs: Arc<dyn pbx_storage::BlobStore> = Arc::new(blobs);
         let cluster = Cluster::start_on(cluster_config, store, peer).await?;
-        cluster.serve_blobs(Arc::new(blobs));
+        cluster.serve_blobs(blobs.clone());
         let peer_addr = cluster.peer_addr;
 
         let mut local_hosts = vec![sip_addr.ip().to_string(), sip_addr.to_string()];
@@ -189,6 +190,11 @@ impl Node {
         tasks.push(tokio::spawn(sweeper(
             cluster.clone(),
             config.registrar.sweep_interval,
+        )));
+        tasks.push(tokio::spawn(voicemail::keep_blobs(
+            cluster.clone(),
+            blobs,
+            Duration::from_secs(config.storage.voicemail_repair_secs.max(1)),
         )));
         tasks.push(tokio::spawn(commit_reporter(cluster.clone())));
         tasks.push(tokio::spawn(stuck_storage_exit(cluster.clone())));

@@ -151,6 +151,10 @@ async fn blobs_go_to_a_member_and_come_back_checked() {
         .map(|i| (i % 251) as u8)
         .collect::<Vec<u8>>()
         .into();
+    // The members' addresses come with the membership: known to each before it talks.
+    for c in &clusters {
+        voters_known(c).await;
+    }
     let id = clusters[0].put_blob(2, audio.clone()).await.unwrap();
     assert_eq!(id, pbx_storage::BlobId::of(&audio));
     assert!(pbx_storage::BlobStore::contains(&*stores[1], &id));
