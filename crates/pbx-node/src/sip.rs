@@ -332,11 +332,17 @@ async fn mailbox_watch(endpoint: Arc<SipEndpoint>, cluster: Cluster, wake: Arc<N
             drop(state);
             wake.notify_one();
         }
+        // Applies come thousands a second under registration load: look at most ten
+        // times a second (a lamp a tenth of a second late is still on time).
+        tokio::time::sleep(MAILBOX_LOOK_EVERY).await;
         if applied.changed().await.is_err() {
             return;
         }
     }
 }
+
+/// How often at most [`mailbox_watch`] looks at the applied state.
+const MAILBOX_LOOK_EVERY: Duration = Duration::from_millis(100);
 
 /// Fires the endpoint's timers and sends its retransmissions.
 async fn timer(endpoint: Arc<SipEndpoint>, io: Arc<Io>, wake: Arc<Notify>) {
