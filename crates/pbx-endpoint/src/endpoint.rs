@@ -484,18 +484,29 @@ impl<C: Clone> Endpoint<C> {
 
     /// A REGISTER of `aor` was committed through this node: a phone that does not
     /// subscribe learns its mailbox's state at once (as Asterisk sends MWI on
-    /// registration) when the mailbox holds messages. What to send, after the 200.
-    pub fn registered(&self, now: Instant, state: &State, aor: &str, now_ms: u64) -> Vec<Transmit> {
-        let counts = state.voicemail.counts(aor);
-        if !self.config.unsolicited_mwi || counts == (0, 0) {
+    /// registration) when the mailbox holds messages. What to send, after the 200. The
+    /// state is read only then: every other REGISTER costs a map lookup.
+    pub fn registered<S, F>(&self, now: Instant, aor: &str, now_ms: u64, state: F) -> Vec<Transmit>
+    where
+        F: FnOnce() -> S,
+        S: Deref<Target = State>,
+    {
+        if !self.config.unsolicited_mwi {
             return Vec::new();
         }
+        {
+            let mwi = lock(&self.mwi);
+            let counts = mwi.1.as_ref().and_then(|seen| seen.get(aor).copied());
+            if counts.unwrap_or_default() == (0, 0) || mwi.0.has_subscriber(aor) {
+                return Vec::new();
+            }
+        }
+        // The state before the subscriptions, as everywhere else.
+        let state = state();
+        let counts = state.voicemail.counts(aor);
         let mut mwi = lock(&self.mwi);
         let subs = &mut mwi.0;
-        if subs.has_subscriber(aor) {
-            return Vec::new();
-        }
-        self.unsolicited_mwi(subs, now, state, aor, counts, now_ms);
+        self.unsolicited_mwi(subs, now, &state, aor, counts, now_ms);
         std::iter::from_fn(|| subs.poll_transmit()).collect()
     }
 

@@ -1031,16 +1031,16 @@ fn registered_phones_get_unsolicited_notifies() {
     assert!(body(&sent[0]).contains("Voice-Message: 1/0 (0/0)"));
     answer(&h, 20, &sent[0], 200);
     // bob's phone registers again (it rebooted): told at once; carol's is node 2's.
-    let again = h.ep.registered(h.at(30), &h.state, "bob", NOW_MS);
+    let again = h.ep.registered(h.at(30), "bob", NOW_MS, || &h.state);
     assert_eq!(again.len(), 1);
     assert!(String::from_utf8_lossy(&again[0].bytes).contains("Messages-Waiting: yes"));
     assert!(h
         .ep
-        .registered(h.at(30), &h.state, "carol", NOW_MS)
+        .registered(h.at(30), "carol", NOW_MS, || &h.state)
         .is_empty());
     // alice has no message: a REGISTER sends nothing.
     assert!(h
         .ep
-        .registered(h.at(30), &h.state, "alice", NOW_MS)
+        .registered(h.at(30), "alice", NOW_MS, || &h.state)
         .is_empty());
 }

@@ -227,8 +227,10 @@ impl Sip {
                         }
                         // Message waiting for a phone that just registered here.
                         if let (Some(aor), true) = (aor, committed) {
-                            let state = cluster.read();
-                            for t in endpoint.registered(Instant::now(), &state, &aor, unix_ms()) {
+                            let sends =
+                                endpoint
+                                    .registered(Instant::now(), &aor, unix_ms(), || cluster.read());
+                            for t in sends {
                                 io.send(t.dest, t.bytes);
                             }
                         }
