@@ -184,7 +184,8 @@ fn a_message_is_left_fetched_signalled_and_heard_after_its_node_died() {
         2,
         &subscriber_ip,
         &inf,
-        &["-p", &port, "-trace_msg"],
+        // It waits through the whole test: longer than SIPp's usual 120 s.
+        &["-p", &port, "-trace_msg", "-timeout", "400s"],
     );
     // SIPp's message trace (beside the scenario or where it runs): the first NOTIFY.
     let traces = [mwi.parent().unwrap(), inf.parent().unwrap()];
@@ -340,6 +341,70 @@ fn a_message_is_left_fetched_signalled_and_heard_after_its_node_died() {
         "the message played back is the recording, byte for byte ({} bytes heard)",
         heard.len()
     );
+
+    // The owner records an unavailable greeting (options 0, then 1: the pcap again);
+    // a caller reaching the mailbox through node 3 hears it, then the instructions and
+    // the tone, and leaves nothing (`#` at once: under a second, not kept).
+    // The prompt after `1` and the tone take 4.5 s: the pcap starts 5.5 s after it.
+    let keys = [
+        info(3, '4'),
+        info(4, '2'),
+        info(5, '4'),
+        info(6, '2'),
+        info(7, '#'),
+        pause(800),
+        info(8, '0'),
+        pause(500),
+        info(9, '1'),
+        pause(5500),
+        format!("  <nop><action><exec play_pcap_audio=\"{G711A_PCAP}\"/></action></nop>\n"),
+        pause(8000),
+        info(10, '#'),
+        pause(2500),
+        info(11, '#'),
+    ]
+    .concat();
+    let scenario = p.file("uac_greeting.xml", &caller_scenario(1500, &keys, false));
+    let run = p
+        .call(scenario.to_str().unwrap(), 2, 2, "8500", nowhere, 0)
+        .wait()
+        .unwrap();
+    assert_all_ok(&run, 1, "the owner recording a greeting");
+    let (code, out) = c
+        .admin(&[2, 3], &["--output", "json", "voicemail", "list", &owner])
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["greetings"][0], "unavailable", "{out}");
+    let caller_ip = c.client_ip(42);
+    let media = std::net::UdpSocket::bind((caller_ip.as_str(), 0)).unwrap();
+    let media_addr = media.local_addr().unwrap();
+    let keys = format!("{}{}", pause(16_000), info(3, '#'));
+    let scenario = p.file("uac_greeted.xml", &caller_scenario(0, &keys, true));
+    let (run, packets) = pbx_tests::received_during(&media, || {
+        p.call(scenario.to_str().unwrap(), 3, 3, &owner, media_addr, 0)
+            .wait()
+            .unwrap()
+    });
+    assert_all_ok(&run, 1, "a caller hearing the greeting");
+    let heard: Vec<u8> = packets
+        .iter()
+        .filter(|p| p.len() > 12 && p[1] & 0x7f == 8)
+        .flat_map(|p| p[12..].to_vec())
+        .collect();
+    // The greeting's recording began after its prompt: its last two seconds at least
+    // are the pcap's.
+    let tail = &sent[sent.len() - 16_000..];
+    assert!(
+        heard.windows(tail.len()).any(|w| w == tail),
+        "the caller hears the owner's greeting ({} bytes heard)",
+        heard.len()
+    );
+    let nothing = format!("vm status USEREXIT {}", Users::name(3));
+    wait_for(&nothing, Duration::from_secs(10), || {
+        c.log(3).contains(&nothing).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log(3)));
 
     // The lamp: on when the message came, off once it was heard (node 2 told it).
     let lamp = subscriber.wait().unwrap();

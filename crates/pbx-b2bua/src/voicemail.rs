@@ -108,8 +108,11 @@ pub enum VmStep {
 enum State {
     // -- VoiceMail ---------------------------------------------------------------
     Opening,
-    FetchingGreeting,
-    /// The greeting and instructions; `#` goes straight to the tone.
+    /// The owner's greeting (or recorded name) asked for; what plays after it.
+    FetchingGreeting(Vec<String>),
+    /// The owner's recorded audio playing, these prompts after it; `#` skips to the tone.
+    OwnGreeting(Vec<String>),
+    /// The greeting's prompts and instructions; `#` goes straight to the tone.
     Greeting,
     Tone,
     Recording,
@@ -326,6 +329,11 @@ impl Session {
         }
         match self.state.clone() {
             State::Greeting => self.tone(State::Tone),
+            State::OwnGreeting(after) if after.is_empty() => self.tone(State::Tone),
+            State::OwnGreeting(after) => {
+                self.state = State::Greeting;
+                self.play(after);
+            }
             State::Tone => {
                 self.state = State::Recording;
                 self.record(MAX_MESSAGE);
@@ -360,7 +368,7 @@ impl Session {
     /// A key from the caller (RFC 4733 or SIP INFO).
     pub fn on_digit(&mut self, now: Instant, key: char) {
         match self.state.clone() {
-            State::Greeting if key == '#' => {
+            State::Greeting | State::OwnGreeting(_) if key == '#' => {
                 self.stop_playing();
                 self.tone(State::Tone);
             }
@@ -443,22 +451,18 @@ impl Session {
     pub fn on_reply(&mut self, now: Instant, reply: VmReply) {
         match (self.state.clone(), reply) {
             (State::Opening, VmReply::Mailbox(m)) => self.opened(m),
-            (State::FetchingGreeting, VmReply::Audio(a)) => {
-                self.state = State::Greeting;
-                match a {
-                    Some(a) => {
-                        self.play_audio(a);
-                        // The instructions after the owner's own greeting.
-                        if !self.skip_instructions() {
-                            self.out.push_back(VmStep::Prompts(vec!["vm-intro".into()]));
-                        }
-                    }
-                    None => {
-                        let p = self.plain_greeting();
-                        self.play(p);
-                    }
+            (State::FetchingGreeting(after), VmReply::Audio(a)) => match a {
+                Some(a) => {
+                    self.state = State::OwnGreeting(after);
+                    self.play_audio(a);
                 }
-            }
+                None => {
+                    // No holder gave it: the greeting of a mailbox without one.
+                    self.state = State::Greeting;
+                    let p = self.plain_greeting(true);
+                    self.play(p);
+                }
+            },
             (State::Storing, VmReply::Stored(r)) => match r {
                 Ok(()) => self.close(
                     vec!["vm-msgsaved".into(), "vm-goodbye".into()],
@@ -526,9 +530,16 @@ impl Session {
             VmGreeting::Busy => m.greetings.get(&Greeting::Busy),
             VmGreeting::Plain => None,
         };
-        match own {
+        // The owner's greeting, then the instructions; or its recorded name in place of
+        // the extension's digits ("<name> is unavailable"), as Asterisk does.
+        let (audio, after) = match (own, m.greetings.get(&Greeting::Name)) {
+            (Some(g), _) => (Some(g), self.instructions()),
+            (None, Some(name)) => (Some(name), self.plain_greeting(false)),
+            (None, None) => (None, Vec::new()),
+        };
+        match audio {
             Some(g) => {
-                self.state = State::FetchingGreeting;
+                self.state = State::FetchingGreeting(after);
                 let r = VmRequest::Fetch {
                     blob: g.blob.clone(),
                     codec: g.codec,
@@ -539,27 +550,38 @@ impl Session {
             }
             None => {
                 self.state = State::Greeting;
-                let p = self.plain_greeting();
+                let p = self.plain_greeting(true);
                 self.play(p);
             }
         }
     }
 
-    /// "The person at extension 1001 is unavailable. Please leave your message ...".
-    fn plain_greeting(&self) -> Vec<String> {
+    /// "Please leave your message after the tone ..." unless `s`.
+    fn instructions(&self) -> Vec<String> {
+        if self.skip_instructions() {
+            Vec::new()
+        } else {
+            vec!["vm-intro".into()]
+        }
+    }
+
+    /// "The person at extension 1001 is unavailable. Please leave your message ...";
+    /// without `extension` only from "is unavailable" on (after a recorded name).
+    fn plain_greeting(&self, extension: bool) -> Vec<String> {
         let Kind::Leave { greeting, .. } = &self.kind else {
             return Vec::new();
         };
-        let number = self.mailbox.split('@').next().unwrap_or_default();
-        let mut p = vec!["vm-theperson".to_string()];
-        p.extend(digit_prompts(number));
+        let mut p = Vec::new();
+        if extension {
+            let number = self.mailbox.split('@').next().unwrap_or_default();
+            p.push("vm-theperson".to_string());
+            p.extend(digit_prompts(number));
+        }
         p.push(match greeting {
             VmGreeting::Busy => "vm-isonphone".into(),
             _ => "vm-isunavail".into(),
         });
-        if !self.skip_instructions() {
-            p.push("vm-intro".into());
-        }
+        p.extend(self.instructions());
         p
     }
 
@@ -787,7 +809,7 @@ impl Session {
         let Some(audio) = audio else {
             // No holder could give it: said as missing, the menu goes on.
             self.state = State::MessageMenu;
-            self.play(vec!["vm-savefailed".into(), "vm-msginstruct".into()]);
+            self.play(vec!["vm-msgunavail".into(), "vm-msginstruct".into()]);
             let _ = now;
             return;
         };
@@ -1045,6 +1067,49 @@ mod tests {
             steps(&mut s),
             vec![VmStep::StopPlay, VmStep::Prompts(vec!["beep".into()])]
         );
+    }
+
+    /// The instructions follow the owner's greeting once it has played (not over it);
+    /// a recorded name stands for the extension's digits.
+    #[test]
+    fn a_greeting_or_the_name_plays_before_the_prompts_that_follow_it() {
+        let now = t0();
+        let audio = |b: &str| GreetingAudio {
+            blob: b.into(),
+            codec: Codec::Pcmu,
+            holders: vec![1],
+        };
+        let sound: Arc<[u8]> = vec![2u8; 80].into();
+        let mut with_greeting = mailbox("1", &[]);
+        with_greeting
+            .greetings
+            .insert(Greeting::Unavailable, audio("g"));
+        let mut with_name = mailbox("1", &[]);
+        with_name.greetings.insert(Greeting::Name, audio("n"));
+        for (m, then) in [
+            (with_greeting, vec!["vm-intro".to_string()]),
+            (with_name, vec!["vm-isunavail".into(), "vm-intro".into()]),
+        ] {
+            let mut s = Session::leave(
+                vec!["1002".into()],
+                VmGreeting::Unavailable,
+                false,
+                "x".into(),
+                0,
+            );
+            steps(&mut s);
+            s.on_reply(now, VmReply::Mailbox(Some(m)));
+            assert!(matches!(
+                steps(&mut s).as_slice(),
+                [VmStep::Request(VmRequest::Fetch { .. })]
+            ));
+            s.on_reply(now, VmReply::Audio(Some(sound.clone())));
+            assert_eq!(steps(&mut s), vec![VmStep::Audio(sound.clone())], "alone");
+            s.on_played(now);
+            assert_eq!(prompts(&steps(&mut s)), then);
+            s.on_played(now);
+            assert_eq!(prompts(&steps(&mut s)), vec!["beep"]);
+        }
     }
 
     /// Hanging up is how most callers end a message: it is stored all the same. A
