@@ -88,6 +88,28 @@ fn blob_files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// The PIN 4242 and `#`, keyed by INFO with CSeqs 3 to 7.
+fn pin_keys() -> String {
+    [
+        info(3, '4'),
+        info(4, '2'),
+        info(5, '4'),
+        info(6, '2'),
+        info(7, '#'),
+    ]
+    .concat()
+}
+
+/// The A-law payloads a test socket received, in capture order (loopback keeps the
+/// order: capture order is play order).
+fn alaw_heard(packets: &[Vec<u8>]) -> Vec<u8> {
+    packets
+        .iter()
+        .filter(|p| p.len() > 12 && p[1] & 0x7f == 8)
+        .flat_map(|p| p[12..].to_vec())
+        .collect()
+}
+
 fn info(cseq: u32, key: char) -> String {
     format!(
         "  <send retrans=\"500\">\n    <![CDATA[\n\n      INFO [next_url] SIP/2.0\n      \
@@ -297,18 +319,14 @@ fn a_message_is_left_fetched_signalled_and_heard_after_its_node_died() {
     c.kill(1).unwrap();
     let listener_ip = c.client_ip(41);
     let media = std::net::UdpSocket::bind((listener_ip.as_str(), 0)).unwrap();
-    let keys = format!(
-        "{}{}{}{}{}{}{}{}{}",
-        info(3, '4'),
-        info(4, '2'),
-        info(5, '4'),
-        info(6, '2'),
-        info(7, '#'),
+    let keys = [
+        pin_keys(),
         pause(800),
         info(8, '1'),
         pause(12_000),
-        info(9, '#')
-    );
+        info(9, '#'),
+    ]
+    .concat();
     let scenario = p.file("uac_listen.xml", &caller_scenario(1500, &keys, true));
     let media_addr = media.local_addr().unwrap();
     let (run, packets) = pbx_tests::received_during(&media, || {
@@ -318,12 +336,7 @@ fn a_message_is_left_fetched_signalled_and_heard_after_its_node_died() {
     });
     assert_all_ok(&run, 1, "the owner listening");
     eprintln!("listened after {:?}", started.elapsed());
-    // Loopback keeps the order: capture order is play order.
-    let heard: Vec<u8> = packets
-        .iter()
-        .filter(|p| p.len() > 12 && p[1] & 0x7f == 8)
-        .flat_map(|p| p[12..].to_vec())
-        .collect();
+    let heard = alaw_heard(&packets);
     assert!(
         !heard.is_empty(),
         "the node played A-law to the listener: {} packets, payload types {:?}\n{}",
@@ -347,11 +360,7 @@ fn a_message_is_left_fetched_signalled_and_heard_after_its_node_died() {
     // the tone, and leaves nothing (`#` at once: under a second, not kept).
     // The prompt after `1` and the tone take 4.5 s: the pcap starts 5.5 s after it.
     let keys = [
-        info(3, '4'),
-        info(4, '2'),
-        info(5, '4'),
-        info(6, '2'),
-        info(7, '#'),
+        pin_keys(),
         pause(800),
         info(8, '0'),
         pause(500),
@@ -387,11 +396,7 @@ fn a_message_is_left_fetched_signalled_and_heard_after_its_node_died() {
             .unwrap()
     });
     assert_all_ok(&run, 1, "a caller hearing the greeting");
-    let heard: Vec<u8> = packets
-        .iter()
-        .filter(|p| p.len() > 12 && p[1] & 0x7f == 8)
-        .flat_map(|p| p[12..].to_vec())
-        .collect();
+    let heard = alaw_heard(&packets);
     // The greeting's recording began after its prompt: its last two seconds at least
     // are the pcap's.
     let tail = &sent[sent.len() - 16_000..];
