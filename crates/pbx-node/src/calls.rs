@@ -172,6 +172,8 @@ impl CallLayer {
                 } else {
                     Duration::from_secs(c.no_media_timeout)
                 },
+                threads: c.relay_threads,
+                batch_window: Duration::from_micros(c.relay_batch_us),
             })
             .map_err(|e| NodeError::Media(e.to_string()))?;
             Some(relay)

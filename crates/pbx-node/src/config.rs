@@ -378,6 +378,12 @@ pub struct CallsSection {
     pub rtp_port_max: u16,
     /// Seconds without RTP before an answered call is ended (0: never).
     pub no_media_timeout: u64,
+    /// RTP relay threads, each one poll loop for its share of the calls (0: half the
+    /// cores, at least one).
+    pub relay_threads: usize,
+    /// While media flows, each relay thread wakes at most once per this many µs and
+    /// forwards what arrived meanwhile (0: per packet; more CPU, no added delay).
+    pub relay_batch_us: u64,
     /// G.711 prompts for Playback: NAME.ulaw and NAME.alaw.
     pub sounds_dir: PathBuf,
     /// IANA time zone of the dialplan's time conditions that name none (GotoIfTime);
@@ -519,6 +525,8 @@ impl Default for CallsSection {
             rtp_port_min: 20_000,
             rtp_port_max: 30_000,
             no_media_timeout: 60,
+            relay_threads: 0,
+            relay_batch_us: 1000,
             sounds_dir: PathBuf::from("/usr/share/pbxd/sounds"),
             timezone: String::new(),
             unsolicited_mwi: true,
@@ -767,6 +775,12 @@ impl Config {
         }
         if c.max_calls == 0 {
             return Err("calls.max_calls: must be > 0".into());
+        }
+        if c.relay_batch_us > 10_000 {
+            return Err(
+                "calls.relay_batch_us: at most 10000 (half a 20 ms packet interval of delay)"
+                    .into(),
+            );
         }
         if !c.timezone.is_empty() && !pbx_dialplan::valid_timezone(&c.timezone) {
             return Err(format!(
@@ -1182,6 +1196,19 @@ mod tests {
         assert!(e.contains("dns.probe_interval_ms"), "{e}");
         let e = parse(&format!("{MIN}[dns]\nttl = 0\n")).unwrap_err();
         assert!(e.contains("dns.ttl"), "{e}");
+    }
+
+    #[test]
+    fn relay_settings_are_checked() {
+        let c = parse(&format!(
+            "{MIN}[calls]\nrelay_threads = 3\nrelay_batch_us = 0\n"
+        ))
+        .unwrap();
+        assert_eq!((c.calls.relay_threads, c.calls.relay_batch_us), (3, 0));
+        let c = parse(MIN).unwrap();
+        assert_eq!((c.calls.relay_threads, c.calls.relay_batch_us), (0, 1000));
+        let e = parse(&format!("{MIN}[calls]\nrelay_batch_us = 20000\n")).unwrap_err();
+        assert!(e.contains("calls.relay_batch_us"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,690 @@
+//! A relay thread: one poll loop (epoll through mio) for many streams.
+//!
+//! One task per stream woke the tokio scheduler for every packet and read each socket
+//! twice (the packet, then `EAGAIN`). Here a thread owns the sockets of its streams and
+//! their sessions: one `epoll_wait` reports the ready sockets of many calls, one
+//! `recvmmsg` per ready socket takes what it holds (fewer than asked for means it is
+//! drained, so no `EAGAIN` round), and the packets it gave go out with one `sendmmsg`
+//! (`sendto` for one). While packets flow a thread polls at most once per batch window
+//! (1 ms by default): a wake-up per window, not per packet, and the window's packets
+//! in one pass. The clock is read once per poll wake-up, not per packet; nothing is
+//! allocated on the forwarding path. Prompts and music are paced by a timer heap.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::io::{IoSlice, IoSliceMut};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use nix::sys::socket::{
+    recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+};
+use pbx_media_core::{Mode, RelaySession, Side, StreamStats};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{MediaEvent, RelayTotals, StreamCounters};
+
+/// Datagrams taken from one socket, and sent to one, per system call.
+const BATCH: usize = 8;
+/// Counters, totals and the no-media check, for every stream of the thread.
+const TICK: Duration = Duration::from_secs(1);
+/// The waker's token; a socket's is `slot * 4 + index`.
+const WAKE: Token = Token(usize::MAX);
+/// Ready sockets handled between two clock reads (arrival times for jitter).
+const CLOCK_EVERY: usize = 32;
+/// Samples per 20 ms packet of G.711 at 8 kHz.
+const FRAME: usize = 160;
+/// A prompt further behind than this skips ahead instead of bursting.
+const PLAY_BEHIND: Duration = Duration::from_millis(100);
+
+/// Socket index → (side, RTCP or not): `[A rtp, A rtcp, B rtp, B rtcp]`.
+const SOCKETS: [(Side, bool); 4] = [
+    (Side::A, false),
+    (Side::A, true),
+    (Side::B, false),
+    (Side::B, true),
+];
+
+fn socket_index(side: Side, rtcp: bool) -> usize {
+    match (side, rtcp) {
+        (Side::A, false) => 0,
+        (Side::A, true) => 1,
+        (Side::B, false) => 2,
+        (Side::B, true) => 3,
+    }
+}
+
+pub(crate) enum Control {
+    Remote(Side, Option<SocketAddr>),
+    Mode(Mode),
+    Play {
+        audio: Arc<[u8]>,
+        payload_type: u8,
+        side: Side,
+        looped: bool,
+        id: u32,
+    },
+    StopPlay,
+    Dtmf(Side, Option<u8>),
+    Swap,
+    Record {
+        side: Side,
+        payload_type: u8,
+        max_bytes: usize,
+    },
+    TakeRecording(oneshot::Sender<Vec<u8>>),
+}
+
+/// A new stream for a thread: its bound sockets and where it reports.
+pub(crate) struct Opening {
+    pub sockets: [std::net::UdpSocket; 4],
+    pub ports: [u16; 2],
+    pub mode: Mode,
+    pub counters: watch::Sender<StreamCounters>,
+    pub events: mpsc::UnboundedSender<MediaEvent>,
+}
+
+pub(crate) enum Command {
+    Open(Box<Opening>),
+    Control(Control),
+    /// The stream's handle was dropped: close its sockets, give its ports back.
+    Close,
+}
+
+/// How the relay and its streams reach a thread. The thread ends once every holder
+/// is gone (its channel disconnected) and it has no stream left.
+pub(crate) struct Link {
+    tx: std_mpsc::Sender<(u64, Command)>,
+    waker: Waker,
+    /// Set while a wake-up is pending: commands sent meanwhile need no other.
+    flagged: Arc<AtomicBool>,
+}
+
+impl Link {
+    /// False when the thread is gone.
+    pub(crate) fn send(&self, id: u64, cmd: Command) -> bool {
+        if self.tx.send((id, cmd)).is_err() {
+            return false;
+        }
+        if !self.flagged.swap(true, Ordering::AcqRel) {
+            let _ = self.waker.wake();
+        }
+        true
+    }
+}
+
+/// Starts relay thread `index`.
+pub(crate) fn spawn(
+    index: usize,
+    free: Arc<Mutex<VecDeque<u16>>>,
+    totals: Arc<RelayTotals>,
+    no_media_timeout: Duration,
+    window: Duration,
+) -> std::io::Result<Link> {
+    let poll = Poll::new()?;
+    let waker = Waker::new(poll.registry(), WAKE)?;
+    let (tx, rx) = std_mpsc::channel();
+    let flagged = Arc::new(AtomicBool::new(false));
+    let flag = flagged.clone();
+    std::thread::Builder::new()
+        .name(format!("pbx-relay-{index}"))
+        .spawn(move || {
+            // The message headers hold raw pointers (not Send): made on the thread.
+            Worker {
+                poll,
+                rx,
+                flagged: flag,
+                free,
+                totals,
+                no_media_timeout,
+                window,
+                slots: Vec::new(),
+                vacant: Vec::new(),
+                ids: HashMap::new(),
+                timers: BinaryHeap::new(),
+                next_play: 0,
+                io: BatchIo::new(),
+            }
+            .run()
+        })?;
+    Ok(Link { tx, waker, flagged })
+}
+
+/// A prompt being sent to a side: G.711 bytes, one 20 ms packet at a time.
+struct Playback {
+    /// Who hears it; what the other side sends is not forwarded to it meanwhile.
+    side: Side,
+    /// Music on hold: starts over at the end, never reports done.
+    looped: bool,
+    /// Reported with [`MediaEvent::PlaybackDone`].
+    id: u32,
+    /// Which timer entries are this playback's (entries of a stopped one are stale).
+    generation: u64,
+    audio: Arc<[u8]>,
+    pos: usize,
+    payload_type: u8,
+    seq: u16,
+    timestamp: u32,
+    ssrc: u32,
+    next: Instant,
+    marker: bool,
+}
+
+impl Playback {
+    /// The next packet into `out` (no allocation); its length, or None at the end.
+    fn packet(&mut self, out: &mut [u8; 12 + FRAME]) -> Option<usize> {
+        if self.looped && self.pos >= self.audio.len() && !self.audio.is_empty() {
+            self.pos = 0;
+        }
+        if self.pos >= self.audio.len() {
+            return None;
+        }
+        let chunk = &self.audio[self.pos..(self.pos + FRAME).min(self.audio.len())];
+        out[0] = 0x80;
+        out[1] = self.payload_type | if self.marker { 0x80 } else { 0 };
+        out[2..4].copy_from_slice(&self.seq.to_be_bytes());
+        out[4..8].copy_from_slice(&self.timestamp.to_be_bytes());
+        out[8..12].copy_from_slice(&self.ssrc.to_be_bytes());
+        out[12..12 + chunk.len()].copy_from_slice(chunk);
+        self.marker = false;
+        self.pos += FRAME;
+        self.seq = self.seq.wrapping_add(1);
+        self.timestamp = self.timestamp.wrapping_add(FRAME as u32);
+        self.next += Duration::from_millis(20);
+        Some(12 + chunk.len())
+    }
+}
+
+/// One stream as its thread holds it.
+struct Slot {
+    sockets: [UdpSocket; 4],
+    ports: [u16; 2],
+    rtp: RelaySession,
+    rtcp: RelaySession,
+    /// What was last added to the relay's totals, per side.
+    added: [StreamStats; 2],
+    counters: watch::Sender<StreamCounters>,
+    events: mpsc::UnboundedSender<MediaEvent>,
+    reported_dead: bool,
+    play: Option<Playback>,
+    recording: Option<(Side, pbx_media_core::Recorder)>,
+    /// Unix ms of the first RTP packet from A and from B (0: none yet).
+    first_ms: [u64; 2],
+    /// Seeds each prompt's SSRC (RFC 3550 §8: a new source per prompt).
+    ssrc: u32,
+}
+
+impl Slot {
+    fn flush(&mut self, totals: &RelayTotals) {
+        for (k, side) in [Side::A, Side::B].into_iter().enumerate() {
+            let now = self.rtp.stats(side);
+            totals.add(now, &self.added[k]);
+            self.added[k] = *now;
+        }
+    }
+}
+
+/// The buffers and message headers of the batched system calls, reused for every
+/// socket (allocated once per thread).
+struct BatchIo {
+    bufs: Box<[[u8; 2048]; BATCH]>,
+    recv_headers: MultiHeaders<SockaddrStorage>,
+    send_headers: MultiHeaders<SockaddrStorage>,
+    /// Per datagram of the last receive: its length and source.
+    got: [(usize, Option<SocketAddr>); BATCH],
+    /// Per datagram to forward: its buffer index and destination (into one socket).
+    out: [(usize, Option<SockaddrStorage>); BATCH],
+}
+
+impl BatchIo {
+    fn new() -> BatchIo {
+        BatchIo {
+            bufs: Box::new([[0u8; 2048]; BATCH]),
+            recv_headers: MultiHeaders::preallocate(BATCH, None),
+            send_headers: MultiHeaders::preallocate(BATCH, None),
+            got: [(0, None); BATCH],
+            out: [(0, None); BATCH],
+        }
+    }
+
+    /// Takes up to [`BATCH`] datagrams from `sock` into `bufs`/`got`: how many (0 when
+    /// none is waiting, or on an error).
+    fn receive(&mut self, sock: &UdpSocket) -> usize {
+        let mut slices: [[IoSliceMut<'_>; 1]; BATCH] =
+            self.bufs.each_mut().map(|b| [IoSliceMut::new(b)]);
+        let Ok(results) = recvmmsg(
+            sock.as_raw_fd(),
+            &mut self.recv_headers,
+            slices.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        ) else {
+            return 0;
+        };
+        let mut k = 0;
+        for r in results {
+            let src = r.address.and_then(|a: SockaddrStorage| {
+                if let Some(v4) = a.as_sockaddr_in() {
+                    Some(SocketAddr::V4((*v4).into()))
+                } else {
+                    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+                }
+            });
+            self.got[k] = (r.bytes, src);
+            k += 1;
+        }
+        k
+    }
+
+    /// Sends the first `n` entries of `out` through `sock`: one `sendto`, or one
+    /// `sendmmsg` for several. A full send buffer drops (as the network would).
+    fn send(&mut self, sock: &UdpSocket, n: usize) {
+        if n == 1 {
+            let (b, to) = self.out[0];
+            if let Some(to) = to.as_ref().and_then(to_std) {
+                let len = self.got[b].0;
+                let _ = sock.send_to(&self.bufs[b][..len], to);
+            }
+            return;
+        }
+        let mut slices: [[IoSlice<'_>; 1]; BATCH] = [[IoSlice::new(&[])]; BATCH];
+        let mut addrs: [Option<SockaddrStorage>; BATCH] = [None; BATCH];
+        for (j, (b, to)) in self.out[..n].iter().enumerate() {
+            slices[j] = [IoSlice::new(&self.bufs[*b][..self.got[*b].0])];
+            addrs[j] = *to;
+        }
+        let _ = sendmmsg(
+            sock.as_raw_fd(),
+            &mut self.send_headers,
+            slices[..n].iter(),
+            &addrs[..n],
+            [] as [ControlMessage<'_>; 0],
+            MsgFlags::MSG_DONTWAIT,
+        );
+    }
+}
+
+fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        Some(SocketAddr::V4((*v4).into()))
+    } else {
+        a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+    }
+}
+
+struct Worker {
+    poll: Poll,
+    rx: std_mpsc::Receiver<(u64, Command)>,
+    flagged: Arc<AtomicBool>,
+    free: Arc<Mutex<VecDeque<u16>>>,
+    totals: Arc<RelayTotals>,
+    no_media_timeout: Duration,
+    /// At most one poll per window while packets flow (batching); zero: none.
+    window: Duration,
+    slots: Vec<Option<Slot>>,
+    vacant: Vec<usize>,
+    /// Stream id → slot.
+    ids: HashMap<u64, usize>,
+    /// When each playing prompt's next packet is due: (time, slot, generation).
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    next_play: u64,
+    io: BatchIo,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let now = Instant::now();
+            let due = self
+                .timers
+                .peek()
+                .map_or(next_tick, |Reverse((t, _, _))| next_tick.min(*t));
+            if let Err(e) = self
+                .poll
+                .poll(&mut events, Some(due.saturating_duration_since(now)))
+            {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "relay poll failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            let woke = Instant::now();
+            // Commands first: a prompt asked for before a packet arrived applies to it.
+            // (A socket closed here may leave a stale event below: its slot is empty,
+            // or reused by a stream opened here, whose socket is then just read.)
+            // Cleared before the queue is read: a command sent after this wakes us.
+            self.flagged.store(false, Ordering::Release);
+            loop {
+                match self.rx.try_recv() {
+                    Ok((id, cmd)) => self.command(id, cmd),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => {
+                        // Every handle is gone, so every stream was closed above.
+                        let ids: Vec<u64> = self.ids.keys().copied().collect();
+                        for id in ids {
+                            self.close(id);
+                        }
+                        return;
+                    }
+                }
+            }
+            let mut now = woke;
+            for (k, ev) in events.iter().enumerate() {
+                if k % CLOCK_EVERY == CLOCK_EVERY - 1 {
+                    now = Instant::now();
+                }
+                let token = ev.token();
+                if token != WAKE {
+                    self.readable(token.0 / 4, token.0 % 4, now);
+                }
+            }
+            let now = Instant::now();
+            self.play_due(now);
+            if now >= next_tick {
+                self.tick(now);
+                next_tick = now + TICK;
+            }
+            // Let the next packets gather: a wake-up (a context switch, ~µs) per
+            // window instead of per packet or two. Idle, the poll above blocks.
+            if !events.is_empty() && !self.window.is_zero() {
+                let spent = Instant::now().saturating_duration_since(woke);
+                if let Some(rest) = self.window.checked_sub(spent) {
+                    std::thread::sleep(rest);
+                }
+            }
+        }
+    }
+
+    /// Socket `index` of `slot` is readable: forward what it holds.
+    fn readable(&mut self, slot: usize, index: usize, now: Instant) {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let (side, is_rtcp) = SOCKETS[index];
+        loop {
+            let k = self.io.receive(&s.sockets[index]);
+            // Forwarded datagrams, grouped by the socket they leave through.
+            let mut out_socket = None;
+            let mut n_out = 0;
+            for j in 0..k {
+                let (len, src) = self.io.got[j];
+                let Some(src) = src else { continue };
+                let data = &self.io.bufs[j][..len];
+                let session = if is_rtcp { &mut s.rtcp } else { &mut s.rtp };
+                let dest = session.on_packet(now, side, src, data);
+                if let Some((side, digit)) = session.take_digit() {
+                    let _ = s.events.send(MediaEvent::Digit(side, digit));
+                }
+                // Only what the relay took from the side's phone (its latched address).
+                if let Some((_, r)) = s
+                    .recording
+                    .as_mut()
+                    .filter(|(r_side, _)| *r_side == side && !is_rtcp)
+                {
+                    if !r.is_full() && s.rtp.remote(side) == Some(src) && !r.on_rtp(data) {
+                        let _ = s.events.send(MediaEvent::RecordingFull);
+                    }
+                }
+                let Some(dest) = dest else { continue };
+                if !is_rtcp {
+                    s.reported_dead = false;
+                    // Once per side and stream: when media (re)started through here.
+                    let f = &mut s.first_ms[if side == Side::A { 0 } else { 1 }];
+                    if *f == 0 {
+                        *f = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(1, |d| d.as_millis() as u64);
+                    }
+                }
+                // Out through the socket of the side the packet goes to (echo: the same
+                // side), so the phone sees it come from the address its SDP names.
+                let out_side = if dest == src { side } else { side.other() };
+                // A side hearing a prompt or music hears nothing else.
+                if !is_rtcp && s.play.as_ref().is_some_and(|p| p.side == out_side) {
+                    continue;
+                }
+                let out = socket_index(out_side, is_rtcp);
+                if out_socket.is_some_and(|o| o != out) {
+                    // Another socket than the batch so far (a mode change): flush.
+                    self.io.send(&s.sockets[out_socket.unwrap_or(out)], n_out);
+                    n_out = 0;
+                }
+                out_socket = Some(out);
+                self.io.out[n_out] = (j, Some(SockaddrStorage::from(dest)));
+                n_out += 1;
+            }
+            if let Some(o) = out_socket.filter(|_| n_out > 0) {
+                self.io.send(&s.sockets[o], n_out);
+            }
+            // Fewer than asked for: the socket is drained (edge-triggered readiness
+            // reports the next arrival).
+            if k < BATCH {
+                return;
+            }
+        }
+    }
+
+    fn command(&mut self, id: u64, cmd: Command) {
+        match cmd {
+            Command::Open(o) => self.open(id, *o),
+            Command::Close => self.close(id),
+            Command::Control(c) => {
+                let Some(&slot) = self.ids.get(&id) else {
+                    return;
+                };
+                self.control(slot, c);
+            }
+        }
+    }
+
+    fn open(&mut self, id: u64, o: Opening) {
+        let slot = self.vacant.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        let mut sockets = o.sockets.map(UdpSocket::from_std);
+        for (i, sock) in sockets.iter_mut().enumerate() {
+            if let Err(e) =
+                self.poll
+                    .registry()
+                    .register(sock, Token(slot * 4 + i), Interest::READABLE)
+            {
+                tracing::error!(error = %e, "cannot watch a relay socket");
+            }
+        }
+        let now = Instant::now();
+        let ssrc = u32::from(o.ports[0]).wrapping_mul(0x9e37_79b9);
+        let s = Slot {
+            sockets,
+            ports: o.ports,
+            rtp: RelaySession::new(now, o.mode, true),
+            rtcp: RelaySession::new(now, o.mode, false),
+            added: [StreamStats::default(), StreamStats::default()],
+            counters: o.counters,
+            events: o.events,
+            reported_dead: false,
+            play: None,
+            recording: None,
+            first_ms: [0; 2],
+            ssrc,
+        };
+        s.counters.send_replace(StreamCounters::default());
+        self.slots[slot] = Some(s);
+        self.ids.insert(id, slot);
+    }
+
+    fn close(&mut self, id: u64) {
+        let Some(slot) = self.ids.remove(&id) else {
+            return;
+        };
+        let Some(mut s) = self.slots[slot].take() else {
+            return;
+        };
+        self.vacant.push(slot);
+        s.flush(&self.totals);
+        let (a, b) = (s.rtp.stats(Side::A), s.rtp.stats(Side::B));
+        tracing::info!(
+            port_a = s.ports[0],
+            port_b = s.ports[1],
+            a_packets = a.packets,
+            a_lost = a.lost,
+            a_jitter_ms = format_args!("{:.1}", a.jitter_ms(8000)),
+            a_dropped = a.dropped,
+            b_packets = b.packets,
+            b_lost = b.lost,
+            b_jitter_ms = format_args!("{:.1}", b.jitter_ms(8000)),
+            b_dropped = b.dropped,
+            "media stream closed"
+        );
+        for sock in s.sockets.iter_mut() {
+            let _ = self.poll.registry().deregister(sock);
+        }
+        let ports = s.ports;
+        // Closed before the ports are given back: a port is never handed out while
+        // still bound.
+        drop(s);
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ports);
+    }
+
+    fn control(&mut self, slot: usize, c: Control) {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        match c {
+            Control::Remote(side, addr) => {
+                s.rtp.set_remote(side, addr);
+                s.rtcp.set_remote(
+                    side,
+                    addr.map(|a| SocketAddr::new(a.ip(), a.port().wrapping_add(1))),
+                );
+            }
+            Control::Mode(m) => {
+                s.rtp.set_mode(m);
+                s.rtcp.set_mode(m);
+            }
+            Control::Play {
+                audio,
+                payload_type,
+                side,
+                looped,
+                id,
+            } => {
+                s.ssrc = s.ssrc.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                self.next_play += 1;
+                let now = Instant::now();
+                s.play = Some(Playback {
+                    side,
+                    looped,
+                    id,
+                    generation: self.next_play,
+                    audio,
+                    pos: 0,
+                    payload_type,
+                    seq: (s.ssrc >> 16) as u16,
+                    timestamp: s.ssrc.rotate_left(7),
+                    ssrc: s.ssrc,
+                    next: now,
+                    marker: true,
+                });
+                self.timers.push(Reverse((now, slot, self.next_play)));
+            }
+            Control::StopPlay => s.play = None,
+            Control::Dtmf(side, pt) => s.rtp.detect_dtmf(side, pt),
+            Control::Swap => {
+                s.sockets.swap(0, 2);
+                s.sockets.swap(1, 3);
+                s.ports.swap(0, 1);
+                s.rtp.swap_sides();
+                s.rtcp.swap_sides();
+                s.added.swap(0, 1);
+                s.first_ms.swap(0, 1);
+                if let Some(p) = s.play.as_mut() {
+                    p.side = p.side.other();
+                }
+                // Tokens name the socket's index.
+                for (i, sock) in s.sockets.iter_mut().enumerate() {
+                    let _ = self.poll.registry().reregister(
+                        sock,
+                        Token(slot * 4 + i),
+                        Interest::READABLE,
+                    );
+                }
+            }
+            Control::Record {
+                side,
+                payload_type,
+                max_bytes,
+            } => {
+                s.recording = Some((side, pbx_media_core::Recorder::new(payload_type, max_bytes)));
+            }
+            Control::TakeRecording(reply) => {
+                let audio = s
+                    .recording
+                    .take()
+                    .map(|(_, r)| r.into_audio())
+                    .unwrap_or_default();
+                let _ = reply.send(audio);
+            }
+        }
+    }
+
+    /// Sends the prompt packets that are due.
+    fn play_due(&mut self, now: Instant) {
+        let mut frame = [0u8; 12 + FRAME];
+        while let Some(&Reverse((at, slot, generation))) = self.timers.peek() {
+            if at > now {
+                return;
+            }
+            self.timers.pop();
+            let Some(Some(s)) = self.slots.get_mut(slot) else {
+                continue;
+            };
+            let Some(p) = s.play.as_mut().filter(|p| p.generation == generation) else {
+                continue;
+            };
+            if now.saturating_duration_since(p.next) > PLAY_BEHIND {
+                p.next = now;
+            }
+            match p.packet(&mut frame) {
+                Some(n) => {
+                    if let Some(dest) = s.rtp.remote(p.side) {
+                        let _ = s.sockets[socket_index(p.side, false)].send_to(&frame[..n], dest);
+                    }
+                    self.timers.push(Reverse((p.next, slot, generation)));
+                }
+                None => {
+                    let id = p.id;
+                    s.play = None;
+                    let _ = s.events.send(MediaEvent::PlaybackDone(id));
+                }
+            }
+        }
+    }
+
+    /// Once a second: publish counters, add to the totals, report silent streams.
+    fn tick(&mut self, now: Instant) {
+        for s in self.slots.iter_mut().flatten() {
+            s.flush(&self.totals);
+            s.counters.send_replace(StreamCounters {
+                from_a: *s.rtp.stats(Side::A),
+                from_b: *s.rtp.stats(Side::B),
+                first_ms: s.first_ms,
+            });
+            if !s.reported_dead && s.rtp.idle(now) >= self.no_media_timeout {
+                s.reported_dead = true;
+                let _ = s.events.send(MediaEvent::NoMedia);
+            }
+        }
+    }
+}
