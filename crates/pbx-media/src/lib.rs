@@ -402,11 +402,16 @@ impl MediaRelay {
             }
         };
         let sockets = [a_rtp, a_rtcp, b_rtp, b_rtcp];
-        for s in &sockets {
-            s.set_nonblocking(true).map_err(|source| MediaError::Bind {
+        if let Err(source) = sockets.iter().try_for_each(|s| s.set_nonblocking(true)) {
+            drop(sockets);
+            self.free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend([port_a, port_b]);
+            return Err(MediaError::Bind {
                 ip: self.config.ip,
                 source,
-            })?;
+            });
         }
         let (counters_tx, counters) = watch::channel(StreamCounters::default());
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -786,7 +791,9 @@ mod tests {
             s.set_remote(Side::B, Some(b.local_addr().unwrap()));
             calls.push((s, a, b));
         }
-        const BURST: u16 = 40;
+        // More than a thread reads from one socket per wake-up (the rest waits in its
+        // backlog, with no further arrival to report it).
+        const BURST: u16 = 100;
         for (s, a, b) in &calls {
             // B first, so the relay has latched both before A's burst.
             b.send_to(&rtp(1000), (r.ip(), s.port_b)).await.unwrap();

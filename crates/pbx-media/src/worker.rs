@@ -7,8 +7,11 @@
 //! drained, so no `EAGAIN` round), and the packets it gave go out with one `sendmmsg`
 //! (`sendto` for one). While packets flow a thread polls at most once per batch window
 //! (1 ms by default): a wake-up per window, not per packet, and the window's packets
-//! in one pass. The clock is read once per poll wake-up, not per packet; nothing is
-//! allocated on the forwarding path. Prompts and music are paced by a timer heap.
+//! in one pass. Arrival times (for jitter) are the kernel's (`SO_TIMESTAMPNS`): the
+//! clock is read once per wake-up, not per packet; nothing is allocated on the
+//! forwarding path. Prompts and music are paced by a timer heap. A flooded port gets a
+//! few batches per wake-up like any other; a panic while forwarding ends that stream
+//! only.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -21,9 +24,12 @@ use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
+use nix::errno::Errno;
 use nix::sys::socket::{
-    recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+    recvmmsg, sendmmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+    MultiHeaders, SockaddrStorage,
 };
+use nix::sys::time::TimeSpec;
 use pbx_media_core::{Mode, RelaySession, Side, StreamStats};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -35,8 +41,9 @@ const BATCH: usize = 8;
 const TICK: Duration = Duration::from_secs(1);
 /// The waker's token; a socket's is `slot * 4 + index`.
 const WAKE: Token = Token(usize::MAX);
-/// Ready sockets handled between two clock reads (arrival times for jitter).
-const CLOCK_EVERY: usize = 32;
+/// Batched receives from one socket per wake-up; a socket with more waiting is kept
+/// for the next round (a flooded port cannot starve the thread's other streams).
+const ROUNDS: usize = 4;
 /// Samples per 20 ms packet of G.711 at 8 kHz.
 const FRAME: usize = 160;
 /// A prompt further behind than this skips ahead instead of bursting.
@@ -135,7 +142,7 @@ pub(crate) fn spawn(
         .name(format!("pbx-relay-{index}"))
         .spawn(move || {
             // The message headers hold raw pointers (not Send): made on the thread.
-            Worker {
+            let mut worker = Worker {
                 poll,
                 rx,
                 flagged: flag,
@@ -149,8 +156,12 @@ pub(crate) fn spawn(
                 timers: BinaryHeap::new(),
                 next_play: 0,
                 io: BatchIo::new(),
+            };
+            // A panic outside a stream's forwarding (caught there) is a bug; the
+            // thread carries on with its streams rather than take them all down.
+            while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run())).is_err() {
+                tracing::error!("relay thread panicked: going on");
             }
-            .run()
         })?;
     Ok(Link { tx, waker, flagged })
 }
@@ -235,8 +246,9 @@ struct BatchIo {
     bufs: Box<[[u8; 2048]; BATCH]>,
     recv_headers: MultiHeaders<SockaddrStorage>,
     send_headers: MultiHeaders<SockaddrStorage>,
-    /// Per datagram of the last receive: its length and source.
-    got: [(usize, Option<SocketAddr>); BATCH],
+    /// Per datagram of the last receive: its length, source and the kernel's arrival
+    /// time (CLOCK_REALTIME, `SO_TIMESTAMPNS`).
+    got: [(usize, Option<SocketAddr>, Option<Duration>); BATCH],
     /// Per datagram to forward: its buffer index and destination (into one socket).
     out: [(usize, Option<SockaddrStorage>); BATCH],
 }
@@ -245,40 +257,42 @@ impl BatchIo {
     fn new() -> BatchIo {
         BatchIo {
             bufs: Box::new([[0u8; 2048]; BATCH]),
-            recv_headers: MultiHeaders::preallocate(BATCH, None),
+            // Every relay socket asks for timestamps, so every datagram carries one
+            // control message of this size (the headers' control length, which the
+            // kernel sets per receive, stays the same).
+            recv_headers: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(TimeSpec))),
             send_headers: MultiHeaders::preallocate(BATCH, None),
-            got: [(0, None); BATCH],
+            got: [(0, None, None); BATCH],
             out: [(0, None); BATCH],
         }
     }
 
-    /// Takes up to [`BATCH`] datagrams from `sock` into `bufs`/`got`: how many (0 when
-    /// none is waiting, or on an error).
-    fn receive(&mut self, sock: &UdpSocket) -> usize {
+    /// Takes up to [`BATCH`] datagrams from `sock` into `bufs`/`got`: how many.
+    fn receive(&mut self, sock: &UdpSocket) -> Result<usize, Errno> {
         let mut slices: [[IoSliceMut<'_>; 1]; BATCH] =
             self.bufs.each_mut().map(|b| [IoSliceMut::new(b)]);
-        let Ok(results) = recvmmsg(
+        let results = recvmmsg(
             sock.as_raw_fd(),
             &mut self.recv_headers,
             slices.iter_mut(),
             MsgFlags::MSG_DONTWAIT,
             None,
-        ) else {
-            return 0;
-        };
+        )?;
         let mut k = 0;
         for r in results {
-            let src = r.address.and_then(|a: SockaddrStorage| {
-                if let Some(v4) = a.as_sockaddr_in() {
-                    Some(SocketAddr::V4((*v4).into()))
-                } else {
-                    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+            let src = r.address.as_ref().and_then(to_std);
+            let mut at = None;
+            if let Ok(cmsgs) = r.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::ScmTimestampns(t) = c {
+                        at = Some(Duration::from(t));
+                    }
                 }
-            });
-            self.got[k] = (r.bytes, src);
+            }
+            self.got[k] = (r.bytes, src, at);
             k += 1;
         }
-        k
+        Ok(k)
     }
 
     /// Sends the first `n` entries of `out` through `sock`: one `sendto`, or one
@@ -306,6 +320,33 @@ impl BatchIo {
             [] as [ControlMessage<'_>; 0],
             MsgFlags::MSG_DONTWAIT,
         );
+    }
+}
+
+/// Both clocks read once per wake-up: kernel arrival times (real time) become
+/// [`Instant`]s.
+struct Clock {
+    instant: Instant,
+    /// Real time at `instant`, since the Unix epoch.
+    real: Duration,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        Clock {
+            instant: Instant::now(),
+            real: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// When a datagram stamped `at` arrived (the wake-up's time when unstamped, or
+    /// stamped "later" by a clock step).
+    fn arrival(&self, at: Option<Duration>) -> Instant {
+        at.and_then(|at| self.real.checked_sub(at))
+            .and_then(|ago| self.instant.checked_sub(ago))
+            .unwrap_or(self.instant)
     }
 }
 
@@ -337,15 +378,22 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self) {
+    fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
         let mut next_tick = Instant::now() + TICK;
+        // Sockets left with datagrams after their rounds (flooded): read again before
+        // waiting, as edge-triggered readiness will not report them again.
+        let mut backlog: Vec<(usize, usize)> = Vec::new();
+        let mut again: Vec<(usize, usize)> = Vec::new();
         loop {
             let now = Instant::now();
-            let due = self
-                .timers
-                .peek()
-                .map_or(next_tick, |Reverse((t, _, _))| next_tick.min(*t));
+            let due = if backlog.is_empty() {
+                self.timers
+                    .peek()
+                    .map_or(next_tick, |Reverse((t, _, _))| next_tick.min(*t))
+            } else {
+                now
+            };
             if let Err(e) = self
                 .poll
                 .poll(&mut events, Some(due.saturating_duration_since(now)))
@@ -356,12 +404,13 @@ impl Worker {
                 }
                 continue;
             }
-            let woke = Instant::now();
+            let clock = Clock::now();
+            let woke = clock.instant;
             // Commands first: a prompt asked for before a packet arrived applies to it.
             // (A socket closed here may leave a stale event below: its slot is empty,
             // or reused by a stream opened here, whose socket is then just read.)
             // Cleared before the queue is read: a command sent after this wakes us.
-            self.flagged.store(false, Ordering::Release);
+            self.flagged.swap(false, Ordering::AcqRel);
             loop {
                 match self.rx.try_recv() {
                     Ok((id, cmd)) => self.command(id, cmd),
@@ -376,16 +425,22 @@ impl Worker {
                     }
                 }
             }
-            let mut now = woke;
-            for (k, ev) in events.iter().enumerate() {
-                if k % CLOCK_EVERY == CLOCK_EVERY - 1 {
-                    now = Instant::now();
-                }
-                let token = ev.token();
-                if token != WAKE {
-                    self.readable(token.0 / 4, token.0 % 4, now);
+            let ready = events
+                .iter()
+                .map(|ev| ev.token())
+                .filter(|t| *t != WAKE)
+                .map(|t| (t.0 / 4, t.0 % 4));
+            for (slot, index) in ready.chain(std::mem::take(&mut backlog)) {
+                let more = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.readable(slot, index, &clock)
+                }));
+                match more {
+                    Ok(true) => again.push((slot, index)),
+                    Ok(false) => {}
+                    Err(_) => self.fail(slot),
                 }
             }
+            std::mem::swap(&mut backlog, &mut again);
             let now = Instant::now();
             self.play_due(now);
             if now >= next_tick {
@@ -394,7 +449,7 @@ impl Worker {
             }
             // Let the next packets gather: a wake-up (a context switch, ~µs) per
             // window instead of per packet or two. Idle, the poll above blocks.
-            if !events.is_empty() && !self.window.is_zero() {
+            if (!events.is_empty() || !backlog.is_empty()) && !self.window.is_zero() {
                 let spent = Instant::now().saturating_duration_since(woke);
                 if let Some(rest) = self.window.checked_sub(spent) {
                     std::thread::sleep(rest);
@@ -403,23 +458,34 @@ impl Worker {
         }
     }
 
-    /// Socket `index` of `slot` is readable: forward what it holds.
-    fn readable(&mut self, slot: usize, index: usize, now: Instant) {
+    /// Socket `index` of `slot` is readable: forward what it holds, up to [`ROUNDS`]
+    /// batches; true when it may hold more (to be read again before the next wait).
+    fn readable(&mut self, slot: usize, index: usize, clock: &Clock) -> bool {
         let Some(Some(s)) = self.slots.get_mut(slot) else {
-            return;
+            return false;
         };
         let (side, is_rtcp) = SOCKETS[index];
-        loop {
-            let k = self.io.receive(&s.sockets[index]);
+        for _ in 0..ROUNDS {
+            let k = match self.io.receive(&s.sockets[index]) {
+                Ok(k) => k,
+                // Drained: edge-triggered readiness reports the next arrival.
+                Err(Errno::EAGAIN) => return false,
+                // Anything else (a pending socket error such as an ICMP report) is
+                // consumed by the read that returned it: read on.
+                Err(e) => {
+                    tracing::debug!(error = %e, "relay receive failed");
+                    continue;
+                }
+            };
             // Forwarded datagrams, grouped by the socket they leave through.
             let mut out_socket = None;
             let mut n_out = 0;
             for j in 0..k {
-                let (len, src) = self.io.got[j];
+                let (len, src, at) = self.io.got[j];
                 let Some(src) = src else { continue };
                 let data = &self.io.bufs[j][..len];
                 let session = if is_rtcp { &mut s.rtcp } else { &mut s.rtp };
-                let dest = session.on_packet(now, side, src, data);
+                let dest = session.on_packet(clock.arrival(at), side, src, data);
                 if let Some((side, digit)) = session.take_digit() {
                     let _ = s.events.send(MediaEvent::Digit(side, digit));
                 }
@@ -467,8 +533,26 @@ impl Worker {
             // Fewer than asked for: the socket is drained (edge-triggered readiness
             // reports the next arrival).
             if k < BATCH {
-                return;
+                return false;
             }
+        }
+        true
+    }
+
+    /// A stream whose packet made the relay panic (a bug): it alone ends (the call
+    /// hears "no media"), its ports go back, the thread goes on with the others.
+    fn fail(&mut self, slot: usize) {
+        let Some(Some(s)) = self.slots.get(slot) else {
+            return;
+        };
+        tracing::error!(port_a = s.ports[0], "relay stream failed: closed");
+        let _ = s.events.send(MediaEvent::NoMedia);
+        let id = self
+            .ids
+            .iter()
+            .find_map(|(id, v)| (*v == slot).then_some(*id));
+        if let Some(id) = id {
+            self.close(id);
         }
     }
 
@@ -490,6 +574,11 @@ impl Worker {
             self.slots.push(None);
             self.slots.len() - 1
         });
+        for sock in &o.sockets {
+            // Arrival times for jitter from the kernel: exact, and no clock read per
+            // packet (a datagram may wait up to a batch window before it is read).
+            let _ = setsockopt(sock, sockopt::ReceiveTimestampns, &true);
+        }
         let mut sockets = o.sockets.map(UdpSocket::from_std);
         for (i, sock) in sockets.iter_mut().enumerate() {
             if let Err(e) =

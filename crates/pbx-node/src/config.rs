@@ -776,6 +776,9 @@ impl Config {
         if c.max_calls == 0 {
             return Err("calls.max_calls: must be > 0".into());
         }
+        if c.relay_threads > 64 {
+            return Err("calls.relay_threads: at most 64 (0: half the cores)".into());
+        }
         if c.relay_batch_us > 10_000 {
             return Err(
                 "calls.relay_batch_us: at most 10000 (half a 20 ms packet interval of delay)"
@@ -1209,6 +1212,8 @@ mod tests {
         assert_eq!((c.calls.relay_threads, c.calls.relay_batch_us), (0, 1000));
         let e = parse(&format!("{MIN}[calls]\nrelay_batch_us = 20000\n")).unwrap_err();
         assert!(e.contains("calls.relay_batch_us"), "{e}");
+        let e = parse(&format!("{MIN}[calls]\nrelay_threads = 1000\n")).unwrap_err();
+        assert!(e.contains("calls.relay_threads"), "{e}");
     }
 
     #[test]
