@@ -461,14 +461,22 @@ mod tests {
             .unwrap()
     }
 
-    fn relay(min: u16, timeout_ms: u64) -> MediaRelay {
-        MediaRelay::new(MediaConfig {
+    /// 20 port pairs from `min` on loopback, one relay thread, no-media after a minute.
+    fn config(min: u16) -> MediaConfig {
+        MediaConfig {
             ip: "127.0.0.1".parse().unwrap(),
             port_min: min,
             port_max: min + 40,
-            no_media_timeout: Duration::from_millis(timeout_ms),
+            no_media_timeout: Duration::from_secs(60),
             threads: 1,
             batch_window: Duration::from_millis(1),
+        }
+    }
+
+    fn relay(min: u16, timeout_ms: u64) -> MediaRelay {
+        MediaRelay::new(MediaConfig {
+            no_media_timeout: Duration::from_millis(timeout_ms),
+            ..config(min)
         })
         .unwrap()
     }
@@ -538,11 +546,7 @@ mod tests {
         // they all do when the process is out of descriptors).
         let r = MediaRelay::new(MediaConfig {
             ip: "192.0.2.1".parse().unwrap(),
-            port_min: 41200,
-            port_max: 41240,
-            no_media_timeout: Duration::from_secs(60),
-            threads: 1,
-            batch_window: Duration::from_millis(1),
+            ..config(41200)
         })
         .unwrap();
         let before = r.available();
@@ -774,12 +778,9 @@ mod tests {
     #[tokio::test]
     async fn bursts_on_many_streams_arrive_whole_and_in_order() {
         let r = MediaRelay::new(MediaConfig {
-            ip: "127.0.0.1".parse().unwrap(),
-            port_min: 41700,
             port_max: 41780,
-            no_media_timeout: Duration::from_secs(60),
             threads: 2,
-            batch_window: Duration::from_millis(1),
+            ..config(41700)
         })
         .unwrap();
         let mut calls = Vec::new();

@@ -518,9 +518,9 @@ impl Worker {
                     continue;
                 }
                 let out = socket_index(out_side, is_rtcp);
-                if out_socket.is_some_and(|o| o != out) {
+                if let Some(o) = out_socket.filter(|o| *o != out) {
                     // Another socket than the batch so far (a mode change): flush.
-                    self.io.send(&s.sockets[out_socket.unwrap_or(out)], n_out);
+                    self.io.send(&s.sockets[o], n_out);
                     n_out = 0;
                 }
                 out_socket = Some(out);
