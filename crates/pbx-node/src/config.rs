@@ -546,7 +546,10 @@ pub struct StorageSection {
     pub snapshot_every: u64,
     /// Most commands in one Raft log entry (group commit).
     pub max_batch: usize,
-    /// Batches one node has in flight at once.
+    /// Batches one node has in flight at once. One: openraft 0.9 sends a follower one
+    /// append request at a time, so a second batch in flight only waits in the leader's
+    /// queue and adds its wait to the commit time (4 measured 2–4x the commit time of 1
+    /// at the same throughput, `docs/benchmarks.md`).
     pub max_inflight: usize,
     /// Log entries kept behind a snapshot, so a briefly absent node catches up from the
     /// log instead of a whole snapshot.
@@ -564,7 +567,7 @@ impl Default for StorageSection {
             min_free_mb: pbx_storage::DEFAULT_MIN_FREE >> 20,
             snapshot_every: 10_000,
             max_batch: 512,
-            max_inflight: 4,
+            max_inflight: 1,
             log_kept_after_snapshot: 1000,
             voicemail_repair_secs: 30,
         }

@@ -2,15 +2,21 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Sub-buckets per power of two: quantiles are reported to within a quarter octave
+/// (4.1–5 ms is one bucket, not 4.1–8.2).
+const SUB: usize = 4;
+const BUCKETS: usize = 32 * SUB;
+
 /// Counters for logs and benchmarks: batches, commands, and how long making a batch
-/// committed (through Raft, from the proposer's view) took, as a log2 histogram in microseconds.
-#[derive(Debug, Default)]
+/// committed (through Raft, from the proposer's view) took, as a log-linear histogram
+/// in microseconds (each power of two split in [`SUB`]).
+#[derive(Debug)]
 pub struct CommitStats {
     pub batches: AtomicU64,
     pub commands: AtomicU64,
-    commit_us: [AtomicU64; 32],
+    commit_us: [AtomicU64; BUCKETS],
     /// The same buckets since start, never taken (the metrics histogram).
-    since_start_us: [AtomicU64; 32],
+    since_start_us: [AtomicU64; BUCKETS],
     sum_us: AtomicU64,
     commands_since_start: AtomicU64,
 }
@@ -35,15 +41,42 @@ pub struct CommitReport {
     pub commit_p99_us: u64,
 }
 
+impl Default for CommitStats {
+    fn default() -> Self {
+        CommitStats {
+            batches: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
+            commit_us: std::array::from_fn(|_| AtomicU64::new(0)),
+            since_start_us: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_us: AtomicU64::new(0),
+            commands_since_start: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The bucket of `us` microseconds: its power of two and the next two bits below it.
+fn bucket(us: u64) -> usize {
+    let us = us.max(SUB as u64);
+    let octave = 63 - us.leading_zeros() as usize;
+    let sub = ((us >> (octave - 2)) & (SUB as u64 - 1)) as usize;
+    (octave * SUB + sub).min(BUCKETS - 1)
+}
+
+/// The upper bound (µs, exclusive) of bucket `i`.
+fn upper_bound(i: usize) -> u64 {
+    let (octave, sub) = (i / SUB, i % SUB);
+    ((SUB + sub + 1) as u64) << (octave - 2)
+}
+
 impl CommitStats {
     /// Counts one committed batch of `commands` that took `took` to commit.
     pub fn record(&self, commands: u64, took: std::time::Duration) {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.commands.fetch_add(commands, Ordering::Relaxed);
         let us = took.as_micros().max(1) as u64;
-        let bucket = (63 - us.leading_zeros() as usize).min(31);
-        self.commit_us[bucket].fetch_add(1, Ordering::Relaxed);
-        self.since_start_us[bucket].fetch_add(1, Ordering::Relaxed);
+        let b = bucket(us);
+        self.commit_us[b].fetch_add(1, Ordering::Relaxed);
+        self.since_start_us[b].fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(us, Ordering::Relaxed);
         self.commands_since_start
             .fetch_add(commands, Ordering::Relaxed);
@@ -54,17 +87,19 @@ impl CommitStats {
         self.commands_since_start.load(Ordering::Relaxed)
     }
 
-    /// Buckets from 256 µs to 8.4 s: a faster batch counts in the first, a slower
-    /// one only in +Inf.
+    /// Buckets at powers of two from 256 µs to 8.4 s: a faster batch counts in the
+    /// first, a slower one only in +Inf.
     pub fn histogram(&self) -> CommitHistogram {
-        const FIRST: usize = 7; // bucket 7 holds [128, 256) µs
+        const FIRST: usize = 7; // octave 7 holds [128, 256) µs
         const LAST: usize = 22; // up to 2^23 µs
         let mut seen = 0;
         let mut buckets = Vec::with_capacity(LAST - FIRST + 1);
         for (i, c) in self.since_start_us.iter().enumerate() {
             seen += c.load(Ordering::Relaxed);
-            if (FIRST..=LAST).contains(&i) {
-                buckets.push(((1u64 << (i + 1)) as f64 / 1e6, seen));
+            // The last sub-bucket of an octave ends at the next power of two.
+            let octave = i / SUB;
+            if i % SUB == SUB - 1 && (FIRST..=LAST).contains(&octave) {
+                buckets.push(((1u64 << (octave + 1)) as f64 / 1e6, seen));
             }
         }
         CommitHistogram {
@@ -88,7 +123,7 @@ impl CommitStats {
             for (i, c) in counts.iter().enumerate() {
                 seen += c;
                 if seen >= want.max(1) {
-                    return 1u64 << (i + 1);
+                    return upper_bound(i);
                 }
             }
             0
@@ -117,8 +152,8 @@ mod tests {
         s.record(10, Duration::from_millis(3));
         let r = s.take();
         assert_eq!((r.batches, r.commands), (100, 1000));
-        assert_eq!(r.commit_p50_us, 64, "50 µs falls in the 32..64 bucket");
-        assert_eq!(r.commit_p99_us, 4096, "3 ms falls in the 2048..4096 bucket");
+        assert_eq!(r.commit_p50_us, 56, "50 µs falls in the 48..56 bucket");
+        assert_eq!(r.commit_p99_us, 3072, "3 ms falls in the 2560..3072 bucket");
         assert_eq!(s.take().batches, 0, "take resets");
         let h = s.histogram();
         assert_eq!(h.count, 100, "the histogram is not reset by take");
@@ -131,5 +166,48 @@ mod tests {
         let le_4ms = h.buckets.iter().find(|(le, _)| *le == 4096e-6).unwrap();
         assert_eq!(le_4ms.1, 100);
         assert!(h.buckets.windows(2).all(|w| w[0].1 <= w[1].1), "cumulative");
+    }
+
+    #[test]
+    fn buckets_are_quarter_octaves_that_hold_their_values() {
+        for us in [
+            1,
+            4,
+            5,
+            7,
+            8,
+            50,
+            64,
+            4095,
+            4096,
+            4097,
+            5000,
+            5120,
+            5121,
+            1 << 40,
+        ] {
+            let b = bucket(us);
+            let hi = upper_bound(b);
+            let lo = if b == bucket(1) {
+                0
+            } else {
+                upper_bound(b - 1)
+            };
+            assert!(
+                b == BUCKETS - 1 || (lo <= us && us < hi),
+                "{us} µs in [{lo}, {hi})"
+            );
+        }
+        assert_eq!(
+            upper_bound(bucket(4097)),
+            5120,
+            "4.1 ms: the [4,096, 5,120) µs bucket"
+        );
+        assert_eq!(upper_bound(bucket(5121)), 6144);
+        assert_eq!(
+            upper_bound(bucket(8192)),
+            10240,
+            "a power of two opens a bucket"
+        );
     }
 }
