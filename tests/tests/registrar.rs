@@ -305,6 +305,62 @@ fn bad_input_is_answered_or_dropped_and_the_node_keeps_serving() {
     healthy(&c);
 }
 
+/// A TCP peer that stops reading is disconnected, not silently sent less: a response
+/// on a reliable transport is never retransmitted, so once the connection's queue is
+/// full the node closes it (the phone reconnects and registers again), counts it, and
+/// serves everyone else on.
+#[test]
+fn a_connection_whose_peer_stops_reading_is_closed_and_counted() {
+    let users = Users { count: 1 };
+    let c = LocalCluster::up(89, 1, &users, MD5_ONLY).unwrap();
+    let node = c.node_addr(1);
+    let overflowed = "pbx_sip_connections_overflowed_total";
+    let before = c.scrape(1).expect("node 1 serves /metrics").get(overflowed);
+    // A small receive buffer: the kernel's buffers between us fill after few answers.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&node.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let local = s.local_addr().unwrap();
+    // OPTIONS, never reading an answer, until the node hangs up (writes fail).
+    let mut sent = 0u32;
+    while sent < 200_000 {
+        let m = format!(
+            "OPTIONS sip:pbx.test SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKst{sent}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:a@pbx.test>;tag=1\r\nTo: <sip:pbx.test>\r\n\
+             Call-ID: stalled-{sent}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        );
+        if s.write_all(m.as_bytes()).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(
+        sent < 200_000,
+        "the node never closed a connection it could not write to"
+    );
+    wait_for(
+        "the closed connection counted",
+        Duration::from_secs(10),
+        || {
+            let now = c.scrape(1)?.get(overflowed);
+            (now == before + 1.0).then_some(())
+        },
+    )
+    .unwrap();
+    wait_for(
+        "the connection gone from the gauge",
+        Duration::from_secs(10),
+        || {
+            let open = c.scrape(1)?.get("pbx_sip_connections{transport=\"tcp\"}");
+            (open == 0.0).then_some(())
+        },
+    )
+    .unwrap();
+    healthy(&c);
+}
+
 /// svwar (sipvicious) finds no extensions with any method, although users exist.
 #[test]
 fn svwar_finds_no_extensions() {

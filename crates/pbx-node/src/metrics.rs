@@ -313,6 +313,12 @@ impl NodeCollector {
             "Server transactions in flight or absorbing retransmissions.",
             self.endpoint.transactions() as f64,
         )?;
+        o.counter(
+            "pbx_sip_connections_overflowed",
+            "Connections closed because their peer stopped reading what the node sent \
+             (nothing is dropped silently on a reliable transport).",
+            self.io.overflowed_connections(),
+        )?;
         let (tcp, tls) = self.io.open_connections();
         o.gauges(
             "pbx_sip_connections",

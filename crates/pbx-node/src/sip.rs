@@ -310,13 +310,13 @@ impl pbx_peer::SipRelay for RelayHook {
             sip.on_message(&message, phone, Link::Peer(from_node));
             return true;
         }
-        let Some(tx) = sip.io.connection_to(phone) else {
+        let Some(conn) = sip.io.connection_to(phone) else {
             return false;
         };
         // The phone answers on this connection: its messages of this call go back.
         sip.endpoint
             .note_relayed(Instant::now(), from_node, &message);
-        tx.try_send(bytes::Bytes::from(message)).is_ok()
+        sip.io.queue_on(&conn, phone, bytes::Bytes::from(message))
     }
 }
 

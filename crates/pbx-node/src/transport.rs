@@ -152,7 +152,7 @@ pub(crate) struct Io {
     cluster: Cluster,
     /// Where the messages of connections this node opens go (set once, at start).
     inbox: OnceLock<Weak<dyn Inbox>>,
-    conns: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
+    conns: Mutex<HashMap<u64, Conn>>,
     conn_by_peer: Mutex<HashMap<SocketAddr, u64>>,
     open_conns: AtomicUsize,
     /// Open connections by transport: TCP, TLS (metrics).
@@ -163,6 +163,19 @@ pub(crate) struct Io {
     max_conns: usize,
     /// What was sent, counted (metrics).
     counts: Arc<crate::metrics::NodeCounts>,
+    /// Connections closed because their peer stopped reading (metrics).
+    overflowed: AtomicU64,
+}
+
+/// Messages a connection may have waiting to be written. A peer that leaves this many
+/// unread has stopped reading: the connection is closed (see [`Io::queue_on`]).
+const CONN_QUEUE: usize = 1024;
+
+/// What sends on one connection: its queue, and the switch that closes it.
+#[derive(Clone)]
+pub(crate) struct Conn {
+    tx: mpsc::Sender<Bytes>,
+    close: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Io {
@@ -191,6 +204,7 @@ impl Io {
             tcp_idle: Duration::from_secs(config.transport.tcp_idle_timeout),
             max_conns: config.transport.max_tcp_connections,
             counts,
+            overflowed: AtomicU64::new(0),
         }
     }
 
@@ -244,10 +258,34 @@ impl Io {
         lock(&self.tls_names).insert(addr, name.to_string());
     }
 
-    /// The send queue of the connection held to `peer`, if any.
-    pub(crate) fn connection_to(&self, peer: SocketAddr) -> Option<mpsc::Sender<Bytes>> {
+    /// The connection held to `peer`, if any.
+    pub(crate) fn connection_to(&self, peer: SocketAddr) -> Option<Conn> {
         let id = lock(&self.conn_by_peer).get(&peer).copied()?;
         lock(&self.conns).get(&id).cloned()
+    }
+
+    /// Queues `bytes` on `conn`; false when they will not be written. Over a reliable
+    /// transport nothing retransmits a dropped message (a response to a non-INVITE is
+    /// sent once), so a peer that has left [`CONN_QUEUE`] messages unread is not sent
+    /// less but disconnected: its connection is closed and counted, and a phone
+    /// reconnects and registers again (RFC 5626 §4.4). The caller reports the failure.
+    pub(crate) fn queue_on(&self, conn: &Conn, peer: SocketAddr, bytes: Bytes) -> bool {
+        match conn.tx.try_send(bytes) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !conn.close.send_replace(true) {
+                    self.overflowed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, queued = CONN_QUEUE, "connection not read by its peer: closed");
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Connections closed because their peer stopped reading (see [`Io::queue_on`]).
+    pub(crate) fn overflowed_connections(&self) -> u64 {
+        self.overflowed.load(Ordering::Relaxed)
     }
 
     fn send_failed(&self, dest: Dest, bytes: &[u8]) {
@@ -290,11 +328,10 @@ impl Io {
                 // its own statement: a guard living on into the fallback would lock
                 // `conns` twice on one thread (deadlock).
                 let by_id = lock(&self.conns).get(&id).cloned();
-                let tx = by_id.or_else(|| self.connection_to(peer));
-                match tx {
-                    Some(tx) => {
-                        if tx.try_send(bytes).is_err() {
-                            tracing::debug!(%peer, "connection backlog full or closed: dropped");
+                match by_id.or_else(|| self.connection_to(peer)) {
+                    Some(conn) => {
+                        if !self.queue_on(&conn, peer, bytes.clone()) {
+                            self.send_failed(dest, &bytes);
                         }
                     }
                     // §18.2.2 / RFC 3263 §4.3: no connection to the peer; open one (a
@@ -303,8 +340,10 @@ impl Io {
                         let io = self.clone();
                         tokio::spawn(async move {
                             match io.connect(peer, transport).await {
-                                Ok(tx) => {
-                                    let _ = tx.try_send(bytes);
+                                Ok(conn) => {
+                                    if !io.queue_on(&conn, peer, bytes.clone()) {
+                                        io.send_failed(dest, &bytes);
+                                    }
                                 }
                                 Err(reason) => {
                                     tracing::info!(%peer, transport = transport.as_str(), %reason, "cannot connect");
@@ -326,7 +365,7 @@ impl Io {
         self: &Arc<Self>,
         peer: SocketAddr,
         transport: Transport,
-    ) -> Result<mpsc::Sender<Bytes>, String> {
+    ) -> Result<Conn, String> {
         let inbox = self
             .inbox
             .get()
@@ -458,32 +497,48 @@ fn start_connection<S>(
     stream: S,
     peer: SocketAddr,
     transport: Transport,
-) -> mpsc::Sender<Bytes>
+) -> Conn
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     let id = io.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
-    lock(&io.conns).insert(id, tx.clone());
+    let (tx, mut rx) = mpsc::channel::<Bytes>(CONN_QUEUE);
+    let (close, mut closed_w) = tokio::sync::watch::channel(false);
+    let mut closed_r = close.subscribe();
+    let conn = Conn {
+        tx: tx.clone(),
+        close: Arc::new(close),
+    };
+    lock(&io.conns).insert(id, conn.clone());
     lock(&io.conn_by_peer).insert(peer, id);
     io.open_conns.fetch_add(1, Ordering::Relaxed);
     let by_transport = usize::from(transport == Transport::Tls);
     io.open_by_transport[by_transport].fetch_add(1, Ordering::Relaxed);
     let (mut rd, mut wr) = tokio::io::split(stream);
     tokio::spawn(async move {
-        while let Some(b) = rx.recv().await {
-            if wr.write_all(&b).await.is_err() {
-                break;
+        // Closed (see `Io::queue_on`): even a write the peer does not take ends.
+        let writes = async {
+            while let Some(b) = rx.recv().await {
+                if wr.write_all(&b).await.is_err() {
+                    return;
+                }
             }
+            let _ = wr.shutdown().await;
+        };
+        tokio::select! {
+            () = writes => {}
+            _ = closed_w.wait_for(|c| *c) => {}
         }
-        let _ = wr.shutdown().await;
     });
     let io = io.clone();
     let pong_tx = tx.clone();
     tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(8192);
         'conn: loop {
-            let read = tokio::time::timeout(io.tcp_idle, rd.read_buf(&mut buf)).await;
+            let read = tokio::select! {
+                r = tokio::time::timeout(io.tcp_idle, rd.read_buf(&mut buf)) => r,
+                _ = closed_r.wait_for(|c| *c) => break,
+            };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => break,
                 Err(_) => {
@@ -529,7 +584,7 @@ where
         io.open_conns.fetch_sub(1, Ordering::Relaxed);
         io.open_by_transport[by_transport].fetch_sub(1, Ordering::Relaxed);
     });
-    tx
+    conn
 }
 
 /// The parser's limits for this node's messages.
