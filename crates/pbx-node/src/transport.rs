@@ -525,9 +525,12 @@ where
             }
             let _ = wr.shutdown().await;
         };
+        // Only a close asked for ends the writes early: the switch merely dropped (the
+        // reader ended) leaves what is queued, such as the answer before a framing
+        // error, to be written.
         tokio::select! {
             () = writes => {}
-            _ = closed_w.wait_for(|c| *c) => {}
+            Ok(_) = closed_w.wait_for(|c| *c) => {}
         }
     });
     let io = io.clone();
@@ -537,7 +540,7 @@ where
         'conn: loop {
             let read = tokio::select! {
                 r = tokio::time::timeout(io.tcp_idle, rd.read_buf(&mut buf)) => r,
-                _ = closed_r.wait_for(|c| *c) => break,
+                Ok(_) = closed_r.wait_for(|c| *c) => break,
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => break,
