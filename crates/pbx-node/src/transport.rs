@@ -516,7 +516,6 @@ where
     io.open_by_transport[by_transport].fetch_add(1, Ordering::Relaxed);
     let (mut rd, mut wr) = tokio::io::split(stream);
     tokio::spawn(async move {
-        // Closed (see `Io::queue_on`): even a write the peer does not take ends.
         let writes = async {
             while let Some(b) = rx.recv().await {
                 if wr.write_all(&b).await.is_err() {
@@ -525,9 +524,9 @@ where
             }
             let _ = wr.shutdown().await;
         };
-        // Only a close asked for ends the writes early: the switch merely dropped (the
-        // reader ended) leaves what is queued, such as the answer before a framing
-        // error, to be written.
+        // A close asked for (`Io::queue_on`) ends the writes at once, even one the peer
+        // does not take; the switch merely dropped (the reader ended) leaves what is
+        // queued, such as the answer before a framing error, to be written.
         tokio::select! {
             () = writes => {}
             Ok(_) = closed_w.wait_for(|c| *c) => {}
